@@ -1,0 +1,142 @@
+"""The storage seam: what every message store must offer.
+
+A store receives one message at a time per session through a
+:class:`MessageWriter` (``begin`` -> ``write``... -> ``commit`` or ``abort``)
+and answers queries over what it holds. ``commit`` returns only once the
+message and its envelope are durable on disk: the SMTP session sends its final
+250 after that and never before (RFC 5321 section 6.1, "it MUST NOT lose the
+message").
+
+Writers are used from the event loop thread. ``write`` must not block for
+long (no fsync there); ``commit`` is where durability is paid, and backends
+share that cost between concurrent sessions (group commit).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as _dt
+from collections.abc import Sequence
+from typing import Any
+
+
+class StoreError(Exception):
+    """The store could not accept or commit a message (disk full, I/O error).
+
+    The session answers 451 4.3.0 to the client: the message is not lost,
+    the client keeps it and retries later.
+    """
+
+
+@dataclasses.dataclass(slots=True)
+class Envelope:
+    """Everything known about a message besides its bytes."""
+
+    queue_id: str
+    client_ip: str
+    client_port: int
+    greeting: str  # "HELO" or "EHLO"
+    greeting_name: str
+    mail_from: str  # "" for the null reverse-path <>
+    mail_params: dict[str, str | None]
+    rcpt_to: list[str]
+    received_at: _dt.datetime  # timezone-aware, UTC
+    tls: dict[str, str] | None = None  # {"version": ..., "cipher": ...}
+    protocol: str = "SMTP"  # RFC 3848 keyword used in the Received header
+    server_name: str = ""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The envelope as JSON-ready data (the keys of ``messages --json``)."""
+        return {
+            "id": self.queue_id,
+            "received_at": self.received_at.isoformat(),
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "greeting": self.greeting,
+            "greeting_name": self.greeting_name,
+            "mail_from": self.mail_from,
+            "mail_params": dict(self.mail_params),
+            "rcpt_to": list(self.rcpt_to),
+            "tls": dict(self.tls) if self.tls else None,
+            "protocol": self.protocol,
+            "server_name": self.server_name,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Envelope:
+        """Rebuild an envelope written by :meth:`to_json`."""
+        return cls(
+            queue_id=data["id"],
+            client_ip=data["client_ip"],
+            client_port=int(data.get("client_port", 0)),
+            greeting=data["greeting"],
+            greeting_name=data["greeting_name"],
+            mail_from=data["mail_from"],
+            mail_params=dict(data.get("mail_params") or {}),
+            rcpt_to=list(data["rcpt_to"]),
+            received_at=_dt.datetime.fromisoformat(data["received_at"]),
+            tls=data.get("tls"),
+            protocol=data.get("protocol", "SMTP"),
+            server_name=data.get("server_name", ""),
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class StoredMessage:
+    """A committed message as listed by a store: its envelope and size."""
+
+    envelope: Envelope
+    size: int  # octets stored, Received header included
+    subject: str | None
+
+
+class MessageWriter(abc.ABC):
+    """One message on its way into a store."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None:
+        """Append bytes to the message. Must not fsync; may raise StoreError."""
+
+    @abc.abstractmethod
+    async def commit(self) -> str:
+        """Make the message durable and visible; return its id (the queue id).
+
+        When this returns the message and its envelope survive a crash or a
+        power loss. Raises StoreError when that cannot be promised.
+        """
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Forget the message. Safe to call at any time, more than once."""
+
+
+class Store(abc.ABC):
+    """A message store: written by sessions, read by the CLI (and later the API)."""
+
+    name: str = "store"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open files, start writer threads. Called once before ``begin``."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Finish pending commits and release resources."""
+
+    @abc.abstractmethod
+    def begin(self, envelope: Envelope) -> MessageWriter:
+        """Start a message. The envelope may still be completed before commit."""
+
+    @abc.abstractmethod
+    def list(self, limit: int | None = None) -> Sequence[StoredMessage]:
+        """Committed messages, newest first. Synchronous: used by the CLI."""
+
+    @abc.abstractmethod
+    def get(self, queue_id: str) -> StoredMessage | None:
+        """One committed message's envelope and size, or None."""
+
+    @abc.abstractmethod
+    def raw(self, queue_id: str) -> bytes | None:
+        """The stored bytes of one message (Received header first), or None."""
