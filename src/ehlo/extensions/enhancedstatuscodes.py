@@ -1,0 +1,16 @@
+"""ENHANCEDSTATUSCODES (RFC 2034): RFC 3463 codes prefix reply text.
+
+Rendering happens in the connection: once EHLO advertised this extension,
+every reply except the banner and the HELO/EHLO reply carries its enhanced
+code (RFC 2034 section 3).
+"""
+
+from __future__ import annotations
+
+from ._base import Extension
+
+
+class EnhancedStatusCodes(Extension):
+    """Advertise ENHANCEDSTATUSCODES."""
+
+    keyword = "ENHANCEDSTATUSCODES"

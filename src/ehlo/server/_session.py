@@ -1,0 +1,454 @@
+"""The session: turns protocol events into policy calls, store writes and replies.
+
+A session never touches the socket. For each command event it returns a
+:class:`Reply` at once when nothing needs waiting for, or an awaitable that
+produces the reply (policy hooks, reverse DNS, the store's commit). The
+transport sends that reply through the protocol core, which advances state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from ..ids import new_queue_id
+from ..policy import HookContext
+from ..protocol import (
+    Bdat,
+    Data,
+    DataChunk,
+    DataEnd,
+    Ehlo,
+    Event,
+    Fault,
+    Helo,
+    Help,
+    Mail,
+    Noop,
+    Quit,
+    Rcpt,
+    Reply,
+    Rset,
+    ServerConnection,
+    StartTls,
+    Vrfy,
+)
+from ..storage import Envelope, MessageWriter, StoreError
+from .received import protocol_keyword, received_header
+
+if TYPE_CHECKING:
+    from ._server import ServerContext
+
+log = logging.getLogger("ehlo.session")
+
+_OK = Reply(250, "2.0.0", "OK")
+_RSET_OK = Reply(250, "2.0.0", "Reset OK")
+_START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+# RFC 5321 section 3.5.3: 252 when the server cannot verify but will accept.
+_VRFY = Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
+_TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
+_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
+_STORE_FAILED = Reply(451, "4.3.0", "Temporary storage failure, message not accepted; try again")
+_HELP = Reply(
+    214,
+    "2.0.0",
+    [
+        "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+        "See RFC 5321; this server is ehlo",
+    ],
+)
+
+
+class Session:
+    """Decisions for one connection; see the module docstring."""
+
+    def __init__(
+        self,
+        ctx: ServerContext,
+        conn: ServerConnection,
+        client_ip: str,
+        client_port: int,
+    ) -> None:
+        self.ctx = ctx
+        self.conn = conn
+        self.client_ip = client_ip
+        self.client_port = client_port
+        self.tls: dict[str, str] | None = None
+        self.client_name: str | None = None  # reverse DNS, once known
+        self._rdns: asyncio.Future[str | None] | None = None
+        self.writer: MessageWriter | None = None
+        self.envelope: Envelope | None = None
+        self._store_failed = False
+        self.started = time.monotonic()
+        self.messages = 0
+        self.peer = f"{client_ip}:{client_port}"
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start_reverse_dns(self) -> None:
+        """Start looking up the client's name; the Received header waits for it."""
+        if not self.ctx.config.reverse_dns:
+            return
+        self._rdns = self.ctx.reverse_name(self.client_ip)
+
+    def banner(self) -> Reply | Awaitable[Reply]:
+        """The 220 greeting, or a refusal decided by connect hooks."""
+        ready = self.ctx.banner
+        if not self.ctx.hooks.has("connect"):
+            return ready
+        return self._connect_hooks(ready)
+
+    async def _connect_hooks(self, ready: Reply) -> Reply:
+        reply = await self.ctx.hooks.run(self._context("connect"))
+        return ready if reply is None else reply
+
+    def tls_started(self, info: dict[str, str]) -> None:
+        """The handshake after STARTTLS completed."""
+        self.tls = info
+        self.abort_message()
+        log.info("tls %s %s %s", self.peer, info.get("version"), info.get("cipher"),
+                 extra={"event": "tls", "client_ip": self.client_ip, **info})
+
+    def closed(self, reason: str) -> None:
+        """The connection is gone; drop an unfinished message."""
+        if self.writer is not None:
+            self.abort_message()
+            reason += ", message in progress dropped"
+        log.info(
+            "disconnect %s helo=%s messages=%d duration=%.3fs (%s)",
+            self.peer,
+            self.conn.greeting_name,
+            self.messages,
+            time.monotonic() - self.started,
+            reason,
+            extra={
+                "event": "disconnect",
+                "client_ip": self.client_ip,
+                "greeting_name": self.conn.greeting_name,
+                "messages": self.messages,
+                "reason": reason,
+            },
+        )
+
+    def abort_message(self) -> None:
+        """Forget the message being written, if any."""
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        self.envelope = None
+        self._store_failed = False
+
+    # --------------------------------------------------------------- dispatch
+
+    def handle(self, event: Event) -> Reply | Awaitable[Reply] | None:
+        """The reply to ``event`` (or an awaitable of it); None when none is due."""
+        kind = type(event)
+        if kind is DataChunk:
+            assert isinstance(event, DataChunk)
+            self._write(event.data)
+            return None
+        handler = _DISPATCH.get(kind)
+        if handler is None:
+            return None
+        return handler(self, event)
+
+    def _context(self, stage: str, **fields: object) -> HookContext:
+        conn = self.conn
+        tx = conn.transaction
+        return HookContext(
+            stage=stage,  # type: ignore[arg-type]
+            client_ip=self.client_ip,
+            client_port=self.client_port,
+            tls=self.tls,
+            greeting=conn.greeting,
+            greeting_name=conn.greeting_name,
+            mail_from=tx.mail_from if tx else None,
+            mail_params=dict(tx.params) if tx else {},
+            rcpt_to=list(tx.rcpts) if tx else [],
+            **fields,  # type: ignore[arg-type]
+        )
+
+    async def _with_hooks(self, context: HookContext, default: Reply) -> Reply:
+        reply = await self.ctx.hooks.run(context)
+        return default if reply is None else reply
+
+    def _greeting(self, event: Helo | Ehlo) -> Reply | Awaitable[Reply]:
+        self.abort_message()
+        hostname = self.ctx.config.hostname
+        first = f"{hostname} Hello {event.name} [{self.client_ip}]"
+        if type(event) is Ehlo:
+            reply = Reply(250, None, [first, *self.conn.extension_lines()])
+        else:
+            reply = Reply(250, None, first)
+        log.info(
+            "greeting %s %s %s",
+            self.peer,
+            event.verb,
+            event.name,
+            extra={
+                "event": "greeting",
+                "client_ip": self.client_ip,
+                "greeting": event.verb,
+                "greeting_name": event.name,
+            },
+        )
+        if self.ctx.hooks.has("helo"):
+            ctx = self._context("helo", greeting=event.verb, greeting_name=event.name)
+            return self._with_hooks(ctx, reply)
+        return reply
+
+    def _mail(self, event: Mail) -> Reply | Awaitable[Reply]:
+        reply = Reply(250, "2.1.0", f"Sender <{event.address}> OK")
+        if self.ctx.hooks.has("mail"):
+            ctx = self._context("mail", mail_from=event.address, mail_params=dict(event.params))
+            return self._with_hooks(ctx, reply)
+        return reply
+
+    def _rcpt(self, event: Rcpt) -> Reply | Awaitable[Reply]:
+        domains = self.ctx.domains
+        address = event.address
+        if domains:
+            local, _, domain = address.rpartition("@")
+            # RFC 5321 section 4.5.1: postmaster must always be accepted.
+            is_postmaster = (local or address).lower() == "postmaster"
+            if not is_postmaster and domain.lower().rstrip(".") not in domains:
+                return Reply(550, "5.7.1", f"Relaying denied: <{address}> is not a local domain")
+        reply = Reply(250, "2.1.5", f"Recipient <{address}> OK")
+        if self.ctx.hooks.has("rcpt"):
+            ctx = self._context("rcpt", rcpt=address, rcpt_params=dict(event.params))
+            return self._with_hooks(ctx, reply)
+        return reply
+
+    def _data(self, event: Data) -> Reply | Awaitable[Reply]:
+        if self._rdns is not None and not self._rdns.done():
+            return self._data_after_rdns()
+        return self._open_message(_START_DATA)
+
+    async def _data_after_rdns(self) -> Reply:
+        await self._await_rdns()
+        return self._open_message(_START_DATA)
+
+    def _bdat(self, event: Bdat) -> None:
+        if event.first:
+            # No reply is due until the chunk is read: open the message now.
+            # A slow reverse lookup does not hold BDAT up; its name is used
+            # if it is known already.
+            self._collect_rdns()
+            self._open_message(None)
+
+    async def _await_rdns(self) -> None:
+        if self._rdns is None:
+            return
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout
+            )
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+        self._collect_rdns()
+
+    def _collect_rdns(self) -> None:
+        fut = self._rdns
+        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.client_name = fut.result()
+
+    def _open_message(self, reply: Reply | None) -> Reply:
+        conn = self.conn
+        tx = conn.transaction
+        assert tx is not None
+        self.abort_message()
+        self._collect_rdns()
+        queue_id = new_queue_id()
+        protocol = protocol_keyword(conn.esmtp, self.tls is not None, utf8=tx.smtputf8)
+        now = time.time()
+        envelope = Envelope(
+            queue_id=queue_id,
+            client_ip=self.client_ip,
+            client_port=self.client_port,
+            greeting=conn.greeting or "",
+            greeting_name=conn.greeting_name or "",
+            mail_from=tx.mail_from,
+            mail_params=dict(tx.params),
+            rcpt_to=list(tx.rcpts),
+            received_at=datetime.fromtimestamp(now, UTC),
+            tls=self.tls,
+            protocol=protocol,
+            server_name=self.ctx.config.hostname,
+        )
+        header = received_header(
+            greeting_name=envelope.greeting_name,
+            client_ip=self.client_ip,
+            client_name=self.client_name,
+            server_name=self.ctx.config.hostname,
+            protocol=protocol,
+            queue_id=queue_id,
+            recipient=tx.rcpts[0] if len(tx.rcpts) == 1 else None,
+            tls=self.tls,
+            now=now,
+        )
+        self.envelope = envelope
+        try:
+            self.writer = self.ctx.store.begin(envelope)
+            self.writer.write(header)
+        except StoreError as exc:
+            log.error("store refused message %s from %s: %s", queue_id, self.peer, exc)
+            self._store_failed = True
+            if self.writer is not None:
+                self.writer.abort()
+                self.writer = None
+        if reply is not None and self._store_failed:
+            self.envelope = None
+            self._store_failed = False
+            return _STORE_FAILED
+        return reply if reply is not None else _OK
+
+    def _write(self, data: bytes) -> None:
+        writer = self.writer
+        if writer is None:
+            return
+        try:
+            writer.write(data)
+        except StoreError as exc:
+            log.error("store write failed for %s: %s", self.peer, exc)
+            writer.abort()
+            self.writer = None
+            self._store_failed = True
+
+    def _data_end(self, event: DataEnd) -> Reply | Awaitable[Reply]:
+        if not event.last:
+            if self._store_failed:
+                self.abort_message()
+                return _STORE_FAILED
+            return Reply(250, "2.0.0", f"{event.size} octets received")
+        return self._finish(event.size)
+
+    async def _finish(self, size: int) -> Reply:
+        envelope = self.envelope
+        writer = self.writer
+        if writer is None or envelope is None or self._store_failed:
+            self.abort_message()
+            self._log_outcome(envelope, size, _STORE_FAILED)
+            return _STORE_FAILED
+        if self.ctx.hooks.has("data"):
+            ctx = self._context("data", queue_id=envelope.queue_id, size=size)
+            refusal = await self.ctx.hooks.run(ctx)
+            if refusal is not None and refusal.code >= 400:
+                self.abort_message()
+                self._log_outcome(envelope, size, refusal)
+                return refusal
+        try:
+            # RFC 5321 section 6.1: answer 250 only once the message is safe.
+            queue_id = await writer.commit()
+        except StoreError as exc:
+            log.error("commit failed for %s: %s", envelope.queue_id, exc)
+            self.writer = None
+            self.abort_message()
+            self._log_outcome(envelope, size, _STORE_FAILED)
+            return _STORE_FAILED
+        except BaseException:
+            writer.abort()
+            raise
+        self.writer = None
+        self.envelope = None
+        self.messages += 1
+        reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}")
+        self._log_outcome(envelope, size, reply)
+        return reply
+
+    def _log_outcome(self, envelope: Envelope | None, size: int, reply: Reply) -> None:
+        queue_id = envelope.queue_id if envelope else "-"
+        outcome = "accepted" if reply.code < 400 else "refused"
+        tx = self.conn.transaction
+        mail_from = envelope.mail_from if envelope else (tx.mail_from if tx else "")
+        rcpts = envelope.rcpt_to if envelope else (tx.rcpts if tx else [])
+        log.info(
+            "message %s %s %s helo=%s from=<%s> rcpts=%d size=%d reply=%d",
+            queue_id,
+            outcome,
+            self.peer,
+            self.conn.greeting_name,
+            mail_from,
+            len(rcpts),
+            size,
+            reply.code,
+            extra={
+                "event": "message",
+                "queue_id": queue_id,
+                "outcome": outcome,
+                "client_ip": self.client_ip,
+                "greeting_name": self.conn.greeting_name,
+                "mail_from": mail_from,
+                "rcpt_to": list(rcpts),
+                "size": size,
+                "reply": str(reply),
+            },
+        )
+
+    def _fault(self, event: Fault) -> None:
+        if event.aborted:
+            envelope = self.envelope
+            tx_size = envelope is not None
+            self.abort_message()
+            if tx_size:
+                self._log_outcome(envelope, 0, event.reply)
+        log.info(
+            "fault %s helo=%s verb=%s reason=%s reply=%d",
+            self.peer,
+            self.conn.greeting_name,
+            event.verb or "-",
+            event.reason,
+            event.reply.code,
+            extra={
+                "event": "fault",
+                "client_ip": self.client_ip,
+                "greeting_name": self.conn.greeting_name,
+                "verb": event.verb,
+                "reason": event.reason,
+                "reply": str(event.reply),
+            },
+        )
+
+    def _rset(self, event: Rset) -> Reply:
+        self.abort_message()
+        return _RSET_OK
+
+    def _noop(self, event: Noop) -> Reply:
+        return _OK
+
+    def _vrfy(self, event: Vrfy) -> Reply:
+        return _VRFY
+
+    def _help(self, event: Help) -> Reply:
+        return _HELP
+
+    def _quit(self, event: Quit) -> Reply:
+        self.abort_message()
+        return self.ctx.goodbye
+
+    def _starttls(self, event: StartTls) -> Reply:
+        if self.ctx.ssl_context is None:
+            return _TLS_UNAVAILABLE
+        self.abort_message()
+        return _TLS_GO
+
+
+_DISPATCH = {
+    Helo: Session._greeting,
+    Ehlo: Session._greeting,
+    Mail: Session._mail,
+    Rcpt: Session._rcpt,
+    Data: Session._data,
+    Bdat: Session._bdat,
+    DataEnd: Session._data_end,
+    Fault: Session._fault,
+    Rset: Session._rset,
+    Noop: Session._noop,
+    Vrfy: Session._vrfy,
+    Help: Session._help,
+    Quit: Session._quit,
+    StartTls: Session._starttls,
+}

@@ -1,0 +1,294 @@
+"""The asyncio transport of one SMTP connection (``asyncio.Protocol``).
+
+It feeds received bytes to the protocol core, hands events to the session,
+sends the replies, and writes everything pending in one write per read (the
+RFC 2920 flush rule). It owns flow control (reading pauses while a reply is
+awaited and the input buffer is large), timeouts (checked by the server's
+sweeper), the TLS upgrade after STARTTLS, and closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from ..protocol import NEED_DATA, PAUSED, Reply, ServerConnection, State
+from ._session import Session
+from .tls import describe
+
+if TYPE_CHECKING:
+    from ._server import ServerContext
+
+log = logging.getLogger("ehlo.session")
+
+# Pause reading when this much input waits behind a pending reply.
+_MAX_BUFFERED = 256 * 1024
+_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
+
+
+class SMTPServerProtocol(asyncio.Protocol):
+    """One accepted connection."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.conn = ServerConnection(ctx.config.limits, ctx.extensions)
+        self.session: Session | None = None
+        self.client_ip = ""
+        self._busy = False  # a reply is being computed asynchronously
+        self._eof = False
+        self._paused = False
+        self._closed = False
+        self._close_reason = "client closed"
+        self.last_activity = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    # --------------------------------------------------------------- asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        ip = str(peer[0])
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]  # an IPv4 client on a dual-stack socket
+        self.client_ip = ip
+        refusal = self.ctx.admit(self)
+        if refusal is not None:
+            # Over a connection limit: answer 421 and close (RFC 5321 section 3.1).
+            self._closed = True
+            self.conn.send(refusal)
+            transport.write(self.conn.data_to_send())
+            transport.close()
+            log.warning(
+                "refused %s:%s: %s", ip, peer[1], refusal.text,
+                extra={"event": "refused", "client_ip": ip, "reason": refusal.text},
+            )
+            return
+        session = Session(self.ctx, self.conn, ip, int(peer[1]))
+        self.session = session
+        log.info("connect %s", session.peer, extra={"event": "connect", "client_ip": ip,
+                                                     "client_port": int(peer[1])})
+        session.start_reverse_dns()
+        banner = session.banner()
+        if isinstance(banner, Reply):
+            self.conn.send(banner)
+            self._flush()
+        else:
+            self._run(banner)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.conn.receive_data(data)
+        if not self._busy:
+            self._process()
+        elif self.conn.buffered > _MAX_BUFFERED and not self._paused:
+            self._pause()
+
+    def eof_received(self) -> bool | None:
+        # Commands received before the EOF are still answered (a client may
+        # pipeline DATA, the body and QUIT, then half-close); then close.
+        self._eof = True
+        if not self._busy:
+            self._close_after_eof()
+        return True
+
+    def _close_after_eof(self) -> None:
+        self._flush()
+        if self._closed or self.transport is None:
+            return
+        self._closed = True
+        self.conn.receive_eof()
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self._close_reason = f"connection lost: {exc}"
+        self._closed = True
+        # A reply being computed (a commit above all) is left to finish: a
+        # message the client sent whole is kept even if the 250 cannot be
+        # delivered (RFC 5321 section 6.1 prefers a duplicate to a loss).
+        if self.session is not None:
+            self.session.closed(self._close_reason)
+            self.ctx.release(self)
+        self.session = None
+
+    def pause_writing(self) -> None:
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._resume()
+
+    # ------------------------------------------------------------ processing
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self._closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self.transport is not None and not self._closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _process(self) -> None:
+        conn = self.conn
+        session = self.session
+        if session is None:
+            return
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                break
+            result = session.handle(event)  # type: ignore[arg-type]
+            if result is None:
+                if conn.state is State.CLOSED:
+                    break
+                continue
+            if isinstance(result, Reply):
+                conn.send(result)
+                if conn.state is State.TLS_PENDING:
+                    self._flush()
+                    self._start_tls()
+                    return
+                continue
+            self._run(result)
+            return
+        if self._eof:
+            self._close_after_eof()
+        else:
+            self._flush()
+
+    def _run(self, awaitable: Awaitable[Reply]) -> None:
+        self._busy = True
+        self._task = asyncio.ensure_future(self._complete(awaitable))
+
+    async def _complete(self, awaitable: Awaitable[Reply]) -> None:
+        try:
+            reply = await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session error for %s", self.client_ip)
+            reply = Reply(451, "4.3.0", "Local error in processing, try again later")
+        self._busy = False
+        self._task = None
+        if self._closed:
+            return
+        self.conn.send(reply)
+        if self.conn.state is State.TLS_PENDING:
+            self._flush()
+            self._start_tls()
+            return
+        if self.ctx.draining and self.conn.transaction is None and not self.conn.closing:
+            self._say_goodbye(_SHUTDOWN, "server shutting down")
+            return
+        self._process()
+        if self._paused and self.conn.buffered <= _MAX_BUFFERED:
+            self._resume()
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        if data:
+            transport.write(data)
+        if self.conn.closing:
+            self._closed = True
+            self._close_reason = "closed by server" if self._close_reason == "client closed" \
+                else self._close_reason
+            transport.close()
+        elif self.conn.buffered > _MAX_BUFFERED:
+            self._pause()
+
+    # ------------------------------------------------------------------- TLS
+
+    def _start_tls(self) -> None:
+        self._busy = True
+        self._task = asyncio.ensure_future(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        transport = self.transport
+        ssl_context = self.ctx.ssl_context
+        assert transport is not None and ssl_context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tls_transport = await loop.start_tls(
+                transport,
+                self,
+                ssl_context,
+                server_side=True,
+                ssl_handshake_timeout=min(60.0, self.ctx.config.command_timeout),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._close_reason = f"TLS handshake failed: {exc}"
+            self._busy = False
+            self._task = None
+            self._closed = True
+            transport.abort()
+            return
+        self._busy = False
+        self._task = None
+        if tls_transport is None:
+            self._closed = True
+            return
+        self.transport = tls_transport
+        ssl_object = tls_transport.get_extra_info("ssl_object")
+        info = describe(ssl_object) if ssl_object is not None else {}
+        self.conn.tls_started()
+        if self.session is not None:
+            self.session.tls_started(info)
+        self.last_activity = time.monotonic()
+        self._process()
+
+    # --------------------------------------------------------------- control
+
+    @property
+    def idle(self) -> bool:
+        """No transaction open and no reply being computed."""
+        return not self._busy and self.conn.transaction is None
+
+    def timeout_due(self, now: float) -> bool:
+        """True when the client has been silent for longer than allowed."""
+        if self._busy or self._closed:
+            return False
+        state = self.conn.state
+        limit = (
+            self.ctx.config.data_timeout
+            if state is State.DATA or state is State.BDAT
+            else self.ctx.config.command_timeout
+        )
+        return now - self.last_activity > limit
+
+    def close_for_timeout(self) -> None:
+        """RFC 5321 section 4.5.3.2: give up on a silent client with 421."""
+        self._say_goodbye(_TIMEOUT, "timeout")
+
+    def shutdown(self) -> None:
+        """Server stopping: close now with 421 if idle; otherwise after the reply."""
+        if self.idle:
+            self._say_goodbye(_SHUTDOWN, "server shutting down")
+
+    def force_close(self) -> None:
+        """The shutdown deadline passed: 421 and close whatever is happening."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._busy = False
+        self._say_goodbye(_SHUTDOWN, "server shutting down (deadline)")
+
+    def _say_goodbye(self, reply: Reply, reason: str) -> None:
+        if self._closed or self.transport is None:
+            return
+        self._close_reason = reason
+        data = self.conn.data_to_send() + reply.render(self.conn.esmtp)
+        self._closed = True
+        self.conn.receive_eof()
+        self.transport.write(data)
+        self.transport.close()
