@@ -598,7 +598,7 @@ class ServerConnection:
                 if self._line_len > max_line - 2:
                     self._body_fail(_TEXT_LINE_TOO_LONG, "text line too long")
             else:
-                longest = max(self._line_len + len(pieces[0]), *map(len, pieces[1:-1]))
+                longest = max([self._line_len + len(pieces[0]), *map(len, pieces[1:-1])])
                 if longest > max_line - 2:
                     self._body_fail(_TEXT_LINE_TOO_LONG, "text line too long")
                 self._line_len = len(pieces[-1])

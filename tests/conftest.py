@@ -1,0 +1,131 @@
+"""Shared fixtures: a real ehlo server on 127.0.0.1 with a real store."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ehlo import Listen, ProtocolLimits, Server, ServerConfig
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
+    """A test config: loopback port 0, data in ``data_dir``, overrides applied."""
+    limits = overrides.pop("limits", None)
+    limit_fields = {f.name for f in dataclasses.fields(ProtocolLimits)}
+    limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in limit_fields}
+    base_limits = limits if limits is not None else ProtocolLimits()
+    if limit_overrides:
+        base_limits = dataclasses.replace(base_limits, **limit_overrides)
+    return ServerConfig(
+        listen=overrides.pop("listen", (Listen("127.0.0.1", 0),)),
+        data_dir=data_dir,
+        limits=base_limits,
+        **overrides,
+    )
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    """A running server (sqlite store, self-signed TLS) in this test's event loop."""
+    srv = Server(make_config(tmp_path / "data"))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop(timeout=1.0)
+
+
+class ThreadedServer:
+    """A server running in its own thread and loop, for blocking clients (smtplib, swaks)."""
+
+    def __init__(self, config: ServerConfig, **kwargs: Any) -> None:
+        self.config = config
+        self.kwargs = kwargs
+        self.loop = asyncio.new_event_loop()
+        self.server: Server | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server = Server(self.config, **self.kwargs)
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:  # reported to the test thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def start(self) -> ThreadedServer:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def host(self) -> str:
+        assert self.server is not None
+        return self.server.addresses[0][0]
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.addresses[0][1]
+
+    def call(self, func: Callable[[], Any]) -> Any:
+        """Run ``func`` in the server's loop thread and return its result."""
+        done = threading.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append(func())
+            finally:
+                done.set()
+
+        self.loop.call_soon_threadsafe(run)
+        done.wait(10)
+        return box[0] if box else None
+
+    def stop(self) -> None:
+        if self.server is not None and self.loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(self.server.stop(timeout=1.0), self.loop)
+            fut.result(15)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(15)
+
+
+@pytest.fixture
+def threaded_server(tmp_path: Path) -> Iterator[Callable[..., ThreadedServer]]:
+    """Start servers in background threads: ``threaded_server(**config_overrides)``."""
+    started: list[ThreadedServer] = []
+
+    def start(**overrides: Any) -> ThreadedServer:
+        kwargs = {k: overrides.pop(k) for k in ("store", "hooks") if k in overrides}
+        data = overrides.pop("data_dir", tmp_path / f"data{len(started)}")
+        srv = ThreadedServer(make_config(data, **overrides), **kwargs).start()
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
