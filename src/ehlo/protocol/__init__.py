@@ -7,7 +7,6 @@ concern (``_reply``, ``_events``, ``_syntax``, ``_state``, ``_server``).
 
 from __future__ import annotations
 
-from ._reply import Reply  # noqa: I001 - first: the other modules import it
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
@@ -30,6 +29,7 @@ from ._events import (
     StartTls,
     Vrfy,
 )
+from ._reply import Reply
 from ._server import ServerConnection
 from ._state import State, Transaction
 from ._syntax import (

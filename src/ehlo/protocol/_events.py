@@ -19,13 +19,15 @@ class Event:
     __slots__ = ()
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        names: tuple[str, ...] = self.__slots__
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in names)
         return f"{type(self).__name__}({fields})"
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+        names: tuple[str, ...] = self.__slots__
+        return all(getattr(self, k) == getattr(other, k) for k in names)
 
     __hash__ = None  # type: ignore[assignment]
 

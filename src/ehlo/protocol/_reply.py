@@ -18,6 +18,8 @@ class Reply:
     code: int
     enhanced: str | None
     lines: tuple[str, ...]
+    _plain: bytes | None
+    _with_enhanced: bytes | None
 
     def __init__(self, code: int, enhanced: str | None, lines: str | Iterable[str]) -> None:
         if not 200 <= code <= 599:

@@ -215,13 +215,12 @@ class ServerConnection:
         elif kind is Quit:
             if positive:
                 self.state = State.CLOSED
-        elif kind is StartTls:
-            if code == 220:
-                # RFC 3207 section 4.2 / CVE-2011-0411: nothing sent before the
-                # handshake may be acted on after it.
-                self.discarded_after_starttls += len(self._buf)
-                self._buf.clear()
-                self.state = State.TLS_PENDING
+        elif kind is StartTls and code == 220:
+            # RFC 3207 section 4.2 / CVE-2011-0411: nothing sent before the
+            # handshake may be acted on after it.
+            self.discarded_after_starttls += len(self._buf)
+            self._buf.clear()
+            self.state = State.TLS_PENDING
         if self.errors >= self.limits.max_errors > 0 and self.state is not State.CLOSED:
             self._out.append(_TOO_MANY_ERRORS.render(self._enhanced))
             self.state = State.CLOSED
@@ -547,9 +546,8 @@ class ServerConnection:
             if not buf:
                 return NEED_DATA
             if self._at_line_start and buf[0] == 0x2E:
-                if len(buf) < 3:
-                    if len(buf) == 1 or buf[1] == 0x0D:
-                        return NEED_DATA  # may still become ".\r\n"
+                if len(buf) < 3 and (len(buf) == 1 or buf[1] == 0x0D):
+                    return NEED_DATA  # may still become ".\r\n"
                 if buf[1] == 0x0D and buf[2] == 0x0A:
                     # RFC 5321 section 4.1.1.4: only <CRLF>.<CRLF> ends the data.
                     del buf[:3]

@@ -24,7 +24,7 @@ MAX_DOMAIN = 255
 MAX_PATH = 256
 
 
-class SyntaxProblem(Exception):  # noqa: N818 - a reply carrier, not an error of ours
+class SyntaxProblem(Exception):
     """A syntax error, with the reply that explains it."""
 
     def __init__(self, reply: Reply) -> None:

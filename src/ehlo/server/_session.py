@@ -9,11 +9,12 @@ transport sends that reply through the protocol core, which advances state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..ids import new_queue_id
 from ..policy import HookContext
@@ -154,7 +155,8 @@ class Session:
         handler = _DISPATCH.get(kind)
         if handler is None:
             return None
-        return handler(self, event)
+        result: Reply | Awaitable[Reply] | None = handler(self, event)
+        return result
 
     def _context(self, stage: str, **fields: object) -> HookContext:
         conn = self.conn
@@ -243,12 +245,10 @@ class Session:
     async def _await_rdns(self) -> None:
         if self._rdns is None:
             return
-        try:
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(
                 asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout
             )
-        except (TimeoutError, asyncio.CancelledError):
-            pass
         self._collect_rdns()
 
     def _collect_rdns(self) -> None:
@@ -436,7 +436,7 @@ class Session:
         return _TLS_GO
 
 
-_DISPATCH = {
+_DISPATCH: dict[type[Event], Callable[[Session, Any], Reply | Awaitable[Reply] | None]] = {
     Helo: Session._greeting,
     Ehlo: Session._greeting,
     Mail: Session._mail,
