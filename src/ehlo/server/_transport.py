@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..protocol import NEED_DATA, PAUSED, Reply, ServerConnection, State
 from ._session import Session
@@ -50,8 +50,8 @@ class SMTPServerProtocol(asyncio.Protocol):
     # --------------------------------------------------------------- asyncio
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
         ip = str(peer[0])
         if ip.startswith("::ffff:") and "." in ip:

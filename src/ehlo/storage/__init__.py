@@ -2,6 +2,45 @@
 
 from __future__ import annotations
 
-from .base import Envelope, MessageWriter, Store, StoredMessage, StoreError
+from pathlib import Path
 
-__all__ = ["Envelope", "MessageWriter", "Store", "StoreError", "StoredMessage"]
+from .base import (
+    Envelope,
+    MessageWriter,
+    Store,
+    StoredMessage,
+    StoreError,
+    StoreStats,
+)
+from .maildir import MaildirStore
+from .null import NullStore
+from .sqlite import SQLiteStore
+
+__all__ = [
+    "Envelope",
+    "MaildirStore",
+    "MessageWriter",
+    "NullStore",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "StoreStats",
+    "StoredMessage",
+    "open_store",
+]
+
+
+def open_store(kind: str, data_dir: Path) -> Store:
+    """The store of ``kind`` ("sqlite", "maildir" or "null") under ``data_dir``.
+
+    Creates ``data_dir`` when needed; the store still has to be started.
+    """
+    if kind not in ("sqlite", "maildir", "null"):
+        raise ValueError(f"unknown store kind {kind!r} (expected sqlite, maildir or null)")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "sqlite":
+        return SQLiteStore(data_dir / "ehlo.sqlite3")
+    if kind == "maildir":
+        return MaildirStore(data_dir / "maildir")
+    return NullStore()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime as _dt
+import email.header
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +96,107 @@ class StoredMessage:
     subject: str | None
 
 
+@dataclasses.dataclass(slots=True)
+class StoreStats:
+    """Counters kept by a backend (updated by its writer thread, read anywhere)."""
+
+    # Durability points paid: SQL COMMITs (sqlite), fsync batches of new/ (maildir).
+    # Fewer commits than messages means concurrent sessions shared fsyncs.
+    commits: int = 0
+    # Messages committed (made durable and visible).
+    messages: int = 0
+
+
+# The header section is scanned for the Subject up to this many octets.
+HEADER_SCAN_LIMIT = 64 * 1024
+
+_LINE_END = re.compile(rb"\r?\n")
+
+
+class HeaderSniffer:
+    """Keeps the start of a message until its header section is complete.
+
+    Fed with every ``write``; costs one length check per call once the blank
+    line ending the header section (or :data:`HEADER_SCAN_LIMIT`) is reached.
+    """
+
+    __slots__ = ("_head", "done")
+
+    def __init__(self) -> None:
+        self._head = bytearray()
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        """Look at the next bytes of the message."""
+        if self.done:
+            return
+        head = self._head
+        start = max(0, len(head) - 3)
+        head += data[: HEADER_SCAN_LIMIT - len(head)]
+        if head[:1] == b"\n" or head[:2] == b"\r\n":
+            self.done = True  # no header section at all
+            return
+        end = head.find(b"\n\n", start)
+        end_crlf = head.find(b"\n\r\n", start)
+        if end_crlf >= 0 and (end < 0 or end_crlf < end):
+            end = end_crlf
+        if end >= 0:
+            del head[end + 1 :]
+            self.done = True
+        elif len(head) >= HEADER_SCAN_LIMIT:
+            self.done = True
+
+    def subject(self) -> str | None:
+        """The decoded Subject seen so far, or None."""
+        return extract_subject(bytes(self._head))
+
+
+def extract_subject(head: bytes) -> str | None:
+    """The first Subject field of a header section, RFC 2047 words decoded.
+
+    ``head`` is the start of a message (anything after the first blank line
+    is ignored). Never raises: undecodable text comes back as it was sent.
+    """
+    value: list[bytes] | None = None
+    for line in _LINE_END.split(head):
+        if not line:
+            break  # blank line: end of the header section
+        if value is not None:
+            if line[:1] in (b" ", b"\t"):
+                value.append(line)  # folded continuation (RFC 5322 section 2.2.3)
+                continue
+            break
+        if line[:8].lower() == b"subject:":
+            value = [line[8:]]
+    if value is None:
+        return None
+    raw = b"".join(value)
+    try:
+        text = raw.decode("utf-8")  # RFC 6532 allows UTF-8 in header fields
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "replace")
+    text = text.strip()
+    try:
+        return _decode_words(text)
+    except Exception:  # bad charsets, bad base64, anything: show what was sent
+        return text
+
+
+def _decode_words(text: str) -> str:
+    """Decode RFC 2047 encoded words with :mod:`email.header`."""
+    parts = email.header.decode_header(text)
+    out: list[str] = []
+    for part, charset in parts:
+        if isinstance(part, str):
+            out.append(part)
+        elif charset is None:
+            # decode_header gives unencoded text back as raw-unicode-escape bytes.
+            out.append(part.decode("raw-unicode-escape"))
+        else:
+            out.append(part.decode(charset, "replace"))
+    return "".join(out)
+
+
 class MessageWriter(abc.ABC):
     """One message on its way into a store."""
 
@@ -118,6 +221,16 @@ class Store(abc.ABC):
     """A message store: written by sessions, read by the CLI (and later the API)."""
 
     name: str = "store"
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Message bytes accepted by ``write`` but not yet handed to the disk.
+
+        The network layer may stop reading from clients while this is above
+        its high-water mark (a few tens of MiB) and resume once it drops, so
+        a slow disk slows senders down instead of filling memory.
+        """
+        return 0
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open files, start writer threads. Called once before ``begin``."""

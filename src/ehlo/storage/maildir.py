@@ -1,0 +1,499 @@
+"""The Maildir message store.
+
+This module owns one Maildir folder (``data_dir/maildir``): its ``tmp/``,
+``new/`` and ``cur/`` subfolders, and the envelope sidecars in
+``ehlo-envelopes/`` (one ``<queue_id>.json`` per message: ``Envelope.to_json()`` plus ``size``,
+``subject`` and the message's ``file`` name).
+
+Delivery follows the Maildir protocol: a message is written to
+``tmp/<time>.<queue_id>.<host>`` (buffered, from the event loop thread, no
+fsync), and ``commit`` hands it to the committer thread, which takes every
+commit queued at that moment and for the whole batch
+
+1. fsyncs each message file and writes each sidecar (temp name, fsync,
+   rename), several at once on a small fixed pool of threads,
+2. fsyncs ``ehlo-envelopes/`` once, so every envelope is durable,
+3. renames each message from ``tmp/`` into ``new/``,
+4. fsyncs ``new/`` once, then resolves the waiting commits.
+
+A message is visible only in ``new/`` or ``cur/``, and it gets there after its
+envelope is on disk. ``stats.commits`` counts the batches (fsyncs of ``new/``),
+``stats.messages`` the messages. Readers (an IMAP server) may move messages to
+``cur/`` and add flags (``:2,S``); listing finds them there, and lists files
+without a sidecar (delivered by someone else) with an envelope derived from
+their name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as _dt
+import json
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..ids import _ALPHABET, is_queue_id
+from .base import (
+    HEADER_SCAN_LIMIT,
+    Envelope,
+    HeaderSniffer,
+    MessageWriter,
+    Store,
+    StoredMessage,
+    StoreError,
+    StoreStats,
+    extract_subject,
+)
+
+__all__ = ["MaildirStore", "MaildirWriter"]
+
+# Buffer of the open tmp/ file: the event loop issues one write() per this much.
+_FILE_BUFFER = 256 * 1024
+# Files left in tmp/ (and sidecars without a message) this old are removed at
+# start: the Maildir convention of 36 hours, safe with other live writers.
+_STALE_SECONDS = 36 * 3600
+# Not a dot-folder: Maildir++ readers (Dovecot, Courier) take those for mailboxes.
+# list(limit=N) opens the sidecars of the N newest names, and of any name up
+# to this much older: a queue id is made a little before ``received_at``.
+_LIST_SLACK_SECONDS = 15 * 60
+# Threads fsyncing the files of one batch at once.
+_FSYNC_THREADS = 8
+_SIDECARS = "ehlo-envelopes"
+# Separators between a Maildir file's unique name and its info (":2,S").
+_INFO_SEPARATORS = (":", "!")
+
+
+def _host_part() -> str:
+    """This host's name as Maildir wants it: no "/" or ":" (nor ".")."""
+    name = socket.gethostname() or "localhost"
+    return name.replace("/", "\\057").replace(":", "\\072").replace(".", "\\056")
+
+
+def _base_name(name: str) -> str:
+    """A Maildir file name without its info part."""
+    for sep in _INFO_SEPARATORS:
+        name = name.split(sep, 1)[0]
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # pragma: no cover - directories cannot be opened there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class _Commit:
+    writer: MaildirWriter
+    sidecar: bytes
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[str]
+
+
+@dataclass(slots=True)
+class _Stop:
+    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+class _Committer(threading.Thread):
+    """Makes queued messages durable and visible, one batch at a time."""
+
+    def __init__(self, store: MaildirStore) -> None:
+        super().__init__(name=f"ehlo-maildir-{store.path.name}", daemon=True)
+        self.store = store
+        self.ops: queue.SimpleQueue[_Commit | _Stop] = queue.SimpleQueue()
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            _FSYNC_THREADS, thread_name_prefix="ehlo-maildir-fsync"
+        )
+
+    def run(self) -> None:
+        while True:
+            batch: list[_Commit] = []
+            op = self.ops.get()
+            while True:
+                if isinstance(op, _Stop):
+                    self._commit(batch)
+                    self.pool.shutdown()
+                    op.done.set_result(None)
+                    return
+                batch.append(op)
+                try:
+                    op = self.ops.get_nowait()
+                except queue.Empty:
+                    break
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Commit]) -> None:
+        if not batch:
+            return
+        store = self.store
+        outcomes: dict[int, str | BaseException] = {}
+        ready: list[_Commit] = []
+        # File fsyncs run side by side: the filesystem journal merges them.
+        failures = (
+            self.pool.map(_make_durable, batch) if len(batch) > 1 else [_make_durable(batch[0])]
+        )
+        for op, failure in zip(batch, failures, strict=True):
+            if failure is not None:
+                outcomes[id(op)] = _error(op.writer.queue_id, failure)
+                op.writer._discard()
+            else:
+                ready.append(op)
+        try:
+            if ready:
+                _fsync_dir(store.path / _SIDECARS)
+            moved: list[_Commit] = []
+            for op in ready:
+                try:
+                    op.writer._publish()
+                except Exception as exc:
+                    outcomes[id(op)] = _error(op.writer.queue_id, exc)
+                    op.writer._discard()
+                else:
+                    moved.append(op)
+            if moved:
+                _fsync_dir(store.path / "new")
+                store.stats.commits += 1
+                store.stats.messages += len(moved)
+            for op in moved:
+                outcomes[id(op)] = op.writer.queue_id
+        except Exception as exc:
+            # A folder fsync failed: published messages may be visible, but
+            # durability cannot be promised, so the client is told to retry.
+            for op in ready:
+                outcomes.setdefault(id(op), _error(op.writer.queue_id, exc))
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[str], str | BaseException]]
+        ] = {}
+        for op in batch:
+            by_loop.setdefault(op.loop, []).append((op.future, outcomes[id(op)]))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, items)
+
+
+def _make_durable(op: _Commit) -> BaseException | None:
+    try:
+        op.writer._make_durable(op.sidecar)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _error(queue_id: str, exc: BaseException) -> StoreError:
+    error = StoreError(f"maildir: message {queue_id}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _resolve(items: list[tuple[asyncio.Future[str], str | BaseException]]) -> None:
+    """Runs on the event loop: settle the commit futures of one batch."""
+    for future, outcome in items:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+class MaildirWriter(MessageWriter):
+    """One message being written into ``tmp/`` of a :class:`MaildirStore`."""
+
+    def __init__(self, store: MaildirStore, envelope: Envelope) -> None:
+        self._store = store
+        self._envelope = envelope
+        self.queue_id = envelope.queue_id
+        self.name = f"{int(time.time())}.{envelope.queue_id}.{store.host}"
+        self._tmp = store.path / "tmp" / self.name
+        self._head = HeaderSniffer()
+        self._size = 0
+        self._state = "open"  # "open", "committing", "done"
+        try:
+            self._file: IO[bytes] = open(self._tmp, "xb", buffering=_FILE_BUFFER)  # noqa: SIM115
+        except OSError as exc:
+            raise _error(self.queue_id, exc) from exc
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"message {self.queue_id} is no longer open")
+        self._size += len(data)
+        if not self._head.done:
+            self._head.feed(data)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise _error(self.queue_id, exc) from exc
+
+    async def commit(self) -> str:
+        if self._state != "open":
+            raise RuntimeError(f"message {self.queue_id} is no longer open")
+        committer = self._store._committer
+        if committer is None:
+            raise StoreError(f"maildir store {self._store.path} is not open")
+        record = self._envelope.to_json()
+        record.update(size=self._size, subject=self._head.subject(), file=self.name)
+        sidecar = json.dumps(record, ensure_ascii=False, default=str).encode()
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self.abort()
+            raise _error(self.queue_id, exc) from exc
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        self._state = "committing"
+        committer.ops.put(_Commit(self, sidecar, loop, future))
+        try:
+            return await future
+        finally:
+            self._state = "done"
+
+    def _make_durable(self, sidecar: bytes) -> None:
+        """Committer thread: fsync the message, write and fsync its sidecar."""
+        try:
+            os.fsync(self._file.fileno())
+        finally:
+            self._file.close()
+        folder = self._store.path / _SIDECARS
+        temp = folder / f".{self.queue_id}.json.tmp"
+        with open(temp, "wb") as handle:
+            handle.write(sidecar)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, folder / f"{self.queue_id}.json")
+
+    def _discard(self) -> None:
+        """Committer thread: remove what a failed commit left behind."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        for path in (self._tmp, self._store.path / _SIDECARS / f"{self.queue_id}.json"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _publish(self) -> None:
+        """Committer thread: move the message from tmp/ into new/."""
+        os.rename(self._tmp, self._store.path / "new" / self.name)
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "done"
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self._tmp.unlink()
+
+
+class MaildirStore(Store):
+    """Messages as files in a Maildir, envelopes as JSON sidecars beside them.
+
+    ``MaildirStore(data_dir / "maildir")``; ``await start()`` before ``begin``;
+    ``list``/``get``/``raw`` work without ``start``.
+    """
+
+    name = "maildir"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.host = _host_part()
+        self.stats = StoreStats()
+        self._committer: _Committer | None = None
+
+    async def start(self) -> None:
+        if self._committer is not None:
+            return
+        try:
+            await asyncio.to_thread(self._prepare)
+        except OSError as exc:
+            raise StoreError(f"maildir store {self.path}: {exc}") from exc
+        committer = _Committer(self)
+        committer.start()
+        self._committer = committer
+
+    def _prepare(self) -> None:
+        for sub in ("tmp", "new", "cur", _SIDECARS):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - _STALE_SECONDS
+        stale: list[Path] = []
+        for folder in (self.path / "tmp", self.path / _SIDECARS):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        if entry.is_file() and entry.stat().st_mtime < cutoff:
+                            stale.append(Path(entry.path))
+        if not stale:
+            return
+        present = {queue_id for queue_id, _ in self._files()}
+        for path in stale:
+            if path.parent.name == _SIDECARS and path.name.removesuffix(".json") in present:
+                continue  # the envelope of a message still there
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    async def close(self) -> None:
+        committer = self._committer
+        if committer is None:
+            return
+        self._committer = None
+        stop = _Stop()
+        committer.ops.put(stop)
+        await asyncio.wrap_future(stop.done)
+        await asyncio.to_thread(committer.join)
+
+    def begin(self, envelope: Envelope) -> MaildirWriter:
+        if self._committer is None:
+            raise StoreError(f"maildir store {self.path} is not open")
+        if not is_queue_id(envelope.queue_id):
+            raise StoreError(f"maildir: bad queue id {envelope.queue_id!r}")
+        return MaildirWriter(self, envelope)
+
+    # --- reads ---------------------------------------------------------------
+
+    def _files(self) -> Iterator[tuple[str, Path]]:
+        """(id, path) of every message in new/ and cur/."""
+        for sub in ("new", "cur"):
+            try:
+                entries = os.scandir(self.path / sub)
+            except FileNotFoundError:
+                continue
+            with entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    yield _id_of(entry.name), Path(entry.path)
+
+    def _sidecar(self, queue_id: str) -> dict[str, Any] | None:
+        if not is_queue_id(queue_id):
+            return None
+        try:
+            data = json.loads((self.path / _SIDECARS / f"{queue_id}.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _locate(self, queue_id: str, file: str | None = None) -> Path | None:
+        if file and "/" not in file and not file.startswith("."):
+            candidate = self.path / "new" / file
+            if candidate.exists():
+                return candidate
+        for found_id, path in self._files():
+            if found_id == queue_id:
+                return path
+        return None
+
+    def _stored(self, queue_id: str, path: Path, record: dict[str, Any] | None) -> StoredMessage:
+        if record is not None:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                envelope = Envelope.from_json(record)
+                size = record.get("size")
+                return StoredMessage(
+                    envelope=envelope,
+                    size=int(size) if size is not None else path.stat().st_size,
+                    subject=record.get("subject"),
+                )
+        return self._from_file(queue_id, path)
+
+    @staticmethod
+    def _from_file(queue_id: str, path: Path) -> StoredMessage:
+        """A message without a usable sidecar: what its name and bytes tell."""
+        info = path.stat()
+        stamp = path.name.split(".", 1)[0]
+        when = int(stamp) if stamp.isdigit() else info.st_mtime
+        try:
+            with open(path, "rb") as handle:
+                subject = extract_subject(handle.read(HEADER_SCAN_LIMIT))
+        except OSError:
+            subject = None
+        envelope = Envelope(
+            queue_id=queue_id,
+            client_ip="",
+            client_port=0,
+            greeting="",
+            greeting_name="",
+            mail_from="",
+            mail_params={},
+            rcpt_to=[],
+            received_at=_dt.datetime.fromtimestamp(when, _dt.UTC),
+        )
+        return StoredMessage(envelope=envelope, size=info.st_size, subject=subject)
+
+    def list(self, limit: int | None = None) -> Sequence[StoredMessage]:
+        files = sorted(self._files(), key=_file_time, reverse=True)
+        if limit is not None and len(files) > limit:
+            # Names tell the receipt time (queue ids lead with it) closely
+            # enough to skip opening sidecars of clearly older messages.
+            if limit <= 0:
+                return []
+            horizon = _file_time(files[limit - 1])[0] - _LIST_SLACK_SECONDS
+            files = [item for item in files if _file_time(item)[0] >= horizon]
+        found: list[StoredMessage] = []
+        for queue_id, path in files:
+            with contextlib.suppress(FileNotFoundError):  # moved or deleted meanwhile
+                found.append(self._stored(queue_id, path, self._sidecar(queue_id)))
+        found.sort(key=lambda m: (_utc(m.envelope.received_at), m.envelope.queue_id), reverse=True)
+        return found if limit is None else found[: max(limit, 0)]
+
+    def get(self, queue_id: str) -> StoredMessage | None:
+        record = self._sidecar(queue_id)
+        path = self._locate(queue_id, record.get("file") if record else None)
+        if path is None:
+            return None
+        try:
+            return self._stored(queue_id, path, record)
+        except FileNotFoundError:
+            return None
+
+    def raw(self, queue_id: str) -> bytes | None:
+        record = self._sidecar(queue_id)
+        path = self._locate(queue_id, record.get("file") if record else None)
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"maildir: message {queue_id}: {exc}") from exc
+
+
+def _id_of(name: str) -> str:
+    """The queue id in a Maildir file name, or the unique part for foreign files."""
+    base = _base_name(name)
+    parts = base.split(".", 2)
+    if len(parts) >= 2 and is_queue_id(parts[1]):
+        return parts[1]
+    return base
+
+
+def _file_time(item: tuple[str, Path]) -> tuple[float, str]:
+    """Sort key, without opening the file: receipt time from the name."""
+    queue_id, path = item
+    if is_queue_id(queue_id):
+        value = 0
+        for char in queue_id:
+            value = value << 5 | _ALPHABET.index(char)
+        return ((value >> 32) / 1000, queue_id)  # ids lead with epoch milliseconds
+    stamp = path.name.split(".", 1)[0]
+    return (float(stamp) if stamp.isdigit() else 0.0, queue_id)
+
+
+def _utc(moment: _dt.datetime) -> _dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=_dt.UTC)

@@ -1,0 +1,703 @@
+"""The SQLite message store (the default backend).
+
+This module owns the database file (``data_dir/ehlo.sqlite3``), its schema,
+the single writer thread that performs every write, and the read-only
+queries used by the CLI.
+
+Layout::
+
+    messages(queue_id PRIMARY KEY, received_at, client_ip, ..., size, subject)
+    chunks(queue_id, seq, data BLOB)      -- a message body, in <= 256 KiB rows
+    pending(queue_id PRIMARY KEY, owner)  -- messages with chunks but no row yet
+
+Writing. A body is never held whole in memory: :meth:`SQLiteWriter.write`
+gathers up to :data:`CHUNK_SIZE` bytes, then queues the chunk for the writer
+thread. ``commit`` queues the envelope row and awaits a future. The writer
+thread takes everything queued (up to a cap), runs it inside ONE transaction
+and issues ONE ``COMMIT`` (WAL, ``synchronous=FULL``: one fsync of the WAL),
+then resolves every commit future of the batch. Concurrent sessions thus share
+fsyncs (group commit); ``stats.commits`` counts the COMMITs, ``stats.messages``
+the messages. A message's chunks may land in the database inside another
+message's transaction: a message is visible only once its ``messages`` row
+exists, and the row is written after checking that every chunk is there.
+
+Backpressure. :attr:`SQLiteStore.backlog_bytes` is the number of body bytes
+queued for the writer thread and not yet executed. The network layer should
+stop reading from clients while it is above a high-water mark (say 32 MiB).
+
+Crashes and several processes. Chunks written before a crash are orphans. Each
+store instance holds an exclusive ``flock`` on its own lock file (in
+``<db>.locks/``) and records itself as the owner of its in-flight messages in
+``pending``; ``start`` deletes the chunks of pending messages whose owner's
+lock is free (the process died), never those of a live process sharing the
+database. WAL plus a busy timeout let several server processes and the CLI use
+one file at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime as _dt
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..ids import new_queue_id
+from .base import (
+    Envelope,
+    HeaderSniffer,
+    MessageWriter,
+    Store,
+    StoredMessage,
+    StoreError,
+    StoreStats,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter"]
+
+# Body bytes gathered before a chunk is handed to the writer thread.
+CHUNK_SIZE = 256 * 1024
+# One transaction takes at most this much queued work, so a stream of large
+# bodies cannot postpone the COMMIT that waiting sessions need.
+_BATCH_MAX_BYTES = 32 * 1024 * 1024
+_BATCH_MAX_OPS = 4096
+_PAGE_SIZE = 16384
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Milliseconds a connection waits for another process's write lock.
+_BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id      TEXT PRIMARY KEY,
+    received_at   TEXT NOT NULL,
+    client_ip     TEXT NOT NULL,
+    client_port   INTEGER NOT NULL,
+    greeting      TEXT NOT NULL,
+    greeting_name TEXT NOT NULL,
+    mail_from     TEXT NOT NULL,
+    mail_params   TEXT NOT NULL,
+    rcpt_to       TEXT NOT NULL,
+    tls           TEXT,
+    protocol      TEXT NOT NULL,
+    server_name   TEXT NOT NULL,
+    extra         TEXT NOT NULL,
+    size          INTEGER NOT NULL,
+    subject       TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_received_at ON messages (received_at);
+CREATE TABLE IF NOT EXISTS chunks (
+    queue_id TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    data     BLOB NOT NULL,
+    PRIMARY KEY (queue_id, seq)
+);
+CREATE TABLE IF NOT EXISTS pending (
+    queue_id TEXT PRIMARY KEY,
+    owner    TEXT NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "queue_id, received_at, client_ip, client_port, greeting, greeting_name, mail_from,"
+    " mail_params, rcpt_to, tls, protocol, server_name, extra, size, subject"
+)
+_INSERT_MESSAGE = f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+
+
+# --- operations queued for the writer thread ---------------------------------
+
+
+@dataclass(slots=True)
+class _Chunk:
+    queue_id: str
+    seq: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class _Discard:
+    queue_id: str
+
+
+@dataclass(slots=True)
+class _Commit:
+    row: tuple[Any, ...]
+    chunks: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[str]
+
+
+@dataclass(slots=True)
+class _Stop:
+    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+
+
+_Op = _Chunk | _Discard | _Commit | _Stop
+
+
+def _utc_text(moment: _dt.datetime) -> str:
+    """Fixed-width UTC ISO text, so that rows sort by time as text."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.UTC)
+    return moment.astimezone(_dt.UTC).isoformat(timespec="microseconds")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _resolve(items: list[tuple[asyncio.Future[str], str | BaseException]]) -> None:
+    """Runs on the event loop: settle the commit futures of one batch."""
+    for future, outcome in items:
+        if future.done():
+            continue  # the session was cancelled meanwhile
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    if read_only:
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+        )
+    else:
+        conn = sqlite3.connect(
+            path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+        )
+    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    return conn
+
+
+# --- owner locks: which store instances are alive -----------------------------
+
+
+class _OwnerLock:
+    """An exclusive lock file held for as long as a store instance runs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.owner = new_queue_id()
+        self._file: IO[bytes] | None = None
+
+    def acquire(self) -> None:
+        self.directory.mkdir(exist_ok=True)
+        # Locked under a name nobody checks, then renamed: a lock file is
+        # never seen unlocked (and taken for a dead owner's) by a sweep.
+        fresh = self.directory / f".{self.owner}.new"
+        handle = open(fresh, "wb")  # noqa: SIM115 - held open until release()
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fresh.rename(self.directory / f"{self.owner}.lock")
+        except BaseException:
+            handle.close()
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.directory / f"{self.owner}.lock").unlink()
+        self._file.close()
+        self._file = None
+
+    @contextlib.contextmanager
+    def dead(self, owner: str) -> Iterator[bool]:
+        """Yield True when ``owner`` is gone (keeping its lock while inside)."""
+        if owner == self.owner:
+            yield False
+            return
+        path = self.directory / f"{owner}.lock"
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            yield True
+            return
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+            else:  # pragma: no cover - Windows: an open file cannot be removed
+                handle.close()
+                try:
+                    path.unlink()
+                except PermissionError:
+                    yield False
+                    return
+            yield True
+            with contextlib.suppress(OSError):
+                path.unlink()
+        finally:
+            handle.close()
+
+    def sweep(self) -> None:
+        """Remove the lock files of store instances that are gone."""
+        for path in self.directory.glob("*.lock"):
+            with self.dead(path.stem):
+                pass
+
+
+# --- the writer thread ----------------------------------------------------------
+
+
+class _WriterThread(threading.Thread):
+    """Owns the read-write connection; executes queued operations in batches."""
+
+    def __init__(self, path: Path, lock: _OwnerLock, stats: StoreStats) -> None:
+        super().__init__(name=f"ehlo-sqlite-{path.name}", daemon=True)
+        self.path = path
+        self.lock = lock
+        self.stats = stats
+        self.ops: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Body bytes queued / executed. Each counter has a single writing thread.
+        self.queued_bytes = 0
+        self.done_bytes = 0
+        self._conn: sqlite3.Connection | None = None
+        # Messages whose chunks collided with rows of another message (same id).
+        self._clashes: set[str] = set()
+
+    @property
+    def pending_bytes(self) -> int:
+        """Body bytes queued but not yet executed."""
+        return self.queued_bytes - self.done_bytes
+
+    def run(self) -> None:
+        try:
+            self._conn = self._open()
+        except BaseException as exc:
+            self.ready.set_exception(exc)
+            return
+        self.ready.set_result(None)
+        try:
+            self._serve()
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+
+    def _open(self) -> sqlite3.Connection:
+        self.lock.acquire()
+        conn = _connect(self.path, read_only=False)
+        try:
+            # Larger pages suit 256 KiB blobs (fewer overflow pages); a no-op
+            # on an existing database, so it must come before WAL is set.
+            conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+            self._use_wal(conn)
+            conn.execute("PRAGMA synchronous=FULL")
+            # After a checkpoint, cut the WAL back to this size.
+            conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+            conn.execute("BEGIN IMMEDIATE")
+            owners = [row[0] for row in conn.execute("SELECT DISTINCT owner FROM pending")]
+            for owner in owners:
+                with self.lock.dead(owner) as dead:
+                    if dead:
+                        self._drop_owner(conn, owner)
+            conn.execute("COMMIT")
+            self.lock.sweep()
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+            self.lock.release()
+            raise
+        return conn
+
+    @staticmethod
+    def _use_wal(conn: sqlite3.Connection) -> None:
+        """Switch to WAL; a fresh file opened by several processes at once may be busy."""
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode})")
+            return
+
+    @staticmethod
+    def _drop_owner(conn: sqlite3.Connection, owner: str) -> None:
+        """Delete the orphan chunks left by a store instance that died."""
+        conn.execute(
+            "DELETE FROM chunks WHERE queue_id IN (SELECT queue_id FROM pending WHERE owner = ?)"
+            " AND queue_id NOT IN (SELECT queue_id FROM messages)",
+            (owner,),
+        )
+        conn.execute("DELETE FROM pending WHERE owner = ?", (owner,))
+
+    def _serve(self) -> None:
+        ops = self.ops
+        while True:
+            batch = [ops.get()]
+            size = 0
+            while len(batch) < _BATCH_MAX_OPS and size < _BATCH_MAX_BYTES:
+                if isinstance(batch[-1], _Stop):
+                    break
+                try:
+                    op = ops.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(op, _Chunk):
+                    size += len(op.data)
+                batch.append(op)
+            stop = batch[-1] if isinstance(batch[-1], _Stop) else None
+            work = batch[:-1] if stop is not None else batch
+            if work:
+                self._execute(work)
+            if stop is not None:
+                stop.done.set_result(None)
+                return
+
+    def _execute(self, batch: list[_Op]) -> None:
+        conn = self._conn
+        assert conn is not None
+        outcomes: list[tuple[_Commit, str | BaseException]] = []
+        body_bytes = sum(len(op.data) for op in batch if isinstance(op, _Chunk))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                if isinstance(op, _Chunk):
+                    self._insert_chunk(conn, op)
+                elif isinstance(op, _Commit):
+                    outcomes.append((op, self._insert_message(conn, op)))
+                elif isinstance(op, _Discard):
+                    if op.queue_id in self._clashes:
+                        self._clashes.discard(op.queue_id)  # the rows are not ours
+                    else:
+                        self._discard(conn, op.queue_id)
+            conn.execute("COMMIT")
+            self.stats.commits += 1
+            self.stats.messages += sum(1 for _, out in outcomes if isinstance(out, str))
+        except Exception as exc:  # sqlite3.Error, OSError, MemoryError...
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            error = StoreError(f"sqlite store {self.path}: {exc}")
+            error.__cause__ = exc
+            outcomes = [(op, error) for op in batch if isinstance(op, _Commit)]
+            # Chunks of this batch are lost; their messages fail the chunk check
+            # at commit time (and the client retries), never commit incomplete.
+        finally:
+            self.done_bytes += body_bytes
+        self._settle(outcomes)
+
+    def _insert_chunk(self, conn: sqlite3.Connection, op: _Chunk) -> None:
+        queue_id = op.queue_id
+        if op.seq == 0:
+            taken = conn.execute(
+                "SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
+            if taken is not None:
+                self._clashes.add(queue_id)  # a reused id: fails at commit
+        if queue_id in self._clashes:
+            return  # never add rows to another message
+        # Every chunk (not only the first): an earlier batch may have failed.
+        conn.execute(
+            "INSERT OR IGNORE INTO pending (queue_id, owner) VALUES (?, ?)",
+            (queue_id, self.lock.owner),
+        )
+        try:
+            conn.execute(
+                "INSERT INTO chunks (queue_id, seq, data) VALUES (?, ?, ?)",
+                (queue_id, op.seq, op.data),
+            )
+        except sqlite3.IntegrityError:  # two writers with one id
+            self._clashes.add(queue_id)
+
+    def _insert_message(self, conn: sqlite3.Connection, op: _Commit) -> str | BaseException:
+        queue_id: str = op.row[0]
+        size: int = op.row[13]
+        taken = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+        if taken is not None or queue_id in self._clashes:
+            self._clashes.discard(queue_id)
+            return StoreError(f"message {queue_id} is already stored")
+        count, total = conn.execute(
+            "SELECT count(*), coalesce(sum(length(data)), 0) FROM chunks WHERE queue_id = ?",
+            (queue_id,),
+        ).fetchone()
+        if count != op.chunks or total != size:
+            self._discard(conn, queue_id)
+            return StoreError(f"message {queue_id}: chunks lost before commit")
+        conn.execute(_INSERT_MESSAGE, op.row)
+        conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
+        return queue_id
+
+    @staticmethod
+    def _discard(conn: sqlite3.Connection, queue_id: str) -> None:
+        conn.execute("DELETE FROM chunks WHERE queue_id = ?", (queue_id,))
+        conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
+
+    @staticmethod
+    def _settle(outcomes: list[tuple[_Commit, str | BaseException]]) -> None:
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[str], str | BaseException]]
+        ] = {}
+        for op, outcome in outcomes:
+            by_loop.setdefault(op.loop, []).append((op.future, outcome))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, items)
+
+
+# --- the public classes -----------------------------------------------------------
+
+
+class SQLiteWriter(MessageWriter):
+    """One message being streamed into an :class:`SQLiteStore`."""
+
+    __slots__ = ("_buffer", "_envelope", "_flushed", "_head", "_seq", "_size", "_state", "_store")
+
+    def __init__(self, store: SQLiteStore, envelope: Envelope) -> None:
+        self._store = store
+        self._envelope = envelope
+        self._buffer = bytearray()
+        self._head = HeaderSniffer()
+        self._seq = 0
+        self._size = 0
+        self._flushed = False
+        self._state = "open"  # "open", "committing", "done"
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
+        if not data:
+            return
+        self._size += len(data)
+        head = self._head
+        if not head.done:
+            head.feed(data)
+        buffer = self._buffer
+        if len(buffer) + len(data) < CHUNK_SIZE:
+            buffer += data  # the common case: network-sized pieces
+            return
+        view = memoryview(data)
+        pos = CHUNK_SIZE - len(buffer)
+        buffer += view[:pos]
+        self._send(bytes(buffer))
+        buffer.clear()
+        while len(view) - pos >= CHUNK_SIZE:
+            self._send(bytes(view[pos : pos + CHUNK_SIZE]))
+            pos += CHUNK_SIZE
+        buffer += view[pos:]
+
+    def _send(self, chunk: bytes) -> None:
+        writer = self._store._thread_or_error()
+        writer.queued_bytes += len(chunk)
+        writer.ops.put(_Chunk(self._envelope.queue_id, self._seq, chunk))
+        self._seq += 1
+        self._flushed = True
+
+    async def commit(self) -> str:
+        if self._state != "open":
+            raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
+        writer = self._store._thread_or_error()
+        if self._buffer:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+        env = self._envelope
+        row = (
+            env.queue_id,
+            _utc_text(env.received_at),
+            env.client_ip,
+            env.client_port,
+            env.greeting,
+            env.greeting_name,
+            env.mail_from,
+            _dumps(env.mail_params),
+            _dumps(env.rcpt_to),
+            _dumps(env.tls) if env.tls else None,
+            env.protocol,
+            env.server_name,
+            _dumps(env.extra),
+            self._size,
+            self._head.subject(),
+        )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        self._state = "committing"
+        writer.ops.put(_Commit(row, self._seq, loop, future))
+        try:
+            return await future
+        finally:
+            self._state = "done"
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return  # committed, committing or already aborted: nothing to undo
+        self._state = "done"
+        self._buffer = bytearray()
+        if self._flushed:
+            thread = self._store._thread
+            if thread is not None:
+                thread.ops.put(_Discard(self._envelope.queue_id))
+
+
+class SQLiteStore(Store):
+    """Messages in one SQLite database file (WAL, ``synchronous=FULL``).
+
+    ``SQLiteStore(data_dir / "ehlo.sqlite3")``; ``await start()`` before
+    ``begin``; ``list``/``get``/``raw`` work without ``start`` (from the CLI,
+    while a server process writes).
+    """
+
+    name = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.stats = StoreStats()
+        self._thread: _WriterThread | None = None
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Body bytes queued for the writer thread but not yet executed."""
+        thread = self._thread
+        return thread.pending_bytes if thread is not None else 0
+
+    @property
+    def owner(self) -> str | None:
+        """This instance's owner token (its lock file name), once started."""
+        thread = self._thread
+        return thread.lock.owner if thread is not None else None
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        lock = _OwnerLock(self.path.with_name(self.path.name + ".locks"))
+        thread = _WriterThread(self.path, lock, self.stats)
+        thread.start()
+        try:
+            await asyncio.wrap_future(thread.ready)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        self._thread = thread
+
+    async def close(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._thread = None
+        stop = _Stop()
+        thread.ops.put(stop)
+        await asyncio.wrap_future(stop.done)
+        await asyncio.to_thread(thread.join)
+        thread.lock.release()
+
+    def _thread_or_error(self) -> _WriterThread:
+        thread = self._thread
+        if thread is None:
+            raise StoreError(f"sqlite store {self.path} is not open")
+        return thread
+
+    def begin(self, envelope: Envelope) -> SQLiteWriter:
+        self._thread_or_error()
+        return SQLiteWriter(self, envelope)
+
+    # --- reads: short-lived read-only connections -------------------------------
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection | None]:
+        """A read-only connection holding one snapshot, or None when there is no data."""
+        if not self.path.exists():
+            yield None
+            return
+        try:
+            conn = _connect(self.path, read_only=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        try:
+            conn.execute("BEGIN")
+            schema = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+            ).fetchone()
+            yield conn if schema is not None else None
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        finally:
+            conn.close()
+
+    def list(self, limit: int | None = None) -> Sequence[StoredMessage]:
+        query = f"SELECT {_COLUMNS} FROM messages ORDER BY received_at DESC, queue_id DESC"
+        params: tuple[int, ...] = ()
+        if limit is not None:
+            query += " LIMIT ?"
+            params = (max(limit, 0),)
+        return self._query(query, params)
+
+    def get(self, queue_id: str) -> StoredMessage | None:
+        found = self._query(f"SELECT {_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,))
+        return found[0] if found else None
+
+    def _query(self, query: str, params: tuple[Any, ...]) -> Sequence[StoredMessage]:
+        with self._reader() as conn:
+            if conn is None:
+                return []
+            return [_message(row) for row in conn.execute(query, params)]
+
+    def raw(self, queue_id: str) -> bytes | None:
+        with self._reader() as conn:
+            if conn is None:
+                return None
+            row = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+            if row is None:
+                return None
+            cursor = conn.execute(
+                "SELECT data FROM chunks WHERE queue_id = ? ORDER BY seq", (queue_id,)
+            )
+            return b"".join(data for (data,) in cursor)
+
+
+def _message(row: tuple[Any, ...]) -> StoredMessage:
+    try:
+        envelope = Envelope(
+            queue_id=row[0],
+            received_at=_dt.datetime.fromisoformat(row[1]),
+            client_ip=row[2],
+            client_port=int(row[3]),
+            greeting=row[4],
+            greeting_name=row[5],
+            mail_from=row[6],
+            mail_params=json.loads(row[7]),
+            rcpt_to=json.loads(row[8]),
+            tls=json.loads(row[9]) if row[9] else None,
+            protocol=row[10],
+            server_name=row[11],
+            extra=json.loads(row[12]),
+        )
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"message {row[0]}: bad envelope row: {exc}") from exc
+    return StoredMessage(envelope=envelope, size=int(row[13]), subject=row[14])

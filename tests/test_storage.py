@@ -1,0 +1,637 @@
+"""Storage backends: exact bytes, envelopes, subjects, group commit, crashes.
+
+Everything runs against real files and real SQLite under ``tmp_path``; the
+crash tests SIGKILL a child process that uses the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ehlo.ids import new_queue_id
+from ehlo.storage import (
+    Envelope,
+    MaildirStore,
+    NullStore,
+    SQLiteStore,
+    Store,
+    StoreError,
+    open_store,
+)
+from ehlo.storage.base import HeaderSniffer, extract_subject
+
+KINDS = ["sqlite", "maildir"]
+T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
+
+
+def make_envelope(**changes: object) -> Envelope:
+    fields: dict[str, object] = {
+        "queue_id": new_queue_id(),
+        "client_ip": "192.0.2.7",
+        "client_port": 40123,
+        "greeting": "EHLO",
+        "greeting_name": "mx.example.org",
+        "mail_from": "alice@example.org",
+        "mail_params": {"SIZE": "1234", "BODY": "8BITMIME"},
+        "rcpt_to": ["bob@example.net", "carol@example.net"],
+        "received_at": dt.datetime.now(dt.UTC),
+    }
+    fields.update(changes)
+    return Envelope(**fields)  # type: ignore[arg-type]
+
+
+def pieces(data: bytes, sizes: tuple[int, ...] = (1, 7, 100, 4093, 65536)) -> list[bytes]:
+    """``data`` cut at irregular places, as the network delivers it."""
+    out, pos, i = [], 0, 0
+    while pos < len(data):
+        size = sizes[i % len(sizes)]
+        out.append(data[pos : pos + size])
+        pos += size
+        i += 1
+    return out
+
+
+async def deliver(store: Store, body: bytes, envelope: Envelope | None = None) -> str:
+    writer = store.begin(envelope or make_envelope())
+    for piece in pieces(body):
+        writer.write(piece)
+    return await writer.commit()
+
+
+@pytest.fixture(params=KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    opened = open_store(request.param, tmp_path / "data")
+    await opened.start()
+    yield opened
+    await opened.close()
+
+
+def sqlite_rows(path: Path, query: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(query).fetchall()
+    finally:
+        conn.close()
+
+
+# --- round trips -----------------------------------------------------------------
+
+
+async def test_bytes_round_trip_exactly(store: Store) -> None:
+    body = (
+        b"Received: from mx.example.org\r\n"
+        b"Subject: caf\xc3\xa9 \xff\r\n"
+        b"\r\n" + bytes(range(256)) * 3 + b"\r\n.\r\n..dot\nbare lf\rbare cr\r\n\x00\x80\xfe"
+    )
+    queue_id = await deliver(store, body)
+    assert store.raw(queue_id) == body
+    stored = store.get(queue_id)
+    assert stored is not None and stored.size == len(body)
+
+
+async def test_empty_message(store: Store) -> None:
+    queue_id = await deliver(store, b"")
+    assert store.raw(queue_id) == b""
+    stored = store.get(queue_id)
+    assert stored is not None and stored.size == 0 and stored.subject is None
+
+
+async def test_multi_chunk_message_reassembled(store: Store, tmp_path: Path) -> None:
+    body = b"Subject: big\r\n\r\n" + random.Random(1).randbytes(3 * 1024 * 1024 + 12345)
+    queue_id = await deliver(store, body)
+    assert store.raw(queue_id) == body
+    if isinstance(store, SQLiteStore):
+        (count,) = sqlite_rows(
+            store.path, f"SELECT count(*) FROM chunks WHERE queue_id = '{queue_id}'"
+        )[0]
+        assert isinstance(count, int) and count >= 12  # 256 KiB chunks, never one blob
+
+
+async def test_envelope_round_trip(store: Store) -> None:
+    envelope = make_envelope(
+        mail_from="",
+        mail_params={"SMTPUTF8": None, "SIZE": "99"},
+        rcpt_to=["j\u00f6rg@b\u00fccher.example"],
+        tls={"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"},
+        protocol="UTF8SMTPS",
+        server_name="ehlo.test",
+        extra={"verified": {"fcrdns": True}},
+        received_at=dt.datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC),
+    )
+    queue_id = await deliver(store, b"Subject: hi\r\n\r\nbody\r\n", envelope)
+    assert queue_id == envelope.queue_id
+    stored = store.get(queue_id)
+    assert stored is not None
+    assert stored.envelope == envelope
+    assert stored.subject == "hi"
+    data = stored.envelope.to_json()
+    for key in (
+        "id",
+        "received_at",
+        "client_ip",
+        "client_port",
+        "greeting",
+        "greeting_name",
+        "mail_from",
+        "mail_params",
+        "rcpt_to",
+        "tls",
+        "protocol",
+        "server_name",
+        "extra",
+    ):
+        assert key in data
+    assert data["id"] == queue_id and data["tls"]["version"] == "TLSv1.3"
+    assert json.loads(json.dumps(data)) == data
+
+
+async def test_envelope_completed_before_commit_is_stored(store: Store) -> None:
+    envelope = make_envelope()
+    writer = store.begin(envelope)
+    writer.write(b"x\r\n")
+    envelope.rcpt_to.append("late@example.net")
+    envelope.extra["spf"] = "pass"
+    queue_id = await writer.commit()
+    stored = store.get(queue_id)
+    assert stored is not None
+    assert stored.envelope.rcpt_to[-1] == "late@example.net"
+    assert stored.envelope.extra == {"spf": "pass"}
+
+
+# --- subjects --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "subject"),
+    [
+        (b"Subject: plain words\r\n\r\n", "plain words"),
+        (b"From: a\r\nSUBJECT:   spaced  \r\nTo: b\r\n\r\n", "spaced"),
+        (b"Subject: folded\r\n  over\r\n\tlines\r\nTo: b\r\n\r\n", "folded  over\tlines"),
+        (b"Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\n", "caf\u00e9"),
+        (
+            b"Subject: =?UTF-8?B?R3LDvMOfZQ==?= und =?iso-8859-1?q?T=FCr?=\n\n",
+            "Gr\u00fc\u00dfe und T\u00fcr",
+        ),
+        (b"Subject: =?utf-8?q?a?= =?utf-8?q?b?=\r\n\r\n", "ab"),
+        (b"Subject: raw \xc3\xa9t\xc3\xa9 =?utf-8?q?=C3=A9?=\r\n\r\n", "raw \u00e9t\u00e9 \u00e9"),
+        (b"Subject: =?no-such-charset?q?x?=\r\n\r\n", "=?no-such-charset?q?x?="),
+        (b"Subject: bad \xff bytes\r\n\r\n", "bad \ufffd bytes"),
+        (b"From: a\r\n\r\nSubject: in the body\r\n", None),
+        (b"\r\nSubject: no header section\r\n", None),
+        (b"From: a\r\n\r\n", None),
+        (b"Subject:\r\n\r\n", ""),
+    ],
+)
+def test_extract_subject(head: bytes, subject: str | None) -> None:
+    assert extract_subject(head) == subject
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"Subject: =?utf-8?b?!!!?=",
+        b"Subject: =?utf-8?x?abc?=",
+        b"Subject: =?\r\n\r\n",
+        b"\xff" * 99,
+    ],
+)
+def test_extract_subject_never_raises(garbage: bytes) -> None:
+    result = extract_subject(garbage)
+    assert result is None or isinstance(result, str)
+
+
+def test_header_sniffer_stops_at_blank_line_and_limit() -> None:
+    sniffer = HeaderSniffer()
+    for byte in b"From: a\r\nSubject: =?utf-8?q?one_byte_at_a_time?=\r\n\r\nSubject: no\r\n":
+        sniffer.feed(bytes([byte]))
+    assert sniffer.done and sniffer.subject() == "one byte at a time"
+
+    huge = HeaderSniffer()
+    huge.feed(b"X-Filler: " + b"a" * (70 * 1024) + b"\r\nSubject: too late\r\n\r\n")
+    assert huge.done and huge.subject() is None
+
+
+async def test_subject_stored_from_streamed_header(store: Store) -> None:
+    head = b"Received: by test\r\nSubject: =?utf-8?b?w6lsw6hyZQ==?=\r\n\r\n"
+    writer = store.begin(make_envelope())
+    for byte in head:
+        writer.write(bytes([byte]))
+    writer.write(b"Subject: body line\r\n" * 10)
+    queue_id = await writer.commit()
+    stored = store.get(queue_id)
+    assert stored is not None and stored.subject == "\u00e9l\u00e8re"
+    assert store.list()[0].subject == "\u00e9l\u00e8re"
+
+
+# --- abort, listing, group commit ------------------------------------------------------
+
+
+async def test_abort_leaves_nothing_visible(store: Store) -> None:
+    envelope = make_envelope()
+    writer = store.begin(envelope)
+    writer.write(random.Random(2).randbytes(1024 * 1024))
+    writer.abort()
+    writer.abort()  # twice is fine
+    kept = await deliver(store, b"Subject: kept\r\n\r\n")
+    assert [m.envelope.queue_id for m in store.list()] == [kept]
+    assert store.get(envelope.queue_id) is None
+    assert store.raw(envelope.queue_id) is None
+    if isinstance(store, SQLiteStore):
+        await store.close()
+        assert sqlite_rows(store.path, "SELECT DISTINCT queue_id FROM chunks") == [(kept,)]
+        assert sqlite_rows(store.path, "SELECT * FROM pending") == []
+    if isinstance(store, MaildirStore):
+        assert os.listdir(store.path / "tmp") == []
+
+
+async def test_abort_after_commit_keeps_message(store: Store) -> None:
+    body = random.Random(3).randbytes(700_000)
+    writer = store.begin(make_envelope())
+    writer.write(body)
+    queue_id = await writer.commit()
+    writer.abort()
+    with pytest.raises(RuntimeError):
+        writer.write(b"more")
+    await deliver(store, b"x")  # the store has processed anything queued since
+    assert store.raw(queue_id) == body
+
+
+async def test_group_commit_shares_durability(store: Store) -> None:
+    bodies = [f"Subject: n{i}\r\n\r\n{i}\r\n".encode() * (i + 1) for i in range(50)]
+    ids = await asyncio.gather(*(deliver(store, body) for body in bodies))
+    assert len(set(ids)) == 50
+    stats = store.stats  # type: ignore[attr-defined]
+    assert stats.messages == 50
+    assert 1 <= stats.commits < 50
+    assert {m.envelope.queue_id for m in store.list()} == set(ids)
+    for queue_id, body in zip(ids, bodies, strict=True):
+        assert store.raw(queue_id) == body
+
+
+async def test_list_is_newest_first(store: Store) -> None:
+    envelopes = [make_envelope(received_at=T0 + dt.timedelta(seconds=i)) for i in range(6)]
+    order = [3, 0, 5, 1, 4, 2]  # commit order differs from receipt order
+    for i in order:
+        await deliver(store, f"Subject: m{i}\r\n\r\n".encode(), envelopes[i])
+    newest = [e.queue_id for e in reversed(envelopes)]
+    assert [m.envelope.queue_id for m in store.list()] == newest
+    assert [m.envelope.queue_id for m in store.list(limit=2)] == newest[:2]
+    assert [m.subject for m in store.list(limit=3)] == ["m5", "m4", "m3"]
+    assert store.list(limit=0) == []
+    assert store.get("0000000000000000") is None and store.raw("nope") is None
+
+
+async def test_commit_after_close_is_refused(tmp_path: Path) -> None:
+    for kind in KINDS:
+        store = open_store(kind, tmp_path / kind)
+        with pytest.raises(StoreError):
+            store.begin(make_envelope())
+        await store.start()
+        writer = store.begin(make_envelope())
+        writer.write(b"x" * 300_000)
+        await store.close()
+        with pytest.raises(StoreError):
+            await writer.commit()
+
+
+# --- SQLite specifics -------------------------------------------------------------
+
+
+async def test_sqlite_reads_from_a_fresh_object_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "ehlo.sqlite3"
+    assert SQLiteStore(path).list() == [] and SQLiteStore(path).raw("x") is None
+    writer_store = SQLiteStore(path)
+    await writer_store.start()
+    queue_id = await deliver(writer_store, b"Subject: live\r\n\r\nhello")
+    reader = SQLiteStore(path)  # as the CLI does, while the server runs
+    assert reader.raw(queue_id) == b"Subject: live\r\n\r\nhello"
+    await writer_store.close()
+    assert not Path(f"{path}-wal").exists()  # checkpointed on close
+    assert [m.subject for m in SQLiteStore(path).list()] == ["live"]
+    mode = sqlite_rows(path, "PRAGMA journal_mode")[0][0]
+    assert mode == "wal"
+
+
+async def test_sqlite_two_instances_on_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    first, second = SQLiteStore(path), SQLiteStore(path)
+    await first.start()
+    await second.start()
+    rng = random.Random(4)
+    bodies = [rng.randbytes(rng.randrange(1, 600_000)) for _ in range(40)]
+    ids = await asyncio.gather(
+        *(deliver(first if i % 2 else second, body) for i, body in enumerate(bodies))
+    )
+    await first.close()
+    await second.close()
+    reader = SQLiteStore(path)
+    assert {m.envelope.queue_id for m in reader.list()} == set(ids)
+    for queue_id, body in zip(ids, bodies, strict=True):
+        assert reader.raw(queue_id) == body
+
+
+async def test_sqlite_start_keeps_chunks_of_a_live_instance(tmp_path: Path) -> None:
+    path = tmp_path / "ehlo.sqlite3"
+    first = SQLiteStore(path)
+    await first.start()
+    body = random.Random(5).randbytes(2 * 1024 * 1024)
+    writer = first.begin(make_envelope())
+    writer.write(body)
+    while first.backlog_bytes:  # the chunks are in the database, no row yet
+        await asyncio.sleep(0.005)
+    second = SQLiteStore(path)
+    await second.start()  # cleans orphans, but these belong to a live store
+    queue_id = await writer.commit()
+    assert second.raw(queue_id) == body
+    await second.close()
+    await first.close()
+
+
+async def test_sqlite_backlog_grows_while_the_disk_is_busy(tmp_path: Path) -> None:
+    path = tmp_path / "ehlo.sqlite3"
+    store = SQLiteStore(path)
+    await store.start()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    writer = store.begin(make_envelope())
+    body = bytes(1024 * 1024)
+    writer.write(body)
+    await asyncio.sleep(0.05)
+    assert store.backlog_bytes == len(body)
+    commit = asyncio.ensure_future(writer.commit())
+    await asyncio.sleep(0.05)
+    assert not commit.done()
+    blocker.execute("COMMIT")
+    blocker.close()
+    queue_id = await asyncio.wait_for(commit, 10)
+    assert store.backlog_bytes == 0
+    assert store.raw(queue_id) == body
+    await store.close()
+
+
+async def test_sqlite_lost_chunks_fail_the_commit(tmp_path: Path) -> None:
+    path = tmp_path / "ehlo.sqlite3"
+    store = SQLiteStore(path)
+    await store.start()
+    envelope = make_envelope()
+    writer = store.begin(envelope)
+    writer.write(bytes(600_000))
+    while store.backlog_bytes:
+        await asyncio.sleep(0.005)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("DELETE FROM chunks WHERE seq = 1")
+    conn.close()
+    with pytest.raises(StoreError):
+        await writer.commit()
+    assert store.get(envelope.queue_id) is None
+    await store.close()
+
+
+async def test_sqlite_duplicate_id_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "ehlo.sqlite3")
+    await store.start()
+    envelope = make_envelope()
+    await deliver(store, b"first", envelope)
+    for body in (b"", b"short", bytes(700_000)):
+        with pytest.raises(StoreError):
+            await deliver(store, body, make_envelope(queue_id=envelope.queue_id))
+        assert store.raw(envelope.queue_id) == b"first"
+    await deliver(store, b"x")  # still works
+    await store.close()
+
+
+async def test_unusable_location_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    with pytest.raises(StoreError):
+        await SQLiteStore(blocker / "ehlo.sqlite3").start()
+    with pytest.raises(StoreError):
+        await MaildirStore(blocker / "maildir").start()
+    not_a_db = tmp_path / "junk.sqlite3"
+    not_a_db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError):
+        await SQLiteStore(not_a_db).start()
+    with pytest.raises(StoreError):
+        SQLiteStore(not_a_db).list()
+
+
+# --- Maildir specifics --------------------------------------------------------------
+
+
+async def test_maildir_layout_and_sidecar(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "maildir")
+    await store.start()
+    body = b"Subject: =?utf-8?q?M=C3=A4il?=\r\n\r\n\x00\xff8-bit\r\n"
+    envelope = make_envelope()
+    queue_id = await deliver(store, body, envelope)
+    [name] = os.listdir(store.path / "new")
+    assert queue_id in name and ":" not in name
+    assert (store.path / "new" / name).read_bytes() == body
+    assert os.listdir(store.path / "tmp") == []
+    sidecars = [p for p in os.listdir(store.path / "ehlo-envelopes") if not p.startswith(".")]
+    assert sidecars == [f"{queue_id}.json"]
+    record = json.loads((store.path / "ehlo-envelopes" / sidecars[0]).read_text())
+    assert record["id"] == queue_id and record["size"] == len(body)
+    assert record["subject"] == "M\u00e4il" and record["rcpt_to"] == envelope.rcpt_to
+    await store.close()
+
+
+async def test_maildir_finds_messages_moved_to_cur(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "maildir")
+    await store.start()
+    body = b"Subject: seen\r\n\r\nread by an IMAP client\r\n"
+    queue_id = await deliver(store, body)
+    [name] = os.listdir(store.path / "new")
+    os.rename(store.path / "new" / name, store.path / "cur" / f"{name}:2,S")
+    stored = store.get(queue_id)
+    assert stored is not None and stored.subject == "seen" and stored.size == len(body)
+    assert store.raw(queue_id) == body
+    assert [m.envelope.queue_id for m in store.list()] == [queue_id]
+    await store.close()
+
+
+async def test_maildir_lists_foreign_files_without_sidecar(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "maildir")
+    await store.start()
+    ours = await deliver(store, b"Subject: ours\r\n\r\n")
+    foreign = store.path / "cur" / "1700000000.M1P2.otherhost:2,RS"
+    foreign.write_bytes(b"Subject: from elsewhere\r\n\r\nhi\r\n")
+    (store.path / "new" / "1600000000.M9.box").write_bytes(b"no header at all")
+    # a corrupt sidecar must not hide its message either
+    broken = await deliver(store, b"Subject: broken sidecar\r\n\r\n")
+    (store.path / "ehlo-envelopes" / f"{broken}.json").write_text("{not json")
+    listed = store.list()
+    foreign_ids = ["1700000000.M1P2.otherhost", "1600000000.M9.box"]
+    assert [m.envelope.queue_id for m in listed][-2:] == foreign_ids
+    assert {m.envelope.queue_id for m in listed[:2]} == {ours, broken}
+    by_id = {m.envelope.queue_id: m for m in listed}
+    assert by_id[foreign_ids[0]].subject == "from elsewhere"
+    assert by_id[foreign_ids[0]].envelope.received_at == dt.datetime.fromtimestamp(
+        1700000000, dt.UTC
+    )
+    assert by_id[broken].subject == "broken sidecar"
+    assert store.raw(foreign_ids[0]) == b"Subject: from elsewhere\r\n\r\nhi\r\n"
+    await store.close()
+
+
+async def test_maildir_abort_removes_tmp_file(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "maildir")
+    await store.start()
+    writer = store.begin(make_envelope())
+    writer.write(bytes(500_000))
+    assert len(os.listdir(store.path / "tmp")) == 1
+    writer.abort()
+    assert os.listdir(store.path / "tmp") == [] and store.list() == []
+    await store.close()
+
+
+# --- crashes and several processes ----------------------------------------------------
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, datetime, random, sys
+    from pathlib import Path
+    from ehlo.ids import new_queue_id
+    from ehlo.storage import Envelope, open_store
+
+    kind, data_dir, mode, seed = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+    def envelope():
+        return Envelope(
+            queue_id=new_queue_id(), client_ip="198.51.100.1", client_port=1,
+            greeting="EHLO", greeting_name="child", mail_from="a@b", mail_params={},
+            rcpt_to=["c@d"], received_at=datetime.datetime.now(datetime.UTC),
+        )
+
+    async def main():
+        store = open_store(kind, data_dir)
+        await store.start()
+        if mode == "many":
+            async def one(i):
+                writer = store.begin(envelope())
+                writer.write(random.Random(seed * 1000 + i).randbytes(1000 + i * 5000))
+                return await writer.commit()
+            ids = await asyncio.gather(*(one(i) for i in range(40)))
+            print(" ".join(ids), flush=True)
+            await store.close()
+            return
+        writer = store.begin(envelope())
+        body = random.Random(seed).randbytes(3 * 1024 * 1024)
+        for pos in range(0, len(body), 65536):
+            writer.write(body[pos : pos + 65536])
+        if mode == "commit":
+            print(await writer.commit(), flush=True)
+        else:
+            while store.backlog_bytes:
+                await asyncio.sleep(0.001)
+            print("written", flush=True)
+        await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+def spawn(kind: str, data_dir: Path, mode: str, seed: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, kind, str(data_dir), mode, str(seed)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_after_line(child: subprocess.Popen[str]) -> str:
+    assert child.stdout is not None
+    line = child.stdout.readline().strip()
+    os.kill(child.pid, signal.SIGKILL)  # at once: no cleanup, no close()
+    child.wait(10)
+    assert child.returncode == -signal.SIGKILL
+    return line
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sigkill_right_after_commit_keeps_the_message(kind: str, tmp_path: Path) -> None:
+    queue_id = kill_after_line(spawn(kind, tmp_path, "commit", 11))
+    assert queue_id
+    store = open_store(kind, tmp_path)
+    await store.start()  # orphan cleanup must not touch it
+    assert store.raw(queue_id) == random.Random(11).randbytes(3 * 1024 * 1024)
+    stored = store.get(queue_id)
+    assert stored is not None and stored.envelope.greeting_name == "child"
+    await store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_sigkill_while_writing_leaves_no_message(kind: str, tmp_path: Path) -> None:
+    assert kill_after_line(spawn(kind, tmp_path, "hang", 12)) == "written"
+    if kind == "sqlite":
+        path = tmp_path / "ehlo.sqlite3"
+        assert sqlite_rows(path, "SELECT count(*) FROM chunks")[0][0] == 12  # orphans
+    store = open_store(kind, tmp_path)
+    await store.start()
+    assert store.list() == []
+    if isinstance(store, SQLiteStore):
+        assert sqlite_rows(store.path, "SELECT count(*) FROM chunks")[0][0] == 0
+        assert sqlite_rows(store.path, "SELECT count(*) FROM pending")[0][0] == 0
+        assert os.listdir(f"{store.path}.locks") == [f"{store.owner}.lock"]
+    await store.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_two_processes_write_one_store(kind: str, tmp_path: Path) -> None:
+    children = [spawn(kind, tmp_path, "many", seed) for seed in (1, 2)]
+    outputs = [child.communicate(timeout=60)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0]
+    store = open_store(kind, tmp_path)
+    listed = {m.envelope.queue_id for m in store.list()}
+    for seed, output in zip((1, 2), outputs, strict=True):
+        ids = output.split()
+        assert len(ids) == 40
+        for i, queue_id in enumerate(ids):
+            assert store.raw(queue_id) == random.Random(seed * 1000 + i).randbytes(1000 + i * 5000)
+        listed -= set(ids)
+    assert listed == set()
+    assert len(store.list()) == 80
+
+
+# --- null store and open_store -------------------------------------------------------------
+
+
+async def test_null_store_counts_and_discards() -> None:
+    store = NullStore()
+    await store.start()
+    envelope = make_envelope()
+    writer = store.begin(envelope)
+    writer.write(b"a" * 10)
+    writer.write(b"b" * 5)
+    assert writer.size == 15
+    assert await writer.commit() == envelope.queue_id
+    assert store.stats.messages == 1 and store.stats.commits == 0
+    assert list(store.list()) == [] and store.get(envelope.queue_id) is None
+    assert store.raw(envelope.queue_id) is None and store.backlog_bytes == 0
+    await store.close()
+
+
+def test_open_store_kinds(tmp_path: Path) -> None:
+    sqlite_store = open_store("sqlite", tmp_path / "a" / "b")
+    assert isinstance(sqlite_store, SQLiteStore)
+    assert sqlite_store.path == tmp_path / "a" / "b" / "ehlo.sqlite3"
+    assert (tmp_path / "a" / "b").is_dir()
+    maildir_store = open_store("maildir", tmp_path)
+    assert isinstance(maildir_store, MaildirStore) and maildir_store.path == tmp_path / "maildir"
+    assert isinstance(open_store("null", tmp_path), NullStore)
+    with pytest.raises(ValueError, match="'mbox'"):
+        open_store("mbox", tmp_path)
