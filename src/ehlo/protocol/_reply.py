@@ -92,7 +92,7 @@ class Reply:
             for i, line in enumerate(self.lines)
         )
         # Text is UTF-8 only when the caller put non-ASCII in it (RFC 6531 section 3.7.4).
-        data = out.encode("utf-8")
+        data = out.encode("utf-8", "replace")
         object.__setattr__(self, "_with_enhanced" if enhanced else "_plain", data)
         return data
 

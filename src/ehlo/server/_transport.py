@@ -26,6 +26,9 @@ log = logging.getLogger("ehlo.session")
 
 # Pause reading when this much input waits behind a pending reply.
 _MAX_BUFFERED = 256 * 1024
+# Pause reading message bodies while the store has this much left to write.
+_STORE_HIGH = 32 * 1024 * 1024
+_STORE_LOW = 8 * 1024 * 1024
 _TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 _SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 
@@ -62,8 +65,8 @@ class SMTPServerProtocol(asyncio.Protocol):
             # Over a connection limit: answer 421 and close (RFC 5321 section 3.1).
             self._closed = True
             self.conn.send(refusal)
-            transport.write(self.conn.data_to_send())
-            transport.close()
+            self.transport.write(self.conn.data_to_send())
+            self.transport.close()
             log.warning(
                 "refused %s:%s: %s", ip, peer[1], refusal.text,
                 extra={"event": "refused", "client_ip": ip, "reason": refusal.text},
@@ -88,6 +91,21 @@ class SMTPServerProtocol(asyncio.Protocol):
             self._process()
         elif self.conn.buffered > _MAX_BUFFERED and not self._paused:
             self._pause()
+        state = self.conn.state
+        if (state is State.DATA or state is State.BDAT) and (
+            self.ctx.store.backlog_bytes > _STORE_HIGH
+        ):
+            # The store's writer is behind: stop reading bodies until it catches up.
+            self._pause()
+            asyncio.get_running_loop().call_later(0.01, self._store_caught_up)
+
+    def _store_caught_up(self) -> None:
+        if self._closed:
+            return
+        if self.ctx.store.backlog_bytes > _STORE_LOW:
+            asyncio.get_running_loop().call_later(0.01, self._store_caught_up)
+        elif not self._busy and self.conn.buffered <= _MAX_BUFFERED:
+            self._resume()
 
     def eof_received(self) -> bool | None:
         # Commands received before the EOF are still answered (a client may
