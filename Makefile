@@ -1,0 +1,73 @@
+# Developer entry points: setup, run, test, lint, fmt, bench, clean.
+#
+#   make setup        .venv with the package (editable) and the test tools
+#   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data)
+#   make test         ruff, mypy and pytest (PYTEST_ARGS=... passed to pytest)
+#   make test-deps    the Debian packages the tests drive (swaks, openssl, postfix tools)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Records where the venv was installed for; a venv copied or cloned from
+# elsewhere (its scripts point at another path) is rebuilt.
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(CURDIR))
+.PHONY: $(STAMP)
+endif
+
+.PHONY: help setup run test test-deps lint fmt bench clean distclean
+
+help:
+	@echo "targets: setup run test test-deps lint fmt bench clean distclean"
+	@echo "  make run ARGS='--listen 127.0.0.1:2526'   make test PYTEST_ARGS='-k tls -x'"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if ! { [ -x $(BIN)/python ] && $(BIN)/python -c 'import sys' 2>/dev/null \
+	        && head -n1 $(BIN)/pip 2>/dev/null | grep -qx '#!$(CURDIR)/$(BIN)/python[0-9.]*'; }; then \
+	    echo "creating $(VENV) with $$($(PYTHON) --version)"; \
+	    rm -rf $(VENV); \
+	    $(PYTHON) -m venv $(VENV); \
+	fi
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@echo '$(CURDIR)' > $@
+
+run: setup
+	$(BIN)/ehlo serve $(ARGS)
+
+test-deps:
+	@bash scripts/install-test-deps.sh
+
+# pytest exits 5 when it collected no test: that fails `make test`, loudly.
+test: setup test-deps
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+	@rc=0; PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no test (exit 5)" >&2; fi; \
+	exit $$rc
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+fmt: setup
+	$(BIN)/ruff format src tests
+
+bench:
+	@echo "bench: not yet available"
+
+clean:
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis src/*.egg-info
+	find src tests -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Also removes the venv (not ehlo-data: that holds mail).
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests drive, only when something is missing:
+# swaks (with the Perl modules it needs for TLS, IPv6 and AUTH), openssl, and
+# postfix for its smtp-sink and smtp-source tools. Postfix is installed with
+# "No configuration" and is never left running: no mail daemon on port 25.
+set -euo pipefail
+
+# Debian packages; usable() below also checks the commands they must provide.
+PACKAGES=(swaks openssl postfix libnet-ssleay-perl libio-socket-inet6-perl libauthen-sasl-perl)
+export PATH="$PATH:/usr/sbin:/sbin"
+
+log() { echo "install-test-deps: $*" >&2; }
+
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+usable() {
+    case "$1" in
+        swaks | openssl) command -v "$1" >/dev/null 2>&1 ;;
+        postfix) command -v smtp-sink >/dev/null 2>&1 && command -v smtp-source >/dev/null 2>&1 ;;
+        *) true ;;
+    esac
+}
+
+port25_listening() {
+    # State 0A is LISTEN; port 25 is 0019 in /proc/net/tcp{,6}.
+    awk 'NR > 1 && $4 == "0A" && $2 ~ /:0019$/ { found = 1 } END { exit !found }' \
+        /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! installed "$pkg" || ! usable "$pkg"; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    log "missing ${missing[*]}, and this is not a Debian system (no apt-get); install them by hand"
+    exit 1
+fi
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        log "missing ${missing[*]}; run as root or install sudo"
+        exit 1
+    fi
+fi
+
+postfix_was_installed=false
+installed postfix && postfix_was_installed=true
+
+# Keep package scripts from starting daemons while we install (Debian's
+# policy-rc.d convention, honoured by invoke-rc.d and deb-systemd-invoke).
+policy=/usr/sbin/policy-rc.d
+own_policy=false
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# written by install-test-deps.sh for the duration of an install\nexit 101\n' \
+        | "${SUDO[@]}" tee "$policy" >/dev/null
+    "${SUDO[@]}" chmod 755 "$policy"
+    own_policy=true
+fi
+cleanup() {
+    if [ "$own_policy" = true ]; then
+        "${SUDO[@]}" rm -f "$policy"
+    fi
+}
+trap cleanup EXIT
+
+log "installing ${missing[*]}"
+echo "postfix postfix/main_mailer_type select No configuration" \
+    | "${SUDO[@]}" debconf-set-selections
+echo "postfix postfix/mailname string localhost" | "${SUDO[@]}" debconf-set-selections
+
+apt=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -q)
+"${SUDO[@]}" "${apt[@]}" update || log "apt-get update failed; trying with the lists we have"
+"${SUDO[@]}" "${apt[@]}" install -y --no-install-recommends "${missing[@]}"
+
+# Postfix is only a toolbox here: make sure it does not run (nor start at boot).
+if [ "$postfix_was_installed" = false ] && installed postfix; then
+    if "${SUDO[@]}" postfix status >/dev/null 2>&1; then
+        "${SUDO[@]}" postfix stop >/dev/null 2>&1 || true
+    fi
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        "${SUDO[@]}" systemctl disable --now postfix.service >/dev/null 2>&1 || true
+    elif command -v service >/dev/null 2>&1; then
+        "${SUDO[@]}" service postfix stop >/dev/null 2>&1 || true
+    fi
+    if command -v update-rc.d >/dev/null 2>&1; then
+        "${SUDO[@]}" update-rc.d postfix disable >/dev/null 2>&1 || true
+    fi
+fi
+
+for pkg in "${PACKAGES[@]}"; do
+    if ! installed "$pkg" || ! usable "$pkg"; then
+        log "$pkg is still missing after the install"
+        exit 1
+    fi
+done
+if port25_listening; then
+    log "warning: something listens on port 25; the tests do not need it"
+fi
+log "done: swaks, openssl, smtp-sink and smtp-source are installed"

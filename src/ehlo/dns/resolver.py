@@ -1,0 +1,349 @@
+"""Asynchronous DNS lookups: PTR and address queries, a shared TTL cache, reverse names.
+
+``Resolver`` is a small seam over dnspython's asyncio resolver that answers
+with plain lists of strings, maps every temporary failure (timeout, SERVFAIL
+or REFUSED from every server, no usable server) to ``DNSTempError`` and keeps
+answers, positive and negative, in a ``DNSCache`` for as long as their TTL
+allows. ``reverse_name`` gives a client's forward-confirmed reverse name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+
+__all__ = [
+    "DEFAULT_CACHE",
+    "DNSCache",
+    "DNSTempError",
+    "Resolver",
+    "reverse_name",
+]
+
+log = logging.getLogger(__name__)
+
+# Used when /etc/resolv.conf cannot be read or names no server (as glibc does).
+FALLBACK_NAMESERVER = "127.0.0.1"
+# RFC 2308: negative answers are cached for the SOA minimum (bounded by the
+# SOA's own TTL); without an SOA, for this long.
+NEGATIVE_TTL_DEFAULT = 300.0
+# Upper bounds on how long answers are kept, whatever their TTL says.
+NEGATIVE_TTL_MAX = 3600.0
+POSITIVE_TTL_MAX = 86400.0
+# PTR names tried for forward confirmation, at most (as SPF's ptr does).
+MAX_PTR_NAMES = 10
+
+_RESOLV_CONF = "/etc/resolv.conf"
+
+CacheKey = tuple[str, str, str]
+"""(nameservers, record type, lowercase query name)."""
+
+
+class DNSTempError(Exception):
+    """A lookup that failed for now: timeout, SERVFAIL/REFUSED, or no usable nameserver."""
+
+
+class DNSCache:
+    """Answers by key until their TTL runs out; least recently used dropped beyond ``max_entries``.
+
+    An empty tuple is a cached negative answer; ``get`` returns ``None`` on a
+    miss. ``clock`` (seconds, monotonic) is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_ttl: float = POSITIVE_TTL_MAX,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self.max_ttl = max_ttl
+        self._clock = clock
+        self._entries: OrderedDict[CacheKey, tuple[float, tuple[str, ...]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: CacheKey) -> tuple[str, ...] | None:
+        """The cached values for ``key``, or ``None`` when absent or expired."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            expires, values = entry
+            if self._clock() >= expires:
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return values
+
+    def put(self, key: CacheKey, values: tuple[str, ...], ttl: float) -> None:
+        """Keep ``values`` for ``ttl`` seconds (capped at ``max_ttl``; 0 or less: not kept)."""
+        with self._lock:
+            if ttl <= 0:
+                self._entries.pop(key, None)
+                return
+            self._entries[key] = (self._clock() + min(ttl, self.max_ttl), values)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+DEFAULT_CACHE = DNSCache()
+"""The cache shared by every ``Resolver`` that is not given one of its own."""
+
+
+def _parse_nameserver(text: str) -> tuple[str, int]:
+    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` as (address, port)."""
+    value = text.strip()
+    host, port_text = value, "53"
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"bad nameserver {text!r}: expected [IPv6]:PORT")
+        port_text = rest[1:]
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad nameserver {text!r}: expected IP or IP:PORT") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"bad nameserver {text!r}: port out of range")
+    return str(address), port
+
+
+def _system_resolver() -> dns.asyncresolver.Resolver:
+    """A resolver configured from resolv.conf, or asking 127.0.0.1 when that fails."""
+    try:
+        resolver = dns.asyncresolver.Resolver(filename=_RESOLV_CONF)
+        servers: list[str | dns.nameserver.Nameserver] = []
+        for ns in resolver.nameservers:
+            if isinstance(ns, str):
+                port = resolver.nameserver_ports.get(ns, resolver.port)
+                servers.append(dns.nameserver.Do53Nameserver(ns, port))
+            else:
+                servers.append(ns)
+        resolver.nameservers = servers
+        return resolver
+    except (dns.resolver.NoResolverConfiguration, OSError, ValueError) as exc:
+        log.warning(
+            "cannot use %s (%s); asking the nameserver on %s",
+            _RESOLV_CONF,
+            exc,
+            FALLBACK_NAMESERVER,
+        )
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(FALLBACK_NAMESERVER, 53)]
+    return resolver
+
+
+def _describe_nameserver(ns: str | dns.nameserver.Nameserver) -> str:
+    if isinstance(ns, dns.nameserver.AddressAndPortNameserver):
+        host = f"[{ns.address}]" if ":" in ns.address else ns.address
+        return f"{host}:{ns.port}"
+    return str(ns)
+
+
+def _negative_ttl(response: dns.message.Message | None) -> float:
+    """RFC 2308 negative TTL of an NXDOMAIN/NODATA response."""
+    if isinstance(response, dns.message.QueryMessage):
+        try:
+            ttl = float(response.resolve_chaining().minimum_ttl)
+        except dns.exception.DNSException:
+            ttl = NEGATIVE_TTL_DEFAULT
+    else:
+        ttl = NEGATIVE_TTL_DEFAULT
+    return min(ttl, NEGATIVE_TTL_MAX)
+
+
+class Resolver:
+    """Asynchronous PTR and address lookups with a shared TTL cache.
+
+    ``nameservers``: ``"IP"`` or ``"IP:PORT"`` (``"[IPv6]:PORT"``) strings;
+    ``None`` reads /etc/resolv.conf (falling back to 127.0.0.1 when it cannot
+    be used). ``timeout`` bounds each lookup in seconds. Concurrent lookups of
+    the same name share one query.
+    """
+
+    def __init__(
+        self,
+        nameservers: list[str] | None = None,
+        timeout: float = 2.0,
+        *,
+        cache: DNSCache | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if nameservers is None:
+            self._resolver = _system_resolver()
+        else:
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(*_parse_nameserver(ns)) for ns in nameservers
+            ]
+        self._resolver.cache = None  # ours is used instead
+        self._resolver.timeout = timeout
+        self._resolver.lifetime = timeout
+        self._resolver.retry_servfail = False
+        self.timeout = timeout
+        self.cache = cache if cache is not None else DEFAULT_CACHE
+        self._identity = ",".join(self.nameservers)
+        self._inflight: dict[CacheKey, asyncio.Task[tuple[str, ...]]] = {}
+
+    @property
+    def nameservers(self) -> list[str]:
+        """The servers asked, as ``IP:PORT`` (``[IPv6]:PORT``)."""
+        return [_describe_nameserver(ns) for ns in self._resolver.nameservers]
+
+    async def ptr(self, ip: str) -> list[str]:
+        """Reverse names of ``ip``: lowercase, without the trailing dot; [] when there are none.
+
+        Raises ``ValueError`` for a malformed address and ``DNSTempError`` when
+        the lookup failed for now.
+        """
+        address = ipaddress.ip_address(ip)
+        qname = dns.reversename.from_address(str(address))
+        return list(await self._lookup(qname, dns.rdatatype.PTR))
+
+    async def addresses(self, name: str, *, version: int | None = None) -> list[str]:
+        """IPv4 (A) then IPv6 (AAAA) addresses of ``name``; [] when there are none.
+
+        ``version`` 4 or 6 asks for one family only. A name that is not valid
+        in DNS has no addresses. Raises ``DNSTempError`` when a lookup failed
+        for now.
+        """
+        if version not in (None, 4, 6):
+            raise ValueError("version must be 4, 6 or None")
+        try:
+            qname = dns.name.from_text(name.strip())
+        except dns.exception.DNSException:
+            return []
+        rdtypes = {
+            None: (dns.rdatatype.A, dns.rdatatype.AAAA),
+            4: (dns.rdatatype.A,),
+            6: (dns.rdatatype.AAAA,),
+        }[version]
+        results = await asyncio.gather(*(self._lookup(qname, rdtype) for rdtype in rdtypes))
+        return list(dict.fromkeys(value for values in results for value in values))
+
+    async def _lookup(
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> tuple[str, ...]:
+        key = (self._identity, dns.rdatatype.to_text(rdtype), qname.to_text().lower())
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        task = self._inflight.get(key)
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            task = asyncio.ensure_future(self._query(key, qname, rdtype))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        # Shielded: a caller that gives up does not cancel the others' query.
+        return await asyncio.shield(task)
+
+    def _finished(self, key: CacheKey, task: asyncio.Task[tuple[str, ...]]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved, even when every caller went away
+
+    async def _query(
+        self, key: CacheKey, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> tuple[str, ...]:
+        what = f"{key[2]} {key[1]}"
+        try:
+            # dnspython bounds the lookup by its lifetime; this is a backstop.
+            async with asyncio.timeout(self.timeout + 1.0):
+                answer = await self._resolver.resolve(
+                    qname, rdtype, search=False, raise_on_no_answer=False
+                )
+        except dns.resolver.NXDOMAIN as exc:
+            responses = exc.kwargs.get("responses") or {}
+            ttl = _negative_ttl(next(iter(responses.values()), None))
+            self.cache.put(key, (), ttl)
+            return ()
+        except (dns.exception.Timeout, TimeoutError):
+            raise DNSTempError(f"DNS timeout looking up {what}") from None
+        except dns.resolver.NoNameservers as exc:
+            raise DNSTempError(f"no nameserver answered {what}: {exc}") from None
+        except dns.exception.DNSException as exc:
+            raise DNSTempError(f"DNS lookup of {what} failed: {exc}") from None
+        if answer.rrset is None:
+            values: tuple[str, ...] = ()
+            ttl = min(float(answer.chaining_result.minimum_ttl), NEGATIVE_TTL_MAX)
+        else:
+            values = tuple(dict.fromkeys(_rdata_text(rdata) for rdata in answer.rrset))
+            ttl = float(answer.chaining_result.minimum_ttl)
+        self.cache.put(key, values, ttl)
+        return values
+
+
+def _rdata_text(rdata: object) -> str:
+    target = getattr(rdata, "target", None)
+    if isinstance(target, dns.name.Name):
+        return target.to_text(omit_final_dot=True).lower()
+    address = getattr(rdata, "address", None)
+    if isinstance(address, str):
+        return str(ipaddress.ip_address(address))
+    return str(rdata)
+
+
+async def reverse_name(resolver: Resolver, ip: str, timeout: float) -> str | None:
+    """The client's forward-confirmed reverse name, or ``None``.
+
+    That is the first PTR name of ``ip`` whose addresses include ``ip``.
+    Loopback addresses are ``"localhost"`` without a query (RFC 6761 section
+    6.3); IPv4-mapped IPv6 addresses are looked up as IPv4. ``None`` also when
+    the lookups fail or take longer than ``timeout`` seconds in all.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return "localhost"
+    try:
+        async with asyncio.timeout(timeout):
+            names = (await resolver.ptr(str(address)))[:MAX_PTR_NAMES]
+            results = await asyncio.gather(
+                *(resolver.addresses(name, version=address.version) for name in names),
+                return_exceptions=True,
+            )
+    except (DNSTempError, TimeoutError) as exc:
+        log.debug("reverse name of %s: %s", address, exc or "timeout")
+        return None
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, Exception) and not isinstance(result, DNSTempError):
+            raise result
+        if isinstance(result, BaseException):
+            continue
+        if any(ipaddress.ip_address(value) == address for value in result):
+            return name
+    return None

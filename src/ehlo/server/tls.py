@@ -1,0 +1,304 @@
+"""TLS for the server: the self-signed certificate, the server SSLContext, describing a session.
+
+``ensure_self_signed`` makes (once, then reuses) an ECDSA P-256 certificate and
+key in ``data_dir/tls`` for servers that were given none; ``server_context``
+builds the server-side ``ssl.SSLContext`` from any PEM certificate and key and
+turns every problem with them into a one-line ``TLSConfigError``; ``describe``
+reports the negotiated version and cipher of a session (for Received headers
+and logs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import logging
+import os
+import secrets
+import ssl
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["CERT_VALIDITY", "TLSConfigError", "describe", "ensure_self_signed", "server_context"]
+
+log = logging.getLogger(__name__)
+
+# How long a self-signed certificate is valid.
+CERT_VALIDITY = dt.timedelta(days=365)
+# Tolerance for clients whose clocks are a little behind ours.
+_BACKDATE = dt.timedelta(minutes=5)
+# A certificate this close to expiry is replaced rather than reused.
+_RENEW_MARGIN = dt.timedelta(days=1)
+
+# TLS 1.2 suites with forward secrecy and AEAD only (Mozilla "intermediate");
+# TLS 1.3 suites are all fine and are configured by OpenSSL separately.
+_TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+
+class TLSConfigError(ValueError):
+    """A certificate or key that cannot be used; the message is one line naming the file."""
+
+
+# --------------------------------------------------------------------------
+# Self-signed certificate
+
+
+def ensure_self_signed(
+    data_dir: Path, hostname: str, *, now: dt.datetime | None = None
+) -> tuple[Path, Path]:
+    """Return ``(cert, key)`` in ``data_dir/tls``, creating them when needed.
+
+    An existing pair is reused while it is valid, its key matches and it was
+    made for ``hostname``; otherwise (first run, expired, another host name,
+    damaged files) a new ECDSA P-256 key and a certificate valid for
+    ``CERT_VALIDITY`` are written atomically, the key with mode 0600.
+    ``now`` (an aware datetime) is for tests.
+    """
+    when = now or dt.datetime.now(dt.UTC)
+    name = _normalize_hostname(hostname)
+    tls_dir = data_dir / "tls"
+    cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
+    try:
+        tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _locked(tls_dir / ".lock"):
+            if _reusable(cert_path, key_path, name, when):
+                if key_path.stat().st_mode & 0o077:
+                    key_path.chmod(0o600)
+                return cert_path, key_path
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = _build_certificate(key, name, when)
+            _write_atomically(
+                key_path,
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+                mode=0o600,
+            )
+            _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    except OSError as exc:
+        raise TLSConfigError(
+            f"cannot create a self-signed certificate in {tls_dir}: {exc.strerror or exc}"
+        ) from None
+    log.info("created self-signed TLS certificate for %s in %s", name, cert_path)
+    return cert_path, key_path
+
+
+def _normalize_hostname(hostname: str) -> str:
+    name = hostname.strip().rstrip(".").lower()
+    if not name:
+        raise TLSConfigError("TLS certificate: empty host name")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise TLSConfigError(f"TLS certificate: bad host name {hostname!r}") from None
+    return name
+
+
+def _subject_alt_names(name: str) -> list[x509.GeneralName]:
+    try:
+        return [x509.IPAddress(ipaddress.ip_address(name))]
+    except ValueError:
+        pass
+    names: list[x509.GeneralName] = [x509.DNSName(name)]
+    if name == "localhost":
+        names += [
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+    return names
+
+
+def _build_certificate(
+    key: ec.EllipticCurvePrivateKey, name: str, when: dt.datetime
+) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public)
+        .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1 or 1)
+        .not_valid_before(when - _BACKDATE)
+        .not_valid_after(when + CERT_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(_subject_alt_names(name)), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _reusable(cert_path: Path, key_path: Path, name: str, when: dt.datetime) -> bool:
+    """True when the stored pair is readable, matching, current and made for ``name``."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return False
+    if cert.public_key() != key.public_key():
+        return False
+    if not cert.not_valid_before_utc <= when < cert.not_valid_after_utc - _RENEW_MARGIN:
+        return False
+    common_names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [attr.value for attr in common_names] != [name]:
+        return False
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return set(san) == set(_subject_alt_names(name))
+
+
+def _write_atomically(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            os.fchmod(out.fileno(), mode)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Serialize certificate creation between processes sharing a data folder."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# Server context
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server-side context for ``cert`` and ``key`` (PEM): TLS 1.2 or newer, AEAD
+    ciphers with forward secrecy, no compression, no renegotiation.
+
+    Raises ``TLSConfigError`` when a file is missing or unreadable, is not PEM,
+    holds an encrypted key, or when the key does not match the certificate.
+    """
+    for path, what in ((cert, "certificate"), (key, "key")):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise TLSConfigError(f"TLS {what} {path}: {exc.strerror or exc}") from None
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= (
+        ssl.OP_NO_COMPRESSION
+        | ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_SINGLE_ECDH_USE
+        | ssl.OP_SINGLE_DH_USE
+        | ssl.OP_NO_RENEGOTIATION
+    )
+    ctx.set_ciphers(_TLS12_CIPHERS)
+
+    def no_password() -> bytes:
+        # Without a callback OpenSSL would prompt on the terminal.
+        raise TLSConfigError(f"TLS key {key}: encrypted private keys are not supported")
+
+    try:
+        ctx.load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(_diagnose(cert, key, exc)) from None
+    return ctx
+
+
+def _diagnose(cert: Path, key: Path, exc: ssl.SSLError) -> str:
+    """Name the file at fault after ``load_cert_chain`` failed."""
+    try:
+        certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        return f"TLS certificate {cert}: not a PEM certificate"
+    try:
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except TypeError:
+        return f"TLS key {key}: encrypted private keys are not supported"
+    except (OSError, ValueError):
+        private = None
+    if "KEY_VALUES_MISMATCH" in str(exc) or (
+        private is not None and private.public_key() != certificate.public_key()
+    ):
+        return f"TLS key {key} does not match certificate {cert}"
+    if private is None:
+        return f"TLS key {key}: not a PEM private key"
+    return f"TLS certificate {cert} with key {key}: {exc.reason or exc}"
+
+
+# --------------------------------------------------------------------------
+# Describing a session
+
+
+def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> dict[str, str]:
+    """The negotiated TLS of a session, e.g.
+    ``{"version": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384", "bits": "256"}``.
+
+    Raises ``ValueError`` before the handshake has completed.
+    """
+    version = ssl_object.version()
+    cipher = ssl_object.cipher()
+    if version is None or cipher is None:
+        raise ValueError("TLS handshake not complete")
+    name, _protocol, bits = cipher
+    return {"version": version, "cipher": name, "bits": str(bits)}
