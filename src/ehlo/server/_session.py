@@ -161,17 +161,20 @@ class Session:
     def _context(self, stage: str, **fields: object) -> HookContext:
         conn = self.conn
         tx = conn.transaction
+        values: dict[str, Any] = {
+            "greeting": conn.greeting,
+            "greeting_name": conn.greeting_name,
+            "mail_from": tx.mail_from if tx else None,
+            "mail_params": dict(tx.params) if tx else {},
+            "rcpt_to": list(tx.rcpts) if tx else [],
+        }
+        values.update(fields)
         return HookContext(
             stage=stage,  # type: ignore[arg-type]
             client_ip=self.client_ip,
             client_port=self.client_port,
             tls=self.tls,
-            greeting=conn.greeting,
-            greeting_name=conn.greeting_name,
-            mail_from=tx.mail_from if tx else None,
-            mail_params=dict(tx.params) if tx else {},
-            rcpt_to=list(tx.rcpts) if tx else [],
-            **fields,  # type: ignore[arg-type]
+            **values,
         )
 
     async def _with_hooks(self, context: HookContext, default: Reply) -> Reply:

@@ -31,6 +31,7 @@ _STORE_HIGH = 32 * 1024 * 1024
 _STORE_LOW = 8 * 1024 * 1024
 _TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 _SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
+_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 
 
 class SMTPServerProtocol(asyncio.Protocol):
@@ -162,7 +163,12 @@ class SMTPServerProtocol(asyncio.Protocol):
             event = conn.next_event()
             if event is NEED_DATA or event is PAUSED:
                 break
-            result = session.handle(event)  # type: ignore[arg-type]
+            try:
+                result = session.handle(event)  # type: ignore[arg-type]
+            except Exception:
+                # A bug must cost one reply, not the connection or the server.
+                log.exception("session error for %s on %r", self.client_ip, event)
+                result = _LOCAL_ERROR if conn.awaiting_reply is not None else None
             if result is None:
                 if conn.state is State.CLOSED:
                     break
@@ -192,7 +198,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             raise
         except Exception:
             log.exception("session error for %s", self.client_ip)
-            reply = Reply(451, "4.3.0", "Local error in processing, try again later")
+            reply = _LOCAL_ERROR
         self._busy = False
         self._task = None
         if self._closed:

@@ -1,0 +1,244 @@
+"""The embedding API: hooks per stage, recipient domains, Received header, stop()."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from ehlo import HookContext, Hooks, Reply, Server, Verdict
+from ehlo.server.received import protocol_keyword, received_header
+from ehlo.storage import open_store
+
+from .conftest import make_config
+
+
+async def smtp(port: int, *lines: str) -> list[str]:
+    """Send ``lines`` one by one after the banner; return each reply's last line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    replies = []
+    try:
+        await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        for line in lines:
+            writer.write(line.encode("utf-8") + b"\r\n")
+            while True:
+                raw = (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).decode()
+                if raw[3] == " ":
+                    replies.append(raw[:-2])
+                    break
+    finally:
+        writer.close()
+    return replies
+
+
+TX = ("EHLO c.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>")
+
+
+async def test_hooks_see_context_and_decide_each_stage(tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    async def record(ctx: HookContext) -> Verdict | None:
+        seen.append((ctx.stage, ctx.greeting_name, ctx.rcpt))
+        if ctx.stage == "rcpt" and ctx.rcpt == "blocked@example.net":
+            return Verdict.reject("No such user", 550, "5.1.1")
+        if ctx.stage == "rcpt" and ctx.rcpt == "later@example.net":
+            return Verdict.defer()
+        if ctx.stage == "mail" and ctx.mail_from == "spammer@example.com":
+            return Verdict.reject()
+        if ctx.stage == "data":
+            assert ctx.queue_id and ctx.size == len(b"x\r\n")
+            assert ctx.rcpt_to == ["b@example.net"]
+        return None
+
+    hooks = {stage: [record] for stage in ("connect", "helo", "mail", "rcpt", "data")}
+    async with Server(make_config(tmp_path), hooks=hooks) as server:
+        port = server.addresses[0][1]
+        replies = await smtp(
+            port, "EHLO c.example", "MAIL FROM:<spammer@example.com>",
+            "MAIL FROM:<a@example.org>", "RCPT TO:<blocked@example.net>",
+            "RCPT TO:<later@example.net>", "RCPT TO:<b@example.net>", "DATA", "x\r\n.", "QUIT",
+        )
+        assert replies[1] == "550 5.7.1 Sender refused by policy"
+        assert replies[3] == "550 5.1.1 No such user"
+        assert replies[4] == "450 4.7.1 Recipient deferred by policy, try again later"
+        assert replies[5].startswith("250 2.1.5")
+        assert replies[7].startswith("250 2.0.0 OK: queued as ")
+        assert len(server.store.list()) == 1
+    stages = [s for s, _, _ in seen]
+    assert stages[:2] == ["connect", "helo"]
+    assert stages.count("rcpt") == 3 and stages[-1] == "data"
+    assert ("helo", "c.example", None) in seen
+
+
+async def test_data_hook_refusal_keeps_nothing(tmp_path: Path) -> None:
+    async def refuse(ctx: HookContext) -> Verdict | None:
+        return Verdict.reject("Content refused", 554, "5.7.1")
+
+    async with Server(make_config(tmp_path), hooks={"data": [refuse]}) as server:
+        replies = await smtp(server.addresses[0][1], *TX, "DATA", "hello\r\n.")
+        assert replies[-1] == "554 5.7.1 Content refused"
+        assert server.store.list() == []
+
+
+async def test_failing_hook_defers_never_rejects(tmp_path: Path) -> None:
+    async def broken(ctx: HookContext) -> Verdict | None:
+        raise RuntimeError("policy database down")
+
+    async def slow(ctx: HookContext) -> Verdict | None:
+        await asyncio.sleep(10)
+        return None
+
+    hooks = Hooks({"mail": [broken], "rcpt": [slow]}, timeout=0.2)
+    async with Server(make_config(tmp_path), hooks=hooks) as server:
+        replies = await smtp(server.addresses[0][1], "EHLO c.example", "MAIL FROM:<a@b.example>")
+        assert replies[-1] == "451 4.3.0 Temporary policy failure, try again later"
+    hooks2 = Hooks({"rcpt": [slow]}, timeout=0.2)
+    async with Server(make_config(tmp_path), hooks=hooks2) as server:
+        replies = await smtp(server.addresses[0][1], *TX)
+        assert replies[-1].startswith("451 4.3.0")
+
+
+async def test_connect_hook_refusal_gives_554_then_only_quit(tmp_path: Path) -> None:
+    async def refuse(ctx: HookContext) -> Verdict | None:
+        return Verdict.reject("Blocked network")
+
+    async with Server(make_config(tmp_path), hooks={"connect": [refuse]}) as server:
+        reader, writer = await asyncio.open_connection(*server.addresses[0])
+        banner = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        assert banner == b"554 Blocked network\r\n"
+        writer.write(b"EHLO x.example\r\nQUIT\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"503 ")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"221 ")
+        writer.close()
+
+
+def test_verdict_validation() -> None:
+    with pytest.raises(ValueError):
+        Verdict.reject("x", 450)
+    with pytest.raises(ValueError):
+        Verdict.defer("x", 550)
+    with pytest.raises(ValueError):
+        Verdict.accept(Reply(550, None, "no"))
+    with pytest.raises(ValueError):
+        Hooks({"bogus": []}).register("bogus", lambda ctx: None)  # type: ignore[arg-type,return-value]
+
+
+async def test_domains_restrict_recipients_but_not_postmaster(tmp_path: Path) -> None:
+    config = make_config(tmp_path, domains=("example.net",))
+    async with Server(config) as server:
+        replies = await smtp(
+            server.addresses[0][1], "EHLO c.example", "MAIL FROM:<a@example.org>",
+            "RCPT TO:<b@example.net>", "RCPT TO:<b@EXAMPLE.NET>", "RCPT TO:<c@elsewhere.example>",
+            "RCPT TO:<postmaster@other.example>", "RCPT TO:<Postmaster>",
+        )
+        assert replies[2].startswith("250 ") and replies[3].startswith("250 ")
+        assert replies[4] == (
+            "550 5.7.1 Relaying denied: <c@elsewhere.example> is not a local domain"
+        )
+        assert replies[5].startswith("250 ") and replies[6].startswith("250 ")
+
+
+async def test_received_header_and_envelope(tmp_path: Path) -> None:
+    async with Server(make_config(tmp_path)) as server:
+        port = server.addresses[0][1]
+        await aiosmtplib.send(
+            b"Subject: r\r\n\r\nbody\r\n", sender="a@example.org", recipients=["b@example.net"],
+            hostname="127.0.0.1", port=port, local_hostname="client.example", start_tls=False,
+        )
+        [stored] = server.store.list()
+        raw = server.store.raw(stored.envelope.queue_id)
+        assert raw is not None
+        header, _, rest = raw.partition(b"\r\nSubject:")
+        text = header.decode()
+        assert re.fullmatch(
+            r"Received: from client\.example \(localhost \[127\.0\.0\.1\]\)\r\n"
+            r"\tby localhost \(ehlo\) with ESMTP id (\w{16})\r\n"
+            r"\tfor <b@example\.net>; \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000",
+            text,
+        ), text
+        assert stored.envelope.queue_id in text
+        assert rest == b" r\r\n\r\nbody\r\n"
+        assert stored.envelope.greeting == "EHLO"
+        assert stored.envelope.mail_from == "a@example.org"
+        assert stored.envelope.protocol == "ESMTP"
+        assert stored.size == len(raw)
+
+
+def test_received_header_odd_greeting_and_keywords() -> None:
+    header = received_header(
+        greeting_name="not a (valid) name", client_ip="2001:db8::7", client_name=None,
+        server_name="mx.example", protocol="ESMTPS", queue_id="ID", recipient=None,
+        tls={"version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256"}, now=0,
+    ).decode()
+    assert header.startswith("Received: from [IPv6:2001:db8::7] ([IPv6:2001:db8::7] helo=not?a?")
+    assert "(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256);\r\n\tThu, 01 Jan 1970" in header
+    assert protocol_keyword(False, False) == "SMTP"
+    assert protocol_keyword(True, True) == "ESMTPS"
+    assert protocol_keyword(True, True, auth=True) == "ESMTPSA"
+    assert protocol_keyword(True, False, utf8=True) == "UTF8SMTP"
+    assert protocol_keyword(True, True, utf8=True) == "UTF8SMTPS"
+
+
+async def test_stop_lets_a_transaction_finish_and_says_421_to_idle(tmp_path: Path) -> None:
+    server = Server(make_config(tmp_path))
+    await server.start()
+    port = server.addresses[0][1]
+    idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+    busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+    await idle_r.readuntil(b"\r\n")
+    await busy_r.readuntil(b"\r\n")
+    busy_w.write(b"HELO b.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+    for _ in range(4):
+        await asyncio.wait_for(busy_r.readuntil(b"\r\n"), 5)
+    stopping = asyncio.ensure_future(server.stop(timeout=5))
+    assert (await asyncio.wait_for(idle_r.readuntil(b"\r\n"), 5)).startswith(b"421 ")
+    busy_w.write(b"Subject: late\r\n\r\nstill arriving\r\n.\r\n")
+    final = await asyncio.wait_for(busy_r.readuntil(b"\r\n"), 5)
+    assert final.startswith(b"250 ")
+    assert (await asyncio.wait_for(busy_r.readuntil(b"\r\n"), 5)).startswith(b"421 ")
+    await asyncio.wait_for(stopping, 10)
+    idle_w.close()
+    busy_w.close()
+    store = open_store("sqlite", tmp_path)
+    assert [m.subject for m in store.list()] == ["late"]
+
+
+async def test_stop_deadline_closes_stalled_transaction(tmp_path: Path) -> None:
+    server = Server(make_config(tmp_path))
+    await server.start()
+    reader, writer = await asyncio.open_connection(*server.addresses[0])
+    await reader.readuntil(b"\r\n")
+    writer.write(b"HELO b.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+    for _ in range(4):
+        await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+    writer.write(b"partial body\r\n")
+    await asyncio.wait_for(server.stop(timeout=0.3), 5)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"421 ")
+    writer.close()
+    assert open_store("sqlite", tmp_path).list() == []
+
+
+async def test_two_listeners_ipv4_and_ipv6(tmp_path: Path) -> None:
+    import socket
+
+    from ehlo import Listen
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    config = make_config(tmp_path, listen=(Listen("127.0.0.1", 0), Listen("::1", 0)))
+    async with Server(config) as server:
+        hosts = {host for host, _ in server.addresses}
+        assert hosts == {"127.0.0.1", "::1"}
+        v6_port = next(port for host, port in server.addresses if host == "::1")
+        reader, writer = await asyncio.open_connection("::1", v6_port)
+        await reader.readuntil(b"\r\n")
+        writer.write(b"EHLO [IPv6:::1]\r\n")
+        line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        assert line == b"250-localhost Hello [IPv6:::1] [::1]\r\n"
+        writer.close()
