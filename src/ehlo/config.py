@@ -8,9 +8,14 @@ protocol core needs, so that the core never sees anything else.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
+import json
+import re
+import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 StoreKind = Literal["sqlite", "maildir", "null"]
 BareNewline = Literal["normalize", "reject"]
@@ -128,3 +133,334 @@ class ServerConfig:
     # Logging: "text" or "json" lines on stderr.
     log_format: LogFormat = "text"
     log_level: str = "INFO"
+
+
+# --------------------------------------------------------------------------
+# Loading: TOML file + command-line overrides -> ServerConfig
+#
+# ``load_config`` owns the TOML layout (top-level keys mirror ServerConfig
+# fields, a ``[limits]`` table mirrors ProtocolLimits) and every check on the
+# values. Precedence: command line > file > defaults. Each error is one
+# ``ConfigError`` line naming the key, e.g.
+# ``config key limits.max_recipients: expected an integer >= 1, got "abc"``.
+
+_LIMITS = "limits"
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def _show(value: Any) -> str:
+    """A config value as the message quotes it: TOML-like, one line, short."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, (int, float)):
+        text = repr(value)
+    elif isinstance(value, dict):
+        text = "a table"
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _fail(label: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{label}: expected {expected}, got {_show(value)}")
+
+
+def _int(label: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+    expected = f"an integer >= {minimum}"
+    if maximum is not None:
+        expected = f"an integer from {minimum} to {maximum}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(label, expected, value)
+    if value < minimum or (maximum is not None and value > maximum):
+        raise _fail(label, expected, value)
+    return value
+
+
+def _positive_int(label: str, value: Any) -> int:
+    return _int(label, value, minimum=1)
+
+
+def _size(label: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(label, "a size in octets >= 0 (0: no limit)", value)
+    return value
+
+
+def _command_line(label: str, value: Any) -> int:
+    # RFC 5321 section 4.5.3.1.4: 512 octets must be accepted.
+    return _int(label, value, minimum=512)
+
+
+def _text_line(label: str, value: Any) -> int:
+    # RFC 5321 section 4.5.3.1.6: 1000 octets must be accepted; 0 turns it off.
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or value >= 1000):
+        raise _fail(label, "0 (no limit) or an integer >= 1000", value)
+    return value
+
+
+def _seconds(label: str, value: Any, *, allow_zero: bool = False) -> float:
+    expected = "a number of seconds >= 0" if allow_zero else "a number of seconds > 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(label, expected, value)
+    seconds = float(value)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise _fail(label, expected, value)
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise _fail(label, expected, value)
+    return seconds
+
+
+def _positive_seconds(label: str, value: Any) -> float:
+    return _seconds(label, value)
+
+
+def _seconds_or_zero(label: str, value: Any) -> float:
+    return _seconds(label, value, allow_zero=True)
+
+
+def _bool(label: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(label, "true or false", value)
+    return value
+
+
+def _choice(*choices: str, fold: bool = False) -> Callable[[str, Any], str]:
+    expected = "one of " + ", ".join(f'"{c}"' for c in choices)
+
+    def check(label: str, value: Any) -> str:
+        if isinstance(value, str):
+            text = value.upper() if fold else value
+            if text in choices:
+                return text
+        raise _fail(label, expected, value)
+
+    return check
+
+
+def _path(label: str, value: Any) -> Path:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise _fail(label, "a file or folder path", value)
+    return Path(value).expanduser()
+
+
+def _optional_path(label: str, value: Any) -> Path | None:
+    if value is None:
+        return None
+    return _path(label, value)
+
+
+def valid_hostname(name: str) -> bool:
+    """Whether ``name`` is a syntactically valid DNS host name (RFC 1123)."""
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or len(name) > 253:
+        return False
+    return all(_HOST_LABEL.match(label) for label in name.split("."))
+
+
+def _domain_name(label: str, value: Any, what: str) -> str:
+    if isinstance(value, str):
+        name = value.strip()
+        if name and not name.isascii():
+            try:
+                name = name.encode("idna").decode("ascii")
+            except UnicodeError:
+                name = ""
+        if valid_hostname(name):
+            return name
+    raise _fail(label, what, value)
+
+
+def _hostname(label: str, value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            pass
+    return _domain_name(label, value, "a host name such as mail.example.org")
+
+
+def _domains(label: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _fail(label, "a list of domain names", value)
+    return tuple(
+        _domain_name(label, item, "a list of domain names such as example.org") for item in value
+    )
+
+
+def _listen(label: str, value: Any) -> tuple[Listen, ...]:
+    if isinstance(value, (str, Listen)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _fail(label, 'a list of addresses such as ["127.0.0.1:2525"]', value)
+    out: list[Listen] = []
+    for item in value:
+        if isinstance(item, Listen):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(Listen.parse(item, option=label))
+        else:
+            raise _fail(label, 'a list of addresses such as ["127.0.0.1:2525"]', value)
+    return tuple(dict.fromkeys(out))
+
+
+_Check = Callable[[str, Any], Any]
+
+_SERVER_KEYS: dict[str, _Check] = {
+    "listen": _listen,
+    "data_dir": _path,
+    "store": _choice("sqlite", "maildir", "null"),
+    "hostname": _hostname,
+    "domains": _domains,
+    "tls": _bool,
+    "tls_cert": _optional_path,
+    "tls_key": _optional_path,
+    "max_connections": _positive_int,
+    "max_connections_per_ip": _positive_int,
+    "command_timeout": _positive_seconds,
+    "data_timeout": _positive_seconds,
+    "shutdown_timeout": _seconds_or_zero,
+    "reverse_dns": _bool,
+    "reverse_dns_timeout": _positive_seconds,
+    "log_format": _choice("text", "json"),
+    "log_level": _choice(*_LOG_LEVELS, fold=True),
+}
+
+_LIMIT_KEYS: dict[str, _Check] = {
+    "max_message_size": _size,
+    "max_recipients": _positive_int,
+    "max_command_line": _command_line,
+    "max_text_line": _text_line,
+    "max_errors": _positive_int,
+    "bare_newline": _choice("normalize", "reject"),
+    "pipelining": _bool,
+    "chunking": _bool,
+    "smtputf8": _bool,
+    "eightbitmime": _bool,
+    "enhancedstatuscodes": _bool,
+}
+
+_PATH_KEYS = frozenset({"data_dir", "tls_cert", "tls_key"})
+
+# Every key a file or an override may set, dotted for the [limits] table.
+CONFIG_KEYS: tuple[str, ...] = (
+    *_SERVER_KEYS,
+    _LIMITS,
+    *(f"{_LIMITS}.{key}" for key in _LIMIT_KEYS),
+)
+
+
+def _unknown(key: str) -> ConfigError:
+    """``unknown config key "x"``, with the nearest known key when one is close."""
+    bare = key.rpartition(".")[2]
+    if bare in _LIMIT_KEYS and key != f"{_LIMITS}.{bare}":
+        guesses = [f"{_LIMITS}.{bare}"]  # right key, wrong table
+    elif bare in _SERVER_KEYS:
+        guesses = [bare]  # a top-level key put in [limits]
+    else:
+        if key.startswith(f"{_LIMITS}."):
+            pool = [f"{_LIMITS}.{k}" for k in _LIMIT_KEYS]
+        else:
+            pool = [*_SERVER_KEYS, _LIMITS, *(f"{_LIMITS}.{k}" for k in _LIMIT_KEYS)]
+        guesses = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+    hint = f' (did you mean "{guesses[0]}"?)' if guesses else ""
+    return ConfigError(f'unknown config key "{key}"{hint}')
+
+
+def _check(key: str, value: Any, label: str) -> Any:
+    table, _, name = key.partition(".")
+    checks = _LIMIT_KEYS if name else _SERVER_KEYS
+    check = checks.get(name or table)
+    if check is None or (name and table != _LIMITS):
+        raise _unknown(key)
+    return check(label, value)
+
+
+def _flatten(data: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``{"limits": {"x": 1}, "y": 2}`` -> ``[("limits.x", 1), ("y", 2)]``."""
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key == _LIMITS and isinstance(value, Mapping):
+            items.extend((f"{_LIMITS}.{k}", v) for k, v in value.items())
+        elif key == _LIMITS:
+            raise _fail(f"config key {_LIMITS}", "a table ([limits])", value)
+        else:
+            items.append((key, value))
+    return items
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML document at ``path``; unreadable or malformed files raise ConfigError."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+
+
+def load_config(
+    path: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    labels: Mapping[str, str] | None = None,
+) -> ServerConfig:
+    """Build a validated ``ServerConfig`` from defaults, a TOML file and overrides.
+
+    ``path``: a TOML file whose top-level keys mirror ``ServerConfig`` fields,
+    with a ``[limits]`` table mirroring ``ProtocolLimits``; None for none.
+    Relative paths in the file (``data_dir``, ``tls_cert``, ``tls_key``) are
+    taken relative to the file's folder.
+
+    ``overrides``: values that win over the file (the command line), keyed by
+    the same names; ``[limits]`` fields as ``"limits.max_recipients"`` or in a
+    nested ``"limits"`` mapping. ``None`` values are skipped, so unset options
+    can be passed as they are. ``labels`` names an override in error messages
+    (e.g. ``{"limits.max_message_size": "--max-size"}``); otherwise errors say
+    ``config key NAME``.
+
+    Raises ``ConfigError`` (one line naming the key) for an unknown key, a
+    wrong type or range, ``tls_cert`` without ``tls_key`` or the reverse.
+    """
+    values: dict[str, Any] = {}
+    names: dict[str, str] = {}  # key -> how the error messages call it
+    if path is not None:
+        base = Path(path).parent
+        for key, value in _flatten(read_config_file(Path(path))):
+            checked = _check(key, value, f"config key {key}")
+            if key in _PATH_KEYS and checked is not None and not checked.is_absolute():
+                checked = base / checked
+            values[key] = checked
+            names[key] = f"config key {key}"
+    for key, value in _flatten(overrides or {}):
+        if value is None:
+            continue
+        label = (labels or {}).get(key, f"config key {key}")
+        values[key] = _check(key, value, label)
+        names[key] = label
+
+    cert, key_file = values.get("tls_cert"), values.get("tls_key")
+    if (cert is None) != (key_file is None):
+        given, missing = ("tls_cert", "tls_key") if cert is not None else ("tls_key", "tls_cert")
+        label = names[given]
+        other = (labels or {}).get(missing, missing) if label.startswith("-") else missing
+        raise ConfigError(f"{label}: {other} must be given too (a certificate needs its key)")
+
+    limits = ProtocolLimits(
+        **{k.partition(".")[2]: v for k, v in values.items() if k.startswith(f"{_LIMITS}.")}
+    )
+    fields = {k: v for k, v in values.items() if "." not in k}
+    return ServerConfig(limits=limits, **fields)
