@@ -45,6 +45,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.client_ip = ""
         self._busy = False  # a reply is being computed asynchronously
         self._eof = False
+        self._tls_early: bytearray | None = None
         self._paused = False
         self._closed = False
         self._close_reason = "client closed"
@@ -87,6 +88,12 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
+        if self._tls_early is not None:
+            # Decrypted bytes that arrive before start_tls() has returned
+            # (a client's EHLO right after its handshake): keep them for the
+            # TLS session. Plaintext read before the upgrade never gets here.
+            self._tls_early += data
+            return
         self.conn.receive_data(data)
         if not self._busy:
             self._process()
@@ -241,6 +248,8 @@ class SMTPServerProtocol(asyncio.Protocol):
         ssl_context = self.ctx.ssl_context
         assert transport is not None and ssl_context is not None
         loop = asyncio.get_running_loop()
+        # From the start_tls() call on, the protocol only receives decrypted data.
+        self._tls_early = bytearray()
         try:
             tls_transport = await loop.start_tls(
                 transport,
@@ -267,9 +276,12 @@ class SMTPServerProtocol(asyncio.Protocol):
         ssl_object = tls_transport.get_extra_info("ssl_object")
         info = describe(ssl_object) if ssl_object is not None else {}
         self.conn.tls_started()
+        early, self._tls_early = self._tls_early, None
         if self.session is not None:
             self.session.tls_started(info)
         self.last_activity = time.monotonic()
+        if early:
+            self.conn.receive_data(bytes(early))
         self._process()
 
     # --------------------------------------------------------------- control
