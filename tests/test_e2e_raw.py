@@ -746,13 +746,6 @@ async def test_connection_limit_per_ip(
     assert r.code == 220, r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the per-IP (and total) connection limit refusal is sent as "
-    "'421 Too many connections ...' without the 4.7.0 enhanced code that "
-    "docs/ARCHITECTURE.md promises (ServerConnection.send renders banner-time "
-    "replies with render(False))",
-)
 async def test_connection_limit_enhanced_code(
     start: Callable[..., Awaitable[Server]], clients: list[Client]
 ) -> None:
@@ -795,12 +788,6 @@ async def test_data_timeout_drops_message(
     assert server.store.list() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SMTPServerProtocol._say_goodbye renders the 421 with "
-    "reply.render(self.conn.esmtp), i.e. with an enhanced code after any EHLO, "
-    "even when ENHANCEDSTATUSCODES is switched off and was not offered",
-)
 async def test_timeout_reply_without_enhancedstatuscodes(
     start: Callable[..., Awaitable[Server]], clients: list[Client]
 ) -> None:
@@ -914,16 +901,6 @@ async def test_graceful_stop(
 # ---------------------------------------------------------------- backpressure
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: replies that are never read pile up without bound. "
-    "SMTPServerProtocol._process returns to await an asynchronous reply (a hook, "
-    "a commit) without flushing the replies already queued, so they stay in "
-    "ServerConnection._out and the transport never signals pause_writing; and "
-    "_complete() calls _resume() whenever the input buffer is small, even while "
-    "the transport has paused writing. A client that pipelines and never reads "
-    "keeps the server reading and buffering (~20 MB of replies per 5 MB sent).",
-)
 async def test_unread_replies_stop_reading(tmp_path: Path) -> None:
     """A client that pipelines and never reads its replies is eventually not read either.
 

@@ -139,6 +139,11 @@ class ServerConnection:
         return self._pending
 
     @property
+    def enhanced(self) -> bool:
+        """True once ENHANCEDSTATUSCODES was offered in this session (RFC 2034)."""
+        return self._enhanced
+
+    @property
     def esmtp(self) -> bool:
         """True in a session opened by EHLO."""
         return self.greeting == "EHLO"

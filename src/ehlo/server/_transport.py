@@ -46,7 +46,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._busy = False  # a reply is being computed asynchronously
         self._eof = False
         self._tls_early: bytearray | None = None
-        self._paused = False
+        self._pauses: set[str] = set()
         self._closed = False
         self._close_reason = "client closed"
         self.last_activity = time.monotonic()
@@ -67,7 +67,9 @@ class SMTPServerProtocol(asyncio.Protocol):
             # Over a connection limit: answer 421 and close (RFC 5321 section 3.1).
             self._closed = True
             self.conn.send(refusal)
-            self.transport.write(self.conn.data_to_send())
+            self.conn.data_to_send()
+            # Postfix-style: the refusal carries its enhanced code (4.7.0).
+            self.transport.write(refusal.render(True))
             self.transport.close()
             log.warning(
                 "refused %s:%s: %s", ip, peer[1], refusal.text,
@@ -97,14 +99,15 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.conn.receive_data(data)
         if not self._busy:
             self._process()
-        elif self.conn.buffered > _MAX_BUFFERED and not self._paused:
-            self._pause()
+        self._check_input()
         state = self.conn.state
-        if (state is State.DATA or state is State.BDAT) and (
-            self.ctx.store.backlog_bytes > _STORE_HIGH
+        if (
+            (state is State.DATA or state is State.BDAT)
+            and "store" not in self._pauses
+            and self.ctx.store.backlog_bytes > _STORE_HIGH
         ):
             # The store's writer is behind: stop reading bodies until it catches up.
-            self._pause()
+            self._pause("store")
             asyncio.get_running_loop().call_later(0.01, self._store_caught_up)
 
     def _store_caught_up(self) -> None:
@@ -112,8 +115,15 @@ class SMTPServerProtocol(asyncio.Protocol):
             return
         if self.ctx.store.backlog_bytes > _STORE_LOW:
             asyncio.get_running_loop().call_later(0.01, self._store_caught_up)
-        elif not self._busy and self.conn.buffered <= _MAX_BUFFERED:
-            self._resume()
+        else:
+            self._resume("store")
+
+    def _check_input(self) -> None:
+        # Input waiting behind a pending reply is bounded.
+        if self.conn.buffered > _MAX_BUFFERED:
+            self._pause("input")
+        else:
+            self._resume("input")
 
     def eof_received(self) -> bool | None:
         # Commands received before the EOF are still answered (a client may
@@ -144,21 +154,28 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.session = None
 
     def pause_writing(self) -> None:
-        self._pause()
+        # The client does not read its replies: stop reading its commands.
+        self._pause("output")
 
     def resume_writing(self) -> None:
-        self._resume()
+        self._resume("output")
 
     # ------------------------------------------------------------ processing
 
-    def _pause(self) -> None:
-        if not self._paused and self.transport is not None and not self._closed:
-            self._paused = True
+    def _pause(self, reason: str) -> None:
+        """Stop reading for ``reason`` (input, output or store)."""
+        if reason in self._pauses:
+            return
+        self._pauses.add(reason)
+        if len(self._pauses) == 1 and self.transport is not None and not self._closed:
             self.transport.pause_reading()
 
-    def _resume(self) -> None:
-        if self._paused and self.transport is not None and not self._closed:
-            self._paused = False
+    def _resume(self, reason: str) -> None:
+        """Drop ``reason``; read again once no reason is left."""
+        if reason not in self._pauses:
+            return
+        self._pauses.discard(reason)
+        if not self._pauses and self.transport is not None and not self._closed:
             self.transport.resume_reading()
 
     def _process(self) -> None:
@@ -187,6 +204,9 @@ class SMTPServerProtocol(asyncio.Protocol):
                     self._start_tls()
                     return
                 continue
+            # Replies already decided leave now, so that a client that does
+            # not read them fills the transport's buffer and gets paused.
+            self._flush()
             self._run(result)
             return
         if self._eof:
@@ -219,8 +239,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             self._say_goodbye(_SHUTDOWN, "server shutting down")
             return
         self._process()
-        if self._paused and self.conn.buffered <= _MAX_BUFFERED:
-            self._resume()
+        self._check_input()
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -234,8 +253,6 @@ class SMTPServerProtocol(asyncio.Protocol):
             self._close_reason = "closed by server" if self._close_reason == "client closed" \
                 else self._close_reason
             transport.close()
-        elif self.conn.buffered > _MAX_BUFFERED:
-            self._pause()
 
     # ------------------------------------------------------------------- TLS
 
@@ -323,7 +340,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         if self._closed or self.transport is None:
             return
         self._close_reason = reason
-        data = self.conn.data_to_send() + reply.render(self.conn.esmtp)
+        data = self.conn.data_to_send() + reply.render(self.conn.enhanced)
         self._closed = True
         self.conn.receive_eof()
         self.transport.write(data)
