@@ -5,6 +5,6 @@ See ``ehlo.dns.resolver``; greeting verification and Received headers build on i
 
 from __future__ import annotations
 
-from .resolver import DEFAULT_CACHE, DNSCache, DNSTempError, Resolver, reverse_name
+from .resolver import DEFAULT_CACHE, DNSCache, DNSTempError, Lookup, Resolver, reverse_name
 
-__all__ = ["DEFAULT_CACHE", "DNSCache", "DNSTempError", "Resolver", "reverse_name"]
+__all__ = ["DEFAULT_CACHE", "DNSCache", "DNSTempError", "Lookup", "Resolver", "reverse_name"]

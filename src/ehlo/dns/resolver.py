@@ -10,6 +10,7 @@ allows. ``reverse_name`` gives a client's forward-confirmed reverse name.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import threading
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_CACHE",
     "DNSCache",
     "DNSTempError",
+    "Lookup",
     "Resolver",
     "reverse_name",
 ]
@@ -51,6 +53,35 @@ _RESOLV_CONF = "/etc/resolv.conf"
 
 CacheKey = tuple[str, str, str]
 """(nameservers, record type, lowercase query name)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lookup:
+    """One answered query: the records (as text) and the CNAME chain that led there.
+
+    ``values`` is empty for NXDOMAIN (``nxdomain`` true) and for a name that
+    exists without records of the type. ``cnames`` lists the aliases followed,
+    first to last, so that evidence can show how a name was resolved.
+    """
+
+    name: str
+    rdtype: str
+    values: tuple[str, ...]
+    cnames: tuple[str, ...] = ()
+    nxdomain: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        """The lookup as evidence: name, type, answers, aliases, NXDOMAIN."""
+        out: dict[str, object] = {"name": self.name, "type": self.rdtype,
+                                  "answers": list(self.values)}
+        if self.cnames:
+            out["cnames"] = list(self.cnames)
+        if self.nxdomain:
+            out["nxdomain"] = True
+        return out
+
+
+CacheValue = tuple[str, ...] | Lookup
 
 
 class DNSTempError(Exception):
@@ -76,10 +107,10 @@ class DNSCache:
         self.max_entries = max_entries
         self.max_ttl = max_ttl
         self._clock = clock
-        self._entries: OrderedDict[CacheKey, tuple[float, tuple[str, ...]]] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, tuple[float, CacheValue]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: CacheKey) -> tuple[str, ...] | None:
+    def get(self, key: CacheKey) -> CacheValue | None:
         """The cached values for ``key``, or ``None`` when absent or expired."""
         with self._lock:
             entry = self._entries.get(key)
@@ -92,7 +123,7 @@ class DNSCache:
             self._entries.move_to_end(key)
             return values
 
-    def put(self, key: CacheKey, values: tuple[str, ...], ttl: float) -> None:
+    def put(self, key: CacheKey, values: CacheValue, ttl: float) -> None:
         """Keep ``values`` for ``ttl`` seconds (capped at ``max_ttl``; 0 or less: not kept)."""
         with self._lock:
             if ttl <= 0:
@@ -213,7 +244,8 @@ class Resolver:
         self.timeout = timeout
         self.cache = cache if cache is not None else DEFAULT_CACHE
         self._identity = ",".join(self.nameservers)
-        self._inflight: dict[CacheKey, asyncio.Task[tuple[str, ...]]] = {}
+        self._inflight: dict[CacheKey, asyncio.Task[Lookup]] = {}
+        self.queries = 0  # lookups asked of this resolver (cache hits included)
 
     @property
     def nameservers(self) -> list[str]:
@@ -228,7 +260,7 @@ class Resolver:
         """
         address = ipaddress.ip_address(ip)
         qname = dns.reversename.from_address(str(address))
-        return list(await self._lookup(qname, dns.rdatatype.PTR))
+        return list((await self._lookup(qname, dns.rdatatype.PTR)).values)
 
     async def addresses(self, name: str, *, version: int | None = None) -> list[str]:
         """IPv4 (A) then IPv6 (AAAA) addresses of ``name``; [] when there are none.
@@ -249,14 +281,26 @@ class Resolver:
             6: (dns.rdatatype.AAAA,),
         }[version]
         results = await asyncio.gather(*(self._lookup(qname, rdtype) for rdtype in rdtypes))
-        return list(dict.fromkeys(value for values in results for value in values))
+        return list(dict.fromkeys(value for result in results for value in result.values))
 
-    async def _lookup(
-        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
-    ) -> tuple[str, ...]:
+    async def lookup(self, name: str, rdtype: str) -> Lookup:
+        """Records of one type for ``name`` (A, AAAA, MX, TXT, PTR, CNAME ...).
+
+        CNAMEs are followed; the chain is in the answer. Raises ``ValueError``
+        for a name that is not valid in DNS and ``DNSTempError`` when the lookup
+        failed for now.
+        """
+        try:
+            qname = dns.name.from_text(name.strip())
+        except dns.exception.DNSException as exc:
+            raise ValueError(f"not a DNS name: {name!r} ({exc})") from None
+        return await self._lookup(qname, dns.rdatatype.from_text(rdtype))
+
+    async def _lookup(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> Lookup:
+        self.queries += 1
         key = (self._identity, dns.rdatatype.to_text(rdtype), qname.to_text().lower())
         cached = self.cache.get(key)
-        if cached is not None:
+        if isinstance(cached, Lookup):
             return cached
         task = self._inflight.get(key)
         if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
@@ -266,7 +310,7 @@ class Resolver:
         # Shielded: a caller that gives up does not cancel the others' query.
         return await asyncio.shield(task)
 
-    def _finished(self, key: CacheKey, task: asyncio.Task[tuple[str, ...]]) -> None:
+    def _finished(self, key: CacheKey, task: asyncio.Task[Lookup]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
         if not task.cancelled():
@@ -274,8 +318,10 @@ class Resolver:
 
     async def _query(
         self, key: CacheKey, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
-    ) -> tuple[str, ...]:
+    ) -> Lookup:
         what = f"{key[2]} {key[1]}"
+        name = qname.to_text(omit_final_dot=True).lower()
+        kind = key[1]
         try:
             # dnspython bounds the lookup by its lifetime; this is a backstop.
             async with asyncio.timeout(self.timeout + 1.0):
@@ -285,25 +331,39 @@ class Resolver:
         except dns.resolver.NXDOMAIN as exc:
             responses = exc.kwargs.get("responses") or {}
             ttl = _negative_ttl(next(iter(responses.values()), None))
-            self.cache.put(key, (), ttl)
-            return ()
+            result = Lookup(name, kind, (), nxdomain=True)
+            self.cache.put(key, result, ttl)
+            return result
         except (dns.exception.Timeout, TimeoutError):
             raise DNSTempError(f"DNS timeout looking up {what}") from None
         except dns.resolver.NoNameservers as exc:
             raise DNSTempError(f"no nameserver answered {what}: {exc}") from None
         except dns.exception.DNSException as exc:
             raise DNSTempError(f"DNS lookup of {what} failed: {exc}") from None
+        chain = answer.chaining_result
+        cnames = tuple(
+            rrset[0].target.to_text(omit_final_dot=True).lower()
+            for rrset in chain.cnames
+            if len(rrset)
+        )
         if answer.rrset is None:
             values: tuple[str, ...] = ()
-            ttl = min(float(answer.chaining_result.minimum_ttl), NEGATIVE_TTL_MAX)
+            ttl = min(float(chain.minimum_ttl), NEGATIVE_TTL_MAX)
         else:
             values = tuple(dict.fromkeys(_rdata_text(rdata) for rdata in answer.rrset))
-            ttl = float(answer.chaining_result.minimum_ttl)
-        self.cache.put(key, values, ttl)
-        return values
+            ttl = float(chain.minimum_ttl)
+        result = Lookup(name, kind, values, cnames)
+        self.cache.put(key, result, ttl)
+        return result
 
 
 def _rdata_text(rdata: object) -> str:
+    exchange = getattr(rdata, "exchange", None)
+    if isinstance(exchange, dns.name.Name):  # MX: "preference exchange"
+        return f"{getattr(rdata, 'preference', 0)} {exchange.to_text(omit_final_dot=True).lower()}"
+    strings = getattr(rdata, "strings", None)
+    if isinstance(strings, tuple):  # TXT: the character-strings joined (RFC 7208 3.3)
+        return b"".join(strings).decode("utf-8", "replace")
     target = getattr(rdata, "target", None)
     if isinstance(target, dns.name.Name):
         return target.to_text(omit_final_dot=True).lower()
