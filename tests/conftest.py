@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ehlo import Listen, ProtocolLimits, Server, ServerConfig
+from ehlo.config import GreetingConfig
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,13 +25,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
-    """A test config: loopback port 0, data in ``data_dir``, overrides applied."""
+    """A test config: loopback port 0, data in ``data_dir``, greeting checks off, overrides."""
     limits = overrides.pop("limits", None)
     limit_fields = {f.name for f in dataclasses.fields(ProtocolLimits)}
     limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in limit_fields}
     base_limits = limits if limits is not None else ProtocolLimits()
     if limit_overrides:
         base_limits = dataclasses.replace(base_limits, **limit_overrides)
+    # No greeting checks unless a test asks for them: no DNS, deterministic headers.
+    overrides.setdefault("greeting", GreetingConfig(policy="off"))
     return ServerConfig(
         listen=overrides.pop("listen", (Listen("127.0.0.1", 0),)),
         data_dir=data_dir,

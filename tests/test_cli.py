@@ -26,6 +26,8 @@ import pytest
 
 import ehlo
 
+from .trace import split_trace
+
 TIMEOUT = 15.0  # seconds for any single wait
 
 HELO_MESSAGE = (
@@ -172,13 +174,10 @@ def list_json(data: Path, *args: str) -> list[dict[str, Any]]:
 
 
 def assert_stored_as_sent(raw: bytes, sent: bytes) -> None:
-    """Stored bytes = one (folded) Received header + exactly what the client sent."""
-    assert raw.endswith(sent)
-    header = raw[: len(raw) - len(sent)]
-    assert header.startswith(b"Received: ")
-    assert header.endswith(b"\r\n")
-    lines = header[:-2].split(b"\r\n")
-    assert all(line[:1] in (b" ", b"\t") for line in lines[1:])
+    """Stored bytes = our trace headers (Received first) + exactly what the client sent."""
+    fields, message = split_trace(raw)
+    assert message == sent
+    assert fields[0].startswith(b"Received: ")
 
 
 def env_with(**values: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ import pytest
 from ehlo.storage import Store, open_store
 
 from .conftest import free_port
+from .trace import message_of
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -146,14 +147,7 @@ def send_one(client: smtplib.SMTP, tag: str, body: bytes) -> str:
 
 def stored_message(store: Store, queue_id: str) -> bytes | None:
     raw = store.raw(queue_id)
-    if raw is None:
-        return None
-    assert raw.startswith(b"Received: ")
-    pos = 0
-    while True:
-        pos = raw.index(b"\r\n", pos) + 2
-        if raw[pos : pos + 1] != b"\t":
-            return raw[pos:]
+    return None if raw is None else message_of(raw)
 
 
 def check_store(kind: str, data: Path, acked: dict[str, bytes], attempted: dict[str, bytes]) -> int:

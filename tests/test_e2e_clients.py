@@ -30,6 +30,7 @@ from ehlo import Listen, Server
 from ehlo.storage import StoredMessage
 
 from .conftest import make_config
+from .trace import split_trace
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -110,16 +111,9 @@ def queue_id(reply_text: str | bytes) -> str:
 
 
 def split_received(raw: bytes) -> tuple[list[bytes], bytes]:
-    """The Received header lines and the message after them."""
-    assert raw.startswith(b"Received: "), raw[:80]
-    lines: list[bytes] = []
-    pos = 0
-    while True:
-        end = raw.index(b"\r\n", pos)
-        lines.append(raw[pos:end])
-        pos = end + 2
-        if raw[pos : pos + 1] != b"\t":
-            return lines, raw[pos:]
+    """The Received header lines and the message after the trace headers."""
+    fields, message = split_trace(raw)
+    return fields[0].split(b"\r\n"), message
 
 
 def check_stored(

@@ -22,6 +22,7 @@ import pytest
 from ehlo import HookContext, Server
 
 from .conftest import make_config
+from .trace import message_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -174,12 +175,7 @@ async def connect(server: Server, clients: list[Client], banner: bool = True) ->
 def stored_body(server: Server, queue_id: str) -> bytes:
     raw = server.store.raw(queue_id)
     assert raw is not None, queue_id
-    assert raw.startswith(b"Received: ")
-    pos = 0
-    while True:
-        pos = raw.index(b"\r\n", pos) + 2
-        if raw[pos : pos + 1] != b"\t":
-            return raw[pos:]
+    return message_of(raw)
 
 
 def queued_id(r: R) -> str:

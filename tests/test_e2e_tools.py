@@ -25,6 +25,7 @@ import pytest
 from ehlo.storage import Store, StoredMessage, open_store
 
 from .conftest import ThreadedServer, free_port
+from .trace import split_trace
 
 pytestmark = [pytest.mark.external, pytest.mark.timeout(60)]
 
@@ -126,13 +127,9 @@ def run(
 
 
 def split_received(raw: bytes) -> tuple[str, bytes]:
-    """The Received header (as text) and the message after it."""
-    assert raw.startswith(b"Received: "), raw[:80]
-    pos = 0
-    while True:
-        pos = raw.index(b"\r\n", pos) + 2
-        if raw[pos : pos + 1] != b"\t":
-            return raw[:pos].decode(), raw[pos:]
+    """The Received header (as text) and the message after the trace headers."""
+    fields, message = split_trace(raw)
+    return fields[0].decode() + "\r\n", message
 
 
 def message(target: Target, queue_id: str) -> tuple[StoredMessage, str, bytes]:

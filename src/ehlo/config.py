@@ -15,7 +15,10 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .greeting import GreetingPolicy
 
 StoreKind = Literal["sqlite", "maildir", "null"]
 BareNewline = Literal["normalize", "reject"]
@@ -97,6 +100,39 @@ class Listen:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class GreetingConfig:
+    """Greeting verification (``ehlo.greeting``): what runs and what it may refuse."""
+
+    # Preset: "off" (no checks), "record" (checks recorded, nothing refused;
+    # RFC 5321 section 4.1.4) or "strict" (failures of the identity checks rejected).
+    policy: str = "record"
+    # Per-check overrides of the preset: check name -> off | record | defer | reject.
+    checks: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # When the verdict is applied: "helo", "mail", "rcpt" or "data".
+    stage: str = "rcpt"
+    # Client networks (CIDR) whose greetings are not checked (trusted relays).
+    trusted_networks: tuple[str, ...] = ()
+    # DNS lookups one session may make for its checks.
+    max_queries: int = 50
+    # Seconds all checks of one greeting may take; beyond, they are temperror.
+    timeout: float = 10.0
+
+    def to_policy(self) -> GreetingPolicy:
+        """The ``GreetingPolicy`` this configuration describes (ValueError if invalid)."""
+        from .greeting import GreetingPolicy
+
+        networks = tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_networks)
+        return GreetingPolicy.preset(
+            self.policy,
+            modes=dict(self.checks),
+            stage=self.stage,
+            trusted_networks=networks,
+            max_queries=self.max_queries,
+            timeout=self.timeout,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything ``ehlo serve`` and ``ehlo.Server`` read."""
 
@@ -126,6 +162,13 @@ class ServerConfig:
     data_timeout: float = 180.0
     # SIGTERM: how long transactions in progress may take to finish.
     shutdown_timeout: float = 30.0
+    # DNS servers ("IP" or "IP:PORT") for reverse names and greeting checks;
+    # empty: the system's (/etc/resolv.conf).
+    dns_servers: tuple[str, ...] = ()
+    # Seconds one DNS lookup may take.
+    dns_timeout: float = 2.0
+    # Greeting verification.
+    greeting: GreetingConfig = GreetingConfig()
     # Look up the client's reverse DNS name for the Received header.
     reverse_dns: bool = True
     # Seconds to wait for that name before writing "unknown".

@@ -17,10 +17,11 @@ import ssl
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from ..config import ServerConfig
+from ..dns import Resolver, reverse_name
 from ..extensions import Extension, build_extensions
+from ..greeting import GreetingVerifier
 from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Store, open_store
@@ -57,8 +58,14 @@ class ServerContext:
         self.connections: set[SMTPServerProtocol] = set()
         self.per_ip: dict[str, int] = {}
         self.draining = False
-        self._resolver: Any = None
+        self.resolver = Resolver(list(config.dns_servers) or None, timeout=config.dns_timeout)
         self._rdns_cache: dict[str, tuple[float, str | None]] = {}
+        policy = config.greeting.to_policy()
+        self.verifier: GreetingVerifier | None = (
+            GreetingVerifier(policy, self.resolver, our_names=(config.hostname,))
+            if policy.enabled_checks
+            else None
+        )
 
     def admit(self, proto: SMTPServerProtocol) -> Reply | None:
         """Count a new connection, or the 421 that refuses it."""
@@ -94,15 +101,18 @@ class ServerContext:
             return fut
         return asyncio.ensure_future(self._lookup(ip))
 
+    def add_our_addresses(self, addresses: Iterable[str]) -> None:
+        """Record the addresses we listen on (for the not_us greeting check)."""
+        if self.verifier is not None:
+            wild = {"0.0.0.0", "::"}
+            ours = [a for a in addresses if a not in wild]
+            self.verifier.our_addresses = tuple(
+                dict.fromkeys([*self.verifier.our_addresses, *ours])
+            )
+
     async def _lookup(self, ip: str) -> str | None:
-        from ..dns import reverse_name
-
-        if self._resolver is None:
-            from ..dns import Resolver
-
-            self._resolver = Resolver(timeout=self.config.reverse_dns_timeout)
         try:
-            name = await reverse_name(self._resolver, ip, self.config.reverse_dns_timeout)
+            name = await reverse_name(self.resolver, ip, self.config.reverse_dns_timeout)
         except Exception as exc:  # DNS trouble is never fatal to a session
             log.debug("reverse DNS for %s failed: %s", ip, exc)
             name = None
@@ -193,6 +203,7 @@ class Server:
             if self._owns_store:
                 await store.close()
             raise
+        ctx.add_our_addresses(host for host, _ in self.addresses)
         self._sweeper = asyncio.ensure_future(self._sweep())
         for host, port in self.addresses:
             log.info("listening on %s port %d", host, port,

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..greeting import Decision, GreetingReport, authentication_results
 from ..ids import new_queue_id
 from ..policy import HookContext
 from ..protocol import (
@@ -84,6 +85,12 @@ class Session:
         self.writer: MessageWriter | None = None
         self.envelope: Envelope | None = None
         self._store_failed = False
+        # Greeting verification: the checks of the latest greeting, running
+        # in the background; every name this session greeted with.
+        self._checks: asyncio.Task[GreetingReport] | None = None
+        self._greeting_names: list[str] = []
+        self.report: GreetingReport | None = None
+        self.decision: Decision | None = None
         self.started = time.monotonic()
         self.messages = 0
         self.peer = f"{client_ip}:{client_port}"
@@ -115,7 +122,9 @@ class Session:
                  extra={"event": "tls", "client_ip": self.client_ip, **info})
 
     def closed(self, reason: str) -> None:
-        """The connection is gone; drop an unfinished message."""
+        """The connection is gone; drop an unfinished message and pending checks."""
+        if self._checks is not None and not self._checks.done():
+            self._checks.cancel()
         if self.writer is not None:
             self.abort_message()
             reason += ", message in progress dropped"
@@ -145,7 +154,7 @@ class Session:
 
     # --------------------------------------------------------------- dispatch
 
-    def handle(self, event: Event) -> Reply | Awaitable[Reply] | None:
+    def handle(self, event: Event) -> Reply | Awaitable[Reply | None] | None:
         """The reply to ``event`` (or an awaitable of it); None when none is due."""
         kind = type(event)
         if kind is DataChunk:
@@ -155,7 +164,7 @@ class Session:
         handler = _DISPATCH.get(kind)
         if handler is None:
             return None
-        result: Reply | Awaitable[Reply] | None = handler(self, event)
+        result: Reply | Awaitable[Reply | None] | None = handler(self, event)
         return result
 
     def _context(self, stage: str, **fields: object) -> HookContext:
@@ -201,16 +210,91 @@ class Session:
                 "greeting_name": event.name,
             },
         )
-        if self.ctx.hooks.has("helo"):
+        self._start_checks(event)
+        enforce = self._enforcing("helo")
+        if self.ctx.hooks.has("helo") or enforce:
             ctx = self._context("helo", greeting=event.verb, greeting_name=event.name)
-            return self._with_hooks(ctx, reply)
+            return self._checked(ctx, reply, enforce)
         return reply
+
+    # ------------------------------------------------------ greeting checks
+
+    def _start_checks(self, event: Helo | Ehlo) -> None:
+        """Begin verifying the greeting in the background (the reply does not wait)."""
+        verifier = self.ctx.verifier
+        if verifier is None or not verifier.applies_to(self.client_ip):
+            return
+        if self._checks is not None and not self._checks.done():
+            self._checks.cancel()
+        greeting = verifier.greeting(event.verb, event.name, self.client_ip, self._greeting_names)
+        self._greeting_names.append(event.name)
+        self.report = None
+        self.decision = None
+        self._checks = verifier.start(greeting)
+
+    def _enforcing(self, stage: str) -> bool:
+        verifier = self.ctx.verifier
+        return (
+            self._checks is not None
+            and verifier is not None
+            and verifier.policy.enforcing
+            and verifier.policy.stage == stage
+        )
+
+    async def _await_report(self) -> GreetingReport | None:
+        task = self._checks
+        if task is None:
+            return None
+        if self.report is None or not task.done():
+            try:
+                self.report = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # we were cancelled ourselves
+                return None
+            verifier = self.ctx.verifier
+            assert verifier is not None
+            self.decision = verifier.decide(self.report)
+            if self.decision.action != "accept":
+                log.info(
+                    "greeting verdict %s %s %s: %s",
+                    self.peer,
+                    self.decision.action,
+                    self.decision.check,
+                    self.decision.reply,
+                    extra={
+                        "event": "greeting_verdict",
+                        "client_ip": self.client_ip,
+                        "greeting_name": self.report.greeting.name,
+                        "action": self.decision.action,
+                        "check": self.decision.check,
+                        "reply": str(self.decision.reply),
+                    },
+                )
+        return self.report
+
+    async def _verdict(self) -> Reply | None:
+        """The refusal the greeting policy gives now, or None."""
+        await self._await_report()
+        decision = self.decision
+        if decision is None or decision.action == "accept":
+            return None
+        return decision.reply
+
+    async def _checked(self, context: HookContext, default: Reply, enforce: bool) -> Reply:
+        """The greeting policy's verdict (when it applies at this stage), then the hooks."""
+        if enforce:
+            refusal = await self._verdict()
+            if refusal is not None:
+                return refusal
+        return await self._with_hooks(context, default)
 
     def _mail(self, event: Mail) -> Reply | Awaitable[Reply]:
         reply = Reply(250, "2.1.0", f"Sender <{event.address}> OK")
-        if self.ctx.hooks.has("mail"):
+        enforce = self._enforcing("mail")
+        if self.ctx.hooks.has("mail") or enforce:
             ctx = self._context("mail", mail_from=event.address, mail_params=dict(event.params))
-            return self._with_hooks(ctx, reply)
+            return self._checked(ctx, reply, enforce)
         return reply
 
     def _rcpt(self, event: Rcpt) -> Reply | Awaitable[Reply]:
@@ -223,27 +307,46 @@ class Session:
             if not is_postmaster and domain.lower().rstrip(".") not in domains:
                 return Reply(550, "5.7.1", f"Relaying denied: <{address}> is not a local domain")
         reply = Reply(250, "2.1.5", f"Recipient <{address}> OK")
-        if self.ctx.hooks.has("rcpt"):
+        enforce = self._enforcing("rcpt")
+        if self.ctx.hooks.has("rcpt") or enforce:
             ctx = self._context("rcpt", rcpt=address, rcpt_params=dict(event.params))
-            return self._with_hooks(ctx, reply)
+            return self._checked(ctx, reply, enforce)
         return reply
 
+    def _waiting(self) -> bool:
+        """True when the headers need an answer that is not in yet."""
+        if self._checks is not None and not self._checks.done():
+            return True
+        return self._checks is None and self._rdns is not None and not self._rdns.done()
+
     def _data(self, event: Data) -> Reply | Awaitable[Reply]:
-        if self._rdns is not None and not self._rdns.done():
-            return self._data_after_rdns()
+        if self._waiting():
+            return self._data_after_lookups()
         return self._open_message(_START_DATA)
 
-    async def _data_after_rdns(self) -> Reply:
-        await self._await_rdns()
+    async def _data_after_lookups(self) -> Reply:
+        await self._await_lookups()
         return self._open_message(_START_DATA)
 
-    def _bdat(self, event: Bdat) -> None:
-        if event.first:
-            # No reply is due until the chunk is read: open the message now.
-            # A slow reverse lookup does not hold BDAT up; its name is used
-            # if it is known already.
-            self._collect_rdns()
-            self._open_message(None)
+    async def _await_lookups(self) -> None:
+        if self._checks is not None:
+            await self._await_report()
+        else:
+            await self._await_rdns()
+
+    def _bdat(self, event: Bdat) -> Awaitable[None] | None:
+        if not event.first:
+            return None
+        # No reply is due until the chunk is read: open the message now, once
+        # the answers its headers need are in (the chunk waits in the buffer).
+        if self._waiting():
+            return self._bdat_after_lookups()
+        self._open_message(None)
+        return None
+
+    async def _bdat_after_lookups(self) -> None:
+        await self._await_lookups()
+        self._open_message(None)
 
     async def _await_rdns(self) -> None:
         if self._rdns is None:
@@ -265,6 +368,7 @@ class Session:
         assert tx is not None
         self.abort_message()
         self._collect_rdns()
+        report = self.report if self._checks is not None else None
         queue_id = new_queue_id()
         protocol = protocol_keyword(conn.esmtp, self.tls is not None, utf8=tx.smtputf8)
         now = time.time()
@@ -282,10 +386,18 @@ class Session:
             protocol=protocol,
             server_name=self.ctx.config.hostname,
         )
+        if report is not None:
+            envelope.extra["greeting_checks"] = report.to_json()
+            if self.decision is not None:
+                envelope.extra["greeting_verdict"] = self.decision.to_json()
+            # With the checks run, the header names the verified PTR name only.
+            client_name = report.verified_ptr
+        else:
+            client_name = self.client_name
         header = received_header(
             greeting_name=envelope.greeting_name,
             client_ip=self.client_ip,
-            client_name=self.client_name,
+            client_name=client_name,
             server_name=self.ctx.config.hostname,
             protocol=protocol,
             queue_id=queue_id,
@@ -293,6 +405,8 @@ class Session:
             tls=self.tls,
             now=now,
         )
+        if report is not None:
+            header += authentication_results(report, self.ctx.config.hostname)
         self.envelope = envelope
         try:
             self.writer = self.ctx.store.begin(envelope)
@@ -336,6 +450,12 @@ class Session:
             self.abort_message()
             self._log_outcome(envelope, size, _STORE_FAILED)
             return _STORE_FAILED
+        if self._enforcing("data"):
+            refusal = await self._verdict()
+            if refusal is not None:
+                self.abort_message()
+                self._log_outcome(envelope, size, refusal)
+                return refusal
         if self.ctx.hooks.has("data"):
             ctx = self._context("data", queue_id=envelope.queue_id, size=size)
             refusal = await self.ctx.hooks.run(ctx)
@@ -439,7 +559,8 @@ class Session:
         return _TLS_GO
 
 
-_DISPATCH: dict[type[Event], Callable[[Session, Any], Reply | Awaitable[Reply] | None]] = {
+_Handler = Callable[[Session, Any], Reply | Awaitable[Reply | None] | None]
+_DISPATCH: dict[type[Event], _Handler] = {
     Helo: Session._greeting,
     Ehlo: Session._greeting,
     Mail: Session._mail,

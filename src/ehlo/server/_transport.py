@@ -214,23 +214,25 @@ class SMTPServerProtocol(asyncio.Protocol):
         else:
             self._flush()
 
-    def _run(self, awaitable: Awaitable[Reply]) -> None:
+    def _run(self, awaitable: Awaitable[Reply | None]) -> None:
         self._busy = True
         self._task = asyncio.ensure_future(self._complete(awaitable))
 
-    async def _complete(self, awaitable: Awaitable[Reply]) -> None:
+    async def _complete(self, awaitable: Awaitable[Reply | None]) -> None:
         try:
             reply = await awaitable
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("session error for %s", self.client_ip)
-            reply = _LOCAL_ERROR
+            reply = _LOCAL_ERROR if self.conn.awaiting_reply is not None else None
         self._busy = False
         self._task = None
         if self._closed:
             return
-        self.conn.send(reply)
+        if reply is not None:
+            # None: the event needed waiting for but takes no reply (BDAT's start).
+            self.conn.send(reply)
         if self.conn.state is State.TLS_PENDING:
             self._flush()
             self._start_tls()

@@ -31,6 +31,10 @@ class StoreError(Exception):
     """
 
 
+# Keys of ``Envelope.extra`` shown at the top level of ``to_json``.
+PROMOTED_EXTRA = ("greeting_checks", "greeting_verdict")
+
+
 @dataclasses.dataclass(slots=True)
 class Envelope:
     """Everything known about a message besides its bytes."""
@@ -64,7 +68,11 @@ class Envelope:
             "tls": dict(self.tls) if self.tls else None,
             "protocol": self.protocol,
             "server_name": self.server_name,
-            **({"extra": self.extra} if self.extra else {}),
+            # Greeting verification results are first-class keys of the envelope.
+            **{key: self.extra[key] for key in PROMOTED_EXTRA if key in self.extra},
+            **({"extra": rest} if (rest := {
+                k: v for k, v in self.extra.items() if k not in PROMOTED_EXTRA
+            }) else {}),
         }
 
     @classmethod
@@ -83,7 +91,10 @@ class Envelope:
             tls=data.get("tls"),
             protocol=data.get("protocol", "SMTP"),
             server_name=data.get("server_name", ""),
-            extra=dict(data.get("extra") or {}),
+            extra={
+                **dict(data.get("extra") or {}),
+                **{key: data[key] for key in PROMOTED_EXTRA if key in data},
+            },
         )
 
 

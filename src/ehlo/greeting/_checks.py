@@ -1,0 +1,506 @@
+"""The greeting checks: each looks at the HELO/EHLO name, the client IP and DNS.
+
+Every check returns a :class:`CheckResult` with one of the results
+``pass | fail | none | temperror | permerror``, a one-line reason a person can
+read, and the evidence it used (the DNS answers). DNS trouble is a
+``temperror``, never a crash and never a silent pass. The checks share the
+lookups of one run (the name's addresses, the client's PTR names), so each
+query is asked once per run; the resolver's cache shares answers between runs.
+
+Nothing here knows about the SMTP server: ``run_checks`` can be called from
+the explain command or a policy service as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
+
+from ..dns import DNSTempError, Lookup, Resolver
+from ..protocol import is_domain, parse_address_literal
+
+Result = Literal["pass", "fail", "none", "temperror", "permerror"]
+RESULTS: tuple[Result, ...] = ("pass", "fail", "none", "temperror", "permerror")
+
+CHECKS: tuple[str, ...] = (
+    "syntax",
+    "fqdn",
+    "literal_match",
+    "resolves",
+    "forward_match",
+    "iprev",
+    "ptr_match",
+    "not_us",
+    "spf_helo",
+    "dynamic",
+    "consistent",
+)
+"""Every check, in the order they are reported and their verdicts weighed."""
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# RFC 1035 section 2.3.4: labels of at most 63 octets, names of at most 255.
+MAX_LABEL = 63
+MAX_NAME = 255
+# PTR names tried for forward confirmation, at most (RFC 7208 section 5.5 uses 10 too).
+MAX_PTR_NAMES = 10
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One check's outcome."""
+
+    name: str
+    result: Result
+    reason: str
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"result": ..., "reason": ..., "evidence": ...}``."""
+        return {"result": self.result, "reason": self.reason, "evidence": self.evidence}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Greeting:
+    """What the checks look at."""
+
+    verb: str  # "HELO" or "EHLO"
+    name: str
+    client_ip: str
+    our_names: tuple[str, ...] = ()
+    our_addresses: tuple[str, ...] = ()
+    previous_names: tuple[str, ...] = ()  # earlier greetings in the same session
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GreetingReport:
+    """All check results of one greeting."""
+
+    greeting: Greeting
+    results: dict[str, CheckResult]
+    queries: int = 0  # DNS lookups asked (cache hits included)
+
+    def __getitem__(self, check: str) -> CheckResult:
+        return self.results[check]
+
+    def to_json(self) -> dict[str, Any]:
+        """``{check: {"result", "reason", "evidence"}}`` in check order."""
+        return {name: self.results[name].to_json() for name in CHECKS if name in self.results}
+
+    @property
+    def verified_ptr(self) -> str | None:
+        """The forward-confirmed PTR name of the client, when iprev passed."""
+        iprev = self.results.get("iprev")
+        if iprev is None or iprev.result != "pass":
+            return None
+        names = iprev.evidence.get("confirmed") or []
+        return str(names[0]) if names else None
+
+
+class QueryLimitError(DNSTempError):
+    """The per-session DNS query cap was reached."""
+
+
+class CappedResolver:
+    """A resolver view that allows at most ``limit`` lookups (cache hits count too)."""
+
+    def __init__(self, resolver: Resolver, limit: int) -> None:
+        self.resolver = resolver
+        self.limit = limit
+        self.used = 0
+
+    def _spend(self, what: str) -> None:
+        if self.used >= self.limit:
+            raise QueryLimitError(f"DNS query limit of {self.limit} per session reached ({what})")
+        self.used += 1
+
+    async def lookup(self, name: str, rdtype: str) -> Lookup:
+        """As ``Resolver.lookup``, counted against the cap."""
+        self._spend(f"{name} {rdtype}")
+        return await self.resolver.lookup(name, rdtype)
+
+    async def ptr(self, ip: str) -> list[str]:
+        """As ``Resolver.ptr``, counted against the cap."""
+        self._spend(f"PTR {ip}")
+        return await self.resolver.ptr(ip)
+
+
+def _ip(text: str) -> IPAddress:
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _literal(name: str) -> IPAddress | str | None:
+    """The address of an address-literal greeting, the general literal's text, or None."""
+    if not name.startswith("["):
+        return None
+    try:
+        return parse_address_literal(name)
+    except ValueError:
+        return None
+
+
+def _norm(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
+def syntax_problem(name: str) -> str | None:
+    """Why ``name`` is not an RFC 5321 Domain or address literal, or None."""
+    if name.startswith("["):
+        return None if _literal(name) is not None else "not a valid address literal"
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        # RFC 5321 section 4.1.3: an address must be written as a literal.
+        return "a bare IP address; RFC 5321 requires an address literal like [192.0.2.1]"
+    if len(name.encode("utf-8")) > MAX_NAME:
+        return f"longer than {MAX_NAME} octets"
+    labels = name.rstrip(".").split(".")
+    for label in labels:
+        if len(label.encode("utf-8")) > MAX_LABEL:
+            return f"label {label[:20]!r}... longer than {MAX_LABEL} octets"
+    if not is_domain(name, utf8=not name.isascii()):
+        return "not a valid domain name (letters, digits and inner hyphens only)"
+    return None
+
+
+class _Run:
+    """Shared state of one run of the checks: memoised lookups, the greeting."""
+
+    def __init__(self, greeting: Greeting, resolver: CappedResolver) -> None:
+        self.g = greeting
+        self.resolver = resolver
+        self.client = _ip(greeting.client_ip)
+        self.literal = _literal(greeting.name)
+        self.syntax_error = syntax_problem(greeting.name)
+        self.is_domain = self.literal is None and self.syntax_error is None
+        self.name = _norm(greeting.name)
+        self._memo: dict[tuple[str, str], asyncio.Future[Lookup]] = {}
+        self._ptr: asyncio.Future[list[str]] | None = None
+
+    def lookup(self, name: str, rdtype: str) -> Awaitable[Lookup]:
+        key = (_norm(name), rdtype)
+        fut = self._memo.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self.resolver.lookup(name, rdtype))
+            self._memo[key] = fut
+        return asyncio.shield(fut)
+
+    def ptr(self) -> Awaitable[list[str]]:
+        if self._ptr is None:
+            self._ptr = asyncio.ensure_future(self.resolver.ptr(str(self.client)))
+        return asyncio.shield(self._ptr)
+
+    async def addresses(self, name: str) -> tuple[list[IPAddress], list[Lookup]]:
+        """A and AAAA of ``name`` (CNAMEs followed) and the lookups as evidence."""
+        found = await asyncio.gather(self.lookup(name, "A"), self.lookup(name, "AAAA"))
+        return [_ip(v) for lk in found for v in lk.values], list(found)
+
+    async def confirmed_ptr(self) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+        """(PTR names, forward-confirmed names, evidence) for the client IP."""
+        names = (await self.ptr())[:MAX_PTR_NAMES]
+        results = await asyncio.gather(
+            *(self.addresses(name) for name in names), return_exceptions=True
+        )
+        confirmed: list[str] = []
+        evidence: list[dict[str, Any]] = []
+        temp: BaseException | None = None
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, DNSTempError):
+                temp = result
+                evidence.append({"name": name, "error": str(result)})
+                continue
+            if isinstance(result, ValueError):
+                evidence.append({"name": name, "error": "not a valid DNS name"})
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            addresses, _lookups = result
+            ok = self.client in addresses
+            evidence.append(
+                {"name": name, "addresses": [str(a) for a in addresses], "confirmed": ok}
+            )
+            if ok:
+                confirmed.append(name)
+        if not confirmed and temp is not None:
+            raise temp
+        return names, confirmed, evidence
+
+
+def _result(check: str, result: Result, reason: str, **evidence: Any) -> CheckResult:
+    return CheckResult(check, result, reason, evidence)
+
+
+async def check_syntax(run: _Run) -> CheckResult:
+    """RFC 5321 Domain or address literal, label and length limits."""
+    name = run.g.name
+    if run.syntax_error is not None:
+        return _result("syntax", "fail", f"is {run.syntax_error}")
+    kind = "address literal" if run.literal is not None else "domain name"
+    return _result("syntax", "pass", f"is a valid {kind}", name=name)
+
+
+async def check_fqdn(run: _Run) -> CheckResult:
+    """A fully qualified name: a dot, not a single label, not localhost from afar."""
+    if run.literal is not None:
+        return _result("fqdn", "none", "is an address literal, not a host name")
+    if not run.is_domain:
+        return _result("fqdn", "permerror", "is not a valid domain name")
+    name = run.name
+    if name in ("localhost", "localhost.localdomain") or name.endswith(".localhost"):
+        # RFC 6761 section 6.3: localhost names only ever mean the loopback host.
+        if run.client.is_loopback:
+            return _result("fqdn", "pass", "is localhost, from a loopback client")
+        return _result("fqdn", "fail", f"is localhost, but the client {run.client} is remote")
+    if "." not in name:
+        return _result("fqdn", "fail", "is a single label, not a fully qualified domain name")
+    return _result("fqdn", "pass", "is fully qualified")
+
+
+async def check_literal_match(run: _Run) -> CheckResult:
+    """An address literal must be the client's own address."""
+    literal = run.literal
+    if literal is None:
+        return _result("literal_match", "none", "is not an address literal")
+    if isinstance(literal, str):
+        return _result("literal_match", "permerror", "is a general address literal, not an IP")
+    if _ip(str(literal)) == run.client:
+        return _result("literal_match", "pass", "is the client's own address",
+                       literal=str(literal), client_ip=str(run.client))
+    return _result("literal_match", "fail", f"is not the client's address {run.client}",
+                   literal=str(literal), client_ip=str(run.client))
+
+
+async def check_resolves(run: _Run) -> CheckResult:
+    """The name has A, AAAA or MX records."""
+    if run.literal is not None:
+        return _result("resolves", "none", "is an address literal (no DNS needed)")
+    if not run.is_domain:
+        return _result("resolves", "permerror", "is not a valid domain name")
+    try:
+        found = await asyncio.gather(
+            run.lookup(run.name, "A"), run.lookup(run.name, "AAAA"), run.lookup(run.name, "MX")
+        )
+    except ValueError:
+        return _result("resolves", "permerror", "is not a valid DNS name")
+    except DNSTempError as exc:
+        return _result("resolves", "temperror", f"could not be looked up: {exc}")
+    evidence = [lk.to_json() for lk in found]
+    kinds = [lk.rdtype for lk in found if lk.values]
+    if kinds:
+        return _result("resolves", "pass", f"has {'/'.join(kinds)} records", lookups=evidence)
+    if all(lk.nxdomain for lk in found):
+        return _result("resolves", "fail", "does not exist in DNS (NXDOMAIN)", lookups=evidence)
+    return _result("resolves", "fail", "has no A, AAAA or MX records", lookups=evidence)
+
+
+async def check_forward_match(run: _Run) -> CheckResult:
+    """One of the name's A/AAAA addresses (CNAMEs followed) is the client IP."""
+    if run.literal is not None:
+        return _result("forward_match", "none", "is an address literal (see literal_match)")
+    if not run.is_domain:
+        return _result("forward_match", "permerror", "is not a valid domain name")
+    try:
+        addresses, lookups = await run.addresses(run.name)
+    except ValueError:
+        return _result("forward_match", "permerror", "is not a valid DNS name")
+    except DNSTempError as exc:
+        return _result("forward_match", "temperror", f"could not be looked up: {exc}")
+    evidence = {"lookups": [lk.to_json() for lk in lookups], "client_ip": str(run.client)}
+    chain = next((lk.cnames for lk in lookups if lk.cnames), ())
+    via = f" via CNAME {' -> '.join(chain)}" if chain else ""
+    if run.client in addresses:
+        return _result("forward_match", "pass",
+                       f"resolves to the client address {run.client}{via}", **evidence)
+    if not addresses:
+        what = "does not exist" if all(lk.nxdomain for lk in lookups) else "has no A/AAAA record"
+        return _result("forward_match", "fail",
+                       f"does not resolve to {run.client} (it {what})", **evidence)
+    shown = ", ".join(str(a) for a in addresses[:4]) + (" ..." if len(addresses) > 4 else "")
+    return _result("forward_match", "fail",
+                   f"does not resolve to {run.client} (it resolves to {shown}{via})", **evidence)
+
+
+async def check_iprev(run: _Run) -> CheckResult:
+    """RFC 8601 section 3 iprev: a PTR name of the client IP resolves back to it."""
+    try:
+        names, confirmed, evidence = await run.confirmed_ptr()
+    except DNSTempError as exc:
+        return _result("iprev", "temperror",
+                       f"came from {run.client}, whose PTR could not be looked up: {exc}",
+                       client_ip=str(run.client))
+    if confirmed:
+        return _result("iprev", "pass",
+                       f"came from {run.client}, whose PTR name {confirmed[0]} resolves back",
+                       client_ip=str(run.client), ptr=names, confirmed=confirmed,
+                       checks=evidence)
+    if not names:
+        return _result("iprev", "fail", f"came from {run.client}, which has no PTR record",
+                       client_ip=str(run.client), ptr=[])
+    return _result("iprev", "fail",
+                   f"came from {run.client}, whose PTR name {names[0]} does not resolve back",
+                   client_ip=str(run.client), ptr=names, confirmed=[], checks=evidence)
+
+
+async def check_ptr_match(run: _Run) -> CheckResult:
+    """A confirmed PTR name equals the greeting name or shares its registered domain."""
+    if run.literal is not None or not run.is_domain:
+        return _result("ptr_match", "none", "is not a domain name")
+    try:
+        _, confirmed, _ = await run.confirmed_ptr()
+    except DNSTempError as exc:
+        return _result("ptr_match", "temperror", f"could not be compared: {exc}")
+    if not confirmed:
+        return _result("ptr_match", "none",
+                       f"cannot be compared: {run.client} has no confirmed PTR name")
+    from .psl import registered_domain
+
+    for ptr in confirmed:
+        if _norm(ptr) == run.name:
+            return _result("ptr_match", "pass", "is the client's PTR name",
+                           ptr=confirmed, match="exact")
+    ours = registered_domain(run.name)
+    for ptr in confirmed:
+        theirs = registered_domain(ptr)
+        if ours is not None and ours == theirs:
+            return _result("ptr_match", "pass",
+                           f"shares the registered domain {ours} with PTR name {ptr}",
+                           ptr=confirmed, match="registered-domain", domain=ours)
+    return _result("ptr_match", "fail",
+                   f"does not match the client's PTR name {confirmed[0]}",
+                   ptr=confirmed, registered_domain=ours)
+
+
+async def check_not_us(run: _Run) -> CheckResult:
+    """The name or literal is not one of ours, unless the client really is us."""
+    ours_ips = {_ip(a) for a in run.g.our_addresses if _valid_ip(a)}
+    client_is_us = run.client in ours_ips
+    literal = run.literal
+    if literal is not None and not isinstance(literal, str):
+        claimed = _ip(str(literal))
+        if claimed in ours_ips and not client_is_us:
+            return _result("not_us", "fail", "is our own address (the client is not us)",
+                           our_addresses=sorted(str(a) for a in ours_ips))
+        return _result("not_us", "pass", "is not one of our addresses")
+    if run.name in {_norm(n) for n in run.g.our_names} and not client_is_us:
+        return _result("not_us", "fail", "is our own host name (the client is not us)",
+                       our_names=list(run.g.our_names))
+    return _result("not_us", "pass", "is not one of our names")
+
+
+def _valid_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def check_spf_helo(run: _Run) -> CheckResult:
+    """RFC 7208 section 2.3: SPF for the HELO identity."""
+    if not run.is_domain:
+        return _result("spf_helo", "none", "is not a domain name (SPF does not apply)")
+    from .spf import spf_helo
+
+    outcome = await spf_helo(run.resolver, str(run.client), run.name)  # type: ignore[arg-type]
+    evidence: dict[str, Any] = {"spf": outcome.result, "record": outcome.record,
+                                "lookups": list(outcome.lookups)}
+    # RFC 7208 section 8.5/8.4: softfail and neutral are not grounds to refuse.
+    mapped: Result = {
+        "pass": "pass", "fail": "fail", "softfail": "none", "neutral": "none", "none": "none",
+        "temperror": "temperror", "permerror": "permerror",
+    }.get(outcome.result, "temperror")  # type: ignore[assignment]
+    reason = f"has SPF result {outcome.result} for {run.client}"
+    if outcome.explanation:
+        reason += f" ({outcome.explanation})"
+    return _result("spf_helo", mapped, reason, **evidence)
+
+
+async def check_dynamic(run: _Run) -> CheckResult:
+    """The name or the client's PTR looks like a dynamic address pool (recorded only)."""
+    from .dynamic import looks_dynamic
+
+    candidates = [run.name] if run.is_domain else []
+    with contextlib.suppress(DNSTempError):
+        candidates += list(await run.ptr())
+    for name in candidates:
+        fragment = looks_dynamic(name, str(run.client))
+        if fragment is not None:
+            return _result("dynamic", "fail",
+                           f"looks dynamic: {name} embeds the client address ({fragment})",
+                           name=name, fragment=fragment)
+    return _result("dynamic", "pass", "does not embed the client address", names=candidates)
+
+
+async def check_consistent(run: _Run) -> CheckResult:
+    """A repeated HELO/EHLO in one session names the same host."""
+    previous = run.g.previous_names
+    if not previous:
+        return _result("consistent", "none", "is the first greeting of the session")
+    changed = [p for p in previous if _norm(p) != run.name]
+    if changed:
+        return _result("consistent", "fail", f"differs from the earlier greeting {changed[-1]}",
+                       previous=list(previous))
+    return _result("consistent", "pass", "repeats the earlier greeting", previous=list(previous))
+
+
+CHECK_FUNCTIONS: dict[str, Callable[[_Run], Awaitable[CheckResult]]] = {
+    "syntax": check_syntax,
+    "fqdn": check_fqdn,
+    "literal_match": check_literal_match,
+    "resolves": check_resolves,
+    "forward_match": check_forward_match,
+    "iprev": check_iprev,
+    "ptr_match": check_ptr_match,
+    "not_us": check_not_us,
+    "spf_helo": check_spf_helo,
+    "dynamic": check_dynamic,
+    "consistent": check_consistent,
+}
+
+
+async def run_checks(
+    greeting: Greeting,
+    resolver: Resolver,
+    *,
+    checks: Sequence[str] = CHECKS,
+    max_queries: int = 50,
+    timeout: float = 10.0,
+) -> GreetingReport:
+    """Run ``checks`` (all by default) concurrently and collect their results.
+
+    A check that exceeds ``timeout`` or hits the query cap is a ``temperror``;
+    one that raises unexpectedly is a ``temperror`` too, with the error as its
+    reason: a failing check never becomes a pass.
+    """
+    capped = CappedResolver(resolver, max_queries)
+    run = _Run(greeting, capped)
+    names = [c for c in CHECKS if c in checks]
+
+    async def one(name: str) -> CheckResult:
+        try:
+            async with asyncio.timeout(timeout):
+                return await CHECK_FUNCTIONS[name](run)
+        except TimeoutError:
+            return _result(name, "temperror", f"could not be checked within {timeout:g}s")
+        except DNSTempError as exc:
+            return _result(name, "temperror", f"could not be looked up: {exc}")
+        except Exception as exc:  # a bug must not turn into a pass
+            return _result(name, "temperror",
+                           f"could not be checked: {type(exc).__name__}: {exc}")
+
+    results = await asyncio.gather(*(one(name) for name in names))
+    for fut in run._memo.values():
+        if fut.done() and not fut.cancelled():
+            fut.exception()  # retrieved: no "never retrieved" warnings
+    if run._ptr is not None and run._ptr.done() and not run._ptr.cancelled():
+        run._ptr.exception()
+    return GreetingReport(greeting, {r.name: r for r in results}, capped.used)
