@@ -22,6 +22,9 @@ from typing import Any, Literal
 
 from ..dns import DNSTempError, Lookup, Resolver
 from ..protocol import is_domain, parse_address_literal
+from .dynamic import looks_dynamic
+from .psl import registered_domain
+from .spf import spf_helo
 
 Result = Literal["pass", "fail", "none", "temperror", "permerror"]
 RESULTS: tuple[Result, ...] = ("pass", "fail", "none", "temperror", "permerror")
@@ -361,8 +364,6 @@ async def check_ptr_match(run: _Run) -> CheckResult:
     if not confirmed:
         return _result("ptr_match", "none",
                        f"cannot be compared: {run.client} has no confirmed PTR name")
-    from .psl import registered_domain
-
     for ptr in confirmed:
         if _norm(ptr) == run.name:
             return _result("ptr_match", "pass", "is the client's PTR name",
@@ -408,8 +409,6 @@ async def check_spf_helo(run: _Run) -> CheckResult:
     """RFC 7208 section 2.3: SPF for the HELO identity."""
     if not run.is_domain:
         return _result("spf_helo", "none", "is not a domain name (SPF does not apply)")
-    from .spf import spf_helo
-
     outcome = await spf_helo(run.resolver, str(run.client), run.name)  # type: ignore[arg-type]
     evidence: dict[str, Any] = {"spf": outcome.result, "record": outcome.record,
                                 "lookups": list(outcome.lookups)}
@@ -426,8 +425,6 @@ async def check_spf_helo(run: _Run) -> CheckResult:
 
 async def check_dynamic(run: _Run) -> CheckResult:
     """The name or the client's PTR looks like a dynamic address pool (recorded only)."""
-    from .dynamic import looks_dynamic
-
     candidates = [run.name] if run.is_domain else []
     with contextlib.suppress(DNSTempError):
         candidates += list(await run.ptr())

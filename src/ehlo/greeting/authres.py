@@ -34,7 +34,9 @@ def _pvalue(value: str) -> str:
 
 
 def _comment(text: str) -> str:
-    cleaned = "".join(c for c in text if c not in "()\\\r\n")
+    # RFC 5322 section 3.2.2: no unescaped parentheses or backslashes in a comment.
+    cleaned = "".join(c for c in text.replace("(", "[").replace(")", "]")
+                      if c not in "\\\r\n")
     return f" ({cleaned})" if cleaned else ""
 
 
