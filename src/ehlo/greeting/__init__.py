@@ -13,6 +13,7 @@ from __future__ import annotations
 from ._checks import (
     CHECKS,
     RESULTS,
+    CappedResolver,
     CheckResult,
     Greeting,
     GreetingReport,
@@ -40,6 +41,7 @@ __all__ = [
     "RECORD_ONLY",
     "RESULTS",
     "STAGES",
+    "CappedResolver",
     "CheckResult",
     "Decision",
     "Greeting",

@@ -466,7 +466,7 @@ CHECK_FUNCTIONS: dict[str, Callable[[_Run], Awaitable[CheckResult]]] = {
 
 async def run_checks(
     greeting: Greeting,
-    resolver: Resolver,
+    resolver: Resolver | CappedResolver,
     *,
     checks: Sequence[str] = CHECKS,
     max_queries: int = 50,
@@ -474,11 +474,18 @@ async def run_checks(
 ) -> GreetingReport:
     """Run ``checks`` (all by default) concurrently and collect their results.
 
+    ``max_queries`` caps the DNS lookups of this run; pass a ``CappedResolver``
+    instead of a resolver to share one budget between runs (a session's).
+
     A check that exceeds ``timeout`` or hits the query cap is a ``temperror``;
     one that raises unexpectedly is a ``temperror`` too, with the error as its
     reason: a failing check never becomes a pass.
     """
-    capped = CappedResolver(resolver, max_queries)
+    # A CappedResolver passed in carries a budget across runs (one per session).
+    capped = resolver if isinstance(resolver, CappedResolver) else CappedResolver(
+        resolver, max_queries
+    )
+    spent = capped.used
     run = _Run(greeting, capped)
     names = [c for c in CHECKS if c in checks]
 
@@ -500,4 +507,4 @@ async def run_checks(
             fut.exception()  # retrieved: no "never retrieved" warnings
     if run._ptr is not None and run._ptr.done() and not run._ptr.cancelled():
         run._ptr.exception()
-    return GreetingReport(greeting, {r.name: r for r in results}, capped.used)
+    return GreetingReport(greeting, {r.name: r for r in results}, capped.used - spent)

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Iterable
 
 from ..dns import Resolver
-from ._checks import Greeting, GreetingReport, run_checks
+from ._checks import CappedResolver, Greeting, GreetingReport, run_checks
 from ._policy import Decision, GreetingPolicy
 
 
@@ -48,19 +48,27 @@ class GreetingVerifier:
             previous_names=tuple(previous),
         )
 
-    async def verify(self, greeting: Greeting) -> GreetingReport:
-        """Run the enabled checks for ``greeting``."""
+    def budget(self) -> CappedResolver:
+        """A DNS query budget for one session (``policy.max_queries`` lookups)."""
+        return CappedResolver(self.resolver, self.policy.max_queries)
+
+    async def verify(
+        self, greeting: Greeting, budget: CappedResolver | None = None
+    ) -> GreetingReport:
+        """Run the enabled checks for ``greeting`` (within ``budget`` when given)."""
         return await run_checks(
             greeting,
-            self.resolver,
+            budget if budget is not None else self.resolver,
             checks=self.policy.enabled_checks,
             max_queries=self.policy.max_queries,
             timeout=self.policy.timeout,
         )
 
-    def start(self, greeting: Greeting) -> asyncio.Task[GreetingReport]:
+    def start(
+        self, greeting: Greeting, budget: CappedResolver | None = None
+    ) -> asyncio.Task[GreetingReport]:
         """Begin verifying in the background; await the task for the report."""
-        return asyncio.ensure_future(self.verify(greeting))
+        return asyncio.ensure_future(self.verify(greeting, budget))
 
     def decide(self, report: GreetingReport) -> Decision:
         """The policy's decision for a report."""

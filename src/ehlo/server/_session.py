@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ..greeting import Decision, GreetingReport, authentication_results
+from ..greeting import CappedResolver, Decision, GreetingReport, authentication_results
 from ..ids import new_queue_id
 from ..policy import HookContext
 from ..protocol import (
@@ -90,6 +90,7 @@ class Session:
         self._checks: asyncio.Task[GreetingReport] | None = None
         self._greeting_names: list[str] = []
         self.report: GreetingReport | None = None
+        self._dns_budget: CappedResolver | None = None
         self.decision: Decision | None = None
         self.started = time.monotonic()
         self.messages = 0
@@ -230,7 +231,10 @@ class Session:
         self._greeting_names.append(event.name)
         self.report = None
         self.decision = None
-        self._checks = verifier.start(greeting)
+        if self._dns_budget is None:
+            # An abuse limit: one DNS budget for the whole session, not per greeting.
+            self._dns_budget = verifier.budget()
+        self._checks = verifier.start(greeting, self._dns_budget)
 
     def _enforcing(self, stage: str) -> bool:
         verifier = self.ctx.verifier
