@@ -1,0 +1,127 @@
+"""Several server processes on the same listeners (``ehlo serve --workers N``).
+
+The parent binds every listening socket once, then forks N workers. Each
+worker runs its own event loop and its own ``Server`` over the inherited
+sockets; the kernel hands each new connection to one of the workers that are
+waiting in ``accept``. The parent only supervises: it forwards SIGTERM and
+SIGINT to the workers (each drains gracefully), restarts a worker that died
+unexpectedly, and exits when all workers are gone.
+
+Storage stays correct with several writers: SQLite runs in WAL mode with one
+writer thread per process, and Maildir names are unique across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+from ..config import Listen
+
+log = logging.getLogger("ehlo.server")
+
+# A worker that dies this soon after starting is not restarted (a crash loop).
+_MIN_UPTIME = 2.0
+
+
+def bind_listeners(listen: Sequence[Listen], backlog: int = 1024) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``listen`` (IPv6 sockets are v6-only)."""
+    socks: list[socket.socket] = []
+    try:
+        for item in listen:
+            infos = socket.getaddrinfo(
+                item.host, item.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def run_workers(
+    sockets: Sequence[socket.socket],
+    workers: int,
+    run_worker: Callable[[Sequence[socket.socket], int], int],
+) -> int:
+    """Fork ``workers`` processes running ``run_worker(sockets, index)``; supervise them.
+
+    Returns 0 when every worker stopped cleanly after a signal, 1 otherwise.
+    """
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+    stopping = False
+    failed = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = run_worker(sockets, index)
+            except BaseException:  # reported, never a traceback past the worker
+                log.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = (index, time.monotonic())
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {
+        sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        for index in range(workers):
+            spawn(index)
+        log.info("started %d worker processes", workers,
+                 extra={"event": "workers", "workers": workers})
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            if pid not in children:
+                continue
+            index, started = children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if stopping:
+                failed = failed or code != 0
+                continue
+            log.error("worker %d (pid %d) exited with %d", index, pid, code,
+                      extra={"event": "worker_exit", "worker": index, "code": code})
+            if time.monotonic() - started < _MIN_UPTIME:
+                failed = True
+                forward(signal.SIGTERM, None)
+                continue
+            spawn(index)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sock in sockets:
+            sock.close()
+    return 1 if failed else 0
