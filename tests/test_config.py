@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from ehlo.config import ConfigError, Listen, ProtocolLimits, ServerConfig, load_config
+from ehlo.config import (
+    ConfigError,
+    GreetingConfig,
+    Listen,
+    ProtocolLimits,
+    ServerConfig,
+    load_config,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -383,3 +390,229 @@ def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "ehlo.toml"
     path.write_bytes(b'hostname = "\xff"\n')
     assert error_of(path).startswith(f"config file {path}: ")
+
+
+# --------------------------------------------------------------------------
+# DNS servers and greeting verification ([greeting], [greeting.checks])
+
+
+def test_greeting_and_dns_from_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+dns_servers = ["192.0.2.53", "127.0.0.1:5353", "[::1]:53", "2001:db8::53"]
+dns_timeout = 0.5
+
+[greeting]
+policy = "strict"
+stage = "mail"
+trusted_networks = ["10.0.0.0/8", "192.168.1.7/24", "2001:db8::/32", "127.0.0.1"]
+max_queries = 20
+timeout = 4
+
+[greeting.checks]
+forward_match = "defer"
+iprev = "record"
+dynamic = "off"
+""",
+    )
+    config = load_config(path, {})
+    assert config.dns_servers == ("192.0.2.53", "127.0.0.1:5353", "[::1]:53", "2001:db8::53")
+    assert config.dns_timeout == 0.5
+    greeting = config.greeting
+    assert greeting == GreetingConfig(
+        policy="strict",
+        checks={"forward_match": "defer", "iprev": "record", "dynamic": "off"},
+        stage="mail",
+        # Host bits are dropped; a bare address is a one-address network.
+        trusted_networks=("10.0.0.0/8", "192.168.1.0/24", "2001:db8::/32", "127.0.0.1/32"),
+        max_queries=20,
+        timeout=4.0,
+    )
+    policy = greeting.to_policy()
+    assert policy.mode("forward_match") == "defer"
+    assert policy.mode("syntax") == "reject"  # from the strict preset
+    assert policy.mode("dynamic") == "off"
+    assert policy.stage == "mail"
+    assert policy.trusted("192.168.1.200") and not policy.trusted("192.168.2.1")
+
+
+def test_greeting_defaults_record_and_refuse_nothing() -> None:
+    config = load_config(None, {})
+    assert config.greeting == GreetingConfig()
+    assert config.dns_servers == ()
+    policy = config.greeting.to_policy()
+    assert not policy.enforcing
+    assert policy.stage == "rcpt"
+
+
+def test_greeting_overrides_merge_with_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'dns_servers = ["192.0.2.53"]\n[greeting]\npolicy = "record"\n'
+        '[greeting.checks]\nforward_match = "reject"\niprev = "defer"\n',
+    )
+    config = load_config(
+        path,
+        {
+            "dns_servers": ["127.0.0.1:5353"],
+            "greeting.policy": "strict",
+            "greeting.checks.iprev": "record",  # one check: the file's others stay
+            "greeting.stage": None,
+        },
+    )
+    assert config.dns_servers == ("127.0.0.1:5353",)
+    assert config.greeting.policy == "strict"
+    assert config.greeting.checks == {"forward_match": "reject", "iprev": "record"}
+    assert config.greeting.stage == "rcpt"
+
+
+def test_nested_greeting_override() -> None:
+    config = load_config(
+        None, {"greeting": {"policy": "off", "checks": {"forward_match": "reject"}}}
+    )
+    assert config.greeting.policy == "off"
+    assert config.greeting.to_policy().enabled_checks == ("forward_match",)
+    config = load_config(None, {"greeting.checks": {"spf_helo": "defer"}})
+    assert config.greeting.checks == {"spf_helo": "defer"}
+
+
+def test_dns_server_as_a_single_string() -> None:
+    assert load_config(None, {"dns_servers": "[::1]"}).dns_servers == ("::1",)
+
+
+def test_unknown_greeting_check_with_suggestion(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, '[greeting.checks]\nforward_mach = "reject"\n'))
+    assert message == 'unknown greeting check "forward_mach" (did you mean "forward_match"?)'
+    message = error_of(None, {"greeting.checks.zzz": "off"})
+    assert message == 'unknown greeting check "zzz"'
+
+
+def test_unknown_greeting_check_from_an_option() -> None:
+    message = error_of(
+        None,
+        {"greeting.checks.ipref": "reject"},
+        labels={"greeting.checks.ipref": "--helo-check ipref"},
+    )
+    assert message == '--helo-check: unknown greeting check "ipref" (did you mean "iprev"?)'
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            '[greeting]\npolcy = "strict"\n',
+            'unknown config key "greeting.polcy" (did you mean "greeting.policy"?)',
+        ),
+        ('policy = "strict"\n', 'unknown config key "policy" (did you mean "greeting.policy"?)'),
+        (
+            'forward_match = "reject"\n',
+            'unknown config key "forward_match" (did you mean "greeting.checks.forward_match"?)',
+        ),
+        (
+            '[greeting]\nforward_match = "reject"\n',
+            'unknown config key "greeting.forward_match"'
+            ' (did you mean "greeting.checks.forward_match"?)',
+        ),
+        (
+            "[greeting]\ndns_timeout = 1\n",
+            'unknown config key "greeting.dns_timeout" (did you mean "dns_timeout"?)',
+        ),
+        (
+            '[greeting.check]\niprev = "reject"\n',
+            'unknown config key "greeting.check" (did you mean "greeting.checks"?)',
+        ),
+        ("[greting]\n", 'unknown config key "greting" (did you mean "greeting"?)'),
+        (
+            'dns_server = ["127.0.0.1"]\n',
+            'unknown config key "dns_server" (did you mean "dns_servers"?)',
+        ),
+    ],
+)
+def test_unknown_greeting_keys(tmp_path: Path, toml: str, expected: str) -> None:
+    assert error_of(write(tmp_path, toml)) == expected
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            '[greeting]\npolicy = "paranoid"\n',
+            'config key greeting.policy: expected one of "off", "record", "strict", got "paranoid"',
+        ),
+        (
+            '[greeting]\nstage = "end"\n',
+            'config key greeting.stage: expected one of "helo", "mail", "rcpt", "data", got "end"',
+        ),
+        (
+            '[greeting]\ntrusted_networks = ["10.0.0.0/33"]\n',
+            "config key greeting.trusted_networks: expected a list of networks such as"
+            ' ["10.0.0.0/8", "2001:db8::/32"], got "10.0.0.0/33"',
+        ),
+        (
+            "[greeting]\ntrusted_networks = [8]\n",
+            "config key greeting.trusted_networks: expected a list of networks such as"
+            ' ["10.0.0.0/8", "2001:db8::/32"], got [8]',
+        ),
+        (
+            "[greeting]\nmax_queries = 0\n",
+            "config key greeting.max_queries: expected an integer >= 1, got 0",
+        ),
+        (
+            "[greeting]\ntimeout = -1\n",
+            "config key greeting.timeout: expected a number of seconds > 0, got -1",
+        ),
+        (
+            '[greeting.checks]\niprev = "deny"\n',
+            'config key greeting.checks.iprev: expected one of "off", "record", "defer",'
+            ' "reject", got "deny"',
+        ),
+        (
+            '[greeting.checks]\ndynamic = "reject"\n',
+            'config key greeting.checks.dynamic: expected "off" or "record"'
+            ' (dynamic is only recorded), got "reject"',
+        ),
+        (
+            "greeting = 3\n",
+            "config key greeting: expected a table ([greeting]), got 3",
+        ),
+        (
+            "[greeting]\nchecks = 3\n",
+            "config key greeting.checks: expected a table ([greeting.checks]), got 3",
+        ),
+        (
+            'dns_servers = ["dns.example"]\n',
+            "config key dns_servers: expected a list of DNS servers such as"
+            ' ["192.0.2.53", "127.0.0.1:5353", "[::1]:53"], got "dns.example"',
+        ),
+        (
+            'dns_servers = ["127.0.0.1:0"]\n',
+            "config key dns_servers: expected a list of DNS servers such as"
+            ' ["192.0.2.53", "127.0.0.1:5353", "[::1]:53"], got "127.0.0.1:0"',
+        ),
+        (
+            'dns_servers = ["[::1]x"]\n',
+            "config key dns_servers: expected a list of DNS servers such as"
+            ' ["192.0.2.53", "127.0.0.1:5353", "[::1]:53"], got "[::1]x"',
+        ),
+        (
+            "dns_timeout = 0\n",
+            "config key dns_timeout: expected a number of seconds > 0, got 0",
+        ),
+    ],
+)
+def test_bad_greeting_values_name_the_key(tmp_path: Path, toml: str, expected: str) -> None:
+    assert error_of(write(tmp_path, toml)) == expected
+
+
+def test_greeting_option_labels() -> None:
+    message = error_of(
+        None,
+        {"greeting.checks.dynamic": "defer"},
+        labels={"greeting.checks.dynamic": "--helo-check dynamic"},
+    )
+    assert message == (
+        '--helo-check dynamic: expected "off" or "record" (dynamic is only recorded), got "defer"'
+    )
+    message = error_of(None, {"dns_servers": ["x"]}, labels={"dns_servers": "--dns-server"})
+    assert message.startswith("--dns-server: expected a list of DNS servers")

@@ -1,10 +1,12 @@
-"""The ``ehlo`` command line: ``serve``, ``messages list``, ``messages show``.
+"""The ``ehlo`` command line: ``serve``, ``check-helo``, ``messages list``, ``messages show``.
 
 This module owns the command-line surface: argparse definitions, turning
 options into ``load_config`` overrides, running the server on uvloop (when
-installed) with SIGTERM/SIGINT handled as a graceful stop, and printing what
-a store holds. Every failure the user can cause reaches them as ONE line
-``ehlo: error: ...`` on stderr, never a traceback:
+installed) with SIGTERM/SIGINT handled as a graceful stop, explaining what
+the greeting checks make of a HELO/EHLO name (``check-helo``, exit 0 whatever
+the verdict), and printing what a store holds. Every failure the user can
+cause reaches them as ONE line ``ehlo: error: ...`` on stderr, never a
+traceback:
 
 * exit 2: a usage or configuration error (bad option, bad config key);
 * exit 1: a runtime error (port in use, TLS files, the store, unknown id);
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -38,6 +41,7 @@ from .log import configure_logging
 from .storage import StoreError
 
 if TYPE_CHECKING:
+    from .greeting import CheckResult, Decision, GreetingPolicy, GreetingReport
     from .storage import Store, StoredMessage
 
 __all__ = ["main"]
@@ -59,6 +63,16 @@ _SERVE_LABELS = {
     "tls_key": "--tls-key",
     "log_format": "--log-format",
     "log_level": "--log-level",
+}
+
+# Greeting verification and DNS options, shared by ``serve`` and ``check-helo``.
+_GREETING_LABELS = {
+    "hostname": "--hostname",
+    "dns_servers": "--dns-server",
+    "dns_timeout": "--dns-timeout",
+    "greeting.policy": "--helo-policy",
+    "greeting.stage": "--helo-stage",
+    "greeting.trusted_networks": "--trusted-network",
 }
 
 
@@ -86,6 +100,79 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
     return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
+def _check_mode(text: str) -> tuple[str, str]:
+    """``NAME=MODE`` of ``--helo-check`` (``forward-match`` is ``forward_match``)."""
+    name, sep, mode = text.partition("=")
+    name = name.strip().lower().replace("-", "_")
+    if not sep or not name or not mode.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=MODE such as forward_match=reject, got {text!r}"
+        )
+    return name, mode.strip().lower()
+
+
+def _greeting_options(parser: argparse.ArgumentParser, *, stage: bool) -> None:
+    """The greeting verification and DNS options (``--helo-*``, ``--dns-*``)."""
+    from .greeting import CHECKS, MODES, PRESETS, STAGES
+
+    parser.add_argument(
+        "--helo-policy",
+        choices=PRESETS,
+        help="greeting checks: off, record (default: nothing is refused) or strict",
+    )
+    if stage:
+        parser.add_argument(
+            "--helo-stage",
+            choices=STAGES,
+            help="when the greeting verdict is applied (default: rcpt)",
+        )
+    parser.add_argument(
+        "--helo-check",
+        action="append",
+        type=_check_mode,
+        metavar="NAME=MODE",
+        help=f"one check's mode ({'|'.join(MODES)}), repeatable; checks: {', '.join(CHECKS)}",
+    )
+    parser.add_argument(
+        "--trusted-network",
+        action="append",
+        metavar="CIDR",
+        help="clients in this network skip the greeting checks, repeatable",
+    )
+    parser.add_argument(
+        "--dns-server",
+        action="append",
+        metavar="IP[:PORT]",
+        help="DNS server to ask, repeatable; [IPv6]:PORT (default: the system's)",
+    )
+    parser.add_argument(
+        "--dns-timeout", type=_seconds, metavar="SECONDS", help="longest wait for one DNS lookup"
+    )
+
+
+def _greeting_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``load_config`` overrides and labels of the greeting and DNS options."""
+    overrides: dict[str, Any] = {
+        "dns_servers": args.dns_server,
+        "dns_timeout": args.dns_timeout,
+        "greeting.policy": args.helo_policy,
+        "greeting.stage": getattr(args, "helo_stage", None),
+        "greeting.trusted_networks": args.trusted_network,
+    }
+    labels = dict(_GREETING_LABELS)
+    for name, mode in args.helo_check or ():
+        overrides[f"greeting.checks.{name}"] = mode
+        labels[f"greeting.checks.{name}"] = f"--helo-check {name}"
+    return overrides, labels
 
 
 def _store_options(parser: argparse.ArgumentParser, *, kinds: Sequence[str]) -> None:
@@ -141,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not look up client names for the Received header",
     )
+    _greeting_options(serve, stage=True)
     serve.add_argument("--log-format", choices=("text", "json"), help="log lines on stderr")
     serve.add_argument(
         "--log-level",
@@ -149,6 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="least severe level logged (default: INFO)",
     )
     serve.set_defaults(func=_serve)
+
+    check = commands.add_parser(
+        "check-helo",
+        help="explain what the greeting checks make of a HELO/EHLO name",
+        description="Run the greeting checks for NAME sent from IP, as the server would, "
+        "and explain each result and the verdict of the configured policy. "
+        "Exits 0 whatever the verdict.",
+    )
+    check.add_argument("name", metavar="NAME", help="the HELO/EHLO name (or [address literal])")
+    check.add_argument("ip", metavar="IP", help="the client's IP address")
+    verb = check.add_mutually_exclusive_group()
+    verb.add_argument(
+        "--ehlo", dest="verb", action="store_const", const="EHLO", help="sent as EHLO (default)"
+    )
+    verb.add_argument("--helo", dest="verb", action="store_const", const="HELO", help="as HELO")
+    check.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
+    check.add_argument("--hostname", metavar="NAME", help="our host name (for the not_us check)")
+    _greeting_options(check, stage=False)
+    check.add_argument("--json", action="store_true", help="one JSON object")
+    check.set_defaults(func=_check_helo, verb="EHLO")
 
     messages = commands.add_parser(
         "messages",
@@ -174,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--json", action="store_true", help="the envelope as JSON")
     show.set_defaults(func=_show)
     messages.set_defaults(func=lambda _args: _usage(messages, "choose list or show"))
-    parser.set_defaults(func=lambda _args: _usage(parser, "choose a command: serve, messages"))
+    parser.set_defaults(
+        func=lambda _args: _usage(parser, "choose a command: serve, check-helo, messages")
+    )
     return parser
 
 
@@ -210,7 +320,9 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         overrides["tls"] = False
     if args.no_reverse_dns:
         overrides["reverse_dns"] = False
-    return load_config(args.config, overrides, labels=_SERVE_LABELS)
+    greeting, labels = _greeting_overrides(args)
+    overrides.update(greeting)
+    return load_config(args.config, overrides, labels={**_SERVE_LABELS, **labels})
 
 
 def _loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
@@ -327,6 +439,229 @@ async def _run_server(config: ServerConfig, loop_name: str) -> int:
         for sig in installed:
             loop.remove_signal_handler(sig)
     return 0
+
+
+# --------------------------------------------------------------------------
+# ehlo check-helo
+#
+# The same checks the server runs, on a name and an IP given on the command
+# line, with the policy of the configuration (file and options). Every check
+# runs, even those the policy switches off (their MODE says "off" and they
+# weigh nothing in the verdict), so the table always shows the whole picture.
+
+_PROBLEMS = ("fail", "temperror", "permerror")
+_ANSI = {"green": "32", "red": "31", "yellow": "33", "dim": "2", "bold": "1"}
+_RESULT_COLORS = {
+    "pass": "green",
+    "fail": "red",
+    "permerror": "red",
+    "temperror": "yellow",
+    "none": "dim",
+}
+_ACTION_COLORS = {"accept": "green", "defer": "yellow", "reject": "red"}
+
+
+def _client_ip(text: str) -> str:
+    """The IP argument, normalised; a ConfigError (exit 2) when it is not an address."""
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ConfigError(f"IP: expected an IP address such as 192.0.2.7, got {text!r}") from None
+
+
+def _check_helo(args: argparse.Namespace) -> int:
+    """``ehlo check-helo NAME IP``: run every check, print the table or JSON; exit 0."""
+    from .dns import Resolver
+    from .greeting import CHECKS, Decision, GreetingVerifier, run_checks
+
+    ip = _client_ip(args.ip)
+    overrides, labels = _greeting_overrides(args)
+    overrides["hostname"] = args.hostname
+    config = load_config(args.config, overrides, labels=labels)
+    policy = config.greeting.to_policy()
+    try:
+        resolver = Resolver(list(config.dns_servers) or None, timeout=config.dns_timeout)
+    except ValueError as exc:
+        raise ConfigError(f"--dns-server: {exc}") from None
+    verifier = GreetingVerifier(policy, resolver, our_names=(config.hostname,))
+    greeting = verifier.greeting(args.verb, args.name, ip)
+
+    async def explain() -> GreetingReport:
+        # Every check, also those the policy switches off: this is an explanation.
+        return await run_checks(
+            greeting,
+            verifier.resolver,
+            checks=CHECKS,
+            max_queries=policy.max_queries,
+            timeout=policy.timeout,
+        )
+
+    try:
+        report = asyncio.run(explain())
+    except OSError as exc:
+        raise Failure(f"cannot run the checks: {exc.strerror or exc}") from None
+    decision = verifier.decide(report)
+    if not verifier.applies_to(ip):  # the server would not check this client at all
+        decision = Decision("accept")
+    _text_output()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "name": args.name,
+                    "ip": ip,
+                    "verb": args.verb,
+                    "checks": report.to_json(),
+                    "verdict": decision.to_json(),
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return 0
+    color = _use_color()
+    print(_explain(report, policy, decision, config, color=color))
+    return 0
+
+
+def _use_color() -> bool:
+    """Color only for a terminal, and never when NO_COLOR is set (no-color.org)."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _paint(text: str, color: str | None, enabled: bool) -> str:
+    if not enabled or color is None:
+        return text
+    return f"\x1b[{_ANSI[color]}m{text}\x1b[0m"
+
+
+def _explain(
+    report: GreetingReport,
+    policy: GreetingPolicy,
+    decision: Decision,
+    config: ServerConfig,
+    *,
+    color: bool,
+) -> str:
+    """The table ``check-helo`` prints: a heading, one row per check, the verdict."""
+    greeting = report.greeting
+    dns = ", ".join(config.dns_servers) or "the system's"
+    lines = [
+        _paint(_safe(f"{greeting.verb} {greeting.name} from {greeting.client_ip}"), "bold", color)
+        + f"  (policy {config.greeting.policy}, verdict at {policy.stage.upper()}, DNS {dns})",
+        "",
+    ]
+    header = ("CHECK", "RESULT", "MODE", "REASON")
+    widths = (max(len(c) for c in (*report.results, header[0])), len("TEMPERROR"), len("reject"))
+    lines.append(
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)) + "  " + header[3]
+    )
+    shown_evidence: set[str] = set()  # a lookup shown once is not repeated below
+    for result in report.results.values():
+        shown = result.result.upper() if result.result in _PROBLEMS else result.result
+        cells = [
+            result.name.ljust(widths[0]),
+            _paint(shown.ljust(widths[1]), _RESULT_COLORS.get(result.result), color),
+            policy.mode(result.name).ljust(widths[2]),
+            _safe(result.reason),
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if result.result in _PROBLEMS:
+            for line in _evidence_lines(result):
+                if line not in shown_evidence:
+                    shown_evidence.add(line)
+                    lines.append(f"  {_safe(line)}")
+    lines.append("")
+    lines.append(_verdict_line(report, policy, decision, config, color=color))
+    return "\n".join(lines)
+
+
+def _verdict_line(
+    report: GreetingReport,
+    policy: GreetingPolicy,
+    decision: Decision,
+    config: ServerConfig,
+    *,
+    color: bool,
+) -> str:
+    """``verdict: accept (why)`` or ``verdict: reject -> 550 5.7.1 ...``."""
+    action = _paint(decision.action, _ACTION_COLORS[decision.action], color)
+    ip = report.greeting.client_ip
+    if decision.action != "accept":
+        return f"verdict: {action} -> {_safe(str(decision.reply))}"
+    preset = config.greeting.policy
+    network = _trusted_network(policy, ip)
+    if network is not None:
+        why = f"{ip} is in the trusted network {network}: the server skips the checks"
+    elif not policy.enabled_checks:
+        why = f"policy {preset}: no check runs"
+    elif not policy.enforcing:
+        why = f"policy {preset}: nothing is refused"
+    else:
+        why = f"policy {preset}: no check that can refuse failed"
+    return f"verdict: {action} ({why})"
+
+
+def _trusted_network(policy: GreetingPolicy, ip: str) -> str | None:
+    """The first trusted network holding ``ip``, or None."""
+    address = ipaddress.ip_address(ip)
+    for network in policy.trusted_networks:
+        if network.version == address.version and address in network:
+            return str(network)
+    return None
+
+
+def _lookup_line(lookup: dict[str, Any]) -> str:
+    """``A mail.example.org -> 198.51.100.4 (via CNAME a.example -> b.example)``."""
+    answers = lookup.get("answers") or []
+    if answers:
+        found = ", ".join(str(a) for a in answers)
+    elif lookup.get("nxdomain"):
+        found = "NXDOMAIN"
+    else:
+        found = "no records"
+    line = f"{lookup.get('type', '?')} {lookup.get('name', '?')} -> {found}"
+    cnames = lookup.get("cnames") or []
+    if cnames:
+        line += f" (via CNAME {' -> '.join(str(c) for c in cnames)})"
+    return line
+
+
+def _evidence_lines(result: CheckResult) -> list[str]:
+    """The evidence of a failed check, one short line per fact."""
+    lines: list[str] = []
+    for key, value in result.evidence.items():
+        if key in ("client_ip", "spf") or value in (None, [], {}, ""):
+            continue  # the reason says these already
+        if key == "lookups" and isinstance(value, list):
+            for item in value:
+                lines.append(_lookup_line(item) if isinstance(item, dict) else str(item))
+        elif key == "checks" and isinstance(value, list):  # iprev: each PTR name's addresses
+            for item in value:
+                if not isinstance(item, dict):
+                    lines.append(str(item))
+                elif "error" in item:
+                    lines.append(f"A/AAAA {item.get('name')} -> {item['error']}")
+                else:
+                    found = ", ".join(item.get("addresses") or []) or "no addresses"
+                    mark = "confirmed" if item.get("confirmed") else "does not match"
+                    lines.append(f"A/AAAA {item.get('name')} -> {found} ({mark})")
+        elif key == "ptr" and isinstance(value, list):  # iprev, ptr_match: the PTR names
+            names = ", ".join(str(v) for v in value)
+            client = result.evidence.get("client_ip")
+            lines.append(f"PTR {client} -> {names}" if client else f"confirmed PTR: {names}")
+        elif isinstance(value, list):
+            lines.append(f"{key}: {', '.join(str(v) for v in value)}")
+        elif isinstance(value, dict):
+            lines.append(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}")
+        else:
+            lines.append(f"{key}: {value}")
+    return lines
 
 
 # --------------------------------------------------------------------------

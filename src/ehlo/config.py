@@ -182,9 +182,10 @@ class ServerConfig:
 # Loading: TOML file + command-line overrides -> ServerConfig
 #
 # ``load_config`` owns the TOML layout (top-level keys mirror ServerConfig
-# fields, a ``[limits]`` table mirrors ProtocolLimits) and every check on the
-# values. Precedence: command line > file > defaults. Each error is one
-# ``ConfigError`` line naming the key, e.g.
+# fields, a ``[limits]`` table mirrors ProtocolLimits, a ``[greeting]`` table
+# mirrors GreetingConfig with its ``[greeting.checks]`` table mapping check
+# names to modes) and every check on the values. Precedence: command line >
+# file > defaults. Each error is one ``ConfigError`` line naming the key, e.g.
 # ``config key limits.max_recipients: expected an integer >= 1, got "abc"``.
 
 _LIMITS = "limits"
@@ -357,6 +358,91 @@ def _listen(label: str, value: Any) -> tuple[Listen, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _nameserver(label: str, text: str, expected: str) -> str:
+    """``IP``, ``IP:PORT``, ``[IPv6]`` or ``[IPv6]:PORT``, normalised; ConfigError if not."""
+    value = text.strip()
+    port_text: str | None = None
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise _fail(label, expected, text)
+        port_text = rest[1:] if rest else None
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    else:
+        host = value  # IPv4, or IPv6 without a port
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise _fail(label, expected, text) from None
+    if port_text is None:
+        return str(address)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _fail(label, expected, text)
+    port = int(port_text)
+    shown = f"[{address}]" if address.version == 6 else str(address)
+    return f"{shown}:{port}"
+
+
+def _dns_servers(label: str, value: Any) -> tuple[str, ...]:
+    expected = 'a list of DNS servers such as ["192.0.2.53", "127.0.0.1:5353", "[::1]:53"]'
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _fail(label, expected, value)
+    return tuple(dict.fromkeys(_nameserver(label, item, expected) for item in value))
+
+
+def _networks(label: str, value: Any) -> tuple[str, ...]:
+    expected = 'a list of networks such as ["10.0.0.0/8", "2001:db8::/32"]'
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _fail(label, expected, value)
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise _fail(label, expected, value)
+        try:
+            # Host bits are dropped: "192.168.1.5/24" means 192.168.1.0/24.
+            out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise _fail(label, expected, item) from None
+    return tuple(dict.fromkeys(out))
+
+
+def _greeting_preset(label: str, value: Any) -> str:
+    from .greeting import PRESETS
+
+    return _choice(*PRESETS)(label, value)
+
+
+def _greeting_stage(label: str, value: Any) -> str:
+    from .greeting import STAGES
+
+    return _choice(*STAGES)(label, value)
+
+
+def _check_mode(check: str, label: str, value: Any) -> str:
+    """The mode of one ``[greeting.checks]`` entry; ConfigError for a bad name or mode."""
+    from .greeting import CHECKS, MODES, RECORD_ONLY
+
+    if check not in CHECKS:
+        guesses = difflib.get_close_matches(check, CHECKS, n=1, cutoff=0.6)
+        hint = f' (did you mean "{guesses[0]}"?)' if guesses else ""
+        where = f"{label.split()[0]}: " if label.startswith("-") else ""  # the option
+        raise ConfigError(f'{where}unknown greeting check "{check}"{hint}')
+    allowed: list[str] = list(MODES)
+    if check in RECORD_ONLY:
+        allowed = [m for m in MODES if m in ("off", "record")]
+        expected = " or ".join(f'"{m}"' for m in allowed) + f" ({check} is only recorded)"
+    else:
+        expected = "one of " + ", ".join(f'"{m}"' for m in allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise _fail(label, expected, value)
+    return value
+
+
 _Check = Callable[[str, Any], Any]
 
 _SERVER_KEYS: dict[str, _Check] = {
@@ -375,6 +461,8 @@ _SERVER_KEYS: dict[str, _Check] = {
     "shutdown_timeout": _seconds_or_zero,
     "reverse_dns": _bool,
     "reverse_dns_timeout": _positive_seconds,
+    "dns_servers": _dns_servers,
+    "dns_timeout": _positive_seconds,
     "log_format": _choice("text", "json"),
     "log_level": _choice(*_LOG_LEVELS, fold=True),
 }
@@ -393,50 +481,77 @@ _LIMIT_KEYS: dict[str, _Check] = {
     "enhancedstatuscodes": _bool,
 }
 
+_GREETING = "greeting"
+_CHECKS_TABLE = f"{_GREETING}.checks"
+
+_GREETING_KEYS: dict[str, _Check] = {
+    "policy": _greeting_preset,
+    "stage": _greeting_stage,
+    "trusted_networks": _networks,
+    "max_queries": _positive_int,
+    "timeout": _positive_seconds,
+}
+
+# Tables and their keys; [greeting.checks] maps check names to modes (_check_mode).
+_TABLES: dict[str, dict[str, _Check]] = {_LIMITS: _LIMIT_KEYS, _GREETING: _GREETING_KEYS}
+_TABLE_NAMES = (_LIMITS, _GREETING, _CHECKS_TABLE)
+
 _PATH_KEYS = frozenset({"data_dir", "tls_cert", "tls_key"})
 
-# Every key a file or an override may set, dotted for the [limits] table.
+# Every key a file or an override may set, dotted for the tables; the checks
+# of [greeting.checks] are the names in ``ehlo.greeting.CHECKS``.
 CONFIG_KEYS: tuple[str, ...] = (
     *_SERVER_KEYS,
-    _LIMITS,
-    *(f"{_LIMITS}.{key}" for key in _LIMIT_KEYS),
+    *_TABLE_NAMES,
+    *(f"{table}.{key}" for table, keys in _TABLES.items() for key in keys),
 )
+
+
+def _known_keys() -> list[str]:
+    """Every settable key, check names included (``greeting.checks.forward_match``)."""
+    from .greeting import CHECKS
+
+    return [*CONFIG_KEYS, *(f"{_CHECKS_TABLE}.{check}" for check in CHECKS)]
 
 
 def _unknown(key: str) -> ConfigError:
     """``unknown config key "x"``, with the nearest known key when one is close."""
+    known = _known_keys()
     bare = key.rpartition(".")[2]
-    if bare in _LIMIT_KEYS and key != f"{_LIMITS}.{bare}":
-        guesses = [f"{_LIMITS}.{bare}"]  # right key, wrong table
-    elif bare in _SERVER_KEYS:
-        guesses = [bare]  # a top-level key put in [limits]
-    else:
-        if key.startswith(f"{_LIMITS}."):
-            pool = [f"{_LIMITS}.{k}" for k in _LIMIT_KEYS]
-        else:
-            pool = [*_SERVER_KEYS, _LIMITS, *(f"{_LIMITS}.{k}" for k in _LIMIT_KEYS)]
+    # The right name in the wrong table ("max_message_size" for limits.max_message_size).
+    guesses = [k for k in known if k.rpartition(".")[2] == bare and k != key]
+    if not guesses:
+        table = next((t for t in _TABLE_NAMES[::-1] if key.startswith(f"{t}.")), "")
+        pool = [k for k in known if k.startswith(f"{table}.")] if table else known
         guesses = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
     hint = f' (did you mean "{guesses[0]}"?)' if guesses else ""
     return ConfigError(f'unknown config key "{key}"{hint}')
 
 
 def _check(key: str, value: Any, label: str) -> Any:
-    table, _, name = key.partition(".")
-    checks = _LIMIT_KEYS if name else _SERVER_KEYS
-    check = checks.get(name or table)
-    if check is None or (name and table != _LIMITS):
+    table, dot, name = key.rpartition(".")
+    if table == _CHECKS_TABLE:
+        return _check_mode(name, label, value)
+    keys = _TABLES.get(table) if dot else _SERVER_KEYS
+    check = keys.get(name) if keys is not None else None
+    if check is None:
         raise _unknown(key)
     return check(label, value)
 
 
-def _flatten(data: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """``{"limits": {"x": 1}, "y": 2}`` -> ``[("limits.x", 1), ("y", 2)]``."""
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"limits": {"x": 1}, "y": 2}`` -> ``[("limits.x", 1), ("y", 2)]``.
+
+    The tables ([limits], [greeting], [greeting.checks]) are flattened to
+    dotted keys, however they are given (nested or dotted already).
+    """
     items: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        if key == _LIMITS and isinstance(value, Mapping):
-            items.extend((f"{_LIMITS}.{k}", v) for k, v in value.items())
-        elif key == _LIMITS:
-            raise _fail(f"config key {_LIMITS}", "a table ([limits])", value)
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if key in _TABLE_NAMES and value is not None:
+            if not isinstance(value, Mapping):
+                raise _fail(f"config key {key}", f"a table ([{key}])", value)
+            items.extend(_flatten(value, f"{key}."))
         else:
             items.append((key, value))
     return items
@@ -464,19 +579,25 @@ def load_config(
     """Build a validated ``ServerConfig`` from defaults, a TOML file and overrides.
 
     ``path``: a TOML file whose top-level keys mirror ``ServerConfig`` fields,
-    with a ``[limits]`` table mirroring ``ProtocolLimits``; None for none.
+    with a ``[limits]`` table mirroring ``ProtocolLimits`` and a ``[greeting]``
+    table mirroring ``GreetingConfig`` (``policy``, ``stage``,
+    ``trusted_networks``, ``max_queries``, ``timeout``) whose
+    ``[greeting.checks]`` table maps check names (``ehlo.greeting.CHECKS``)
+    to ``off | record | defer | reject``; None for none.
     Relative paths in the file (``data_dir``, ``tls_cert``, ``tls_key``) are
     taken relative to the file's folder.
 
     ``overrides``: values that win over the file (the command line), keyed by
-    the same names; ``[limits]`` fields as ``"limits.max_recipients"`` or in a
-    nested ``"limits"`` mapping. ``None`` values are skipped, so unset options
+    the same names; table fields dotted (``"limits.max_recipients"``,
+    ``"greeting.policy"``, ``"greeting.checks.forward_match"``) or in nested
+    mappings (``{"greeting": {"checks": {...}}}``). ``None`` values are skipped, so unset options
     can be passed as they are. ``labels`` names an override in error messages
     (e.g. ``{"limits.max_message_size": "--max-size"}``); otherwise errors say
     ``config key NAME``.
 
-    Raises ``ConfigError`` (one line naming the key) for an unknown key, a
-    wrong type or range, ``tls_cert`` without ``tls_key`` or the reverse.
+    Raises ``ConfigError`` (one line naming the key) for an unknown key or
+    check name (with the nearest known one as a suggestion), a wrong type or
+    range, ``tls_cert`` without ``tls_key`` or the reverse.
     """
     values: dict[str, Any] = {}
     names: dict[str, str] = {}  # key -> how the error messages call it
@@ -505,5 +626,26 @@ def load_config(
     limits = ProtocolLimits(
         **{k.partition(".")[2]: v for k, v in values.items() if k.startswith(f"{_LIMITS}.")}
     )
+    greeting = _greeting_config(values, names)
     fields = {k: v for k, v in values.items() if "." not in k}
-    return ServerConfig(limits=limits, **fields)
+    return ServerConfig(limits=limits, greeting=greeting, **fields)
+
+
+def _greeting_config(values: Mapping[str, Any], names: Mapping[str, str]) -> GreetingConfig:
+    """The [greeting] table (and its checks) of the validated ``values``."""
+    prefix, checks_prefix = f"{_GREETING}.", f"{_CHECKS_TABLE}."
+    checks = {
+        k.removeprefix(checks_prefix): v for k, v in values.items() if k.startswith(checks_prefix)
+    }
+    fields = {
+        k.removeprefix(prefix): v
+        for k, v in values.items()
+        if k.startswith(prefix) and not k.startswith(checks_prefix)
+    }
+    config = GreetingConfig(checks=checks, **fields)
+    try:
+        config.to_policy()  # every value was checked; this guards their combination
+    except ValueError as exc:
+        label = next((names[k] for k in values if k.startswith(prefix)), "config key greeting")
+        raise ConfigError(f"{label}: {exc}") from None
+    return config
