@@ -371,11 +371,6 @@ async def test_iprev_without_ptr_is_not_pass(greeting_dns: DNSServer) -> None:
     assert report.verified_ptr is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: RFC 8601 section 2.7.3 makes iprev 'permerror' when no PTR data are "
-    "published; check_iprev gives 'fail'",
-)
 async def test_iprev_without_ptr_is_permerror(greeting_dns: DNSServer) -> None:
     result = (await check(greeting_dns, zone.match_name(12), zone.NO_PTR_IP, "iprev"))["iprev"]
     assert result.result == "permerror"
@@ -545,11 +540,6 @@ async def test_dynamic_pass(greeting_dns: DNSServer) -> None:
     assert zone.match_name(5) in result.evidence["names"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: check_dynamic swallows the PTR lookup's DNSTempError and passes "
-    "(a silent pass after a DNS failure)",
-)
 async def test_dynamic_not_pass_when_ptr_lookup_fails(greeting_dns: DNSServer) -> None:
     result = (await check(greeting_dns, zone.match_name(13), zone.PTR_SERVFAIL_IP, "dynamic"))[
         "dynamic"
@@ -622,11 +612,6 @@ async def test_query_cap_never_changes_a_result_except_to_temperror(
             assert got in (want, "temperror"), (cap, check_name, got, want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: check_dynamic ignores a failed (capped) PTR lookup and passes a client "
-    "whose PTR is dynamic",
-)
 async def test_query_cap_dynamic_never_passes(greeting_dns: DNSServer) -> None:
     full = await check(greeting_dns, zone.match_name(23), zone.DYNAMIC_IP)
     assert full["dynamic"].result == "fail"

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -224,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-tls", action="store_true", help="do not offer STARTTLS (no self-signed pair)"
     )
     serve.add_argument(
+        "--workers",
+        type=_count,
+        metavar="N",
+        default=1,
+        help="server processes sharing the listeners, each with its own event loop (default: 1)",
+    )
+    serve.add_argument(
         "--no-reverse-dns",
         action="store_true",
         help="do not look up client names for the Received header",
@@ -352,8 +360,36 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     factory, loop_name = _loop_factory()
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_run_server(config, loop_name))
+    workers = max(1, int(args.workers or 1))
+    if workers == 1:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_run_server(config, loop_name))
+    return _serve_workers(config, workers, factory, loop_name)
+
+
+def _serve_workers(
+    config: ServerConfig,
+    workers: int,
+    factory: Callable[[], asyncio.AbstractEventLoop] | None,
+    loop_name: str,
+) -> int:
+    """Bind once, fork ``workers`` server processes, supervise them until a signal."""
+    from .server.tls import TLSConfigError, ensure_self_signed
+    from .server.workers import bind_listeners, run_workers
+
+    try:
+        if config.tls and config.tls_cert is None:
+            # Made once here, not raced by the workers.
+            ensure_self_signed(Path(config.data_dir), config.hostname)
+        sockets = bind_listeners(config.listen)
+    except (OSError, TLSConfigError) as exc:
+        raise _start_failure(exc, config) from None
+
+    def run_worker(socks: Sequence[socket.socket], index: int) -> int:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(_run_server(config, f"{loop_name}, worker {index}", socks))
+
+    return run_workers(sockets, workers, run_worker)
 
 
 def _start_failure(exc: BaseException, config: ServerConfig) -> Failure:
@@ -376,12 +412,16 @@ def _start_failure(exc: BaseException, config: ServerConfig) -> Failure:
     return Failure(f"cannot start: {exc}")
 
 
-async def _run_server(config: ServerConfig, loop_name: str) -> int:
+async def _run_server(
+    config: ServerConfig,
+    loop_name: str,
+    sockets: Sequence[socket.socket] | None = None,
+) -> int:
     from .server import Server
     from .server.tls import TLSConfigError
 
     loop = asyncio.get_running_loop()
-    server = Server(config)
+    server = Server(config, sockets=sockets)
     stopping = asyncio.Event()
     signals: list[int] = []
 

@@ -14,7 +14,6 @@ the explain command or a policy service as well.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
@@ -346,7 +345,8 @@ async def check_iprev(run: _Run) -> CheckResult:
                        client_ip=str(run.client), ptr=names, confirmed=confirmed,
                        checks=evidence)
     if not names:
-        return _result("iprev", "fail", f"came from {run.client}, which has no PTR record",
+        # RFC 8601 section 2.7.3: no PTR data published is a permerror.
+        return _result("iprev", "permerror", f"came from {run.client}, which has no PTR record",
                        client_ip=str(run.client), ptr=[])
     return _result("iprev", "fail",
                    f"came from {run.client}, whose PTR name {names[0]} does not resolve back",
@@ -426,14 +426,21 @@ async def check_spf_helo(run: _Run) -> CheckResult:
 async def check_dynamic(run: _Run) -> CheckResult:
     """The name or the client's PTR looks like a dynamic address pool (recorded only)."""
     candidates = [run.name] if run.is_domain else []
-    with contextlib.suppress(DNSTempError):
+    ptr_error: DNSTempError | None = None
+    try:
         candidates += list(await run.ptr())
+    except DNSTempError as exc:
+        ptr_error = exc  # the name alone may still tell; a pass may not be claimed
     for name in candidates:
         fragment = looks_dynamic(name, str(run.client))
         if fragment is not None:
             return _result("dynamic", "fail",
                            f"looks dynamic: {name} embeds the client address ({fragment})",
                            name=name, fragment=fragment)
+    if ptr_error is not None:
+        return _result("dynamic", "temperror",
+                       f"could not be compared with the client's PTR names: {ptr_error}",
+                       names=candidates)
     return _result("dynamic", "pass", "does not embed the client address", names=candidates)
 
 

@@ -18,16 +18,22 @@ The header is built as raw bytes and prepended, like the Received header.
 
 from __future__ import annotations
 
-from ..protocol import is_address_literal, is_domain
+from ..protocol import is_domain
 from ._checks import GreetingReport
 
 # RFC 8601 section 2.7.3: the results iprev can have.
 _IPREV = {"pass", "fail", "temperror", "permerror"}
 
 
+_TSPECIALS = frozenset('()<>@,;:\\"/[]?=')
+
+
 def _pvalue(value: str) -> str:
-    # RFC 8601 section 2.2: pvalue is a value (token or quoted-string) or a domain.
-    if is_domain(value, utf8=not value.isascii()) or is_address_literal(value):
+    # RFC 8601 section 2.2: pvalue is a value (RFC 2045 token or quoted-string)
+    # or a domain name; an address literal or an IPv6 address must be quoted.
+    if is_domain(value, utf8=not value.isascii()):
+        return value
+    if value and all(32 < ord(c) < 127 and c not in _TSPECIALS for c in value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + "".join(c if 32 <= ord(c) < 127 or ord(c) >= 128 else "?" for c in escaped) + '"'
@@ -50,7 +56,8 @@ def authentication_results(report: GreetingReport, authserv_id: str) -> bytes:
         result = iprev.result if iprev.result in _IPREV else "permerror"
         name = report.verified_ptr
         parts.append(
-            f"iprev={result} policy.iprev={iprev.evidence.get('client_ip', greeting.client_ip)}"
+            f"iprev={result} "
+            f"policy.iprev={_pvalue(str(iprev.evidence.get('client_ip', greeting.client_ip)))}"
             + _comment(name or "")
         )
     spf = report.results.get("spf_helo")

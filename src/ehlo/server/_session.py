@@ -277,6 +277,23 @@ class Session:
                 )
         return self.report
 
+    def _collect_report(self) -> GreetingReport | None:
+        """The report of finished checks (also when nothing awaited them), or None."""
+        task = self._checks
+        if task is None:
+            return None
+        if (
+            self.report is None
+            and task.done()
+            and not task.cancelled()
+            and task.exception() is None
+        ):
+            self.report = task.result()
+            verifier = self.ctx.verifier
+            assert verifier is not None
+            self.decision = verifier.decide(self.report)
+        return self.report
+
     async def _verdict(self) -> Reply | None:
         """The refusal the greeting policy gives now, or None."""
         await self._await_report()
@@ -372,7 +389,7 @@ class Session:
         assert tx is not None
         self.abort_message()
         self._collect_rdns()
-        report = self.report if self._checks is not None else None
+        report = self._collect_report()
         queue_id = new_queue_id()
         protocol = protocol_keyword(conn.esmtp, self.tls is not None, utf8=tx.smtputf8)
         now = time.time()
