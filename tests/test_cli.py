@@ -504,3 +504,33 @@ def test_json_log_format_never_fails_on_odd_values() -> None:
     assert isinstance(first["circ"], str)
     assert first["ts"].endswith("Z")
     assert "bad format" in second["msg"]
+
+
+# --------------------------------------------------------------------------
+# Several worker processes
+
+
+@pytest.mark.parametrize("store", ["sqlite", "maildir"])
+def test_workers_share_listener_and_store(tmp_path: Path, store: str) -> None:
+    import concurrent.futures
+
+    with serving(
+        tmp_path, "--workers", "2", "--store", store, "--helo-policy", "off", "--log-format", "json"
+    ) as server:
+
+        def deliver(i: int) -> None:
+            with server.smtp() as client:
+                client.ehlo("worker.client.test")
+                client.sendmail(
+                    "a@example.org", [f"r{i}@example.net"], b"Subject: w%d\r\n\r\nx\r\n" % i
+                )
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(deliver, range(40)))
+        assert server.stop() == 0
+        lines = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
+    ready = [line for line in lines if line.get("event") == "ready"]
+    assert sorted(line["loop"].rsplit(" ", 1)[-1] for line in ready) == ["0", "1"]
+    assert sum(line.get("event") == "message" for line in lines) == 40
+    listed = list_json(server.data, "--store", store)
+    assert sorted(item["subject"] for item in listed) == sorted(f"w{i}" for i in range(40))
