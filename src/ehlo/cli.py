@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
+from .client.cli import add_client_commands
 from .config import ConfigError, Listen, ServerConfig, load_config, read_config_file
 from .log import configure_logging
 from .storage import StoreError
@@ -290,8 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--json", action="store_true", help="the envelope as JSON")
     show.set_defaults(func=_show)
     messages.set_defaults(func=lambda _args: _usage(messages, "choose list or show"))
+    add_client_commands(commands)
     parser.set_defaults(
-        func=lambda _args: _usage(parser, "choose a command: serve, check-helo, messages")
+        func=lambda _args: _usage(
+            parser, "choose a command: serve, check-helo, messages, send, probe"
+        )
     )
     return parser
 

@@ -7,6 +7,7 @@ concern (``_reply``, ``_events``, ``_syntax``, ``_state``, ``_server``).
 
 from __future__ import annotations
 
+from ._client import ClientConnection, ClientState, ServerExtensions
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
@@ -45,6 +46,8 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "Bdat",
+    "ClientConnection",
+    "ClientState",
     "Command",
     "Data",
     "DataChunk",
@@ -64,6 +67,7 @@ __all__ = [
     "Reply",
     "Rset",
     "ServerConnection",
+    "ServerExtensions",
     "StartTls",
     "State",
     "SyntaxProblem",

@@ -131,7 +131,10 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._eof = True
         if not self._busy:
             self._close_after_eof()
-        return True
+        # Keep the write side open to answer what is pending; asyncio's TLS
+        # transport cannot half-close, so there the answer is False.
+        transport = self.transport
+        return transport is None or transport.get_extra_info("ssl_object") is None
 
     def _close_after_eof(self) -> None:
         self._flush()

@@ -1,0 +1,68 @@
+"""The SMTP client: an asyncio session over the sans-IO ``ClientConnection``, MX routing.
+
+Send one message to one server::
+
+    from ehlo.client import SMTPClient
+
+    async with SMTPClient("mail.example.org", 25, tls="required") as client:
+        await client.login("user", "secret")
+        result = await client.send_message("a@example.org", ["b@example.net"], message)
+        print(result.accepted, result.refused)
+
+or route by MX (RFC 5321 section 5.1) with :class:`Router` and :func:`deliver`.
+The package owns: ``_client`` (connection, TLS, AUTH, transactions),
+``routing`` (MX, implicit MX, null MX, failover), ``_errors`` (exceptions that
+carry the reply) and ``cli`` (``ehlo send`` and ``ehlo probe``).
+"""
+
+from __future__ import annotations
+
+from ._client import (
+    Message,
+    SendResult,
+    SMTPClient,
+    Timeouts,
+    TLSInfo,
+    TLSMode,
+    Transcript,
+    client_ssl_context,
+)
+from ._errors import (
+    AuthFailed,
+    ConnectionFailed,
+    DataRefused,
+    MessageNotSupported,
+    NoRoute,
+    RecipientsRefused,
+    SenderRefused,
+    ServiceRefused,
+    SMTPClientError,
+    TLSFailed,
+)
+from .routing import DeliveryResult, MailHost, Router, deliver, recipient_domain
+
+__all__ = [
+    "AuthFailed",
+    "ConnectionFailed",
+    "DataRefused",
+    "DeliveryResult",
+    "MailHost",
+    "Message",
+    "MessageNotSupported",
+    "NoRoute",
+    "RecipientsRefused",
+    "Router",
+    "SMTPClient",
+    "SMTPClientError",
+    "SendResult",
+    "SenderRefused",
+    "ServiceRefused",
+    "TLSFailed",
+    "TLSInfo",
+    "TLSMode",
+    "Timeouts",
+    "Transcript",
+    "client_ssl_context",
+    "deliver",
+    "recipient_domain",
+]

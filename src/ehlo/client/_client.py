@@ -1,0 +1,1169 @@
+"""The asyncio SMTP client over the sans-IO :class:`~ehlo.protocol.ClientConnection`.
+
+This module owns the client's I/O: the TCP connection (an ``asyncio.Protocol``
+with write flow control), implicit TLS and the STARTTLS upgrade, the
+timeouts of RFC 5321 section 4.5.3.2, SASL authentication (PLAIN, LOGIN,
+SCRAM-SHA-256), and :meth:`SMTPClient.send_message`: one mail transaction
+with per-recipient results, PIPELINING, SIZE, BODY=8BITMIME, SMTPUTF8 and
+BDAT, streaming the body from bytes, a file or an iterator with flat memory.
+
+What the message needs is checked before MAIL is sent: a server that does
+not offer SMTPUTF8, 8BITMIME or a large enough SIZE gets no transaction at
+all (:class:`MessageNotSupported`). Every command and reply can be reported
+to a transcript callback, with AUTH secrets redacted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import os
+import socket
+import ssl
+import stringprep
+import unicodedata
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from typing import IO, Literal, Protocol, cast
+
+from ..protocol import (
+    NEED_DATA,
+    ClientConnection,
+    ClientState,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Reply,
+    ServerExtensions,
+)
+from ..protocol._syntax import is_domain
+from ._errors import (
+    AuthFailed,
+    ConnectionFailed,
+    DataRefused,
+    MessageNotSupported,
+    RecipientsRefused,
+    SenderRefused,
+    ServiceRefused,
+    SMTPClientError,
+    TLSFailed,
+)
+
+__all__ = [
+    "Message",
+    "SMTPClient",
+    "SendResult",
+    "TLSInfo",
+    "TLSMode",
+    "Timeouts",
+    "Transcript",
+    "client_ssl_context",
+    "scram_client_final",
+    "scram_client_first",
+]
+
+TLSMode = Literal["opportunistic", "required", "off", "implicit"]
+TLS_MODES: tuple[TLSMode, ...] = ("opportunistic", "required", "off", "implicit")
+
+Message = bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
+"""A message: bytes, a binary file (read in chunks), or an (async) iterator of chunks."""
+
+# Read-side flow control: stop reading while this much is unparsed.
+_MAX_UNPARSED = 1 << 20
+# RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
+_MAX_TEXT_LINE = 998
+# SASL mechanisms, most preferred first.
+_MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
+# SCRAM: refuse iteration counts that would only burn CPU.
+_SCRAM_MAX_ITERATIONS = 1_000_000
+
+
+class Transcript(Protocol):
+    """Receives the dialogue: ``kind`` is "info", "send", "recv" or "error"."""
+
+    def __call__(self, kind: str, text: str, tls: bool) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds to wait, after RFC 5321 section 4.5.3.2 (its minimums are the defaults)."""
+
+    connect: float = 30.0  # TCP connect (not in the RFC)
+    tls: float = 60.0  # a TLS handshake (not in the RFC)
+    banner: float = 300.0  # 4.5.3.2.1: initial 220 message, 5 minutes
+    mail: float = 300.0  # 4.5.3.2.2: MAIL, 5 minutes
+    rcpt: float = 300.0  # 4.5.3.2.3: RCPT, 5 minutes
+    data_init: float = 120.0  # 4.5.3.2.4: DATA initiation, 2 minutes
+    data_block: float = 180.0  # 4.5.3.2.5: each write of data, 3 minutes
+    data_end: float = 600.0  # 4.5.3.2.6: the reply after the data, 10 minutes
+    command: float = 300.0  # other commands (EHLO, RSET, AUTH ...)
+
+    @classmethod
+    def uniform(cls, seconds: float) -> Timeouts:
+        """The same limit for every step (tests, impatient tools)."""
+        return cls(*(seconds for _ in dataclasses.fields(cls)))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TLSInfo:
+    """The TLS session: protocol, cipher, the server's certificate, verification."""
+
+    version: str
+    cipher: str
+    bits: int
+    verified: bool
+    subject: str | None = None
+    issuer: str | None = None
+    names: tuple[str, ...] = ()
+    not_after: dt.datetime | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "cipher": self.cipher,
+            "bits": self.bits,
+            "verified": self.verified,
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "names": list(self.names),
+            "not_after": self.not_after.isoformat() if self.not_after else None,
+        }
+
+
+@dataclasses.dataclass(slots=True)
+class SendResult:
+    """The outcome of one transaction: the MAIL reply, each recipient's, the final reply."""
+
+    mail: Reply
+    accepted: dict[str, Reply]
+    refused: dict[str, Reply]
+    reply: Reply
+    size: int  # octets of the message as given (before CRLF and dot-stuffing)
+    chunked: bool  # sent with BDAT
+
+
+def client_ssl_context(*, verify: bool = True, cafile: str | None = None) -> ssl.SSLContext:
+    """A client TLS context: system CAs (and ``cafile``), or no verification at all."""
+    context = ssl.create_default_context(cafile=cafile)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# ---------------------------------------------------------------- transport
+
+
+class _Protocol(asyncio.Protocol):
+    """Feeds received bytes to the connection; wakes the reader; write flow control."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.readable = asyncio.Event()
+        self.lost: BaseException | None = None
+        self.closed = False
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        if self.conn.buffered > _MAX_UNPARSED and self.transport is not None:
+            self.transport.pause_reading()
+        self.readable.set()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_eof()
+        self.readable.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.lost = exc
+        self.conn.receive_eof()
+        self.readable.set()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("connection lost")
+        if not self._paused:
+            return
+        self._drain = asyncio.get_running_loop().create_future()
+        await self._drain
+        if self.closed:
+            raise ConnectionResetError("connection lost")
+
+
+# --------------------------------------------------------------- the message
+
+
+@dataclasses.dataclass(slots=True)
+class _Scan:
+    size: int
+    eight_bit: bool
+    utf8_headers: bool
+    longest_line: int
+    bare_newlines: int  # LFs without CR: each grows by one octet on the wire
+
+
+def _header_end(data: bytes) -> int:
+    """Index of the empty line that ends the header section, or -1."""
+    ends = [i for i in (data.find(b"\n\n"), data.find(b"\n\r\n")) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def _scan_chunks(chunks: Iterable[bytes]) -> _Scan:
+    size = 0
+    eight_bit = utf8_headers = False
+    in_headers = True
+    tail = b"\n"  # so that a message starting with an empty line has no header
+    longest = 0
+    bare = 0
+    line = 0  # length of the line in progress
+    for chunk in chunks:
+        size += len(chunk)
+        bare += chunk.count(b"\n") - chunk.count(b"\r\n")
+        if in_headers:
+            window = tail + chunk
+            end = _header_end(window)
+            head = window if end < 0 else window[:end]
+            if not head.isascii():
+                utf8_headers = True
+            in_headers = end < 0
+            tail = window[-2:]
+        if not eight_bit and not chunk.isascii():
+            eight_bit = True
+        pieces = chunk.split(b"\n")
+        if len(pieces) == 1:
+            line += len(chunk)
+        else:
+            longest = max(longest, line + len(pieces[0].rstrip(b"\r")))
+            if len(pieces) > 2:
+                longest = max(longest, max(len(p.rstrip(b"\r")) for p in pieces[1:-1]))
+            line = len(pieces[-1])
+        longest = max(longest, line)
+    return _Scan(size, eight_bit, utf8_headers, longest, bare)
+
+
+def _read_file(f: IO[bytes], chunk_size: int) -> Iterable[bytes]:
+    while chunk := f.read(chunk_size):
+        yield chunk
+
+
+def _scan(message: Message, chunk_size: int) -> _Scan | None:
+    """Size and content facts of a message that can be read twice; None otherwise."""
+    if isinstance(message, bytes | bytearray | memoryview):
+        data = bytes(message) if not isinstance(message, bytes) else message
+        return _scan_chunks(
+            data[i : i + chunk_size] for i in range(0, max(len(data), 1), chunk_size)
+        )
+    read = getattr(message, "read", None)
+    if read is None:
+        return None
+    f = cast(IO[bytes], message)
+    try:
+        if not f.seekable():
+            return None
+        start = f.tell()
+    except (OSError, ValueError):
+        return None
+    try:
+        return _scan_chunks(_read_file(f, chunk_size))
+    finally:
+        f.seek(start)
+
+
+async def _chunks(message: Message, chunk_size: int) -> AsyncIterator[bytes]:
+    """The message in chunks of at most ``chunk_size`` octets."""
+    if isinstance(message, bytes | bytearray | memoryview):
+        view = memoryview(message)
+        for i in range(0, len(view), chunk_size):
+            yield bytes(view[i : i + chunk_size])
+        return
+    if hasattr(message, "read"):
+        f = cast(IO[bytes], message)
+        while chunk := f.read(chunk_size):
+            yield chunk
+        return
+    # Pieces of an iterator are gathered into chunks of chunk_size (so that a
+    # small header piece does not cost a BDAT of its own) and split when larger.
+    buf = bytearray()
+    if isinstance(message, AsyncIterable):
+        async for piece in message:
+            buf += piece
+            while len(buf) >= chunk_size:
+                yield bytes(buf[:chunk_size])
+                del buf[:chunk_size]
+    else:
+        for piece in message:
+            buf += piece
+            while len(buf) >= chunk_size:
+                yield bytes(buf[:chunk_size])
+                del buf[:chunk_size]
+    if buf:
+        yield bytes(buf)
+
+
+async def _lookahead(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bool]]:
+    """Each chunk with a flag telling whether it is the last (an empty message: one b"")."""
+    previous: bytes | None = None
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        if previous is not None:
+            yield previous, False
+        previous = chunk
+    yield (previous if previous is not None else b""), True
+
+
+# ----------------------------------------------------------------- SASL
+
+
+def _saslprep(text: str) -> str:
+    """RFC 4013 SASLprep (stringprep profile) of a user name or password."""
+    if text.isascii() and all(32 <= ord(c) < 127 for c in text):
+        return text  # printable ASCII is unchanged by the profile
+    # RFC 4013 section 2.1-2.2: map non-ASCII spaces to SPACE, drop "mapped to nothing".
+    mapped = "".join(
+        " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
+    )
+    normalized = unicodedata.normalize("NFKC", mapped)
+    prohibited = (
+        stringprep.in_table_c12,
+        stringprep.in_table_c21,
+        stringprep.in_table_c22,
+        stringprep.in_table_c3,
+        stringprep.in_table_c4,
+        stringprep.in_table_c5,
+        stringprep.in_table_c6,
+        stringprep.in_table_c7,
+        stringprep.in_table_c8,
+        stringprep.in_table_c9,
+        stringprep.in_table_a1,  # RFC 4013 section 2.5: unassigned code points
+    )
+    for c in normalized:
+        if any(table(c) for table in prohibited):
+            raise ValueError(f"character U+{ord(c):04X} is not allowed (SASLprep)")
+    # RFC 3454 section 6: bidirectional text rules.
+    if any(stringprep.in_table_d1(c) for c in normalized):
+        if any(stringprep.in_table_d2(c) for c in normalized):
+            raise ValueError("mixed right-to-left and left-to-right text (SASLprep)")
+        if not (stringprep.in_table_d1(normalized[0]) and stringprep.in_table_d1(normalized[-1])):
+            raise ValueError("right-to-left text must start and end with RTL (SASLprep)")
+    return normalized
+
+
+def scram_client_first(user: str, nonce: str) -> str:
+    """RFC 5802 section 7: the client-first-message (no channel binding: ``n,,``)."""
+    name = _saslprep(user).replace("=", "=3D").replace(",", "=2C")
+    return f"n,,n={name},r={nonce}"
+
+
+def scram_client_final(
+    client_first: str, server_first: str, password: str
+) -> tuple[str, bytes]:
+    """RFC 5802 section 3 with SHA-256 (RFC 7677): the client-final-message and the
+    server signature expected in the server-final-message."""
+    attrs = dict(part.split("=", 1) for part in server_first.split(",") if "=" in part)
+    if "m" in attrs:
+        raise ValueError("SCRAM server asks for an unsupported extension (m=)")
+    nonce, salt_b64, count = attrs.get("r", ""), attrs.get("s", ""), attrs.get("i", "")
+    client_nonce = client_first.rsplit("r=", 1)[1]
+    # RFC 5802 section 5.1: the server nonce starts with the client's.
+    if not nonce.startswith(client_nonce) or len(nonce) <= len(client_nonce):
+        raise ValueError("SCRAM server nonce does not extend the client nonce")
+    if not count.isdigit() or not 0 < int(count) <= _SCRAM_MAX_ITERATIONS:
+        raise ValueError(f"SCRAM iteration count out of range: {count!r}")
+    salt = base64.b64decode(salt_b64, validate=True)
+    salted = hashlib.pbkdf2_hmac("sha256", _saslprep(password).encode(), salt, int(count))
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    without_proof = f"c=biws,r={nonce}"  # biws = base64("n,,")
+    auth_message = f"{client_first[3:]},{server_first},{without_proof}".encode()
+    signature = hmac.digest(stored_key, auth_message, "sha256")
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    server_signature = hmac.digest(server_key, auth_message, "sha256")
+    final = f"{without_proof},p={base64.b64encode(proof).decode()}"
+    return final, server_signature
+
+
+def _b64(data: bytes | str) -> str:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(reply: Reply) -> bytes:
+    text = reply.text.strip()
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise AuthFailed("the server's AUTH challenge is not base64", reply) from None
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _default_helo_name() -> str:
+    name = socket.getfqdn()
+    return name if "." in name and is_domain(name) else ""
+
+
+def _address_literal(ip: str) -> str:
+    address = ipaddress.ip_address(ip.split("%", 1)[0])
+    if address.version == 6:
+        return f"[IPv6:{address.compressed}]"
+    return f"[{address}]"
+
+
+def describe_certificate(der: bytes | None) -> dict[str, object]:
+    """Subject, issuer, names and expiry of a DER certificate (empty when absent)."""
+    if not der:
+        return {}
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID
+
+    cert = x509.load_der_x509_certificate(der)
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        value = cast(x509.SubjectAlternativeName, san.value)
+        names.extend(value.get_values_for_type(x509.DNSName))
+        names.extend(str(ip) for ip in value.get_values_for_type(x509.IPAddress))
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "names": tuple(names),
+        "not_after": cert.not_valid_after_utc,
+    }
+
+
+def tls_info(ssl_object: ssl.SSLObject | None, verified: bool) -> TLSInfo | None:
+    """What a finished handshake negotiated, and the peer's certificate."""
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher() or ("", "", 0)
+    details = describe_certificate(ssl_object.getpeercert(binary_form=True))
+    not_after = details.get("not_after")
+    return TLSInfo(
+        version=ssl_object.version() or "",
+        cipher=cipher[0],
+        bits=int(cipher[2] or 0),
+        verified=verified,
+        subject=cast("str | None", details.get("subject")),
+        issuer=cast("str | None", details.get("issuer")),
+        names=cast("tuple[str, ...]", details.get("names", ())),
+        not_after=not_after if isinstance(not_after, dt.datetime) else None,
+    )
+
+
+def _untrusted(peer: str, exc: ssl.SSLCertVerificationError) -> TLSFailed:
+    reason = exc.verify_message or exc.reason or str(exc)
+    error = TLSFailed(f"TLS certificate of {peer} not trusted: {reason}", temporary=True)
+    error.verify_error = reason
+    return error
+
+
+def _dedupe(addresses: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(addresses))
+
+
+# ------------------------------------------------------------------- client
+
+
+class SMTPClient:
+    """One SMTP session with one server. Use ``async with SMTPClient(...) as client``.
+
+    ``tls``: "opportunistic" (STARTTLS when offered, the default), "required"
+    (fail without it), "off", or "implicit" (TLS from the first byte, RFC
+    8314). Certificates are verified against ``tls_server_name`` (default:
+    ``host``) unless ``ssl_context`` says otherwise. ``chunking``: None uses
+    BDAT when offered, True requires it, False never uses it.
+    ``pipelining=False`` never pipelines. ``helo_only`` greets with HELO.
+    ``allow_plaintext_auth`` lets PLAIN and LOGIN run without TLS.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 25,
+        *,
+        helo_name: str | None = None,
+        tls: TLSMode = "opportunistic",
+        ssl_context: ssl.SSLContext | None = None,
+        tls_server_name: str | None = None,
+        timeouts: Timeouts | None = None,
+        source_address: str | None = None,
+        pipelining: bool = True,
+        chunking: bool | None = None,
+        helo_only: bool = False,
+        allow_plaintext_auth: bool = False,
+        transcript: Transcript | None = None,
+        chunk_size: int = 1 << 20,
+    ) -> None:
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        self.host = host
+        self.port = port
+        self.helo_name = helo_name
+        self.tls_mode: TLSMode = tls
+        self.ssl_context = ssl_context
+        self.tls_server_name = tls_server_name
+        self.timeouts = timeouts if timeouts is not None else Timeouts()
+        self.source_address = source_address
+        self.use_pipelining = pipelining
+        self.chunking = chunking
+        self.helo_only = helo_only
+        self.allow_plaintext_auth = allow_plaintext_auth
+        self.chunk_size = chunk_size
+        self._transcript = transcript
+        self.conn = ClientConnection(tls_active=tls == "implicit")
+        self.tls: TLSInfo | None = None
+        self.greeting: Reply | None = None
+        self._proto: _Protocol | None = None
+
+    # ------------------------------------------------------------- queries
+
+    @property
+    def peer(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def banner(self) -> Reply | None:
+        return self.conn.banner
+
+    @property
+    def extensions(self) -> ServerExtensions:
+        return self.conn.extensions
+
+    @property
+    def esmtp(self) -> bool:
+        return self.conn.esmtp
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None and not self._proto.closed
+
+    # ---------------------------------------------------------- transcript
+
+    def _say(self, kind: str, text: str) -> None:
+        if self._transcript is not None:
+            self._transcript(kind, text, self.conn.tls_active)
+
+    def _sent(self, text: str) -> None:
+        self._say("send", text)
+
+    # ------------------------------------------------------------------ I/O
+
+    async def _flush(self, timeout: float | None = None) -> None:
+        data = self.conn.data_to_send()
+        if not data:
+            return
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.closed:
+            raise ConnectionFailed(f"connection to {self.peer} lost")
+        try:
+            proto.transport.write(data)
+            async with asyncio.timeout(timeout or self.timeouts.data_block):
+                await proto.drain()
+        except TimeoutError:
+            self._abort()
+            raise ConnectionFailed(f"timeout writing to {self.peer}") from None
+        except (OSError, RuntimeError) as exc:
+            self._abort()
+            raise ConnectionFailed(f"connection to {self.peer} lost: {exc}") from None
+
+    def _timeout_for(self, verb: str) -> float:
+        t = self.timeouts
+        return {
+            "BANNER": t.banner,
+            "MAIL": t.mail,
+            "RCPT": t.rcpt,
+            "DATA": t.data_init,
+            "BDAT": t.data_block,
+            "DATA-END": t.data_end,
+            "BDAT-LAST": t.data_end,
+        }.get(verb, t.command)
+
+    async def _reply(self) -> Reply:
+        """The next reply (for the oldest command awaiting one)."""
+        proto = self._proto
+        if proto is None:
+            raise ConnectionFailed("not connected")
+        awaiting = self.conn.awaiting
+        verb = awaiting[0] if awaiting else "?"
+        timeout = self._timeout_for(verb)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        reply = self.conn.next_reply()
+                    except RemoteProtocolError as exc:
+                        self._abort()
+                        raise ConnectionFailed(f"{self.peer}: {exc}") from None
+                    if reply is not NEED_DATA:
+                        break
+                    proto.readable.clear()
+                    if proto.transport is not None and not proto.closed:
+                        proto.transport.resume_reading()
+                    await proto.readable.wait()
+        except TimeoutError:
+            self._abort()
+            what = "the banner" if verb == "BANNER" else f"the reply to {verb}"
+            raise ConnectionFailed(
+                f"timeout: {what} did not come from {self.peer} within {timeout:g}s"
+            ) from None
+        assert isinstance(reply, Reply)
+        for line in reply.render(True).decode("utf-8", "replace").split("\r\n")[:-1]:
+            self._say("recv", line)
+        if reply.code == 421 and verb != "QUIT":
+            self._abort()
+            raise ServiceRefused(f"{self.peer} closed the session", reply)
+        return reply
+
+    async def _command(self, text: str | None = None) -> Reply:
+        """Flush what the connection queued (one command) and await its reply."""
+        if text is not None:
+            self._sent(text)
+        await self._flush(self.timeouts.command)
+        return await self._reply()
+
+    def _abort(self) -> None:
+        proto = self._proto
+        if proto is not None and proto.transport is not None:
+            proto.transport.abort()
+
+    def close(self) -> None:
+        """Drop the connection at once (no QUIT)."""
+        self._abort()
+
+    # ----------------------------------------------------------- connecting
+
+    def _context(self) -> ssl.SSLContext:
+        if self.ssl_context is None:
+            self.ssl_context = client_ssl_context()
+        return self.ssl_context
+
+    async def open(self) -> Reply:
+        """Connect (with TLS at once in implicit mode) and read the banner.
+
+        Raises :class:`ConnectionFailed` or, for a banner other than 220,
+        :class:`ServiceRefused` (after QUIT when the banner was 554).
+        """
+        loop = asyncio.get_running_loop()
+        self._say("info", f"Trying {self.peer}...")
+        implicit = self.tls_mode == "implicit"
+        local = (self.source_address, 0) if self.source_address else None
+        limit = self.timeouts.connect + (self.timeouts.tls if implicit else 0)
+        try:
+            async with asyncio.timeout(limit):
+                transport, proto = await loop.create_connection(
+                    lambda: _Protocol(self.conn),
+                    self.host,
+                    self.port,
+                    ssl=self._context() if implicit else None,
+                    server_hostname=(self.tls_server_name or self.host) if implicit else None,
+                    ssl_handshake_timeout=self.timeouts.tls if implicit else None,
+                    local_addr=local,
+                )
+        except TimeoutError:
+            raise ConnectionFailed(f"timeout connecting to {self.peer}") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise _untrusted(self.peer, exc) from None
+        except ssl.SSLError as exc:
+            raise TLSFailed(f"TLS with {self.peer} failed: {exc.reason or exc}",
+                            temporary=True) from None
+        except OSError as exc:
+            if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+                reason = exc.strerror or str(exc)
+            else:
+                reason = os.strerror(exc.errno).lower()  # asyncio's text names no cause
+            raise ConnectionFailed(
+                f"cannot connect to {self.peer}: {reason or type(exc).__name__}"
+            ) from None
+        self._proto = proto
+        self._say("info", f"Connected to {self.peer}.")
+        if implicit:
+            self.tls = tls_info(transport.get_extra_info("ssl_object"), verified=self._verifies())
+            self._say_tls()
+        banner = await self._reply()
+        if banner.code != 220:
+            if self.conn.state is ClientState.REFUSED:
+                await self.quit()
+            self._abort()
+            raise ServiceRefused(f"{self.peer} refused the session", banner)
+        return banner
+
+    def _verifies(self) -> bool:
+        return self._context().verify_mode != ssl.CERT_NONE
+
+    def _say_tls(self) -> None:
+        info = self.tls
+        if info is None:
+            return
+        self._say("info", f"TLS started: {info.version}, cipher {info.cipher} ({info.bits} bits)")
+        verified = "verified" if info.verified else "NOT verified"
+        self._say("info", f"TLS peer certificate: {info.subject} ({verified})")
+
+    def _local_name(self) -> str:
+        if self.helo_name:
+            return self.helo_name
+        name = _default_helo_name()
+        if name:
+            return name
+        # RFC 5321 section 4.1.4: without a meaningful name, the address literal.
+        proto = self._proto
+        transport = proto.transport if proto is not None else None
+        sock = transport.get_extra_info("sockname") if transport is not None else None
+        ip = str(sock[0]) if sock else "127.0.0.1"
+        return _address_literal(ip)
+
+    async def ehlo(self) -> Reply:
+        """Send EHLO and return the reply (the extension list is parsed on 250)."""
+        name = self._local_name()
+        self._greet_call(self.conn.ehlo, name)
+        return await self._command(f"EHLO {name}")
+
+    async def helo(self) -> Reply:
+        """Send HELO and return the reply."""
+        name = self._local_name()
+        self._greet_call(self.conn.helo, name)
+        return await self._command(f"HELO {name}")
+
+    def _greet_call(self, send: Callable[[str], None], name: str) -> None:
+        try:
+            send(name)
+        except LocalProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+    async def greet(self) -> Reply:
+        """EHLO, falling back to HELO on 500/502; or HELO alone with ``helo_only``."""
+        if self.helo_only:
+            reply = await self.helo()
+        else:
+            reply = await self.ehlo()
+            if reply.code in (500, 502):
+                # RFC 5321 section 3.2: a server without EHLO answers 500 or 502;
+                # the client then uses HELO (and no service extensions).
+                self._say("info", "EHLO not supported: falling back to HELO")
+                reply = await self.helo()
+        if reply.code != 250:
+            await self._quit_quietly()
+            raise ServiceRefused(f"{self.peer} refused the greeting", reply)
+        self.greeting = reply
+        return reply
+
+    async def starttls(self) -> Reply:
+        """STARTTLS, the handshake, then EHLO again (RFC 3207 section 4.2).
+
+        Returns the new EHLO reply. Raises :class:`TLSFailed` when the server
+        refuses (the session stays usable in plain text) or the handshake
+        fails (the connection is closed).
+        """
+        self.conn.starttls()
+        reply = await self._command("STARTTLS")
+        if reply.code != 220:
+            raise TLSFailed(f"{self.peer} refused STARTTLS", reply)
+        proto = self._proto
+        assert proto is not None and proto.transport is not None
+        loop = asyncio.get_running_loop()
+        context = self._context()
+        try:
+            transport = await loop.start_tls(
+                proto.transport,
+                proto,
+                context,
+                server_side=False,
+                server_hostname=self.tls_server_name or self.host,
+                ssl_handshake_timeout=self.timeouts.tls,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            self._abort()
+            raise _untrusted(self.peer, exc) from None
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            self._abort()
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise TLSFailed(f"TLS handshake with {self.peer} failed: {reason}",
+                            temporary=True) from None
+        if transport is None:
+            raise TLSFailed(f"TLS handshake with {self.peer} failed", temporary=True)
+        proto.transport = transport
+        self.conn.tls_started()
+        self.tls = tls_info(transport.get_extra_info("ssl_object"), verified=self._verifies())
+        self._say_tls()
+        if self.conn.discarded_after_starttls:
+            # RFC 3207 section 4.2: nothing sent before the handshake counts;
+            # data right after the 220 is a response injection attempt.
+            self._abort()
+            raise TLSFailed(
+                f"{self.peer} sent {self.conn.discarded_after_starttls} octets after its 220"
+                " to STARTTLS (response injection?)"
+            )
+        reply = await self.ehlo()
+        if reply.code != 250:
+            await self._quit_quietly()
+            raise ServiceRefused(f"{self.peer} refused EHLO after STARTTLS", reply)
+        self.greeting = reply
+        return reply
+
+    async def connect(self) -> Reply:
+        """Open, greet and apply the TLS mode; returns the last greeting reply."""
+        await self.open()
+        reply = await self.greet()
+        mode = self.tls_mode
+        if mode in ("off", "implicit"):
+            return reply
+        if self.conn.esmtp and "STARTTLS" in self.conn.extensions:
+            try:
+                return await self.starttls()
+            except TLSFailed as exc:
+                if mode == "required" or not self.connected or exc.reply is None:
+                    await self._quit_quietly()
+                    raise
+                # Opportunistic: a refused STARTTLS leaves a usable plain session.
+                self._say("info", f"STARTTLS refused, going on without TLS: {exc.reply}")
+                return reply
+        if mode == "required":
+            await self._quit_quietly()
+            why = "it speaks only HELO" if not self.conn.esmtp else "STARTTLS is not offered"
+            raise TLSFailed(f"TLS is required but {self.peer} cannot: {why}")
+        return reply
+
+    # ------------------------------------------------------------- AUTH
+
+    async def login(self, user: str, password: str, mechanism: str | None = None) -> Reply:
+        """Authenticate (RFC 4954) with SCRAM-SHA-256, PLAIN or LOGIN; returns the 235."""
+        if not self.conn.esmtp or "AUTH" not in self.conn.extensions:
+            raise AuthFailed(f"{self.peer} does not offer AUTH")
+        offered = self.conn.extensions.auth_mechanisms
+        if mechanism is not None:
+            mech = mechanism.upper()
+            if mech not in _MECHANISMS:
+                raise AuthFailed(f"AUTH {mech} is not supported by ehlo")
+            if mech not in offered:
+                raise AuthFailed(f"{self.peer} does not offer AUTH {mech} ({' '.join(offered)})")
+        else:
+            usable = [m for m in _MECHANISMS if m in offered]
+            if not usable:
+                raise AuthFailed(
+                    f"{self.peer} offers no AUTH mechanism ehlo supports ({' '.join(offered)})"
+                )
+            mech = usable[0]
+        clear = mech in ("PLAIN", "LOGIN") and not self.conn.tls_active
+        if clear and not self.allow_plaintext_auth:
+            # RFC 4954 section 14: no clear-text passwords without TLS.
+            raise AuthFailed(
+                f"refusing AUTH {mech} without TLS (the password would travel in clear)"
+            )
+        try:
+            if mech == "PLAIN":
+                reply = await self._auth_plain(user, password)
+            elif mech == "LOGIN":
+                reply = await self._auth_login(user, password)
+            else:
+                reply = await self._auth_scram(user, password)
+        except ValueError as exc:
+            raise AuthFailed(f"AUTH {mech}: {exc}") from None
+        if reply.code != 235:
+            raise AuthFailed(f"{self.peer} refused AUTH {mech}", reply)
+        return reply
+
+    async def _auth_plain(self, user: str, password: str) -> Reply:
+        # RFC 4616 section 2: message = [authzid] UTF8NUL authcid UTF8NUL passwd
+        token = _b64(f"\0{_saslprep(user)}\0{_saslprep(password)}")
+        self.conn.auth("PLAIN", token)
+        reply = await self._command("AUTH PLAIN <redacted>")
+        if reply.code == 334:  # a server that ignores initial responses asks again
+            self.conn.auth_response(token)
+            reply = await self._command("<redacted>")
+        return reply
+
+    async def _auth_login(self, user: str, password: str) -> Reply:
+        self.conn.auth("LOGIN")
+        reply = await self._command("AUTH LOGIN")
+        for secret in (user, password):
+            if reply.code != 334:
+                return reply
+            self.conn.auth_response(_b64(secret))
+            reply = await self._command("<redacted>")
+        return reply
+
+    async def _auth_scram(self, user: str, password: str) -> Reply:
+        nonce = base64.b64encode(os.urandom(24)).decode("ascii")
+        first = scram_client_first(user, nonce)
+        self.conn.auth("SCRAM-SHA-256", _b64(first))
+        reply = await self._command("AUTH SCRAM-SHA-256 <redacted>")
+        if reply.code != 334:
+            return reply
+        server_first = _unb64(reply).decode("utf-8", "replace")
+        try:
+            final, expected = scram_client_final(first, server_first, password)
+        except ValueError:
+            self.conn.auth_response("*")
+            await self._command("*")
+            raise
+        self.conn.auth_response(_b64(final))
+        reply = await self._command("<redacted>")
+        if reply.code == 334:
+            # RFC 4954 section 4: the server-final-message comes as a challenge.
+            server_final = _unb64(reply).decode("utf-8", "replace")
+            if not server_final.startswith("v=") or not hmac.compare_digest(
+                base64.b64decode(server_final[2:] or "=", validate=False), expected
+            ):
+                self.conn.auth_response("*")
+                await self._command("*")
+                raise ValueError("the server's SCRAM signature is wrong (not the real server?)")
+            self.conn.auth_response("")
+            reply = await self._command("")
+        return reply
+
+    # --------------------------------------------------------- sending mail
+
+    async def send_message(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: Message,
+        *,
+        size: int | None = None,
+        eight_bit: bool | None = None,
+        smtputf8: bool | None = None,
+    ) -> SendResult:
+        """One mail transaction; returns per-recipient results.
+
+        Unknown facts (``size``, ``eight_bit``: any octet over 127,
+        ``smtputf8``: UTF-8 addresses or headers) are found by reading the
+        message once when it is bytes or a seekable file; for an iterator
+        they default to unknown size, 7-bit, and UTF-8 only for addresses.
+        Raises :class:`SenderRefused`, :class:`RecipientsRefused` (every
+        recipient refused), :class:`DataRefused`, :class:`MessageNotSupported`
+        or :class:`ConnectionFailed`; after a refusal the session is reset
+        with RSET and stays usable.
+        """
+        rcpts = _dedupe(recipients)
+        if not rcpts:
+            raise ValueError("no recipients")
+        scan = _scan(message, self.chunk_size)
+        if scan is not None:
+            size = scan.size if size is None else size
+            eight_bit = scan.eight_bit if eight_bit is None else eight_bit
+        utf8_addresses = not sender.isascii() or any(not r.isascii() for r in rcpts)
+        if smtputf8 is None:
+            smtputf8 = utf8_addresses or (scan is not None and scan.utf8_headers)
+        chunked = self._check_message(scan, size, bool(eight_bit), smtputf8)
+        params: dict[str, str | None] = {}
+        ext = self.conn.extensions
+        if size is not None and "SIZE" in ext:
+            params["SIZE"] = str(size)  # RFC 1870 section 6: declare the size
+        if (eight_bit or smtputf8) and "8BITMIME" in ext:
+            params["BODY"] = "8BITMIME"  # RFC 6152 section 3
+        if smtputf8:
+            params["SMTPUTF8"] = None  # RFC 6531 section 3.4
+        pipelined = self.use_pipelining and self.conn.pipelining
+        try:
+            return await self._transaction(sender, rcpts, params, message, pipelined, chunked)
+        except LocalProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+    def _check_message(
+        self, scan: _Scan | None, size: int | None, eight_bit: bool, smtputf8: bool
+    ) -> bool:
+        """Refuse, before any transaction, what this server cannot take; choose BDAT."""
+        ext = self.conn.extensions if self.conn.esmtp else ServerExtensions()
+        if smtputf8 and "SMTPUTF8" not in ext:
+            raise MessageNotSupported(
+                f"the message needs SMTPUTF8 (UTF-8 addresses or headers, RFC 6531)"
+                f" and {self.peer} does not offer it"
+            )
+        if eight_bit and "8BITMIME" not in ext:
+            raise MessageNotSupported(
+                f"the message has 8-bit data and {self.peer} does not offer 8BITMIME (RFC 6152)"
+            )
+        limit = ext.size
+        if limit and size is not None and size > limit:
+            # RFC 1870 section 6.1: do not send what exceeds the declared maximum.
+            raise MessageNotSupported(
+                f"the message is {size} octets and {self.peer} takes at most {limit} (SIZE)"
+            )
+        if scan is not None and scan.longest_line > _MAX_TEXT_LINE:
+            # RFC 5321 section 4.5.3.1.6: text lines are at most 998 octets + CRLF.
+            raise MessageNotSupported(
+                f"the message has a line of {scan.longest_line} octets; SMTP allows 998"
+            )
+        offered = "CHUNKING" in ext
+        if self.chunking is True and not offered:
+            raise MessageNotSupported(f"BDAT was asked for but {self.peer} does not offer CHUNKING")
+        return offered if self.chunking is None else self.chunking
+
+    async def _transaction(
+        self,
+        sender: str,
+        rcpts: list[str],
+        params: dict[str, str | None],
+        message: Message,
+        pipelined: bool,
+        chunked: bool,
+    ) -> SendResult:
+        conn = self.conn
+        accepted: dict[str, Reply] = {}
+        refused: dict[str, Reply] = {}
+        mail_line = f"MAIL FROM:<{sender}>" + "".join(
+            f" {k}" if v is None else f" {k}={v}" for k, v in params.items()
+        )
+        data_reply: Reply | None = None
+        if pipelined:
+            # RFC 2920 section 3.1: MAIL, every RCPT and DATA in one write.
+            conn.mail(sender, params)
+            self._sent(mail_line)
+            for rcpt in rcpts:
+                conn.rcpt(rcpt)
+                self._sent(f"RCPT TO:<{rcpt}>")
+            if not chunked:
+                conn.data()
+                self._sent("DATA")
+            await self._flush(self.timeouts.mail)
+            mail_reply = await self._reply()
+            for rcpt in rcpts:
+                reply = await self._reply()
+                (accepted if reply.code in (250, 251) else refused)[rcpt] = reply
+            if not chunked:
+                data_reply = await self._reply()
+            if not mail_reply.is_positive or not accepted:
+                if data_reply is not None and data_reply.code == 354:
+                    # RFC 2920 section 3.1: DATA accepted anyway: end it with a lone dot.
+                    conn.end_data()
+                    await self._command("[no message data]")
+                await self._reset()
+                if not mail_reply.is_positive:
+                    raise SenderRefused(f"{self.peer} refused the sender <{sender}>", mail_reply)
+                raise RecipientsRefused(refused)
+        else:
+            conn.mail(sender, params)
+            mail_reply = await self._command(mail_line)
+            if not mail_reply.is_positive:
+                await self._reset()
+                raise SenderRefused(f"{self.peer} refused the sender <{sender}>", mail_reply)
+            for rcpt in rcpts:
+                conn.rcpt(rcpt)
+                reply = await self._command(f"RCPT TO:<{rcpt}>")
+                (accepted if reply.code in (250, 251) else refused)[rcpt] = reply
+            if not accepted:
+                await self._reset()
+                raise RecipientsRefused(refused)
+            if not chunked:
+                conn.data()
+                data_reply = await self._command("DATA")
+        if chunked:
+            final, sent = await self._send_bdat(message)
+        else:
+            assert data_reply is not None
+            if data_reply.code != 354:
+                await self._reset()
+                raise DataRefused(f"{self.peer} refused DATA", data_reply)
+            final, sent = await self._send_data(message)
+        if not final.is_positive:
+            raise DataRefused(f"{self.peer} refused the message", final)
+        return SendResult(mail_reply, accepted, refused, final, sent, chunked)
+
+    async def _send_data(self, message: Message) -> tuple[Reply, int]:
+        sent = 0
+        async for chunk in _chunks(message, self.chunk_size):
+            self.conn.send_data(chunk)
+            sent += len(chunk)
+            await self._flush()
+        self.conn.end_data()
+        self._sent(f"[{sent} octets of message data, dot-stuffed]")
+        self._sent(".")
+        await self._flush()
+        return await self._reply(), sent
+
+    async def _send_bdat(self, message: Message) -> tuple[Reply, int]:
+        sent = 0
+        async for chunk, last in _lookahead(_chunks(message, self.chunk_size)):
+            size = self.conn.bdat(chunk, last)
+            sent += len(chunk)
+            self._sent(f"BDAT {size}{' LAST' if last else ''}  [{size} octets of message data]")
+            await self._flush()
+            reply = await self._reply()
+            if not reply.is_positive:
+                if not last:
+                    await self._reset()
+                    raise DataRefused(f"{self.peer} refused a BDAT chunk", reply)
+                return reply, sent
+            if last:
+                return reply, sent
+        raise AssertionError("unreachable: _lookahead always ends with a last chunk")
+
+    async def _reset(self) -> None:
+        """RSET after a refusal, so the session can carry another transaction."""
+        if not self.connected or self.conn.state is ClientState.CLOSED:
+            return
+        with contextlib.suppress(SMTPClientError, LocalProtocolError):
+            self.conn.rset()
+            await self._command("RSET")
+
+    # ----------------------------------------------------------------- end
+
+    async def quit(self) -> Reply | None:
+        """QUIT and close; the reply (None when the connection was already gone)."""
+        reply: Reply | None = None
+        if self.connected and self.conn.state is not ClientState.CLOSED:
+            with contextlib.suppress(SMTPClientError, LocalProtocolError):
+                self.conn.quit()
+                self._sent("QUIT")
+                await self._flush(self.timeouts.command)
+                reply = await self._reply()
+        self._close_transport()
+        return reply
+
+    async def _quit_quietly(self) -> None:
+        with contextlib.suppress(SMTPClientError):
+            await self.quit()
+
+    def _close_transport(self) -> None:
+        proto = self._proto
+        if proto is not None and proto.transport is not None and not proto.closed:
+            proto.transport.close()
+        if proto is not None and proto.transport is not None:
+            # Closing a TLS transport may wait for the peer; do not linger.
+            loop = asyncio.get_running_loop()
+            transport = proto.transport
+            loop.call_later(1.0, transport.abort)
+
+    async def __aenter__(self) -> SMTPClient:
+        try:
+            await self.connect()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            await self.quit()
+        else:
+            await self._quit_quietly()
+            self.close()

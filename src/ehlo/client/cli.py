@@ -1,0 +1,1233 @@
+"""``ehlo send`` and ``ehlo probe``: the client's command-line surface.
+
+This module owns the two subcommands (their argparse definitions, registered
+into the main ``ehlo`` parser by :func:`add_client_commands`), building the
+message that ``send`` streams (headers, a body from a file or stdin,
+attachments encoded in base64 as they are read), the swaks-style transcript
+with secrets redacted, the probe report (text or JSON) and the exit codes.
+Every failure reaches the user as one line ``ehlo: error: ...`` on stderr,
+never a traceback. :func:`main` runs a parser with just these two commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import binascii
+import contextlib
+import dataclasses
+import datetime as dt
+import email.header
+import email.utils
+import getpass
+import ipaddress
+import json
+import mimetypes
+import os
+import ssl
+import sys
+import tempfile
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from ..dns import Resolver
+from ..protocol import Reply
+from ..protocol._syntax import is_domain
+from ._client import (
+    TLS_MODES,
+    SMTPClient,
+    Timeouts,
+    TLSInfo,
+    _scan_chunks,
+    client_ssl_context,
+)
+from ._errors import (
+    AuthFailed,
+    ConnectionFailed,
+    DataRefused,
+    MessageNotSupported,
+    NoRoute,
+    RecipientsRefused,
+    SenderRefused,
+    ServiceRefused,
+    SMTPClientError,
+    TLSFailed,
+)
+from .routing import SMTP_PORT, SUBMISSIONS_PORT, DeliveryResult, MailHost, Router, deliver
+
+__all__ = ["EXIT_CODES", "add_client_commands", "main"]
+
+PROG = "ehlo"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CONNECTION = 3
+EXIT_TLS = 4
+EXIT_AUTH = 5
+EXIT_SENDER = 6
+EXIT_RECIPIENTS = 7
+EXIT_DATA = 8
+EXIT_ROUTE = 9
+
+EXIT_CODES = {
+    EXIT_OK: "the message was accepted for every recipient",
+    EXIT_ERROR: "a local error (a file that cannot be read, an unexpected failure)",
+    EXIT_USAGE: "a usage error (bad option or address)",
+    EXIT_CONNECTION: "connection: cannot connect, timeout, connection lost, protocol"
+    " error, or the server refused the session (banner or greeting)",
+    EXIT_TLS: "TLS: required but not offered, refused, handshake or certificate failure",
+    EXIT_AUTH: "AUTH: not offered, no common mechanism, or credentials refused",
+    EXIT_SENDER: "sender refused (MAIL FROM)",
+    EXIT_RECIPIENTS: "recipients refused (one or more RCPT TO; the others got the message)",
+    EXIT_DATA: "message refused (DATA, BDAT or the final reply), or found unsendable"
+    " before sending (needs SMTPUTF8 or 8BITMIME, over SIZE, a line over 998 octets)",
+    EXIT_ROUTE: "no route: null MX (RFC 7505), no such domain, no MX host with an"
+    " address, or DNS failure",
+}
+
+_ERROR_EXIT: tuple[tuple[type[SMTPClientError], int], ...] = (
+    (NoRoute, EXIT_ROUTE),
+    (TLSFailed, EXIT_TLS),
+    (AuthFailed, EXIT_AUTH),
+    (SenderRefused, EXIT_SENDER),
+    (RecipientsRefused, EXIT_RECIPIENTS),
+    (DataRefused, EXIT_DATA),
+    (MessageNotSupported, EXIT_DATA),
+    (ServiceRefused, EXIT_CONNECTION),
+    (ConnectionFailed, EXIT_CONNECTION),
+)
+
+PASSWORD_ENV = "EHLO_AUTH_PASSWORD"
+DEFAULT_BODY = b"This is a test message sent by ehlo send.\r\n"
+_CHUNK = 1 << 20
+# base64 lines of 76 characters (RFC 2045 section 6.8) from 57 octets each.
+_B64_LINE_OCTETS = 57
+_B64_READ = _B64_LINE_OCTETS * 1024
+
+
+class UsageError(Exception):
+    """A bad option value: one line, exit status 2."""
+
+
+class LocalError(Exception):
+    """A local failure (a file that cannot be read): one line, exit status 1."""
+
+
+def exit_code(exc: SMTPClientError) -> int:
+    """The exit status for a client failure."""
+    for kind, code in _ERROR_EXIT:
+        if isinstance(exc, kind):
+            return code
+    return EXIT_ERROR
+
+
+# ------------------------------------------------------------------ output
+
+# C0 and C1 controls (but tab) in server text would drive the terminal.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+
+
+def _safe(text: str) -> str:
+    return text.translate(_CONTROLS)
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {_safe(' '.join(message.split()))}", file=sys.stderr)
+
+
+def _text_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors="replace")
+
+
+def _transcript_line(kind: str, text: str, tls: bool) -> None:
+    """swaks's notation: ``===`` info, `` ->`` sent, ``<- `` received, ``~`` under TLS."""
+    prefix = {
+        "info": "===",
+        "send": " ~>" if tls else " ->",
+        "recv": "<~ " if tls else "<- ",
+        "error": "***",
+    }.get(kind, "   ")
+    print(f"{prefix} {_safe(text)}", flush=True)
+
+
+# ----------------------------------------------------------------- parsing
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port out of range: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
+    return value
+
+
+def parse_server(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address."""
+    value = text.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise UsageError(f"--server: expected [IPv6]:PORT, got {text!r}")
+        port_text = rest[1:]
+    elif value.count(":") == 1:
+        host, _, port_text = value.partition(":")
+    else:
+        host, port_text = value, ""  # a name, an IPv4 address, or a bare IPv6 address
+        if ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise UsageError(f"expected HOST[:PORT] or [IPv6]:PORT, got {text!r}") from None
+    if not host:
+        raise UsageError(f"expected HOST[:PORT], got {text!r}")
+    port = default_port
+    if port_text:
+        try:
+            port = _port(port_text)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"{text!r}: {exc}") from None
+    return host, port
+
+
+def _check_address(option: str, address: str, *, sender: bool) -> None:
+    from ..protocol import SyntaxProblem, parse_path
+
+    if not sender and address.lower() == "postmaster":
+        return
+    try:
+        parse_path(f"<{address}>", sender=sender, utf8=not address.isascii())
+    except SyntaxProblem as problem:
+        raise UsageError(f"{option} {address!r}: {problem.reply.text}") from None
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    name = name.strip()
+    # RFC 5322 section 2.2: field-name = 1*(%d33-57 / %d59-126)
+    if not sep or not name or any(not 33 <= ord(c) <= 126 or c == ":" for c in name):
+        raise UsageError(f"--header: expected 'Name: value', got {text!r}")
+    if any(c in value for c in "\r\n\0"):
+        raise UsageError("--header: the value must be one line")
+    return name, value.strip()
+
+
+# ----------------------------------------------------------------- message
+
+
+@dataclasses.dataclass
+class _Attachment:
+    path: Path
+    size: int
+    content_type: str
+
+
+@dataclasses.dataclass
+class ComposedMessage:
+    """The message ``send`` builds, streamed again for each delivery attempt."""
+
+    head: bytes
+    body: IO[bytes]
+    body_start: int
+    attachments: list[_Attachment]
+    boundary: str
+    size: int
+    eight_bit: bool
+    smtputf8: bool
+
+    def chunks(self) -> Iterator[bytes]:
+        """The whole message, in chunks; the body and attachments read as they go."""
+        self.body.seek(self.body_start)
+        yield self.head
+        if self.attachments:
+            yield self._part_head("text/plain; charset=" + self._charset(), self._cte())
+        while chunk := self.body.read(_CHUNK):
+            yield chunk
+        if not self.attachments:
+            return
+        yield b"\r\n"
+        for attachment in self.attachments:
+            yield self._attachment_head(attachment)
+            with attachment.path.open("rb") as f:
+                while data := f.read(_B64_READ):
+                    yield _base64_lines(data)
+            yield b"\r\n"
+        yield f"--{self.boundary}--\r\n".encode("ascii")
+
+    def _charset(self) -> str:
+        return "utf-8" if self.eight_bit else "us-ascii"
+
+    def _cte(self) -> str:
+        return "8bit" if self.eight_bit else "7bit"
+
+    def _part_head(self, content_type: str, cte: str, extra: str = "") -> bytes:
+        return (
+            f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Transfer-Encoding: {cte}\r\n{extra}\r\n"
+        ).encode()
+
+    def _attachment_head(self, attachment: _Attachment) -> bytes:
+        name = attachment.path.name
+        if name.isascii() and '"' not in name and "\\" not in name:
+            disposition = f'attachment; filename="{name}"'
+        else:
+            # RFC 2231 section 4: non-ASCII parameter values.
+            disposition = "attachment; filename*=" + email.utils.encode_rfc2231(name, "utf-8")
+        return self._part_head(
+            attachment.content_type, "base64", f"Content-Disposition: {disposition}\r\n"
+        )
+
+
+def _base64_lines(data: bytes) -> bytes:
+    """Base64 in lines of 76 characters, each ending with CRLF (RFC 2045 section 6.8)."""
+    return b"".join(
+        binascii.b2a_base64(data[i : i + _B64_LINE_OCTETS], newline=False) + b"\r\n"
+        for i in range(0, len(data), _B64_LINE_OCTETS)
+    )
+
+
+def _base64_size(n: int) -> int:
+    encoded = 4 * ((n + 2) // 3)
+    lines = (n + _B64_LINE_OCTETS - 1) // _B64_LINE_OCTETS
+    return encoded + 2 * lines
+
+
+def _spool() -> IO[bytes]:
+    """A file in memory up to 1 MiB, on disk beyond: the body can be read twice."""
+    return tempfile.SpooledTemporaryFile(max_size=_CHUNK)
+
+
+def _open_body(option: str | None) -> IO[bytes]:
+    """The body as a seekable binary file: the named file, stdin spooled, or the default."""
+    if option is None:
+        spool = _spool()
+        spool.write(DEFAULT_BODY)
+        spool.seek(0)
+        return spool
+    if option == "-":
+        spool = _spool()
+        # Spooled (to disk past 1 MiB) so it can be scanned and sent again.
+        while chunk := sys.stdin.buffer.read(_CHUNK):
+            spool.write(chunk)
+        spool.seek(0)
+        return spool
+    try:
+        f = open(option, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise LocalError(f"--body {option}: {exc.strerror or exc}") from None
+    if not f.seekable():  # a pipe: spool it like stdin
+        spool = _spool()
+        with f:
+            while chunk := f.read(_CHUNK):
+                spool.write(chunk)
+        spool.seek(0)
+        return spool
+    return f
+
+
+def _encoded(value: str) -> str:
+    if value.isascii():
+        return value
+    # RFC 2047: non-ASCII in an unstructured header as encoded words.
+    return email.header.Header(value, "utf-8").encode()
+
+
+def compose(args: argparse.Namespace, body: IO[bytes]) -> ComposedMessage:
+    """Headers from the options, the body file, and the attachments; facts for MAIL."""
+    attachments: list[_Attachment] = []
+    for name in args.attach or ():
+        path = Path(name)
+        try:
+            size = path.stat().st_size
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise LocalError(f"--attach {name}: {exc.strerror or exc}") from None
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        attachments.append(_Attachment(path, size, content_type))
+    start = body.tell()
+    scan = _scan_chunks(iter(lambda: body.read(_CHUNK), b""))
+    body.seek(start)
+    if scan.longest_line > 998:
+        # RFC 5321 section 4.5.3.1.6: text lines are at most 998 octets + CRLF.
+        raise MessageNotSupported(
+            f"the body has a line of {scan.longest_line} octets; SMTP allows 998"
+            " (wrap it, or send the file with --attach)"
+        )
+    eight_bit = scan.eight_bit
+    sender = args.sender
+    domain = sender.rpartition("@")[2] if "@" in sender else "localhost"
+    headers: dict[str, tuple[str, str]] = {}
+
+    def put(name: str, value: str) -> None:
+        headers[name.lower()] = (name, value)
+
+    put("Date", email.utils.formatdate(localtime=True))
+    put("From", f"<{sender}>" if sender else f"<MAILER-DAEMON@{domain}>")
+    put("To", ", ".join(f"<{r}>" if "@" in r else r for r in args.to))
+    subject = args.subject if args.subject is not None else "test " + dt.datetime.now(
+        dt.UTC
+    ).astimezone().strftime("%a, %d %b %Y %H:%M:%S %z")
+    put("Subject", _encoded(subject))
+    put("Message-ID", f"<{uuid.uuid4().hex}@{domain if domain.isascii() else 'ehlo.invalid'}>")
+    put("MIME-Version", "1.0")
+    boundary = f"=_ehlo_{uuid.uuid4().hex}"
+    if attachments:
+        put("Content-Type", f'multipart/mixed; boundary="{boundary}"')
+    else:
+        put("Content-Type", f"text/plain; charset={'utf-8' if eight_bit else 'us-ascii'}")
+        put("Content-Transfer-Encoding", "8bit" if eight_bit else "7bit")
+    for text in args.header or ():
+        name, value = _header(text)
+        put(name, value)  # replaces a default header of the same name
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.values()) + "\r\n"
+    if attachments:
+        head += "This is a multi-part message in MIME format.\r\n\r\n"
+    head_bytes = head.encode("utf-8")
+    utf8_headers = not head_bytes.isascii()
+    addresses = [sender, *args.to]
+    smtputf8 = utf8_headers or any(not a.isascii() for a in addresses)
+    size = len(head_bytes) + scan.size + scan.bare_newlines
+    message = ComposedMessage(
+        head_bytes, body, start, attachments, boundary, 0, eight_bit or utf8_headers, smtputf8
+    )
+    if attachments:
+        size += len(message._part_head("text/plain; charset=us-ascii", "7bit")) + 2
+        for attachment in attachments:
+            size += len(message._attachment_head(attachment))
+            size += _base64_size(attachment.size) + 2
+        size += len(boundary) + 6
+    message.size = size
+    return message
+
+
+# -------------------------------------------------------------------- send
+
+
+def _password(args: argparse.Namespace) -> str:
+    password = os.environ.get(PASSWORD_ENV)
+    if password is not None:
+        return password
+    if not sys.stdin.isatty():
+        raise UsageError(f"--auth {args.auth}: set {PASSWORD_ENV} (no terminal to ask on)")
+    return getpass.getpass(f"Password for {args.auth}: ")
+
+
+def _timeouts(args: argparse.Namespace) -> Timeouts:
+    return Timeouts.uniform(args.timeout) if args.timeout else Timeouts()
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext:
+    try:
+        return client_ssl_context(verify=not args.insecure, cafile=args.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise LocalError(f"--cafile {args.cafile}: {reason}") from None
+
+
+def _helo_name(args: argparse.Namespace) -> str | None:
+    name: str | None = args.helo
+    if name is None:
+        return None
+    if not name.isascii() or not (is_domain(name) or _is_literal(name)):
+        raise UsageError(f"--helo: expected a domain name or address literal, got {name!r}")
+    return name
+
+
+def _is_literal(name: str) -> bool:
+    from ..protocol import is_address_literal
+
+    return is_address_literal(name)
+
+
+def _source_ip(args: argparse.Namespace) -> str | None:
+    if args.source_ip is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(args.source_ip))
+    except ValueError:
+        raise UsageError(f"--source-ip: expected an IP address, got {args.source_ip!r}") from None
+
+
+def _client_factory(
+    args: argparse.Namespace, context: ssl.SSLContext
+) -> Callable[[str, int, str], SMTPClient]:
+    helo = _helo_name(args)
+    source = _source_ip(args)
+    timeouts = _timeouts(args)
+    transcript = _transcript_line if args.transcript else None
+    chunking = {"bdat": True, "no-bdat": False}.get(args.bdat or "")
+
+    def make(host: str, port: int, server_name: str) -> SMTPClient:
+        return SMTPClient(
+            host,
+            port,
+            helo_name=helo,
+            tls=args.tls,
+            ssl_context=context,
+            tls_server_name=server_name,
+            timeouts=timeouts,
+            source_address=source,
+            pipelining=not args.no_pipelining,
+            chunking=chunking,
+            helo_only=args.helo_only,
+            allow_plaintext_auth=args.insecure,
+            transcript=transcript,
+        )
+
+    return make
+
+
+def _describe_reply(reply: Reply | None) -> str:
+    return "" if reply is None else f": {reply}"
+
+
+def _send(args: argparse.Namespace) -> int:
+    _text_output()
+    try:
+        return _send_checked(args)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except LocalError as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    except SMTPClientError as exc:
+        _error(str(exc))
+        return exit_code(exc)
+
+
+def _send_checked(args: argparse.Namespace) -> int:
+    _check_address("--from", args.sender, sender=True)
+    for rcpt in args.to:
+        _check_address("--to", rcpt, sender=False)
+    if args.helo_only and args.tls in ("required",):
+        raise UsageError("--helo-only cannot be combined with --tls required (STARTTLS needs EHLO)")
+    if args.auth is not None and args.helo_only:
+        raise UsageError("--helo-only cannot be combined with --auth (AUTH needs EHLO)")
+    default_port = args.port or (SUBMISSIONS_PORT if args.tls == "implicit" else SMTP_PORT)
+    server = parse_server(args.server, default_port) if args.server else None
+    context = _ssl_context(args)
+    make = _client_factory(args, context)
+    login = (args.auth, _password(args)) if args.auth is not None else None
+    body = _open_body(args.body)
+    with body:
+        message = compose(args, body)
+        if server is not None:
+            outcomes = [asyncio.run(_send_direct(server, args, message, make, login))]
+        else:
+            outcomes = asyncio.run(_send_routed(args, message, make, login, default_port))
+    return _report(outcomes)
+
+
+async def _send_direct(
+    server: tuple[str, int],
+    args: argparse.Namespace,
+    message: ComposedMessage,
+    make: Callable[[str, int, str], SMTPClient],
+    login: tuple[str, str] | None,
+) -> DeliveryResult:
+    host, port = server
+    outcome = DeliveryResult("", list(args.to))
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    client = make(host, port, host)
+    try:
+        async with client:
+            if login is not None:
+                await client.login(*login, mechanism=args.auth_mechanism)
+            outcome.result = await client.send_message(
+                args.sender,
+                args.to,
+                message.chunks(),
+                size=message.size,
+                eight_bit=message.eight_bit,
+                smtputf8=message.smtputf8,
+            )
+            outcome.host = where
+    except SMTPClientError as exc:
+        outcome.error = exc
+        outcome.attempts.append((where, exc))
+        if args.transcript:
+            _transcript_line("error", f"{where}: {exc}", False)
+    return outcome
+
+
+async def _send_routed(
+    args: argparse.Namespace,
+    message: ComposedMessage,
+    make: Callable[[str, int, str], SMTPClient],
+    login: tuple[str, str] | None,
+    port: int,
+) -> list[DeliveryResult]:
+    from .routing import recipient_domain
+
+    try:
+        resolver = Resolver(args.dns_server, timeout=args.timeout or 5.0)
+    except ValueError as exc:
+        raise UsageError(f"--dns-server: {exc}") from None
+    router = Router(resolver, port=port)
+    by_domain: dict[str, list[str]] = {}
+    for rcpt in args.to:
+        by_domain.setdefault(recipient_domain(rcpt), []).append(rcpt)
+    outcomes: list[DeliveryResult] = []
+
+    def attempt(host: MailHost, address: str) -> None:
+        if args.transcript:
+            _transcript_line("info", f"Route: {host} -> {address} port {host.port}", False)
+
+    def failure(where: str, exc: SMTPClientError) -> None:
+        if args.transcript:
+            _transcript_line("error", f"{where}: {exc}", False)
+
+    for _domain, rcpts in by_domain.items():
+        outcomes.append(
+            await deliver(
+                router,
+                args.sender,
+                rcpts,
+                _MessageFactory(message),
+                client=make,
+                login=login,
+                mechanism=args.auth_mechanism,
+                on_attempt=attempt,
+                on_failure=failure,
+                size=message.size,
+                eight_bit=message.eight_bit,
+                smtputf8=message.smtputf8,
+            )
+        )
+    return outcomes
+
+
+class _MessageFactory:
+    """A fresh chunk iterator per attempt, with the facts MAIL declares."""
+
+    def __init__(self, message: ComposedMessage) -> None:
+        self.message = message
+
+    def __call__(self) -> Iterator[bytes]:
+        return self.message.chunks()
+
+
+def _report(outcomes: Sequence[DeliveryResult]) -> int:
+    """Print one line per recipient on stdout; one error line on stderr; the exit status."""
+    code = EXIT_OK
+    failures: list[str] = []
+    for outcome in outcomes:
+        result = outcome.result
+        earlier = outcome.attempts if result is not None else outcome.attempts[:-1]
+        for where, exc in earlier:
+            print(f"attempt via {where} failed: {_safe(str(exc))}")
+        if result is not None:
+            for rcpt in result.accepted:
+                print(f"delivered <{rcpt}> via {outcome.host}: {_safe(str(result.reply))}")
+            for rcpt, reply in result.refused.items():
+                print(f"refused <{rcpt}> by {outcome.host}: {_safe(str(reply))}")
+                failures.append(f"<{rcpt}> refused: {reply}")
+                if code == EXIT_OK:
+                    code = EXIT_RECIPIENTS
+            continue
+        error = outcome.error
+        if error is None:
+            continue
+        if isinstance(error, RecipientsRefused):
+            for rcpt, reply in error.refused.items():
+                print(f"refused <{rcpt}>: {_safe(str(reply))}")
+        else:
+            for rcpt in outcome.recipients:
+                print(f"not delivered <{rcpt}>: {_safe(str(error))}")
+        failures.append(str(error))
+        if code == EXIT_OK:
+            code = exit_code(error)
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        _error(failures[0] + more)
+    return code
+
+
+# ------------------------------------------------------------------- probe
+
+EXTENSION_HELP = {
+    "PIPELINING": "commands may be sent in groups without waiting for each reply (RFC 2920)",
+    "SIZE": "declares the largest message accepted; MAIL takes SIZE= (RFC 1870)",
+    "STARTTLS": "the session can be upgraded to TLS (RFC 3207)",
+    "AUTH": "SASL authentication with the listed mechanisms (RFC 4954)",
+    "8BITMIME": "8-bit message bodies with MAIL BODY=8BITMIME (RFC 6152)",
+    "SMTPUTF8": "UTF-8 addresses and headers (RFC 6531)",
+    "CHUNKING": "BDAT: the message in counted chunks, no dot-stuffing (RFC 3030)",
+    "BINARYMIME": "binary message bodies with BDAT (RFC 3030)",
+    "ENHANCEDSTATUSCODES": "replies carry enhanced status codes like 2.1.0 (RFC 2034, 3463)",
+    "DSN": "delivery status notifications: RET, ENVID, NOTIFY, ORCPT (RFC 3461)",
+    "ETRN": "remote queue start for a domain (RFC 1985)",
+    "ATRN": "authenticated turn: the roles swap to fetch queued mail (RFC 2645)",
+    "VRFY": "verify a mailbox name (RFC 5321 section 3.5)",
+    "EXPN": "expand a mailing list (RFC 5321 section 3.5)",
+    "HELP": "help text on request (RFC 5321 section 4.1.1.8)",
+    "DELIVERBY": "deliver within a time limit: MAIL BY= (RFC 2852)",
+    "MT-PRIORITY": "message priorities: MAIL MT-PRIORITY= (RFC 6710)",
+    "REQUIRETLS": "the message must travel over TLS all the way: MAIL REQUIRETLS (RFC 8689)",
+    "FUTURERELEASE": "hold the message until later: MAIL HOLDFOR=/HOLDUNTIL= (RFC 4865)",
+    "LIMITS": "declares limits on recipients and transactions (RFC 9422)",
+    "RRVS": "require recipient valid since a date (RFC 7293)",
+    "NO-SOLICITING": "the server does not want solicitations (RFC 3865)",
+    "MTRK": "message tracking (RFC 3885)",
+    "BURL": "the body fetched by URL from an IMAP server (RFC 4468)",
+    "CHECKPOINT": "restart of interrupted transactions (RFC 1845)",
+    "CONNEG": "content negotiation (RFC 4141)",
+    "SUBMITTER": "the responsible submitter: MAIL SUBMITTER= (RFC 4405)",
+    "XCLIENT": "Postfix: a trusted proxy passes on the real client's details",
+    "XFORWARD": "Postfix: a trusted filter passes on the original client's details",
+    "TURN": "role reversal (RFC 821, obsolete and unsafe)",
+    "SEND": "deliver to a terminal (RFC 821, obsolete)",
+    "SOML": "send or mail (RFC 821, obsolete)",
+    "SAML": "send and mail (RFC 821, obsolete)",
+}
+
+
+def explain_extension(keyword: str, params: Sequence[str]) -> str:
+    """One line about an EHLO keyword and its parameters."""
+    key = keyword.upper()
+    if key == "SIZE":
+        if not params or params[0] == "0":
+            return "no fixed message size limit declared (RFC 1870)"
+        if params[0].isdigit():
+            return f"messages up to {_octets(int(params[0]))} (RFC 1870)"
+    if key == "AUTH":
+        return f"SASL authentication: {' '.join(params) or 'no mechanism listed'} (RFC 4954)"
+    text = EXTENSION_HELP.get(key)
+    if text is None:
+        return "not known to ehlo (a private or newer extension)"
+    return text
+
+
+def _octets(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n} octets ({n / (1 << 20):.1f} MiB)"
+    if n >= 1 << 10:
+        return f"{n} octets ({n / 1024:.1f} KiB)"
+    return f"{n} octets"
+
+
+@dataclasses.dataclass
+class ProbeReport:
+    """What ``ehlo probe`` found; ``to_json`` has the keys of ``--json``."""
+
+    server: str
+    banner: Reply | None = None
+    ehlo: Reply | None = None
+    extensions: list[tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=list)
+    helo: Reply | None = None
+    helo_error: str | None = None
+    tls_offered: bool = False
+    implicit_tls: bool = False
+    tls: TLSInfo | None = None
+    tls_reply: Reply | None = None
+    tls_error: str | None = None
+    verify_error: str | None = None
+    extensions_after_tls: list[tuple[str, tuple[str, ...]]] | None = None
+    auth_before: list[str] | None = None
+    auth_after: list[str] | None = None
+    error: str | None = None
+
+    @property
+    def helo_ok(self) -> bool | None:
+        if self.helo is None:
+            return None
+        return self.helo.code == 250
+
+    def to_json(self) -> dict[str, Any]:
+        def ext_json(items: list[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
+            return [
+                {"keyword": k, "params": list(p), "description": explain_extension(k, p)}
+                for k, p in items
+            ]
+
+        tls: dict[str, Any] = {
+            "offered": self.tls_offered or self.implicit_tls,
+            "implicit": self.implicit_tls,
+            "started": self.tls is not None,
+        }
+        if self.tls is not None:
+            tls.update(self.tls.to_json())
+            tls["days_left"] = self._days_left()
+        tls["verify_error"] = self.verify_error
+        tls["reply"] = _reply_text(self.tls_reply)
+        tls["error"] = self.tls_error
+        tls["extensions"] = (
+            ext_json(self.extensions_after_tls) if self.extensions_after_tls is not None else None
+        )
+        return {
+            "banner": _reply_text(self.banner),
+            "extensions": ext_json(self.extensions),
+            "helo_ok": self.helo_ok,
+            "tls": tls,
+            "auth": {"before_tls": self.auth_before, "after_tls": self.auth_after},
+        }
+
+    def _days_left(self) -> int | None:
+        if self.tls is None or self.tls.not_after is None:
+            return None
+        return (self.tls.not_after - dt.datetime.now(dt.UTC)).days
+
+    def findings(self) -> list[str]:
+        """What an administrator may want to act on, most important first."""
+        out: list[str] = []
+        if self.banner is not None and self.banner.code != 220:
+            out.append(f"the banner is {self.banner.code}, not 220: clients cannot send mail")
+        if self.ehlo is not None and self.ehlo.code != 250:
+            out.append(f"EHLO is refused ({self.ehlo.code}): no ESMTP extensions, no STARTTLS")
+        if self.helo_ok is False:
+            out.append("HELO is refused: RFC 5321 section 4.1.1.1 requires servers to accept it")
+        if self.ehlo is not None and self.ehlo.code == 250 and not (
+            self.tls_offered or self.implicit_tls
+        ):
+            out.append("STARTTLS is not offered: mail to this server travels in clear")
+        if self.tls_error:
+            out.append(f"TLS fails: {self.tls_error}")
+        if self.verify_error:
+            out.append(f"the certificate is not trusted: {self.verify_error}")
+        days = self._days_left()
+        if days is not None and days < 0:
+            out.append("the certificate has expired")
+        elif days is not None and days < 21:
+            out.append(f"the certificate expires in {days} days")
+        if self.tls is not None and self.tls.version in ("SSLv3", "TLSv1", "TLSv1.1"):
+            out.append(f"{self.tls.version} is obsolete (RFC 8996): allow TLS 1.2 or later only")
+        plain = {"PLAIN", "LOGIN"} & set(self.auth_before or [])
+        if plain and not self.implicit_tls:
+            out.append(
+                f"AUTH {' '.join(sorted(plain))} is offered before TLS: passwords can travel"
+                " in clear"
+            )
+        keywords = {k for k, _ in self.extensions}
+        if self.ehlo is not None and self.ehlo.code == 250:
+            if "SIZE" not in keywords:
+                out.append("no SIZE declared: clients learn the limit only after sending")
+            if "PIPELINING" not in keywords:
+                out.append("PIPELINING is not offered: every command costs a round trip")
+            if "8BITMIME" not in keywords:
+                out.append("8BITMIME is not offered: 8-bit mail must be converted first")
+        return out
+
+
+def _reply_text(reply: Reply | None) -> str | None:
+    if reply is None:
+        return None
+    return "\n".join(reply.render(True).decode("utf-8", "replace").split("\r\n")[:-1])
+
+
+def _probe_client(
+    host: str, port: int, args: argparse.Namespace, context: ssl.SSLContext, tls: str
+) -> SMTPClient:
+    return SMTPClient(
+        host,
+        port,
+        helo_name=_helo_name(args),
+        tls="implicit" if tls == "implicit" else "off",
+        ssl_context=context,
+        tls_server_name=host,
+        timeouts=_timeouts(args) if args.timeout else Timeouts.uniform(30.0),
+    )
+
+
+async def run_probe(
+    host: str, port: int, args: argparse.Namespace, context: ssl.SSLContext
+) -> ProbeReport:
+    """Connect, greet, try STARTTLS (verified, then unverified for the details), and HELO."""
+    report = ProbeReport(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    implicit = bool(args.implicit_tls)
+    report.implicit_tls = implicit
+    unverified = client_ssl_context(verify=False)
+    client = _probe_client(host, port, args, context, "implicit" if implicit else "off")
+    try:
+        try:
+            report.banner = await client.open()
+        except TLSFailed as exc:
+            if not implicit or exc.verify_error is None:
+                raise
+            report.verify_error = exc.verify_error
+            client = _probe_client(host, port, args, unverified, "implicit")
+            report.banner = await client.open()
+        if implicit:
+            report.tls = client.tls
+            if report.tls is not None and report.verify_error:
+                report.tls = dataclasses.replace(report.tls, verified=False)
+        report.ehlo = await client.ehlo()
+        if report.ehlo.code == 250:
+            report.extensions = list(client.extensions.items())
+            report.auth_before = list(client.extensions.auth_mechanisms)
+            report.tls_offered = "STARTTLS" in client.extensions
+        if report.tls_offered:
+            await _probe_starttls(client, report, host, port, args, unverified)
+    except ServiceRefused as exc:
+        report.banner = report.banner or exc.reply
+        report.error = str(exc)
+    finally:
+        await client.quit()
+        client.close()
+    if report.banner is not None and report.banner.code == 220:
+        await _probe_helo(host, port, args, context, unverified, report)
+    return report
+
+
+async def _probe_starttls(
+    client: SMTPClient,
+    report: ProbeReport,
+    host: str,
+    port: int,
+    args: argparse.Namespace,
+    unverified: ssl.SSLContext,
+) -> None:
+    try:
+        reply = await client.starttls()
+    except TLSFailed as exc:
+        report.tls_reply = exc.reply
+        if exc.reply is not None:
+            report.tls_error = f"STARTTLS refused: {exc.reply}"
+            return
+        if exc.verify_error is None:
+            report.tls_error = exc.message
+            return
+        report.verify_error = exc.verify_error
+        # Again without verification, to show the certificate and what follows.
+        second = _probe_client(host, port, args, unverified, "off")
+        try:
+            await second.open()
+            if (await second.ehlo()).code != 250 or "STARTTLS" not in second.extensions:
+                report.tls_error = "the second connection did not offer STARTTLS"
+                return
+            reply = await second.starttls()
+            _after_tls(second, report, reply)
+            if report.tls is not None:
+                report.tls = dataclasses.replace(report.tls, verified=False)
+        except SMTPClientError as exc2:
+            report.tls_error = str(exc2)
+        finally:
+            await second.quit()
+            second.close()
+        return
+    _after_tls(client, report, reply)
+
+
+def _after_tls(client: SMTPClient, report: ProbeReport, reply: Reply) -> None:
+    report.tls = client.tls
+    if reply.code == 250:
+        report.extensions_after_tls = list(client.extensions.items())
+        report.auth_after = list(client.extensions.auth_mechanisms)
+
+
+async def _probe_helo(
+    host: str,
+    port: int,
+    args: argparse.Namespace,
+    context: ssl.SSLContext,
+    unverified: ssl.SSLContext,
+    report: ProbeReport,
+) -> None:
+    """A separate session greeting with HELO only, as a plain SMTP client would."""
+    implicit = report.implicit_tls
+    ctx = unverified if implicit else context
+    client = _probe_client(host, port, args, ctx, "implicit" if implicit else "off")
+    try:
+        await client.open()
+        report.helo = await client.helo()
+    except SMTPClientError as exc:
+        report.helo_error = str(exc)
+    finally:
+        await client.quit()
+        client.close()
+
+
+def format_report(report: ProbeReport) -> str:
+    """The plain-text probe report."""
+    lines = [f"ehlo probe {report.server}", ""]
+
+    def reply_lines(label: str, reply: Reply | None) -> None:
+        text = _reply_text(reply)
+        if text is None:
+            return
+        first, *rest = text.split("\n")
+        lines.append(f"{label:<13}{first}")
+        lines.extend(f"{'':<13}{line}" for line in rest)
+
+    reply_lines("Banner:", report.banner)
+    if report.ehlo is not None:
+        ehlo = "ok" if report.ehlo.code == 250 else str(report.ehlo)
+        lines.append(f"{'EHLO:':<13}{report.ehlo.code} {ehlo}")
+    if report.extensions:
+        lines.append("")
+        lines.append("Extensions:" + (" (before TLS)" if report.tls_offered else ""))
+        lines.extend(_extension_lines(report.extensions))
+    lines.append("")
+    if report.helo_ok is None:
+        helo = f"not tested{': ' + report.helo_error if report.helo_error else ''}"
+    else:
+        helo = ("works" if report.helo_ok else "REFUSED") + f" ({report.helo})"
+    lines.append(f"{'HELO:':<13}{helo}")
+    lines.append(f"{'TLS:':<13}{_tls_summary(report)}")
+    info = report.tls
+    if info is not None:
+        lines.append(f"{'':<13}subject   {info.subject or '-'}")
+        lines.append(f"{'':<13}names     {', '.join(info.names) or '-'}")
+        lines.append(f"{'':<13}issuer    {info.issuer or '-'}")
+        if info.not_after is not None:
+            days = report._days_left()
+            lines.append(
+                f"{'':<13}expires   {info.not_after:%Y-%m-%d %H:%M:%S} UTC ({days} days left)"
+            )
+        chain = "verified" if info.verified and not report.verify_error else (
+            f"NOT verified: {report.verify_error}" if report.verify_error else "not verified"
+        )
+        lines.append(f"{'':<13}chain     {chain}")
+    if report.extensions_after_tls is not None:
+        lines.append("")
+        lines.append("Extensions after TLS:")
+        lines.extend(_extension_lines(report.extensions_after_tls))
+    lines.append("")
+    lines.append(f"{'AUTH:':<13}before TLS: {_mechs(report.auth_before)}")
+    if report.tls_offered:
+        lines.append(f"{'':<13}after TLS:  {_mechs(report.auth_after)}")
+    size = dict(report.extensions_after_tls or report.extensions).get("SIZE")
+    if size is None:
+        limit = "none declared (no SIZE)"
+    elif not size or size[0] == "0":
+        limit = "SIZE 0: no fixed message size limit"
+    elif size[0].isdigit():
+        limit = f"SIZE: messages up to {_octets(int(size[0]))}"
+    else:
+        limit = f"SIZE {' '.join(size)} (not a number)"
+    lines.append(f"{'Limits:':<13}{limit}")
+    findings = report.findings()
+    lines.append("")
+    lines.append("Findings:" if findings else "Findings:    none")
+    lines.extend(f"  - {finding}" for finding in findings)
+    return "\n".join(_safe(line) for line in lines)
+
+
+def _extension_lines(items: list[tuple[str, tuple[str, ...]]]) -> list[str]:
+    out = []
+    for keyword, params in items:
+        label = " ".join((keyword, *params))
+        if len(label) > 24:
+            label = label[:23] + "…"
+        out.append(f"  {label:<25}{explain_extension(keyword, params)}")
+    return out
+
+
+def _mechs(mechs: list[str] | None) -> str:
+    if mechs is None:
+        return "unknown"
+    return " ".join(mechs) if mechs else "none offered"
+
+
+def _tls_summary(report: ProbeReport) -> str:
+    if report.tls is not None:
+        how = "implicit TLS" if report.implicit_tls else "STARTTLS"
+        info = report.tls
+        return f"{how}: {info.version}, {info.cipher} ({info.bits} bits)"
+    if report.tls_error:
+        return f"FAILED: {report.tls_error}"
+    if report.implicit_tls:
+        return "implicit TLS failed"
+    return "STARTTLS not offered" if report.ehlo is not None else "unknown"
+
+
+def _probe(args: argparse.Namespace) -> int:
+    _text_output()
+    try:
+        host, port = parse_server(args.target, SUBMISSIONS_PORT if args.implicit_tls else SMTP_PORT)
+        _helo_name(args)
+        context = client_ssl_context(verify=True, cafile=args.cafile)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except (OSError, ssl.SSLError) as exc:
+        _error(f"--cafile {args.cafile}: {getattr(exc, 'strerror', None) or exc}")
+        return EXIT_ERROR
+    try:
+        report = asyncio.run(run_probe(host, port, args, context))
+    except SMTPClientError as exc:
+        _error(str(exc))
+        return exit_code(exc)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(format_report(report))
+    if report.error is not None:
+        _error(report.error)
+        return EXIT_CONNECTION
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ parsers
+
+
+def _epilog(codes: dict[int, str]) -> str:
+    lines = ["exit status:"]
+    for code, text in codes.items():
+        lines.append(
+            textwrap.fill(text, 78, initial_indent=f"  {code}  ", subsequent_indent="     ")
+        )
+    return "\n".join(lines)
+
+
+PROBE_EXIT_CODES = {
+    EXIT_OK: "the report was made",
+    EXIT_ERROR: "a local error (a --cafile that cannot be read, an unexpected failure)",
+    EXIT_USAGE: "a usage error",
+    EXIT_CONNECTION: "connection: cannot connect, timeout, or the server refused the session",
+    EXIT_TLS: "--implicit-tls: the TLS handshake failed (not only the verification)",
+}
+
+
+def add_client_commands(subparsers: Any) -> None:
+    """Register ``send`` and ``probe`` on the ``ehlo`` parser's subparsers."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    send = subparsers.add_parser(
+        "send",
+        help="send a message (to --server, or by MX lookup)",
+        description=textwrap.fill(
+            "Send one message: EHLO (HELO when the server speaks only plain SMTP),"
+            " STARTTLS, AUTH, PIPELINING, BDAT, per-recipient results. Without"
+            " --server, each recipient domain's MX hosts are tried in order of"
+            " preference (RFC 5321 section 5.1). The AUTH password is read from"
+            f" ${PASSWORD_ENV}, or asked on the terminal.",
+            78,
+        ),
+        epilog=_epilog(EXIT_CODES),
+        formatter_class=formatter,
+    )
+    send.add_argument("--from", dest="sender", required=True, metavar="ADDRESS",
+                      help="envelope sender and From header ('' for the null sender)")
+    send.add_argument("--to", action="append", required=True, metavar="ADDRESS",
+                      help="a recipient, repeatable")
+    send.add_argument("--server", metavar="HOST[:PORT]",
+                      help="the server to send to (default: MX lookup per recipient domain)")
+    send.add_argument("--port", type=_port, metavar="PORT",
+                      help="port for MX hosts and for --server without one"
+                           " (default: 25; 465 with --tls implicit)")
+    send.add_argument("--helo", metavar="NAME", help="the name to greet with (default: FQDN"
+                      " or the local address literal)")
+    send.add_argument("--helo-only", action="store_true",
+                      help="greet with HELO: plain SMTP, no extensions")
+    send.add_argument("--tls", choices=TLS_MODES, default="opportunistic",
+                      help="STARTTLS when offered (default), required, off; or implicit TLS")
+    send.add_argument("--insecure", action="store_true",
+                      help="do not verify TLS certificates; allow AUTH PLAIN/LOGIN without TLS")
+    send.add_argument("--cafile", metavar="FILE", help="trust the CA certificates in FILE too")
+    send.add_argument("--auth", metavar="USER",
+                      help=f"authenticate as USER (password: ${PASSWORD_ENV})")
+    send.add_argument("--auth-mechanism", type=str.upper, metavar="MECH",
+                      choices=("SCRAM-SHA-256", "PLAIN", "LOGIN"),
+                      help="SCRAM-SHA-256, PLAIN or LOGIN (default: the best offered)")
+    send.add_argument("--header", action="append", metavar="'NAME: VALUE'",
+                      help="add a header (or replace a default one), repeatable")
+    send.add_argument("--subject", metavar="TEXT", help="the Subject (default: 'test DATE')")
+    send.add_argument("--body", metavar="FILE|-", help="the body text from FILE or stdin (-)")
+    send.add_argument("--attach", action="append", metavar="FILE",
+                      help="attach a file (base64), repeatable")
+    send.add_argument("--no-pipelining", action="store_true",
+                      help="wait for each reply even when PIPELINING is offered")
+    bdat = send.add_mutually_exclusive_group()
+    bdat.add_argument("--bdat", dest="bdat", action="store_const", const="bdat",
+                      help="send the body with BDAT (fail when CHUNKING is not offered)")
+    bdat.add_argument("--no-bdat", dest="bdat", action="store_const", const="no-bdat",
+                      help="send the body with DATA even when CHUNKING is offered")
+    send.add_argument("--source-ip", metavar="IP", help="the local address to connect from")
+    send.add_argument("--transcript", action="store_true",
+                      help="show every command and reply (AUTH secrets redacted)")
+    send.add_argument("--dns-server", action="append", metavar="IP[:PORT]",
+                      help="nameserver for MX lookups, repeatable (default: resolv.conf)")
+    send.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                      help="limit for every step (default: RFC 5321 section 4.5.3.2 values)")
+    send.set_defaults(func=_send)
+
+    probe = subparsers.add_parser(
+        "probe",
+        help="report what an SMTP server offers",
+        description=textwrap.fill(
+            "Connect and report: the banner, each EHLO extension explained, whether"
+            " HELO works, the STARTTLS result (protocol, cipher, certificate subject,"
+            " names, expiry, chain verification), AUTH mechanisms before and after"
+            " TLS, the declared limits, and findings to act on.",
+            78,
+        ),
+        epilog=_epilog(PROBE_EXIT_CODES),
+        formatter_class=formatter,
+    )
+    probe.add_argument("target", metavar="HOST[:PORT]", help="the server (default port 25)")
+    probe.add_argument("--helo", metavar="NAME", help="the name to greet with")
+    probe.add_argument("--json", action="store_true",
+                       help="one JSON object: banner, extensions, helo_ok, tls, auth")
+    probe.add_argument("--implicit-tls", action="store_true",
+                       help="TLS from the first byte (port 465 by default)")
+    probe.add_argument("--cafile", metavar="FILE", help="trust the CA certificates in FILE too")
+    probe.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                       help="limit for every step (default: 30)")
+    probe.set_defaults(func=_probe)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the usage error kept to the usage line and one message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only ``send`` and ``probe`` (for tests before cli.py wires them)."""
+    parser = _Parser(prog=PROG, description="The ehlo SMTP client.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    add_client_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``ehlo send`` or ``ehlo probe``; return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_usage(sys.stderr)
+        _error("choose a command: send, probe")
+        return EXIT_USAGE
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+    except Exception as exc:
+        if os.environ.get("EHLO_DEBUG"):
+            raise
+        _error(f"unexpected {type(exc).__name__}: {exc} (EHLO_DEBUG=1 shows the traceback)")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
