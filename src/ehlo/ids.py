@@ -7,20 +7,22 @@ their random part; ids sort by receipt time as text.
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+# RFC 4648 base32 encodes 5-bit groups with "A..Z2..7"; mapping that alphabet
+# index for index onto Crockford's keeps the order (both are ascending).
+_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+
+
 def new_queue_id() -> str:
     """A fresh queue id, e.g. ``01JDQ3V9X2M7K4PA``."""
-    value = (time.time_ns() // 1_000_000) << 32 | int.from_bytes(os.urandom(4), "big")
-    chars = []
-    for _ in range(16):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    raw = (time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(4)
+    return base64.b32encode(raw).translate(_FROM_RFC4648).decode("ascii")
 
 
 def is_queue_id(text: str) -> bool:

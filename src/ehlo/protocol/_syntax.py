@@ -9,6 +9,7 @@ reply the server should give, so that the connection answers it unchanged.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from ._reply import Reply
 
@@ -41,10 +42,21 @@ def _is_utf8_char(ch: str) -> bool:
     return ord(ch) >= 0x80
 
 
+# Fast paths for the common all-ASCII case (the character loops below stay the
+# reference for UTF-8 input).
+_ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+_ASCII_DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_ASCII_DOMAIN = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+
+
 def is_dot_string(text: str, utf8: bool = False) -> bool:
     """RFC 5321 Dot-string: atoms of atext joined by single dots."""
     if not text:
         return False
+    if text.isascii():
+        return _ASCII_DOT_STRING.fullmatch(text) is not None
     for atom in text.split("."):
         if not atom:
             return False
@@ -82,6 +94,8 @@ def is_domain(text: str, utf8: bool = False) -> bool:
     """RFC 5321 Domain: sub-domains of letters, digits and inner hyphens."""
     if not text or len(text) > MAX_DOMAIN:
         return False
+    if text.isascii():
+        return _ASCII_DOMAIN.fullmatch(text) is not None
     for label in text.split("."):
         if not label or label[0] == "-" or label[-1] == "-":
             return False
