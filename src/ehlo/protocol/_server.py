@@ -397,20 +397,30 @@ class ServerConnection:
         self._enhanced = "ENHANCEDSTATUSCODES" in keywords
         self._utf8 = "SMTPUTF8" in keywords
 
+    @staticmethod
+    def _apply_params(
+        verb: str, params: dict[str, str | None], owners: dict[str, Extension], tx: Transaction
+    ) -> None:
+        """Let the extension owning each parameter check and record it."""
+        for name, value in params.items():
+            owner = owners.get(name)
+            if owner is None:
+                # RFC 5321 section 4.1.1.11: 555 for unrecognised parameters.
+                raise SyntaxProblem(
+                    Reply(555, "5.5.4", f"{verb} parameter {name} not recognized")
+                )
+            if verb == "MAIL FROM":
+                refusal = owner.mail_param(name, value, tx)
+            else:
+                refusal = owner.rcpt_param(name, value, tx)
+            if refusal is not None:
+                raise SyntaxProblem(refusal)
+
     def _on_mail(self, arg: str) -> Event:
         path_text, param_text = split_path(arg, "FROM:")
         params = parse_params(param_text, utf8=self._utf8)
         tx = Transaction("", params)
-        for name, value in params.items():
-            owner = self._mail_params.get(name)
-            if owner is None:
-                # RFC 5321 section 4.1.1.11: 555 for unrecognised parameters.
-                raise SyntaxProblem(
-                    Reply(555, "5.5.4", f"MAIL FROM parameter {name} not recognized")
-                )
-            refusal = owner.mail_param(name, value, tx)
-            if refusal is not None:
-                raise SyntaxProblem(refusal)
+        self._apply_params("MAIL FROM", params, self._mail_params, tx)
         if not path_text.isascii() and not tx.smtputf8:
             # RFC 6531 section 3.6: non-ASCII needs SMTPUTF8 on MAIL.
             raise SyntaxProblem(_NON_ASCII)
@@ -427,15 +437,7 @@ class ServerConnection:
             return self._fault(_TOO_MANY_RCPTS, "too many recipients", "RCPT")
         path_text, param_text = split_path(arg, "TO:")
         params = parse_params(param_text, utf8=tx.smtputf8)
-        for name, value in params.items():
-            owner = self._rcpt_params.get(name)
-            if owner is None:
-                raise SyntaxProblem(
-                    Reply(555, "5.5.4", f"RCPT TO parameter {name} not recognized")
-                )
-            refusal = owner.rcpt_param(name, value, tx)
-            if refusal is not None:
-                raise SyntaxProblem(refusal)
+        self._apply_params("RCPT TO", params, self._rcpt_params, tx)
         if not path_text.isascii() and not tx.smtputf8:
             raise SyntaxProblem(_NON_ASCII)
         address = parse_path(path_text, sender=False, utf8=tx.smtputf8)
