@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+from typing import TYPE_CHECKING
 
-import tldextract
+if TYPE_CHECKING:  # imported when first needed: it is large (requests, idna)
+    import tldextract
 
 __all__ = ["registered_domain", "same_registered_domain"]
 
@@ -36,6 +38,8 @@ def _get_extractor() -> tldextract.TLDExtract:
         return extractor
     with _lock:
         if _extractor is None:
+            import tldextract
+
             built = tldextract.TLDExtract(
                 cache_dir=None,  # never read or write ~/.cache/python-tldextract
                 suffix_list_urls=(),  # never fetch the list over HTTP

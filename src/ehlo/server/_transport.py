@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, cast
 
 from ..protocol import NEED_DATA, PAUSED, Reply, ServerConnection, State
 from ._session import Session
-from .tls import describe
 
 if TYPE_CHECKING:
     from ._server import ServerContext
@@ -295,6 +294,8 @@ class SMTPServerProtocol(asyncio.Protocol):
             self._closed = True
             return
         self.transport = tls_transport
+        from .tls import describe  # not at import time: it brings cryptography
+
         ssl_object = tls_transport.get_extra_info("ssl_object")
         info = describe(ssl_object) if ssl_object is not None else {}
         self.conn.tls_started()
