@@ -126,6 +126,21 @@ async def test_positive_answers_cached(server: DNSServer, clock: FakeClock) -> N
     assert server.count("mail.example.test") == 2  # one A, one AAAA
 
 
+async def test_peek_answers_from_the_cache_only(server: DNSServer, clock: FakeClock) -> None:
+    resolver = make_resolver(server, clock)
+    assert resolver.peek("Mail.Example.Test.", "A") is None
+    assert resolver.peek_ptr(MAIL_V4) is None
+    assert server.count() == 0  # peeking never queries
+    await resolver.lookup("mail.example.test", "A")
+    await resolver.ptr(MAIL_V4)
+    found = resolver.peek("Mail.Example.Test.", "a")
+    assert found is not None and found.values == (MAIL_V4,)
+    assert resolver.peek_ptr(MAIL_V4) == ["mail.example.test"]
+    clock.advance(301)  # past the TTL: gone from the cache, still no query
+    assert resolver.peek("mail.example.test", "A") is None
+    assert server.count() == 2
+
+
 async def test_negative_answers_cached(server: DNSServer, clock: FakeClock) -> None:
     resolver = make_resolver(server, clock)
     for _ in range(3):

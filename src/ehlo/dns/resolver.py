@@ -283,6 +283,27 @@ class Resolver:
         results = await asyncio.gather(*(self._lookup(qname, rdtype) for rdtype in rdtypes))
         return list(dict.fromkeys(value for result in results for value in result.values))
 
+    def peek(self, name: str, rdtype: str) -> Lookup | None:
+        """The cached answer for ``name`` and ``rdtype`` if there is one; never queries.
+
+        Only plain ASCII names are looked up this way (others return None and
+        go through ``lookup``), so that the key is the one ``lookup`` uses.
+        """
+        if not name.isascii() or "\\" in name:
+            return None
+        key = (self._identity, rdtype.upper(), name.strip().lower().rstrip(".") + ".")
+        cached = self.cache.get(key)
+        return cached if isinstance(cached, Lookup) else None
+
+    def peek_ptr(self, ip: str) -> list[str] | None:
+        """The cached PTR names of ``ip``, if cached; never queries."""
+        try:
+            qname = dns.reversename.from_address(str(ipaddress.ip_address(ip)))
+        except ValueError:
+            return None
+        found = self.peek(qname.to_text(), "PTR")
+        return None if found is None else list(found.values)
+
     async def lookup(self, name: str, rdtype: str) -> Lookup:
         """Records of one type for ``name`` (A, AAAA, MX, TXT, PTR, CNAME ...).
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
@@ -23,7 +25,7 @@ from ..dns import DNSTempError, Lookup, Resolver
 from ..protocol import is_domain, parse_address_literal
 from .dynamic import looks_dynamic
 from .psl import registered_domain
-from .spf import spf_helo
+from .spf import SpfOutcome, spf_helo
 
 Result = Literal["pass", "fail", "none", "temperror", "permerror"]
 RESULTS: tuple[Result, ...] = ("pass", "fail", "none", "temperror", "permerror")
@@ -130,6 +132,20 @@ class CappedResolver:
         self._spend(f"PTR {ip}")
         return await self.resolver.ptr(ip)
 
+    def peek(self, name: str, rdtype: str) -> Lookup | None:
+        """A cached answer (counted against the cap when there is one)."""
+        found = self.resolver.peek(name, rdtype)
+        if found is not None:
+            self._spend(f"{name} {rdtype}")
+        return found
+
+    def peek_ptr(self, ip: str) -> list[str] | None:
+        """Cached PTR names (counted against the cap when there are some)."""
+        found = self.resolver.peek_ptr(ip)
+        if found is not None:
+            self._spend(f"PTR {ip}")
+        return found
+
 
 def _ip(text: str) -> IPAddress:
     address = ipaddress.ip_address(text)
@@ -192,14 +208,25 @@ class _Run:
         key = (_norm(name), rdtype)
         fut = self._memo.get(key)
         if fut is None:
-            fut = asyncio.ensure_future(self.resolver.lookup(name, rdtype))
+            cached = self.resolver.peek(name, rdtype)
+            if cached is not None:
+                # A warm cache needs no task: a finished future is enough.
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_result(cached)
+            else:
+                fut = asyncio.ensure_future(self.resolver.lookup(name, rdtype))
             self._memo[key] = fut
-        return asyncio.shield(fut)
+        return fut if fut.done() else asyncio.shield(fut)
 
     def ptr(self) -> Awaitable[list[str]]:
         if self._ptr is None:
-            self._ptr = asyncio.ensure_future(self.resolver.ptr(str(self.client)))
-        return asyncio.shield(self._ptr)
+            cached = self.resolver.peek_ptr(str(self.client))
+            if cached is not None:
+                self._ptr = asyncio.get_running_loop().create_future()
+                self._ptr.set_result(cached)
+            else:
+                self._ptr = asyncio.ensure_future(self.resolver.ptr(str(self.client)))
+        return self._ptr if self._ptr.done() else asyncio.shield(self._ptr)
 
     async def addresses(self, name: str) -> tuple[list[IPAddress], list[Lookup]]:
         """A and AAAA of ``name`` (CNAMEs followed) and the lookups as evidence."""
@@ -405,11 +432,31 @@ def _valid_ip(text: str) -> bool:
     return True
 
 
+# SPF outcomes by (nameservers, client IP, HELO name), kept for a minute: far
+# below the TTL of typical SPF records, so a change is seen soon enough.
+SPF_RESULT_TTL = 60.0
+_SPF_RESULTS_MAX = 10_000
+_SPF_RESULTS: OrderedDict[tuple[str, str, str], tuple[float, SpfOutcome]] = OrderedDict()
+
+
 async def check_spf_helo(run: _Run) -> CheckResult:
     """RFC 7208 section 2.3: SPF for the HELO identity."""
     if not run.is_domain:
         return _result("spf_helo", "none", "is not a domain name (SPF does not apply)")
-    outcome = await spf_helo(run.resolver, str(run.client), run.name)  # type: ignore[arg-type]
+    key = (",".join(run.resolver.resolver.nameservers), str(run.client), run.name)
+    now = time.monotonic()
+    cached = _SPF_RESULTS.get(key)
+    if cached is not None and cached[0] > now:
+        outcome = cached[1]
+    else:
+        outcome = await spf_helo(run.resolver, str(run.client), run.name)  # type: ignore[arg-type]
+        if outcome.result != "temperror":
+            # A finished evaluation is kept briefly: SPF needs a worker thread
+            # and several lookups, and a busy client greets many times a minute.
+            _SPF_RESULTS[key] = (now + SPF_RESULT_TTL, outcome)
+            _SPF_RESULTS.move_to_end(key)
+            while len(_SPF_RESULTS) > _SPF_RESULTS_MAX:
+                _SPF_RESULTS.popitem(last=False)
     evidence: dict[str, Any] = {"spf": outcome.result, "record": outcome.record,
                                 "lookups": list(outcome.lookups)}
     # RFC 7208 section 8.5/8.4: softfail and neutral are not grounds to refuse.
@@ -471,6 +518,9 @@ CHECK_FUNCTIONS: dict[str, Callable[[_Run], Awaitable[CheckResult]]] = {
 }
 
 
+_LOCAL_CHECKS = frozenset({"syntax", "fqdn", "literal_match", "not_us", "consistent"})
+
+
 async def run_checks(
     greeting: Greeting,
     resolver: Resolver | CappedResolver,
@@ -508,7 +558,11 @@ async def run_checks(
             return _result(name, "temperror",
                            f"could not be checked: {type(exc).__name__}: {exc}")
 
-    results = await asyncio.gather(*(one(name) for name in names))
+    # Checks that need no DNS run inline; the others run concurrently.
+    inline = [await one(name) for name in names if name in _LOCAL_CHECKS]
+    remote = await asyncio.gather(*(one(name) for name in names if name not in _LOCAL_CHECKS))
+    by_name = {r.name: r for r in (*inline, *remote)}
+    results = [by_name[name] for name in names]
     for fut in run._memo.values():
         if fut.done() and not fut.cancelled():
             fut.exception()  # retrieved: no "never retrieved" warnings
