@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import ssl
@@ -46,8 +47,6 @@ class ServerContext:
         self.ssl_context = ssl_context
         limits = config.limits
         if ssl_context is not None and not limits.starttls:
-            import dataclasses
-
             limits = dataclasses.replace(limits, starttls=True)
             self.config = dataclasses.replace(config, limits=limits)
         self.extensions: tuple[Extension, ...] = build_extensions(self.config.limits)
