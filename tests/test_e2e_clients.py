@@ -20,8 +20,9 @@ import re
 import smtplib
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -165,6 +166,33 @@ def check_stored(
     return stored
 
 
+async def sent_and_stored(
+    srv: Server,
+    client: Callable[[], RecordingSMTP],
+    body: bytes,
+    *,
+    greeting: str = "EHLO",
+    mail_from: str = "a@example.org",
+    rcpt_to: list[str] | None = None,
+    protocol: str = "ESMTP",
+    **expected: Any,
+) -> StoredMessage:
+    """Run the blocking ``client`` in a thread, then check its one message in the store."""
+    s = await asyncio.to_thread(client)
+    [(_, text)] = s.data_replies
+    return check_stored(
+        srv,
+        queue_id(text),
+        body,
+        greeting=greeting,
+        mail_from=mail_from,
+        rcpt_to=rcpt_to if rcpt_to is not None else ["b@example.net"],
+        protocol=protocol,
+        **expected,
+    )
+
+
+
 def flatten(msg: email.message.EmailMessage, *, utf8: bool = False) -> bytes:
     """``msg`` as a client puts it on the wire: Bcc removed, CRLF line ends."""
     msg = copy.copy(msg)
@@ -226,17 +254,7 @@ async def test_smtplib_ehlo_session(srv: Server) -> None:
             assert s.sendmail("a@example.org", "b@example.net", body) == {}
             return s
 
-    s = await asyncio.to_thread(client)
-    [(_, text)] = s.data_replies
-    stored = check_stored(
-        srv,
-        queue_id(text),
-        body,
-        greeting="EHLO",
-        mail_from="a@example.org",
-        rcpt_to=["b@example.net"],
-        protocol="ESMTP",
-    )
+    stored = await sent_and_stored(srv, client, body)
     assert stored.envelope.mail_params == {"SIZE": str(len(body))}
 
 
@@ -258,18 +276,7 @@ async def test_smtplib_starttls(srv: Server) -> None:
             assert s.sendmail("a@example.org", ["b@example.net"], body) == {}
             return s
 
-    s = await asyncio.to_thread(client)
-    [(_, text)] = s.data_replies
-    check_stored(
-        srv,
-        queue_id(text),
-        body,
-        greeting="EHLO",
-        mail_from="a@example.org",
-        rcpt_to=["b@example.net"],
-        protocol="ESMTPS",
-        tls=True,
-    )
+    await sent_and_stored(srv, client, body, protocol="ESMTPS", tls=True)
 
 
 async def test_smtplib_smtputf8(srv: Server) -> None:
@@ -284,13 +291,10 @@ async def test_smtplib_smtputf8(srv: Server) -> None:
             assert s.sendmail(sender, [rcpt], body, mail_options=["SMTPUTF8"]) == {}
             return s
 
-    s = await asyncio.to_thread(client)
-    [(_, text)] = s.data_replies
-    stored = check_stored(
+    stored = await sent_and_stored(
         srv,
-        queue_id(text),
+        client,
         body,
-        greeting="EHLO",
         mail_from=sender,
         rcpt_to=[rcpt],
         protocol="UTF8SMTP",
@@ -317,17 +321,7 @@ async def test_smtplib_8bitmime(srv: Server) -> None:
             assert errs == {}
             return s
 
-    s = await asyncio.to_thread(client)
-    [(_, text)] = s.data_replies
-    stored = check_stored(
-        srv,
-        queue_id(text),
-        body,
-        greeting="EHLO",
-        mail_from="a@example.org",
-        rcpt_to=["b@example.net"],
-        protocol="ESMTP",
-    )
+    stored = await sent_and_stored(srv, client, body)
     assert stored.envelope.mail_params.get("BODY") == "8BITMIME"
 
 
@@ -350,17 +344,7 @@ async def test_smtplib_dot_stuffing(srv: Server) -> None:
             assert s.sendmail("a@example.org", ["b@example.net"], body) == {}
             return s
 
-    s = await asyncio.to_thread(client)
-    [(_, text)] = s.data_replies
-    check_stored(
-        srv,
-        queue_id(text),
-        body,
-        greeting="EHLO",
-        mail_from="a@example.org",
-        rcpt_to=["b@example.net"],
-        protocol="ESMTP",
-    )
+    await sent_and_stored(srv, client, body)
 
 
 async def test_smtplib_multiple_recipients(srv: Server) -> None:
@@ -372,17 +356,7 @@ async def test_smtplib_multiple_recipients(srv: Server) -> None:
             assert s.sendmail("", rcpts, body) == {}
             return s
 
-    s = await asyncio.to_thread(client)
-    [(_, text)] = s.data_replies
-    check_stored(
-        srv,
-        queue_id(text),
-        body,
-        greeting="EHLO",
-        mail_from="",
-        rcpt_to=rcpts,
-        protocol="ESMTP",
-    )
+    await sent_and_stored(srv, client, body, mail_from="", rcpt_to=rcpts)
 
 
 async def test_smtplib_several_messages_one_connection(srv: Server) -> None:
@@ -427,17 +401,7 @@ async def test_smtplib_large_message(srv: Server) -> None:
             assert s.sendmail("a@example.org", ["b@example.net"], body) == {}
             return s
 
-    s = await asyncio.to_thread(client)
-    [(_, text)] = s.data_replies
-    check_stored(
-        srv,
-        queue_id(text),
-        body,
-        greeting="EHLO",
-        mail_from="a@example.org",
-        rcpt_to=["b@example.net"],
-        protocol="ESMTP",
-    )
+    await sent_and_stored(srv, client, body)
 
 
 async def test_smtplib_send_message(srv: Server) -> None:
