@@ -40,7 +40,7 @@ from ._events import (
     _Sentinel,
 )
 from ._reply import Reply
-from ._state import GREETED_STATES, IN_TRANSACTION, State, Transaction, sequence_error
+from ._state import IN_TRANSACTION, State, Transaction, sequence_error
 from ._syntax import SyntaxProblem, parse_params, parse_path, split_path
 
 # Verbs of RFC 5321 and common extensions that ehlo recognises but does not
@@ -68,6 +68,13 @@ _BARE_NEWLINE = Reply(
 _TEXT_LINE_TOO_LONG = Reply(554, "5.6.0", "Message contains a line longer than allowed")
 _TLS_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
 _EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
+
+
+def _take(buf: bytearray, size: int, consumed: int | None = None) -> bytes:
+    """The first ``size`` octets of ``buf`` as bytes (one copy), then drop ``consumed``."""
+    data = bytes(memoryview(buf)[:size])  # a plain slice of a bytearray would copy twice
+    del buf[: size if consumed is None else consumed]
+    return data
 
 
 def _no_args(verb: str) -> Reply:
@@ -310,8 +317,7 @@ class ServerConnection:
                 self._discard_line = True
                 return self._fault(_LINE_TOO_LONG, "command line too long")
             return NEED_DATA
-        raw = bytes(buf[:nl])
-        del buf[: nl + 1]
+        raw = _take(buf, nl, nl + 1)
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         length = len(raw) + 2
@@ -331,15 +337,12 @@ class ServerConnection:
         if length > limit and verb not in ("MAIL", "RCPT"):
             return self._fault(_LINE_TOO_LONG, "command line too long", verb)
         refusal = sequence_error(verb, self.state)
-        if refusal is not None and verb in _HANDLERS:
+        if refusal is not None:
             if verb == "BDAT":
                 return self._bdat_refused(arg, refusal)
-            return self._fault(refusal, "command out of sequence", verb)
+            return self._fault(refusal, "command out of sequence", verb[:20])
         handler = _HANDLERS.get(verb)
         if handler is None:
-            if self.state is State.REFUSED:
-                return self._fault(sequence_error("NOOP", State.REFUSED) or _UNRECOGNIZED,
-                                   "service refused")
             if verb in _NOT_IMPLEMENTED:
                 return self._fault(_not_offered(verb), "command not implemented", verb)
             return self._fault(_UNRECOGNIZED, "unknown command", verb[:20])
@@ -567,15 +570,13 @@ class ServerConnection:
             break
         end = buf.find(b"\r\n.\r\n")
         if end >= 0:
-            chunk = bytes(buf[: end + 2])
-            del buf[: end + 5]
+            chunk = _take(buf, end + 2, end + 5)
             self._data_ended = True
             event = self._emit_body(chunk, True)
             return event if event is not None else self._finish_data()
         last = buf.rfind(b"\r\n")
         if last >= 0:
-            chunk = bytes(buf[: last + 2])
-            del buf[: last + 2]
+            chunk = _take(buf, last + 2)
             ends_line = True
         else:
             if len(buf) < _PARTIAL_FLUSH:
@@ -583,8 +584,7 @@ class ServerConnection:
             # A long line without CRLF yet: stream it, keeping a final CR
             # that may be the first half of a CRLF.
             keep = 1 if buf[-1] == 0x0D else 0
-            chunk = bytes(buf[: len(buf) - keep])
-            del buf[: len(buf) - keep]
+            chunk = _take(buf, len(buf) - keep)
             ends_line = False
         event = self._emit_body(chunk, ends_line)
         return event if event is not None else self._next_data()
@@ -661,8 +661,7 @@ class ServerConnection:
                 chunk = bytes(buf)
                 buf.clear()
             else:
-                chunk = bytes(buf[:take])
-                del buf[:take]
+                chunk = _take(buf, take)
             self._bdat_remaining -= take
             if self._bdat_refusal is not None or self._body_error is not None:
                 continue
@@ -695,11 +694,6 @@ class ServerConnection:
         open_tx = self.state in IN_TRANSACTION
         self.state = State.CLOSED
         return open_tx
-
-    @property
-    def greeted(self) -> bool:
-        """True after a successful HELO or EHLO in this (TLS) session."""
-        return self.state in GREETED_STATES or self.greeting is not None
 
 
 _HANDLERS = {

@@ -61,8 +61,6 @@ _MAIL_DURING_BDAT = Reply(503, "5.5.1", "Finish the BDAT transaction with BDAT L
 _NEED_RCPT_BDAT = Reply(503, "5.5.1", "Need RCPT before BDAT")
 _REFUSED = Reply(503, "5.5.1", "Service refused; only QUIT is accepted")
 
-_ANY = frozenset({State.CONNECTED, State.GREETED, State.MAIL, State.RCPT, State.CHUNKING})
-
 # verb -> {state in which it is refused: the reply}. States not listed are allowed.
 SEQUENCE: dict[str, dict[State, Reply]] = {
     "MAIL": {
@@ -101,5 +99,3 @@ def sequence_error(verb: str, state: State) -> Reply | None:
 
 
 IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.DATA, State.BDAT, State.CHUNKING})
-GREETED_STATES = frozenset({State.GREETED, State.MAIL, State.RCPT, State.CHUNKING})
-COMMAND_STATES = _ANY | {State.REFUSED}
