@@ -5,6 +5,15 @@ See ``ehlo.dns.resolver``; greeting verification and Received headers build on i
 
 from __future__ import annotations
 
-from .resolver import DEFAULT_CACHE, DNSCache, DNSTempError, Lookup, Resolver, reverse_name
+from .resolver import (
+    DEFAULT_CACHE,
+    DNSCache,
+    DNSTempError,
+    Lookup,
+    Resolver,
+    loopback_name,
+    reverse_name,
+)
 
-__all__ = ["DEFAULT_CACHE", "DNSCache", "DNSTempError", "Lookup", "Resolver", "reverse_name"]
+__all__ = ["DEFAULT_CACHE", "DNSCache", "DNSTempError", "Lookup", "Resolver",
+           "loopback_name", "reverse_name"]

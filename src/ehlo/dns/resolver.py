@@ -33,6 +33,7 @@ __all__ = [
     "DNSTempError",
     "Lookup",
     "Resolver",
+    "loopback_name",
     "reverse_name",
 ]
 
@@ -392,6 +393,17 @@ def _rdata_text(rdata: object) -> str:
     if isinstance(address, str):
         return str(ipaddress.ip_address(address))
     return str(rdata)
+
+
+def loopback_name(ip: str) -> str | None:
+    """``"localhost"`` for a loopback address (RFC 6761 section 6.3), else None."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return "localhost" if address.is_loopback else None
 
 
 async def reverse_name(resolver: Resolver, ip: str, timeout: float) -> str | None:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ..config import ServerConfig
-from ..dns import Resolver, reverse_name
+from ..dns import Resolver, loopback_name, reverse_name
 from ..extensions import Extension, build_extensions
 from ..greeting import GreetingVerifier
 from ..policy import Hook, Hooks
@@ -58,7 +58,6 @@ class ServerContext:
         self.per_ip: dict[str, int] = {}
         self.draining = False
         self.resolver = Resolver(list(config.dns_servers) or None, timeout=config.dns_timeout)
-        self._rdns_cache: dict[str, tuple[float, str | None]] = {}
         policy = config.greeting.to_policy()
         self.verifier: GreetingVerifier | None = (
             GreetingVerifier(policy, self.resolver, our_names=(config.hostname,))
@@ -90,13 +89,15 @@ class ServerContext:
                 self.per_ip[proto.client_ip] = count
 
     def reverse_name(self, ip: str) -> asyncio.Future[str | None]:
-        """A future of the client's forward-confirmed reverse name (or None)."""
-        loop = asyncio.get_running_loop()
-        cached = self._rdns_cache.get(ip)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            fut: asyncio.Future[str | None] = loop.create_future()
-            fut.set_result(cached[1])
+        """A future of the client's forward-confirmed reverse name (or None).
+
+        Answers come from the resolver's TTL cache; a loopback client needs no
+        lookup and no task.
+        """
+        known = loopback_name(ip)
+        if known is not None:
+            fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            fut.set_result(known)
             return fut
         return asyncio.ensure_future(self._lookup(ip))
 
@@ -111,14 +112,10 @@ class ServerContext:
 
     async def _lookup(self, ip: str) -> str | None:
         try:
-            name = await reverse_name(self.resolver, ip, self.config.reverse_dns_timeout)
+            return await reverse_name(self.resolver, ip, self.config.reverse_dns_timeout)
         except Exception as exc:  # DNS trouble is never fatal to a session
             log.debug("reverse DNS for %s failed: %s", ip, exc)
-            name = None
-        if len(self._rdns_cache) > 10000:
-            self._rdns_cache.clear()
-        self._rdns_cache[ip] = (time.monotonic() + 300.0, name)
-        return name
+            return None
 
 
 def _make_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:

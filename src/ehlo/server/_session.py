@@ -102,6 +102,9 @@ class Session:
         """Start looking up the client's name; the Received header waits for it."""
         if not self.ctx.config.reverse_dns:
             return
+        verifier = self.ctx.verifier
+        if verifier is not None and verifier.applies_to(self.client_ip):
+            return  # the iprev check finds (and confirms) the name; asking twice is waste
         self._rdns = self.ctx.reverse_name(self.client_ip)
 
     def banner(self) -> Reply | Awaitable[Reply]:
@@ -504,6 +507,8 @@ class Session:
         return reply
 
     def _log_outcome(self, envelope: Envelope | None, size: int, reply: Reply) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return  # the fields below cost more than the check, once per message
         queue_id = envelope.queue_id if envelope else "-"
         outcome = "accepted" if reply.code < 400 else "refused"
         tx = self.conn.transaction
@@ -535,9 +540,8 @@ class Session:
     def _fault(self, event: Fault) -> None:
         if event.aborted:
             envelope = self.envelope
-            tx_size = envelope is not None
             self.abort_message()
-            if tx_size:
+            if envelope is not None:
                 self._log_outcome(envelope, 0, event.reply)
         log.info(
             "fault %s helo=%s verb=%s reason=%s reply=%d",
