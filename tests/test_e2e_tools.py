@@ -221,12 +221,7 @@ def write_data(tmp_path: Path, text: str = SWAKS_DATA) -> Path:
 def test_swaks_plain_delivery(target: Target, tmp_path: Path) -> None:
     t = swaks(
         target,
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-        "--data",
-        f"@{write_data(tmp_path)}",
+        *envelope_args(tmp_path),
     )
     assert t.returncode == 0, t.output
     codes = [code for code, _ in t.replies()]
@@ -250,17 +245,18 @@ def test_swaks_plain_delivery(target: Target, tmp_path: Path) -> None:
     assert stored.subject == "swaks test"
 
 
+def envelope_args(tmp_path: Path) -> list[str]:
+    """swaks options for the usual sender, recipient and message file."""
+    data = f"@{write_data(tmp_path)}"
+    return ["--from", "a@example.org", "--to", "b@example.net", "--data", data]
+
+
 def test_swaks_helo_name_in_envelope(target: Target, tmp_path: Path) -> None:
     t = swaks(
         target,
         "--helo",
         "helo-name.test.example",
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-        "--data",
-        f"@{write_data(tmp_path)}",
+        *envelope_args(tmp_path),
     )
     assert t.returncode == 0, t.output
     assert "EHLO helo-name.test.example" in t.client()
@@ -274,12 +270,7 @@ def test_swaks_helo_name_in_envelope(target: Target, tmp_path: Path) -> None:
         "SMTP",
         "--helo",
         "old.example",
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-        "--data",
-        f"@{write_data(tmp_path)}",
+        *envelope_args(tmp_path),
     )
     assert t.returncode == 0, t.output
     assert "HELO old.example" in t.client()
@@ -295,12 +286,7 @@ def test_swaks_starttls(target: Target, tmp_path: Path) -> None:
         "--tls",
         "--helo",
         "tls.example",
-        "--from",
-        "a@example.org",
-        "--to",
-        "b@example.net",
-        "--data",
-        f"@{write_data(tmp_path)}",
+        *envelope_args(tmp_path),
     )
     assert t.returncode == 0, t.output
     assert "TLS started with cipher" in t.output
