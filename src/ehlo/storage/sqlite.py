@@ -380,13 +380,29 @@ class _WriterThread(threading.Thread):
         assert conn is not None
         outcomes: list[tuple[_Commit, str | BaseException]] = []
         body_bytes = sum(len(op.data) for op in batch if isinstance(op, _Chunk))
+        # Messages whose every chunk and whose commit are in this batch (small
+        # messages, the common case) are written in one transaction: they need
+        # no `pending` row, and their chunks are counted here, not re-read.
+        in_batch: dict[str, list[int]] = {}
+        for op in batch:
+            if isinstance(op, _Chunk):
+                counted = in_batch.setdefault(op.queue_id, [0, 0])
+                counted[0] += 1
+                counted[1] += len(op.data)
+        whole = {
+            op.row[0]: in_batch[op.row[0]][1]
+            for op in batch
+            if isinstance(op, _Commit)
+            and op.row[0] in in_batch
+            and in_batch[op.row[0]][0] == op.chunks
+        }
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
                 if isinstance(op, _Chunk):
-                    self._insert_chunk(conn, op)
+                    self._insert_chunk(conn, op, track=op.queue_id not in whole)
                 elif isinstance(op, _Commit):
-                    outcomes.append((op, self._insert_message(conn, op)))
+                    outcomes.append((op, self._insert_message(conn, op, whole.get(op.row[0]))))
                 elif isinstance(op, _Discard):
                     if op.queue_id in self._clashes:
                         self._clashes.discard(op.queue_id)  # the rows are not ours
@@ -407,7 +423,7 @@ class _WriterThread(threading.Thread):
             self.done_bytes += body_bytes
         self._settle(outcomes)
 
-    def _insert_chunk(self, conn: sqlite3.Connection, op: _Chunk) -> None:
+    def _insert_chunk(self, conn: sqlite3.Connection, op: _Chunk, *, track: bool) -> None:
         queue_id = op.queue_id
         if op.seq == 0:
             taken = conn.execute(
@@ -417,11 +433,12 @@ class _WriterThread(threading.Thread):
                 self._clashes.add(queue_id)  # a reused id: fails at commit
         if queue_id in self._clashes:
             return  # never add rows to another message
-        # Every chunk (not only the first): an earlier batch may have failed.
-        conn.execute(
-            "INSERT OR IGNORE INTO pending (queue_id, owner) VALUES (?, ?)",
-            (queue_id, self.lock.owner),
-        )
+        if track:
+            # Every chunk (not only the first): an earlier batch may have failed.
+            conn.execute(
+                "INSERT OR IGNORE INTO pending (queue_id, owner) VALUES (?, ?)",
+                (queue_id, self.lock.owner),
+            )
         try:
             conn.execute(
                 "INSERT INTO chunks (queue_id, seq, data) VALUES (?, ?, ?)",
@@ -430,22 +447,29 @@ class _WriterThread(threading.Thread):
         except sqlite3.IntegrityError:  # two writers with one id
             self._clashes.add(queue_id)
 
-    def _insert_message(self, conn: sqlite3.Connection, op: _Commit) -> str | BaseException:
+    def _insert_message(
+        self, conn: sqlite3.Connection, op: _Commit, batch_bytes: int | None
+    ) -> str | BaseException:
+        """Make a message visible (``batch_bytes``: its size if all its chunks are in the batch)."""
         queue_id: str = op.row[0]
         size: int = op.row[13]
         taken = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
         if taken is not None or queue_id in self._clashes:
             self._clashes.discard(queue_id)
             return StoreError(f"message {queue_id} is already stored")
-        count, total = conn.execute(
-            "SELECT count(*), coalesce(sum(length(data)), 0) FROM chunks WHERE queue_id = ?",
-            (queue_id,),
-        ).fetchone()
+        if batch_bytes is not None:
+            count, total = op.chunks, batch_bytes
+        else:
+            count, total = conn.execute(
+                "SELECT count(*), coalesce(sum(length(data)), 0) FROM chunks WHERE queue_id = ?",
+                (queue_id,),
+            ).fetchone()
         if count != op.chunks or total != size:
             self._discard(conn, queue_id)
             return StoreError(f"message {queue_id}: chunks lost before commit")
         conn.execute(_INSERT_MESSAGE, op.row)
-        conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
+        if batch_bytes is None:
+            conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
         return queue_id
 
     @staticmethod
