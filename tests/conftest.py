@@ -34,6 +34,11 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
         base_limits = dataclasses.replace(base_limits, **limit_overrides)
     # No greeting checks unless a test asks for them: no DNS, deterministic headers.
     overrides.setdefault("greeting", GreetingConfig(policy="off"))
+    # Tests connect from loopback, which the per-IP limits exempt by default:
+    # no exemption here, so that a test's per-IP limit applies; no rate limit
+    # unless a test asks (many tests open many connections quickly).
+    overrides.setdefault("limits_exempt", ())
+    overrides.setdefault("max_connection_rate", 0)
     return ServerConfig(
         listen=overrides.pop("listen", (Listen("127.0.0.1", 0),)),
         data_dir=data_dir,

@@ -17,7 +17,7 @@ import pytest
 from ehlo import Server
 from ehlo.policy import Hooks
 from ehlo.server import ServerContext
-from ehlo.server._server import _make_ssl_context
+from ehlo.server._server import _make_tls
 from ehlo.server._transport import SMTPServerProtocol
 from ehlo.storage import open_store
 
@@ -93,7 +93,7 @@ async def test_dialog_in_memory(path: Path, tmp_path: Path) -> None:
     config = make_config(tmp_path, reverse_dns=False)
     store = open_store("sqlite", tmp_path)
     await store.start()
-    ctx = ServerContext(config, store, Hooks(), _make_ssl_context(config))
+    ctx = ServerContext(config, store, Hooks(), _make_tls(config))
     transport = MemoryTransport()
     proto = SMTPServerProtocol(ctx)
     proto.connection_made(transport)

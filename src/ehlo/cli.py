@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import ipaddress
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
+from .auth.cli import add_users_command
 from .client.cli import add_client_commands
 from .config import ConfigError, Listen, ServerConfig, load_config, read_config_file
 from .log import configure_logging
@@ -63,6 +65,9 @@ _SERVE_LABELS = {
     "limits.max_recipients": "--max-recipients",
     "tls_cert": "--tls-cert",
     "tls_key": "--tls-key",
+    "sni_certificates": "--sni",
+    "greeting_delay": "--greeting-delay",
+    "proxy_trusted": "--proxy-trusted",
     "log_format": "--log-format",
     "log_level": "--log-level",
 }
@@ -205,7 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         action="append",
         metavar="HOST:PORT",
-        help="address to listen on, repeatable; [IPv6]:PORT (default: 127.0.0.1:2525)",
+        help="address to listen on, repeatable; [IPv6]:PORT (default: 127.0.0.1:2525);"
+        " add ,proxy for a listener behind a proxy that sends the PROXY protocol",
+    )
+    serve.add_argument(
+        "--listen-tls",
+        action="append",
+        metavar="HOST:PORT",
+        help="implicit-TLS listener (RFC 8314, as on port 465), repeatable; added to --listen",
     )
     _store_options(serve, kinds=("sqlite", "maildir", "null"))
     serve.add_argument(
@@ -224,6 +236,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="F", help="TLS private key (PEM)")
     serve.add_argument(
         "--no-tls", action="store_true", help="do not offer STARTTLS (no self-signed pair)"
+    )
+    serve.add_argument(
+        "--sni",
+        nargs=2,
+        action="append",
+        metavar=("CERT", "KEY"),
+        help="another certificate and key, served to clients asking for its names (SNI);"
+        " repeatable",
+    )
+    serve.add_argument(
+        "--require-tls", action="store_true", help="refuse MAIL (530 5.7.0) before STARTTLS"
+    )
+    serve.add_argument(
+        "--submission",
+        action="store_true",
+        help="submission server (port 587): AUTH required before MAIL; authenticated"
+        " users may send to any domain",
+    )
+    serve.add_argument(
+        "--auth-plaintext",
+        action="store_true",
+        help="offer AUTH without TLS too (passwords travel in clear text)",
+    )
+    serve.add_argument(
+        "--no-auth", action="store_true", help="do not offer AUTH even when users exist"
+    )
+    serve.add_argument(
+        "--greeting-delay",
+        type=_seconds,
+        metavar="SECONDS",
+        help="wait before the banner; clients that talk first get 554 (default: 0)",
+    )
+    serve.add_argument(
+        "--proxy-trusted",
+        action="append",
+        metavar="CIDR",
+        help="proxies allowed on ,proxy listeners, repeatable (default: loopback)",
     )
     serve.add_argument(
         "--workers",
@@ -292,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_show)
     messages.set_defaults(func=lambda _args: _usage(messages, "choose list or show"))
     add_client_commands(commands)
+    add_users_command(commands)
     parser.set_defaults(
         func=lambda _args: _usage(
             parser, "choose a command: serve, check-helo, messages, send, probe"
@@ -323,6 +373,9 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         "limits.max_recipients": args.max_recipients,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
+        "sni_certificates": args.sni,
+        "greeting_delay": args.greeting_delay,
+        "proxy_trusted": args.proxy_trusted,
         "log_format": args.log_format,
         "log_level": args.log_level,
     }
@@ -332,9 +385,22 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         overrides["tls"] = False
     if args.no_reverse_dns:
         overrides["reverse_dns"] = False
+    for flag, key in (("require_tls", "require_tls"), ("submission", "submission"),
+                      ("auth_plaintext", "limits.auth_plaintext")):
+        if getattr(args, flag):
+            overrides[key] = True
+    if args.no_auth:
+        overrides["auth"] = False
     greeting, labels = _greeting_overrides(args)
     overrides.update(greeting)
-    return load_config(args.config, overrides, labels={**_SERVE_LABELS, **labels})
+    config = load_config(args.config, overrides, labels={**_SERVE_LABELS, **labels})
+    if args.listen_tls:
+        extra = [Listen.parse(text, option="--listen-tls") for text in args.listen_tls]
+        extra = [dataclasses.replace(item, tls=True) for item in extra]
+        config = dataclasses.replace(config, listen=tuple(dict.fromkeys([*config.listen, *extra])))
+    if not config.tls and any(item.tls for item in config.listen):
+        raise ConfigError("--listen-tls needs TLS: it cannot be combined with --no-tls")
+    return config
 
 
 def _loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
@@ -451,11 +517,19 @@ async def _run_server(
             for proto in list(ctx.connections):
                 proto.force_close()
 
+    def on_hangup() -> None:
+        log.info("SIGHUP received: reloading TLS certificates and users",
+                 extra={"event": "reload"})
+        server.reload()
+
     installed: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        installed.append(signal.SIGHUP)
     try:
         try:
             await server.start()

@@ -54,23 +54,53 @@ class ProtocolLimits:
     enhancedstatuscodes: bool = True
     # Offer STARTTLS (the transport must be able to start TLS).
     starttls: bool = False
+    # SASL mechanisms offered by AUTH (RFC 4954); empty: no AUTH. The server
+    # sets these when it has users to authenticate.
+    auth_mechanisms: tuple[str, ...] = ()
+    # Offer AUTH on connections without TLS (passwords in clear text).
+    auth_plaintext: bool = False
+
+
+LISTEN_OPTIONS = ("tls", "proxy")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Listen:
-    """One listening address."""
+    """One listening address.
+
+    ``tls``: implicit TLS, the handshake before the banner (RFC 8314, as on
+    port 465). ``proxy``: a trusted proxy sends a PROXY protocol header
+    (HAProxy's v1 or v2) before anything else, naming the real client.
+    """
 
     host: str
     port: int
+    tls: bool = False
+    proxy: bool = False
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        flags = "".join(f",{name}" for name in LISTEN_OPTIONS if getattr(self, name))
+        return f"{host}:{self.port}{flags}"
 
     @classmethod
     def parse(cls, text: str, *, option: str = "--listen") -> Listen:
-        """Parse ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all addresses)."""
-        value = text.strip()
+        """Parse ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all addresses).
+
+        Options follow after commas: ``127.0.0.1:465,tls`` (implicit TLS),
+        ``127.0.0.1:2526,proxy`` (PROXY protocol), or both.
+        """
+        value, *options = text.strip().split(",")
+        flags: dict[str, bool] = {}
+        for opt in options:
+            name = opt.strip().lower()
+            if name not in LISTEN_OPTIONS:
+                raise ConfigError(
+                    f"{option}: unknown listener option {opt.strip()!r} in {text!r}"
+                    f" (expected {' or '.join(LISTEN_OPTIONS)})"
+                )
+            flags[name] = True
+        value = value.strip()
         if value.startswith("["):
             end = value.find("]")
             if end < 0 or not value[end + 1 :].startswith(":"):
@@ -96,7 +126,7 @@ class Listen:
                     raise ConfigError(
                         f"{option}: host must be an IP address or localhost, got {host!r}"
                     ) from None
-        return cls(host or "0.0.0.0", port)
+        return cls(host or "0.0.0.0", port, **flags)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -151,11 +181,49 @@ class ServerConfig:
     tls: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # More certificates (cert, key), chosen by the name a client asks for
+    # with SNI; tls_cert (or the self-signed pair) serves everything else.
+    sni_certificates: tuple[tuple[Path, Path], ...] = ()
+    # RFC 3207 section 4: refuse MAIL with 530 5.7.0 until STARTTLS is done.
+    require_tls: bool = False
+    # Submission listeners (RFC 6409, port 587): AUTH is required before
+    # MAIL (530 5.7.0), and an authenticated user may address any domain.
+    submission: bool = False
+    # Offer AUTH when users exist (``ehlo users add``); in submission mode always.
+    auth: bool = True
+    # Failed AUTH attempts: each reply waits this many seconds (more with
+    # each failure); after max_auth_failures from one client IP within
+    # auth_lockout seconds, AUTH from that IP gets 421 until the lockout ends.
+    auth_failure_delay: float = 1.0
+    max_auth_failures: int = 5
+    auth_lockout: float = 600.0
+    # Proxies allowed to send a PROXY header on "proxy" listeners (CIDR);
+    # other peers of those listeners are disconnected.
+    proxy_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Seconds a proxy has to send its header.
+    proxy_timeout: float = 10.0
     # Limits enforced by the protocol core.
     limits: ProtocolLimits = ProtocolLimits()
     # Connections in total and from one client IP; 421 4.7.0 beyond.
     max_connections: int = 1000
     max_connections_per_ip: int = 50
+    # New connections per client IP per minute; 421 4.7.0 beyond. 0: no limit.
+    max_connection_rate: int = 300
+    # Client networks the per-IP limits (connections, rate, AUTH failures)
+    # do not apply to.
+    limits_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Seconds to wait before the banner; a client that talks first (RFC 5321
+    # section 3.1: the client waits for the greeting) gets 554 and is dropped.
+    greeting_delay: float = 0.0
+    # A client that pipelines without PIPELINING being offered, or puts
+    # commands after one that must end a group (RFC 2920 section 3.1):
+    # "record" (logged, noted in the envelope), "reject" (554, dropped), "off".
+    pipelining_violation: str = "record"
+    # NOOP, RSET, VRFY, HELP and other commands that move no mail: beyond
+    # this many in one session, 421 4.7.0. 0: no limit.
+    max_junk_commands: int = 100
+    # Longest session in seconds, whatever the client does; 421 4.4.2 beyond.
+    max_session_time: float = 3600.0
     # RFC 5321 section 4.5.3.2.7: at least 5 minutes awaiting a command.
     command_timeout: float = 300.0
     # Longest wait for more message data (RFC 5321 section 4.5.3.2.5/6 spirit).
@@ -411,6 +479,22 @@ def _networks(label: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _count_or_zero(label: str, value: Any) -> int:
+    return _int(label, value, minimum=0)
+
+
+def _sni_certificates(label: str, value: Any) -> tuple[tuple[Path, Path], ...]:
+    expected = 'a list of [certificate, key] pairs such as [["a.pem", "a.key"]]'
+    if not isinstance(value, (list, tuple)):
+        raise _fail(label, expected, value)
+    out: list[tuple[Path, Path]] = []
+    for item in value:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise _fail(label, expected, item)
+        out.append((_path(label, item[0]), _path(label, item[1])))
+    return tuple(out)
+
+
 def _greeting_preset(label: str, value: Any) -> str:
     from .greeting import PRESETS
 
@@ -454,6 +538,21 @@ _SERVER_KEYS: dict[str, _Check] = {
     "tls": _bool,
     "tls_cert": _optional_path,
     "tls_key": _optional_path,
+    "sni_certificates": _sni_certificates,
+    "require_tls": _bool,
+    "submission": _bool,
+    "auth": _bool,
+    "auth_failure_delay": _seconds_or_zero,
+    "max_auth_failures": _positive_int,
+    "auth_lockout": _seconds_or_zero,
+    "proxy_trusted": _networks,
+    "proxy_timeout": _positive_seconds,
+    "max_connection_rate": _count_or_zero,
+    "limits_exempt": _networks,
+    "greeting_delay": _seconds_or_zero,
+    "pipelining_violation": _choice("record", "reject", "off"),
+    "max_junk_commands": _count_or_zero,
+    "max_session_time": _positive_seconds,
     "max_connections": _positive_int,
     "max_connections_per_ip": _positive_int,
     "command_timeout": _positive_seconds,
@@ -479,6 +578,7 @@ _LIMIT_KEYS: dict[str, _Check] = {
     "smtputf8": _bool,
     "eightbitmime": _bool,
     "enhancedstatuscodes": _bool,
+    "auth_plaintext": _bool,
 }
 
 _GREETING = "greeting"
@@ -584,7 +684,8 @@ def load_config(
     ``trusted_networks``, ``max_queries``, ``timeout``) whose
     ``[greeting.checks]`` table maps check names (``ehlo.greeting.CHECKS``)
     to ``off | record | defer | reject``; None for none.
-    Relative paths in the file (``data_dir``, ``tls_cert``, ``tls_key``) are
+    Relative paths in the file (``data_dir``, ``tls_cert``, ``tls_key``,
+    ``sni_certificates``) are
     taken relative to the file's folder.
 
     ``overrides``: values that win over the file (the command line), keyed by
@@ -607,6 +708,8 @@ def load_config(
             checked = _check(key, value, f"config key {key}")
             if key in _PATH_KEYS and checked is not None and not checked.is_absolute():
                 checked = base / checked
+            elif key == "sni_certificates":
+                checked = tuple((base / c, base / k) for c, k in checked)
             values[key] = checked
             names[key] = f"config key {key}"
     for key, value in _flatten(overrides or {}):

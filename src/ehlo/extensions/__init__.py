@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..config import ProtocolLimits
 from ._base import Extension, SessionFacts
+from .auth import AuthExtension
 from .chunking import Chunking
 from .eightbitmime import EightBitMime
 from .enhancedstatuscodes import EnhancedStatusCodes
@@ -20,6 +21,7 @@ from .smtputf8 import SmtpUtf8
 from .starttls import StartTlsExtension
 
 __all__ = [
+    "AuthExtension",
     "Chunking",
     "EightBitMime",
     "EnhancedStatusCodes",
@@ -41,6 +43,8 @@ def build_extensions(limits: ProtocolLimits) -> tuple[Extension, ...]:
     exts.append(Size(limits.max_message_size))
     if limits.starttls:
         exts.append(StartTlsExtension())
+    if limits.auth_mechanisms:
+        exts.append(AuthExtension(limits.auth_mechanisms, limits.auth_plaintext))
     if limits.enhancedstatuscodes:
         exts.append(EnhancedStatusCodes())
     if limits.eightbitmime:

@@ -87,6 +87,7 @@ class HookContext:
     client_ip: str
     client_port: int
     tls: dict[str, str] | None = None
+    auth_user: str | None = None  # the AUTH identity (RFC 4954), once authenticated
     greeting: str | None = None
     greeting_name: str | None = None
     mail_from: str | None = None

@@ -12,6 +12,8 @@ from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
     PAUSED,
+    Auth,
+    AuthResponse,
     Bdat,
     Command,
     Data,
@@ -45,6 +47,8 @@ from ._syntax import (
 __all__ = [
     "NEED_DATA",
     "PAUSED",
+    "Auth",
+    "AuthResponse",
     "Bdat",
     "ClientConnection",
     "ClientState",

@@ -152,6 +152,36 @@ class StartTls(Command):
     verb = "STARTTLS"
 
 
+class Auth(Command):
+    """``AUTH mechanism [initial-response]`` (RFC 4954 section 4).
+
+    ``initial`` is the client's initial response as sent (base64, or "=" for
+    an empty one), None when absent. A 334 reply continues the exchange: the
+    next line the client sends arrives as an :class:`AuthResponse`.
+    """
+
+    __slots__ = ("initial", "mechanism")
+    verb = "AUTH"
+
+    def __init__(self, mechanism: str, initial: str | None = None) -> None:
+        self.mechanism = mechanism
+        self.initial = initial
+
+
+class AuthResponse(Command):
+    """One client line of an AUTH exchange (base64, or ``*`` to cancel)."""
+
+    __slots__ = ("line",)
+    verb = "AUTH"
+
+    def __init__(self, line: str) -> None:
+        self.line = line
+
+    def __repr__(self) -> str:
+        # Never print what may be a password.
+        return f"AuthResponse(<{len(self.line)} characters>)"
+
+
 class DataChunk(Event):
     """Message bytes, ready to store (dot-unstuffed, line endings normalised)."""
 

@@ -15,11 +15,13 @@ lines too long, bodies too large, too many errors) and reports each as a
 from __future__ import annotations
 
 from ..config import ProtocolLimits
-from ..extensions import Extension, SessionFacts, build_extensions
+from ..extensions import AuthExtension, Extension, SessionFacts, build_extensions
 from ._errors import LocalProtocolError
 from ._events import (
     NEED_DATA,
     PAUSED,
+    Auth,
+    AuthResponse,
     Bdat,
     Command,
     Data,
@@ -46,11 +48,19 @@ from ._syntax import SyntaxProblem, parse_params, parse_path, split_path
 # Verbs of RFC 5321 and common extensions that ehlo recognises but does not
 # implement: 502 rather than 500 (RFC 5321 section 4.2.4).
 _NOT_IMPLEMENTED = frozenset(
-    {"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "AUTH", "XCLIENT", "XFORWARD"}
+    {"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "XCLIENT", "XFORWARD"}
 )
 # Extra room on MAIL/RCPT lines for ESMTP parameters (RFC 5321 section
 # 4.5.3.1.4 lets each extension raise the 512-octet limit).
 _PARAM_ALLOWANCE = 512
+# RFC 2920 section 3.1: these commands change state in ways the client must
+# see first, so each may only end a group of pipelined commands.
+_ENDS_GROUP = frozenset(
+    {"HELO", "EHLO", "DATA", "VRFY", "EXPN", "TURN", "NOOP", "STARTTLS", "AUTH"}
+)
+# RFC 4954 section 4: AUTH command lines (with an initial response) and the
+# client's SASL response lines may be up to 12288 octets.
+_AUTH_LINE = 12288
 # A partial DATA line longer than this is streamed out before its CRLF arrives.
 _PARTIAL_FLUSH = 64 * 1024
 
@@ -68,6 +78,12 @@ _BARE_NEWLINE = Reply(
 _TEXT_LINE_TOO_LONG = Reply(554, "5.6.0", "Message contains a line longer than allowed")
 _TLS_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
 _EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
+_AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+_AUTH_TWICE = Reply(503, "5.5.1", "Already authenticated")
+_AUTH_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
+_AUTH_NEEDS_TLS = Reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 
 
 def _take(buf: bytearray, size: int, consumed: int | None = None) -> bytes:
@@ -101,8 +117,13 @@ class ServerConnection:
         self.greeting: str | None = None  # "HELO" or "EHLO" once answered 250
         self.greeting_name: str | None = None
         self.tls_active = False
+        self.authenticated = False  # 235 sent to an AUTH exchange (RFC 4954)
         self.transaction: Transaction | None = None
         self.errors = 0  # 5xx replies sent
+        # The first command a client sent without waiting for its reply where
+        # RFC 2920 does not allow it (no PIPELINING offered, or a command that
+        # must end a group); None while the client behaves.
+        self.pipelining_violation: str | None = None
         self.discarded_after_starttls = 0  # octets dropped after 220 to STARTTLS
         self._buf = bytearray()
         self._out: list[bytes] = []
@@ -110,6 +131,7 @@ class ServerConnection:
         self._proposed: Transaction | None = None
         self._enhanced = False
         self._verbs: frozenset[str] = frozenset()
+        self._pipelining = False
         self._mail_params: dict[str, Extension] = {}
         self._rcpt_params: dict[str, Extension] = {}
         self._utf8 = False
@@ -227,6 +249,14 @@ class ServerConnection:
         elif kind is Quit:
             if positive:
                 self.state = State.CLOSED
+        elif kind is Auth or kind is AuthResponse:
+            if code == 334:
+                # RFC 4954 section 4: the next line is a response, not a command.
+                self.state = State.AUTH
+            else:
+                if code == 235:
+                    self.authenticated = True
+                self.state = State.GREETED
         elif kind is StartTls and code == 220:
             # RFC 3207 section 4.2 / CVE-2011-0411: nothing sent before the
             # handshake may be acted on after it.
@@ -269,6 +299,7 @@ class ServerConnection:
         if self.state is not State.TLS_PENDING:
             raise LocalProtocolError("tls_started() without a 220 to STARTTLS")
         self.tls_active = True
+        self.authenticated = False
         self.greeting = None
         self.greeting_name = None
         self.transaction = None
@@ -285,6 +316,8 @@ class ServerConnection:
             return self._next_data()
         if state is State.BDAT:
             return self._next_bdat()
+        if state is State.AUTH:
+            return self._next_auth_response()
         if state is State.START or state is State.CLOSED or state is State.TLS_PENDING:
             return PAUSED
         return self._next_command()
@@ -309,6 +342,8 @@ class ServerConnection:
         nl = buf.find(b"\n")
         limit = self.limits.max_command_line
         allowed = limit + (_PARAM_ALLOWANCE if self.greeting == "EHLO" else 0)
+        if "AUTH" in self._verbs and buf[:5].upper() == b"AUTH ":
+            allowed = max(allowed, _AUTH_LINE)
         if nl < 0:
             if len(buf) >= allowed:
                 # RFC 5321 section 4.5.3.1.4: the line cannot fit; answer now
@@ -334,13 +369,22 @@ class ServerConnection:
                 return self._fault(_BAD_UTF8, "invalid UTF-8 in a command line")
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
-        if length > limit and verb not in ("MAIL", "RCPT"):
+        if length > limit and verb not in ("MAIL", "RCPT", "AUTH"):
             return self._fault(_LINE_TOO_LONG, "command line too long", verb)
         refusal = sequence_error(verb, self.state)
         if refusal is not None:
             if verb == "BDAT":
                 return self._bdat_refused(arg, refusal)
             return self._fault(refusal, "command out of sequence", verb[:20])
+        if (
+            buf
+            and self.pipelining_violation is None
+            and verb != "QUIT"
+            and verb != "BDAT"
+            and (verb in _ENDS_GROUP or not self._pipelining)
+        ):
+            # More input already behind this command: the client did not wait.
+            self.pipelining_violation = verb[:20]
         handler = _HANDLERS.get(verb)
         if handler is None:
             if verb in _NOT_IMPLEMENTED:
@@ -398,6 +442,7 @@ class ServerConnection:
         keywords = {ext.keyword for ext in offered}
         # RFC 2034 section 3: enhanced codes once the extension was offered.
         self._enhanced = "ENHANCEDSTATUSCODES" in keywords
+        self._pipelining = "PIPELINING" in keywords
         self._utf8 = "SMTPUTF8" in keywords
 
     @staticmethod
@@ -519,6 +564,53 @@ class ServerConnection:
 
     def _on_help(self, arg: str) -> Event:
         self._pending = Help(arg)
+        return self._pending
+
+    def _on_auth(self, arg: str) -> Event:
+        if "AUTH" not in self._verbs:
+            if (
+                self.greeting == "EHLO"
+                and not self.tls_active
+                and any(ext.keyword == "AUTH" for ext in self._extensions)
+            ):
+                # RFC 4954 section 6: 538 when the mechanism needs encryption.
+                return self._fault(_AUTH_NEEDS_TLS, "AUTH before TLS", "AUTH")
+            return self._fault(_not_offered("AUTH"), "command not offered", "AUTH")
+        if self.authenticated:
+            # RFC 4954 section 4: no AUTH after a successful one.
+            return self._fault(_AUTH_TWICE, "AUTH after authentication", "AUTH")
+        parts = arg.split(" ")
+        mechanism = parts[0].upper()
+        if not mechanism or len(parts) > 2 or (len(parts) == 2 and not parts[1]):
+            return self._fault(_AUTH_SYNTAX, "syntax error", "AUTH")
+        mechanisms = next(
+            (ext.mechanisms for ext in self._extensions if isinstance(ext, AuthExtension)), ()
+        )
+        if mechanism not in mechanisms:
+            # RFC 4954 section 4: 504 for a mechanism the server does not support.
+            return self._fault(_AUTH_UNKNOWN, "unknown AUTH mechanism", "AUTH")
+        self._pending = Auth(mechanism, parts[1] if len(parts) == 2 else None)
+        return self._pending
+
+    def _next_auth_response(self) -> Event | _Sentinel:
+        """One SASL response line after a 334 (RFC 4954 section 4)."""
+        buf = self._buf
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) >= _AUTH_LINE:
+                buf.clear()
+                self._discard_line = True
+                self.state = State.GREETED
+                return self._fault(_LINE_TOO_LONG, "AUTH response too long", "AUTH")
+            return NEED_DATA
+        raw = _take(buf, nl, nl + 1)
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if len(raw) + 2 > _AUTH_LINE:
+            self.state = State.GREETED
+            return self._fault(_LINE_TOO_LONG, "AUTH response too long", "AUTH")
+        # Base64 and "*" are ASCII; anything else fails decoding in the mechanism.
+        self._pending = AuthResponse(raw.decode("ascii", "replace").strip(" \t"))
         return self._pending
 
     def _on_starttls(self, arg: str) -> Event:
@@ -709,4 +801,5 @@ _HANDLERS = {
     "VRFY": ServerConnection._on_vrfy,
     "HELP": ServerConnection._on_help,
     "STARTTLS": ServerConnection._on_starttls,
+    "AUTH": ServerConnection._on_auth,
 }

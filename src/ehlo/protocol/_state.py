@@ -30,6 +30,7 @@ class State(enum.Enum):
     DATA = "data"  # reading a DATA body
     BDAT = "bdat"  # reading a BDAT chunk
     CHUNKING = "chunking"  # between BDAT chunks of one transaction
+    AUTH = "auth"  # 334 sent to AUTH: the next line is a SASL response
     TLS_PENDING = "tls-pending"  # 220 to STARTTLS sent, handshake not done
     REFUSED = "refused"  # 554 banner sent: only QUIT gets more than 503
     CLOSED = "closed"  # 221 or 421 sent
@@ -59,6 +60,7 @@ _NEED_RCPT = Reply(503, "5.5.1", "Need RCPT before DATA")
 _CHUNKING_DATA = Reply(503, "5.5.1", "DATA is not allowed after BDAT in the same transaction")
 _MAIL_DURING_BDAT = Reply(503, "5.5.1", "Finish the BDAT transaction with BDAT LAST or RSET first")
 _NEED_RCPT_BDAT = Reply(503, "5.5.1", "Need RCPT before BDAT")
+_AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH is not permitted during a mail transaction")
 _REFUSED = Reply(503, "5.5.1", "Service refused; only QUIT is accepted")
 
 # verb -> {state in which it is refused: the reply}. States not listed are allowed.
@@ -79,6 +81,13 @@ SEQUENCE: dict[str, dict[State, Reply]] = {
         State.GREETED: _NEED_MAIL,
         State.MAIL: _NEED_RCPT,
         State.CHUNKING: _CHUNKING_DATA,
+    },
+    # RFC 4954 section 4: AUTH is not permitted during a mail transaction.
+    "AUTH": {
+        State.CONNECTED: _SEND_GREETING,
+        State.MAIL: _AUTH_IN_TRANSACTION,
+        State.RCPT: _AUTH_IN_TRANSACTION,
+        State.CHUNKING: _AUTH_IN_TRANSACTION,
     },
     "BDAT": {
         State.CONNECTED: _SEND_GREETING,

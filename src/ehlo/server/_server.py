@@ -2,9 +2,10 @@
 
 ``Server(config, store=..., hooks=...)`` is the library entry point; ``ehlo
 serve`` is a thin wrapper around it. The server owns what all sessions share
-(configuration, store, hooks, TLS context, reverse-DNS lookups, connection
-counts) in a :class:`ServerContext`, and a sweeper that enforces timeouts for
-every connection at once instead of one timer per connection.
+(configuration, store, hooks, TLS certificates, users, reverse-DNS lookups,
+connection counts and abuse counters) in a :class:`ServerContext`, the
+listeners (plain, implicit TLS, PROXY protocol), and a sweeper that enforces
+timeouts for every connection at once instead of one timer per connection.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..config import ServerConfig
+from ..config import Listen, ServerConfig
 from ..dns import Resolver, loopback_name, reverse_name
 from ..extensions import Extension, build_extensions
 from ..greeting import GreetingVerifier
@@ -27,8 +30,17 @@ from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Store, open_store
 from ._transport import SMTPServerProtocol
+from .abuse import AuthGuard, Networks, WindowCounter
+
+if TYPE_CHECKING:
+    from ..auth import UserStore
+    from .proxy import ProxyInfo
+    from .tls import TLSContexts
 
 log = logging.getLogger("ehlo.server")
+
+# Password verifications (Argon2id, 64 MiB each) running at once.
+_HASH_WORKERS = 2
 
 
 class ServerContext:
@@ -39,15 +51,23 @@ class ServerContext:
         config: ServerConfig,
         store: Store,
         hooks: Hooks,
-        ssl_context: ssl.SSLContext | None,
+        tls: TLSContexts | None,
+        users: UserStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.hooks = hooks
-        self.ssl_context = ssl_context
+        self.tls = tls
+        self.ssl_context: ssl.SSLContext | None = tls.context if tls is not None else None
+        self.users = users
         limits = config.limits
-        if ssl_context is not None and not limits.starttls:
+        if self.ssl_context is not None and not limits.starttls:
             limits = dataclasses.replace(limits, starttls=True)
+        if users is not None and not limits.auth_mechanisms:
+            from ..auth import MECHANISMS
+
+            limits = dataclasses.replace(limits, auth_mechanisms=MECHANISMS)
+        if limits is not config.limits:
             self.config = dataclasses.replace(config, limits=limits)
         self.extensions: tuple[Extension, ...] = build_extensions(self.config.limits)
         self.domains = frozenset(d.lower().rstrip(".") for d in config.domains)
@@ -56,6 +76,14 @@ class ServerContext:
         self.goodbye = Reply(221, "2.0.0", f"{name} closing connection")
         self.connections: set[SMTPServerProtocol] = set()
         self.per_ip: dict[str, int] = {}
+        self.exempt = Networks(config.limits_exempt)
+        self.proxy_trusted = Networks(config.proxy_trusted)
+        self.connection_rate = WindowCounter(60.0)
+        self.auth_guard = AuthGuard(
+            config.max_auth_failures, config.auth_lockout, config.auth_failure_delay
+        )
+        self._hashing = asyncio.Semaphore(_HASH_WORKERS)
+        self._hash_pool: ThreadPoolExecutor | None = None
         self.draining = False
         self.resolver = Resolver(list(config.dns_servers) or None, timeout=config.dns_timeout)
         policy = config.greeting.to_policy()
@@ -67,16 +95,49 @@ class ServerContext:
 
     def admit(self, proto: SMTPServerProtocol) -> Reply | None:
         """Count a new connection, or the 421 that refuses it."""
+        config = self.config
         if self.draining:
             return Reply(421, "4.3.2", "Service shutting down, try again later")
-        if len(self.connections) >= self.config.max_connections:
+        if len(self.connections) >= config.max_connections:
             return Reply(421, "4.7.0", "Too many connections, try again later")
-        count = self.per_ip.get(proto.client_ip, 0)
-        if count >= self.config.max_connections_per_ip:
-            return Reply(421, "4.7.0", "Too many connections from your address, try again later")
-        self.per_ip[proto.client_ip] = count + 1
+        ip = proto.client_ip
+        count = self.per_ip.get(ip, 0)
+        if ip not in self.exempt:
+            if count >= config.max_connections_per_ip:
+                return Reply(
+                    421, "4.7.0", "Too many connections from your address, try again later"
+                )
+            rate = config.max_connection_rate
+            if rate and self.connection_rate.hit(ip, time.monotonic()) > rate:
+                return Reply(
+                    421, "4.7.0", "Too many connections from your address per minute,"
+                    " try again later"
+                )
+        self.per_ip[ip] = count + 1
         self.connections.add(proto)
         return None
+
+    async def verify_password(self, name: str, password: str) -> bool:
+        """Check a user's password off the event loop (Argon2id is slow by design)."""
+        users = self.users
+        if users is None:
+            return False
+        async with self._hashing:  # bounded: each verification takes 64 MiB
+            if self._hash_pool is None:
+                self._hash_pool = ThreadPoolExecutor(_HASH_WORKERS, "ehlo-auth")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._hash_pool, users.verify, name, password)
+
+    def prune(self, now: float) -> None:
+        """Forget abuse counters whose window has ended (called by the sweeper)."""
+        self.connection_rate.prune(now)
+        self.auth_guard.prune(now)
+
+    def close(self) -> None:
+        """Release what the context started (the password-hashing threads)."""
+        if self._hash_pool is not None:
+            self._hash_pool.shutdown(wait=False, cancel_futures=True)
+            self._hash_pool = None
 
     def release(self, proto: SMTPServerProtocol) -> None:
         """Forget a closed connection."""
@@ -118,16 +179,148 @@ class ServerContext:
             return None
 
 
-def _make_ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+def _make_tls(config: ServerConfig) -> TLSContexts | None:
     if not config.tls:
+        if any(listen.tls for listen in config.listen):
+            raise ValueError("implicit TLS listeners need TLS (remove --no-tls)")
         return None
-    from .tls import ensure_self_signed, server_context
+    from .tls import TLSContexts, ensure_self_signed
 
     if config.tls_cert is not None and config.tls_key is not None:
         cert, key = Path(config.tls_cert), Path(config.tls_key)
     else:
         cert, key = ensure_self_signed(Path(config.data_dir), config.hostname)
-    return server_context(cert, key)
+    return TLSContexts((cert, key), config.sni_certificates)
+
+
+def _open_users(config: ServerConfig) -> UserStore | None:
+    """The user database when AUTH is to be offered: users exist, or submission mode."""
+    if not config.auth:
+        return None
+    from ..auth import UserStore
+
+    users = UserStore(Path(config.data_dir))
+    if len(users) == 0 and not config.submission:
+        return None
+    if len(users) == 0:
+        log.warning("submission mode without users: nobody can authenticate"
+                    " (add one with `ehlo users add NAME`)")
+    return users
+
+
+class _ProxyListener:
+    """A listener whose peers send a PROXY protocol header first.
+
+    It accepts connections itself, reads exactly the header (nothing after it:
+    the TLS handshake of an implicit-TLS listener follows on the same socket),
+    then hands the socket to the event loop with the real client's address.
+    Only peers in ``proxy_trusted`` may connect.
+    """
+
+    def __init__(self, ctx: ServerContext, sock: socket.socket, listen: Listen) -> None:
+        self.ctx = ctx
+        self.sockets = [sock]
+        self.listen = listen
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._accept_loop())
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sockets[0]
+        while True:
+            try:
+                conn, address = await loop.sock_accept(sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                log.warning("accept failed on %s: %s", self.listen, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._handshake(conn, address))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _handshake(self, conn: socket.socket, address: tuple[object, ...]) -> None:
+        from .proxy import ProxyError, read_header
+
+        ctx = self.ctx
+        peer = str(address[0])
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        if peer not in ctx.proxy_trusted:
+            log.warning("refused %s on PROXY listener %s: not a trusted proxy", peer, self.listen,
+                        extra={"event": "proxy_refused", "client_ip": peer})
+            conn.close()
+            return
+        try:
+            info = await read_header(loop, conn, ctx.config.proxy_timeout)
+        except (ProxyError, TimeoutError, OSError) as exc:
+            log.warning("bad PROXY header from %s: %s", peer, exc,
+                        extra={"event": "proxy_error", "client_ip": peer})
+            conn.close()
+            return
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+
+        def factory() -> SMTPServerProtocol:
+            return SMTPServerProtocol(ctx, implicit_tls=self.listen.tls, proxy=info)
+
+        try:
+            await loop.connect_accepted_socket(
+                factory,
+                conn,
+                ssl=ctx.ssl_context if self.listen.tls else None,
+                ssl_handshake_timeout=_handshake_timeout(ctx) if self.listen.tls else None,
+            )
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as exc:
+            log.info("connection from %s via proxy %s failed: %s", _client(info, peer), peer, exc)
+            conn.close()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in list(self._pending):
+            task.cancel()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    async def wait_closed(self) -> None:
+        tasks = [t for t in (self._task, *self._pending) if t is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _client(info: ProxyInfo, peer: str) -> str:
+    return info.source[0] if info.source is not None else peer
+
+
+def _handshake_timeout(ctx: ServerContext) -> float:
+    return min(60.0, ctx.config.command_timeout)
+
+
+def _listening_socket(listen: Listen) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        host = "127.0.0.1" if listen.host == "localhost" else listen.host
+        sock.bind((host, listen.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Server:
@@ -145,7 +338,7 @@ class Server:
         self._store = store
         self._hooks = hooks if isinstance(hooks, Hooks) else Hooks(hooks)
         self._sockets = list(sockets) if sockets is not None else None
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server | _ProxyListener] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._owns_store = store is None
         self.ctx: ServerContext | None = None
@@ -176,23 +369,17 @@ class Server:
             store = open_store(config.store, Path(config.data_dir))
         await store.start()
         try:
-            ssl_context = _make_ssl_context(config)
-            ctx = ServerContext(config, store, self._hooks, ssl_context)
+            tls = _make_tls(config)
+            ctx = ServerContext(config, store, self._hooks, tls, _open_users(config))
             self.ctx = ctx
-            loop = asyncio.get_running_loop()
-
-            def factory() -> SMTPServerProtocol:
-                return SMTPServerProtocol(ctx)
-
-            if self._sockets is not None:
-                for sock in self._sockets:
-                    self._servers.append(await loop.create_server(factory, sock=sock))
-            else:
-                for listen in config.listen:
-                    server = await loop.create_server(
-                        factory, listen.host, listen.port, reuse_address=True, backlog=1024
-                    )
-                    self._servers.append(server)
+            sockets: list[socket.socket | None] = (
+                list(self._sockets) if self._sockets is not None else [None] * len(config.listen)
+            )
+            listens = list(config.listen)
+            if len(listens) != len(sockets):
+                listens = [Listen("", 0)] * len(sockets)  # sockets given without their specs
+            for listen, sock in zip(listens, sockets, strict=True):
+                await self._listen(ctx, listen, sock)
         except BaseException:
             for server in self._servers:
                 server.close()
@@ -200,10 +387,61 @@ class Server:
                 await store.close()
             raise
         ctx.add_our_addresses(host for host, _ in self.addresses)
+        if tls is not None and tls.names():
+            log.info("TLS certificates by SNI for %s", ", ".join(tls.names()))
         self._sweeper = asyncio.ensure_future(self._sweep())
         for host, port in self.addresses:
             log.info("listening on %s port %d", host, port,
                      extra={"event": "listening", "host": host, "port": port})
+
+    async def _listen(self, ctx: ServerContext, listen: Listen, sock: socket.socket | None) -> None:
+        loop = asyncio.get_running_loop()
+        if listen.proxy:
+            if sock is None:
+                sock = _listening_socket(listen)
+            proxied = _ProxyListener(ctx, sock, listen)
+            self._servers.append(proxied)
+            proxied.start()
+            return
+        implicit = listen.tls
+
+        def factory() -> SMTPServerProtocol:
+            return SMTPServerProtocol(ctx, implicit_tls=implicit)
+
+        # RFC 8314 section 3: implicit TLS, the handshake before the banner.
+        ssl_context = ctx.ssl_context if implicit else None
+        timeout = _handshake_timeout(ctx) if implicit else None
+        if sock is not None:
+            server = await loop.create_server(
+                factory, sock=sock, ssl=ssl_context, ssl_handshake_timeout=timeout
+            )
+        else:
+            server = await loop.create_server(
+                factory, listen.host, listen.port, reuse_address=True, backlog=1024,
+                ssl=ssl_context, ssl_handshake_timeout=timeout,
+            )
+        self._servers.append(server)
+
+    def reload(self) -> None:
+        """Read the TLS certificates and the users again (SIGHUP); sessions keep running.
+
+        A certificate that cannot be loaded is logged and the current ones stay.
+        """
+        ctx = self.ctx
+        if ctx is None:
+            return
+        if ctx.tls is not None:
+            from .tls import TLSConfigError
+
+            try:
+                ctx.tls.reload()
+            except TLSConfigError as exc:
+                log.error("TLS reload failed, keeping the current certificates: %s", exc,
+                          extra={"event": "reload_failed", "error": str(exc)})
+            else:
+                log.info("TLS certificates reloaded", extra={"event": "reloaded"})
+        if ctx.users is not None:
+            ctx.users.refresh()
 
     async def _sweep(self) -> None:
         # One timer for all connections: RFC 5321 section 4.5.3.2 timeouts.
@@ -211,11 +449,15 @@ class Server:
         assert ctx is not None
         interval = max(0.05, min(1.0, ctx.config.command_timeout / 4,
                                  ctx.config.data_timeout / 4))
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for proto in [p for p in ctx.connections if p.timeout_due(now)]:
                 proto.close_for_timeout()
+            if now - last_prune > 10.0:
+                ctx.prune(now)
+                last_prune = now
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop accepting; let transactions finish within ``timeout``; close the rest 421."""
@@ -249,6 +491,7 @@ class Server:
         self._servers.clear()
         if self._owns_store:
             await ctx.store.close()
+        ctx.close()
         self._stopped.set()
         log.info("stopped", extra={"event": "stopped"})
 

@@ -9,6 +9,7 @@ transport sends that reply through the protocol core, which advances state.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -20,6 +21,8 @@ from ..greeting import CappedResolver, Decision, GreetingReport, authentication_
 from ..ids import new_queue_id
 from ..policy import HookContext
 from ..protocol import (
+    Auth,
+    AuthResponse,
     Bdat,
     Data,
     DataChunk,
@@ -43,6 +46,7 @@ from ..storage import Envelope, MessageWriter, StoreError
 from .received import protocol_keyword, received_header
 
 if TYPE_CHECKING:
+    from ..auth import Credentials, ServerMechanism
     from ._server import ServerContext
 
 log = logging.getLogger("ehlo.session")
@@ -55,11 +59,21 @@ _VRFY = Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attem
 _TLS_GO = Reply(220, "2.0.0", "Ready to start TLS")
 _TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 _STORE_FAILED = Reply(451, "4.3.0", "Temporary storage failure, message not accepted; try again")
+_NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+# RFC 4954 section 6: 530 5.7.0 when authentication is required.
+_NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
+_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+_AUTH_LOCKED = Reply(
+    421, "4.7.0", "Too many failed authentication attempts, try again later"
+)
+_AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
+_TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands that move no mail, closing connection")
 _HELP = Reply(
     214,
     "2.0.0",
     [
-        "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+        "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
         "See RFC 5321; this server is ehlo",
     ],
 )
@@ -95,6 +109,12 @@ class Session:
         self.started = time.monotonic()
         self.messages = 0
         self.peer = f"{client_ip}:{client_port}"
+        # AUTH (RFC 4954): the exchange in progress, then who authenticated.
+        self._sasl: ServerMechanism | None = None
+        self.auth_user: str | None = None
+        self.auth_mechanism: str | None = None
+        self._junk = 0
+        self.violations: list[str] = []
 
     # ------------------------------------------------------------- lifecycle
 
@@ -121,6 +141,7 @@ class Session:
     def tls_started(self, info: dict[str, str]) -> None:
         """The handshake after STARTTLS completed."""
         self.tls = info
+        self.auth_user = self.auth_mechanism = None
         self.abort_message()
         log.info("tls %s %s %s", self.peer, info.get("version"), info.get("cipher"),
                  extra={"event": "tls", "client_ip": self.client_ip, **info})
@@ -147,6 +168,20 @@ class Session:
                 "reason": reason,
             },
         )
+
+    def note_violation(self, kind: str, detail: str) -> bool:
+        """Log a protocol violation; True when the policy says to drop the client."""
+        self.violations.append(kind)
+        action = "reject" if kind == "early talker" else self.ctx.config.pipelining_violation
+        if action == "off":
+            return False
+        log.warning(
+            "protocol violation %s: %s (%s)%s",
+            self.peer, kind, detail, ", dropping" if action == "reject" else "",
+            extra={"event": "violation", "client_ip": self.client_ip, "violation": kind,
+                   "detail": detail, "action": action},
+        )
+        return action == "reject"
 
     def abort_message(self) -> None:
         """Forget the message being written, if any."""
@@ -187,6 +222,7 @@ class Session:
             client_ip=self.client_ip,
             client_port=self.client_port,
             tls=self.tls,
+            auth_user=self.auth_user,
             **values,
         )
 
@@ -242,7 +278,8 @@ class Session:
     def _enforcing(self, stage: str) -> bool:
         verifier = self.ctx.verifier
         return (
-            self._checks is not None
+            self.auth_user is None  # an authenticated client is judged by its login
+            and self._checks is not None
             and verifier is not None
             and verifier.policy.enforcing
             and verifier.policy.stage == stage
@@ -314,6 +351,12 @@ class Session:
         return await self._with_hooks(context, default)
 
     def _mail(self, event: Mail) -> Reply | Awaitable[Reply]:
+        config = self.ctx.config
+        if config.require_tls and self.tls is None:
+            # RFC 3207 section 4: 530 until the client has issued STARTTLS.
+            return _NEED_TLS
+        if config.submission and self.auth_user is None:
+            return _NEED_AUTH
         reply = Reply(250, "2.1.0", f"Sender <{event.address}> OK")
         enforce = self._enforcing("mail")
         if self.ctx.hooks.has("mail") or enforce:
@@ -324,7 +367,7 @@ class Session:
     def _rcpt(self, event: Rcpt) -> Reply | Awaitable[Reply]:
         domains = self.ctx.domains
         address = event.address
-        if domains:
+        if domains and self.auth_user is None:
             local, _, domain = address.rpartition("@")
             # RFC 5321 section 4.5.1: postmaster must always be accepted.
             is_postmaster = (local or address).lower() == "postmaster"
@@ -394,7 +437,9 @@ class Session:
         self._collect_rdns()
         report = self._collect_report()
         queue_id = new_queue_id()
-        protocol = protocol_keyword(conn.esmtp, self.tls is not None, utf8=tx.smtputf8)
+        protocol = protocol_keyword(
+            conn.esmtp, self.tls is not None, self.auth_user is not None, utf8=tx.smtputf8
+        )
         now = time.time()
         envelope = Envelope(
             queue_id=queue_id,
@@ -410,6 +455,10 @@ class Session:
             protocol=protocol,
             server_name=self.ctx.config.hostname,
         )
+        if self.auth_user is not None:
+            envelope.extra["auth"] = {"user": self.auth_user, "mechanism": self.auth_mechanism}
+        if self.violations:
+            envelope.extra["violations"] = list(dict.fromkeys(self.violations))
         if report is not None:
             envelope.extra["greeting_checks"] = report.to_json()
             if self.decision is not None:
@@ -427,6 +476,7 @@ class Session:
             queue_id=queue_id,
             recipient=tx.rcpts[0] if len(tx.rcpts) == 1 else None,
             tls=self.tls,
+            auth_user=self.auth_user,
             now=now,
         )
         if report is not None:
@@ -502,6 +552,7 @@ class Session:
         self.writer = None
         self.envelope = None
         self.messages += 1
+        self._junk = 0
         reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}")
         self._log_outcome(envelope, size, reply)
         return reply
@@ -560,18 +611,76 @@ class Session:
             },
         )
 
+    def _junk_limit(self) -> bool:
+        """Count a command that moves no mail; True beyond the limit (Postfix's junk limit)."""
+        self._junk += 1
+        limit = self.ctx.config.max_junk_commands
+        return limit > 0 and self._junk > limit
+
     def _rset(self, event: Rset) -> Reply:
         self.abort_message()
-        return _RSET_OK
+        return _TOO_MANY_JUNK if self._junk_limit() else _RSET_OK
 
     def _noop(self, event: Noop) -> Reply:
-        return _OK
+        return _TOO_MANY_JUNK if self._junk_limit() else _OK
 
     def _vrfy(self, event: Vrfy) -> Reply:
-        return _VRFY
+        return _TOO_MANY_JUNK if self._junk_limit() else _VRFY
 
     def _help(self, event: Help) -> Reply:
-        return _HELP
+        return _TOO_MANY_JUNK if self._junk_limit() else _HELP
+
+    # ------------------------------------------------------------------- AUTH
+
+    def _auth(self, event: Auth) -> Reply | Awaitable[Reply]:
+        from ..auth import new_mechanism
+
+        if self.ctx.auth_guard.locked(self.client_ip, time.monotonic()):
+            return _AUTH_LOCKED
+        mechanism = new_mechanism(event.mechanism)
+        if mechanism is None or self.ctx.users is None:
+            return _AUTH_UNAVAILABLE
+        self._sasl = mechanism
+        return self._sasl_step(mechanism.start(event.initial))
+
+    def _auth_response(self, event: AuthResponse) -> Reply | Awaitable[Reply]:
+        mechanism = self._sasl
+        if mechanism is None:
+            return _AUTH_UNAVAILABLE
+        return self._sasl_step(mechanism.step(event.line))
+
+    def _sasl_step(self, result: object) -> Reply | Awaitable[Reply]:
+        from ..auth import Challenge, Credentials, SaslFailure
+
+        if isinstance(result, Challenge):
+            # RFC 4954 section 4: 334 followed by the base64 challenge.
+            return Reply(334, None, base64.b64encode(result.data).decode("ascii"))
+        mechanism, self._sasl = self._sasl, None
+        if isinstance(result, SaslFailure):
+            return Reply(result.code, result.enhanced, result.text)
+        assert isinstance(result, Credentials) and mechanism is not None
+        return self._login(result, mechanism.name)
+
+    async def _login(self, credentials: Credentials, mechanism: str) -> Reply:
+        name = credentials.username
+        # RFC 4616 section 2: an authorization identity other than the
+        # user's own is refused (ehlo has no proxy authorization).
+        allowed = not credentials.authzid or credentials.authzid == name
+        ok = allowed and await self.ctx.verify_password(name, credentials.password)
+        fields = {"event": "auth", "client_ip": self.client_ip, "user": name,
+                  "mechanism": mechanism}
+        if ok:
+            self.auth_user, self.auth_mechanism = name, mechanism
+            log.info("auth %s user=%s mechanism=%s ok", self.peer, name, mechanism,
+                     extra={**fields, "outcome": "ok"})
+            return _AUTH_OK
+        delay, locked = self.ctx.auth_guard.failed(self.client_ip, time.monotonic())
+        log.warning("auth %s user=%s mechanism=%s failed%s", self.peer, name, mechanism,
+                    ", address locked out" if locked else "",
+                    extra={**fields, "outcome": "locked" if locked else "failed"})
+        # Slow down guessing: each failure from this address waits longer.
+        await asyncio.sleep(delay)
+        return _AUTH_LOCKED if locked else _AUTH_FAILED
 
     def _quit(self, event: Quit) -> Reply:
         self.abort_message()
@@ -600,4 +709,6 @@ _DISPATCH: dict[type[Event], _Handler] = {
     Help: Session._help,
     Quit: Session._quit,
     StartTls: Session._starttls,
+    Auth: Session._auth,
+    AuthResponse: Session._auth_response,
 }

@@ -4,7 +4,10 @@ It feeds received bytes to the protocol core, hands events to the session,
 sends the replies, and writes everything pending in one write per read (the
 RFC 2920 flush rule). It owns flow control (reading pauses while a reply is
 awaited and the input buffer is large), timeouts (checked by the server's
-sweeper), the TLS upgrade after STARTTLS, and closing.
+sweeper: a command must arrive whole within the command timeout however it
+is trickled, and no session outlives ``max_session_time``), the banner (with
+its optional delay and the early-talker rule), the TLS upgrade after
+STARTTLS, and closing.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..protocol import NEED_DATA, PAUSED, Reply, ServerConnection, State
 from ._session import Session
 
 if TYPE_CHECKING:
     from ._server import ServerContext
+    from .proxy import ProxyInfo
 
 log = logging.getLogger("ehlo.session")
 
@@ -31,24 +35,40 @@ _STORE_LOW = 8 * 1024 * 1024
 _TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 _SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 _LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+_SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+# RFC 5321 section 3.1: the client waits for the greeting before it speaks.
+_EARLY_TALKER = Reply(554, "5.5.0", "Protocol error: you talked before the greeting")
+_PIPELINING = Reply(
+    554, "5.5.0", "Protocol error: commands sent without waiting for replies (RFC 2920)"
+)
 
 
 class SMTPServerProtocol(asyncio.Protocol):
     """One accepted connection."""
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(
+        self,
+        ctx: ServerContext,
+        *,
+        implicit_tls: bool = False,
+        proxy: ProxyInfo | None = None,
+    ) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
         self.conn = ServerConnection(ctx.config.limits, ctx.extensions)
         self.session: Session | None = None
         self.client_ip = ""
+        self.implicit_tls = implicit_tls
+        self.proxy = proxy
+        self._banner_sent = False
+        self._violation_seen = False
         self._busy = False  # a reply is being computed asynchronously
         self._eof = False
         self._tls_early: bytearray | None = None
         self._pauses: set[str] = set()
         self._closed = False
         self._close_reason = "client closed"
-        self.last_activity = time.monotonic()
+        self.started = self.last_activity = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
     # --------------------------------------------------------------- asyncio
@@ -57,6 +77,10 @@ class SMTPServerProtocol(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("", 0)
+        via = ""
+        if self.proxy is not None and self.proxy.source is not None:
+            via = str(peer[0])
+            peer = self.proxy.source  # the real client, named by a trusted proxy
         ip = str(peer[0])
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]  # an IPv4 client on a dual-stack socket
@@ -77,29 +101,73 @@ class SMTPServerProtocol(asyncio.Protocol):
             return
         session = Session(self.ctx, self.conn, ip, int(peer[1]))
         self.session = session
-        log.info("connect %s", session.peer, extra={"event": "connect", "client_ip": ip,
-                                                     "client_port": int(peer[1])})
+        fields: dict[str, Any] = {"event": "connect", "client_ip": ip,
+                                  "client_port": int(peer[1])}
+        if via:
+            fields["proxy"] = via
+        if self.implicit_tls:
+            self._implicit_tls(session, fields)
+        log.info("connect %s%s%s", session.peer, f" via {via}" if via else "",
+                 " (TLS)" if self.implicit_tls else "", extra=fields)
         session.start_reverse_dns()
+        delay = self.ctx.config.greeting_delay
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._greet)
+        else:
+            self._greet()
+
+    def _implicit_tls(self, session: Session, fields: dict[str, Any]) -> None:
+        """RFC 8314: the handshake is done before the banner; the session is TLS from the start."""
+        from .tls import describe  # not at import time: it brings cryptography
+
+        assert self.transport is not None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        info = describe(ssl_object) if ssl_object is not None else {}
+        self.conn.tls_active = True
+        session.tls = info
+        fields.update(info)
+
+    def _greet(self) -> None:
+        """Send the banner (or run the connect hooks that decide it)."""
+        session = self.session
+        if self._closed or session is None or self._banner_sent or self._busy:
+            return
+        if self.conn.buffered:
+            self._refuse_early_talker()
+            return
         banner = session.banner()
         if isinstance(banner, Reply):
+            self._banner_sent = True
             self.conn.send(banner)
             self._flush()
         else:
-            self._run(banner)
+            self._run(banner)  # connect hooks decide; talking meanwhile is early too
+
+    def _refuse_early_talker(self) -> None:
+        if self.session is not None:
+            self.session.note_violation("early talker", "sent data before the greeting")
+        self._say_goodbye(_EARLY_TALKER, "talked before the greeting")
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
         if self._tls_early is not None:
             # Decrypted bytes that arrive before start_tls() has returned
             # (a client's EHLO right after its handshake): keep them for the
             # TLS session. Plaintext read before the upgrade never gets here.
             self._tls_early += data
             return
-        self.conn.receive_data(data)
+        conn = self.conn
+        conn.receive_data(data)
+        state = conn.state
+        if state is State.DATA or state is State.BDAT:
+            # RFC 5321 section 4.5.3.2.5: the data timeout runs between reads.
+            self.last_activity = time.monotonic()
+        elif state is State.START and not self._banner_sent:
+            self._refuse_early_talker()
+            return
         if not self._busy:
             self._process()
         self._check_input()
-        state = self.conn.state
+        state = conn.state
         if (
             (state is State.DATA or state is State.BDAT)
             and "store" not in self._pauses
@@ -189,6 +257,13 @@ class SMTPServerProtocol(asyncio.Protocol):
             event = conn.next_event()
             if event is NEED_DATA or event is PAUSED:
                 break
+            # A command arrived whole: the command timeout starts again from here.
+            self.last_activity = time.monotonic()
+            if conn.pipelining_violation is not None and not self._violation_seen:
+                self._violation_seen = True
+                if session.note_violation("pipelining", conn.pipelining_violation):
+                    self._say_goodbye(_PIPELINING, "pipelining violation")
+                    return
             try:
                 result = session.handle(event)  # type: ignore[arg-type]
             except Exception:
@@ -234,6 +309,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             return
         if reply is not None:
             # None: the event needed waiting for but takes no reply (BDAT's start).
+            self._banner_sent = True
             self.conn.send(reply)
         if self.conn.state is State.TLS_PENDING:
             self._flush()
@@ -315,8 +391,12 @@ class SMTPServerProtocol(asyncio.Protocol):
         return not self._busy and self.conn.transaction is None
 
     def timeout_due(self, now: float) -> bool:
-        """True when the client has been silent for longer than allowed."""
-        if self._busy or self._closed:
+        """True when the client has been silent for longer than allowed, or the session too long."""
+        if self._closed:
+            return False
+        if now - self.started > self.ctx.config.max_session_time:
+            return True
+        if self._busy:
             return False
         state = self.conn.state
         limit = (
@@ -328,6 +408,12 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def close_for_timeout(self) -> None:
         """RFC 5321 section 4.5.3.2: give up on a silent client with 421."""
+        if time.monotonic() - self.started > self.ctx.config.max_session_time:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+            self._busy = False
+            self._say_goodbye(_SESSION_TOO_LONG, "session time limit")
+            return
         self._say_goodbye(_TIMEOUT, "timeout")
 
     def shutdown(self) -> None:

@@ -54,6 +54,7 @@ def received_header(
     queue_id: str,
     recipient: str | None,
     tls: dict[str, str] | None = None,
+    auth_user: str | None = None,
     now: float | None = None,
 ) -> bytes:
     """One Received header, folded, CRLF-terminated."""
@@ -66,10 +67,11 @@ def received_header(
         name = literal
     else:
         tcp_info = f"{_clean(client_name) if client_name else 'unknown'} {literal}"
-    lines = [
-        f"Received: from {name} ({tcp_info})",
-        f"\tby {_clean(server_name)} (ehlo) with {protocol} id {queue_id}",
-    ]
+    lines = [f"Received: from {name} ({tcp_info})"]
+    if auth_user is not None:
+        # The authenticated identity, as a comment (RFC 5321 section 4.4 allows CFWS).
+        lines.append(f"\t(authenticated as {_clean(auth_user)})")
+    lines.append(f"\tby {_clean(server_name)} (ehlo) with {protocol} id {queue_id}")
     if tls:
         lines.append(
             f"\t(using {tls.get('version', '?')} with cipher {tls.get('cipher', '?')})"

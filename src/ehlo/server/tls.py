@@ -1,11 +1,13 @@
-"""TLS for the server: the self-signed certificate, the server SSLContext, describing a session.
+"""TLS for the server: certificates, contexts, SNI, reloading, describing a session.
 
 ``ensure_self_signed`` makes (once, then reuses) an ECDSA P-256 certificate and
 key in ``data_dir/tls`` for servers that were given none; ``server_context``
 builds the server-side ``ssl.SSLContext`` from any PEM certificate and key and
-turns every problem with them into a one-line ``TLSConfigError``; ``describe``
-reports the negotiated version and cipher of a session (for Received headers
-and logs).
+turns every problem with them into a one-line ``TLSConfigError``;
+``TLSContexts`` holds the default certificate and those chosen by SNI, and
+reloads them all (SIGHUP) without touching sessions already running;
+``describe`` reports the negotiated version and cipher of a session (for
+Received headers and logs).
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CERT_VALIDITY", "TLSConfigError", "describe", "ensure_self_signed", "server_context"]
+__all__ = [
+    "CERT_VALIDITY",
+    "TLSConfigError",
+    "TLSContexts",
+    "certificate_names",
+    "describe",
+    "ensure_self_signed",
+    "server_context",
+]
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +294,84 @@ def _diagnose(cert: Path, key: Path, exc: ssl.SSLError) -> str:
     if private is None:
         return f"TLS key {key}: not a PEM private key"
     return f"TLS certificate {cert} with key {key}: {exc.reason or exc}"
+
+
+# --------------------------------------------------------------------------
+# Several certificates (SNI) and reloading
+
+
+def certificate_names(cert: Path) -> list[str]:
+    """The DNS names a certificate is for (its SANs; the CN when it has none), lower case."""
+    try:
+        certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    except (OSError, ValueError, IndexError):
+        raise TLSConfigError(f"TLS certificate {cert}: not a PEM certificate") from None
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME)]
+    return [n.lower().rstrip(".") for n in names if n]
+
+
+_Contexts = tuple[ssl.SSLContext, dict[str, ssl.SSLContext], dict[str, ssl.SSLContext]]
+
+
+class TLSContexts:
+    """The server's certificates: a default pair and more chosen by SNI.
+
+    ``context`` is the one context every handshake starts with (listeners and
+    STARTTLS use it); its SNI callback hands each handshake the context of
+    the certificate for the name the client asked for (RFC 6066 section 3),
+    else the default one. ``reload()`` reads every file again and swaps the
+    contexts in one assignment: new handshakes get the new certificates,
+    sessions already running keep theirs, and a bad file keeps the old set.
+    """
+
+    def __init__(
+        self, default: tuple[Path, Path], sni: tuple[tuple[Path, Path], ...] = ()
+    ) -> None:
+        self._default_pair = default
+        self._sni_pairs = sni
+        self._current = self._load()
+        self.context = server_context(*default)
+        self.context.sni_callback = self._choose
+        self.reloads = 0
+
+    def _load(self) -> _Contexts:
+        default = server_context(*self._default_pair)
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcard: dict[str, ssl.SSLContext] = {}
+        for cert, key in self._sni_pairs:
+            ctx = server_context(cert, key)
+            for name in certificate_names(cert):
+                if name.startswith("*."):
+                    wildcard.setdefault(name[2:], ctx)
+                else:
+                    exact.setdefault(name, ctx)
+        return default, exact, wildcard
+
+    def _choose(
+        self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        default, exact, wildcard = self._current
+        chosen = default
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            # RFC 6125 section 6.4.3: a wildcard stands for one whole left-most label.
+            chosen = exact.get(name) or wildcard.get(name.partition(".")[2]) or default
+        sslobj.context = chosen
+
+    def names(self) -> list[str]:
+        """The names served by SNI certificates."""
+        _, exact, wildcard = self._current
+        return sorted([*exact, *(f"*.{n}" for n in wildcard)])
+
+    def reload(self) -> None:
+        """Read every certificate and key again; TLSConfigError keeps the current set."""
+        self._current = self._load()
+        self.reloads += 1
 
 
 # --------------------------------------------------------------------------

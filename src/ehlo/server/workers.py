@@ -73,6 +73,8 @@ def run_workers(
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Until the worker's loop handles SIGHUP (reload), it must not kill it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 1
             try:
                 code = run_worker(sockets, index)
@@ -85,13 +87,15 @@ def run_workers(
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
+        if signum != signal.SIGHUP:  # SIGHUP reloads; the others stop
+            stopping = True
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
     previous = {
-        sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)
+        sig: signal.signal(sig, forward)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     }
     try:
         for index in range(workers):

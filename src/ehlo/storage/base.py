@@ -32,7 +32,7 @@ class StoreError(Exception):
 
 
 # Keys of ``Envelope.extra`` shown at the top level of ``to_json``.
-PROMOTED_EXTRA = ("greeting_checks", "greeting_verdict")
+PROMOTED_EXTRA = ("greeting_checks", "greeting_verdict", "auth", "violations")
 
 
 @dataclasses.dataclass(slots=True)

@@ -1,0 +1,156 @@
+"""``ehlo users``: add, remove and list the users of SMTP AUTH.
+
+This module owns the ``users`` subcommand (its argparse definitions,
+registered into the main ``ehlo`` parser by :func:`add_users_command`),
+reading a new password and the messages and exit codes:
+
+* ``ehlo users add NAME [--data DIR]``: the password is asked twice on the
+  terminal, or read from the first line of stdin when stdin is not a
+  terminal; it is never taken from the command line;
+* ``ehlo users remove NAME [--data DIR]``;
+* ``ehlo users list [--data DIR] [--json]``.
+
+Exit status 0 on success, 1 for a failure (one line ``ehlo: error: ...``
+on stderr, never a traceback), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .users import UserError, UserStore, check_name
+
+__all__ = ["DEFAULT_DATA_DIR", "add_users_command", "run_users"]
+
+PROG = "ehlo"
+DEFAULT_DATA_DIR = "ehlo-data"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the usage error kept to the usage line and one message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# C0 and C1 control characters (but tab) would drive the terminal: show them escaped.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split()).translate(_CONTROLS)}", file=sys.stderr)
+
+
+def _data_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        type=Path,
+        default=Path(DEFAULT_DATA_DIR),
+        help=f"data folder holding the users file (default: ./{DEFAULT_DATA_DIR})",
+    )
+
+
+def add_users_command(subparsers: Any) -> None:
+    """Register ``users`` (``add``, ``remove``, ``list``) on the ``ehlo`` parser's subparsers."""
+    users = subparsers.add_parser(
+        "users",
+        help="add, remove or list the users of SMTP AUTH",
+        description="Manage the users who may authenticate (SMTP AUTH) to the server. "
+        "Changes take effect in a running server without a restart.",
+    )
+    actions = users.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+
+    add = actions.add_parser(
+        "add",
+        help="add a user, or change their password",
+        description="Add user NAME, or change their password. The password is asked twice "
+        "on the terminal or, when stdin is not a terminal, read from its first line. "
+        "It is never given on the command line.",
+    )
+    add.add_argument("name", metavar="NAME", help="the user name (1-64 of A-Za-z0-9._@+-)")
+    _data_option(add)
+
+    remove = actions.add_parser("remove", help="remove a user", description="Remove user NAME.")
+    remove.add_argument("name", metavar="NAME", help="the user name")
+    _data_option(remove)
+
+    listing = actions.add_parser(
+        "list", help="list the user names", description="List the user names, sorted."
+    )
+    _data_option(listing)
+    listing.add_argument("--json", action="store_true", help="a JSON array of names")
+
+    users.set_defaults(func=run_users, action=None, users_parser=users)
+
+
+def run_users(args: argparse.Namespace) -> int:
+    """Run ``ehlo users ACTION``; return the exit status."""
+    action: str | None = getattr(args, "action", None)
+    if action is None:
+        parser: argparse.ArgumentParser | None = getattr(args, "users_parser", None)
+        if parser is not None:
+            parser.print_usage(sys.stderr)
+        _error("choose an action: add, remove, list")
+        return EXIT_USAGE
+    store = UserStore(args.data)
+    try:
+        if action == "add":
+            password = _read_password(args.name)
+            if store.add(args.name, password):
+                print(f"user {args.name} added")
+            else:
+                print(f"password of {args.name} changed")
+        elif action == "remove":
+            if not store.remove(args.name):
+                raise UserError(f"no user named {args.name} in {store.path}")
+            print(f"user {args.name} removed")
+        else:
+            names = store.names()
+            if args.json:
+                print(json.dumps(names, indent=2))
+            elif names:
+                print("\n".join(names))
+            else:
+                print(f"no users in {store.path}")
+    except (UserError, OSError) as exc:
+        _error(str(exc))
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _read_password(name: str) -> str:
+    """The new password: asked twice on the terminal, or stdin's first line."""
+    check_name(name)  # say so before asking for a password
+    if not sys.stdin.isatty():
+        return _stdin_line()
+    try:
+        first = getpass.getpass(f"New password for {name}: ")
+        second = getpass.getpass("Repeat the password: ")
+    except EOFError:
+        raise UserError("no password given") from None
+    if first != second:
+        raise UserError("the passwords do not match")
+    return first
+
+
+def _stdin_line() -> str:
+    """The first line of stdin, without its line ending (CR LF or LF)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream without bytes underneath (tests)
+        return str(sys.stdin.readline()).rstrip("\r\n")
+    raw = buffer.readline()
+    try:
+        return str(raw.decode("utf-8")).rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise UserError("the password on stdin is not UTF-8") from None
