@@ -6,9 +6,9 @@ import asyncio
 import dataclasses
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -137,3 +137,35 @@ def threaded_server(tmp_path: Path) -> Iterator[Callable[..., ThreadedServer]]:
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
+    """Start in-loop servers with config overrides; all stopped at the end.
+
+    The n-th server started keeps its data in ``tmp_path / f"data{n}"``.
+    """
+    servers: list[Server] = []
+
+    async def run(**overrides: Any) -> Server:
+        server = Server(make_config(tmp_path / f"data{len(servers)}", **overrides))
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield run
+    for server in servers:
+        await server.stop(timeout=1.0)
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[Any]]:
+    """Clients to close at the end of a test (append them)."""
+    opened: list[_Closable] = []
+    yield opened
+    for client in opened:
+        client.close()

@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_users_command(commands)
     parser.set_defaults(
         func=lambda _args: _usage(
-            parser, "choose a command: serve, check-helo, messages, send, probe"
+            parser, "choose a command: serve, check-helo, messages, users, send, probe"
         )
     )
     return parser

@@ -146,7 +146,8 @@ class SMTPServerProtocol(asyncio.Protocol):
     def _refuse_early_talker(self) -> None:
         if self.session is not None:
             self.session.note_violation("early talker", "sent data before the greeting")
-        self._say_goodbye(_EARLY_TALKER, "talked before the greeting")
+        # Like the connection-limit refusals, with its enhanced code (Postfix-style).
+        self._say_goodbye(_EARLY_TALKER, "talked before the greeting", enhanced=True)
 
     def data_received(self, data: bytes) -> None:
         if self._tls_early is not None:
@@ -428,11 +429,13 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._busy = False
         self._say_goodbye(_SHUTDOWN, "server shutting down (deadline)")
 
-    def _say_goodbye(self, reply: Reply, reason: str) -> None:
+    def _say_goodbye(self, reply: Reply, reason: str, enhanced: bool | None = None) -> None:
         if self._closed or self.transport is None:
             return
         self._close_reason = reason
-        data = self.conn.data_to_send() + reply.render(self.conn.enhanced)
+        data = self.conn.data_to_send() + reply.render(
+            self.conn.enhanced if enhanced is None else enhanced
+        )
         self._closed = True
         self.conn.receive_eof()
         self.transport.write(data)

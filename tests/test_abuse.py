@@ -1,0 +1,395 @@
+"""Abuse resistance, over TCP: clients that talk early, pipeline without
+permission, trickle, linger, flood, or try to make the server hold memory.
+
+Each test drives a real server with a raw client that misbehaves in one way
+and checks the exact reply and that the connection is dropped (or served)
+as documented. The memory and idle-connection tests run ``ehlo serve`` in a
+child process so its RSS can be read from /proc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ehlo.server import Server
+from ehlo.storage import open_store
+from tests.test_e2e_raw import (
+    READ_TIMEOUT,
+    Client,
+    codes,
+    connect,
+    queued_id,
+)
+
+from .conftest import free_port
+
+Start = Callable[..., Awaitable[Server]]
+
+
+async def raw_connect(server: Server, clients: list[Client], source: str = "127.0.0.1") -> Client:
+    host, port = server.addresses[0]
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, local_addr=(source, 0)), READ_TIMEOUT
+    )
+    client = Client(reader, writer)
+    clients.append(client)
+    return client
+
+
+# ------------------------------------------------------------ early talkers
+
+
+async def test_early_talker_gets_554_and_is_dropped(
+    start: Start, clients: list[Client]
+) -> None:
+    server = await start(greeting_delay=0.5)
+    c = await raw_connect(server, clients)
+    # RFC 5321 section 3.1: the client must wait for the 220 greeting.
+    c.send(b"EHLO impatient.example\r\nMAIL FROM:<spam@example.net>\r\n")
+    r = await c.reply()
+    assert (r.code, r.text) == (554, "5.5.0 Protocol error: you talked before the greeting")
+    await c.expect_eof()
+    # A patient client gets the banner once the delay is over.
+    began = time.monotonic()
+    patient = await raw_connect(server, clients)
+    assert (await patient.reply()).code == 220
+    assert time.monotonic() - began >= 0.45
+    await patient.ehlo()
+
+
+# ------------------------------------------------------- pipelining abuse
+
+
+async def test_pipelining_before_the_greeting_reply_rejected(
+    start: Start, clients: list[Client]
+) -> None:
+    server = await start(pipelining_violation="reject")
+    c = await connect(server, clients)
+    # RFC 2920 section 3.1: EHLO may only end a group; PIPELINING is not yet known.
+    c.send(b"EHLO bulk.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n")
+    r = await c.reply()
+    assert r.code == 554 and r.text.startswith("Protocol error: commands sent without waiting")
+    await c.expect_eof()
+
+
+async def test_unadvertised_pipelining_after_helo_rejected(
+    start: Start, clients: list[Client]
+) -> None:
+    server = await start(pipelining_violation="reject")
+    c = await connect(server, clients)
+    assert (await c.cmd("HELO plain.example")).code == 250
+    # HELO offers no extensions: PIPELINING was never advertised.
+    c.send(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n")
+    assert (await c.reply()).code == 554
+    await c.expect_eof()
+
+
+async def test_advertised_pipelining_is_fine_and_violations_are_recorded(
+    start: Start, clients: list[Client]
+) -> None:
+    server = await start(pipelining_violation="reject")
+    c = await connect(server, clients)
+    await c.ehlo()
+    c.send(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    assert codes([await c.reply() for _ in range(3)]) == [
+        (250, "2.1.0"), (250, "2.1.5"), (354, None)]
+    assert queued_id(await c.cmd(b"Subject: ok\r\n\r\nfine\r\n."))
+    # In "record" mode the same violation is served and noted in the envelope.
+    recorder = await start(pipelining_violation="record")
+    c2 = await connect(recorder, clients)
+    c2.send(b"EHLO bulk.example\r\nMAIL FROM:<a@example.net>\r\n")
+    assert (await c2.reply()).code == 250
+    assert (await c2.reply()).code == 250
+    assert (await c2.cmd("RCPT TO:<b@example.org>")).code == 250
+    assert (await c2.cmd("DATA")).code == 354
+    qid = queued_id(await c2.cmd(b"Subject: noted\r\n\r\nx\r\n."))
+    stored = recorder.store.get(qid)
+    assert stored is not None and stored.envelope.extra["violations"] == ["pipelining"]
+
+
+# ---------------------------------------------------------- rates and time
+
+
+async def test_connection_rate_per_ip(start: Start, clients: list[Client]) -> None:
+    server = await start(max_connection_rate=5)
+    for _ in range(5):
+        c = await raw_connect(server, clients)
+        assert (await c.reply()).code == 220
+        c.close()
+    refused = await raw_connect(server, clients)
+    r = await refused.reply()
+    assert (r.code, r.enhanced) == (421, "4.7.0") and "per minute" in r.text
+    await refused.expect_eof()
+    other = await raw_connect(server, clients, source="127.0.0.3")
+    assert (await other.reply()).code == 220
+
+
+async def test_trickled_command_cannot_hold_the_session(
+    start: Start, clients: list[Client]
+) -> None:
+    server = await start(command_timeout=0.6)
+    c = await connect(server, clients)
+    await c.ehlo()
+    began = time.monotonic()
+    # One byte every 0.15 s: the line never completes within the timeout. A
+    # server that restarts its timer on every byte would wait forever.
+    reply = None
+    for byte in b"NOOP" + b"x" * 60:
+        c.send(bytes([byte]))
+        try:
+            reply = await asyncio.wait_for(c.reply(), 0.15)
+            break
+        except TimeoutError:
+            continue
+    assert reply is not None, "the server kept waiting for the trickled line"
+    assert (reply.code, reply.enhanced) == (421, "4.4.2")
+    assert time.monotonic() - began < 3.0
+
+
+async def test_session_time_cap(start: Start, clients: list[Client]) -> None:
+    server = await start(max_session_time=1.0)
+    c = await connect(server, clients)
+    await c.ehlo()
+    began = time.monotonic()
+    while time.monotonic() - began < 5.0:
+        r = await c.cmd("MAIL FROM:<a@example.net>")
+        if r.code == 421:
+            break
+        assert r.code == 250
+        assert (await c.cmd("RSET")).code == 250
+        await asyncio.sleep(0.1)
+    assert codes([r]) == [(421, "4.4.2")]
+    assert 0.9 <= time.monotonic() - began < 3.0
+
+
+async def test_junk_command_limit(start: Start, clients: list[Client]) -> None:
+    server = await start(max_junk_commands=5)
+    c = await connect(server, clients)
+    await c.ehlo()
+    for verb in ("NOOP", "RSET", "VRFY x", "HELP", "NOOP"):
+        assert (await c.cmd(verb)).code < 400
+    assert codes([await c.cmd("NOOP")]) == [(421, "4.7.0")]
+    await c.expect_eof()
+
+
+async def test_ten_thousand_pipelined_commands_in_one_write(
+    start: Start, clients: list[Client]
+) -> None:
+    server = await start(max_recipients=100)
+    c = await connect(server, clients)
+    await c.ehlo()
+    assert (await c.cmd("MAIL FROM:<a@example.net>")).code == 250
+    burst = b"".join(b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(10_000))
+    c.send(burst + b"RSET\r\n")
+    await c.writer.drain()
+    got = [await c.reply() for _ in range(10_001)]
+    # RFC 5321 section 4.5.3.1.10: recipients beyond the limit get 452, in order.
+    assert [r.code for r in got[:100]] == [250] * 100
+    assert {(r.code, r.enhanced) for r in got[100:10_000]} == {(452, "4.5.3")}
+    assert got[-1].code == 250
+    assert (await c.cmd("NOOP")).code == 250
+
+
+# -------------------------------------------- memory and idle connections
+
+
+class Serve:
+    """``ehlo serve`` in a child process (null store unless told), with its RSS."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.log = tmp_path / "serve.log"
+        config = tmp_path / "ehlo.toml"
+        config.write_text(
+            "max_connections = 2000\nmax_connections_per_ip = 2000\n"
+            'limits_exempt = []\nmax_connection_rate = 0\n'
+        )
+        with self.log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ehlo", "serve", "--listen", f"127.0.0.1:{self.port}",
+                 "--data", str(tmp_path / "data"), "--no-reverse-dns", "--no-tls",
+                 "--helo-policy", "off", "--config", str(config), "--log-level", "WARNING",
+                 *args],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    if sock.recv(4) == b"220 ":
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"ehlo serve did not start: {self.log.read_text()}")
+
+    def status(self, key: str) -> int:
+        """A /proc/PID/status figure in KiB (VmRSS, VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    started: list[Serve] = []
+
+    def run(*args: str) -> Serve:
+        started.append(Serve(tmp_path, *args))
+        return started[-1]
+
+    yield run
+    for proc in started:
+        proc.stop()
+
+
+def _greet(sock: socket.socket) -> None:
+    sock.settimeout(10)
+    assert sock.recv(1024).startswith(b"220")
+    sock.sendall(b"EHLO attacker.example\r\n")
+    data = b""
+    while not data.endswith(b"250 CHUNKING\r\n"):
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+
+
+def _read_until_closed(sock: socket.socket, limit: float = 20.0) -> bytes:
+    sock.settimeout(limit)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return data
+
+
+def test_memory_stays_bounded_under_hostile_input(serve: Callable[..., Serve]) -> None:
+    """A 50 MB line, endless headers, a huge BDAT and 10,000 pipelined commands."""
+    server = serve("--store", "null")
+    baseline = server.status("VmRSS")
+    megabyte = b"A" * (1024 * 1024)
+
+    # 1. 50 MB without CRLF as a command line: 500 5.5.2 once, the rest dropped.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        _greet(sock)
+        for _ in range(50):
+            sock.sendall(megabyte)
+        sock.sendall(b"\r\nQUIT\r\n")
+        out = _read_until_closed(sock)
+        assert out.startswith(b"500 5.5.2 Line too long\r\n"), out[:200]
+        assert out.endswith(b"221 2.0.0 localhost closing connection\r\n"), out[-200:]
+
+    # 2. Endless headers inside DATA (40 MB of header lines): refused as too
+    # large after the end of data (RFC 1870 section 6.3), never held in memory.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        _greet(sock)
+        sock.sendall(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        header_block = b"X-Header: " + b"h" * 80 + b"\r\n"
+        chunk = header_block * (1024 * 1024 // len(header_block))
+        for _ in range(40):
+            sock.sendall(chunk)
+        sock.sendall(b"\r\nbody\r\n.\r\nQUIT\r\n")
+        out = _read_until_closed(sock)
+        assert b"552 5.3.4 Message size exceeds fixed maximum message size" in out, out[-300:]
+
+    # 3. BDAT announcing 10^15 octets, then 30 MB of it: read and discarded.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        _greet(sock)
+        sock.sendall(b"MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n"
+                     b"BDAT 1000000000000000 LAST\r\n")
+        for _ in range(30):
+            sock.sendall(megabyte)
+        sock.shutdown(socket.SHUT_WR)
+        out = _read_until_closed(sock)
+        assert out.count(b"250 ") >= 2, out
+
+    # 4. 10,000 pipelined commands in one write, replies not read until the end.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        _greet(sock)
+        burst = b"MAIL FROM:<a@example.net>\r\n" + b"".join(
+            b"RCPT TO:<r%d@example.org>\r\n" % i for i in range(10_000)) + b"QUIT\r\n"
+        sock.sendall(burst)
+        out = _read_until_closed(sock)
+        assert out.count(b"\r\n") == 10_002, out[-200:]
+        assert out.endswith(b"221 2.0.0 localhost closing connection\r\n")
+
+    peak = server.status("VmHWM")
+    growth_mib = (peak - baseline) / 1024
+    # A server holding any of those inputs whole would grow by 30-50 MiB or more.
+    assert growth_mib < 20, f"peak RSS grew by {growth_mib:.1f} MiB"
+    assert server.stop() == 0
+
+
+def test_idle_connections_do_not_starve_a_real_client(serve: Callable[..., Serve]) -> None:
+    """1,000 connections sit idle after EHLO; a fresh client still gets its 250 quickly."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2500:
+        pytest.skip(f"needs 2,500 file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2500), hard))
+    try:
+        server = serve("--store", "sqlite")
+        before = server.status("VmRSS")
+        idle: list[socket.socket] = []
+        try:
+            for i in range(1000):
+                sock = socket.create_connection(
+                    ("127.0.0.1", server.port), source_address=(f"127.0.1.{i % 200 + 1}", 0)
+                )
+                idle.append(sock)
+                _greet(sock)
+            held = server.status("VmRSS")
+            began = time.monotonic()
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+                client.ehlo("legit.example")
+                refused = client.sendmail("a@example.net", ["b@example.org"],
+                                          b"Subject: still served\r\n\r\nhello\r\n")
+                code, _ = client.noop()
+            elapsed = time.monotonic() - began
+            assert refused == {} and code == 250
+            assert elapsed < 1.0, f"the fresh transaction took {elapsed:.3f} s"
+            per_connection_kib = (held - before) / 1000
+            assert per_connection_kib < 20, per_connection_kib
+            # Every idle connection is still open and answers.
+            for sock in idle[::100]:
+                sock.sendall(b"NOOP\r\n")
+                assert sock.recv(100).startswith(b"250")
+        finally:
+            for sock in idle:
+                sock.close()
+        assert server.stop() == 0
+        store = open_store("sqlite", server.log.parent / "data")
+        listed = asyncio.run(_count(store))
+        assert listed == 1
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def _count(store: object) -> int:
+    await store.start()  # type: ignore[attr-defined]
+    try:
+        return len(store.list())  # type: ignore[attr-defined]
+    finally:
+        await store.close()  # type: ignore[attr-defined]
+
