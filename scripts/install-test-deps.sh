@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests drive, only when something is missing:
-# swaks (with the Perl modules it needs for TLS, IPv6 and AUTH), openssl, and
-# postfix for its smtp-sink and smtp-source tools. Postfix is installed with
-# "No configuration" and is never left running: no mail daemon on port 25.
+# swaks (with the Perl modules it needs for TLS, IPv6 and AUTH), openssl,
+# postfix for its smtp-sink and smtp-source tools, and haproxy (run by the tests
+# in the foreground to send PROXY protocol headers). Postfix is installed with
+# "No configuration" and is never left running: no mail daemon on port 25; nor
+# is haproxy left running as a service.
 set -euo pipefail
 
 # Debian packages; usable() below also checks the commands they must provide.
-PACKAGES=(swaks openssl postfix libnet-ssleay-perl libio-socket-inet6-perl libauthen-sasl-perl)
+PACKAGES=(swaks openssl postfix haproxy libnet-ssleay-perl libio-socket-inet6-perl libauthen-sasl-perl)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 log() { echo "install-test-deps: $*" >&2; }
@@ -19,6 +21,7 @@ usable() {
     case "$1" in
         swaks | openssl) command -v "$1" >/dev/null 2>&1 ;;
         postfix) command -v smtp-sink >/dev/null 2>&1 && command -v smtp-source >/dev/null 2>&1 ;;
+        haproxy) command -v haproxy >/dev/null 2>&1 ;;
         *) true ;;
     esac
 }
@@ -57,6 +60,8 @@ fi
 
 postfix_was_installed=false
 installed postfix && postfix_was_installed=true
+haproxy_was_installed=false
+installed haproxy && haproxy_was_installed=true
 
 # Keep package scripts from starting daemons while we install (Debian's
 # policy-rc.d convention, honoured by invoke-rc.d and deb-systemd-invoke).
@@ -99,6 +104,18 @@ if [ "$postfix_was_installed" = false ] && installed postfix; then
     fi
 fi
 
+# HAProxy too: the tests start their own in the foreground; no service.
+if [ "$haproxy_was_installed" = false ] && installed haproxy; then
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        "${SUDO[@]}" systemctl disable --now haproxy.service >/dev/null 2>&1 || true
+    elif command -v service >/dev/null 2>&1; then
+        "${SUDO[@]}" service haproxy stop >/dev/null 2>&1 || true
+    fi
+    if command -v update-rc.d >/dev/null 2>&1; then
+        "${SUDO[@]}" update-rc.d haproxy disable >/dev/null 2>&1 || true
+    fi
+fi
+
 for pkg in "${PACKAGES[@]}"; do
     if ! installed "$pkg" || ! usable "$pkg"; then
         log "$pkg is still missing after the install"
@@ -108,4 +125,4 @@ done
 if port25_listening; then
     log "warning: something listens on port 25; the tests do not need it"
 fi
-log "done: swaks, openssl, smtp-sink and smtp-source are installed"
+log "done: swaks, openssl, smtp-sink, smtp-source and haproxy are installed"
