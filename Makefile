@@ -3,7 +3,7 @@
 #   make setup        .venv with the package (editable) and the test tools
 #   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data)
 #   make test         ruff, mypy and pytest (PYTEST_ARGS=... passed to pytest)
-#   make test-deps    the Debian packages the tests drive (swaks, openssl, postfix tools)
+#   make test-deps    the Debian packages the tests drive (swaks, openssl, postfix tools, haproxy)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
