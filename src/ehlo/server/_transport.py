@@ -308,6 +308,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._task = None
         if self._closed:
             return
+        self.last_activity = time.monotonic()  # the client's next command is due from now
         if reply is not None:
             # None: the event needed waiting for but takes no reply (BDAT's start).
             self._banner_sent = True
