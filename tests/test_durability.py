@@ -227,7 +227,7 @@ def test_sigkill_during_concurrent_sends(
 ) -> None:
     data = tmp_path / "data"
     server = start_server(serve, data, kind)
-    threads_n, kill_at = 10, 30
+    threads_n, kill_at = 25, 150
     lock = threading.Lock()
     acked: dict[str, bytes] = {}
     attempted: dict[str, bytes] = {}
