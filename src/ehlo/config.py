@@ -147,6 +147,11 @@ class GreetingConfig:
     # Seconds all checks of one greeting may take; beyond, they are temperror.
     timeout: float = 10.0
 
+    @property
+    def active(self) -> bool:
+        """False when no check can run (policy "off" and no check switched on)."""
+        return self.policy != "off" or any(mode != "off" for mode in self.checks.values())
+
     def to_policy(self) -> GreetingPolicy:
         """The ``GreetingPolicy`` this configuration describes (ValueError if invalid)."""
         from .greeting import GreetingPolicy
@@ -746,6 +751,8 @@ def _greeting_config(values: Mapping[str, Any], names: Mapping[str, str]) -> Gre
         if k.startswith(prefix) and not k.startswith(checks_prefix)
     }
     config = GreetingConfig(checks=checks, **fields)
+    if not config.active:
+        return config  # nothing runs: no need to load the checks to vet the combination
     try:
         config.to_policy()  # every value was checked; this guards their combination
     except ValueError as exc:

@@ -36,9 +36,6 @@ import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
-from cryptography.exceptions import InvalidKey
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-
 __all__ = [
     "ARGON2_ITERATIONS",
     "ARGON2_LANES",
@@ -158,6 +155,9 @@ def hash_password(password: str) -> str:
     prepared = saslprep(password)
     if not prepared:
         raise UserError("empty password (after SASLprep)")
+    # Imported here: the library weighs 8 MiB, needed only once users exist.
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
     kdf = Argon2id(
         salt=secrets.token_bytes(ARGON2_SALT_BYTES),
         length=ARGON2_TAG_BYTES,
@@ -181,6 +181,9 @@ def check_password(phc: str, password: str) -> bool:
         return False
     if not prepared:
         return False
+    from cryptography.exceptions import InvalidKey
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
     try:
         Argon2id.verify_phc_encoded(prepared.encode("utf-8"), phc)
     except (InvalidKey, ValueError, TypeError):

@@ -17,6 +17,8 @@ carry the reply) and ``cli`` (``ehlo send`` and ``ehlo probe``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._client import (
     Message,
     SendResult,
@@ -39,7 +41,20 @@ from ._errors import (
     SMTPClientError,
     TLSFailed,
 )
-from .routing import DeliveryResult, MailHost, Router, deliver, recipient_domain
+
+if TYPE_CHECKING:
+    from .routing import DeliveryResult, MailHost, Router, deliver, recipient_domain
+
+# Routing brings dnspython (about 8 MiB): loaded on first use of one of its names.
+_ROUTING = frozenset({"DeliveryResult", "MailHost", "Router", "deliver", "recipient_domain"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ROUTING:
+        from . import routing
+
+        return getattr(routing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AuthFailed",

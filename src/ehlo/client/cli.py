@@ -31,9 +31,8 @@ import textwrap
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from ..dns import Resolver
 from ..protocol import Reply
 from ..protocol._syntax import is_domain
 from ._client import (
@@ -56,7 +55,9 @@ from ._errors import (
     SMTPClientError,
     TLSFailed,
 )
-from .routing import SMTP_PORT, SUBMISSIONS_PORT, DeliveryResult, MailHost, Router, deliver
+
+if TYPE_CHECKING:  # routing brings dnspython: imported when a command needs it
+    from .routing import DeliveryResult, MailHost
 
 __all__ = ["EXIT_CODES", "add_client_commands", "main"]
 
@@ -516,6 +517,8 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _send_checked(args: argparse.Namespace) -> int:
+    from .routing import SMTP_PORT, SUBMISSIONS_PORT
+
     _check_address("--from", args.sender, sender=True)
     for rcpt in args.to:
         _check_address("--to", rcpt, sender=False)
@@ -545,6 +548,8 @@ async def _send_direct(
     make: Callable[[str, int, str], SMTPClient],
     login: tuple[str, str] | None,
 ) -> DeliveryResult:
+    from .routing import DeliveryResult
+
     host, port = server
     outcome = DeliveryResult("", list(args.to))
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -577,7 +582,8 @@ async def _send_routed(
     login: tuple[str, str] | None,
     port: int,
 ) -> list[DeliveryResult]:
-    from .routing import recipient_domain
+    from ..dns import Resolver
+    from .routing import Router, deliver, recipient_domain
 
     try:
         resolver = Resolver(args.dns_server, timeout=args.timeout or 5.0)
@@ -1051,6 +1057,8 @@ def _tls_summary(report: ProbeReport) -> str:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from .routing import SMTP_PORT, SUBMISSIONS_PORT
+
     _text_output()
     try:
         host, port = parse_server(args.target, SUBMISSIONS_PORT if args.implicit_tls else SMTP_PORT)

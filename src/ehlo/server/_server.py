@@ -23,9 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Listen, ServerConfig
-from ..dns import Resolver, loopback_name, reverse_name
 from ..extensions import Extension, build_extensions
-from ..greeting import GreetingVerifier
 from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Store, open_store
@@ -34,6 +32,8 @@ from .abuse import AuthGuard, Networks, WindowCounter
 
 if TYPE_CHECKING:
     from ..auth import UserStore
+    from ..dns import Resolver
+    from ..greeting import GreetingVerifier
     from .proxy import ProxyInfo
     from .tls import TLSContexts
 
@@ -85,13 +85,18 @@ class ServerContext:
         self._hashing = asyncio.Semaphore(_HASH_WORKERS)
         self._hash_pool: ThreadPoolExecutor | None = None
         self.draining = False
-        self.resolver = Resolver(list(config.dns_servers) or None, timeout=config.dns_timeout)
-        policy = config.greeting.to_policy()
-        self.verifier: GreetingVerifier | None = (
-            GreetingVerifier(policy, self.resolver, our_names=(config.hostname,))
-            if policy.enabled_checks
-            else None
-        )
+        # DNS and greeting verification are imported only when used: a
+        # server without them (--helo-policy off --no-reverse-dns) stays small.
+        self._resolver: Resolver | None = None
+        self.verifier: GreetingVerifier | None = None
+        if config.greeting.active:
+            from ..greeting import GreetingVerifier
+
+            policy = config.greeting.to_policy()
+            if policy.enabled_checks:
+                self.verifier = GreetingVerifier(
+                    policy, self.resolver, our_names=(config.hostname,)
+                )
 
     def admit(self, proto: SMTPServerProtocol) -> Reply | None:
         """Count a new connection, or the 421 that refuses it."""
@@ -149,12 +154,24 @@ class ServerContext:
             else:
                 self.per_ip[proto.client_ip] = count
 
+    @property
+    def resolver(self) -> Resolver:
+        """The DNS resolver (with its TTL cache) all sessions share, made on first use."""
+        if self._resolver is None:
+            from ..dns import Resolver
+
+            config = self.config
+            self._resolver = Resolver(list(config.dns_servers) or None, timeout=config.dns_timeout)
+        return self._resolver
+
     def reverse_name(self, ip: str) -> asyncio.Future[str | None]:
         """A future of the client's forward-confirmed reverse name (or None).
 
         Answers come from the resolver's TTL cache; a loopback client needs no
         lookup and no task.
         """
+        from ..dns import loopback_name
+
         known = loopback_name(ip)
         if known is not None:
             fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
@@ -173,6 +190,8 @@ class ServerContext:
 
     async def _lookup(self, ip: str) -> str | None:
         try:
+            from ..dns import reverse_name
+
             return await reverse_name(self.resolver, ip, self.config.reverse_dns_timeout)
         except Exception as exc:  # DNS trouble is never fatal to a session
             log.debug("reverse DNS for %s failed: %s", ip, exc)

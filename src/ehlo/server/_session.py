@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ..greeting import CappedResolver, Decision, GreetingReport, authentication_results
 from ..ids import new_queue_id
 from ..policy import HookContext
 from ..protocol import (
@@ -47,6 +46,7 @@ from .received import protocol_keyword, received_header
 
 if TYPE_CHECKING:
     from ..auth import Credentials, ServerMechanism
+    from ..greeting import CappedResolver, Decision, GreetingReport
     from ._server import ServerContext
 
 log = logging.getLogger("ehlo.session")
@@ -480,6 +480,8 @@ class Session:
             now=now,
         )
         if report is not None:
+            from ..greeting import authentication_results  # loaded with the checks
+
             header += authentication_results(report, self.ctx.config.hostname)
         self.envelope = envelope
         try:

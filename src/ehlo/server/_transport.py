@@ -29,9 +29,10 @@ log = logging.getLogger("ehlo.session")
 
 # Pause reading when this much input waits behind a pending reply.
 _MAX_BUFFERED = 256 * 1024
-# Pause reading message bodies while the store has this much left to write.
-_STORE_HIGH = 32 * 1024 * 1024
-_STORE_LOW = 8 * 1024 * 1024
+# Pause reading message bodies while the store has this much left to write;
+# read again once the writer is down to _STORE_LOW (it says when).
+_STORE_HIGH = 8 * 1024 * 1024
+_STORE_LOW = 2 * 1024 * 1024
 _TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 _SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 _LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
@@ -176,14 +177,10 @@ class SMTPServerProtocol(asyncio.Protocol):
         ):
             # The store's writer is behind: stop reading bodies until it catches up.
             self._pause("store")
-            asyncio.get_running_loop().call_later(0.01, self._store_caught_up)
+            self.ctx.store.drained(_STORE_LOW).add_done_callback(self._store_caught_up)
 
-    def _store_caught_up(self) -> None:
-        if self._closed:
-            return
-        if self.ctx.store.backlog_bytes > _STORE_LOW:
-            asyncio.get_running_loop().call_later(0.01, self._store_caught_up)
-        else:
+    def _store_caught_up(self, _: object) -> None:
+        if not self._closed:
             self._resume("store")
 
     def _check_input(self) -> None:

@@ -22,11 +22,11 @@ import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+if TYPE_CHECKING:  # cryptography (16 MiB) is imported by the functions that need it
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = [
     "CERT_VALIDITY",
@@ -83,6 +83,9 @@ def ensure_self_signed(
     ``CERT_VALIDITY`` are written atomically, the key with mode 0600.
     ``now`` (an aware datetime) is for tests.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     when = now or dt.datetime.now(dt.UTC)
     name = _normalize_hostname(hostname)
     tls_dir = data_dir / "tls"
@@ -127,6 +130,8 @@ def _normalize_hostname(hostname: str) -> str:
 
 
 def _subject_alt_names(name: str) -> list[x509.GeneralName]:
+    from cryptography import x509
+
     try:
         return [x509.IPAddress(ipaddress.ip_address(name))]
     except ValueError:
@@ -143,6 +148,10 @@ def _subject_alt_names(name: str) -> list[x509.GeneralName]:
 def _build_certificate(
     key: ec.EllipticCurvePrivateKey, name: str, when: dt.datetime
 ) -> x509.Certificate:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     public = key.public_key()
     return (
@@ -178,6 +187,10 @@ def _build_certificate(
 
 def _reusable(cert_path: Path, key_path: Path, name: str, when: dt.datetime) -> bool:
     """True when the stored pair is readable, matching, current and made for ``name``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -277,6 +290,9 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 def _diagnose(cert: Path, key: Path, exc: ssl.SSLError) -> str:
     """Name the file at fault after ``load_cert_chain`` failed."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]
     except (OSError, ValueError, IndexError):
@@ -302,6 +318,9 @@ def _diagnose(cert: Path, key: Path, exc: ssl.SSLError) -> str:
 
 def certificate_names(cert: Path) -> list[str]:
     """The DNS names a certificate is for (its SANs; the CN when it has none), lower case."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         certificate = x509.load_pem_x509_certificates(cert.read_bytes())[0]
     except (OSError, ValueError, IndexError):
@@ -310,8 +329,9 @@ def certificate_names(cert: Path) -> list[str]:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
-        names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(
-            NameOID.COMMON_NAME)]
+        names = [
+            str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
     return [n.lower().rstrip(".") for n in names if n]
 
 
@@ -329,9 +349,7 @@ class TLSContexts:
     sessions already running keep theirs, and a bad file keeps the old set.
     """
 
-    def __init__(
-        self, default: tuple[Path, Path], sni: tuple[tuple[Path, Path], ...] = ()
-    ) -> None:
+    def __init__(self, default: tuple[Path, Path], sni: tuple[tuple[Path, Path], ...] = ()) -> None:
         self._default_pair = default
         self._sni_pairs = sni
         self._current = self._load()

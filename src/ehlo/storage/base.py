@@ -15,6 +15,7 @@ share that cost between concurrent sessions (group commit).
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import datetime as _dt
 import email.header
@@ -242,6 +243,12 @@ class Store(abc.ABC):
         a slow disk slows senders down instead of filling memory.
         """
         return 0
+
+    def drained(self, low: int) -> asyncio.Future[None]:
+        """A future done once ``backlog_bytes`` is at most ``low`` (at once if it is)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open files, start writer threads. Called once before ``begin``."""

@@ -22,8 +22,10 @@ message's transaction: a message is visible only once its ``messages`` row
 exists, and the row is written after checking that every chunk is there.
 
 Backpressure. :attr:`SQLiteStore.backlog_bytes` is the number of body bytes
-queued for the writer thread and not yet executed. The network layer should
-stop reading from clients while it is above a high-water mark (say 32 MiB).
+queued for the writer thread and not yet executed. The network layer stops
+reading from clients while it is above a high-water mark and awaits
+:meth:`SQLiteStore.drained`, which the writer thread settles after the batch
+that brings the backlog down to the low-water mark.
 
 Crashes and several processes. Chunks written before a crash are orphans. Each
 store instance holds an exclusive ``flock`` on its own lock file (in
@@ -170,6 +172,11 @@ def _resolve(items: list[tuple[asyncio.Future[str], str | BaseException]]) -> No
             future.set_result(outcome)
 
 
+def _settle_drained(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
     if read_only:
         conn = sqlite3.connect(
@@ -280,6 +287,32 @@ class _WriterThread(threading.Thread):
         self._conn: sqlite3.Connection | None = None
         # Messages whose chunks collided with rows of another message (same id).
         self._clashes: set[str] = set()
+        # Futures waiting for the backlog to drop to a level: (low, loop, future).
+        self._drain_lock = threading.Lock()
+        self._drain_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def wait_drained(self, low: int) -> asyncio.Future[None]:
+        """A future settled (on the caller's loop) once the backlog is at most ``low``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._drain_lock:
+            if self.pending_bytes <= low:
+                future.set_result(None)
+            else:
+                self._drain_waiters.append((low, loop, future))
+        return future
+
+    def _wake_drained(self) -> None:
+        """After a batch: settle the waiters whose level the backlog has reached."""
+        if not self._drain_waiters:
+            return
+        with self._drain_lock:
+            pending = self.pending_bytes
+            ready = [w for w in self._drain_waiters if pending <= w[0]]
+            self._drain_waiters = [w for w in self._drain_waiters if pending > w[0]]
+        for _, loop, future in ready:
+            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                loop.call_soon_threadsafe(_settle_drained, future)
 
     @property
     def pending_bytes(self) -> int:
@@ -422,6 +455,7 @@ class _WriterThread(threading.Thread):
         finally:
             self.done_bytes += body_bytes
         self._settle(outcomes)
+        self._wake_drained()
 
     def _insert_chunk(self, conn: sqlite3.Connection, op: _Chunk, *, track: bool) -> None:
         queue_id = op.queue_id
@@ -607,6 +641,13 @@ class SQLiteStore(Store):
         """Body bytes queued for the writer thread but not yet executed."""
         thread = self._thread
         return thread.pending_bytes if thread is not None else 0
+
+    def drained(self, low: int) -> asyncio.Future[None]:
+        """A future done once the writer thread's backlog is at most ``low``."""
+        thread = self._thread
+        if thread is None:
+            return super().drained(low)
+        return thread.wait_drained(low)
 
     @property
     def owner(self) -> str | None:
