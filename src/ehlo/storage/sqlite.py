@@ -341,6 +341,8 @@ class _WriterThread(threading.Thread):
             conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             self._use_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
+            # The writer only appends: a small page cache is enough (and bounds its memory).
+            conn.execute("PRAGMA cache_size=-1024")
             # After a checkpoint, cut the WAL back to this size.
             conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
