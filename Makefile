@@ -22,10 +22,10 @@ ifneq ($(shell cat $(STAMP) 2>/dev/null),$(CURDIR))
 .PHONY: $(STAMP)
 endif
 
-.PHONY: help setup run test test-deps lint fmt bench clean distclean
+.PHONY: help setup run test test-deps lint fmt bench fuzz clean distclean
 
 help:
-	@echo "targets: setup run test test-deps lint fmt bench clean distclean"
+	@echo "targets: setup run test test-deps lint fmt bench fuzz clean distclean"
 	@echo "  make run ARGS='--listen 127.0.0.1:2526'   make test PYTEST_ARGS='-k tls -x'"
 
 setup: $(STAMP)
@@ -65,6 +65,12 @@ fmt: setup
 bench: setup
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# Long fuzzing run of the protocol core (a few minutes); failing inputs are saved
+# as tests/fuzz/corpus/<target>/crash-*.bin. FUZZ_ARGS='--target server --seconds 600'.
+FUZZ_ARGS ?=
+fuzz: setup
+	$(BIN)/python scripts/fuzz.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis src/*.egg-info

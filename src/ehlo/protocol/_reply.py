@@ -109,7 +109,13 @@ class Reply:
         enhanced = None
         first = texts[0].split(" ", 1)[0]
         parts = first.split(".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(code)[0]:
+        # RFC 3463 section 2: class "." 1*3digit "." 1*3digit, ASCII digits.
+        if (
+            len(parts) == 3
+            and all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts)
+            and len(parts[0]) == 1
+            and parts[0] == str(code)[0]
+        ):
             enhanced = first
             texts = [t[len(first) + 1 :] if t.startswith(first) else t for t in texts]
         return cls(code, enhanced, texts)

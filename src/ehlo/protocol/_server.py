@@ -43,7 +43,7 @@ from ._events import (
 )
 from ._reply import Reply
 from ._state import IN_TRANSACTION, State, Transaction, sequence_error
-from ._syntax import SyntaxProblem, parse_params, parse_path, split_path
+from ._syntax import SyntaxProblem, _shown, parse_params, parse_path, split_path
 
 # Verbs of RFC 5321 and common extensions that ehlo recognises but does not
 # implement: 502 rather than 500 (RFC 5321 section 4.2.4).
@@ -76,6 +76,8 @@ _BARE_NEWLINE = Reply(
     554, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF"
 )
 _TEXT_LINE_TOO_LONG = Reply(554, "5.6.0", "Message contains a line longer than allowed")
+# Which body problem the reply names when there are several.
+_BODY_ERROR_RANK = {_TOO_LARGE: 0, _BARE_NEWLINE: 1, _TEXT_LINE_TOO_LONG: 2}
 _TLS_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
 _EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
 _AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
@@ -455,7 +457,7 @@ class ServerConnection:
             if owner is None:
                 # RFC 5321 section 4.1.1.11: 555 for unrecognised parameters.
                 raise SyntaxProblem(
-                    Reply(555, "5.5.4", f"{verb} parameter {name} not recognized")
+                    Reply(555, "5.5.4", f"{verb} parameter {_shown(name)} not recognized")
                 )
             if verb == "MAIL FROM":
                 refusal = owner.mail_param(name, value, tx)
@@ -635,7 +637,11 @@ class ServerConnection:
         self._data_ended = False
 
     def _body_fail(self, reply: Reply, reason: str) -> None:
-        if self._body_error is None:
+        # One reply whatever the order the problems were found in (which
+        # depends on how the stream was split): size, then bare newlines,
+        # then line length.
+        current = self._body_error
+        if current is None or _BODY_ERROR_RANK[reply] < _BODY_ERROR_RANK[current]:
             self._body_error = reply
             self._body_reason = reason
 
@@ -682,12 +688,13 @@ class ServerConnection:
         return event if event is not None else self._next_data()
 
     def _emit_body(self, chunk: bytes, ends_line: bool) -> DataChunk | None:
+        """Check and pass on one block of DATA; after a problem, keep checking, emit nothing."""
         self._at_line_start = ends_line
-        if self._body_error is not None:
-            return None  # swallowing the rest of a refused body
         limits = self.limits
         max_line = limits.max_text_line
-        if max_line and self._line_len + len(chunk) > max_line - 2:
+        if self._body_error is _TEXT_LINE_TOO_LONG:
+            pass  # already known: the line lengths no longer matter
+        elif max_line and self._line_len + len(chunk) > max_line - 2:
             # RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
             pieces = chunk.split(b"\r\n")
             if len(pieces) == 1:
@@ -703,8 +710,6 @@ class ServerConnection:
             self._line_len = 0
         else:
             self._line_len += len(chunk)
-        if self._body_error is not None:
-            return None
         if b"\r\n." in chunk:
             chunk = chunk.replace(b"\r\n.", b"\r\n")
         crlf = chunk.count(b"\r\n")
@@ -712,7 +717,7 @@ class ServerConnection:
             # RFC 5321 section 2.3.8: CR and LF only ever travel as CRLF.
             if limits.bare_newline == "reject":
                 self._body_fail(_BARE_NEWLINE, "bare CR or LF in DATA")
-                return None
+                return self._count_body(chunk)
             chunk = b"\r\n".join(
                 p.replace(b"\r", b"\n").replace(b"\n", b"\r\n") for p in chunk.split(b"\r\n")
             )
@@ -726,7 +731,8 @@ class ServerConnection:
         if limit and tx.size > limit:
             # RFC 1870 section 6.3: swallow the rest, then answer 552.
             self._body_fail(_TOO_LARGE, "message too large")
-            return None
+        if self._body_error is not None:
+            return None  # swallowing the rest of a refused body
         return DataChunk(chunk)
 
     def _finish_data(self) -> Event:

@@ -105,6 +105,9 @@ def is_domain(text: str, utf8: bool = False) -> bool:
     return True
 
 
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+
+
 def parse_address_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
     """Parse ``[IPv4]``, ``[IPv6:...]`` or ``[tag:content]`` (RFC 5321 section 4.1.3).
 
@@ -114,8 +117,12 @@ def parse_address_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Ad
         raise ValueError("not an address literal")
     inner = text[1:-1]
     if inner[:5].upper() == "IPV6:":
-        address = ipaddress.IPv6Address(inner[5:])
-        return address
+        body = inner[5:]
+        # RFC 5321 section 4.1.3: IPv6-addr has hex digits, ":" and "." only
+        # (Python's parser would also take a "%zone" suffix).
+        if not body or any(c not in _IPV6_CHARS for c in body):
+            raise ValueError("bad IPv6 address literal")
+        return ipaddress.IPv6Address(body)
     if ":" in inner:
         tag, _, content = inner.partition(":")
         # General-address-literal = Standardized-tag ":" 1*dcontent
@@ -237,6 +244,13 @@ def split_path(arg: str, prefix: str) -> tuple[str, str]:
     return path, params.strip(" ")
 
 
+def _shown(keyword: str) -> str:
+    """A parameter keyword as a reply quotes it: short enough that the line
+    stays within 512 octets (RFC 5321 section 4.5.3.1.5)."""
+    key = keyword.upper()
+    return key if len(key) <= 40 else key[:40] + "..."
+
+
 def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
     """Parse ``esmtp-param *(SP esmtp-param)``; keywords upper-cased.
 
@@ -254,13 +268,13 @@ def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
             raise _bad(501, "5.5.4", f"Bad parameter keyword: {keyword[:40]!r}")
         if eq:
             if not value:
-                raise _bad(501, "5.5.4", f"Empty value for parameter {keyword.upper()}")
+                raise _bad(501, "5.5.4", f"Empty value for parameter {_shown(keyword)}")
             for ch in value:
                 code = ord(ch)
                 if not (33 <= code <= 126 and ch != "=") and not (utf8 and code >= 0x80):
-                    raise _bad(501, "5.5.4", f"Bad value for parameter {keyword.upper()}")
+                    raise _bad(501, "5.5.4", f"Bad value for parameter {_shown(keyword)}")
         key = keyword.upper()
         if key in params:
-            raise _bad(501, "5.5.4", f"Parameter {key} given twice")
+            raise _bad(501, "5.5.4", f"Parameter {_shown(key)} given twice")
         params[key] = value if eq else None
     return params
