@@ -337,6 +337,7 @@ def test_memory_stays_bounded_under_hostile_input(serve: Callable[..., Serve]) -
 
     peak = server.status("VmHWM")
     growth_mib = (peak - baseline) / 1024
+    print(f"hostile input: RSS {baseline / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB")
     # A server holding any of those inputs whole would grow by 30-50 MiB or more.
     assert growth_mib < 20, f"peak RSS grew by {growth_mib:.1f} MiB"
     assert server.stop() == 0
@@ -370,6 +371,8 @@ def test_idle_connections_do_not_starve_a_real_client(serve: Callable[..., Serve
             assert refused == {} and code == 250
             assert elapsed < 1.0, f"the fresh transaction took {elapsed:.3f} s"
             per_connection_kib = (held - before) / 1000
+            print(f"1,000 idle: {per_connection_kib:.2f} KiB each; fresh transaction"
+                  f" {elapsed * 1000:.1f} ms")
             assert per_connection_kib < 20, per_connection_kib
             # Every idle connection is still open and answers.
             for sock in idle[::100]:
