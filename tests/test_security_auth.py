@@ -256,3 +256,19 @@ def test_swaks_tls_auth(
                 "--auth-user", "alice", "--auth-password", "not it")
     assert bad.returncode != 0
     assert any(text.startswith("535 5.7.8") for who, text in bad.lines if who == "S"), bad.output
+
+
+async def test_user_added_while_running_gets_auth(
+    start: Start, clients: list[Client], tmp_path: Path
+) -> None:
+    server = await start(reverse_dns=False, auth_failure_delay=0.0)
+    c = await connect(server, clients)
+    await c.ehlo()
+    await starttls(c)
+    r = await c.ehlo()
+    assert not any(line.startswith("AUTH") for line in r.lines)
+    # `ehlo users add` writes the users file of the running server's data folder.
+    UserStore(tmp_path / "data0").add("carol", "a new password")
+    r = await c.ehlo()
+    assert "AUTH PLAIN LOGIN" in r.lines, r
+    assert (await c.cmd(f"AUTH PLAIN {plain('carol', 'a new password')}")).code == 235

@@ -194,7 +194,7 @@ class ServerConfig:
     # Submission listeners (RFC 6409, port 587): AUTH is required before
     # MAIL (530 5.7.0), and an authenticated user may address any domain.
     submission: bool = False
-    # Offer AUTH when users exist (``ehlo users add``); in submission mode always.
+    # Offer AUTH whenever the users file (``ehlo users add``) holds a user.
     auth: bool = True
     # Failed AUTH attempts: each reply waits this many seconds (more with
     # each failure); after max_auth_failures from one client IP within

@@ -8,6 +8,7 @@ and checks the AUTH= parameter's syntax.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from ..protocol._reply import Reply
 from ..protocol._state import Transaction
@@ -25,9 +26,16 @@ class AuthExtension(Extension):
     verbs = frozenset({"AUTH"})
     mail_params = frozenset({"AUTH"})
 
-    def __init__(self, mechanisms: tuple[str, ...], plaintext: bool = False) -> None:
+    def __init__(
+        self,
+        mechanisms: tuple[str, ...],
+        plaintext: bool = False,
+        available: Callable[[], bool] | None = None,
+    ) -> None:
         self.mechanisms = tuple(m.upper() for m in mechanisms)
         self.plaintext = plaintext
+        # Asked at each EHLO: whether anyone can authenticate (users exist).
+        self.available = available
 
     def ehlo_line(self) -> str:
         return "AUTH " + " ".join(self.mechanisms)
@@ -35,7 +43,9 @@ class AuthExtension(Extension):
     def offered(self, facts: SessionFacts) -> bool:
         # RFC 4954 section 14 / RFC 4616 section 6: passwords travel only
         # inside TLS unless the operator explicitly allows otherwise.
-        return facts.tls_active or self.plaintext
+        if not (facts.tls_active or self.plaintext):
+            return False
+        return self.available is None or self.available()
 
     def mail_param(self, name: str, value: str | None, tx: Transaction) -> Reply | None:
         # RFC 4954 section 5: AUTH=<> or AUTH=xtext(mailbox); the value is

@@ -573,7 +573,10 @@ class ServerConnection:
             if (
                 self.greeting == "EHLO"
                 and not self.tls_active
-                and any(ext.keyword == "AUTH" for ext in self._extensions)
+                and any(
+                    ext.keyword == "AUTH" and ext.offered(SessionFacts(tls_active=True))
+                    for ext in self._extensions
+                )
             ):
                 # RFC 4954 section 6: 538 when the mechanism needs encryption.
                 return self._fault(_AUTH_NEEDS_TLS, "AUTH before TLS", "AUTH")

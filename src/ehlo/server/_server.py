@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Listen, ServerConfig
-from ..extensions import Extension, build_extensions
+from ..extensions import AuthExtension, Extension, build_extensions
 from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Store, open_store
@@ -70,6 +70,11 @@ class ServerContext:
         if limits is not config.limits:
             self.config = dataclasses.replace(config, limits=limits)
         self.extensions: tuple[Extension, ...] = build_extensions(self.config.limits)
+        if users is not None:
+            for ext in self.extensions:
+                if isinstance(ext, AuthExtension):
+                    # Users added or removed while the server runs count at the next EHLO.
+                    ext.available = lambda: len(users) > 0
         self.domains = frozenset(d.lower().rstrip(".") for d in config.domains)
         name = config.hostname
         self.banner = Reply(220, None, f"{name} ESMTP ehlo ready")
@@ -213,15 +218,13 @@ def _make_tls(config: ServerConfig) -> TLSContexts | None:
 
 
 def _open_users(config: ServerConfig) -> UserStore | None:
-    """The user database when AUTH is to be offered: users exist, or submission mode."""
+    """The user database (AUTH is offered whenever it holds a user)."""
     if not config.auth:
         return None
     from ..auth import UserStore
 
     users = UserStore(Path(config.data_dir))
-    if len(users) == 0 and not config.submission:
-        return None
-    if len(users) == 0:
+    if len(users) == 0 and config.submission:
         log.warning("submission mode without users: nobody can authenticate"
                     " (add one with `ehlo users add NAME`)")
     return users
