@@ -141,6 +141,40 @@ async def test_peek_answers_from_the_cache_only(server: DNSServer, clock: FakeCl
     assert server.count() == 2
 
 
+async def test_peek_ptr_of_an_ipv4_mapped_address(server: DNSServer, clock: FakeClock) -> None:
+    # As ptr() does: an IPv4-mapped IPv6 address is looked up as IPv4.
+    resolver = make_resolver(server, clock)
+    assert await resolver.ptr(f"::ffff:{MAIL_V4}") == ["mail.example.test"]
+    assert resolver.peek_ptr(MAIL_V4) == ["mail.example.test"]
+    assert resolver.peek_ptr(f"::ffff:{MAIL_V4}") == ["mail.example.test"]
+    await resolver.ptr(MAIL_V6)
+    assert resolver.peek_ptr(MAIL_V6.upper()) == ["mail.example.test"]
+    assert resolver.peek_ptr("not an address") is None
+    assert server.count() == 2
+
+
+async def test_remaining_is_the_ttl_left(server: DNSServer, clock: FakeClock) -> None:
+    resolver = make_resolver(server, clock)
+    assert resolver.remaining("mail.example.test", "A") is None
+    assert resolver.remaining_ptr(MAIL_V4) is None
+    await resolver.lookup("mail.example.test", "A")
+    await resolver.lookup("nx.example.test", "A")
+    await resolver.ptr(MAIL_V4)
+    assert resolver.remaining("Mail.Example.Test.", "a") == server.ttl
+    assert resolver.remaining_ptr(MAIL_V4) == server.ttl
+    assert resolver.remaining_ptr(f"::ffff:{MAIL_V4}") == server.ttl
+    assert resolver.remaining("nx.example.test", "A") == server.negative_ttl  # RFC 2308
+    clock.advance(100)
+    assert resolver.remaining("mail.example.test", "A") == server.ttl - 100
+    assert resolver.remaining("mail.example.test", "AAAA") is None  # never asked
+    assert resolver.remaining("bad..name", "A") is None
+    assert resolver.remaining_ptr("not an address") is None
+    clock.advance(server.ttl)
+    assert resolver.remaining("mail.example.test", "A") is None
+    assert resolver.remaining_ptr(MAIL_V4) is None
+    assert server.count() == 3  # remaining() never queries
+
+
 async def test_negative_answers_cached(server: DNSServer, clock: FakeClock) -> None:
     resolver = make_resolver(server, clock)
     for _ in range(3):

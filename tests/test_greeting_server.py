@@ -9,7 +9,7 @@ case has its own client IP (and its own PTR record). Client addresses used
  2-6 record policy   7 headers after checks   8-10, 15 policy actions
  16, 25, 26, 27, 38 stages   17-24, 30 headers   28 trusted   29 envelope
  31-33 timing, BDAT   34 consistent   35 per-session cap   36-37 strict
- 39 RFC 8601 grammar   40-59 cache   ::1 IPv6
+ 39 RFC 8601 grammar   40-59 cache   61-62 report cache   ::1 IPv6
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pytest
 
 from ehlo import Listen, Server, ServerConfig
 from ehlo.config import GreetingConfig
+from ehlo.dns import DNSCache
 from ehlo.greeting import CHECKS, RESULTS
 
 from . import greeting_zone as zone
@@ -717,6 +718,71 @@ async def test_cache_one_query_for_100_sessions(tmp_path: Path, greeting_dns: DN
     # One query for the name's A record, shared by every session, within the TTL.
     assert greeting_dns.count(name, "A") == 1
     assert greeting_dns.count(name, "TXT") == 1
+
+
+def _cache_host(dns: DNSServer, n: int) -> str:
+    """A name for ``ip(n)`` (beyond the zone's own): A, SPF ``a -all`` and a PTR back."""
+    name = f"h{n}.cache.test"
+    dns.set_records(name, "A", [ip(n)])
+    dns.set_records(name, "TXT", ['"v=spf1 a -all"'])
+    dns.set_records(DNSServer.reverse(ip(n)), "PTR", [name + "."])
+    return name
+
+
+async def test_report_cache_serves_a_returning_client(
+    tmp_path: Path, greeting_dns: DNSServer
+) -> None:
+    n = 61
+    name = _cache_host(greeting_dns, n)
+    cfg = config(tmp_path, greeting_dns, **COLLECT, dns_timeout=3.0)
+    async with Server(cfg) as server:
+        resolver = server.ctx.resolver
+        resolver.cache = DNSCache()  # answers of this test only
+        async with connect(server, ip(n)) as c:
+            first = await deliver(c, f"EHLO {name}")
+        # No DNS answer is left to use: the next session's checks come from the report cache.
+        resolver.cache.clear()
+        greeting_dns.clear_queries()
+        async with connect(server, ip(n)) as c:
+            second = await deliver(c, f"EHLO {name}")
+        assert greeting_dns.count() == 0
+        fields1, _, envelope1 = stored(server, first)
+        fields2, _, envelope2 = stored(server, second)
+    checks = envelope2["greeting_checks"]
+    assert checks == envelope1["greeting_checks"]
+    assert {c: checks[c]["result"] for c in ("forward_match", "iprev", "spf_helo")} == {
+        "forward_match": "pass", "iprev": "pass", "spf_helo": "pass"
+    }
+    assert checks["consistent"]["result"] == "none"
+    assert envelope2["greeting_verdict"] == envelope1["greeting_verdict"]
+    assert fields2[1] == fields1[1]  # the same Authentication-Results
+    assert parse_received(fields2[0])["name"] == name
+
+
+async def test_report_cache_keeps_consistent_per_greeting(
+    tmp_path: Path, greeting_dns: DNSServer
+) -> None:
+    n = 62
+    name = _cache_host(greeting_dns, n)
+    async with Server(config(tmp_path, greeting_dns, **COLLECT, dns_timeout=3.0)) as server:
+
+        async def session(*names: str) -> dict[str, Any]:
+            async with connect(server, ip(n)) as c:
+                for earlier in names[:-1]:
+                    assert (await c.last(f"EHLO {earlier}")).startswith("250 ")
+                queue_id = await deliver(c, f"EHLO {names[-1]}")
+            return dict(stored(server, queue_id)[2]["greeting_checks"]["consistent"])
+
+        assert (await session(name))["result"] == "none"
+        for _ in range(2):  # computed, then served from the cache
+            again = await session(name, name)
+            assert again == {"result": "pass", "reason": "repeats the earlier greeting",
+                             "evidence": {"previous": [name]}}
+            changed = await session(name, zone.MISMATCH)
+            assert changed["result"] == "fail"
+            assert changed["evidence"] == {"previous": [name]}
+            first_only = await session(zone.MISMATCH)
+            assert first_only["result"] == "none"
 
 
 # ------------------------------------------------------------------- IPv6

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import logging
 import threading
@@ -123,6 +124,15 @@ class DNSCache:
                 return None
             self._entries.move_to_end(key)
             return values
+
+    def remaining(self, key: CacheKey) -> float | None:
+        """Seconds until the entry for ``key`` expires, or ``None`` when absent or expired."""
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None:
+            return None
+        left = entry[0] - self._clock()
+        return left if left > 0 else None
 
     def put(self, key: CacheKey, values: CacheValue, ttl: float) -> None:
         """Keep ``values`` for ``ttl`` seconds (capped at ``max_ttl``; 0 or less: not kept)."""
@@ -284,26 +294,51 @@ class Resolver:
         results = await asyncio.gather(*(self._lookup(qname, rdtype) for rdtype in rdtypes))
         return list(dict.fromkeys(value for result in results for value in result.values))
 
+    def _cache_key(self, name: str, rdtype: str) -> CacheKey | None:
+        """The cache key ``lookup`` uses for a plain ASCII name (None for other names)."""
+        if not name.isascii() or "\\" in name:
+            return None
+        return (self._identity, rdtype.upper(), name.strip().lower().rstrip(".") + ".")
+
     def peek(self, name: str, rdtype: str) -> Lookup | None:
         """The cached answer for ``name`` and ``rdtype`` if there is one; never queries.
 
         Only plain ASCII names are looked up this way (others return None and
         go through ``lookup``), so that the key is the one ``lookup`` uses.
         """
-        if not name.isascii() or "\\" in name:
+        key = self._cache_key(name, rdtype)
+        if key is None:
             return None
-        key = (self._identity, rdtype.upper(), name.strip().lower().rstrip(".") + ".")
         cached = self.cache.get(key)
         return cached if isinstance(cached, Lookup) else None
 
     def peek_ptr(self, ip: str) -> list[str] | None:
         """The cached PTR names of ``ip``, if cached; never queries."""
-        try:
-            qname = dns.reversename.from_address(str(ipaddress.ip_address(ip)))
-        except ValueError:
+        qname = _reverse_text(ip)
+        if qname is None:
             return None
-        found = self.peek(qname.to_text(), "PTR")
+        found = self.peek(qname, "PTR")
         return None if found is None else list(found.values)
+
+    def remaining(self, name: str, rdtype: str) -> float | None:
+        """Seconds the cached answer for ``name`` and ``rdtype`` is still kept (its TTL left).
+
+        ``None`` when no answer is cached (or ``name`` is not a DNS name); never queries.
+        """
+        key = self._cache_key(name, rdtype)
+        if key is None:
+            try:
+                qname = dns.name.from_text(name.strip())
+                kind = dns.rdatatype.to_text(dns.rdatatype.from_text(rdtype))
+            except dns.exception.DNSException:
+                return None
+            key = (self._identity, kind, qname.to_text().lower())
+        return self.cache.remaining(key)
+
+    def remaining_ptr(self, ip: str) -> float | None:
+        """As ``remaining``, for the PTR names of ``ip``."""
+        qname = _reverse_text(ip)
+        return None if qname is None else self.remaining(qname, "PTR")
 
     async def lookup(self, name: str, rdtype: str) -> Lookup:
         """Records of one type for ``name`` (A, AAAA, MX, TXT, PTR, CNAME ...).
@@ -377,6 +412,19 @@ class Resolver:
         result = Lookup(name, kind, values, cnames)
         self.cache.put(key, result, ttl)
         return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _reverse_text(ip: str) -> str | None:
+    """The reverse name ``ptr`` asks for ``ip`` (IPv4-mapped as IPv4), with the final dot."""
+    # RFC 1035 section 3.5 (in-addr.arpa) and RFC 3596 section 2.5 (ip6.arpa).
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.reverse_pointer + "."
 
 
 def _rdata_text(rdata: object) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -82,18 +83,51 @@ class Greeting:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GreetingReport:
-    """All check results of one greeting."""
+    """All check results of one greeting.
+
+    A report is not changed once made, so its derived forms (the JSON form,
+    the Authentication-Results header per authserv-id) are computed once and
+    kept on it: a report served from the verifier's cache costs nothing more
+    per message. The structures returned share their inner objects with the
+    report; treat them as read-only.
+    """
 
     greeting: Greeting
     results: dict[str, CheckResult]
     queries: int = 0  # DNS lookups asked (cache hits included)
+    _json: dict[str, Any] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _headers: dict[str, bytes] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __getitem__(self, check: str) -> CheckResult:
         return self.results[check]
 
     def to_json(self) -> dict[str, Any]:
         """``{check: {"result", "reason", "evidence"}}`` in check order."""
-        return {name: self.results[name].to_json() for name in CHECKS if name in self.results}
+        cached = self._json
+        if cached is None:
+            cached = {name: self.results[name].to_json() for name in CHECKS if name in self.results}
+            object.__setattr__(self, "_json", cached)
+        return dict(cached)
+
+    def header(self, authserv_id: str, render: Callable[[GreetingReport, str], bytes]) -> bytes:
+        """``render(self, authserv_id)``, computed once per authserv-id."""
+        headers = self._headers
+        if headers is None:
+            headers = {}
+            object.__setattr__(self, "_headers", headers)
+        found = headers.get(authserv_id)
+        if found is None:
+            found = headers[authserv_id] = render(self, authserv_id)
+        return found
+
+    @property
+    def has_temperror(self) -> bool:
+        """True when some check could not be completed for now."""
+        return any(r.result == "temperror" for r in self.results.values())
 
     @property
     def verified_ptr(self) -> str | None:
@@ -110,44 +144,66 @@ class QueryLimitError(DNSTempError):
 
 
 class CappedResolver:
-    """A resolver view that allows at most ``limit`` lookups (cache hits count too)."""
+    """A resolver view that allows at most ``limit`` lookups (cache hits count too).
+
+    ``asked`` lists the lookups let through, in order: ``(name, rdtype)``, or
+    ``(ip, None)`` for the PTR names of an address.
+    """
 
     def __init__(self, resolver: Resolver, limit: int) -> None:
         self.resolver = resolver
         self.limit = limit
         self.used = 0
+        self.asked: list[tuple[str, str | None]] = []
 
-    def _spend(self, what: str) -> None:
+    def _spend(self, name: str, rdtype: str | None) -> None:
         if self.used >= self.limit:
+            what = f"PTR {name}" if rdtype is None else f"{name} {rdtype}"
             raise QueryLimitError(f"DNS query limit of {self.limit} per session reached ({what})")
         self.used += 1
+        self.asked.append((name, rdtype))
 
     async def lookup(self, name: str, rdtype: str) -> Lookup:
         """As ``Resolver.lookup``, counted against the cap."""
-        self._spend(f"{name} {rdtype}")
+        self._spend(name, rdtype)
         return await self.resolver.lookup(name, rdtype)
 
     async def ptr(self, ip: str) -> list[str]:
         """As ``Resolver.ptr``, counted against the cap."""
-        self._spend(f"PTR {ip}")
+        self._spend(ip, None)
         return await self.resolver.ptr(ip)
 
     def peek(self, name: str, rdtype: str) -> Lookup | None:
         """A cached answer (counted against the cap when there is one)."""
         found = self.resolver.peek(name, rdtype)
         if found is not None:
-            self._spend(f"{name} {rdtype}")
+            self._spend(name, rdtype)
         return found
 
     def peek_ptr(self, ip: str) -> list[str] | None:
         """Cached PTR names (counted against the cap when there are some)."""
         found = self.resolver.peek_ptr(ip)
         if found is not None:
-            self._spend(f"PTR {ip}")
+            self._spend(ip, None)
         return found
 
+    def fresh_for(self, asked: Sequence[tuple[str, str | None]]) -> float:
+        """Seconds every answer of ``asked`` stays in the resolver's cache (0: one is gone)."""
+        left = float("inf")
+        for name, rdtype in asked:
+            if rdtype is None:
+                remaining = self.resolver.remaining_ptr(name)
+            else:
+                remaining = self.resolver.remaining(name, rdtype)
+            if remaining is None:
+                return 0.0
+            left = min(left, remaining)
+        return left
 
+
+@functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> IPAddress:
+    # Parsed once per text: the same addresses come back run after run.
     address = ipaddress.ip_address(text)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
@@ -203,6 +259,8 @@ class _Run:
         self.name = _norm(greeting.name)
         self._memo: dict[tuple[str, str], asyncio.Future[Lookup]] = {}
         self._ptr: asyncio.Future[list[str]] | None = None
+        # When a kept SPF outcome used by this run is dropped (time.monotonic()).
+        self.spf_expires: float | None = None
 
     def lookup(self, name: str, rdtype: str) -> Awaitable[Lookup]:
         key = (_norm(name), rdtype)
@@ -424,6 +482,7 @@ async def check_not_us(run: _Run) -> CheckResult:
     return _result("not_us", "pass", "is not one of our names")
 
 
+@functools.lru_cache(maxsize=256)
 def _valid_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -447,13 +506,14 @@ async def check_spf_helo(run: _Run) -> CheckResult:
     now = time.monotonic()
     cached = _SPF_RESULTS.get(key)
     if cached is not None and cached[0] > now:
-        outcome = cached[1]
+        run.spf_expires, outcome = cached
     else:
         outcome = await spf_helo(run.resolver, str(run.client), run.name)  # type: ignore[arg-type]
         if outcome.result != "temperror":
             # A finished evaluation is kept briefly: SPF needs a worker thread
             # and several lookups, and a busy client greets many times a minute.
-            _SPF_RESULTS[key] = (now + SPF_RESULT_TTL, outcome)
+            run.spf_expires = now + SPF_RESULT_TTL
+            _SPF_RESULTS[key] = (run.spf_expires, outcome)
             _SPF_RESULTS.move_to_end(key)
             while len(_SPF_RESULTS) > _SPF_RESULTS_MAX:
                 _SPF_RESULTS.popitem(last=False)
@@ -538,16 +598,49 @@ async def run_checks(
     one that raises unexpectedly is a ``temperror`` too, with the error as its
     reason: a failing check never becomes a pass.
     """
+    report, _ = await _run_checks(greeting, resolver, checks, max_queries, timeout, False)
+    return report
+
+
+async def run_checks_fresh_for(
+    greeting: Greeting,
+    resolver: Resolver | CappedResolver,
+    *,
+    checks: Sequence[str] = CHECKS,
+    max_queries: int = 50,
+    timeout: float = 10.0,
+) -> tuple[GreetingReport, float]:
+    """As ``run_checks``, with how long the report stays true, in seconds.
+
+    That is as long as every DNS answer it used stays in the resolver's cache
+    (their TTLs) and the SPF outcome it used is kept; 0 when one of them is
+    not cached, and for a report with a ``temperror``.
+    """
+    return await _run_checks(greeting, resolver, checks, max_queries, timeout, True)
+
+
+async def _run_checks(
+    greeting: Greeting,
+    resolver: Resolver | CappedResolver,
+    checks: Sequence[str],
+    max_queries: int,
+    timeout: float,
+    lifetime: bool,
+) -> tuple[GreetingReport, float]:
     # A CappedResolver passed in carries a budget across runs (one per session).
     capped = resolver if isinstance(resolver, CappedResolver) else CappedResolver(
         resolver, max_queries
     )
     spent = capped.used
+    first_asked = len(capped.asked)
     run = _Run(greeting, capped)
     names = [c for c in CHECKS if c in checks]
 
     async def one(name: str) -> CheckResult:
         try:
+            if name in _LOCAL_CHECKS:
+                # Never suspends, so a timeout could not interrupt it.
+                return await CHECK_FUNCTIONS[name](run)
             async with asyncio.timeout(timeout):
                 return await CHECK_FUNCTIONS[name](run)
         except TimeoutError:
@@ -568,4 +661,10 @@ async def run_checks(
             fut.exception()  # retrieved: no "never retrieved" warnings
     if run._ptr is not None and run._ptr.done() and not run._ptr.cancelled():
         run._ptr.exception()
-    return GreetingReport(greeting, {r.name: r for r in results}, capped.used - spent)
+    report = GreetingReport(greeting, {r.name: r for r in results}, capped.used - spent)
+    if not lifetime or report.has_temperror:
+        return report, 0.0
+    fresh_for = capped.fresh_for(capped.asked[first_asked:])
+    if run.spf_expires is not None:
+        fresh_for = min(fresh_for, run.spf_expires - time.monotonic())
+    return report, max(fresh_for, 0.0)

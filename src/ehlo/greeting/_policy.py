@@ -94,6 +94,11 @@ class GreetingPolicy:
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_queries: int = 50  # DNS lookups per session
     timeout: float = 10.0  # seconds for all checks of one greeting
+    # Derived from the modes once (a policy does not change): asked per command.
+    _enabled: tuple[str, ...] = dataclasses.field(
+        default=(), init=False, repr=False, compare=False
+    )
+    _enforcing: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> GreetingPolicy:
@@ -114,6 +119,11 @@ class GreetingPolicy:
                 raise ValueError(f"greeting check {check} is recorded only (off or record)")
         if self.stage not in STAGES:
             raise ValueError(f"greeting policy stage must be one of {STAGES}")
+        modes = [(c, self.mode(c)) for c in CHECKS]
+        object.__setattr__(self, "_enabled", tuple(c for c, mode in modes if mode != "off"))
+        object.__setattr__(
+            self, "_enforcing", any(mode in ("defer", "reject") for _, mode in modes)
+        )
 
     def mode(self, check: str) -> Mode:
         """The mode of ``check`` (record when not configured)."""
@@ -122,15 +132,17 @@ class GreetingPolicy:
     @property
     def enabled_checks(self) -> tuple[str, ...]:
         """Checks that run (mode other than off)."""
-        return tuple(c for c in CHECKS if self.mode(c) != "off")
+        return self._enabled
 
     @property
     def enforcing(self) -> bool:
         """True when some check can defer or reject."""
-        return any(self.mode(c) in ("defer", "reject") for c in CHECKS)
+        return self._enforcing
 
     def trusted(self, client_ip: str) -> bool:
         """True when the client is in a trusted network (the checks are skipped)."""
+        if not self.trusted_networks:
+            return False
         try:
             address = ipaddress.ip_address(client_ip)
         except ValueError:

@@ -47,7 +47,15 @@ def _comment(text: str) -> str:
 
 
 def authentication_results(report: GreetingReport, authserv_id: str) -> bytes:
-    """One Authentication-Results header for ``report``, folded, CRLF-terminated."""
+    """One Authentication-Results header for ``report``, folded, CRLF-terminated.
+
+    The header is a function of the report and ``authserv_id`` only, so it is
+    rendered once per report and authserv-id and kept on the report.
+    """
+    return report.header(authserv_id, _render)
+
+
+def _render(report: GreetingReport, authserv_id: str) -> bytes:
     greeting = report.greeting
     helo = _pvalue(greeting.name)
     parts: list[str] = []
