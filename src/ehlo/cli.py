@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .auth.cli import add_users_command
-from .client.cli import add_client_commands
 from .config import ConfigError, Listen, ServerConfig, load_config, read_config_file
 from .log import configure_logging
 from .storage import StoreError
@@ -81,6 +79,10 @@ _GREETING_LABELS = {
     "greeting.stage": "--helo-stage",
     "greeting.trusted_networks": "--trusted-network",
 }
+
+
+# Commands that need neither the client nor the user database.
+_SERVER_COMMANDS = frozenset({"serve", "check-helo", "messages"})
 
 
 class Failure(Exception):
@@ -192,8 +194,13 @@ def _store_options(parser: argparse.ArgumentParser, *, kinds: Sequence[str]) -> 
     parser.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ehlo`` argument parser (exposed for documentation and tests)."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``ehlo`` argument parser (exposed for documentation and tests).
+
+    With ``command`` ("serve", "messages", ...), the parsers of the client
+    and user commands are left out unless it is one of them, so that a
+    server process does not load the SMTP client or the password hashing.
+    """
     parser = _Parser(
         prog=PROG,
         description="An ESMTP mail server that keeps what it receives.",
@@ -340,8 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     form.add_argument("--json", action="store_true", help="the envelope as JSON")
     show.set_defaults(func=_show)
     messages.set_defaults(func=lambda _args: _usage(messages, "choose list or show"))
-    add_client_commands(commands)
-    add_users_command(commands)
+    if command is None or command in ("send", "probe"):
+        from .client.cli import add_client_commands
+
+        add_client_commands(commands)
+    if command is None or command == "users":
+        from .auth.cli import add_users_command
+
+        add_users_command(commands)
     parser.set_defaults(
         func=lambda _args: _usage(
             parser, "choose a command: serve, check-helo, messages, users, send, probe"
@@ -933,7 +946,9 @@ def _error(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``ehlo`` command line; return the exit status."""
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    first = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(first if first in _SERVER_COMMANDS else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors

@@ -10,29 +10,52 @@ future policy service) use it as it is.
 
 from __future__ import annotations
 
-from ._checks import (
-    CHECKS,
-    RESULTS,
-    CappedResolver,
-    CheckResult,
-    Greeting,
-    GreetingReport,
-    QueryLimitError,
-    run_checks,
-    syntax_problem,
-)
-from ._policy import (
-    MODES,
-    PRESETS,
-    RECORD_ONLY,
-    STAGES,
-    Decision,
-    GreetingPolicy,
-    Mode,
-    preset_modes,
-)
-from ._verifier import GreetingVerifier
-from .authres import authentication_results
+from typing import TYPE_CHECKING, Any
+
+from ._names import CHECKS, MODES, PRESETS, RECORD_ONLY, RESULTS, STAGES, Mode
+
+if TYPE_CHECKING:
+    from ._checks import (
+        CappedResolver,
+        CheckResult,
+        Greeting,
+        GreetingReport,
+        QueryLimitError,
+        run_checks,
+        syntax_problem,
+    )
+    from ._policy import Decision, GreetingPolicy, preset_modes
+    from ._verifier import GreetingVerifier
+    from .authres import authentication_results
+
+# The checks bring dnspython, pyspf and the PSL: loaded on first use of a
+# name below, so that configuration can use the constants above without them.
+_LAZY = {
+    "CappedResolver": "_checks",
+    "CheckResult": "_checks",
+    "Greeting": "_checks",
+    "GreetingReport": "_checks",
+    "QueryLimitError": "_checks",
+    "run_checks": "_checks",
+    "syntax_problem": "_checks",
+    "Decision": "_policy",
+    "GreetingPolicy": "_policy",
+    "preset_modes": "_policy",
+    "GreetingVerifier": "_verifier",
+    "authentication_results": "authres",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CHECKS",

@@ -20,31 +20,14 @@ import ipaddress
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from ..dns import DNSTempError, Lookup, Resolver
 from ..protocol import is_domain, parse_address_literal
+from ._names import CHECKS, Result
 from .dynamic import looks_dynamic
 from .psl import registered_domain
 from .spf import SpfOutcome, spf_helo
-
-Result = Literal["pass", "fail", "none", "temperror", "permerror"]
-RESULTS: tuple[Result, ...] = ("pass", "fail", "none", "temperror", "permerror")
-
-CHECKS: tuple[str, ...] = (
-    "syntax",
-    "fqdn",
-    "literal_match",
-    "resolves",
-    "forward_match",
-    "iprev",
-    "ptr_match",
-    "not_us",
-    "spf_helo",
-    "dynamic",
-    "consistent",
-)
-"""Every check, in the order they are reported and their verdicts weighed."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

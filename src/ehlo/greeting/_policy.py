@@ -22,20 +22,15 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from collections.abc import Mapping
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..protocol import Reply
-from ._checks import CHECKS, GreetingReport
+from ._names import CHECKS, MODES, PRESETS, RECORD_ONLY, STAGES, Mode, Preset, Stage
 
-Mode = Literal["off", "record", "defer", "reject"]
-MODES: tuple[Mode, ...] = ("off", "record", "defer", "reject")
-Stage = Literal["helo", "mail", "rcpt", "data"]
-STAGES: tuple[Stage, ...] = ("helo", "mail", "rcpt", "data")
-Preset = Literal["off", "record", "strict"]
-PRESETS: tuple[Preset, ...] = ("off", "record", "strict")
+if TYPE_CHECKING:
+    from ._checks import GreetingReport
 
-# Checks whose result is information only: they never refuse.
-RECORD_ONLY = frozenset({"dynamic"})
+__all__ = ["MODES", "PRESETS", "RECORD_ONLY", "STAGES", "Mode", "Preset", "Stage"]
 
 _STRICT: dict[str, Mode] = {
     "syntax": "reject",

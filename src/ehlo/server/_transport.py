@@ -31,8 +31,8 @@ log = logging.getLogger("ehlo.session")
 _MAX_BUFFERED = 256 * 1024
 # Pause reading message bodies while the store has this much left to write;
 # read again once the writer is down to _STORE_LOW (it says when).
-_STORE_HIGH = 4 * 1024 * 1024
-_STORE_LOW = 1024 * 1024
+_STORE_HIGH = 2 * 1024 * 1024
+_STORE_LOW = 512 * 1024
 _TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 _SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 _LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
