@@ -201,6 +201,19 @@ async def test_ten_thousand_pipelined_commands_in_one_write(
     assert (await c.cmd("NOOP")).code == 250
 
 
+async def test_bdat_chunk_over_the_size_limit(start: Start, clients: list[Client]) -> None:
+    server = await start(max_message_size=10_000)
+    c = await connect(server, clients)
+    await c.ehlo()
+    assert (await c.cmd("MAIL FROM:<a@example.net>")).code == 250
+    assert (await c.cmd("RCPT TO:<b@example.org>")).code == 250
+    # RFC 3030 section 2: the chunk is read whole, then refused (RFC 1870: 552).
+    c.send(b"BDAT 30000 LAST\r\n" + b"x" * 30_000)
+    assert codes([await c.reply()]) == [(552, "5.3.4")]
+    assert server.store.list() == []
+    assert codes([await c.cmd("NOOP")]) == [(250, "2.0.0")]
+
+
 # -------------------------------------------- memory and idle connections
 
 
