@@ -31,7 +31,7 @@ from ehlo.storage import (
     StoreError,
     open_store,
 )
-from ehlo.storage.base import HeaderSniffer, extract_subject
+from ehlo.storage.base import HeaderSniffer, JSONText, extract_subject
 
 KINDS = ["sqlite", "maildir"]
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -156,6 +156,24 @@ async def test_envelope_round_trip(store: Store) -> None:
         assert key in data
     assert data["id"] == queue_id and data["tls"]["version"] == "TLSv1.3"
     assert json.loads(json.dumps(data)) == data
+
+
+async def test_extra_given_as_json_text_is_stored_as_its_value(store: Store) -> None:
+    checks = {"syntax": {"result": "pass", "reason": "ok \u00e9", "evidence": {}}}
+    envelope = make_envelope(
+        extra={
+            "greeting_checks": JSONText(json.dumps(checks, ensure_ascii=False)),
+            "violations": ["pipelining"],
+            "note": {"x": 1},
+        }
+    )
+    queue_id = await deliver(store, b"Subject: j\r\n\r\nbody\r\n", envelope)
+    stored = store.get(queue_id)
+    assert stored is not None
+    assert stored.envelope.extra == {
+        "greeting_checks": checks, "violations": ["pipelining"], "note": {"x": 1}}
+    data = envelope.to_json()
+    assert data["greeting_checks"] == checks and data["extra"] == {"note": {"x": 1}}
 
 
 async def test_envelope_completed_before_commit_is_stored(store: Store) -> None:

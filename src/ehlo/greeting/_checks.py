@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import functools
 import ipaddress
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -84,6 +85,9 @@ class GreetingReport:
     _headers: dict[str, bytes] | None = dataclasses.field(
         default=None, init=False, repr=False, compare=False
     )
+    _json_text: str | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __getitem__(self, check: str) -> CheckResult:
         return self.results[check]
@@ -95,6 +99,16 @@ class GreetingReport:
             cached = {name: self.results[name].to_json() for name in CHECKS if name in self.results}
             object.__setattr__(self, "_json", cached)
         return dict(cached)
+
+    def json_text(self) -> str:
+        """``to_json()`` serialised (compact, UTF-8 kept), computed once."""
+        text = self._json_text
+        if text is None:
+            text = json.dumps(
+                self.to_json(), ensure_ascii=False, separators=(",", ":"), default=str
+            )
+            object.__setattr__(self, "_json_text", text)
+        return text
 
     def header(self, authserv_id: str, render: Callable[[GreetingReport, str], bytes]) -> bytes:
         """``render(self, authserv_id)``, computed once per authserv-id."""

@@ -42,6 +42,7 @@ from ..protocol import (
     Vrfy,
 )
 from ..storage import Envelope, MessageWriter, StoreError
+from ..storage.base import JSONText
 from .received import protocol_keyword, received_header
 
 if TYPE_CHECKING:
@@ -460,7 +461,7 @@ class Session:
         if self.violations:
             envelope.extra["violations"] = list(dict.fromkeys(self.violations))
         if report is not None:
-            envelope.extra["greeting_checks"] = report.to_json()
+            envelope.extra["greeting_checks"] = JSONText(report.json_text())
             if self.decision is not None:
                 envelope.extra["greeting_verdict"] = self.decision.to_json()
             # With the checks run, the header names the verified PTR name only.

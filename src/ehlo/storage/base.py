@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import datetime as _dt
 import email.header
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,21 @@ class StoreError(Exception):
     The session answers 451 4.3.0 to the client: the message is not lost,
     the client keeps it and retries later.
     """
+
+
+class JSONText(str):
+    """A value of ``Envelope.extra`` that is JSON text already (a report
+    serialised once and stored as it is for every message it applies to)."""
+
+    __slots__ = ()
+
+    def value(self) -> Any:
+        """The JSON value it holds."""
+        return json.loads(self)
+
+
+def _plain(value: Any) -> Any:
+    return value.value() if isinstance(value, JSONText) else value
 
 
 # Keys of ``Envelope.extra`` shown at the top level of ``to_json``.
@@ -70,9 +86,9 @@ class Envelope:
             "protocol": self.protocol,
             "server_name": self.server_name,
             # Greeting verification results are first-class keys of the envelope.
-            **{key: self.extra[key] for key in PROMOTED_EXTRA if key in self.extra},
+            **{key: _plain(self.extra[key]) for key in PROMOTED_EXTRA if key in self.extra},
             **({"extra": rest} if (rest := {
-                k: v for k, v in self.extra.items() if k not in PROMOTED_EXTRA
+                k: _plain(v) for k, v in self.extra.items() if k not in PROMOTED_EXTRA
             }) else {}),
         }
 

@@ -56,6 +56,7 @@ from ..ids import new_queue_id
 from .base import (
     Envelope,
     HeaderSniffer,
+    JSONText,
     MessageWriter,
     Store,
     StoredMessage,
@@ -159,6 +160,17 @@ def _utc_text(moment: _dt.datetime) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _dumps_extra(extra: dict[str, Any]) -> str:
+    """``_dumps(extra)``, with :class:`JSONText` values put in as they are."""
+    ready = [(k, v) for k, v in extra.items() if isinstance(v, JSONText)]
+    if not ready:
+        return _dumps(extra)
+    rest = _dumps({k: v for k, v in extra.items() if not isinstance(v, JSONText)})
+    parts = [rest[1:-1]] if rest != "{}" else []
+    parts += [f"{_dumps(k)}:{v}" for k, v in ready]
+    return "{" + ",".join(parts) + "}"
 
 
 def _resolve(items: list[tuple[asyncio.Future[str], str | BaseException]]) -> None:
@@ -599,7 +611,7 @@ class SQLiteWriter(MessageWriter):
             _dumps(env.tls) if env.tls else None,
             env.protocol,
             env.server_name,
-            _dumps(env.extra),
+            _dumps_extra(env.extra),
             self._size,
             self._head.subject(),
         )
