@@ -106,6 +106,40 @@ def _not_offered(verb: str) -> Reply:
 class ServerConnection:
     """One SMTP server session as a pure state machine (see module docstring)."""
 
+    __slots__ = (
+        "_at_line_start",
+        "_bdat_last",
+        "_bdat_refusal",
+        "_bdat_remaining",
+        "_bdat_return",
+        "_body_error",
+        "_body_reason",
+        "_buf",
+        "_data_ended",
+        "_discard_line",
+        "_enhanced",
+        "_extensions",
+        "_line_len",
+        "_mail_params",
+        "_out",
+        "_pending",
+        "_pipelining",
+        "_proposed",
+        "_rcpt_params",
+        "_utf8",
+        "_verbs",
+        "authenticated",
+        "discarded_after_starttls",
+        "errors",
+        "greeting",
+        "greeting_name",
+        "limits",
+        "pipelining_violation",
+        "state",
+        "tls_active",
+        "transaction",
+    )
+
     def __init__(
         self,
         limits: ProtocolLimits | None = None,

@@ -83,6 +83,32 @@ _HELP = Reply(
 class Session:
     """Decisions for one connection; see the module docstring."""
 
+    __slots__ = (
+        "_checks",
+        "_dns_budget",
+        "_greeting_names",
+        "_junk",
+        "_rdns",
+        "_sasl",
+        "_store_failed",
+        "auth_mechanism",
+        "auth_user",
+        "client_ip",
+        "client_name",
+        "client_port",
+        "conn",
+        "ctx",
+        "decision",
+        "envelope",
+        "messages",
+        "peer",
+        "report",
+        "started",
+        "tls",
+        "violations",
+        "writer",
+    )
+
     def __init__(
         self,
         ctx: ServerContext,

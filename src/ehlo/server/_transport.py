@@ -47,6 +47,27 @@ _PIPELINING = Reply(
 class SMTPServerProtocol(asyncio.Protocol):
     """One accepted connection."""
 
+    __slots__ = (
+        "_banner_sent",
+        "_busy",
+        "_close_reason",
+        "_closed",
+        "_eof",
+        "_pauses",
+        "_task",
+        "_tls_early",
+        "_violation_seen",
+        "client_ip",
+        "conn",
+        "ctx",
+        "implicit_tls",
+        "last_activity",
+        "proxy",
+        "session",
+        "started",
+        "transport",
+    )
+
     def __init__(
         self,
         ctx: ServerContext,
