@@ -2,13 +2,15 @@
 
 An id is 16 characters of Crockford base32: 48 bits of milliseconds since the
 epoch followed by 32 random bits. Ids made in the same millisecond differ in
-their random part; ids sort by receipt time as text.
+their random part; ids sort by receipt time as text. The random bits come
+from the ``random`` module's generator (seeded from the OS, and again in each
+forked worker), not a system call per id: ids need to be unique, not secret.
 """
 
 from __future__ import annotations
 
 import base64
-import os
+import random
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -21,7 +23,7 @@ _FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.e
 
 def new_queue_id() -> str:
     """A fresh queue id, e.g. ``01JDQ3V9X2M7K4PA``."""
-    raw = (time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(4)
+    raw = ((time.time_ns() // 1_000_000) << 32 | random.getrandbits(32)).to_bytes(10, "big")
     return base64.b32encode(raw).translate(_FROM_RFC4648).decode("ascii")
 
 
