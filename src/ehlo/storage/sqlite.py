@@ -43,6 +43,7 @@ import concurrent.futures
 import contextlib
 import datetime as _dt
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -297,6 +298,10 @@ class _WriterThread(threading.Thread):
         self.queued_bytes = 0
         self.done_bytes = 0
         self._conn: sqlite3.Connection | None = None
+        # Serialises the write transactions of every process on this database:
+        # a writer blocked here wakes the moment the other one is done, where
+        # SQLite's own busy handler would sleep and poll (1, 2, 5, 10... ms).
+        self._write_lock: int | None = None
         # Messages whose chunks collided with rows of another message (same id).
         self._clashes: set[str] = set()
         # Futures waiting for the backlog to drop to a level: (low, loop, future).
@@ -343,8 +348,14 @@ class _WriterThread(threading.Thread):
         finally:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
+            if self._write_lock is not None:
+                os.close(self._write_lock)
 
     def _open(self) -> sqlite3.Connection:
+        if fcntl is not None:
+            self._write_lock = os.open(
+                self.path.with_name(self.path.name + ".writelock"), os.O_RDWR | os.O_CREAT, 0o600
+            )
         self.lock.acquire()
         conn = _connect(self.path, read_only=False)
         try:
@@ -448,6 +459,8 @@ class _WriterThread(threading.Thread):
             else isinstance(op, _Commit) and whole.get(op.row[0]) == op.row[13]
             for op in batch
         )
+        if self._write_lock is not None:
+            fcntl.flock(self._write_lock, fcntl.LOCK_EX)  # released below, after COMMIT
         try:
             fast = self._write_whole(conn, batch) if simple else None
             if fast is not None:
@@ -478,6 +491,8 @@ class _WriterThread(threading.Thread):
             # Chunks of this batch are lost; their messages fail the chunk check
             # at commit time (and the client retries), never commit incomplete.
         finally:
+            if self._write_lock is not None:
+                fcntl.flock(self._write_lock, fcntl.LOCK_UN)
             self.done_bytes += body_bytes
         self._settle(outcomes)
         self._wake_drained()
