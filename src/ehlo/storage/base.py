@@ -204,6 +204,8 @@ def extract_subject(head: bytes) -> str | None:
     except UnicodeDecodeError:
         text = raw.decode("utf-8", "replace")
     text = text.strip()
+    if "=?" not in text:
+        return text  # no RFC 2047 encoded word to decode
     try:
         return _decode_words(text)
     except Exception:  # bad charsets, bad base64, anything: show what was sent

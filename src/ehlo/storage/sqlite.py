@@ -160,6 +160,8 @@ def _utc_text(moment: _dt.datetime) -> str:
 
 
 def _dumps(value: Any) -> str:
+    if not value and (value == {} or value == []):
+        return "{}" if isinstance(value, dict) else "[]"  # most messages: no parameters
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
 
 
