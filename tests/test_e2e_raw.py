@@ -13,9 +13,8 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -139,31 +138,6 @@ class Client:
 
 def codes(replies: list[R]) -> list[tuple[int, str | None]]:
     return [(r.code, r.enhanced) for r in replies]
-
-
-@pytest.fixture
-async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Server]]]:
-    """Start in-loop servers with config overrides; all stopped at the end."""
-    servers: list[Server] = []
-
-    async def run(**overrides: Any) -> Server:
-        server = Server(make_config(tmp_path / f"data{len(servers)}", **overrides))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield run
-    for server in servers:
-        await server.stop(timeout=1.0)
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[list[Client]]:
-    """Clients to close at the end of a test (append them)."""
-    opened: list[Client] = []
-    yield opened
-    for client in opened:
-        client.close()
 
 
 async def connect(server: Server, clients: list[Client], banner: bool = True) -> Client:

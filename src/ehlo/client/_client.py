@@ -26,8 +26,6 @@ import ipaddress
 import os
 import socket
 import ssl
-import stringprep
-import unicodedata
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from typing import IO, Literal, Protocol, cast
 
@@ -41,6 +39,7 @@ from ..protocol import (
     ServerExtensions,
 )
 from ..protocol._syntax import is_domain
+from ..saslprep import saslprep
 from ._errors import (
     AuthFailed,
     ConnectionFailed,
@@ -337,37 +336,11 @@ async def _lookahead(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes,
 
 
 def _saslprep(text: str) -> str:
-    """RFC 4013 SASLprep (stringprep profile) of a user name or password."""
-    if text.isascii() and all(32 <= ord(c) < 127 for c in text):
-        return text  # printable ASCII is unchanged by the profile
-    # RFC 4013 section 2.1-2.2: map non-ASCII spaces to SPACE, drop "mapped to nothing".
-    mapped = "".join(
-        " " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c)
-    )
-    normalized = unicodedata.normalize("NFKC", mapped)
-    prohibited = (
-        stringprep.in_table_c12,
-        stringprep.in_table_c21,
-        stringprep.in_table_c22,
-        stringprep.in_table_c3,
-        stringprep.in_table_c4,
-        stringprep.in_table_c5,
-        stringprep.in_table_c6,
-        stringprep.in_table_c7,
-        stringprep.in_table_c8,
-        stringprep.in_table_c9,
-        stringprep.in_table_a1,  # RFC 4013 section 2.5: unassigned code points
-    )
-    for c in normalized:
-        if any(table(c) for table in prohibited):
-            raise ValueError(f"character U+{ord(c):04X} is not allowed (SASLprep)")
-    # RFC 3454 section 6: bidirectional text rules.
-    if any(stringprep.in_table_d1(c) for c in normalized):
-        if any(stringprep.in_table_d2(c) for c in normalized):
-            raise ValueError("mixed right-to-left and left-to-right text (SASLprep)")
-        if not (stringprep.in_table_d1(normalized[0]) and stringprep.in_table_d1(normalized[-1])):
-            raise ValueError("right-to-left text must start and end with RTL (SASLprep)")
-    return normalized
+    """RFC 4013 SASLprep of a user name or password (ValueError when it is refused)."""
+    try:
+        return saslprep(text)
+    except ValueError as exc:
+        raise ValueError(f"SASLprep: the text {exc}") from None
 
 
 def scram_client_first(user: str, nonce: str) -> str:
