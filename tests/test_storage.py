@@ -343,9 +343,10 @@ async def test_sqlite_reads_from_a_fresh_object_and_missing_file(tmp_path: Path)
     assert mode == "wal"
 
 
-async def test_sqlite_two_instances_on_one_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+async def test_sqlite_two_instances_on_one_file(tmp_path: Path, shared: bool) -> None:
     path = tmp_path / "shared.sqlite3"
-    first, second = SQLiteStore(path), SQLiteStore(path)
+    first, second = SQLiteStore(path, shared=shared), SQLiteStore(path, shared=shared)
     await first.start()
     await second.start()
     rng = random.Random(4)

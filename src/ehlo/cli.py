@@ -64,6 +64,7 @@ _SERVE_LABELS = {
     "tls_cert": "--tls-cert",
     "tls_key": "--tls-key",
     "sni_certificates": "--sni",
+    "workers": "--workers",
     "greeting_delay": "--greeting-delay",
     "proxy_trusted": "--proxy-trusted",
     "log_format": "--log-format",
@@ -285,7 +286,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--workers",
         type=_count,
         metavar="N",
-        default=1,
         help="server processes sharing the listeners, each with its own event loop (default: 1)",
     )
     serve.add_argument(
@@ -387,6 +387,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "sni_certificates": args.sni,
+        "workers": args.workers,
         "greeting_delay": args.greeting_delay,
         "proxy_trusted": args.proxy_trusted,
         "log_format": args.log_format,
@@ -443,7 +444,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     factory, loop_name = _loop_factory()
-    workers = max(1, int(args.workers or 1))
+    workers = config.workers
     if workers == 1:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(_run_server(config, loop_name))

@@ -388,7 +388,7 @@ class Server:
         config = self.config
         store = self._store
         if store is None:
-            store = open_store(config.store, Path(config.data_dir))
+            store = open_store(config.store, Path(config.data_dir), shared=config.workers > 1)
         await store.start()
         try:
             tls = _make_tls(config)

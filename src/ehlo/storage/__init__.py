@@ -30,17 +30,18 @@ __all__ = [
 ]
 
 
-def open_store(kind: str, data_dir: Path) -> Store:
+def open_store(kind: str, data_dir: Path, *, shared: bool = False) -> Store:
     """The store of ``kind`` ("sqlite", "maildir" or "null") under ``data_dir``.
 
     Creates ``data_dir`` when needed; the store still has to be started.
+    ``shared``: several server processes write to it at once (``--workers``).
     """
     if kind not in ("sqlite", "maildir", "null"):
         raise ValueError(f"unknown store kind {kind!r} (expected sqlite, maildir or null)")
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if kind == "sqlite":
-        return SQLiteStore(data_dir / "ehlo.sqlite3")
+        return SQLiteStore(data_dir / "ehlo.sqlite3", shared=shared)
     if kind == "maildir":
         return MaildirStore(data_dir / "maildir")
     return NullStore()

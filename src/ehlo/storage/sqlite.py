@@ -289,20 +289,22 @@ class _OwnerLock:
 class _WriterThread(threading.Thread):
     """Owns the read-write connection; executes queued operations in batches."""
 
-    def __init__(self, path: Path, lock: _OwnerLock, stats: StoreStats) -> None:
+    def __init__(self, path: Path, lock: _OwnerLock, stats: StoreStats, shared: bool) -> None:
         super().__init__(name=f"ehlo-sqlite-{path.name}", daemon=True)
         self.path = path
         self.lock = lock
         self.stats = stats
         self.ops: queue.SimpleQueue[_Op] = queue.SimpleQueue()
+        self.shared = shared
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         # Body bytes queued / executed. Each counter has a single writing thread.
         self.queued_bytes = 0
         self.done_bytes = 0
         self._conn: sqlite3.Connection | None = None
-        # Serialises the write transactions of every process on this database:
-        # a writer blocked here wakes the moment the other one is done, where
-        # SQLite's own busy handler would sleep and poll (1, 2, 5, 10... ms).
+        # With several writing processes (shared=True), serialises their write
+        # transactions: a writer blocked here wakes the moment the other one is
+        # done, where SQLite's own busy handler would sleep and poll (1, 2, 5,
+        # 10... ms). Alone, it would only cost two GIL round trips per batch.
         self._write_lock: int | None = None
         # Messages whose chunks collided with rows of another message (same id).
         self._clashes: set[str] = set()
@@ -354,7 +356,7 @@ class _WriterThread(threading.Thread):
                 os.close(self._write_lock)
 
     def _open(self) -> sqlite3.Connection:
-        if fcntl is not None:
+        if fcntl is not None and self.shared:
             self._write_lock = os.open(
                 self.path.with_name(self.path.name + ".writelock"), os.O_RDWR | os.O_CREAT, 0o600
             )
@@ -696,8 +698,9 @@ class SQLiteStore(Store):
 
     name = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, shared: bool = False) -> None:
         self.path = Path(path)
+        self.shared = shared
         self.stats = StoreStats()
         self._thread: _WriterThread | None = None
 
@@ -728,7 +731,7 @@ class SQLiteStore(Store):
         except OSError as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         lock = _OwnerLock(self.path.with_name(self.path.name + ".locks"))
-        thread = _WriterThread(self.path, lock, self.stats)
+        thread = _WriterThread(self.path, lock, self.stats, self.shared)
         thread.start()
         try:
             await asyncio.wrap_future(thread.ready)
