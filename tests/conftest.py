@@ -16,6 +16,18 @@ from ehlo import Listen, ProtocolLimits, Server, ServerConfig
 from ehlo.config import GreetingConfig
 
 
+def ipv6_loopback() -> bool:
+    """Whether this machine can listen on ::1 (IPv6 tests skip otherwise)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

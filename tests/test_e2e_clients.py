@@ -18,7 +18,6 @@ import email.policy
 import io
 import re
 import smtplib
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ import pytest
 from ehlo import Listen, Server
 from ehlo.storage import StoredMessage
 
-from .conftest import make_config
+from .conftest import ipv6_loopback, make_config
 from .trace import split_trace
 
 pytestmark = pytest.mark.timeout(60)
@@ -39,18 +38,7 @@ TIMEOUT = 10.0
 QUEUED = re.compile(r"queued as ([0-9A-Za-z]+)")
 
 
-def _ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-HAS_IPV6 = _ipv6_loopback()
+HAS_IPV6 = ipv6_loopback()
 
 
 @pytest.fixture(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from ehlo.dns import DNSCache
 from ehlo.greeting import CHECKS, RESULTS
 
 from . import greeting_zone as zone
-from .conftest import make_config
+from .conftest import ipv6_loopback, make_config
 from .dnsserver import DNSServer
 from .trace import split_trace
 
@@ -788,16 +787,7 @@ async def test_report_cache_keeps_consistent_per_greeting(
 # ------------------------------------------------------------------- IPv6
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1)")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1)")
 async def test_ipv6_client_with_address_literal(tmp_path: Path, greeting_dns: DNSServer) -> None:
     listen = (Listen("127.0.0.1", 0), Listen("::1", 0))
     cfg = config(tmp_path, greeting_dns, **STRICT, listen=listen)

@@ -43,6 +43,7 @@ from ehlo.server.proxy import (
     read_header,
 )
 
+from .conftest import ipv6_loopback
 from .haproxy import HAProxyError, haproxy_available, haproxy_version, run_haproxy
 
 # ---------------------------------------------------------------------------------------
@@ -703,15 +704,6 @@ needs_haproxy = pytest.mark.skipif(
 )
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 Handler = Callable[[socket.socket, ProxyInfo], None]
 
 
@@ -824,7 +816,7 @@ def test_haproxy_sends_the_client_address(send_proxy: str) -> None:
 
 @needs_haproxy
 @pytest.mark.external
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1)")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1)")
 @pytest.mark.parametrize("send_proxy", ["v1", "v2"])
 def test_haproxy_over_ipv6(send_proxy: str) -> None:
     with (

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import smtplib
 import socket
-import ssl
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -21,6 +20,7 @@ from ehlo import Listen
 
 from .conftest import ThreadedServer
 from .haproxy import haproxy_available, run_haproxy
+from .test_e2e_raw import client_tls
 from .trace import split_trace
 
 
@@ -40,17 +40,10 @@ def closed_without_reply(sock: socket.socket) -> bool:
         return True
 
 
-def insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 def send_via(host: str, port: int, source: str, tag: str, *, tls: bool = False) -> str:
     """One message through HAProxy from ``source``; the queue id."""
     cls = smtplib.SMTP_SSL if tls else smtplib.SMTP
-    kwargs = {"context": insecure()} if tls else {}
+    kwargs = {"context": client_tls()} if tls else {}
     with cls(host, port, timeout=10, source_address=(source, 0), **kwargs) as client:
         client.ehlo("real-client.example")
         client.mail("a@example.net")

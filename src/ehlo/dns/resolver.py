@@ -418,13 +418,19 @@ class Resolver:
 def _reverse_text(ip: str) -> str | None:
     """The reverse name ``ptr`` asks for ``ip`` (IPv4-mapped as IPv4), with the final dot."""
     # RFC 1035 section 3.5 (in-addr.arpa) and RFC 3596 section 2.5 (ip6.arpa).
+    address = _address(ip)
+    return None if address is None else address.reverse_pointer + "."
+
+
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``ip`` parsed, an IPv4-mapped IPv6 address as the IPv4 address; None if invalid."""
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.reverse_pointer + "."
+        return address.ipv4_mapped
+    return address
 
 
 def _rdata_text(rdata: object) -> str:
@@ -445,13 +451,8 @@ def _rdata_text(rdata: object) -> str:
 
 def loopback_name(ip: str) -> str | None:
     """``"localhost"`` for a loopback address (RFC 6761 section 6.3), else None."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return "localhost" if address.is_loopback else None
+    address = _address(ip)
+    return "localhost" if address is not None and address.is_loopback else None
 
 
 async def reverse_name(resolver: Resolver, ip: str, timeout: float) -> str | None:

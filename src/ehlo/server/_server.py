@@ -328,23 +328,6 @@ def _handshake_timeout(ctx: ServerContext) -> float:
     return min(60.0, ctx.config.command_timeout)
 
 
-def _listening_socket(listen: Listen) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        host = "127.0.0.1" if listen.host == "localhost" else listen.host
-        sock.bind((host, listen.port))
-        sock.listen(1024)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class Server:
     """An ESMTP server; use ``await start()`` / ``await stop()`` or ``async with``."""
 
@@ -420,7 +403,9 @@ class Server:
         loop = asyncio.get_running_loop()
         if listen.proxy:
             if sock is None:
-                sock = _listening_socket(listen)
+                from .workers import bind_listeners
+
+                sock = bind_listeners([listen])[0]
             proxied = _ProxyListener(ctx, sock, listen)
             self._servers.append(proxied)
             proxied.start()

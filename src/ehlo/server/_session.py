@@ -196,10 +196,12 @@ class Session:
             },
         )
 
-    def note_violation(self, kind: str, detail: str) -> bool:
-        """Log a protocol violation; True when the policy says to drop the client."""
+    def note_violation(self, kind: str, detail: str, action: str) -> bool:
+        """Record a protocol violation under ``action`` (record, reject or off).
+
+        True when the client is to be dropped.
+        """
         self.violations.append(kind)
-        action = "reject" if kind == "early talker" else self.ctx.config.pipelining_violation
         if action == "off":
             return False
         log.warning(

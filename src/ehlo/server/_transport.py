@@ -167,7 +167,7 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def _refuse_early_talker(self) -> None:
         if self.session is not None:
-            self.session.note_violation("early talker", "sent data before the greeting")
+            self.session.note_violation("early talker", "sent data before the greeting", "reject")
         # Like the connection-limit refusals, with its enhanced code (Postfix-style).
         self._say_goodbye(_EARLY_TALKER, "talked before the greeting", enhanced=True)
 
@@ -280,7 +280,8 @@ class SMTPServerProtocol(asyncio.Protocol):
             self.last_activity = time.monotonic()
             if conn.pipelining_violation is not None and not self._violation_seen:
                 self._violation_seen = True
-                if session.note_violation("pipelining", conn.pipelining_violation):
+                action = self.ctx.config.pipelining_violation
+                if session.note_violation("pipelining", conn.pipelining_violation, action):
                     self._say_goodbye(_PIPELINING, "pipelining violation")
                     return
             try:
