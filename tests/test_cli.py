@@ -291,8 +291,11 @@ def test_maildir_store_json_logs_and_sigint(tmp_path: Path) -> None:
 # Graceful shutdown
 
 
-def test_sigterm_lets_data_finish_and_sends_421_to_idle_clients(tmp_path: Path) -> None:
-    with serving(tmp_path, "--no-tls") as server:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_lets_data_finish_and_sends_421_to_idle_clients(
+    tmp_path: Path, workers: str
+) -> None:
+    with serving(tmp_path, "--no-tls", "--workers", workers) as server:
         busy = server.smtp()
         idle = server.smtp()
         try:
@@ -307,9 +310,16 @@ def test_sigterm_lets_data_finish_and_sends_421_to_idle_clients(tmp_path: Path) 
             code, text = idle.getreply()  # unsolicited, on SIGTERM
             assert code == 421, text
 
-            # No new connections once stopping.
-            with pytest.raises(OSError):
-                socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+            # No new connections once stopping (every worker has let go of
+            # the shared listener a moment after the signal).
+            refused_by = time.monotonic() + 5
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+                except OSError:
+                    break
+                assert time.monotonic() < refused_by, "still accepting after SIGTERM"
+                time.sleep(0.02)
 
             assert server.proc.poll() is None  # still finishing the transaction
             busy.send(b"second half\r\n.\r\n")
@@ -534,3 +544,35 @@ def test_workers_share_listener_and_store(tmp_path: Path, store: str) -> None:
     assert sum(line.get("event") == "message" for line in lines) == 40
     listed = list_json(server.data, "--store", store)
     assert sorted(item["subject"] for item in listed) == sorted(f"w{i}" for i in range(40))
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(field) for field in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    with serving(tmp_path, "--no-tls", "--workers", "2") as server:
+        deadline = time.monotonic() + TIMEOUT
+        while len(children := _children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(children) == 2
+        with server.smtp() as client:  # a worker answers
+            assert client.ehlo("c.test")[0] == 250
+        server.proc.kill()  # SIGKILL: the supervisor cannot forward anything
+        server.proc.wait(timeout=TIMEOUT)
+        while any(map(_alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_alive, children)), "workers outlived the supervisor"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+

@@ -16,8 +16,7 @@ import pytest
 
 from ehlo import Server
 from ehlo.policy import Hooks
-from ehlo.server import ServerContext
-from ehlo.server._server import _make_tls
+from ehlo.server import ServerContext, tls_contexts_for
 from ehlo.server._transport import SMTPServerProtocol
 from ehlo.storage import open_store
 
@@ -93,7 +92,7 @@ async def test_dialog_in_memory(path: Path, tmp_path: Path) -> None:
     config = make_config(tmp_path, reverse_dns=False)
     store = open_store("sqlite", tmp_path)
     await store.start()
-    ctx = ServerContext(config, store, Hooks(), _make_tls(config))
+    ctx = ServerContext(config, store, Hooks(), tls_contexts_for(config))
     transport = MemoryTransport()
     proto = SMTPServerProtocol(ctx)
     proto.connection_made(transport)

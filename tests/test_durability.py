@@ -69,6 +69,7 @@ class ServeProcess:
                 stdout=err,
                 stderr=err,
                 cwd=self.data.parent,
+                start_new_session=True,  # its own process group: the workers too
             )
         deadline = time.monotonic() + 20.0
         while time.monotonic() < deadline:
@@ -85,10 +86,10 @@ class ServeProcess:
         raise RuntimeError(f"ehlo serve did not listen: {self.log.read_text()}")
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, no buffers are flushed."""
+        """SIGKILL to the supervisor and every worker: no shutdown code runs anywhere."""
         assert self.proc is not None
         if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def wait_dead(self) -> None:
         assert self.proc is not None

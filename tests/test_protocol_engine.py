@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
@@ -427,6 +428,33 @@ def test_text_line_limit_across_reads() -> None:
     d = data_session(limits(max_text_line=100))
     out = d.feed_split(b"z" * 150 + b"\r\n.\r\n", 7)
     assert out.startswith(b"554 ")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_text_line_limit_matches_a_line_by_line_reading(seed: int) -> None:
+    # Bodies of many lines near the limit, some dot-stuffed, fed in random
+    # pieces: accepted exactly when no wire line (dot included) exceeds 98
+    # octets, and unstuffed exactly.
+    rng = random.Random(seed)
+    lines = [  # as sent: a line starting with a dot gets one more (RFC 5321 4.5.2)
+        (b".." if rng.random() < 0.2 else b"") + b"w" * rng.choice([0, 1, 40, 95, 96, 97, 98])
+        for _ in range(rng.randrange(1, 60))
+    ]
+    if seed % 3 == 0:
+        lines[rng.randrange(len(lines))] = b"v" * 99
+    wire = b"".join(line + b"\r\n" for line in lines)
+    d = data_session(limits(max_text_line=100))
+    stream, pos, out = wire + b".\r\n", 0, b""
+    while pos < len(stream):
+        step = rng.randrange(1, 400)
+        out += d.feed(stream[pos : pos + step])
+        pos += step
+    if max(map(len, lines)) > 98:
+        assert out.startswith(b"554 5.6.0")
+        assert d.messages == []
+    else:
+        assert codes(out) == ["250"]
+        assert d.messages == [b"".join(line.removeprefix(b".") + b"\r\n" for line in lines)]
 
 
 def test_text_line_limit_off() -> None:

@@ -286,7 +286,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--workers",
         type=_count,
         metavar="N",
-        help="server processes sharing the listeners, each with its own event loop (default: 1)",
+        help="server processes sharing the listeners, each with its own event loop "
+        "(default: 0, one per CPU core)",
     )
     serve.add_argument(
         "--no-reverse-dns",
@@ -444,7 +445,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     factory, loop_name = _loop_factory()
-    workers = config.workers
+    from .server.workers import available_cores
+
+    workers = config.workers or available_cores()
     if workers == 1:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(_run_server(config, loop_name))
@@ -458,20 +461,26 @@ def _serve_workers(
     loop_name: str,
 ) -> int:
     """Bind once, fork ``workers`` server processes, supervise them until a signal."""
-    from .server.tls import TLSConfigError, ensure_self_signed
+    from .server import tls_contexts_for
+    from .server.tls import TLSConfigError
     from .server.workers import bind_listeners, run_workers
 
     try:
-        if config.tls and config.tls_cert is None:
-            # Made once here, not raced by the workers.
-            ensure_self_signed(Path(config.data_dir), config.hostname)
+        # Certificates checked (and a self-signed pair made) once here, so that
+        # a bad file is one error line, not one per worker.
+        tls_contexts_for(config)
         sockets = bind_listeners(config.listen)
-    except (OSError, TLSConfigError) as exc:
+    except (OSError, TLSConfigError, ValueError) as exc:
         raise _start_failure(exc, config) from None
 
     def run_worker(socks: Sequence[socket.socket], index: int) -> int:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            return runner.run(_run_server(config, f"{loop_name}, worker {index}", socks))
+        try:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                return runner.run(_run_server(config, f"{loop_name}, worker {index}", socks))
+        except Failure as exc:  # e.g. the store cannot be opened: one line
+            log.error("worker %d cannot start: %s", index, exc,
+                      extra={"event": "worker_failed", "worker": index})
+            return 1
 
     return run_workers(sockets, workers, run_worker)
 

@@ -231,7 +231,8 @@ class ServerConfig:
     max_session_time: float = 3600.0
     # Server processes sharing the listeners (``ehlo serve``), each with its
     # own event loop; the SQLite store then coordinates their writers.
-    workers: int = 1
+    # 0: one per CPU core this process may run on.
+    workers: int = 0
     # RFC 5321 section 4.5.3.2.7: at least 5 minutes awaiting a command.
     command_timeout: float = 300.0
     # Longest wait for more message data (RFC 5321 section 4.5.3.2.5/6 spirit).
@@ -561,7 +562,7 @@ _SERVER_KEYS: dict[str, _Check] = {
     "pipelining_violation": _choice("record", "reject", "off"),
     "max_junk_commands": _count_or_zero,
     "max_session_time": _positive_seconds,
-    "workers": _positive_int,
+    "workers": _count_or_zero,
     "max_connections": _positive_int,
     "max_connections_per_ip": _positive_int,
     "command_timeout": _positive_seconds,

@@ -703,12 +703,17 @@ class ServerConnection:
                 self._line_len += 1
                 continue
             break
-        end = buf.find(b"\r\n.\r\n")
-        if end >= 0:
-            chunk = _take(buf, end + 2, end + 5)
-            self._data_ended = True
-            event = self._emit_body(chunk, True)
-            return event if event is not None else self._finish_data()
+        # One scan finds both the first stuffed line and the end of the data,
+        # which begins like one.
+        # (Most big bodies are base64, without a single dot: memchr says so.)
+        dot = buf.find(b"\r\n.") if b"." in buf else -1
+        if dot >= 0:
+            end = buf.find(b"\r\n.\r\n", dot)
+            if end >= 0:
+                chunk = _take(buf, end + 2, end + 5)
+                self._data_ended = True
+                event = self._emit_body(chunk, True, dot < end)
+                return event if event is not None else self._finish_data()
         last = buf.rfind(b"\r\n")
         if last >= 0:
             chunk = _take(buf, last + 2)
@@ -721,33 +726,24 @@ class ServerConnection:
             keep = 1 if buf[-1] == 0x0D else 0
             chunk = _take(buf, len(buf) - keep)
             ends_line = False
-        event = self._emit_body(chunk, ends_line)
+        # A dot behind the last CRLF is not in this block: the next one starts with it.
+        event = self._emit_body(chunk, ends_line, 0 <= dot < last)
         return event if event is not None else self._next_data()
 
-    def _emit_body(self, chunk: bytes, ends_line: bool) -> DataChunk | None:
+    def _emit_body(self, chunk: bytes, ends_line: bool, stuffed: bool) -> DataChunk | None:
         """Check and pass on one block of DATA; after a problem, keep checking, emit nothing."""
         self._at_line_start = ends_line
         limits = self.limits
         max_line = limits.max_text_line
-        if self._body_error is _TEXT_LINE_TOO_LONG:
-            pass  # already known: the line lengths no longer matter
+        if self._body_error is not None:
+            pass  # a line-length problem would no longer change the reply
         elif max_line and self._line_len + len(chunk) > max_line - 2:
-            # RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
-            pieces = chunk.split(b"\r\n")
-            if len(pieces) == 1:
-                self._line_len += len(chunk)
-                if self._line_len > max_line - 2:
-                    self._body_fail(_TEXT_LINE_TOO_LONG, "text line too long")
-            else:
-                longest = max([self._line_len + len(pieces[0]), *map(len, pieces[1:-1])])
-                if longest > max_line - 2:
-                    self._body_fail(_TEXT_LINE_TOO_LONG, "text line too long")
-                self._line_len = len(pieces[-1])
+            self._check_lines(chunk, max_line - 2)
         elif ends_line:
             self._line_len = 0
         else:
             self._line_len += len(chunk)
-        if b"\r\n." in chunk:
+        if stuffed:
             chunk = chunk.replace(b"\r\n.", b"\r\n")
         crlf = chunk.count(b"\r\n")
         if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
@@ -759,6 +755,26 @@ class ServerConnection:
                 p.replace(b"\r", b"\n").replace(b"\n", b"\r\n") for p in chunk.split(b"\r\n")
             )
         return self._count_body(chunk)
+
+    def _check_lines(self, chunk: bytes, most: int) -> None:
+        """RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
+
+        Each step jumps to the last CRLF the current line may end at, so the
+        loop runs about once per ``most`` octets, not once per line.
+        """
+        start = -self._line_len  # the current line began in an earlier block
+        low = 0
+        size = len(chunk)
+        rfind = chunk.rfind
+        while size - start > most:
+            crlf = rfind(b"\r\n", low, start + most + 2)
+            if crlf < 0:
+                self._body_fail(_TEXT_LINE_TOO_LONG, "text line too long")
+                return
+            start = low = crlf + 2
+        # What follows the block's last CRLF is the start of the next line.
+        last = rfind(b"\r\n", low)
+        self._line_len = size - (start if last < 0 else last + 2)
 
     def _count_body(self, chunk: bytes) -> DataChunk | None:
         tx = self.transaction

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ._server import Server, ServerContext
+from ._server import Server, ServerContext, tls_contexts_for
 
-__all__ = ["Server", "ServerContext"]
+__all__ = ["Server", "ServerContext", "tls_contexts_for"]

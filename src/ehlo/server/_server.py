@@ -203,7 +203,8 @@ class ServerContext:
             return None
 
 
-def _make_tls(config: ServerConfig) -> TLSContexts | None:
+def tls_contexts_for(config: ServerConfig) -> TLSContexts | None:
+    """The server's TLS contexts (None without TLS); TLSConfigError for unusable files."""
     if not config.tls:
         if any(listen.tls for listen in config.listen):
             raise ValueError("implicit TLS listeners need TLS (remove --no-tls)")
@@ -374,7 +375,7 @@ class Server:
             store = open_store(config.store, Path(config.data_dir), shared=config.workers > 1)
         await store.start()
         try:
-            tls = _make_tls(config)
+            tls = tls_contexts_for(config)
             ctx = ServerContext(config, store, self._hooks, tls, _open_users(config))
             self.ctx = ctx
             sockets: list[socket.socket | None] = (

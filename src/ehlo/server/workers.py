@@ -5,7 +5,9 @@ worker runs its own event loop and its own ``Server`` over the inherited
 sockets; the kernel hands each new connection to one of the workers that are
 waiting in ``accept``. The parent only supervises: it forwards SIGTERM and
 SIGINT to the workers (each drains gracefully), restarts a worker that died
-unexpectedly, and exits when all workers are gone.
+unexpectedly, and exits when all workers are gone. A worker whose supervisor
+is killed outright gets SIGTERM from the kernel (Linux) and drains too, so no
+server process outlives ``ehlo serve``.
 
 Storage stays correct with several writers: SQLite runs in WAL mode with one
 writer thread per process, and Maildir names are unique across processes.
@@ -27,6 +29,28 @@ log = logging.getLogger("ehlo.server")
 
 # A worker that dies this soon after starting is not restarted (a crash loop).
 _MIN_UPTIME = 2.0
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the default number of workers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """In a worker: SIGTERM when the supervisor dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def bind_listeners(listen: Sequence[Listen], backlog: int = 1024) -> list[socket.socket]:
@@ -68,6 +92,8 @@ def run_workers(
     stopping = False
     failed = False
 
+    supervisor = os.getpid()
+
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
@@ -75,6 +101,7 @@ def run_workers(
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             # Until the worker's loop handles SIGHUP (reload), it must not kill it.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            _stop_with_parent(supervisor)
             code = 1
             try:
                 code = run_worker(sockets, index)
@@ -89,6 +116,11 @@ def run_workers(
         nonlocal stopping
         if signum != signal.SIGHUP:  # SIGHUP reloads; the others stop
             stopping = True
+            # The kernel queues connections while any process holds a
+            # listener open: let go of ours, as each worker does of its own,
+            # so that new clients are refused while the workers drain.
+            for sock in sockets:
+                sock.close()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)

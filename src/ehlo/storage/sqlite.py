@@ -308,6 +308,8 @@ class _WriterThread(threading.Thread):
         self._write_lock: int | None = None
         # Messages whose chunks collided with rows of another message (same id).
         self._clashes: set[str] = set()
+        # Whether commits fsync the WAL now (see _execute).
+        self._full_sync = True
         # Futures waiting for the backlog to drop to a level: (low, loop, future).
         self._drain_lock = threading.Lock()
         self._drain_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -463,6 +465,13 @@ class _WriterThread(threading.Thread):
             else isinstance(op, _Commit) and whole.get(op.row[0]) == op.row[13]
             for op in batch
         )
+        # A batch of chunks only need not reach the disk yet: the WAL is written
+        # in order, so the fsync of the commit that makes their message
+        # visible covers them too. Only batches that acknowledge messages sync.
+        full_sync = any(isinstance(op, _Commit) for op in batch)
+        if full_sync is not self._full_sync:
+            conn.execute(f"PRAGMA synchronous={'FULL' if full_sync else 'NORMAL'}")
+            self._full_sync = full_sync
         if self._write_lock is not None:
             fcntl.flock(self._write_lock, fcntl.LOCK_EX)  # released below, after COMMIT
         try:
