@@ -71,9 +71,12 @@ async def deliver(store: Store, body: bytes, envelope: Envelope | None = None) -
     return await writer.commit()
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=[*KINDS, "sqlite-thread"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = open_store(request.param, tmp_path / "data")
+    if request.param == "sqlite-thread":  # the writer in a thread of this process
+        opened: Store = SQLiteStore(tmp_path / "data" / "ehlo.sqlite3", writer="thread")
+    else:
+        opened = open_store(request.param, tmp_path / "data")
     await opened.start()
     yield opened
     await opened.close()
@@ -654,3 +657,51 @@ def test_open_store_kinds(tmp_path: Path) -> None:
     assert isinstance(open_store("null", tmp_path), NullStore)
     with pytest.raises(ValueError, match="'mbox'"):
         open_store("mbox", tmp_path)
+
+
+# --------------------------------------------------------------------------
+# The SQLite writer in its own process
+
+
+def _writer_pid(store: SQLiteStore) -> int:
+    process = store._thread._process  # type: ignore[union-attr]
+    assert process is not None
+    return process.pid
+
+
+async def test_sqlite_writer_process_death_fails_commits_not_the_server(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "ehlo.sqlite3")
+    await store.start()
+    assert await deliver(store, b"Subject: before\r\n\r\nx\r\n")
+    writer = store.begin(make_envelope())
+    writer.write(b"Subject: lost\r\n\r\nx\r\n")
+    os.kill(_writer_pid(store), signal.SIGKILL)
+    with pytest.raises(StoreError, match="writer process exited"):
+        await asyncio.wait_for(writer.commit(), 10)
+    with pytest.raises(StoreError):
+        store.begin(make_envelope())
+    assert [m.subject for m in store.list()] == ["before"]
+    await asyncio.wait_for(store.close(), 10)
+
+
+async def test_sqlite_writer_process_ignores_terminal_signals(tmp_path: Path) -> None:
+    # Ctrl-C reaches the whole process group: the server drains, its writer
+    # must stay to store what the draining sessions still commit.
+    store = SQLiteStore(tmp_path / "ehlo.sqlite3")
+    await store.start()
+    pid = _writer_pid(store)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        os.kill(pid, sig)
+    await asyncio.sleep(0.1)
+    queue_id = await asyncio.wait_for(deliver(store, b"Subject: after\r\n\r\ny\r\n"), 10)
+    assert store.raw(queue_id) == b"Subject: after\r\n\r\ny\r\n"
+    await asyncio.wait_for(store.close(), 10)
+    assert store.stats.messages == 1
+
+
+async def test_sqlite_writer_process_reports_an_unusable_database(tmp_path: Path) -> None:
+    not_a_db = tmp_path / "ehlo.sqlite3"
+    not_a_db.write_bytes(b"this is not an SQLite database, not even its header" * 100)
+    with pytest.raises(StoreError, match="not a database"):
+        await asyncio.wait_for(SQLiteStore(not_a_db).start(), 30)
+

@@ -448,6 +448,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server.workers import available_cores
 
     workers = config.workers or available_cores()
+    config = dataclasses.replace(config, workers=workers)  # the store needs to know
     if workers == 1:
         with asyncio.Runner(loop_factory=factory) as runner:
             return runner.run(_run_server(config, loop_name))

@@ -51,9 +51,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ..ids import new_queue_id
+
+if TYPE_CHECKING:
+    from ._sqlite_process import WriterProcess
 from .base import (
     Envelope,
     HeaderSniffer,
@@ -707,11 +710,16 @@ class SQLiteStore(Store):
 
     name = "sqlite"
 
-    def __init__(self, path: Path, *, shared: bool = False) -> None:
+    def __init__(self, path: Path, *, shared: bool = False, writer: str = "process") -> None:
+        if writer not in ("process", "thread"):
+            raise ValueError(f"writer: expected 'process' or 'thread', got {writer!r}")
         self.path = Path(path)
         self.shared = shared
+        # Where the writer runs: a child process (the default; see
+        # ehlo.storage._sqlite_process) or a thread of this process.
+        self.writer = writer
         self.stats = StoreStats()
-        self._thread: _WriterThread | None = None
+        self._thread: _WriterThread | WriterProcess | None = None
 
     @property
     def backlog_bytes(self) -> int:
@@ -739,6 +747,16 @@ class SQLiteStore(Store):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        if self.writer == "process":
+            from ._sqlite_process import WriterProcess
+
+            process = WriterProcess(self.path, self.stats, self.shared)
+            try:
+                await process.start()
+            except (OSError, TimeoutError) as exc:
+                raise StoreError(f"sqlite store {self.path}: writer process: {exc}") from exc
+            self._thread = process
+            return
         lock = _OwnerLock(self.path.with_name(self.path.name + ".locks"))
         thread = _WriterThread(self.path, lock, self.stats, self.shared)
         thread.start()
@@ -753,16 +771,21 @@ class SQLiteStore(Store):
         if thread is None:
             return
         self._thread = None
+        if not isinstance(thread, _WriterThread):
+            await thread.stop()
+            return
         stop = _Stop()
         thread.ops.put(stop)
         await asyncio.wrap_future(stop.done)
         await asyncio.to_thread(thread.join)
         thread.lock.release()
 
-    def _thread_or_error(self) -> _WriterThread:
+    def _thread_or_error(self) -> _WriterThread | WriterProcess:
         thread = self._thread
         if thread is None:
             raise StoreError(f"sqlite store {self.path} is not open")
+        if not isinstance(thread, _WriterThread) and thread.broken is not None:
+            raise thread._error()
         return thread
 
     def begin(self, envelope: Envelope) -> SQLiteWriter:

@@ -1,0 +1,402 @@
+"""The SQLite store's writer in a process of its own.
+
+In the server's process, the writer thread and the event loop share one GIL:
+every statement the writer runs gives the GIL up while SQLite works and must
+take it back from a loop that may be busy for a whole switch interval (5 ms).
+A batch of nine 4 KiB messages takes 0.1 ms of SQLite alone and 5 to 30 ms
+beside a busy loop, and every session waiting for its 250 waits that long.
+So ``SQLiteStore`` (``writer="process"``, the default) runs the very same
+writer (:class:`~ehlo.storage.sqlite._WriterThread`'s batches, checks and
+recovery) in a child process, and talks to it over a socket pair:
+
+- the store sends each operation as it happens: a body chunk, a commit (the
+  message's row), a discard, and at the end a stop;
+- after each batch the child answers with the outcome of every commit in it
+  (the queue id, or why it failed), the body octets executed so far (the
+  store's backpressure) and its counters.
+
+A commit's future is settled only from that answer, which the child sends
+after ``COMMIT`` returned: a 250 still means the message is on disk.
+
+Frames are a 4-octet big-endian length and a pickle (protocol 5) of a tuple;
+both ends are this module, over a socket pair nobody else holds.
+
+The child ignores SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C reaches the
+whole process group): it stops when the store says so or when the socket
+closes (its parent is gone), after executing everything it has read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import pickle
+import queue
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .base import StoreError, StoreStats
+from .sqlite import _Chunk, _Commit, _Discard, _Op, _OwnerLock, _Stop, _WriterThread
+
+_HEADER = struct.Struct(">I")
+# How long the child may take to open (or create) the database.
+_START_TIMEOUT = 60.0
+
+
+def _frame(message: tuple[Any, ...]) -> list[bytes]:
+    payload = pickle.dumps(message, protocol=5)
+    return [_HEADER.pack(len(payload)), payload]
+
+
+class _Frames:
+    """Splits a byte stream into decoded frames."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> tuple[Any, ...] | None:
+        buf = self._buf
+        if len(buf) < 4:
+            return None
+        (size,) = _HEADER.unpack_from(buf)
+        if len(buf) < 4 + size:
+            return None
+        message: tuple[Any, ...] = pickle.loads(memoryview(buf)[4 : 4 + size])
+        del buf[: 4 + size]
+        return message
+
+
+# --- the child ------------------------------------------------------------------------
+
+
+class _Channel:
+    """The child's end: operations in (a queue-like ``get``), answers out.
+
+    Each read takes exactly one frame (and a chunk's body after it) into a
+    buffer of its size: no body is copied around inside a bigger buffer.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.closed = False
+
+    def _exactly(self, size: int, block: bool = True) -> bytearray | None:
+        """``size`` octets (None at the socket's end, or when none wait and not ``block``)."""
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            try:
+                flags = socket.MSG_WAITALL if block or got else socket.MSG_DONTWAIT
+                n = self.sock.recv_into(view[got:], size - got, flags)
+            except BlockingIOError:
+                return None
+            except OSError:
+                n = 0
+            if n == 0:
+                self.closed = True
+                return None
+            got += n
+        return buf
+
+    def _next(self, block: bool) -> _Op | None:
+        if self.closed:
+            return _Stop()
+        header = self._exactly(_HEADER.size, block)
+        if header is None:
+            return _Stop() if self.closed else None
+        (size,) = _HEADER.unpack(header)
+        payload = self._exactly(size)
+        if payload is None:
+            return _Stop()
+        message: tuple[Any, ...] = pickle.loads(payload)
+        kind = message[0]
+        if kind == "chunk":  # its body follows, raw
+            data = self._exactly(message[3])
+            if data is None:
+                return _Stop()
+            return _Chunk(message[1], message[2], data)  # type: ignore[arg-type]  # a buffer
+        if kind == "commit":
+            # The reference travels where the thread keeps its future.
+            return _Commit(message[1], message[2], None, message[3])  # type: ignore[arg-type]
+        if kind == "discard":
+            return _Discard(message[1])
+        return _Stop()
+
+    def get(self) -> _Op:
+        op = self._next(block=True)
+        assert op is not None
+        return op  # _Stop at the socket's end: finish what was read, then stop
+
+    def get_nowait(self) -> _Op:
+        op = self._next(block=False)
+        if op is None:
+            raise queue.Empty
+        return op
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if not self.closed:
+            try:
+                self.sock.sendall(b"".join(_frame(message)))
+            except OSError:
+                self.closed = True
+
+
+class _ChildWriter(_WriterThread):
+    """The writer's batches, run on the child's main thread, answering over the channel."""
+
+    def __init__(self, path: Path, shared: bool, channel: _Channel) -> None:
+        lock = _OwnerLock(path.with_name(path.name + ".locks"))
+        super().__init__(path, lock, StoreStats(), shared)
+        self.channel = channel
+        self.ops = channel  # type: ignore[assignment]
+
+    def _settle(self, outcomes: list[tuple[_Commit, str | BaseException]]) -> None:  # type: ignore[override]
+        answers = [
+            (op.future, None, str(out))
+            if isinstance(out, BaseException)
+            else (op.future, out, None)
+            for op, out in outcomes
+        ]
+        self.channel.send(
+            ("done", answers, self.done_bytes, self.stats.commits, self.stats.messages)
+        )
+
+    def _wake_drained(self) -> None:
+        pass  # the store's side tracks the backlog from the answers
+
+
+def child_main(argv: list[str]) -> int:
+    """``python -m ehlo.storage._sqlite_process DB SHARED FD``."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    path, shared, fd = Path(argv[0]), argv[1] == "1", int(argv[2])
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    channel = _Channel(sock)
+    writer = _ChildWriter(path, shared, channel)
+    try:
+        writer._conn = writer._open()
+    except BaseException as exc:  # reported to the store, which raises StoreError
+        channel.send(("failed", f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)))
+        return 1
+    channel.send(("ready", writer.lock.owner))
+    try:
+        writer._serve()
+    finally:
+        try:
+            writer._conn.close()
+        finally:
+            if writer._write_lock is not None:
+                os.close(writer._write_lock)
+            writer.lock.release()
+    channel.send(("stopped",))
+    return 0
+
+
+# --- the store's side -----------------------------------------------------------------
+
+
+class _OwnerName:
+    """What the store reads of the owner lock: the child holds the lock itself."""
+
+    def __init__(self) -> None:
+        self.owner = ""
+
+    def release(self) -> None:
+        pass
+
+
+class WriterProcess(asyncio.Protocol):
+    """The store's handle on the child: the same interface as the writer thread."""
+
+    def __init__(self, path: Path, stats: StoreStats, shared: bool) -> None:
+        self.path = path
+        self.stats = stats
+        self.shared = shared
+        self.lock = _OwnerName()
+        self.ops = self  # ``ops.put(op)``, as with the thread's queue
+        self.queued_bytes = 0
+        self.done_bytes = 0
+        self.broken: str | None = None
+        self._frames = _Frames()
+        self._transport: asyncio.Transport | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._refs = itertools.count()
+        self._commits: dict[int, asyncio.Future[str]] = {}
+        self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._ready: asyncio.Future[None] | None = None
+        self._stopped: asyncio.Future[None] | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Body bytes sent but not yet executed."""
+        return self.queued_bytes - self.done_bytes
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):  # room for a few 256 KiB chunks in flight
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        env = dict(os.environ)
+        # The child imports this package from where this process found it.
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", __name__, str(self.path), "1" if self.shared else "0",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        self._ready = loop.create_future()
+        self._stopped = loop.create_future()
+        await loop.create_unix_connection(lambda: self, sock=ours)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), _START_TIMEOUT)
+        except TimeoutError:
+            await self._kill()
+            raise StoreError(
+                f"sqlite store {self.path}: the writer process did not start"
+                f" within {_START_TIMEOUT:g} s"
+            ) from None
+        except BaseException:
+            await self._kill()
+            raise
+
+    async def stop(self) -> None:
+        """Execute everything sent so far, then let the child exit."""
+        if self.broken is None and self._transport is not None:
+            self._transport.writelines(_frame(("stop",)))
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
+        if self._transport is not None:
+            self._transport.close()
+        if self._process is not None:
+            await self._process.wait()
+
+    async def _kill(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+
+    def put(self, op: _Op) -> None:
+        transport = self._transport
+        if transport is None or self.broken is not None:
+            if isinstance(op, _Commit) and not op.future.done():
+                op.future.set_exception(self._error())
+            return
+        if isinstance(op, _Chunk):
+            frame = _frame(("chunk", op.queue_id, op.seq, len(op.data)))
+            transport.writelines([*frame, op.data])
+            return
+        message: tuple[Any, ...]
+        if isinstance(op, _Commit):
+            ref = next(self._refs)
+            self._commits[ref] = op.future
+            message = ("commit", op.row, op.chunks, ref)
+        elif isinstance(op, _Discard):
+            message = ("discard", op.queue_id)
+        else:
+            message = ("stop",)
+        transport.writelines(_frame(message))
+
+    def wait_drained(self, low: int) -> asyncio.Future[None]:
+        """A future settled once the backlog is at most ``low``."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.pending_bytes <= low or self.broken is not None:
+            future.set_result(None)
+        else:
+            self._drain_waiters.append((low, future))
+        return future
+
+    def _error(self) -> StoreError:
+        return StoreError(f"sqlite store {self.path}: {self.broken or 'writer stopped'}")
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._frames.feed(data)
+        while (message := self._frames.next()) is not None:
+            self._handle(message)
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "done":
+            _, answers, done_bytes, commits, messages = message
+            for ref, queue_id, error in answers:
+                future = self._commits.pop(ref, None)
+                if future is None or future.done():
+                    continue  # the session was cancelled meanwhile
+                if error is not None:
+                    future.set_exception(StoreError(error))
+                else:
+                    future.set_result(queue_id)
+            self.done_bytes = done_bytes
+            self.stats.commits, self.stats.messages = commits, messages
+            self._wake(force=False)
+        elif kind == "ready":
+            self.lock.owner = message[1]
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+        elif kind == "failed":
+            self.broken = message[1]
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(StoreError(f"sqlite store {self.path}: {message[1]}"))
+        elif kind == "stopped" and self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._stopped is not None and self._stopped.done():
+            return
+        if self.broken is None:
+            self.broken = "the writer process exited"
+        error = self._error()
+        for future in self._commits.values():
+            if not future.done():
+                future.set_exception(error)
+        self._commits.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+        self._wake(force=True)
+
+    def _wake(self, *, force: bool) -> None:
+        if not self._drain_waiters:
+            return
+        pending = self.pending_bytes
+        keep = []
+        for low, future in self._drain_waiters:
+            if future.done():
+                continue
+            if force or pending <= low:
+                future.set_result(None)
+            else:
+                keep.append((low, future))
+        self._drain_waiters = keep
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))
