@@ -576,3 +576,32 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
+
+
+def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
+    # A service manager (systemd's default KillMode) signals the supervisor
+    # and each worker; the supervisor forwards its own. A worker must take
+    # the pair as one stop, not as the second signal that cuts sessions off.
+    with serving(tmp_path, "--no-tls", "--workers", "2") as server:
+        deadline = time.monotonic() + TIMEOUT
+        while len(children := _children(server.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        busy = server.smtp()
+        try:
+            assert busy.ehlo("busy.client.test")[0] == 250
+            assert busy.mail("alice@example.org")[0] == 250
+            assert busy.rcpt("bob@example.net")[0] == 250
+            assert busy.docmd("DATA")[0] == 354
+            busy.send(b"Subject: drained\r\n\r\nfirst half\r\n")
+            for pid in [server.proc.pid, *children]:
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(0.3)
+            busy.send(b"second half\r\n.\r\n")
+            code, text = busy.getreply()
+            assert code == 250, text
+            assert server.proc.wait(timeout=TIMEOUT) == 0
+            log = server.stderr()
+        finally:
+            busy.close()
+    assert "closing every connection now" not in log
+    assert [item["subject"] for item in list_json(server.data)] == ["drained"]

@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -506,6 +507,11 @@ def _start_failure(exc: BaseException, config: ServerConfig) -> Failure:
     return Failure(f"cannot start: {exc}")
 
 
+# A second SIGTERM/SIGINT closes every connection at once, unless it comes
+# this soon after the first (seconds).
+_REPEAT_SIGNAL = 1.0
+
+
 async def _run_server(
     config: ServerConfig,
     loop_name: str,
@@ -517,11 +523,16 @@ async def _run_server(
     loop = asyncio.get_running_loop()
     server = Server(config, sockets=sockets)
     stopping = asyncio.Event()
-    signals: list[int] = []
+    signals: list[float] = []
 
     def on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
-        signals.append(signum)
+        now = time.monotonic()
+        if signals and now - signals[0] < _REPEAT_SIGNAL:
+            # The same stop reaching a worker twice: from its supervisor and
+            # from a service manager that signals the whole group (systemd).
+            return
+        signals.append(now)
         if len(signals) == 1:
             log.info(
                 "%s received: stopping (transactions in progress have %gs to finish)",
