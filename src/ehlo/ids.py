@@ -9,22 +9,27 @@ forked worker), not a system call per id: ids need to be unique, not secret.
 
 from __future__ import annotations
 
-import base64
 import random
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
-# RFC 4648 base32 encodes 5-bit groups with "A..Z2..7"; mapping that alphabet
-# index for index onto Crockford's keeps the order (both are ascending).
-_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+# The 80 bits as 16 five-bit groups, most significant first (what base32 of
+# the 10 big-endian octets gives, in this alphabet): two table lookups per
+# 10 bits instead of the pure-Python base64.b32encode.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
 
 
 def new_queue_id() -> str:
     """A fresh queue id, e.g. ``01JDQ3V9X2M7K4PA``."""
-    raw = ((time.time_ns() // 1_000_000) << 32 | random.getrandbits(32)).to_bytes(10, "big")
-    return base64.b32encode(raw).translate(_FROM_RFC4648).decode("ascii")
+    n = (time.time_ns() // 1_000_000) << 32 | random.getrandbits(32)
+    pairs = _PAIRS
+    return (
+        pairs[n >> 70 & 1023] + pairs[n >> 60 & 1023] + pairs[n >> 50 & 1023]
+        + pairs[n >> 40 & 1023] + pairs[n >> 30 & 1023] + pairs[n >> 20 & 1023]
+        + pairs[n >> 10 & 1023] + pairs[n & 1023]
+    )  # fmt: skip
 
 
 def is_queue_id(text: str) -> bool:

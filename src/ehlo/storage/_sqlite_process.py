@@ -46,6 +46,7 @@ from .base import StoreError, StoreStats
 from .sqlite import _Chunk, _Commit, _Discard, _Op, _OwnerLock, _Stop, _WriterThread
 
 _HEADER = struct.Struct(">I")
+_READ_SIZE = 256 * 1024
 # How long the child may take to open (or create) the database.
 _START_TIMEOUT = 60.0
 
@@ -82,47 +83,74 @@ class _Frames:
 class _Channel:
     """The child's end: operations in (a queue-like ``get``), answers out.
 
-    Each read takes exactly one frame (and a chunk's body after it) into a
-    buffer of its size: no body is copied around inside a bigger buffer.
+    Small frames are parsed from one read buffer (a batch of them costs one
+    ``recv``); a chunk's body longer than what is buffered is read straight
+    into a buffer of its size, so no body is moved around inside a bigger one.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.closed = False
+        self._buf = bytearray()
+        self._pos = 0
 
-    def _exactly(self, size: int, block: bool = True) -> bytearray | None:
-        """``size`` octets (None at the socket's end, or when none wait and not ``block``)."""
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        while got < size:
-            try:
-                flags = socket.MSG_WAITALL if block or got else socket.MSG_DONTWAIT
-                n = self.sock.recv_into(view[got:], size - got, flags)
-            except BlockingIOError:
+    def _fill(self, block: bool) -> bool:
+        """Read what waits (waiting for something if ``block``); False if nothing came."""
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
+        try:
+            data = self.sock.recv(_READ_SIZE, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.closed = True
+            return False
+        self._buf += data
+        return True
+
+    def _take(self, size: int) -> bytearray | None:
+        """The next ``size`` octets, waiting for them (None at the socket's end)."""
+        while len(self._buf) - self._pos < size and size - (len(self._buf) - self._pos) < 65536:
+            if not self._fill(block=True):
                 return None
+        start = self._pos
+        have = min(size, len(self._buf) - start)
+        out = bytearray(size)
+        out[:have] = memoryview(self._buf)[start : start + have]
+        self._pos = start + have
+        view = memoryview(out)
+        got = have
+        while got < size:  # a big body: the rest straight from the socket
+            try:
+                n = self.sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
             except OSError:
                 n = 0
             if n == 0:
                 self.closed = True
                 return None
             got += n
-        return buf
+        return out
 
     def _next(self, block: bool) -> _Op | None:
-        if self.closed:
-            return _Stop()
-        header = self._exactly(_HEADER.size, block)
+        if len(self._buf) - self._pos < _HEADER.size:
+            if self.closed:
+                return _Stop()
+            if not self._fill(block) and not block:
+                return _Stop() if self.closed else None
+        header = self._take(_HEADER.size)
         if header is None:
-            return _Stop() if self.closed else None
+            return _Stop()
         (size,) = _HEADER.unpack(header)
-        payload = self._exactly(size)
+        payload = self._take(size)
         if payload is None:
             return _Stop()
         message: tuple[Any, ...] = pickle.loads(payload)
         kind = message[0]
         if kind == "chunk":  # its body follows, raw
-            data = self._exactly(message[3])
+            data = self._take(message[3])
             if data is None:
                 return _Stop()
             return _Chunk(message[1], message[2], data)  # type: ignore[arg-type]  # a buffer
@@ -230,6 +258,7 @@ class WriterProcess(asyncio.Protocol):
         self.done_bytes = 0
         self.broken: str | None = None
         self._frames = _Frames()
+        self._out: list[bytes] = []  # frames of this turn of the loop (see _send)
         self._transport: asyncio.Transport | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._refs = itertools.count()
@@ -282,7 +311,8 @@ class WriterProcess(asyncio.Protocol):
     async def stop(self) -> None:
         """Execute everything sent so far, then let the child exit."""
         if self.broken is None and self._transport is not None:
-            self._transport.writelines(_frame(("stop",)))
+            self._out += _frame(("stop",))
+            self._flush()
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
         if self._transport is not None:
@@ -304,8 +334,7 @@ class WriterProcess(asyncio.Protocol):
                 op.future.set_exception(self._error())
             return
         if isinstance(op, _Chunk):
-            frame = _frame(("chunk", op.queue_id, op.seq, len(op.data)))
-            transport.writelines([*frame, op.data])
+            self._send(_frame(("chunk", op.queue_id, op.seq, len(op.data))), op.data)
             return
         message: tuple[Any, ...]
         if isinstance(op, _Commit):
@@ -316,7 +345,25 @@ class WriterProcess(asyncio.Protocol):
             message = ("discard", op.queue_id)
         else:
             message = ("stop",)
-        transport.writelines(_frame(message))
+        self._send(_frame(message))
+
+    def _send(self, frame: list[bytes], body: bytes | None = None) -> None:
+        """Queue a frame; what one turn of the event loop queues leaves in one write.
+
+        (A message's last chunk and its commit then reach the writer
+        together, and it writes them as one whole message.)
+        """
+        out = self._out
+        if not out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        out += frame
+        if body is not None:
+            out.append(body)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self._transport is not None:
+            self._transport.writelines(out)
 
     def wait_drained(self, low: int) -> asyncio.Future[None]:
         """A future settled once the backlog is at most ``low``."""
