@@ -10,7 +10,8 @@ is killed outright gets SIGTERM from the kernel (Linux) and drains too, so no
 server process outlives ``ehlo serve``.
 
 Storage stays correct with several writers: SQLite runs in WAL mode with one
-writer thread per process, and Maildir names are unique across processes.
+writer (a child process) per worker, the writers taking turns on a lock file,
+and Maildir names are unique across processes.
 """
 
 from __future__ import annotations

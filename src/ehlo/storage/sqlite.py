@@ -1,8 +1,9 @@
 """The SQLite message store (the default backend).
 
 This module owns the database file (``data_dir/ehlo.sqlite3``), its schema,
-the single writer thread that performs every write, and the read-only
-queries used by the CLI.
+the single writer that performs every write (its batches run in a child
+process by default, see :mod:`ehlo.storage._sqlite_process`, or in a thread),
+and the read-only queries used by the CLI.
 
 Layout::
 
@@ -14,8 +15,9 @@ Writing. A body is never held whole in memory: :meth:`SQLiteWriter.write`
 gathers up to :data:`CHUNK_SIZE` bytes, then queues the chunk for the writer
 thread. ``commit`` queues the envelope row and awaits a future. The writer
 thread takes everything queued (up to a cap), runs it inside ONE transaction
-and issues ONE ``COMMIT`` (WAL, ``synchronous=FULL``: one fsync of the WAL),
-then resolves every commit future of the batch. Concurrent sessions thus share
+and issues ONE ``COMMIT`` (WAL; ``synchronous=FULL``, one fsync of the WAL,
+for every batch that acknowledges a message), then resolves every commit
+future of the batch. Concurrent sessions thus share
 fsyncs (group commit); ``stats.commits`` counts the COMMITs, ``stats.messages``
 the messages. A message's chunks may land in the database inside another
 message's transaction: a message is visible only once its ``messages`` row
@@ -54,9 +56,6 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..ids import new_queue_id
-
-if TYPE_CHECKING:
-    from ._sqlite_process import WriterProcess
 from .base import (
     Envelope,
     HeaderSniffer,
@@ -67,6 +66,9 @@ from .base import (
     StoreError,
     StoreStats,
 )
+
+if TYPE_CHECKING:
+    from ._sqlite_process import WriterProcess
 
 try:
     import fcntl
