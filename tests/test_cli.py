@@ -291,6 +291,15 @@ def test_maildir_store_json_logs_and_sigint(tmp_path: Path) -> None:
 # Graceful shutdown
 
 
+def start_message(client: smtplib.SMTP, subject: str) -> None:
+    """A transaction left in the middle of its DATA (the rest: b"second half\r\n.\r\n")."""
+    assert client.ehlo("busy.client.test")[0] == 250
+    assert client.mail("alice@example.org")[0] == 250
+    assert client.rcpt("bob@example.net")[0] == 250
+    assert client.docmd("DATA")[0] == 354
+    client.send(b"Subject: %s\r\n\r\nfirst half\r\n" % subject.encode())
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_lets_data_finish_and_sends_421_to_idle_clients(
     tmp_path: Path, workers: str
@@ -299,11 +308,7 @@ def test_sigterm_lets_data_finish_and_sends_421_to_idle_clients(
         busy = server.smtp()
         idle = server.smtp()
         try:
-            assert busy.ehlo("busy.client.test")[0] == 250
-            assert busy.mail("alice@example.org")[0] == 250
-            assert busy.rcpt("bob@example.net")[0] == 250
-            assert busy.docmd("DATA")[0] == 354
-            busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+            start_message(busy, "in flight")
             assert idle.ehlo("idle.client.test")[0] == 250
 
             server.proc.send_signal(signal.SIGTERM)
@@ -588,11 +593,7 @@ def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
             time.sleep(0.05)
         busy = server.smtp()
         try:
-            assert busy.ehlo("busy.client.test")[0] == 250
-            assert busy.mail("alice@example.org")[0] == 250
-            assert busy.rcpt("bob@example.net")[0] == 250
-            assert busy.docmd("DATA")[0] == 354
-            busy.send(b"Subject: drained\r\n\r\nfirst half\r\n")
+            start_message(busy, "drained")
             for pid in [server.proc.pid, *children]:
                 os.kill(pid, signal.SIGTERM)
             time.sleep(0.3)
