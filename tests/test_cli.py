@@ -14,6 +14,7 @@ import os
 import signal
 import smtplib
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -564,13 +565,23 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_children(server: ServerProcess, count: int) -> list[int]:
+    deadline = time.monotonic() + TIMEOUT
+    while len(children := _children(server.proc.pid)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(children) == count
+    return children
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2") as server:
+        children = _wait_children(server, 3)  # two workers, their SQLite writer
         deadline = time.monotonic() + TIMEOUT
-        while len(children := _children(server.proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(children) == 2
         with server.smtp() as client:  # a worker answers
             assert client.ehlo("c.test")[0] == 250
         server.proc.kill()  # SIGKILL: the supervisor cannot forward anything
@@ -588,9 +599,7 @@ def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
     # and each worker; the supervisor forwards its own. A worker must take
     # the pair as one stop, not as the second signal that cuts sessions off.
     with serving(tmp_path, "--no-tls", "--workers", "2") as server:
-        deadline = time.monotonic() + TIMEOUT
-        while len(children := _children(server.proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        children = _wait_children(server, 3)  # two workers, their SQLite writer
         busy = server.smtp()
         try:
             start_message(busy, "drained")
@@ -606,3 +615,56 @@ def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
             busy.close()
     assert "closing every connection now" not in log
     assert [item["subject"] for item in list_json(server.data)] == ["drained"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: Path) -> None:
+    with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
+        children = _wait_children(server, 3)
+        writers = [pid for pid in children if "--hub" in _cmdline(pid)]
+        assert len(writers) == 1
+        workers = [pid for pid in children if pid not in writers]
+        time.sleep(2.5)  # past the supervisor's crash-loop guard
+        # A message half sent, its first chunks already with the writer...
+        client = server.smtp()
+        start_message(client, "never finished")
+        client.send((b"y" * 78 + b"\r\n") * 8000)  # 640,000 octets: two chunks and more
+        time.sleep(0.3)
+        for pid in workers:  # ...then every worker dies at once
+            os.kill(pid, signal.SIGKILL)
+        client.close()
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            fresh = [p for p in _children(server.proc.pid) if p not in children]
+            if len(fresh) == 2:
+                break
+            time.sleep(0.05)
+        assert len(fresh) == 2, "the supervisor did not restart its workers"
+        server.wait_ready()
+        with server.smtp() as after:  # the same writer takes the new workers' mail
+            after.ehlo("after.client.test")
+            after.sendmail("a@example.org", ["b@example.net"], b"Subject: after\r\n\r\nz\r\n")
+        assert _children(server.proc.pid).count(writers[0]) == 1
+        db = sqlite3.connect(server.data / "ehlo.sqlite3")
+        try:
+            leftovers = db.execute(
+                "SELECT (SELECT count(*) FROM chunks c WHERE NOT EXISTS"
+                " (SELECT 1 FROM messages m WHERE m.queue_id = c.queue_id)),"
+                " (SELECT count(*) FROM pending)"
+            ).fetchone()
+        finally:
+            db.close()
+        assert leftovers == (0, 0)  # the dead worker's chunks were discarded
+        assert server.stop() == 0
+    assert [item["subject"] for item in list_json(server.data)] == ["after"]
+
+
+def test_workers_report_an_unusable_database_once(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ehlo.sqlite3").write_bytes(b"not an SQLite file at all " * 200)
+    result = run("serve", "--listen", f"127.0.0.1:{free_port()}", "--data", str(data),
+                 "--workers", "2", "--no-tls")
+    assert result.returncode == 1
+    assert "not a database" in one_line_error(result.stderr)
+

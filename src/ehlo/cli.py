@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -475,7 +476,25 @@ def _serve_workers(
     except (OSError, TLSConfigError, ValueError) as exc:
         raise _start_failure(exc, config) from None
 
+    hub = None
+    if config.store == "sqlite" and sys.platform.startswith("linux"):
+        # One SQLite writer for every worker: their messages share batches
+        # and fsyncs, and no worker waits for another's write lock.
+        from .storage import StoreError, sqlite_path
+        from .storage._sqlite_process import start_hub
+
+        try:
+            Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+            address, control, hub = start_hub(sqlite_path(Path(config.data_dir)))
+        except (OSError, StoreError) as exc:
+            for sock in sockets:
+                sock.close()
+            raise _start_failure(exc, config) from None
+        config = dataclasses.replace(config, sqlite_writer_address=address)
+
     def run_worker(socks: Sequence[socket.socket], index: int) -> int:
+        if hub is not None:
+            control.close()  # the supervisor's end: only it may tell the hub to stop
         try:
             with asyncio.Runner(loop_factory=factory) as runner:
                 return runner.run(_run_server(config, f"{loop_name}, worker {index}", socks))
@@ -484,7 +503,16 @@ def _serve_workers(
                       extra={"event": "worker_failed", "worker": index})
             return 1
 
-    return run_workers(sockets, workers, run_worker)
+    try:
+        return run_workers(sockets, workers, run_worker)
+    finally:
+        if hub is not None:
+            control.close()  # the hub stops once every worker has let go
+            try:
+                hub.wait(timeout=config.shutdown_timeout + 30)
+            except subprocess.TimeoutExpired:
+                hub.kill()
+                hub.wait()
 
 
 def _start_failure(exc: BaseException, config: ServerConfig) -> Failure:

@@ -233,6 +233,9 @@ class ServerConfig:
     # own event loop; the SQLite store then coordinates their writers.
     # 0: one per CPU core this process may run on.
     workers: int = 0
+    # Set by ``ehlo serve`` for its workers (not a configuration key): the
+    # address of the SQLite writer they share.
+    sqlite_writer_address: str | None = None
     # RFC 5321 section 4.5.3.2.7: at least 5 minutes awaiting a command.
     command_timeout: float = 300.0
     # Longest wait for more message data (RFC 5321 section 4.5.3.2.5/6 spirit).

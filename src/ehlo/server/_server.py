@@ -372,7 +372,12 @@ class Server:
         config = self.config
         store = self._store
         if store is None:
-            store = open_store(config.store, Path(config.data_dir), shared=config.workers > 1)
+            store = open_store(
+                config.store,
+                Path(config.data_dir),
+                shared=config.workers > 1,
+                writer_address=config.sqlite_writer_address,
+            )
         await store.start()
         try:
             tls = tls_contexts_for(config)

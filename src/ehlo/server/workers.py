@@ -9,9 +9,10 @@ unexpectedly, and exits when all workers are gone. A worker whose supervisor
 is killed outright gets SIGTERM from the kernel (Linux) and drains too, so no
 server process outlives ``ehlo serve``.
 
-Storage stays correct with several writers: SQLite runs in WAL mode with one
-writer (a child process) per worker, the writers taking turns on a lock file,
-and Maildir names are unique across processes.
+Storage stays correct with several writers: with SQLite, ``ehlo serve``
+starts one writer process before forking and every worker's store sends it
+its operations (``ehlo.storage._sqlite_process``); Maildir names are unique
+across processes.
 """
 
 from __future__ import annotations

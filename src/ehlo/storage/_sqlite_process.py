@@ -29,11 +29,13 @@ closes (its parent is gone), after executing everything it has read.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
 import pickle
 import queue
+import selectors
 import signal
 import socket
 import struct
@@ -49,6 +51,14 @@ _HEADER = struct.Struct(">I")
 _READ_SIZE = 256 * 1024
 # How long the child may take to open (or create) the database.
 _START_TIMEOUT = 60.0
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of a writer process: it imports this package from where we did."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
 
 
 def _frame(message: tuple[Any, ...]) -> list[bytes]:
@@ -246,12 +256,19 @@ class _OwnerName:
 
 
 class WriterProcess(asyncio.Protocol):
-    """The store's handle on the child: the same interface as the writer thread."""
+    """The store's handle on the child: the same interface as the writer thread.
 
-    def __init__(self, path: Path, stats: StoreStats, shared: bool) -> None:
+    With ``address``, the writer is a hub another process started
+    (:func:`start_hub`): the store connects to it instead of starting a child.
+    """
+
+    def __init__(
+        self, path: Path, stats: StoreStats, shared: bool, address: str | None = None
+    ) -> None:
         self.path = path
         self.stats = stats
         self.shared = shared
+        self.address = address
         self.lock = _OwnerName()
         self.ops = self  # ``ops.put(op)``, as with the thread's queue
         self.queued_bytes = 0
@@ -274,28 +291,20 @@ class WriterProcess(asyncio.Protocol):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair()
-        for sock in (ours, theirs):  # room for a few 256 KiB chunks in flight
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-        env = dict(os.environ)
-        # The child imports this package from where this process found it.
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", __name__, str(self.path), "1" if self.shared else "0",
-                str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )  # fmt: skip
-        finally:
-            theirs.close()
         self._ready = loop.create_future()
         self._stopped = loop.create_future()
-        await loop.create_unix_connection(lambda: self, sock=ours)
+        if self.address is not None:
+            # Connected here: uvloop takes no abstract (NUL-led) socket names.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.address)
+            except OSError:
+                sock.close()
+                raise
+            sock.setblocking(False)
+            await loop.create_unix_connection(lambda: self, sock=sock)
+        else:
+            await self._spawn(loop)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), _START_TIMEOUT)
         except TimeoutError:
@@ -307,6 +316,25 @@ class WriterProcess(asyncio.Protocol):
         except BaseException:
             await self._kill()
             raise
+
+    async def _spawn(self, loop: asyncio.AbstractEventLoop) -> None:
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):  # room for a few 256 KiB chunks in flight
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        env = _child_env()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", __name__, str(self.path), "1" if self.shared else "0",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        await loop.create_unix_connection(lambda: self, sock=ours)
 
     async def stop(self) -> None:
         """Execute everything sent so far, then let the child exit."""
@@ -445,5 +473,291 @@ class WriterProcess(asyncio.Protocol):
         self._drain_waiters = keep
 
 
+# --- one writer for several worker processes ---------------------------------------
+
+
+class _Link:
+    """One worker's connection to the hub: its frames in, its answers out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.body: tuple[tuple[Any, ...], bytearray, int] | None = None  # a chunk being read
+        self.open: set[str] = set()  # messages with chunks, not yet committed or discarded
+        self.inflight = 0  # operations read, not yet executed
+        self.done_bytes = 0
+        self.stopping = False
+        self.closed = False
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if self.closed:
+            return
+        self.sock.setblocking(True)
+        try:
+            self.sock.sendall(b"".join(_frame(message)))
+        except OSError:
+            self.closed = True
+        finally:
+            self.sock.setblocking(False)
+
+
+class _Hub:
+    """The writer's operations from every worker (``ehlo serve --workers N``).
+
+    The supervisor starts it with a listening Unix socket before it forks
+    the workers; each worker's store connects to it. Operations keep their
+    order within a connection. A connection that ends without its stop
+    message (its worker died) gets its unfinished messages discarded. The hub
+    stops once the supervisor's control socket has closed and every worker
+    has said stop or gone.
+    """
+
+    def __init__(self, listener: socket.socket, control: socket.socket) -> None:
+        self.listener = listener
+        self.control = control
+        self.selector = selectors.DefaultSelector()
+        listener.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, None)
+        self.selector.register(control, selectors.EVENT_READ, "control")
+        self.ready: collections.deque[tuple[_Link, _Op]] = collections.deque()
+        self.links: list[_Link] = []
+        self.owner = ""
+        self.control_open = True
+        self.link_of: dict[int, _Link] = {}  # id(op) -> its link, for the batch
+
+    def get(self) -> _Op:
+        while not self.ready:
+            if not self.control_open and not self.links:
+                return _Stop()
+            self._poll(None)
+        return self._pop()
+
+    def get_nowait(self) -> _Op:
+        if not self.ready:
+            self._poll(0)
+        if not self.ready:
+            raise queue.Empty
+        return self._pop()
+
+    def _pop(self) -> _Op:
+        link, op = self.ready.popleft()
+        self.link_of[id(op)] = link
+        return op
+
+    def _poll(self, timeout: float | None) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.data == "control":
+                if not self.control.recv(1):  # the supervisor is done (or gone)
+                    self.control_open = False
+                    self.selector.unregister(self.control)
+                    self.selector.unregister(self.listener)
+                    self.listener.close()
+            elif key.data is None:
+                try:
+                    sock, _ = self.listener.accept()
+                except OSError:
+                    continue
+                sock.setblocking(False)
+                link = _Link(sock)
+                self.links.append(link)
+                self.selector.register(sock, selectors.EVENT_READ, link)
+                link.send(("ready", self.owner))
+            else:
+                self._read(key.data)
+
+    def _read(self, link: _Link) -> None:
+        try:
+            if link.body is not None:
+                message, data, got = link.body
+                n = link.sock.recv_into(memoryview(data)[got:])
+                if n:
+                    got += n
+                    link.body = (message, data, got)
+                    if got == len(data):
+                        link.body = None
+                        self._push(link, _Chunk(message[1], message[2], data))  # type: ignore[arg-type]
+                    return
+            else:
+                data_in = link.sock.recv(_READ_SIZE)
+                if data_in:
+                    link.buf += data_in
+                    self._parse(link)
+                    return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._gone(link)
+
+    def _parse(self, link: _Link) -> None:
+        buf = link.buf
+        pos = 0
+        while len(buf) - pos >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            if len(buf) - pos - _HEADER.size < size:
+                break
+            start = pos + _HEADER.size
+            message: tuple[Any, ...] = pickle.loads(memoryview(buf)[start : start + size])
+            pos = start + size
+            kind = message[0]
+            if kind == "chunk":
+                length = message[3]
+                body = bytearray(length)
+                have = min(length, len(buf) - pos)
+                body[:have] = memoryview(buf)[pos : pos + have]
+                pos += have
+                link.open.add(message[1])
+                if have < length:
+                    link.body = (message, body, have)
+                    break  # the rest of the buffer was all body
+                self._push(link, _Chunk(message[1], message[2], body))  # type: ignore[arg-type]
+            elif kind == "commit":
+                link.open.discard(message[1][0])
+                self._push(link, _Commit(message[1], message[2], None, (link, message[3])))  # type: ignore[arg-type]
+            elif kind == "discard":
+                link.open.discard(message[1])
+                self._push(link, _Discard(message[1]))
+            else:  # stop: answered once what it sent before is executed
+                link.stopping = True
+                self._finish(link)
+        del buf[:pos]
+
+    def _push(self, link: _Link, op: _Op) -> None:
+        link.inflight += 1
+        self.ready.append((link, op))
+
+    def _gone(self, link: _Link) -> None:
+        """The link ended: its worker stopped, or died mid-message."""
+        if link in self.links:
+            self.links.remove(link)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(link.sock)
+        link.closed = True
+        link.sock.close()
+        for queue_id in link.open:  # chunks of messages that will never be committed
+            self._push(link, _Discard(queue_id))
+        link.open.clear()
+
+    def _finish(self, link: _Link) -> None:
+        if link.stopping and link.inflight == 0 and not link.closed:
+            link.send(("stopped",))
+            self._gone(link)
+
+    def executed(self, batch: list[_Op], outcomes: list[tuple[_Commit, str | BaseException]],
+                 commits: int, messages: int) -> None:
+        """After a batch: answer each link that had operations in it."""
+        answers: dict[int, tuple[_Link, list[tuple[int, str | None, str | None]]]] = {}
+        for op in batch:
+            link = self.link_of.pop(id(op), None)
+            if link is None:
+                continue
+            link.inflight -= 1
+            if isinstance(op, _Chunk):
+                link.done_bytes += len(op.data)
+            answers.setdefault(id(link), (link, []))
+        for op, out in outcomes:
+            tag: Any = op.future  # (link, reference): see _parse
+            link, ref = tag
+            entry = answers.setdefault(id(link), (link, []))[1]
+            if isinstance(out, BaseException):
+                entry.append((ref, None, str(out)))
+            else:
+                entry.append((ref, out, None))
+        for link, items in answers.values():
+            link.send(("done", items, link.done_bytes, commits, messages))
+            self._finish(link)
+
+
+class _HubWriter(_WriterThread):
+    """The writer's batches over the hub's operations."""
+
+    def __init__(self, path: Path, hub: _Hub) -> None:
+        lock = _OwnerLock(path.with_name(path.name + ".locks"))
+        super().__init__(path, lock, StoreStats(), shared=True)
+        self.hub = hub
+        self.ops = hub  # type: ignore[assignment]
+        self._outcomes: list[tuple[_Commit, str | BaseException]] = []
+
+    def _execute(self, batch: list[_Op]) -> None:
+        super()._execute(batch)
+        outcomes, self._outcomes = self._outcomes, []
+        self.hub.executed(batch, outcomes, self.stats.commits, self.stats.messages)
+
+    def _settle(self, outcomes: list[tuple[_Commit, str | BaseException]]) -> None:  # type: ignore[override]
+        self._outcomes = outcomes
+
+    def _wake_drained(self) -> None:
+        pass
+
+
+def hub_main(argv: list[str]) -> int:
+    """``python -m ehlo.storage._sqlite_process --hub DB LISTENER_FD CONTROL_FD``."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    path = Path(argv[0])
+    listener = socket.socket(fileno=int(argv[1]))
+    control = socket.socket(fileno=int(argv[2]))
+    hub = _Hub(listener, control)
+    writer = _HubWriter(path, hub)
+    try:
+        writer._conn = writer._open()
+    except BaseException as exc:  # the supervisor prints it and does not start
+        control.sendall(f"failed {exc}\n".encode())
+        return 1
+    hub.owner = writer.lock.owner
+    control.sendall(b"ready\n")
+    try:
+        writer._serve()
+    finally:
+        try:
+            writer._conn.close()
+        finally:
+            if writer._write_lock is not None:
+                os.close(writer._write_lock)
+            writer.lock.release()
+    return 0
+
+
+def start_hub(path: Path, timeout: float = _START_TIMEOUT) -> tuple[str, socket.socket, Any]:
+    """In ``ehlo serve``'s supervisor, before forking: the hub's address, control, process.
+
+    Closing the control socket tells the hub to stop once its workers are done.
+    """
+    name = f"\0ehlo-writer-{os.getpid()}-{os.urandom(6).hex()}"  # Linux abstract socket
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = socket.socketpair()
+    try:
+        listener.bind(name)
+        listener.listen(64)
+        process = subprocess.Popen(
+            [sys.executable, "-m", __name__, "--hub", str(path),
+             str(listener.fileno()), str(theirs.fileno())],
+            pass_fds=(listener.fileno(), theirs.fileno()),
+            stdin=subprocess.DEVNULL,
+            env=_child_env(),
+        )  # fmt: skip
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        listener.close()
+        theirs.close()
+    ours.settimeout(timeout)
+    try:
+        line = ours.makefile("rb").readline().decode(errors="replace").strip()
+    except OSError:
+        line = ""
+    ours.settimeout(None)
+    if line != "ready":
+        process.kill()
+        process.wait()
+        ours.close()
+        reason = line.removeprefix("failed ") or "the writer process did not start"
+        raise StoreError(f"sqlite store {path}: {reason}")
+    return name, ours, process
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--hub"]:
+        sys.exit(hub_main(sys.argv[2:]))
     sys.exit(child_main(sys.argv[1:]))

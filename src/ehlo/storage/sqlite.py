@@ -712,14 +712,24 @@ class SQLiteStore(Store):
 
     name = "sqlite"
 
-    def __init__(self, path: Path, *, shared: bool = False, writer: str = "process") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        shared: bool = False,
+        writer: str = "process",
+        writer_address: str | None = None,
+    ) -> None:
         if writer not in ("process", "thread"):
             raise ValueError(f"writer: expected 'process' or 'thread', got {writer!r}")
         self.path = Path(path)
         self.shared = shared
         # Where the writer runs: a child process (the default; see
-        # ehlo.storage._sqlite_process) or a thread of this process.
+        # ehlo.storage._sqlite_process) or a thread of this process; with
+        # ``writer_address``, the writer another process runs for several
+        # (``ehlo serve --workers``).
         self.writer = writer
+        self.writer_address = writer_address
         self.stats = StoreStats()
         self._thread: _WriterThread | WriterProcess | None = None
 
@@ -752,7 +762,7 @@ class SQLiteStore(Store):
         if self.writer == "process":
             from ._sqlite_process import WriterProcess
 
-            process = WriterProcess(self.path, self.stats, self.shared)
+            process = WriterProcess(self.path, self.stats, self.shared, self.writer_address)
             try:
                 await process.start()
             except (OSError, TimeoutError) as exc:
