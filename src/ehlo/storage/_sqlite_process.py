@@ -744,7 +744,8 @@ def start_hub(path: Path, timeout: float = _START_TIMEOUT) -> tuple[str, socket.
         theirs.close()
     ours.settimeout(timeout)
     try:
-        line = ours.makefile("rb").readline().decode(errors="replace").strip()
+        with ours.makefile("rb") as answer:
+            line = answer.readline().decode(errors="replace").strip()
     except OSError:
         line = ""
     ours.settimeout(None)
