@@ -214,6 +214,20 @@ class _ChildWriter(_WriterThread):
         pass  # the store's side tracks the backlog from the answers
 
 
+def _run(writer: _WriterThread) -> None:
+    """Serve batches until told to stop, then let go of the database and the locks."""
+    try:
+        writer._serve()
+    finally:
+        try:
+            if writer._conn is not None:
+                writer._conn.close()
+        finally:
+            if writer._write_lock is not None:
+                os.close(writer._write_lock)
+            writer.lock.release()
+
+
 def child_main(argv: list[str]) -> int:
     """``python -m ehlo.storage._sqlite_process DB SHARED FD``."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -226,18 +240,10 @@ def child_main(argv: list[str]) -> int:
     try:
         writer._conn = writer._open()
     except BaseException as exc:  # reported to the store, which raises StoreError
-        channel.send(("failed", f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)))
+        channel.send(("failed", str(exc) or type(exc).__name__))
         return 1
     channel.send(("ready", writer.lock.owner))
-    try:
-        writer._serve()
-    finally:
-        try:
-            writer._conn.close()
-        finally:
-            if writer._write_lock is not None:
-                os.close(writer._write_lock)
-            writer.lock.release()
+    _run(writer)
     channel.send(("stopped",))
     return 0
 
@@ -706,15 +712,7 @@ def hub_main(argv: list[str]) -> int:
         return 1
     hub.owner = writer.lock.owner
     control.sendall(b"ready\n")
-    try:
-        writer._serve()
-    finally:
-        try:
-            writer._conn.close()
-        finally:
-            if writer._write_lock is not None:
-                os.close(writer._write_lock)
-            writer.lock.release()
+    _run(writer)
     return 0
 
 
