@@ -668,3 +668,21 @@ def test_workers_report_an_unusable_database_once(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "not a database" in one_line_error(result.stderr)
 
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sqlite_writer_thread_starts_no_writer_process(tmp_path: Path) -> None:
+    config = tmp_path / "ehlo.toml"
+    config.write_text('sqlite_writer = "thread"\ntls = false\n')
+    with serving(tmp_path, "--config", str(config), "--workers", "2") as server:
+        children = _wait_children(server, 2)
+        time.sleep(0.3)  # a writer process would have started by now
+        assert sorted(_children(server.proc.pid)) == sorted(children)
+        for pid in children:
+            assert _children(pid) == []  # nor one under a worker
+            assert "_sqlite_process" not in _cmdline(pid)
+        with server.smtp() as client:
+            client.ehlo("c.test")
+            client.sendmail("a@example.org", ["b@example.net"], b"Subject: threads\r\n\r\nx\r\n")
+        assert server.stop() == 0
+    assert [item["subject"] for item in list_json(server.data)] == ["threads"]

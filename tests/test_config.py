@@ -616,3 +616,12 @@ def test_greeting_option_labels() -> None:
     )
     message = error_of(None, {"dns_servers": ["x"]}, labels={"dns_servers": "--dns-server"})
     assert message.startswith("--dns-server: expected a list of DNS servers")
+
+
+def test_sqlite_writer_is_process_or_thread(tmp_path: Path) -> None:
+    assert load_config(None, {}).sqlite_writer == "process"
+    path = write(tmp_path, 'sqlite_writer = "thread"\n')
+    assert load_config(path, {}).sqlite_writer == "thread"
+    path = write(tmp_path, 'sqlite_writer = "fork"\n')
+    assert "sqlite_writer" in error_of(path)
+

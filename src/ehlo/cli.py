@@ -477,7 +477,11 @@ def _serve_workers(
         raise _start_failure(exc, config) from None
 
     hub = None
-    if config.store == "sqlite" and sys.platform.startswith("linux"):
+    if (
+        config.store == "sqlite"
+        and config.sqlite_writer == "process"
+        and sys.platform.startswith("linux")
+    ):
         # One SQLite writer for every worker: their messages share batches
         # and fsyncs, and no worker waits for another's write lock.
         from .storage import StoreError, sqlite_path

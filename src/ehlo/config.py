@@ -233,6 +233,10 @@ class ServerConfig:
     # own event loop; the SQLite store then coordinates their writers.
     # 0: one per CPU core this process may run on.
     workers: int = 0
+    # Where the SQLite store's writer runs: "process" (a child process, away
+    # from the event loop's GIL; with several workers, one for all of them)
+    # or "thread" (a thread of each server process: no child process).
+    sqlite_writer: str = "process"
     # Set by ``ehlo serve`` for its workers (not a configuration key): the
     # address of the SQLite writer they share.
     sqlite_writer_address: str | None = None
@@ -545,6 +549,7 @@ _SERVER_KEYS: dict[str, _Check] = {
     "listen": _listen,
     "data_dir": _path,
     "store": _choice("sqlite", "maildir", "null"),
+    "sqlite_writer": _choice("process", "thread"),
     "hostname": _hostname,
     "domains": _domains,
     "tls": _bool,

@@ -376,6 +376,7 @@ class Server:
                 config.store,
                 Path(config.data_dir),
                 shared=config.workers > 1,
+                writer=config.sqlite_writer,
                 writer_address=config.sqlite_writer_address,
             )
         await store.start()

@@ -37,20 +37,28 @@ def sqlite_path(data_dir: Path) -> Path:
 
 
 def open_store(
-    kind: str, data_dir: Path, *, shared: bool = False, writer_address: str | None = None
+    kind: str,
+    data_dir: Path,
+    *,
+    shared: bool = False,
+    writer: str = "process",
+    writer_address: str | None = None,
 ) -> Store:
     """The store of ``kind`` ("sqlite", "maildir" or "null") under ``data_dir``.
 
     Creates ``data_dir`` when needed; the store still has to be started.
     ``shared``: several server processes write to it at once (``--workers``).
-    ``writer_address``: SQLite only, the writer those processes share.
+    ``writer`` ("process" or "thread") and ``writer_address`` (the writer
+    several processes share): SQLite only, see :class:`SQLiteStore`.
     """
     if kind not in ("sqlite", "maildir", "null"):
         raise ValueError(f"unknown store kind {kind!r} (expected sqlite, maildir or null)")
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if kind == "sqlite":
-        return SQLiteStore(sqlite_path(data_dir), shared=shared, writer_address=writer_address)
+        return SQLiteStore(
+            sqlite_path(data_dir), shared=shared, writer=writer, writer_address=writer_address
+        )
     if kind == "maildir":
         return MaildirStore(data_dir / "maildir")
     return NullStore()
