@@ -103,10 +103,12 @@ def decode_response(line: str) -> bytes | SaslFailure:
         return INVALID_BASE64
 
 
-class PlainMechanism:
-    """PLAIN (RFC 4616): one message ``[authzid] NUL authcid NUL passwd`` in UTF-8."""
+class _Mechanism:
+    """What PLAIN and LOGIN share: one start, steps until a result other than a challenge."""
 
-    name: str = "PLAIN"
+    name: str = ""
+    # RFC 4954 section 4: sent (in a "334" line) when AUTH came without an initial response.
+    first_challenge: bytes = b""
 
     def __init__(self) -> None:
         self._started = False
@@ -117,17 +119,29 @@ class PlainMechanism:
             return FINISHED
         self._started = True
         if initial is None:
-            # RFC 4954 section 4: no initial response, so an empty challenge ("334 ").
-            return Challenge(b"")
+            return Challenge(self.first_challenge)
         return self.step(initial)
 
     def step(self, line: str) -> Step:
         if self._done:
             return FINISHED
-        self._done = True
         data = decode_response(line)
-        if isinstance(data, SaslFailure):
-            return data
+        result = data if isinstance(data, SaslFailure) else self._take(data)
+        if not isinstance(result, Challenge):
+            self._done = True  # credentials or a failure: the exchange is over
+        return result
+
+    def _take(self, data: bytes) -> Step:
+        raise NotImplementedError
+
+
+class PlainMechanism(_Mechanism):
+    """PLAIN (RFC 4616): one message ``[authzid] NUL authcid NUL passwd`` in UTF-8."""
+
+    name = "PLAIN"
+    first_challenge = b""  # RFC 4954 section 4: an empty challenge ("334 ")
+
+    def _take(self, data: bytes) -> Step:
         return _parse_plain(data)
 
 
@@ -154,45 +168,31 @@ def _parse_plain(message: bytes) -> Credentials | SaslFailure:
         return MALFORMED_PLAIN
 
 
-class LoginMechanism:
-    """LOGIN (draft-murchison-sasl-login): ``Username:`` then ``Password:``."""
+class LoginMechanism(_Mechanism):
+    """LOGIN (draft-murchison-sasl-login): ``Username:`` then ``Password:``.
 
-    name: str = "LOGIN"
+    An initial response is the user name (draft-murchison-sasl-login section 2).
+    """
+
+    name = "LOGIN"
+    first_challenge = b"Username:"
 
     def __init__(self) -> None:
+        super().__init__()
         self._username: str | None = None
-        self._started = False
-        self._done = False
 
-    def start(self, initial: str | None) -> Step:
-        if self._started or self._done:
-            return FINISHED
-        self._started = True
-        if initial is None:
-            return Challenge(b"Username:")
-        # draft-murchison-sasl-login section 2: an initial response is the user name.
-        return self.step(initial)
-
-    def step(self, line: str) -> Step:
-        if self._done:
-            return FINISHED
-        data = decode_response(line)
-        if isinstance(data, SaslFailure):
-            self._done = True
-            return data
+    def _take(self, data: bytes) -> Step:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
-            self._done = True
             return MALFORMED_LOGIN
         if self._username is None:
             self._username = text
             return Challenge(b"Password:")
-        self._done = True
         return Credentials(authzid="", username=self._username, password=text)
 
 
-_MECHANISMS: dict[str, type[PlainMechanism] | type[LoginMechanism]] = {
+_MECHANISMS: dict[str, type[_Mechanism]] = {
     "PLAIN": PlainMechanism,
     "LOGIN": LoginMechanism,
 }
