@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
+from hypothesis import given, seed, settings  # noqa: E402
 from tests.fuzz import harness  # noqa: E402
 from tests.fuzz.harness import Case, Target  # noqa: E402
 
@@ -113,13 +113,9 @@ def _run_target(target: Target, seconds: float, max_examples: int, rng: random.R
         test = seed(run_seed)(
             settings(
                 max_examples=budget,
-                deadline=None,
-                database=None,
                 derandomize=False,
-                print_blob=False,
                 report_multiple_bugs=False,
-                phases=(Phase.explicit, Phase.generate, Phase.shrink),
-                suppress_health_check=list(HealthCheck),
+                **harness.SETTINGS,
             )(given(strategy)(body))
         )
         calls[0] = 0

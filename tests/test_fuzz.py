@@ -14,21 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 
 from .fuzz import harness
 from .fuzz.harness import Case
 
 # Reproducible in CI: the same examples on every run, nothing stored between runs.
 settings.register_profile(
-    "ehlo-fuzz-bounded",
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=False,
-    phases=(Phase.explicit, Phase.generate, Phase.shrink),
-    suppress_health_check=list(HealthCheck),
+    "ehlo-fuzz-bounded", max_examples=300, derandomize=True, **harness.SETTINGS
 )
 BOUNDED = settings.get_profile("ehlo-fuzz-bounded")
 

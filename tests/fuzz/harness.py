@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hypothesis import HealthCheck, Phase
 from hypothesis import strategies as st
 
 from ehlo import ProtocolLimits
@@ -100,6 +101,18 @@ from ehlo.protocol import _server as server_module
 from ehlo.protocol._syntax import is_dot_string, quoted_string_end, split_path
 
 from ..engine import Driver
+
+# What every run of the targets sets, bounded (tests/test_fuzz.py) or long
+# (scripts/fuzz.py): no deadline, no example database, no health checks
+# (the strategies are large on purpose), no blob printed for failures.
+SETTINGS: dict[str, Any] = {
+    "deadline": None,
+    "database": None,
+    "print_blob": False,
+    "phases": (Phase.explicit, Phase.generate, Phase.shrink),
+    "suppress_health_check": list(HealthCheck),
+}
+
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
