@@ -89,31 +89,29 @@ apt=(env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -q)
 "${SUDO[@]}" "${apt[@]}" update || log "apt-get update failed; trying with the lists we have"
 "${SUDO[@]}" "${apt[@]}" install -y --no-install-recommends "${missing[@]}"
 
+# Stop a service the package just started, and keep it from starting at boot.
+disable_service() {
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        "${SUDO[@]}" systemctl disable --now "$1.service" >/dev/null 2>&1 || true
+    elif command -v service >/dev/null 2>&1; then
+        "${SUDO[@]}" service "$1" stop >/dev/null 2>&1 || true
+    fi
+    if command -v update-rc.d >/dev/null 2>&1; then
+        "${SUDO[@]}" update-rc.d "$1" disable >/dev/null 2>&1 || true
+    fi
+}
+
 # Postfix is only a toolbox here: make sure it does not run (nor start at boot).
 if [ "$postfix_was_installed" = false ] && installed postfix; then
     if "${SUDO[@]}" postfix status >/dev/null 2>&1; then
         "${SUDO[@]}" postfix stop >/dev/null 2>&1 || true
     fi
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-        "${SUDO[@]}" systemctl disable --now postfix.service >/dev/null 2>&1 || true
-    elif command -v service >/dev/null 2>&1; then
-        "${SUDO[@]}" service postfix stop >/dev/null 2>&1 || true
-    fi
-    if command -v update-rc.d >/dev/null 2>&1; then
-        "${SUDO[@]}" update-rc.d postfix disable >/dev/null 2>&1 || true
-    fi
+    disable_service postfix
 fi
 
 # HAProxy too: the tests start their own in the foreground; no service.
 if [ "$haproxy_was_installed" = false ] && installed haproxy; then
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-        "${SUDO[@]}" systemctl disable --now haproxy.service >/dev/null 2>&1 || true
-    elif command -v service >/dev/null 2>&1; then
-        "${SUDO[@]}" service haproxy stop >/dev/null 2>&1 || true
-    fi
-    if command -v update-rc.d >/dev/null 2>&1; then
-        "${SUDO[@]}" update-rc.d haproxy disable >/dev/null 2>&1 || true
-    fi
+    disable_service haproxy
 fi
 
 for pkg in "${PACKAGES[@]}"; do

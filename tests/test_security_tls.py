@@ -383,6 +383,15 @@ def server_records(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("<<< ")]
 
 
+def assert_offered_and_refused(output: str, hello: str) -> None:
+    """s_client sent a ``hello`` ClientHello and the server answered no ServerHello."""
+    assert re.search(
+        rf"^>>> {re.escape(hello)}, Handshake \[length [0-9a-f]+\], ClientHello$", output, re.M
+    ), output
+    assert not any("ServerHello" in line for line in server_records(output)), output
+    assert "Cipher is (NONE)" in output and "CONNECTION ESTABLISHED" not in output, output
+
+
 # Lets OpenSSL 3 offer what its default security level forbids.
 ANY_CLIENT = "DEFAULT:@SECLEVEL=0"
 
@@ -399,13 +408,8 @@ def test_old_tls_versions_refused_by_the_server(
 ) -> None:
     caplog.set_level(logging.INFO, logger="ehlo")
     _, output = s_client(tls_server.port(listener), listener, flag, "-cipher", ANY_CLIENT)
-    # The client did offer the old version ...
-    assert re.search(
-        rf"^>>> {hello}, Handshake \[length [0-9a-f]+\], ClientHello$", output, re.M
-    ), output
-    # ... and the server never answered it with a ServerHello: no session.
-    assert not any("ServerHello" in line for line in server_records(output)), output
-    assert "Cipher is (NONE)" in output and "CONNECTION ESTABLISHED" not in output, output
+    # The client did offer the old version, and got no ServerHello: no session.
+    assert_offered_and_refused(output, hello)
     if listener == "starttls":
         # The server says why: the version, not the ciphers.
         server_log(caplog, r"UNSUPPORTED_PROTOCOL")
@@ -460,13 +464,8 @@ def test_weak_tls12_suites_refused_by_the_server(
     _, output = s_client(
         server.port(listener), listener, "-tls1_2", "-cipher", f"{cipher}:@SECLEVEL=0"
     )
-    # The client offered the suite (the only one it had) ...
-    assert re.search(
-        r"^>>> TLS 1\.2, Handshake \[length [0-9a-f]+\], ClientHello$", output, re.M
-    ), output
-    # ... and got no ServerHello.
-    assert not any("ServerHello" in line for line in server_records(output)), output
-    assert "Cipher is (NONE)" in output and "CONNECTION ESTABLISHED" not in output, output
+    # The client offered the suite (the only one it had), and got no ServerHello.
+    assert_offered_and_refused(output, "TLS 1.2")
     if listener == "starttls":
         server_log(caplog, r"NO_SHARED_CIPHER")
 
