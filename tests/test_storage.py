@@ -664,7 +664,7 @@ def test_open_store_kinds(tmp_path: Path) -> None:
 
 
 def _writer_pid(store: SQLiteStore) -> int:
-    process = store._thread._process  # type: ignore[union-attr]
+    process = store._writer._process  # type: ignore[union-attr]
     assert process is not None
     return process.pid
 

@@ -24,9 +24,9 @@ message's transaction: a message is visible only once its ``messages`` row
 exists, and the row is written after checking that every chunk is there.
 
 Backpressure. :attr:`SQLiteStore.backlog_bytes` is the number of body bytes
-queued for the writer thread and not yet executed. The network layer stops
+queued for the writer and not yet executed. The network layer stops
 reading from clients while it is above a high-water mark and awaits
-:meth:`SQLiteStore.drained`, which the writer thread settles after the batch
+:meth:`SQLiteStore.drained`, which the writer settles after the batch
 that brings the backlog down to the low-water mark.
 
 Crashes and several processes. Chunks written before a crash are orphans. Each
@@ -77,7 +77,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter"]
 
-# Body bytes gathered before a chunk is handed to the writer thread.
+# Body bytes gathered before a chunk is handed to the writer.
 CHUNK_SIZE = 256 * 1024
 # One transaction takes at most this much queued work, so a stream of large
 # bodies cannot postpone the COMMIT that waiting sessions need.
@@ -126,7 +126,7 @@ _COLUMNS = (
 _INSERT_MESSAGE = f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
 
 
-# --- operations queued for the writer thread ---------------------------------
+# --- operations queued for the writer ----------------------------------------
 
 
 @dataclass(slots=True)
@@ -318,6 +318,17 @@ class _WriterThread(threading.Thread):
         # Futures waiting for the backlog to drop to a level: (low, loop, future).
         self._drain_lock = threading.Lock()
         self._drain_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    # Why new messages cannot be written (a writer process sets it when it dies).
+    broken: str | None = None
+
+    async def stop(self) -> None:
+        """Execute everything queued, close the connection, let go of the owner lock."""
+        stop = _Stop()
+        self.ops.put(stop)
+        await asyncio.wrap_future(stop.done)
+        await asyncio.to_thread(self.join)
+        self.lock.release()
 
     def wait_drained(self, low: int) -> asyncio.Future[None]:
         """A future settled (on the caller's loop) once the backlog is at most ``low``."""
@@ -651,7 +662,7 @@ class SQLiteWriter(MessageWriter):
         buffer += view[pos:]
 
     def _send(self, chunk: bytes) -> None:
-        writer = self._store._thread_or_error()
+        writer = self._store._writer_or_error()
         writer.queued_bytes += len(chunk)
         writer.ops.put(_Chunk(self._envelope.queue_id, self._seq, chunk))
         self._seq += 1
@@ -660,7 +671,7 @@ class SQLiteWriter(MessageWriter):
     async def commit(self) -> str:
         if self._state != "open":
             raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
-        writer = self._store._thread_or_error()
+        writer = self._store._writer_or_error()
         if self._buffer:
             self._send(bytes(self._buffer))
             self._buffer.clear()
@@ -697,9 +708,9 @@ class SQLiteWriter(MessageWriter):
         self._state = "done"
         self._buffer = bytearray()
         if self._flushed:
-            thread = self._store._thread
-            if thread is not None:
-                thread.ops.put(_Discard(self._envelope.queue_id))
+            writer = self._store._writer
+            if writer is not None:
+                writer.ops.put(_Discard(self._envelope.queue_id))
 
 
 class SQLiteStore(Store):
@@ -728,38 +739,38 @@ class SQLiteStore(Store):
         # ehlo.storage._sqlite_process) or a thread of this process; with
         # ``writer_address``, the writer another process runs for several
         # (``ehlo serve --workers``).
-        self.writer = writer
+        self.writer_kind = writer
         self.writer_address = writer_address
         self.stats = StoreStats()
-        self._thread: _WriterThread | WriterProcess | None = None
+        self._writer: _WriterThread | WriterProcess | None = None
 
     @property
     def backlog_bytes(self) -> int:
-        """Body bytes queued for the writer thread but not yet executed."""
-        thread = self._thread
-        return thread.pending_bytes if thread is not None else 0
+        """Body bytes queued for the writer but not yet executed."""
+        writer = self._writer
+        return writer.pending_bytes if writer is not None else 0
 
     def drained(self, low: int) -> asyncio.Future[None]:
-        """A future done once the writer thread's backlog is at most ``low``."""
-        thread = self._thread
-        if thread is None:
+        """A future done once the writer's backlog is at most ``low``."""
+        writer = self._writer
+        if writer is None:
             return super().drained(low)
-        return thread.wait_drained(low)
+        return writer.wait_drained(low)
 
     @property
     def owner(self) -> str | None:
-        """This instance's owner token (its lock file name), once started."""
-        thread = self._thread
-        return thread.lock.owner if thread is not None else None
+        """The writer's owner token (its lock file name), once started."""
+        writer = self._writer
+        return writer.lock.owner if writer is not None else None
 
     async def start(self) -> None:
-        if self._thread is not None:
+        if self._writer is not None:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
-        if self.writer == "process":
+        if self.writer_kind == "process":
             from ._sqlite_process import WriterProcess
 
             process = WriterProcess(self.path, self.stats, self.shared, self.writer_address)
@@ -767,7 +778,7 @@ class SQLiteStore(Store):
                 await process.start()
             except (OSError, TimeoutError) as exc:
                 raise StoreError(f"sqlite store {self.path}: writer process: {exc}") from exc
-            self._thread = process
+            self._writer = process
             return
         lock = _OwnerLock(self.path.with_name(self.path.name + ".locks"))
         thread = _WriterThread(self.path, lock, self.stats, self.shared)
@@ -776,32 +787,25 @@ class SQLiteStore(Store):
             await asyncio.wrap_future(thread.ready)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
-        self._thread = thread
+        self._writer = thread
 
     async def close(self) -> None:
-        thread = self._thread
-        if thread is None:
+        writer = self._writer
+        if writer is None:
             return
-        self._thread = None
-        if not isinstance(thread, _WriterThread):
-            await thread.stop()
-            return
-        stop = _Stop()
-        thread.ops.put(stop)
-        await asyncio.wrap_future(stop.done)
-        await asyncio.to_thread(thread.join)
-        thread.lock.release()
+        self._writer = None
+        await writer.stop()
 
-    def _thread_or_error(self) -> _WriterThread | WriterProcess:
-        thread = self._thread
-        if thread is None:
+    def _writer_or_error(self) -> _WriterThread | WriterProcess:
+        writer = self._writer
+        if writer is None:
             raise StoreError(f"sqlite store {self.path} is not open")
-        if not isinstance(thread, _WriterThread) and thread.broken is not None:
-            raise thread._error()
-        return thread
+        if writer.broken is not None:
+            raise StoreError(f"sqlite store {self.path}: {writer.broken}")
+        return writer
 
     def begin(self, envelope: Envelope) -> SQLiteWriter:
-        self._thread_or_error()
+        self._writer_or_error()
         return SQLiteWriter(self, envelope)
 
     # --- reads: short-lived read-only connections -------------------------------
