@@ -1,0 +1,45 @@
+"""``make bench`` keeps working: a very short run of the ehlo rows with smtp-source.
+
+The figures themselves are for ``make bench`` (never asserted here); this
+checks the runner's wiring: ehlo as shipped and its one-worker row, every
+row measured, the W5 ratio computed, the JSON written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SBIN = "/usr/sbin:/sbin"
+
+
+@pytest.mark.external
+def test_bench_runs_ehlo_rows_and_writes_json(tmp_path: Path) -> None:
+    if shutil.which("smtp-source", path=SBIN) is None:
+        pytest.skip("smtp-source is missing (make test-deps)")
+    servers = ["ehlo-sqlite", "ehlo-sqlite-1w", "ehlo-null"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--runs", "1",
+         "--time-cap", "0.5", "--servers", ",".join(servers), "--workloads", "W1,W5",
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    argv = {server["key"]: server["argv"] for server in report["servers"]}
+    # ehlo as shipped (workers per core) beside the row held to one worker.
+    assert "--workers" not in argv["ehlo-sqlite"]
+    assert argv["ehlo-sqlite-1w"][-2:] == ["--workers", "1"]
+    for key in servers:
+        row = report["results"]["W1"][key]
+        assert row["status"] == "ok", row
+        assert row["msg_s"]["median"] > 0 and row["cpu_s_per_1k"] > 0
+    (w5,) = [t for t in report["targets"] if t["target"].startswith("W5")]
+    assert w5["value"] is not None and w5["pass"] in (True, False)
+    assert "W5 W1 sqlite >= 70% of null" in result.stdout
