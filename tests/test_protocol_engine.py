@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 
 import pytest
 
@@ -414,6 +415,25 @@ def test_bare_newlines_rejected_when_configured() -> None:
     assert fault.aborted and fault.verb == "DATA"
     assert d.conn.state is State.GREETED
     assert codes(d.say("MAIL FROM:<a@b.example>")) == ["250"]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_bare_newline_detection_matches_a_regular_expression(seed: int) -> None:
+    # Bodies of CRs, LFs and CRLFs in random places, fed in random pieces:
+    # refused (or rewritten) exactly when a CR or LF travels alone.
+    rng = random.Random(seed)
+    tokens = [b"ab", b"\r", b"\n", b"\r\n", b"\r\n", b"\n\r", b"\r\r\n", b"x" * 300]
+    weights = [6, 1, 1, 12, 12, 1, 1, 1] if seed % 2 else [1, 0, 0, 1, 1, 0, 0, 1]
+    body = b"".join(rng.choices(tokens, weights, k=rng.randrange(1, 400))) + b"\r\n"
+    bare = re.search(rb"\r(?!\n)|(?<!\r)\n", body) is not None
+    for policy in ("reject", "normalize"):
+        d = data_session(limits(bare_newline=policy, max_text_line=0))
+        out = d.feed_split(body + b".\r\n", rng.randrange(1, 700))
+        if policy == "reject" and bare:
+            assert out.startswith(b"554 5.6.0") and d.messages == []
+        else:
+            assert codes(out) == ["250"]
+            assert d.messages == [re.sub(rb"\r\n|\r|\n", b"\r\n", body)]
 
 
 def test_text_line_limit() -> None:

@@ -32,6 +32,7 @@ from ehlo.storage import (
     open_store,
 )
 from ehlo.storage.base import HeaderSniffer, JSONText, extract_subject
+from ehlo.storage.sqlite import CHUNK_SIZE
 
 KINDS = ["sqlite", "maildir"]
 T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -112,15 +113,32 @@ async def test_empty_message(store: Store) -> None:
     assert stored is not None and stored.size == 0 and stored.subject is None
 
 
-async def test_multi_chunk_message_reassembled(store: Store, tmp_path: Path) -> None:
+async def test_large_message_reassembled(store: Store, tmp_path: Path) -> None:
     body = b"Subject: big\r\n\r\n" + random.Random(1).randbytes(3 * 1024 * 1024 + 12345)
     queue_id = await deliver(store, body)
     assert store.raw(queue_id) == body
+    stored = store.get(queue_id)
+    assert stored is not None and stored.size == len(body) and stored.subject == "big"
     if isinstance(store, SQLiteStore):
-        (count,) = sqlite_rows(
-            store.path, f"SELECT count(*) FROM chunks WHERE queue_id = '{queue_id}'"
-        )[0]
-        assert isinstance(count, int) and count >= 12  # 256 KiB chunks, never one blob
+        # Larger than one chunk: the body is a file of its own, not rows.
+        assert (store.bodies / queue_id).read_bytes() == body
+        assert sqlite_rows(store.path, f"SELECT * FROM chunks WHERE queue_id = '{queue_id}'") == []
+        assert sqlite_rows(store.path, "SELECT * FROM pending") == []
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_sqlite_one_chunk_is_a_row_one_more_octet_a_file(
+    extra: int, tmp_path: Path
+) -> None:
+    store = SQLiteStore(tmp_path / "ehlo.sqlite3")
+    await store.start()
+    body = random.Random(extra).randbytes(CHUNK_SIZE + extra)
+    queue_id = await deliver(store, body)
+    assert store.raw(queue_id) == body
+    rows = sqlite_rows(store.path, f"SELECT length(data) FROM chunks WHERE queue_id = '{queue_id}'")
+    assert rows == ([] if extra else [(CHUNK_SIZE,)])
+    assert (store.bodies / queue_id).exists() is bool(extra)
+    await store.close()
 
 
 async def test_envelope_round_trip(store: Store) -> None:
@@ -274,6 +292,7 @@ async def test_abort_leaves_nothing_visible(store: Store) -> None:
         await store.close()
         assert sqlite_rows(store.path, "SELECT DISTINCT queue_id FROM chunks") == [(kept,)]
         assert sqlite_rows(store.path, "SELECT * FROM pending") == []
+        assert os.listdir(store.bodies) == []  # the 1 MiB body's file is gone
     if isinstance(store, MaildirStore):
         assert os.listdir(store.path / "tmp") == []
 
@@ -365,21 +384,47 @@ async def test_sqlite_two_instances_on_one_file(tmp_path: Path, shared: bool) ->
         assert reader.raw(queue_id) == body
 
 
-async def test_sqlite_start_keeps_chunks_of_a_live_instance(tmp_path: Path) -> None:
+async def wait_pending(path: Path, count: int) -> None:
+    """Until the writer has recorded ``count`` bodies being written."""
+    for _ in range(1000):
+        if sqlite_rows(path, "SELECT count(*) FROM pending")[0][0] == count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never {count} pending rows")
+
+
+async def test_sqlite_start_keeps_the_body_files_of_a_live_instance(tmp_path: Path) -> None:
     path = tmp_path / "ehlo.sqlite3"
     first = SQLiteStore(path)
     await first.start()
     body = random.Random(5).randbytes(2 * 1024 * 1024)
     writer = first.begin(make_envelope())
     writer.write(body)
-    while first.backlog_bytes:  # the chunks are in the database, no row yet
-        await asyncio.sleep(0.005)
+    await wait_pending(path, 1)  # the file is written, no row yet
     second = SQLiteStore(path)
-    await second.start()  # cleans orphans, but these belong to a live store
+    await second.start()  # cleans orphans, but this one belongs to a live store
     queue_id = await writer.commit()
     assert second.raw(queue_id) == body
     await second.close()
     await first.close()
+
+
+async def test_sqlite_start_removes_old_body_files_nothing_refers_to(tmp_path: Path) -> None:
+    path = tmp_path / "ehlo.sqlite3"
+    store = SQLiteStore(path)
+    await store.start()
+    kept = await deliver(store, bytes(CHUNK_SIZE + 10))
+    await store.close()
+    stray, fresh = new_queue_id(), new_queue_id()
+    for name in (stray, fresh):  # as left by a writer killed before it registered them
+        (store.bodies / name).write_bytes(b"x")
+    old = os.stat(store.bodies / kept).st_mtime - 2 * 3600
+    for name in (stray, kept):
+        os.utime(store.bodies / name, (old, old))
+    await store.start()
+    assert sorted(os.listdir(store.bodies)) == sorted([kept, fresh])
+    assert store.raw(kept) == bytes(CHUNK_SIZE + 10)
+    await store.close()
 
 
 async def test_sqlite_backlog_grows_while_the_disk_is_busy(tmp_path: Path) -> None:
@@ -388,38 +433,43 @@ async def test_sqlite_backlog_grows_while_the_disk_is_busy(tmp_path: Path) -> No
     await store.start()
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    writer = store.begin(make_envelope())
-    body = bytes(1024 * 1024)
-    writer.write(body)
+    bodies = [random.Random(n).randbytes(200_000) for n in range(4)]
+    commits = []
+    for body in bodies:
+        writer = store.begin(make_envelope())
+        writer.write(body)
+        commits.append(asyncio.ensure_future(writer.commit()))
     await asyncio.sleep(0.05)
-    assert store.backlog_bytes == len(body)
-    commit = asyncio.ensure_future(writer.commit())
-    await asyncio.sleep(0.05)
-    assert not commit.done()
+    assert store.backlog_bytes == 800_000
+    assert not any(commit.done() for commit in commits)
     blocker.execute("COMMIT")
     blocker.close()
-    queue_id = await asyncio.wait_for(commit, 10)
+    ids = await asyncio.wait_for(asyncio.gather(*commits), 10)
     assert store.backlog_bytes == 0
-    assert store.raw(queue_id) == body
+    assert [store.raw(queue_id) for queue_id in ids] == bodies
     await store.close()
 
 
-async def test_sqlite_lost_chunks_fail_the_commit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss", ["truncated", "deleted"])
+async def test_sqlite_lost_body_file_fails_the_commit(loss: str, tmp_path: Path) -> None:
     path = tmp_path / "ehlo.sqlite3"
     store = SQLiteStore(path)
     await store.start()
     envelope = make_envelope()
     writer = store.begin(envelope)
     writer.write(bytes(600_000))
-    while store.backlog_bytes:
-        await asyncio.sleep(0.005)
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("DELETE FROM chunks WHERE seq = 1")
-    conn.close()
-    with pytest.raises(StoreError):
+    await wait_pending(path, 1)
+    body_file = store.bodies / envelope.queue_id
+    if loss == "truncated":
+        os.truncate(body_file, 300_000)
+    else:
+        body_file.unlink()
+    with pytest.raises(StoreError, match="body file"):
         await writer.commit()
     assert store.get(envelope.queue_id) is None
     await store.close()
+    assert sqlite_rows(path, "SELECT * FROM pending") == []
+    assert os.listdir(store.bodies) == []
 
 
 async def test_sqlite_duplicate_id_is_an_error_not_a_crash(tmp_path: Path) -> None:
@@ -431,8 +481,16 @@ async def test_sqlite_duplicate_id_is_an_error_not_a_crash(tmp_path: Path) -> No
         with pytest.raises(StoreError):
             await deliver(store, body, make_envelope(queue_id=envelope.queue_id))
         assert store.raw(envelope.queue_id) == b"first"
+    assert os.listdir(store.bodies) == []  # the third one's file went with it
+    big = make_envelope()
+    first_body = random.Random(6).randbytes(700_000)
+    await deliver(store, first_body, big)
+    with pytest.raises(StoreError, match="body file"):  # its file is there already
+        await deliver(store, bytes(700_000), make_envelope(queue_id=big.queue_id))
+    assert store.raw(big.queue_id) == first_body
     await deliver(store, b"x")  # still works
     await store.close()
+    assert sqlite_rows(store.path, "SELECT * FROM pending") == []
 
 
 async def test_unusable_location_is_a_store_error(tmp_path: Path) -> None:
@@ -524,7 +582,7 @@ async def test_maildir_abort_removes_tmp_file(tmp_path: Path) -> None:
 
 CHILD = textwrap.dedent(
     """
-    import asyncio, datetime, random, sys
+    import asyncio, datetime, random, sqlite3, sys
     from pathlib import Path
     from ehlo.ids import new_queue_id
     from ehlo.storage import Envelope, open_store
@@ -544,7 +602,7 @@ CHILD = textwrap.dedent(
         if mode == "many":
             async def one(i):
                 writer = store.begin(envelope())
-                writer.write(random.Random(seed * 1000 + i).randbytes(1000 + i * 5000))
+                writer.write(random.Random(seed * 1000 + i).randbytes(1000 + i * 9000))
                 return await writer.commit()
             ids = await asyncio.gather(*(one(i) for i in range(40)))
             print(" ".join(ids), flush=True)
@@ -559,6 +617,10 @@ CHILD = textwrap.dedent(
         else:
             while store.backlog_bytes:
                 await asyncio.sleep(0.001)
+            if kind == "sqlite":  # until the writer has registered the body file
+                db = data_dir / "ehlo.sqlite3"
+                while not sqlite3.connect(db).execute("SELECT * FROM pending").fetchall():
+                    await asyncio.sleep(0.001)
             print("written", flush=True)
         await asyncio.sleep(60)
 
@@ -601,12 +663,14 @@ async def test_sigkill_while_writing_leaves_no_message(kind: str, tmp_path: Path
     assert kill_after_line(spawn(kind, tmp_path, "hang", 12)) == "written"
     if kind == "sqlite":
         path = tmp_path / "ehlo.sqlite3"
-        assert sqlite_rows(path, "SELECT count(*) FROM chunks")[0][0] == 12  # orphans
+        (orphan,) = os.listdir(f"{path}.bodies")  # the 3 MiB body, in its file
+        assert os.path.getsize(f"{path}.bodies/{orphan}") == 3 * 1024 * 1024
+        assert sqlite_rows(path, "SELECT queue_id FROM pending") == [(orphan,)]
     store = open_store(kind, tmp_path)
     await store.start()
     assert store.list() == []
     if isinstance(store, SQLiteStore):
-        assert sqlite_rows(store.path, "SELECT count(*) FROM chunks")[0][0] == 0
+        assert os.listdir(store.bodies) == []
         assert sqlite_rows(store.path, "SELECT count(*) FROM pending")[0][0] == 0
         assert os.listdir(f"{store.path}.locks") == [f"{store.owner}.lock"]
     await store.close()
@@ -623,7 +687,7 @@ async def test_two_processes_write_one_store(kind: str, tmp_path: Path) -> None:
         ids = output.split()
         assert len(ids) == 40
         for i, queue_id in enumerate(ids):
-            assert store.raw(queue_id) == random.Random(seed * 1000 + i).randbytes(1000 + i * 5000)
+            assert store.raw(queue_id) == random.Random(seed * 1000 + i).randbytes(1000 + i * 9000)
         listed -= set(ids)
     assert listed == set()
     assert len(store.list()) == 80

@@ -447,8 +447,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     factory, loop_name = _loop_factory()
-    from .server.workers import available_cores
+    from .server.workers import available_cores, keep_freed_memory
 
+    keep_freed_memory()
     workers = config.workers or available_cores()
     config = dataclasses.replace(config, workers=workers)  # the store needs to know
     if workers == 1:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import StoreError, StoreStats
-from .sqlite import _Chunk, _Commit, _Discard, _Op, _OwnerLock, _Stop, _WriterThread
+from .sqlite import _Chunk, _Commit, _Discard, _Op, _OwnerLock, _Spill, _Stop, _WriterThread
 
 _HEADER = struct.Struct(">I")
 _READ_SIZE = 256 * 1024
@@ -166,7 +166,9 @@ class _Channel:
             return _Chunk(message[1], message[2], data)  # type: ignore[arg-type]  # a buffer
         if kind == "commit":
             # The reference travels where the thread keeps its future.
-            return _Commit(message[1], message[2], None, message[3])  # type: ignore[arg-type]
+            return _Commit(message[1], message[2], None, message[3], message[4])  # type: ignore[arg-type]
+        if kind == "spill":
+            return _Spill(message[1])
         if kind == "discard":
             return _Discard(message[1])
         return _Stop()
@@ -374,7 +376,9 @@ class WriterProcess(asyncio.Protocol):
         if isinstance(op, _Commit):
             ref = next(self._refs)
             self._commits[ref] = op.future
-            message = ("commit", op.row, op.chunks, ref)
+            message = ("commit", op.row, op.chunks, ref, op.in_file)
+        elif isinstance(op, _Spill):
+            message = ("spill", op.queue_id)
         elif isinstance(op, _Discard):
             message = ("discard", op.queue_id)
         else:
@@ -489,7 +493,8 @@ class _Link:
         self.sock = sock
         self.buf = bytearray()
         self.body: tuple[tuple[Any, ...], bytearray, int] | None = None  # a chunk being read
-        self.open: set[str] = set()  # messages with chunks, not yet committed or discarded
+        # Messages with chunks or a body file, not yet committed or discarded.
+        self.open: set[str] = set()
         self.inflight = 0  # operations read, not yet executed
         self.done_bytes = 0
         self.stopping = False
@@ -619,7 +624,13 @@ class _Hub:
                 self._push(link, _Chunk(message[1], message[2], body))  # type: ignore[arg-type]
             elif kind == "commit":
                 link.open.discard(message[1][0])
-                self._push(link, _Commit(message[1], message[2], None, (link, message[3])))  # type: ignore[arg-type]
+                self._push(
+                    link,
+                    _Commit(message[1], message[2], None, (link, message[3]), message[4]),  # type: ignore[arg-type]
+                )
+            elif kind == "spill":
+                link.open.add(message[1])
+                self._push(link, _Spill(message[1]))
             elif kind == "discard":
                 link.open.discard(message[1])
                 self._push(link, _Discard(message[1]))
@@ -640,7 +651,7 @@ class _Hub:
             self.selector.unregister(link.sock)
         link.closed = True
         link.sock.close()
-        for queue_id in link.open:  # chunks of messages that will never be committed
+        for queue_id in link.open:  # bodies of messages that will never be committed
             self._push(link, _Discard(queue_id))
         link.open.clear()
 

@@ -20,8 +20,10 @@ import dataclasses
 import datetime as _dt
 import email.header
 import json
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -133,6 +135,17 @@ class StoreStats:
     commits: int = 0
     # Messages committed (made durable and visible).
     messages: int = 0
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a directory (a file just created or renamed) durable."""
+    if os.name == "nt":  # pragma: no cover - directories cannot be opened there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # The header section is scanned for the Subject up to this many octets.

@@ -52,6 +52,7 @@ from .base import (
     StoreError,
     StoreStats,
     extract_subject,
+    fsync_dir,
 )
 
 __all__ = ["MaildirStore", "MaildirWriter"]
@@ -83,16 +84,6 @@ def _base_name(name: str) -> str:
     for sep in _INFO_SEPARATORS:
         name = name.split(sep, 1)[0]
     return name
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # pragma: no cover - directories cannot be opened there
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -154,7 +145,7 @@ class _Committer(threading.Thread):
                 ready.append(op)
         try:
             if ready:
-                _fsync_dir(store.path / _SIDECARS)
+                fsync_dir(store.path / _SIDECARS)
             moved: list[_Commit] = []
             for op in ready:
                 try:
@@ -165,7 +156,7 @@ class _Committer(threading.Thread):
                 else:
                     moved.append(op)
             if moved:
-                _fsync_dir(store.path / "new")
+                fsync_dir(store.path / "new")
                 store.stats.commits += 1
                 store.stats.messages += len(moved)
             for op in moved:

@@ -8,12 +8,19 @@ and the read-only queries used by the CLI.
 Layout::
 
     messages(queue_id PRIMARY KEY, received_at, client_ip, ..., size, subject)
-    chunks(queue_id, seq, data BLOB)      -- a message body, in <= 256 KiB rows
-    pending(queue_id PRIMARY KEY, owner)  -- messages with chunks but no row yet
+    chunks(queue_id, seq, data BLOB)      -- a body of at most 256 KiB, one row
+    pending(queue_id PRIMARY KEY, owner)  -- bodies being written, no row yet
+    ehlo.sqlite3.bodies/<queue_id>        -- a larger body, in a file of its own
 
 Writing. A body is never held whole in memory: :meth:`SQLiteWriter.write`
-gathers up to :data:`CHUNK_SIZE` bytes, then queues the chunk for the writer
-thread. ``commit`` queues the envelope row and awaits a future. The writer
+gathers up to :data:`CHUNK_SIZE` bytes. A body that stays within that size
+is queued for the writer as one chunk row when the message is committed. A
+larger body goes to a file beside the database as it arrives (one write
+per 64 KiB or per network read, from the event loop, like the Maildir
+store): through SQLite it would be written twice, to the WAL and again at
+checkpoint, and copied to the writer on the way. The file's data is synced
+by the writer, before the COMMIT that makes its row visible.
+``commit`` queues the envelope row and awaits a future. The writer
 thread takes everything queued (up to a cap), runs it inside ONE transaction
 and issues ONE ``COMMIT`` (WAL; ``synchronous=FULL``, one fsync of the WAL,
 for every batch that acknowledges a message), then resolves every commit
@@ -29,13 +36,14 @@ reading from clients while it is above a high-water mark and awaits
 :meth:`SQLiteStore.drained`, which the writer settles after the batch
 that brings the backlog down to the low-water mark.
 
-Crashes and several processes. Chunks written before a crash are orphans. Each
-store instance holds an exclusive ``flock`` on its own lock file (in
-``<db>.locks/``) and records itself as the owner of its in-flight messages in
-``pending``; ``start`` deletes the chunks of pending messages whose owner's
-lock is free (the process died), never those of a live process sharing the
-database. WAL plus a busy timeout let several server processes and the CLI use
-one file at once.
+Crashes and several processes. Chunks and body files written before a
+crash are orphans. Each store instance holds an exclusive ``flock`` on its
+own lock file (in ``<db>.locks/``) and records itself as the owner of its
+in-flight messages in ``pending``; ``start`` deletes the chunks and body
+files of pending messages whose owner's lock is free (the process died),
+never those of a live process sharing the database, and body files that
+nothing refers to after :data:`_STALE_BODY_SECONDS`. WAL plus a busy timeout
+let several server processes and the CLI use one file at once.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from .base import (
     StoredMessage,
     StoreError,
     StoreStats,
+    fsync_dir,
 )
 
 if TYPE_CHECKING:
@@ -77,8 +86,15 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter"]
 
-# Body bytes gathered before a chunk is handed to the writer.
+# Body bytes gathered before a chunk is handed to the writer; a larger body
+# is written to a file of its own.
 CHUNK_SIZE = 256 * 1024
+# A body file is written in pieces of at least this size (or a network read).
+_FILE_WRITE_SIZE = 64 * 1024
+# A body file that no message row and no pending row refers to is an orphan
+# once it is this old (a live writer registers its file within milliseconds).
+_STALE_BODY_SECONDS = 3600
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 # One transaction takes at most this much queued work, so a stream of large
 # bodies cannot postpone the COMMIT that waiting sessions need.
 _BATCH_MAX_BYTES = 32 * 1024 * 1024
@@ -137,6 +153,13 @@ class _Chunk:
 
 
 @dataclass(slots=True)
+class _Spill:
+    """A body is being written to its file: the writer records it as pending."""
+
+    queue_id: str
+
+
+@dataclass(slots=True)
 class _Discard:
     queue_id: str
 
@@ -147,6 +170,7 @@ class _Commit:
     chunks: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[str]
+    in_file: bool = False  # the body is in its file, not in chunks
 
 
 @dataclass(slots=True)
@@ -154,7 +178,12 @@ class _Stop:
     done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
 
 
-_Op = _Chunk | _Discard | _Commit | _Stop
+_Op = _Chunk | _Spill | _Discard | _Commit | _Stop
+
+
+def body_dir(path: Path) -> Path:
+    """The directory of the body files of the database at ``path``."""
+    return path.with_name(path.name + ".bodies")
 
 
 def _utc_text(moment: _dt.datetime) -> str:
@@ -297,6 +326,7 @@ class _WriterThread(threading.Thread):
     def __init__(self, path: Path, lock: _OwnerLock, stats: StoreStats, shared: bool) -> None:
         super().__init__(name=f"ehlo-sqlite-{path.name}", daemon=True)
         self.path = path
+        self.bodies = body_dir(path)
         self.lock = lock
         self.stats = stats
         self.ops: queue.SimpleQueue[_Op] = queue.SimpleQueue()
@@ -315,6 +345,8 @@ class _WriterThread(threading.Thread):
         self._clashes: set[str] = set()
         # Whether commits fsync the WAL now (see _execute).
         self._full_sync = True
+        # A body file became visible in this batch: its directory entry is synced.
+        self._bodies_dirty = False
         # Futures waiting for the backlog to drop to a level: (low, loop, future).
         self._drain_lock = threading.Lock()
         self._drain_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -399,6 +431,7 @@ class _WriterThread(threading.Thread):
                         self._drop_owner(conn, owner)
             conn.execute("COMMIT")
             self.lock.sweep()
+            self._sweep_bodies(conn)
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -422,15 +455,39 @@ class _WriterThread(threading.Thread):
                 raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode})")
             return
 
-    @staticmethod
-    def _drop_owner(conn: sqlite3.Connection, owner: str) -> None:
-        """Delete the orphan chunks left by a store instance that died."""
+    def _drop_owner(self, conn: sqlite3.Connection, owner: str) -> None:
+        """Delete the orphan chunks and body files left by a store instance that died."""
+        for (queue_id,) in conn.execute(
+            "SELECT queue_id FROM pending WHERE owner = ?"
+            " AND queue_id NOT IN (SELECT queue_id FROM messages)",
+            (owner,),
+        ).fetchall():
+            with contextlib.suppress(OSError):
+                (self.bodies / queue_id).unlink()
         conn.execute(
             "DELETE FROM chunks WHERE queue_id IN (SELECT queue_id FROM pending WHERE owner = ?)"
             " AND queue_id NOT IN (SELECT queue_id FROM messages)",
             (owner,),
         )
         conn.execute("DELETE FROM pending WHERE owner = ?", (owner,))
+
+    def _sweep_bodies(self, conn: sqlite3.Connection) -> None:
+        """Delete old body files that neither a message nor a pending write refers to.
+
+        (A writer that died between creating its file and registering it
+        leaves such a file; a live one registers it at once.)
+        """
+        self.bodies.mkdir(mode=0o700, exist_ok=True)
+        cutoff = time.time() - _STALE_BODY_SECONDS
+        for entry in os.scandir(self.bodies):
+            known = conn.execute(
+                "SELECT 1 FROM messages WHERE queue_id = ?1"
+                " UNION ALL SELECT 1 FROM pending WHERE queue_id = ?1",
+                (entry.name,),
+            ).fetchone()
+            with contextlib.suppress(OSError):
+                if known is None and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
 
     def _serve(self) -> None:
         ops = self.ops
@@ -503,17 +560,27 @@ class _WriterThread(threading.Thread):
                         outcomes.append(
                             (op, self._insert_message(conn, op, whole.get(op.row[0])))
                         )
+                    elif isinstance(op, _Spill):
+                        conn.execute(
+                            "INSERT OR IGNORE INTO pending (queue_id, owner) VALUES (?, ?)",
+                            (op.queue_id, self.lock.owner),
+                        )
                     elif isinstance(op, _Discard):
                         if op.queue_id in self._clashes:
                             self._clashes.discard(op.queue_id)  # the rows are not ours
                         else:
                             self._discard(conn, op.queue_id)
+                if self._bodies_dirty:
+                    # The new files' names, before the rows that point at them.
+                    fsync_dir(self.bodies)
+                    self._bodies_dirty = False
                 conn.execute("COMMIT")
             self.stats.commits += 1
             self.stats.messages += sum(1 for _, out in outcomes if isinstance(out, str))
         except Exception as exc:  # sqlite3.Error, OSError, MemoryError...
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            self._bodies_dirty = False
             error = StoreError(f"sqlite store {self.path}: {exc}")
             error.__cause__ = exc
             outcomes = [(op, error) for op in batch if isinstance(op, _Commit)]
@@ -582,8 +649,19 @@ class _WriterThread(threading.Thread):
         taken = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
         if taken is not None or queue_id in self._clashes:
             self._clashes.discard(queue_id)
+            if op.in_file:  # created with O_EXCL: the file is this message's own
+                conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
+                with contextlib.suppress(OSError):
+                    (self.bodies / queue_id).unlink()
             return StoreError(f"message {queue_id} is already stored")
-        if batch_bytes is not None:
+        if op.in_file:
+            problem = self._sync_body(queue_id, size)
+            if problem is not None:
+                self._discard(conn, queue_id)
+                return StoreError(f"message {queue_id}: {problem}")
+            count, total = op.chunks, size
+            self._bodies_dirty = True
+        elif batch_bytes is not None:
             count, total = op.chunks, batch_bytes
         else:
             count, total = conn.execute(
@@ -598,10 +676,28 @@ class _WriterThread(threading.Thread):
             conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
         return queue_id
 
-    @staticmethod
-    def _discard(conn: sqlite3.Connection, queue_id: str) -> None:
+    def _sync_body(self, queue_id: str, size: int) -> str | None:
+        """Put a body file's data on disk; why it cannot be, or None."""
+        try:
+            fd = os.open(self.bodies / queue_id, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            return f"body file lost before commit: {exc}"
+        try:
+            found = os.fstat(fd).st_size
+            if found != size:
+                return f"body file has {found} octets, {size} were written"
+            _fdatasync(fd)
+        except OSError as exc:
+            return f"body file: {exc}"
+        finally:
+            os.close(fd)
+        return None
+
+    def _discard(self, conn: sqlite3.Connection, queue_id: str) -> None:
         conn.execute("DELETE FROM chunks WHERE queue_id = ?", (queue_id,))
         conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
+        with contextlib.suppress(OSError):
+            (self.bodies / queue_id).unlink()
 
     @staticmethod
     def _settle(outcomes: list[tuple[_Commit, str | BaseException]]) -> None:
@@ -621,7 +717,9 @@ class _WriterThread(threading.Thread):
 class SQLiteWriter(MessageWriter):
     """One message being streamed into an :class:`SQLiteStore`."""
 
-    __slots__ = ("_buffer", "_envelope", "_flushed", "_head", "_seq", "_size", "_state", "_store")
+    __slots__ = (
+        "_buffer", "_envelope", "_fd", "_flushed", "_head", "_seq", "_size", "_state", "_store"
+    )
 
     def __init__(self, store: SQLiteStore, envelope: Envelope) -> None:
         self._store = store
@@ -631,6 +729,7 @@ class SQLiteWriter(MessageWriter):
         self._seq = 0
         self._size = 0
         self._flushed = False
+        self._fd: int | None = None  # the body file, once the body outgrew CHUNK_SIZE
         self._state = "open"  # "open", "committing", "done"
 
     @property
@@ -648,18 +747,48 @@ class SQLiteWriter(MessageWriter):
         if not head.done:
             head.feed(data)
         buffer = self._buffer
-        if len(buffer) + len(data) < CHUNK_SIZE:
+        if self._fd is not None:
+            if not buffer and len(data) >= _FILE_WRITE_SIZE:
+                self._append(data)  # a network read or more: no copy on the way
+                return
+            buffer += data
+            if len(buffer) >= _FILE_WRITE_SIZE:
+                self._append(buffer)
+                buffer.clear()
+            return
+        if len(buffer) + len(data) <= CHUNK_SIZE:
             buffer += data  # the common case: network-sized pieces
             return
+        self._spill()
+        self._append(data)
+
+    def _spill(self) -> None:
+        """The body outgrew one chunk: continue it in a file of its own."""
+        writer = self._store._writer_or_error()
+        queue_id = self._envelope.queue_id
+        try:
+            self._fd = os.open(
+                self._store.bodies / queue_id,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                0o600,
+            )
+        except OSError as exc:
+            raise StoreError(f"message {queue_id}: body file: {exc}") from exc
+        writer.ops.put(_Spill(queue_id))
+        self._flushed = True
+        buffer, self._buffer = self._buffer, bytearray()
+        self._append(buffer)
+
+    def _append(self, data: bytes | bytearray) -> None:
+        """Write to the body file (the page cache; the writer syncs it at commit)."""
+        fd = self._fd
+        assert fd is not None
         view = memoryview(data)
-        pos = CHUNK_SIZE - len(buffer)
-        buffer += view[:pos]
-        self._send(bytes(buffer))
-        buffer.clear()
-        while len(view) - pos >= CHUNK_SIZE:
-            self._send(bytes(view[pos : pos + CHUNK_SIZE]))
-            pos += CHUNK_SIZE
-        buffer += view[pos:]
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
 
     def _send(self, chunk: bytes) -> None:
         writer = self._store._writer_or_error()
@@ -672,7 +801,24 @@ class SQLiteWriter(MessageWriter):
         if self._state != "open":
             raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
         writer = self._store._writer_or_error()
-        if self._buffer:
+        in_file = self._fd is not None
+        if self._fd is not None:
+            try:
+                if self._buffer:
+                    self._append(self._buffer)
+                    self._buffer.clear()
+            except StoreError:
+                self.abort()
+                raise
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError as exc:
+                self.abort()  # the file goes, the writer forgets it
+                with contextlib.suppress(OSError):
+                    (self._store.bodies / self._envelope.queue_id).unlink()
+                raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
+        elif self._buffer:
             self._send(bytes(self._buffer))
             self._buffer.clear()
         env = self._envelope
@@ -696,7 +842,7 @@ class SQLiteWriter(MessageWriter):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._state = "committing"
-        writer.ops.put(_Commit(row, self._seq, loop, future))
+        writer.ops.put(_Commit(row, self._seq, loop, future, in_file))
         try:
             return await future
         finally:
@@ -707,6 +853,12 @@ class SQLiteWriter(MessageWriter):
             return  # committed, committing or already aborted: nothing to undo
         self._state = "done"
         self._buffer = bytearray()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                (self._store.bodies / self._envelope.queue_id).unlink()
         if self._flushed:
             writer = self._store._writer
             if writer is not None:
@@ -741,6 +893,7 @@ class SQLiteStore(Store):
         # (``ehlo serve --workers``).
         self.writer_kind = writer
         self.writer_address = writer_address
+        self.bodies = body_dir(self.path)
         self.stats = StoreStats()
         self._writer: _WriterThread | WriterProcess | None = None
 
@@ -768,6 +921,7 @@ class SQLiteStore(Store):
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.bodies.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         if self.writer_kind == "process":
@@ -853,13 +1007,21 @@ class SQLiteStore(Store):
         with self._reader() as conn:
             if conn is None:
                 return None
-            row = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+            row = conn.execute(
+                "SELECT size FROM messages WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
             if row is None:
                 return None
             cursor = conn.execute(
                 "SELECT data FROM chunks WHERE queue_id = ? ORDER BY seq", (queue_id,)
             )
-            return b"".join(data for (data,) in cursor)
+            data = b"".join(data for (data,) in cursor)
+            if data or not row[0]:
+                return data
+        try:  # a body larger than one chunk is in its file
+            return (self.bodies / queue_id).read_bytes()
+        except OSError as exc:
+            raise StoreError(f"message {queue_id}: body file: {exc}") from exc
 
 
 def _message(row: tuple[Any, ...]) -> StoredMessage:
