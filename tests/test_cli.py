@@ -626,7 +626,7 @@ def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: P
         assert len(writers) == 1
         workers = [pid for pid in children if pid not in writers]
         time.sleep(2.5)  # past the supervisor's crash-loop guard
-        # A message half sent, its body file already registered with the writer...
+        # A message half sent, its body already in a file...
         client = server.smtp()
         start_message(client, "never finished")
         client.send((b"y" * 78 + b"\r\n") * 8000)  # 640,000 octets: more than one chunk
@@ -655,8 +655,12 @@ def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: P
             ).fetchone()
         finally:
             db.close()
-        assert leftovers == (0, 0)  # the dead worker's body was discarded
-        assert os.listdir(server.data / "ehlo.sqlite3.bodies") == []
+        assert leftovers == (0, 0)
+        # The dead worker's spool folder went with the body in it; the two
+        # new workers' folders are there, empty.
+        spool = server.data / "ehlo.sqlite3.bodies" / ".spool"
+        assert [p for p in spool.rglob("*") if p.is_file() and p.suffix != ".lock"] == []
+        assert len([p for p in spool.iterdir() if p.is_dir()]) == 2
         assert server.stop() == 0
     assert [item["subject"] for item in list_json(server.data)] == ["after"]
 

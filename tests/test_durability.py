@@ -17,6 +17,7 @@ import re
 import signal
 import smtplib
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from ehlo.storage import Store, open_store
+from ehlo.storage import SQLiteStore, Store, open_store
 
 from .conftest import free_port
 from .trace import message_of
@@ -183,6 +184,14 @@ async def restart_store(kind: str, data: Path, acked: dict[str, bytes]) -> None:
     try:
         ids = {m.envelope.queue_id for m in store.list()}
         assert set(acked) <= ids
+        if isinstance(store, SQLiteStore):
+            # The crashed server's unfinished bodies are gone; the files left are messages'.
+            assert set(os.listdir(store.bodies)) - {".spool"} <= ids
+            own = store._spool_name  # the crashed instances' spool folders are gone
+            assert sorted(os.listdir(store.bodies / ".spool")) == sorted([own, f"{own}.lock"])
+            assert os.listdir(store.bodies / ".spool" / own) == []
+            pending = sqlite3.connect(store.path).execute("SELECT * FROM pending").fetchall()
+            assert pending == []
     finally:
         await store.close()
 

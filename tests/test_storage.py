@@ -83,6 +83,20 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await opened.close()
 
 
+def spooled_files(store: SQLiteStore) -> list[str]:
+    """Bodies in any spool folder (being received, or left by a crash)."""
+    return sorted(
+        str(p.relative_to(store.bodies))
+        for p in (store.bodies / ".spool").rglob("*")
+        if p.is_file() and p.suffix not in (".lock", ".new")
+    )
+
+
+def final_bodies(store: SQLiteStore) -> list[str]:
+    """Body files under their final names."""
+    return sorted(name for name in os.listdir(store.bodies) if name != ".spool")
+
+
 def sqlite_rows(path: Path, query: str) -> list[tuple[object, ...]]:
     conn = sqlite3.connect(path)
     try:
@@ -123,7 +137,7 @@ async def test_large_message_reassembled(store: Store, tmp_path: Path) -> None:
         # Larger than one chunk: the body is a file of its own, not rows.
         assert (store.bodies / queue_id).read_bytes() == body
         assert sqlite_rows(store.path, f"SELECT * FROM chunks WHERE queue_id = '{queue_id}'") == []
-        assert sqlite_rows(store.path, "SELECT * FROM pending") == []
+        assert spooled_files(store) == []  # linked under its name, the spool name gone
 
 
 @pytest.mark.parametrize("extra", [0, 1])
@@ -292,7 +306,8 @@ async def test_abort_leaves_nothing_visible(store: Store) -> None:
         await store.close()
         assert sqlite_rows(store.path, "SELECT DISTINCT queue_id FROM chunks") == [(kept,)]
         assert sqlite_rows(store.path, "SELECT * FROM pending") == []
-        assert os.listdir(store.bodies) == []  # the 1 MiB body's file is gone
+        assert final_bodies(store) == [] and spooled_files(store) == []  # the 1 MiB body's
+        assert os.listdir(store.bodies / ".spool") == []  # and the spool folder and its lock
     if isinstance(store, MaildirStore):
         assert os.listdir(store.path / "tmp") == []
 
@@ -384,23 +399,14 @@ async def test_sqlite_two_instances_on_one_file(tmp_path: Path, shared: bool) ->
         assert reader.raw(queue_id) == body
 
 
-async def wait_pending(path: Path, count: int) -> None:
-    """Until the writer has recorded ``count`` bodies being written."""
-    for _ in range(1000):
-        if sqlite_rows(path, "SELECT count(*) FROM pending")[0][0] == count:
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never {count} pending rows")
-
-
-async def test_sqlite_start_keeps_the_body_files_of_a_live_instance(tmp_path: Path) -> None:
+async def test_sqlite_start_keeps_the_spool_of_a_live_instance(tmp_path: Path) -> None:
     path = tmp_path / "ehlo.sqlite3"
     first = SQLiteStore(path)
     await first.start()
     body = random.Random(5).randbytes(2 * 1024 * 1024)
     writer = first.begin(make_envelope())
     writer.write(body)
-    await wait_pending(path, 1)  # the file is written, no row yet
+    assert len(spooled_files(first)) == 1  # being received, no row yet
     second = SQLiteStore(path)
     await second.start()  # cleans orphans, but this one belongs to a live store
     queue_id = await writer.commit()
@@ -409,21 +415,31 @@ async def test_sqlite_start_keeps_the_body_files_of_a_live_instance(tmp_path: Pa
     await first.close()
 
 
-async def test_sqlite_start_removes_old_body_files_nothing_refers_to(tmp_path: Path) -> None:
+async def test_sqlite_start_removes_the_spool_of_a_dead_instance(tmp_path: Path) -> None:
     path = tmp_path / "ehlo.sqlite3"
     store = SQLiteStore(path)
     await store.start()
     kept = await deliver(store, bytes(CHUNK_SIZE + 10))
+    live = SQLiteStore(path)
+    await live.start()
+    live_writer = live.begin(make_envelope())
+    live_writer.write(bytes(CHUNK_SIZE + 20))
     await store.close()
-    stray, fresh = new_queue_id(), new_queue_id()
-    for name in (stray, fresh):  # as left by a writer killed before it registered them
-        (store.bodies / name).write_bytes(b"x")
-    old = os.stat(store.bodies / kept).st_mtime - 2 * 3600
-    for name in (stray, kept):
-        os.utime(store.bodies / name, (old, old))
+    # As a store killed in mid-commit leaves it: a body half received, and
+    # one already linked under its final name whose row was never committed.
+    dead = store.bodies / ".spool" / "DEADOWNER"
+    dead.mkdir()
+    (dead / "HALF").write_bytes(b"x" * 10)
+    (dead / "LINKED").write_bytes(b"y" * 10)
+    os.link(dead / "LINKED", store.bodies / "LINKED")
+    os.link(store.bodies / kept, dead / kept)  # committed: only the spool name goes
     await store.start()
-    assert sorted(os.listdir(store.bodies)) == sorted([kept, fresh])
+    assert not dead.exists()
+    assert final_bodies(store) == [kept]
     assert store.raw(kept) == bytes(CHUNK_SIZE + 10)
+    assert len(spooled_files(store)) == 1  # the live instance's body, untouched
+    assert store.raw(await live_writer.commit()) == bytes(CHUNK_SIZE + 20)
+    await live.close()
     await store.close()
 
 
@@ -458,8 +474,8 @@ async def test_sqlite_lost_body_file_fails_the_commit(loss: str, tmp_path: Path)
     envelope = make_envelope()
     writer = store.begin(envelope)
     writer.write(bytes(600_000))
-    await wait_pending(path, 1)
-    body_file = store.bodies / envelope.queue_id
+    (spooled,) = spooled_files(store)
+    body_file = store.bodies / spooled
     if loss == "truncated":
         os.truncate(body_file, 300_000)
     else:
@@ -467,9 +483,8 @@ async def test_sqlite_lost_body_file_fails_the_commit(loss: str, tmp_path: Path)
     with pytest.raises(StoreError, match="body file"):
         await writer.commit()
     assert store.get(envelope.queue_id) is None
+    assert spooled_files(store) == [] and final_bodies(store) == []
     await store.close()
-    assert sqlite_rows(path, "SELECT * FROM pending") == []
-    assert os.listdir(store.bodies) == []
 
 
 async def test_sqlite_duplicate_id_is_an_error_not_a_crash(tmp_path: Path) -> None:
@@ -481,16 +496,16 @@ async def test_sqlite_duplicate_id_is_an_error_not_a_crash(tmp_path: Path) -> No
         with pytest.raises(StoreError):
             await deliver(store, body, make_envelope(queue_id=envelope.queue_id))
         assert store.raw(envelope.queue_id) == b"first"
-    assert os.listdir(store.bodies) == []  # the third one's file went with it
+    assert final_bodies(store) == [] and spooled_files(store) == []  # the third one's file
     big = make_envelope()
     first_body = random.Random(6).randbytes(700_000)
     await deliver(store, first_body, big)
-    with pytest.raises(StoreError, match="body file"):  # its file is there already
+    with pytest.raises(StoreError, match="already stored"):  # never replaces its file
         await deliver(store, bytes(700_000), make_envelope(queue_id=big.queue_id))
     assert store.raw(big.queue_id) == first_body
+    assert final_bodies(store) == [big.queue_id] and spooled_files(store) == []
     await deliver(store, b"x")  # still works
     await store.close()
-    assert sqlite_rows(store.path, "SELECT * FROM pending") == []
 
 
 async def test_unusable_location_is_a_store_error(tmp_path: Path) -> None:
@@ -582,7 +597,7 @@ async def test_maildir_abort_removes_tmp_file(tmp_path: Path) -> None:
 
 CHILD = textwrap.dedent(
     """
-    import asyncio, datetime, random, sqlite3, sys
+    import asyncio, datetime, random, sys
     from pathlib import Path
     from ehlo.ids import new_queue_id
     from ehlo.storage import Envelope, open_store
@@ -617,10 +632,6 @@ CHILD = textwrap.dedent(
         else:
             while store.backlog_bytes:
                 await asyncio.sleep(0.001)
-            if kind == "sqlite":  # until the writer has registered the body file
-                db = data_dir / "ehlo.sqlite3"
-                while not sqlite3.connect(db).execute("SELECT * FROM pending").fetchall():
-                    await asyncio.sleep(0.001)
             print("written", flush=True)
         await asyncio.sleep(60)
 
@@ -663,15 +674,15 @@ async def test_sigkill_while_writing_leaves_no_message(kind: str, tmp_path: Path
     assert kill_after_line(spawn(kind, tmp_path, "hang", 12)) == "written"
     if kind == "sqlite":
         path = tmp_path / "ehlo.sqlite3"
-        (orphan,) = os.listdir(f"{path}.bodies")  # the 3 MiB body, in its file
+        (orphan,) = spooled_files(SQLiteStore(path))  # the 3 MiB body, in the spool
         assert os.path.getsize(f"{path}.bodies/{orphan}") == 3 * 1024 * 1024
-        assert sqlite_rows(path, "SELECT queue_id FROM pending") == [(orphan,)]
     store = open_store(kind, tmp_path)
     await store.start()
     assert store.list() == []
     if isinstance(store, SQLiteStore):
-        assert os.listdir(store.bodies) == []
-        assert sqlite_rows(store.path, "SELECT count(*) FROM pending")[0][0] == 0
+        assert spooled_files(store) == [] and final_bodies(store) == []
+        own = store._spool_name  # only this instance's folder and lock are left
+        assert sorted(os.listdir(store.bodies / ".spool")) == sorted([f"{own}.lock", own])
         assert os.listdir(f"{store.path}.locks") == [f"{store.owner}.lock"]
     await store.close()
 

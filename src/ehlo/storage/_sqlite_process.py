@@ -41,13 +41,18 @@ import socket
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .base import StoreError, StoreStats
-from .sqlite import _Chunk, _Commit, _Discard, _Op, _OwnerLock, _Spill, _Stop, _WriterThread
+from .sqlite import _Chunk, _Commit, _Discard, _Op, _OwnerLock, _Stop, _WriterThread
 
 _HEADER = struct.Struct(">I")
+# How often, and how long, the hub tries to remove a dead worker's spool folder.
+_ORPHAN_RETRY = 0.02
+_ORPHAN_PATIENCE = 5.0
 _READ_SIZE = 256 * 1024
 # How long the child may take to open (or create) the database.
 _START_TIMEOUT = 60.0
@@ -167,8 +172,6 @@ class _Channel:
         if kind == "commit":
             # The reference travels where the thread keeps its future.
             return _Commit(message[1], message[2], None, message[3], message[4])  # type: ignore[arg-type]
-        if kind == "spill":
-            return _Spill(message[1])
         if kind == "discard":
             return _Discard(message[1])
         return _Stop()
@@ -271,12 +274,18 @@ class WriterProcess(asyncio.Protocol):
     """
 
     def __init__(
-        self, path: Path, stats: StoreStats, shared: bool, address: str | None = None
+        self,
+        path: Path,
+        stats: StoreStats,
+        shared: bool,
+        address: str | None = None,
+        spool: str | None = None,
     ) -> None:
         self.path = path
         self.stats = stats
         self.shared = shared
         self.address = address
+        self.spool = spool  # the store's spool folder, which a hub removes if it dies
         self.lock = _OwnerName()
         self.ops = self  # ``ops.put(op)``, as with the thread's queue
         self.queued_bytes = 0
@@ -311,6 +320,8 @@ class WriterProcess(asyncio.Protocol):
                 raise
             sock.setblocking(False)
             await loop.create_unix_connection(lambda: self, sock=sock)
+            if self.spool is not None:
+                self._send(_frame(("spool", self.spool)))
         else:
             await self._spawn(loop)
         try:
@@ -376,9 +387,7 @@ class WriterProcess(asyncio.Protocol):
         if isinstance(op, _Commit):
             ref = next(self._refs)
             self._commits[ref] = op.future
-            message = ("commit", op.row, op.chunks, ref, op.in_file)
-        elif isinstance(op, _Spill):
-            message = ("spill", op.queue_id)
+            message = ("commit", op.row, op.chunks, ref, op.spool)
         elif isinstance(op, _Discard):
             message = ("discard", op.queue_id)
         else:
@@ -493,10 +502,10 @@ class _Link:
         self.sock = sock
         self.buf = bytearray()
         self.body: tuple[tuple[Any, ...], bytearray, int] | None = None  # a chunk being read
-        # Messages with chunks or a body file, not yet committed or discarded.
-        self.open: set[str] = set()
+        self.open: set[str] = set()  # messages with chunks, not yet committed or discarded
         self.inflight = 0  # operations read, not yet executed
         self.done_bytes = 0
+        self.spool: str | None = None  # its store's spool folder
         self.stopping = False
         self.closed = False
 
@@ -535,12 +544,23 @@ class _Hub:
         self.owner = ""
         self.control_open = True
         self.link_of: dict[int, _Link] = {}  # id(op) -> its link, for the batch
+        # Spool folders of workers that died, to remove once their lock is
+        # free (the kernel lets go of it as the process ends), until a deadline.
+        self.orphans: list[tuple[str, float]] = []
+        self.remove_spool: Callable[[str], bool] = lambda owner: True
 
     def get(self) -> _Op:
         while not self.ready:
             if not self.control_open and not self.links:
                 return _Stop()
-            self._poll(None)
+            self._poll(_ORPHAN_RETRY if self.orphans else None)
+            if self.orphans:
+                now = time.monotonic()
+                self.orphans = [
+                    (owner, until)
+                    for owner, until in self.orphans
+                    if not self.remove_spool(owner) and until > now
+                ]
         return self._pop()
 
     def get_nowait(self) -> _Op:
@@ -628,12 +648,11 @@ class _Hub:
                     link,
                     _Commit(message[1], message[2], None, (link, message[3]), message[4]),  # type: ignore[arg-type]
                 )
-            elif kind == "spill":
-                link.open.add(message[1])
-                self._push(link, _Spill(message[1]))
             elif kind == "discard":
                 link.open.discard(message[1])
                 self._push(link, _Discard(message[1]))
+            elif kind == "spool":
+                link.spool = message[1]
             else:  # stop: answered once what it sent before is executed
                 link.stopping = True
                 self._finish(link)
@@ -651,9 +670,12 @@ class _Hub:
             self.selector.unregister(link.sock)
         link.closed = True
         link.sock.close()
-        for queue_id in link.open:  # bodies of messages that will never be committed
+        for queue_id in link.open:  # chunks of messages that will never be committed
             self._push(link, _Discard(queue_id))
         link.open.clear()
+        if link.spool is not None and not link.stopping:
+            # Bodies it was receiving (a worker that stops removes its own).
+            self.orphans.append((link.spool, time.monotonic() + _ORPHAN_PATIENCE))
 
     def _finish(self, link: _Link) -> None:
         if link.stopping and link.inflight == 0 and not link.closed:
@@ -693,6 +715,7 @@ class _HubWriter(_WriterThread):
         super().__init__(path, lock, StoreStats(), shared=True)
         self.hub = hub
         self.ops = hub  # type: ignore[assignment]
+        hub.remove_spool = self._remove_spool
         self._outcomes: list[tuple[_Commit, str | BaseException]] = []
 
     def _execute(self, batch: list[_Op]) -> None:

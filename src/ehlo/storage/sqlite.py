@@ -9,8 +9,9 @@ Layout::
 
     messages(queue_id PRIMARY KEY, received_at, client_ip, ..., size, subject)
     chunks(queue_id, seq, data BLOB)      -- a body of at most 256 KiB, one row
-    pending(queue_id PRIMARY KEY, owner)  -- bodies being written, no row yet
+    pending(queue_id PRIMARY KEY, owner)  -- chunks with no row yet (older versions)
     ehlo.sqlite3.bodies/<queue_id>        -- a larger body, in a file of its own
+    ehlo.sqlite3.bodies/.spool/<owner>/   -- bodies being received by one store
 
 Writing. A body is never held whole in memory: :meth:`SQLiteWriter.write`
 gathers up to :data:`CHUNK_SIZE` bytes. A body that stays within that size
@@ -18,8 +19,10 @@ is queued for the writer as one chunk row when the message is committed. A
 larger body goes to a file beside the database as it arrives (one write
 per 64 KiB or per network read, from the event loop, like the Maildir
 store): through SQLite it would be written twice, to the WAL and again at
-checkpoint, and copied to the writer on the way. The file's data is synced
-by the writer, before the COMMIT that makes its row visible.
+checkpoint, and copied to the writer on the way. It is written in the
+store instance's spool folder; at commit the writer syncs it, links it
+under its final name, syncs the folder, and only then COMMITs the row that
+makes it visible.
 ``commit`` queues the envelope row and awaits a future. The writer
 thread takes everything queued (up to a cap), runs it inside ONE transaction
 and issues ONE ``COMMIT`` (WAL; ``synchronous=FULL``, one fsync of the WAL,
@@ -37,13 +40,13 @@ reading from clients while it is above a high-water mark and awaits
 that brings the backlog down to the low-water mark.
 
 Crashes and several processes. Chunks and body files written before a
-crash are orphans. Each store instance holds an exclusive ``flock`` on its
-own lock file (in ``<db>.locks/``) and records itself as the owner of its
-in-flight messages in ``pending``; ``start`` deletes the chunks and body
-files of pending messages whose owner's lock is free (the process died),
-never those of a live process sharing the database, and body files that
-nothing refers to after :data:`_STALE_BODY_SECONDS`. WAL plus a busy timeout
-let several server processes and the CLI use one file at once.
+crash are orphans. Each writer holds an exclusive ``flock`` on its own lock
+file (in ``<db>.locks/``) and records itself as the owner of its in-flight
+chunks in ``pending``; each store instance holds one on its spool folder's
+lock file. ``start`` deletes the chunks of pending messages and the spool
+folders whose owner's lock is free (the process died), never those of a
+live process sharing the database. WAL plus a busy timeout let several
+server processes and the CLI use one file at once.
 """
 
 from __future__ import annotations
@@ -91,9 +94,8 @@ __all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter"]
 CHUNK_SIZE = 256 * 1024
 # A body file is written in pieces of at least this size (or a network read).
 _FILE_WRITE_SIZE = 64 * 1024
-# A body file that no message row and no pending row refers to is an orphan
-# once it is this old (a live writer registers its file within milliseconds).
-_STALE_BODY_SECONDS = 3600
+# In the bodies folder: one folder per store instance for the bodies it is receiving.
+_SPOOL = ".spool"
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 # One transaction takes at most this much queued work, so a stream of large
 # bodies cannot postpone the COMMIT that waiting sessions need.
@@ -153,13 +155,6 @@ class _Chunk:
 
 
 @dataclass(slots=True)
-class _Spill:
-    """A body is being written to its file: the writer records it as pending."""
-
-    queue_id: str
-
-
-@dataclass(slots=True)
 class _Discard:
     queue_id: str
 
@@ -170,7 +165,7 @@ class _Commit:
     chunks: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[str]
-    in_file: bool = False  # the body is in its file, not in chunks
+    spool: str | None = None  # the body is a file in this spool folder, not in chunks
 
 
 @dataclass(slots=True)
@@ -178,7 +173,7 @@ class _Stop:
     done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
 
 
-_Op = _Chunk | _Spill | _Discard | _Commit | _Stop
+_Op = _Chunk | _Discard | _Commit | _Stop
 
 
 def body_dir(path: Path) -> Path:
@@ -193,10 +188,14 @@ def _utc_text(moment: _dt.datetime) -> str:
     return moment.astimezone(_dt.UTC).isoformat(timespec="microseconds")
 
 
+# One encoder for every row: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
 def _dumps(value: Any) -> str:
     if not value and (value == {} or value == []):
         return "{}" if isinstance(value, dict) else "[]"  # most messages: no parameters
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return _encode(value)
 
 
 def _dumps_extra(extra: dict[str, Any]) -> str:
@@ -345,8 +344,8 @@ class _WriterThread(threading.Thread):
         self._clashes: set[str] = set()
         # Whether commits fsync the WAL now (see _execute).
         self._full_sync = True
-        # A body file became visible in this batch: its directory entry is synced.
-        self._bodies_dirty = False
+        # Body files linked under their final names in this batch: (spool name, final).
+        self._linked: list[tuple[Path, Path]] = []
         # Futures waiting for the backlog to drop to a level: (low, loop, future).
         self._drain_lock = threading.Lock()
         self._drain_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -431,7 +430,8 @@ class _WriterThread(threading.Thread):
                         self._drop_owner(conn, owner)
             conn.execute("COMMIT")
             self.lock.sweep()
-            self._sweep_bodies(conn)
+            self._conn = conn
+            self._sweep_spools(conn)
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -455,15 +455,9 @@ class _WriterThread(threading.Thread):
                 raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode})")
             return
 
-    def _drop_owner(self, conn: sqlite3.Connection, owner: str) -> None:
-        """Delete the orphan chunks and body files left by a store instance that died."""
-        for (queue_id,) in conn.execute(
-            "SELECT queue_id FROM pending WHERE owner = ?"
-            " AND queue_id NOT IN (SELECT queue_id FROM messages)",
-            (owner,),
-        ).fetchall():
-            with contextlib.suppress(OSError):
-                (self.bodies / queue_id).unlink()
+    @staticmethod
+    def _drop_owner(conn: sqlite3.Connection, owner: str) -> None:
+        """Delete the orphan chunks left by a store instance that died."""
         conn.execute(
             "DELETE FROM chunks WHERE queue_id IN (SELECT queue_id FROM pending WHERE owner = ?)"
             " AND queue_id NOT IN (SELECT queue_id FROM messages)",
@@ -471,23 +465,38 @@ class _WriterThread(threading.Thread):
         )
         conn.execute("DELETE FROM pending WHERE owner = ?", (owner,))
 
-    def _sweep_bodies(self, conn: sqlite3.Connection) -> None:
-        """Delete old body files that neither a message nor a pending write refers to.
+    def _sweep_spools(self, conn: sqlite3.Connection) -> None:
+        """Delete the spool folders of store instances that are gone."""
+        spools = self.bodies / _SPOOL
+        spools.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in os.scandir(spools):
+            if folder.is_dir(follow_symlinks=False):
+                self._remove_spool(folder.name)
 
-        (A writer that died between creating its file and registering it
-        leaves such a file; a live one registers it at once.)
+    def _remove_spool(self, owner: str) -> bool:
+        """Delete one spool folder if its store instance is gone (True once it is).
+
+        A body the writer had already linked under its final name, but whose
+        row never got committed, goes with it.
         """
-        self.bodies.mkdir(mode=0o700, exist_ok=True)
-        cutoff = time.time() - _STALE_BODY_SECONDS
-        for entry in os.scandir(self.bodies):
-            known = conn.execute(
-                "SELECT 1 FROM messages WHERE queue_id = ?1"
-                " UNION ALL SELECT 1 FROM pending WHERE queue_id = ?1",
-                (entry.name,),
-            ).fetchone()
+        conn = self._conn
+        assert conn is not None
+        folder = self.bodies / _SPOOL / owner
+        with _OwnerLock(folder.parent).dead(owner) as dead:  # asks, never acquires
+            if not dead:
+                return False
             with contextlib.suppress(OSError):
-                if known is None and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
+                for entry in os.scandir(folder):
+                    final = self.bodies / entry.name
+                    with contextlib.suppress(OSError):
+                        if os.path.samefile(entry.path, final) and conn.execute(
+                            "SELECT 1 FROM messages WHERE queue_id = ?", (entry.name,)
+                        ).fetchone() is None:
+                            final.unlink()
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                folder.rmdir()
+        return True
 
     def _serve(self) -> None:
         ops = self.ops
@@ -560,33 +569,34 @@ class _WriterThread(threading.Thread):
                         outcomes.append(
                             (op, self._insert_message(conn, op, whole.get(op.row[0])))
                         )
-                    elif isinstance(op, _Spill):
-                        conn.execute(
-                            "INSERT OR IGNORE INTO pending (queue_id, owner) VALUES (?, ?)",
-                            (op.queue_id, self.lock.owner),
-                        )
                     elif isinstance(op, _Discard):
                         if op.queue_id in self._clashes:
                             self._clashes.discard(op.queue_id)  # the rows are not ours
                         else:
                             self._discard(conn, op.queue_id)
-                if self._bodies_dirty:
+                if self._linked:
                     # The new files' names, before the rows that point at them.
                     fsync_dir(self.bodies)
-                    self._bodies_dirty = False
                 conn.execute("COMMIT")
+                for spooled, _ in self._linked:  # the final name stays
+                    with contextlib.suppress(OSError):
+                        spooled.unlink()
             self.stats.commits += 1
             self.stats.messages += sum(1 for _, out in outcomes if isinstance(out, str))
         except Exception as exc:  # sqlite3.Error, OSError, MemoryError...
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            self._bodies_dirty = False
+            for spooled, final in self._linked:
+                for name in (final, spooled):
+                    with contextlib.suppress(OSError):
+                        name.unlink()
             error = StoreError(f"sqlite store {self.path}: {exc}")
             error.__cause__ = exc
             outcomes = [(op, error) for op in batch if isinstance(op, _Commit)]
             # Chunks of this batch are lost; their messages fail the chunk check
             # at commit time (and the client retries), never commit incomplete.
         finally:
+            self._linked = []
             if self._write_lock is not None:
                 fcntl.flock(self._write_lock, fcntl.LOCK_UN)
             self.done_bytes += body_bytes
@@ -649,18 +659,15 @@ class _WriterThread(threading.Thread):
         taken = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
         if taken is not None or queue_id in self._clashes:
             self._clashes.discard(queue_id)
-            if op.in_file:  # created with O_EXCL: the file is this message's own
-                conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
+            if op.spool is not None:
                 with contextlib.suppress(OSError):
-                    (self.bodies / queue_id).unlink()
+                    (self.bodies / _SPOOL / op.spool / queue_id).unlink()
             return StoreError(f"message {queue_id} is already stored")
-        if op.in_file:
-            problem = self._sync_body(queue_id, size)
+        if op.spool is not None:
+            problem = self._place_body(op.spool, queue_id, size)
             if problem is not None:
-                self._discard(conn, queue_id)
                 return StoreError(f"message {queue_id}: {problem}")
             count, total = op.chunks, size
-            self._bodies_dirty = True
         elif batch_bytes is not None:
             count, total = op.chunks, batch_bytes
         else:
@@ -676,28 +683,43 @@ class _WriterThread(threading.Thread):
             conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
         return queue_id
 
-    def _sync_body(self, queue_id: str, size: int) -> str | None:
-        """Put a body file's data on disk; why it cannot be, or None."""
+    def _place_body(self, spool: str, queue_id: str, size: int) -> str | None:
+        """Sync a spooled body and link it under its final name; why not, or None.
+
+        The spool name goes after the COMMIT (or with the final name if the
+        batch fails); when this fails, it goes at once.
+        """
+        spooled = self.bodies / _SPOOL / spool / queue_id
+        final = self.bodies / queue_id
+        problem: str | None = None
         try:
-            fd = os.open(self.bodies / queue_id, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(spooled, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
             return f"body file lost before commit: {exc}"
         try:
             found = os.fstat(fd).st_size
             if found != size:
-                return f"body file has {found} octets, {size} were written"
-            _fdatasync(fd)
+                problem = f"body file has {found} octets, {size} were written"
+            else:
+                _fdatasync(fd)
+                os.link(spooled, final)  # never replaces: an existing name fails
+        except FileExistsError:
+            problem = "is already stored"
         except OSError as exc:
-            return f"body file: {exc}"
+            problem = f"body file: {exc}"
         finally:
             os.close(fd)
+        if problem is not None:
+            with contextlib.suppress(OSError):
+                spooled.unlink()
+            return problem
+        self._linked.append((spooled, final))
         return None
 
-    def _discard(self, conn: sqlite3.Connection, queue_id: str) -> None:
+    @staticmethod
+    def _discard(conn: sqlite3.Connection, queue_id: str) -> None:
         conn.execute("DELETE FROM chunks WHERE queue_id = ?", (queue_id,))
         conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
-        with contextlib.suppress(OSError):
-            (self.bodies / queue_id).unlink()
 
     @staticmethod
     def _settle(outcomes: list[tuple[_Commit, str | BaseException]]) -> None:
@@ -764,18 +786,15 @@ class SQLiteWriter(MessageWriter):
 
     def _spill(self) -> None:
         """The body outgrew one chunk: continue it in a file of its own."""
-        writer = self._store._writer_or_error()
         queue_id = self._envelope.queue_id
         try:
             self._fd = os.open(
-                self._store.bodies / queue_id,
+                self._store._spooled(queue_id),
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
                 0o600,
             )
         except OSError as exc:
             raise StoreError(f"message {queue_id}: body file: {exc}") from exc
-        writer.ops.put(_Spill(queue_id))
-        self._flushed = True
         buffer, self._buffer = self._buffer, bytearray()
         self._append(buffer)
 
@@ -801,7 +820,7 @@ class SQLiteWriter(MessageWriter):
         if self._state != "open":
             raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
         writer = self._store._writer_or_error()
-        in_file = self._fd is not None
+        spool = self._store._spool_name if self._fd is not None else None
         if self._fd is not None:
             try:
                 if self._buffer:
@@ -814,9 +833,9 @@ class SQLiteWriter(MessageWriter):
             try:
                 os.close(fd)
             except OSError as exc:
-                self.abort()  # the file goes, the writer forgets it
+                self.abort()
                 with contextlib.suppress(OSError):
-                    (self._store.bodies / self._envelope.queue_id).unlink()
+                    self._store._spooled(self._envelope.queue_id).unlink()
                 raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
         elif self._buffer:
             self._send(bytes(self._buffer))
@@ -842,7 +861,8 @@ class SQLiteWriter(MessageWriter):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._state = "committing"
-        writer.ops.put(_Commit(row, self._seq, loop, future, in_file))
+        # From here the writer owns the spooled body (it links or removes it).
+        writer.ops.put(_Commit(row, self._seq, loop, future, spool))
         try:
             return await future
         finally:
@@ -858,7 +878,7 @@ class SQLiteWriter(MessageWriter):
             with contextlib.suppress(OSError):
                 os.close(fd)
             with contextlib.suppress(OSError):
-                (self._store.bodies / self._envelope.queue_id).unlink()
+                self._store._spooled(self._envelope.queue_id).unlink()
         if self._flushed:
             writer = self._store._writer
             if writer is not None:
@@ -896,6 +916,10 @@ class SQLiteStore(Store):
         self.bodies = body_dir(self.path)
         self.stats = StoreStats()
         self._writer: _WriterThread | WriterProcess | None = None
+        # This instance's spool folder for the large bodies it receives, and
+        # the lock that tells a sweeping writer it is alive.
+        self._spool_lock: _OwnerLock | None = None
+        self._spool_name = ""
 
     @property
     def backlog_bytes(self) -> int:
@@ -921,13 +945,27 @@ class SQLiteStore(Store):
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            spool_lock = _OwnerLock(self.bodies / _SPOOL)
             self.bodies.mkdir(mode=0o700, exist_ok=True)
+            spool_lock.directory.mkdir(mode=0o700, exist_ok=True)
+            spool_lock.acquire()  # before the folder: a sweep never sees it unowned
+            (spool_lock.directory / spool_lock.owner).mkdir(mode=0o700)
         except OSError as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        self._spool_lock, self._spool_name = spool_lock, spool_lock.owner
+        try:
+            await self._start_writer()
+        except BaseException:
+            self._release_spool()
+            raise
+
+    async def _start_writer(self) -> None:
         if self.writer_kind == "process":
             from ._sqlite_process import WriterProcess
 
-            process = WriterProcess(self.path, self.stats, self.shared, self.writer_address)
+            process = WriterProcess(
+                self.path, self.stats, self.shared, self.writer_address, self._spool_name
+            )
             try:
                 await process.start()
             except (OSError, TimeoutError) as exc:
@@ -948,7 +986,27 @@ class SQLiteStore(Store):
         if writer is None:
             return
         self._writer = None
-        await writer.stop()
+        try:
+            await writer.stop()
+        finally:
+            self._release_spool()
+
+    def _release_spool(self) -> None:
+        """Remove this instance's spool folder (with what an abort left) and its lock."""
+        lock, self._spool_lock = self._spool_lock, None
+        if lock is None:
+            return
+        folder = lock.directory / lock.owner
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(folder):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            folder.rmdir()
+        lock.release()
+
+    def _spooled(self, queue_id: str) -> Path:
+        """Where this instance receives the body of ``queue_id``."""
+        return self.bodies / _SPOOL / self._spool_name / queue_id
 
     def _writer_or_error(self) -> _WriterThread | WriterProcess:
         writer = self._writer
