@@ -108,6 +108,7 @@ class _Channel:
         self.closed = False
         self._buf = bytearray()
         self._pos = 0
+        self._after: _Op | None = None  # a whole message's commit, after its chunk
 
     def _fill(self, block: bool) -> bool:
         """Read what waits (waiting for something if ``block``); False if nothing came."""
@@ -150,6 +151,9 @@ class _Channel:
         return out
 
     def _next(self, block: bool) -> _Op | None:
+        if self._after is not None:
+            op, self._after = self._after, None
+            return op
         if len(self._buf) - self._pos < _HEADER.size:
             if self.closed:
                 return _Stop()
@@ -169,6 +173,13 @@ class _Channel:
             if data is None:
                 return _Stop()
             return _Chunk(message[1], message[2], data)  # type: ignore[arg-type]  # a buffer
+        if kind == "whole":  # a message's last chunk and its commit
+            data = self._take(message[4])
+            if data is None:
+                return _Stop()
+            row = message[1]
+            self._after = _Commit(row, message[2] + 1, None, message[3])  # type: ignore[arg-type]
+            return _Chunk(row[0], message[2], data)  # type: ignore[arg-type]
         if kind == "commit":
             # The reference travels where the thread keeps its future.
             return _Commit(message[1], message[2], None, message[3], message[4])  # type: ignore[arg-type]
@@ -293,6 +304,8 @@ class WriterProcess(asyncio.Protocol):
         self.broken: str | None = None
         self._frames = _Frames()
         self._out: list[bytes] = []  # frames of this turn of the loop (see _send)
+        self._flush_due = False
+        self._held: _Chunk | None = None  # a chunk whose commit may still join it
         self._transport: asyncio.Transport | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._refs = itertools.count()
@@ -358,7 +371,7 @@ class WriterProcess(asyncio.Protocol):
     async def stop(self) -> None:
         """Execute everything sent so far, then let the child exit."""
         if self.broken is None and self._transport is not None:
-            self._out += _frame(("stop",))
+            self.put(_Stop())
             self._flush()
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
@@ -380,19 +393,34 @@ class WriterProcess(asyncio.Protocol):
             if isinstance(op, _Commit) and not op.future.done():
                 op.future.set_exception(self._error())
             return
+        held, self._held = self._held, None
         if isinstance(op, _Chunk):
-            self._send(_frame(("chunk", op.queue_id, op.seq, len(op.data))), op.data)
+            if held is not None:
+                self._send_chunk(held)
+            self._held = op  # its commit may follow in this turn of the loop
+            self._send([])
             return
         message: tuple[Any, ...]
         if isinstance(op, _Commit):
             ref = next(self._refs)
             self._commits[ref] = op.future
+            if held is not None and held.queue_id == op.row[0] and op.chunks == held.seq + 1:
+                # A whole message (the usual case: a body of one chunk) in one frame.
+                self._send(_frame(("whole", op.row, held.seq, ref, len(held.data))), held.data)
+                return
             message = ("commit", op.row, op.chunks, ref, op.spool)
         elif isinstance(op, _Discard):
             message = ("discard", op.queue_id)
         else:
             message = ("stop",)
+        if held is not None:
+            self._send_chunk(held)
         self._send(_frame(message))
+
+    def _send_chunk(self, op: _Chunk) -> None:
+        """Queue a held chunk's frame (a flush is due already: holding it made one)."""
+        self._out += _frame(("chunk", op.queue_id, op.seq, len(op.data)))
+        self._out.append(op.data)
 
     def _send(self, frame: list[bytes], body: bytes | None = None) -> None:
         """Queue a frame; what one turn of the event loop queues leaves in one write.
@@ -401,13 +429,18 @@ class WriterProcess(asyncio.Protocol):
         together, and it writes them as one whole message.)
         """
         out = self._out
-        if not out:
+        if not self._flush_due:
+            self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
         out += frame
         if body is not None:
             out.append(body)
 
     def _flush(self) -> None:
+        self._flush_due = False
+        held, self._held = self._held, None
+        if held is not None:
+            self._send_chunk(held)
         out, self._out = self._out, []
         if out and self._transport is not None:
             self._transport.writelines(out)
@@ -512,9 +545,19 @@ class _Link:
     def send(self, message: tuple[Any, ...]) -> None:
         if self.closed:
             return
-        self.sock.setblocking(True)
+        data = b"".join(_frame(message))
         try:
-            self.sock.sendall(b"".join(_frame(message)))
+            sent = self.sock.send(data)  # an answer is small: it nearly always fits at once
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.closed = True
+            return
+        if sent == len(data):
+            return
+        self.sock.setblocking(True)  # the worker is slow to read: wait for room
+        try:
+            self.sock.sendall(data[sent:])
         except OSError:
             self.closed = True
         finally:
@@ -606,7 +649,7 @@ class _Hub:
                     link.body = (message, data, got)
                     if got == len(data):
                         link.body = None
-                        self._push(link, _Chunk(message[1], message[2], data))  # type: ignore[arg-type]
+                        self._body_done(link, message, data)
                     return
             else:
                 data_in = link.sock.recv(_READ_SIZE)
@@ -631,17 +674,18 @@ class _Hub:
             message: tuple[Any, ...] = pickle.loads(memoryview(buf)[start : start + size])
             pos = start + size
             kind = message[0]
-            if kind == "chunk":
-                length = message[3]
+            if kind == "chunk" or kind == "whole":
+                length = message[3] if kind == "chunk" else message[4]
                 body = bytearray(length)
                 have = min(length, len(buf) - pos)
                 body[:have] = memoryview(buf)[pos : pos + have]
                 pos += have
-                link.open.add(message[1])
+                if kind == "chunk":
+                    link.open.add(message[1])
                 if have < length:
                     link.body = (message, body, have)
                     break  # the rest of the buffer was all body
-                self._push(link, _Chunk(message[1], message[2], body))  # type: ignore[arg-type]
+                self._body_done(link, message, body)
             elif kind == "commit":
                 link.open.discard(message[1][0])
                 self._push(
@@ -657,6 +701,15 @@ class _Hub:
                 link.stopping = True
                 self._finish(link)
         del buf[:pos]
+
+    def _body_done(self, link: _Link, message: tuple[Any, ...], body: bytearray) -> None:
+        """A chunk frame's body is in: its operations join the queue."""
+        if message[0] == "chunk":
+            self._push(link, _Chunk(message[1], message[2], body))  # type: ignore[arg-type]
+            return
+        row, seq, ref = message[1], message[2], message[3]  # "whole": a chunk and its commit
+        self._push(link, _Chunk(row[0], seq, body))  # type: ignore[arg-type]
+        self._push(link, _Commit(row, seq + 1, None, (link, ref)))  # type: ignore[arg-type]
 
     def _push(self, link: _Link, op: _Op) -> None:
         link.inflight += 1
