@@ -2,13 +2,15 @@
 # Installs the Debian packages the tests drive, only when something is missing:
 # swaks (with the Perl modules it needs for TLS, IPv6 and AUTH), openssl,
 # postfix for its smtp-sink and smtp-source tools, and haproxy (run by the tests
-# in the foreground to send PROXY protocol headers). Postfix is installed with
+# in the foreground to send PROXY protocol headers), and util-linux-extra for
+# fincore (which pages of a file are cached). Postfix is installed with
 # "No configuration" and is never left running: no mail daemon on port 25; nor
 # is haproxy left running as a service.
 set -euo pipefail
 
 # Debian packages; usable() below also checks the commands they must provide.
-PACKAGES=(swaks openssl postfix haproxy libnet-ssleay-perl libio-socket-inet6-perl libauthen-sasl-perl)
+PACKAGES=(swaks openssl postfix haproxy util-linux-extra libnet-ssleay-perl libio-socket-inet6-perl
+    libauthen-sasl-perl)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 log() { echo "install-test-deps: $*" >&2; }
@@ -22,6 +24,7 @@ usable() {
         swaks | openssl) command -v "$1" >/dev/null 2>&1 ;;
         postfix) command -v smtp-sink >/dev/null 2>&1 && command -v smtp-source >/dev/null 2>&1 ;;
         haproxy) command -v haproxy >/dev/null 2>&1 ;;
+        util-linux-extra) command -v fincore >/dev/null 2>&1 ;;
         *) true ;;
     esac
 }
@@ -123,4 +126,4 @@ done
 if port25_listening; then
     log "warning: something listens on port 25; the tests do not need it"
 fi
-log "done: swaks, openssl, smtp-sink, smtp-source and haproxy are installed"
+log "done: swaks, openssl, smtp-sink, smtp-source, haproxy and fincore are installed"

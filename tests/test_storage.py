@@ -399,6 +399,20 @@ async def test_sqlite_two_instances_on_one_file(tmp_path: Path, shared: bool) ->
         assert reader.raw(queue_id) == body
 
 
+async def test_sqlite_body_file_leaves_the_page_cache_once_synced(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "ehlo.sqlite3")
+    await store.start()
+    body = random.Random(7).randbytes(4 * 1024 * 1024)
+    queue_id = await deliver(store, body)
+    cached = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(store.bodies / queue_id)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert int(cached) < len(body) // 8  # written, synced, then its pages let go
+    assert store.raw(queue_id) == body
+    await store.close()
+
+
 async def test_sqlite_start_keeps_the_spool_of_a_live_instance(tmp_path: Path) -> None:
     path = tmp_path / "ehlo.sqlite3"
     first = SQLiteStore(path)

@@ -97,6 +97,7 @@ _FILE_WRITE_SIZE = 64 * 1024
 # In the bodies folder: one folder per store instance for the bodies it is receiving.
 _SPOOL = ".spool"
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+_fadvise = getattr(os, "posix_fadvise", None)
 # One transaction takes at most this much queued work, so a stream of large
 # bodies cannot postpone the COMMIT that waiting sessions need.
 _BATCH_MAX_BYTES = 32 * 1024 * 1024
@@ -702,6 +703,10 @@ class _WriterThread(threading.Thread):
                 problem = f"body file has {found} octets, {size} were written"
             else:
                 _fdatasync(fd)
+                if _fadvise is not None:
+                    # Written once and seldom read soon: its pages, clean now,
+                    # go back for the next bodies instead of growing the cache.
+                    _fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 os.link(spooled, final)  # never replaces: an existing name fails
         except FileExistsError:
             problem = "is already stored"
