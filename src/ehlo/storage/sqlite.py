@@ -182,6 +182,11 @@ def body_dir(path: Path) -> Path:
     return path.with_name(path.name + ".bodies")
 
 
+def spooled_body(bodies: Path, spool: str, queue_id: str) -> Path:
+    """Where the store instance owning spool folder ``spool`` receives a body."""
+    return bodies / _SPOOL / spool / queue_id
+
+
 def _utc_text(moment: _dt.datetime) -> str:
     """Fixed-width UTC ISO text, so that rows sort by time as text."""
     if moment.tzinfo is None:
@@ -662,7 +667,7 @@ class _WriterThread(threading.Thread):
             self._clashes.discard(queue_id)
             if op.spool is not None:
                 with contextlib.suppress(OSError):
-                    (self.bodies / _SPOOL / op.spool / queue_id).unlink()
+                    spooled_body(self.bodies, op.spool, queue_id).unlink()
             return StoreError(f"message {queue_id} is already stored")
         if op.spool is not None:
             problem = self._place_body(op.spool, queue_id, size)
@@ -690,7 +695,7 @@ class _WriterThread(threading.Thread):
         The spool name goes after the COMMIT (or with the final name if the
         batch fails); when this fails, it goes at once.
         """
-        spooled = self.bodies / _SPOOL / spool / queue_id
+        spooled = spooled_body(self.bodies, spool, queue_id)
         final = self.bodies / queue_id
         problem: str | None = None
         try:
@@ -948,14 +953,15 @@ class SQLiteStore(Store):
     async def start(self) -> None:
         if self._writer is not None:
             return
+        spool_lock = _OwnerLock(self.bodies / _SPOOL)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            spool_lock = _OwnerLock(self.bodies / _SPOOL)
             self.bodies.mkdir(mode=0o700, exist_ok=True)
             spool_lock.directory.mkdir(mode=0o700, exist_ok=True)
             spool_lock.acquire()  # before the folder: a sweep never sees it unowned
             (spool_lock.directory / spool_lock.owner).mkdir(mode=0o700)
         except OSError as exc:
+            spool_lock.release()
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         self._spool_lock, self._spool_name = spool_lock, spool_lock.owner
         try:
@@ -1011,7 +1017,7 @@ class SQLiteStore(Store):
 
     def _spooled(self, queue_id: str) -> Path:
         """Where this instance receives the body of ``queue_id``."""
-        return self.bodies / _SPOOL / self._spool_name / queue_id
+        return spooled_body(self.bodies, self._spool_name, queue_id)
 
     def _writer_or_error(self) -> _WriterThread | WriterProcess:
         writer = self._writer
