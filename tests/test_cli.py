@@ -659,6 +659,7 @@ def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: P
         # The dead worker's spool folder went with the body in it; the two
         # new workers' folders are there, empty.
         spool = server.data / "ehlo.sqlite3.bodies" / ".spool"
+        assert (spool.parent.stat().st_mode & 0o777) == 0o700  # made by the shared writer
         assert [p for p in spool.rglob("*") if p.is_file() and p.suffix != ".lock"] == []
         assert len([p for p in spool.iterdir() if p.is_dir()]) == 2
         assert server.stop() == 0

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -134,8 +135,11 @@ async def test_large_message_reassembled(store: Store, tmp_path: Path) -> None:
     stored = store.get(queue_id)
     assert stored is not None and stored.size == len(body) and stored.subject == "big"
     if isinstance(store, SQLiteStore):
-        # Larger than one chunk: the body is a file of its own, not rows.
+        # Larger than one chunk: the body is a file of its own, not rows, for
+        # its owner's eyes only.
         assert (store.bodies / queue_id).read_bytes() == body
+        assert stat.S_IMODE((store.bodies / queue_id).stat().st_mode) == 0o600
+        assert stat.S_IMODE(store.bodies.stat().st_mode) == 0o700
         assert sqlite_rows(store.path, f"SELECT * FROM chunks WHERE queue_id = '{queue_id}'") == []
         assert spooled_files(store) == []  # linked under its name, the spool name gone
 

@@ -474,7 +474,8 @@ class _WriterThread(threading.Thread):
     def _sweep_spools(self, conn: sqlite3.Connection) -> None:
         """Delete the spool folders of store instances that are gone."""
         spools = self.bodies / _SPOOL
-        spools.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.bodies.mkdir(mode=0o700, exist_ok=True)
+        spools.mkdir(mode=0o700, exist_ok=True)
         for folder in os.scandir(spools):
             if folder.is_dir(follow_symlinks=False):
                 self._remove_spool(folder.name)
