@@ -55,17 +55,15 @@ def keep_freed_memory(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 <<
     """
     import ctypes
     import ctypes.util
+    import platform
 
     name = ctypes.util.find_library("c")
-    if not name or "musl" in name:
+    if not name or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-        gnu = libc.gnu_get_libc_version  # only glibc has it
+        mallopt = ctypes.CDLL(name).mallopt
     except (AttributeError, OSError):
         return False
-    del gnu
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(
         mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold)

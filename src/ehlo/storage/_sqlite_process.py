@@ -172,14 +172,14 @@ class _Channel:
             data = self._take(message[3])
             if data is None:
                 return _Stop()
-            return _Chunk(message[1], message[2], data)  # type: ignore[arg-type]  # a buffer
+            return _Chunk(message[1], message[2], data)
         if kind == "whole":  # a message's last chunk and its commit
             data = self._take(message[4])
             if data is None:
                 return _Stop()
             row = message[1]
             self._after = _Commit(row, message[2] + 1, None, message[3])  # type: ignore[arg-type]
-            return _Chunk(row[0], message[2], data)  # type: ignore[arg-type]
+            return _Chunk(row[0], message[2], data)
         if kind == "commit":
             # The reference travels where the thread keeps its future.
             return _Commit(message[1], message[2], None, message[3], message[4])  # type: ignore[arg-type]
@@ -303,7 +303,7 @@ class WriterProcess(asyncio.Protocol):
         self.done_bytes = 0
         self.broken: str | None = None
         self._frames = _Frames()
-        self._out: list[bytes] = []  # frames of this turn of the loop (see _send)
+        self._out: list[bytes | bytearray] = []  # frames of this turn of the loop (see _send)
         self._flush_due = False
         self._held: _Chunk | None = None  # a chunk whose commit may still join it
         self._transport: asyncio.Transport | None = None
@@ -422,7 +422,7 @@ class WriterProcess(asyncio.Protocol):
         self._out += _frame(("chunk", op.queue_id, op.seq, len(op.data)))
         self._out.append(op.data)
 
-    def _send(self, frame: list[bytes], body: bytes | None = None) -> None:
+    def _send(self, frame: list[bytes], body: bytes | bytearray | None = None) -> None:
         """Queue a frame; what one turn of the event loop queues leaves in one write.
 
         (A message's last chunk and its commit then reach the writer
@@ -705,10 +705,10 @@ class _Hub:
     def _body_done(self, link: _Link, message: tuple[Any, ...], body: bytearray) -> None:
         """A chunk frame's body is in: its operations join the queue."""
         if message[0] == "chunk":
-            self._push(link, _Chunk(message[1], message[2], body))  # type: ignore[arg-type]
+            self._push(link, _Chunk(message[1], message[2], body))
             return
         row, seq, ref = message[1], message[2], message[3]  # "whole": a chunk and its commit
-        self._push(link, _Chunk(row[0], seq, body))  # type: ignore[arg-type]
+        self._push(link, _Chunk(row[0], seq, body))
         self._push(link, _Commit(row, seq + 1, None, (link, ref)))  # type: ignore[arg-type]
 
     def _push(self, link: _Link, op: _Op) -> None:

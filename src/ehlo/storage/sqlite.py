@@ -9,7 +9,7 @@ Layout::
 
     messages(queue_id PRIMARY KEY, received_at, client_ip, ..., size, subject)
     chunks(queue_id, seq, data BLOB)      -- a body of at most 256 KiB, one row
-    pending(queue_id PRIMARY KEY, owner)  -- chunks with no row yet (older versions)
+    pending(queue_id PRIMARY KEY, owner)  -- chunks whose row is in a later batch
     ehlo.sqlite3.bodies/<queue_id>        -- a larger body, in a file of its own
     ehlo.sqlite3.bodies/.spool/<owner>/   -- bodies being received by one store
 
@@ -152,7 +152,7 @@ _INSERT_MESSAGE = f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * 1
 class _Chunk:
     queue_id: str
     seq: int
-    data: bytes
+    data: bytes | bytearray  # handed over, never changed again
 
 
 @dataclass(slots=True)
@@ -436,9 +436,10 @@ class _WriterThread(threading.Thread):
                         self._drop_owner(conn, owner)
             conn.execute("COMMIT")
             self.lock.sweep()
-            self._conn = conn
-            self._sweep_spools(conn)
+            self._conn = conn  # the sweep reads with it
+            self._sweep_spools()
         except BaseException:
+            self._conn = None
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
             self.lock.release()
@@ -471,7 +472,7 @@ class _WriterThread(threading.Thread):
         )
         conn.execute("DELETE FROM pending WHERE owner = ?", (owner,))
 
-    def _sweep_spools(self, conn: sqlite3.Connection) -> None:
+    def _sweep_spools(self) -> None:
         """Delete the spool folders of store instances that are gone."""
         spools = self.bodies / _SPOOL
         self.bodies.mkdir(mode=0o700, exist_ok=True)
@@ -820,7 +821,7 @@ class SQLiteWriter(MessageWriter):
         except OSError as exc:
             raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
 
-    def _send(self, chunk: bytes) -> None:
+    def _send(self, chunk: bytes | bytearray) -> None:
         writer = self._store._writer_or_error()
         writer.queued_bytes += len(chunk)
         writer.ops.put(_Chunk(self._envelope.queue_id, self._seq, chunk))
@@ -831,8 +832,9 @@ class SQLiteWriter(MessageWriter):
         if self._state != "open":
             raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
         writer = self._store._writer_or_error()
-        spool = self._store._spool_name if self._fd is not None else None
+        spool = None
         if self._fd is not None:
+            spool = self._store._spool_name
             try:
                 if self._buffer:
                     self._append(self._buffer)
@@ -849,8 +851,8 @@ class SQLiteWriter(MessageWriter):
                     self._store._spooled(self._envelope.queue_id).unlink()
                 raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
         elif self._buffer:
-            self._send(bytes(self._buffer))
-            self._buffer.clear()
+            buffer, self._buffer = self._buffer, bytearray()
+            self._send(buffer)  # handed over whole: no copy
         env = self._envelope
         row = (
             env.queue_id,
