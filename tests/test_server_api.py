@@ -11,7 +11,7 @@ import pytest
 
 from ehlo import HookContext, Hooks, Reply, Server, Verdict
 from ehlo.server.received import protocol_keyword, received_header
-from ehlo.storage import open_store
+from ehlo.storage import Envelope, MessageWriter, NullStore, StoreError, open_store
 
 from .conftest import make_config
 
@@ -242,3 +242,117 @@ async def test_two_listeners_ipv4_and_ipv6(tmp_path: Path) -> None:
         line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
         assert line == b"250-localhost Hello [IPv6:::1] [::1]\r\n"
         writer.close()
+
+
+class _GatedWriter(MessageWriter):
+    """A writer whose commit the test settles by hand (``start_commit`` returns its future)."""
+
+    def __init__(self, store: _GatedStore, queue_id: str) -> None:
+        self.store = store
+        self.queue_id = queue_id
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def commit(self) -> str:
+        return await self.start_commit()
+
+    def start_commit(self) -> asyncio.Future[str]:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.store.commits.put_nowait((self.queue_id, future))
+        return future
+
+    def abort(self) -> None:
+        pass
+
+
+class _GatedStore(NullStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits: asyncio.Queue[tuple[str, asyncio.Future[str]]] = asyncio.Queue()
+
+    def begin(self, envelope: Envelope) -> _GatedWriter:  # type: ignore[override]
+        return _GatedWriter(self, envelope.queue_id)
+
+
+class _CoroutineOnlyWriter(MessageWriter):
+    """A store written against the older interface: only ``async commit``."""
+
+    def __init__(self, queue_id: str) -> None:
+        self.queue_id = queue_id
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def commit(self) -> str:
+        await asyncio.sleep(0.01)
+        return self.queue_id
+
+    def abort(self) -> None:
+        pass
+
+
+class _CoroutineOnlyStore(NullStore):
+    def begin(self, envelope: Envelope) -> _CoroutineOnlyWriter:  # type: ignore[override]
+        return _CoroutineOnlyWriter(envelope.queue_id)
+
+
+async def _send_message(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+    for line in (b"HELO c.example", b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@d.example>", b"DATA"):
+        writer.write(line + b"\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+    writer.write(b"Subject: gated\r\n\r\nbody\r\n.\r\n")
+    return reader, writer
+
+
+async def test_250_waits_for_the_store_and_a_failed_commit_is_451(tmp_path: Path) -> None:
+    store = _GatedStore()
+    server = Server(make_config(tmp_path), store=store)
+    await server.start()
+    try:
+        reader, writer = await _send_message(server.addresses[0][1])
+        queue_id, future = await asyncio.wait_for(store.commits.get(), 5)
+        # RFC 5321 section 6.1: nothing is said before the store has the message.
+        reply = asyncio.ensure_future(reader.readuntil(b"\r\n"))
+        await asyncio.sleep(0.2)
+        assert not reply.done()
+        future.set_result(queue_id)
+        assert await asyncio.wait_for(reply, 5) == f"250 OK: queued as {queue_id}\r\n".encode()
+        writer.write(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+        for _ in range(3):
+            await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        writer.write(b"Subject: second\r\n\r\nbody\r\n.\r\n")
+        _, future = await asyncio.wait_for(store.commits.get(), 5)
+        future.set_exception(StoreError("disk full"))
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"451 ")
+        writer.write(b"NOOP\r\n")  # the session goes on after the refusal
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"250 ")
+        writer.close()
+    finally:
+        await server.stop(timeout=1)
+
+
+async def test_stop_deadline_during_a_commit_answers_421(tmp_path: Path) -> None:
+    store = _GatedStore()
+    server = Server(make_config(tmp_path), store=store)
+    await server.start()
+    reader, writer = await _send_message(server.addresses[0][1])
+    _, future = await asyncio.wait_for(store.commits.get(), 5)
+    await asyncio.wait_for(server.stop(timeout=0.3), 5)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"421 ")
+    assert future.cancelled()  # the commit nobody waits for any more
+    writer.close()
+
+
+async def test_a_store_with_only_an_async_commit_still_works(tmp_path: Path) -> None:
+    server = Server(make_config(tmp_path), store=_CoroutineOnlyStore())
+    await server.start()
+    try:
+        reader, writer = await _send_message(server.addresses[0][1])
+        reply = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        assert reply.startswith(b"250 OK: queued as")
+        writer.close()
+    finally:
+        await server.stop(timeout=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -222,7 +223,7 @@ class Session:
 
     # --------------------------------------------------------------- dispatch
 
-    def handle(self, event: Event) -> Reply | Awaitable[Reply | None] | None:
+    def handle(self, event: Event) -> Reply | Awaitable[Reply | None] | Deferred | None:
         """The reply to ``event`` (or an awaitable of it); None when none is due."""
         kind = type(event)
         if kind is DataChunk:
@@ -232,7 +233,7 @@ class Session:
         handler = _DISPATCH.get(kind)
         if handler is None:
             return None
-        result: Reply | Awaitable[Reply | None] | None = handler(self, event)
+        result: Reply | Awaitable[Reply | None] | Deferred | None = handler(self, event)
         return result
 
     def _context(self, stage: str, **fields: object) -> HookContext:
@@ -540,13 +541,57 @@ class Session:
             self.writer = None
             self._store_failed = True
 
-    def _data_end(self, event: DataEnd) -> Reply | Awaitable[Reply]:
+    def _data_end(self, event: DataEnd) -> Reply | Awaitable[Reply] | Deferred:
         if not event.last:
             if self._store_failed:
                 self.abort_message()
                 return _STORE_FAILED
             return Reply(250, "2.0.0", f"{event.size} octets received")
-        return self._finish(event.size)
+        if self._enforcing("data") or self.ctx.hooks.has("data"):
+            return self._finish(event.size)  # the policy's word first
+        return self._commit(event.size)
+
+    def _commit(self, size: int) -> Reply | Deferred:
+        """Hand the message to the store: its refusal now, or the commit under way."""
+        envelope = self.envelope
+        writer = self.writer
+        if writer is None or envelope is None or self._store_failed:
+            self.abort_message()
+            self._log_outcome(envelope, size, _STORE_FAILED)
+            return _STORE_FAILED
+        try:
+            # RFC 5321 section 6.1: answer 250 only once the message is safe.
+            future = writer.start_commit()
+        except StoreError as exc:
+            return self._committed(envelope, size, exc)
+        except BaseException:
+            writer.abort()
+            raise
+        if future.done() and not future.cancelled():
+            return self._committed(envelope, size, future)  # nothing to wait for
+        return Deferred(future, functools.partial(self._committed, envelope, size))
+
+    def _committed(
+        self, envelope: Envelope, size: int, outcome: asyncio.Future[str] | StoreError
+    ) -> Reply:
+        """The reply to a finished commit (its future, or the error that stopped it)."""
+        try:
+            if isinstance(outcome, StoreError):
+                raise outcome
+            queue_id = outcome.result()
+        except StoreError as exc:
+            log.error("commit failed for %s: %s", envelope.queue_id, exc)
+            self.writer = None
+            self.abort_message()
+            self._log_outcome(envelope, size, _STORE_FAILED)
+            return _STORE_FAILED
+        self.writer = None
+        self.envelope = None
+        self.messages += 1
+        self._junk = 0
+        reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}")
+        self._log_outcome(envelope, size, reply)
+        return reply
 
     async def _finish(self, size: int) -> Reply:
         envelope = self.envelope
@@ -568,25 +613,12 @@ class Session:
                 self.abort_message()
                 self._log_outcome(envelope, size, refusal)
                 return refusal
-        try:
-            # RFC 5321 section 6.1: answer 250 only once the message is safe.
-            queue_id = await writer.commit()
-        except StoreError as exc:
-            log.error("commit failed for %s: %s", envelope.queue_id, exc)
-            self.writer = None
-            self.abort_message()
-            self._log_outcome(envelope, size, _STORE_FAILED)
-            return _STORE_FAILED
-        except BaseException:
-            writer.abort()
-            raise
-        self.writer = None
-        self.envelope = None
-        self.messages += 1
-        self._junk = 0
-        reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}")
-        self._log_outcome(envelope, size, reply)
-        return reply
+        result = self._commit(size)
+        if isinstance(result, Reply):
+            return result
+        with contextlib.suppress(Exception):  # the outcome is read below
+            await result.future
+        return result.then(result.future)
 
     def _log_outcome(self, envelope: Envelope | None, size: int, reply: Reply) -> None:
         if not log.isEnabledFor(logging.INFO):
@@ -724,7 +756,23 @@ class Session:
         return _TLS_GO
 
 
-_Handler = Callable[[Session, Any], Reply | Awaitable[Reply | None] | None]
+class Deferred:
+    """A reply that waits for a future only (a store's commit): no task needed.
+
+    The transport calls ``then(future)`` once ``future`` is done, and sends
+    what it returns.
+    """
+
+    __slots__ = ("future", "then")
+
+    def __init__(
+        self, future: asyncio.Future[Any], then: Callable[[asyncio.Future[Any]], Reply]
+    ) -> None:
+        self.future = future
+        self.then = then
+
+
+_Handler = Callable[[Session, Any], Reply | Awaitable[Reply | None] | Deferred | None]
 _DISPATCH: dict[type[Event], _Handler] = {
     Helo: Session._greeting,
     Ehlo: Session._greeting,

@@ -13,13 +13,14 @@ STARTTLS, and closing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from ..protocol import NEED_DATA, PAUSED, Reply, ServerConnection, State
-from ._session import Session
+from ._session import Deferred, Session
 
 if TYPE_CHECKING:
     from ._server import ServerContext
@@ -91,7 +92,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._closed = False
         self._close_reason = "client closed"
         self.started = self.last_activity = time.monotonic()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Future[Any] | None = None  # a task, or a commit's future
 
     # --------------------------------------------------------------- asyncio
 
@@ -304,7 +305,10 @@ class SMTPServerProtocol(asyncio.Protocol):
             # Replies already decided leave now, so that a client that does
             # not read them fills the transport's buffer and gets paused.
             self._flush()
-            self._run(result)
+            if type(result) is Deferred:
+                self._defer(result)
+            else:
+                self._run(result)  # type: ignore[arg-type]
             return
         if self._eof:
             self._close_after_eof()
@@ -323,6 +327,26 @@ class SMTPServerProtocol(asyncio.Protocol):
         except Exception:
             log.exception("session error for %s", self.client_ip)
             reply = _LOCAL_ERROR if self.conn.awaiting_reply is not None else None
+        self._deliver(reply)
+
+    def _defer(self, deferred: Deferred) -> None:
+        """Wait for a future without a task: its done callback delivers the reply."""
+        self._busy = True
+        self._task = deferred.future
+        deferred.future.add_done_callback(functools.partial(self._deferred_done, deferred))
+
+    def _deferred_done(self, deferred: Deferred, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            return  # cancelled by a timeout or the shutdown deadline, which replied
+        try:
+            reply: Reply | None = deferred.then(future)
+        except Exception:
+            log.exception("session error for %s", self.client_ip)
+            reply = _LOCAL_ERROR if self.conn.awaiting_reply is not None else None
+        self._deliver(reply)
+
+    def _deliver(self, reply: Reply | None) -> None:
+        """Send the reply an awaited event produced, then go on with the input."""
         self._busy = False
         self._task = None
         if self._closed:

@@ -259,6 +259,16 @@ class MessageWriter(abc.ABC):
     def abort(self) -> None:
         """Forget the message. Safe to call at any time, more than once."""
 
+    def start_commit(self) -> asyncio.Future[str]:
+        """Begin :meth:`commit` now; a future of its outcome.
+
+        The server calls this instead of awaiting ``commit()``. The default
+        runs ``commit()`` as a task; a store that can queue its commit at
+        once returns its own future (no task, and no turn of the event loop
+        before the commit leaves). May raise StoreError like ``commit``.
+        """
+        return asyncio.ensure_future(self.commit())
+
 
 class Store(abc.ABC):
     """A message store: written by sessions, read by the CLI (and later the API)."""

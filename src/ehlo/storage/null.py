@@ -7,6 +7,7 @@ as with a real backend, minus the disk. Sizes and messages are counted in
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 from .base import Envelope, MessageWriter, Store, StoredMessage, StoreStats
@@ -28,8 +29,13 @@ class NullWriter(MessageWriter):
         self.size += len(data)
 
     async def commit(self) -> str:
+        return await self.start_commit()
+
+    def start_commit(self) -> asyncio.Future[str]:
         self._stats.messages += 1
-        return self._queue_id
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        future.set_result(self._queue_id)
+        return future
 
     def abort(self) -> None:
         pass

@@ -764,7 +764,7 @@ class SQLiteWriter(MessageWriter):
         self._size = 0
         self._flushed = False
         self._fd: int | None = None  # the body file, once the body outgrew CHUNK_SIZE
-        self._state = "open"  # "open", "committing", "done"
+        self._state = "open"  # "open", then "done" once committed or aborted
 
     @property
     def size(self) -> int:
@@ -829,6 +829,9 @@ class SQLiteWriter(MessageWriter):
         self._flushed = True
 
     async def commit(self) -> str:
+        return await self.start_commit()
+
+    def start_commit(self) -> asyncio.Future[str]:
         if self._state != "open":
             raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
         writer = self._store._writer_or_error()
@@ -873,13 +876,10 @@ class SQLiteWriter(MessageWriter):
         )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        self._state = "committing"
+        self._state = "done"
         # From here the writer owns the spooled body (it links or removes it).
         writer.ops.put(_Commit(row, self._seq, loop, future, spool))
-        try:
-            return await future
-        finally:
-            self._state = "done"
+        return future
 
     def abort(self) -> None:
         if self._state != "open":
