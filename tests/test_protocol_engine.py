@@ -60,6 +60,28 @@ def test_ehlo_lists_extensions_and_helo_is_one_line() -> None:
     assert d2.conn.greeting == "HELO" and not d2.conn.esmtp
 
 
+@pytest.mark.parametrize(
+    ("verb", "name", "code"),
+    [
+        ("EHLO", "mx.example", "250"),
+        ("EHLO", "[192.0.2.1]", "250"),
+        ("EHLO", "mx\x01.example", "501"),
+        ("EHLO", "mx.example\x7f", "501"),
+        ("HELO", "\x1bmx.example", "501"),
+        ("EHLO", "b\u00fccher.example", "250"),  # SMTPUTF8 is offered
+        ("EHLO", "b\u00fccher\x01.example", "501"),
+        ("EHLO", "b\u00fccher\x7f.example", "501"),
+        ("EHLO", "b\u00fccher\u0085.example", "250"),  # only C0 and DEL are refused
+        ("HELO", "b\u00fccher.example", "501"),  # HELO names are ASCII
+    ],
+)
+def test_greeting_name_with_a_control_character_is_501(verb: str, name: str, code: str) -> None:
+    out = Driver().feed(f"{verb} {name}\r\n".encode())
+    assert codes(out) == [code]
+    if any(c in name for c in "\x01\x1b\x7f"):
+        assert b"control characters" in out
+
+
 def test_verbs_are_case_insensitive() -> None:
     d = Driver()
     assert codes(d.say("eHlO x.example")) == ["250"]

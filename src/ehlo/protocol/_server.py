@@ -88,6 +88,37 @@ _AUTH_NEEDS_TLS = Reply(
 )
 
 
+_PLAIN_FACTS = SessionFacts(tls_active=False)
+_TLS_FACTS = SessionFacts(tls_active=True)
+
+
+class _Offer:
+    """What a set of offered extensions means for the session (computed once per set)."""
+
+    __slots__ = ("enhanced", "mail_params", "pipelining", "rcpt_params", "utf8", "verbs")
+
+    def __init__(self, offered: tuple[Extension, ...]) -> None:
+        verbs: set[str] = set()
+        mail: dict[str, Extension] = {}
+        rcpt: dict[str, Extension] = {}
+        for ext in offered:
+            verbs |= ext.verbs
+            mail.update(dict.fromkeys(ext.mail_params, ext))
+            rcpt.update(dict.fromkeys(ext.rcpt_params, ext))
+        self.verbs = frozenset(verbs)
+        self.mail_params = mail  # shared by the sessions: read only
+        self.rcpt_params = rcpt
+        keywords = {ext.keyword for ext in offered}
+        # RFC 2034 section 3: enhanced codes once the extension was offered.
+        self.enhanced = "ENHANCEDSTATUSCODES" in keywords
+        self.pipelining = "PIPELINING" in keywords
+        self.utf8 = "SMTPUTF8" in keywords
+
+
+# Offered extension sets seen so far (a server has a handful: with and without TLS, AUTH).
+_OFFERS: dict[tuple[Extension, ...], _Offer] = {}
+
+
 def _take(buf: bytearray, size: int, consumed: int | None = None) -> bytes:
     """The first ``size`` octets of ``buf`` as bytes (one copy), then drop ``consumed``."""
     data = bytes(memoryview(buf)[:size])  # a plain slice of a bytearray would copy twice
@@ -215,8 +246,8 @@ class ServerConnection:
 
     def offered_extensions(self) -> tuple[Extension, ...]:
         """The extensions an EHLO reply would advertise now."""
-        facts = SessionFacts(tls_active=self.tls_active)
-        return tuple(ext for ext in self._extensions if ext.offered(facts))
+        facts = _TLS_FACTS if self.tls_active else _PLAIN_FACTS
+        return tuple([ext for ext in self._extensions if ext.offered(facts)])
 
     def extension_lines(self) -> list[str]:
         """The extension lines of the EHLO reply (after the greeting line)."""
@@ -375,6 +406,8 @@ class ServerConnection:
 
     def _next_command(self) -> Event | _Sentinel:
         buf = self._buf
+        if not buf:
+            return NEED_DATA  # the usual case right after a reply
         nl = buf.find(b"\n")
         limit = self.limits.max_command_line
         allowed = limit + (_PARAM_ALLOWANCE if self.greeting == "EHLO" else 0)
@@ -439,7 +472,10 @@ class ServerConnection:
             raise SyntaxProblem(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
         if " " in arg or "\t" in arg:
             raise SyntaxProblem(Reply(501, "5.5.4", f"Syntax: {verb} hostname (one word)"))
-        if any(ord(c) < 33 or ord(c) == 127 for c in arg):
+        # (An ASCII name without space is printable exactly when it has no control octet.)
+        if not arg.isprintable() if arg.isascii() else any(
+            ord(c) < 33 or ord(c) == 127 for c in arg
+        ):
             raise SyntaxProblem(Reply(501, "5.5.4", f"{verb} name contains control characters"))
         if not arg.isascii() and (verb == "HELO" or not self._smtputf8_available()):
             raise SyntaxProblem(Reply(501, "5.5.4", f"{verb} name must be ASCII"))
@@ -465,21 +501,17 @@ class ServerConnection:
         self._set_offered(self.offered_extensions() if command.verb == "EHLO" else ())
 
     def _set_offered(self, offered: tuple[Extension, ...]) -> None:
-        verbs: set[str] = set()
-        mail: dict[str, Extension] = {}
-        rcpt: dict[str, Extension] = {}
-        for ext in offered:
-            verbs |= ext.verbs
-            mail.update(dict.fromkeys(ext.mail_params, ext))
-            rcpt.update(dict.fromkeys(ext.rcpt_params, ext))
-        self._verbs = frozenset(verbs)
-        self._mail_params = mail
-        self._rcpt_params = rcpt
-        keywords = {ext.keyword for ext in offered}
-        # RFC 2034 section 3: enhanced codes once the extension was offered.
-        self._enhanced = "ENHANCEDSTATUSCODES" in keywords
-        self._pipelining = "PIPELINING" in keywords
-        self._utf8 = "SMTPUTF8" in keywords
+        offer = _OFFERS.get(offered)
+        if offer is None:
+            if len(_OFFERS) >= 256:
+                _OFFERS.clear()  # servers built and dropped (tests, embedders): stay bounded
+            offer = _OFFERS[offered] = _Offer(offered)
+        self._verbs = offer.verbs
+        self._mail_params = offer.mail_params
+        self._rcpt_params = offer.rcpt_params
+        self._enhanced = offer.enhanced
+        self._pipelining = offer.pipelining
+        self._utf8 = offer.utf8
 
     @staticmethod
     def _apply_params(

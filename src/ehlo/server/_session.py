@@ -181,6 +181,8 @@ class Session:
         if self.writer is not None:
             self.abort_message()
             reason += ", message in progress dropped"
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info(
             "disconnect %s helo=%s messages=%d duration=%.3fs (%s)",
             self.peer,
@@ -268,18 +270,19 @@ class Session:
             reply = Reply(250, None, [first, *self.conn.extension_lines()])
         else:
             reply = Reply(250, None, first)
-        log.info(
-            "greeting %s %s %s",
-            self.peer,
-            event.verb,
-            event.name,
-            extra={
-                "event": "greeting",
-                "client_ip": self.client_ip,
-                "greeting": event.verb,
-                "greeting_name": event.name,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "greeting %s %s %s",
+                self.peer,
+                event.verb,
+                event.name,
+                extra={
+                    "event": "greeting",
+                    "client_ip": self.client_ip,
+                    "greeting": event.verb,
+                    "greeting_name": event.name,
+                },
+            )
         self._start_checks(event)
         enforce = self._enforcing("helo")
         if self.ctx.hooks.has("helo") or enforce:

@@ -130,8 +130,9 @@ class SMTPServerProtocol(asyncio.Protocol):
             fields["proxy"] = via
         if self.implicit_tls:
             self._implicit_tls(session, fields)
-        log.info("connect %s%s%s", session.peer, f" via {via}" if via else "",
-                 " (TLS)" if self.implicit_tls else "", extra=fields)
+        if log.isEnabledFor(logging.INFO):
+            log.info("connect %s%s%s", session.peer, f" via {via}" if via else "",
+                     " (TLS)" if self.implicit_tls else "", extra=fields)
         session.start_reverse_dns()
         delay = self.ctx.config.greeting_delay
         if delay > 0:
@@ -190,7 +191,8 @@ class SMTPServerProtocol(asyncio.Protocol):
             return
         if not self._busy:
             self._process()
-        self._check_input()
+        if self._pauses or conn.buffered > _MAX_BUFFERED:
+            self._check_input()
         state = conn.state
         if (
             (state is State.DATA or state is State.BDAT)
