@@ -43,3 +43,16 @@ def test_bench_runs_ehlo_rows_and_writes_json(tmp_path: Path) -> None:
     (w5,) = [t for t in report["targets"] if t["target"].startswith("W5")]
     assert w5["value"] is not None and w5["pass"] in (True, False)
     assert "W5 W1 sqlite >= 70% of null" in result.stdout
+
+
+@pytest.mark.parametrize("workload", ["W1", "W2"])
+def test_python_cost_drives_the_server_and_prints_its_figure(workload: str) -> None:
+    # The script exits non-zero unless every message it sent was answered 250.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "python_cost.py"), workload, "-n", "50"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = result.stdout.strip()
+    assert line.startswith(f"{workload}: ") and line.endswith(" us of Python per message")
+    assert float(line.split()[1]) > 0
