@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import random
 
 import pytest
 
@@ -15,6 +16,7 @@ from ehlo.protocol import (
     parse_params,
     parse_path,
 )
+from ehlo.protocol._syntax import split_path
 
 
 def test_reply_single_and_multi_line() -> None:
@@ -120,3 +122,72 @@ def test_params() -> None:
     for bad in ("=1", "-X=1", "K=", "K=a=b", "K_1=2", "A=1 A=2"):
         with pytest.raises(SyntaxProblem):
             parse_params(bad)
+
+
+@pytest.mark.parametrize(
+    ("arg", "prefix", "expected"),
+    [
+        ("FROM:<a@b.example>", "FROM:", ("<a@b.example>", "")),
+        ("from:<a@b.example>", "FROM:", ("<a@b.example>", "")),
+        ("FROM: <a@b.example>  SIZE=10 BODY=8BITMIME ", "FROM:",
+         ("<a@b.example>", "SIZE=10 BODY=8BITMIME")),
+        ('TO:<"x>y"@b.example> NOTIFY=NEVER', "TO:", ('<"x>y"@b.example>', "NOTIFY=NEVER")),
+        ('TO:<"x\\">"@b.example>', "TO:", ('<"x\\">"@b.example>', "")),
+        ("FROM:a@b.example SIZE=1", "FROM:", ("a@b.example", "SIZE=1")),
+    ],
+)
+def test_split_path(arg: str, prefix: str, expected: tuple[str, str]) -> None:
+    assert split_path(arg, prefix) == expected
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("FROM:<a@b.example", "missing '>'"),
+        ('FROM:<"a>b@c', "missing '>'"),
+        ("FROM:<a@b.example>SIZE=1", "space before parameters"),
+        ("FRM:<a@b.example>", "expected FROM:"),
+    ],
+)
+def test_split_path_refusals(arg: str, message: str) -> None:
+    with pytest.raises(SyntaxProblem) as caught:
+        split_path(arg, "FROM:")
+    assert caught.value.reply.code == 501 and message in caught.value.reply.text
+
+
+def _split_path_by_characters(arg: str, prefix: str) -> tuple[str, str] | None:
+    """A character-by-character reference: None where split_path must refuse."""
+    if arg[: len(prefix)].upper() != prefix:
+        return None
+    rest = arg[len(prefix) :].lstrip(" ")
+    if not rest.startswith("<"):
+        path, _, params = rest.partition(" ")
+        return path, params.strip(" ")
+    i, in_quotes = 1, False
+    while i < len(rest):
+        ch = rest[i]
+        if in_quotes and ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif ch == ">" and not in_quotes:
+            path, params = rest[: i + 1], rest[i + 1 :]
+            if params and not params.startswith(" "):
+                return None
+            return path, params.strip(" ")
+        i += 1
+    return None
+
+
+def test_split_path_matches_a_character_by_character_reference() -> None:
+    rng = random.Random(5321)
+    alphabet = 'ab@.<>" \\='
+    for _ in range(5000):
+        arg = "FROM:<" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        expected = _split_path_by_characters(arg, "FROM:")
+        if expected is None:
+            with pytest.raises(SyntaxProblem):
+                split_path(arg, "FROM:")
+        else:
+            assert split_path(arg, "FROM:") == expected, arg

@@ -167,7 +167,7 @@ def parse_mailbox(text: str, utf8: bool, *, sender: bool) -> str:
             raise _bad(501, enh, f"Bad {what} address syntax: missing @domain")
         if not is_dot_string(local, utf8):
             raise _bad(501, enh, f"Bad {what} address syntax: invalid local part")
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART:
+    if (len(local) if local.isascii() else len(local.encode("utf-8"))) > MAX_LOCAL_PART:
         # RFC 5321 section 4.5.3.1.1: local-part at most 64 octets.
         raise _bad(501, enh, f"Bad {what} address: local part longer than 64 octets")
     if domain.startswith("["):
@@ -186,7 +186,7 @@ def parse_path(text: str, *, sender: bool, utf8: bool) -> str:
     """
     enh = "5.1.7" if sender else "5.1.3"
     what = "sender" if sender else "recipient"
-    if len(text.encode("utf-8")) > MAX_PATH:
+    if (len(text) if text.isascii() else len(text.encode("utf-8"))) > MAX_PATH:
         # RFC 5321 section 4.5.3.1.3: a path is at most 256 octets.
         raise _bad(501, enh, f"Bad {what} address: path longer than 256 octets")
     if len(text) < 2 or text[0] != "<" or text[-1] != ">":
@@ -210,6 +210,24 @@ def parse_path(text: str, *, sender: bool, utf8: bool) -> str:
     return parse_mailbox(inner, utf8, sender=sender)
 
 
+def _quoted_path_end(rest: str) -> int:
+    """Index of the first '>' outside a quoted local part of ``<...``; -1 if none."""
+    i = 1
+    n = len(rest)
+    while i < n:
+        ch = rest[i]
+        if ch == '"':
+            j = i + 1
+            while j < n and rest[j] != '"':
+                j += 2 if rest[j] == "\\" else 1
+            i = j + 1
+            continue
+        if ch == ">":
+            return i
+        i += 1
+    return -1
+
+
 def split_path(arg: str, prefix: str) -> tuple[str, str]:
     """Split ``FROM:<path> params`` into the path and the parameter text.
 
@@ -219,28 +237,16 @@ def split_path(arg: str, prefix: str) -> tuple[str, str]:
     if arg[: len(prefix)].upper() != prefix:
         raise _bad(501, "5.5.4", f"Syntax: expected {prefix}<address>")
     rest = arg[len(prefix) :].lstrip(" ")
-    if rest.startswith("<"):
-        # The path ends at the first '>' outside a quoted local part.
-        i = 1
-        n = len(rest)
-        while i < n:
-            ch = rest[i]
-            if ch == '"':
-                j = i + 1
-                while j < n and rest[j] != '"':
-                    j += 2 if rest[j] == "\\" else 1
-                i = j + 1
-                continue
-            if ch == ">":
-                break
-            i += 1
-        else:
-            raise _bad(501, "5.5.4", f"Syntax: {prefix}<address> is missing '>'")
-        path, params = rest[: i + 1], rest[i + 1 :]
-        if params and not params.startswith(" "):
-            raise _bad(501, "5.5.4", "Syntax: expected a space before parameters")
+    if not rest.startswith("<"):
+        path, _, params = rest.partition(" ")
         return path, params.strip(" ")
-    path, _, params = rest.partition(" ")
+    # The path ends at the first '>' outside a quoted local part.
+    end = rest.find(">") if '"' not in rest else _quoted_path_end(rest)
+    if end < 0:
+        raise _bad(501, "5.5.4", f"Syntax: {prefix}<address> is missing '>'")
+    path, params = rest[: end + 1], rest[end + 1 :]
+    if params and not params.startswith(" "):
+        raise _bad(501, "5.5.4", "Syntax: expected a space before parameters")
     return path, params.strip(" ")
 
 

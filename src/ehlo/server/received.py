@@ -9,6 +9,7 @@ follows RFC 3848 (SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA) and RFC 6531 section
 from __future__ import annotations
 
 import email.utils
+import functools
 import time
 from datetime import UTC, datetime
 
@@ -44,6 +45,21 @@ def _clean(text: str) -> str:
     return text.translate(_UNSAFE)
 
 
+@functools.lru_cache(maxsize=1024)
+def _from_line(greeting_name: str, client_ip: str, client_name: str | None) -> str:
+    """The header's first line (the same for every message of a session: cached)."""
+    literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
+    name = _clean(greeting_name)
+    if not (is_domain(name, utf8=True) or is_address_literal(name)):
+        # RFC 5321 section 4.4: From-domain must be a domain; keep what the
+        # client said as a comment and use its address instead.
+        tcp_info = f"{literal} helo={name}"
+        name = literal
+    else:
+        tcp_info = f"{_clean(client_name) if client_name else 'unknown'} {literal}"
+    return f"Received: from {name} ({tcp_info})"
+
+
 def received_header(
     *,
     greeting_name: str,
@@ -58,16 +74,7 @@ def received_header(
     now: float | None = None,
 ) -> bytes:
     """One Received header, folded, CRLF-terminated."""
-    literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
-    name = _clean(greeting_name)
-    if not (is_domain(name, utf8=True) or is_address_literal(name)):
-        # RFC 5321 section 4.4: From-domain must be a domain; keep what the
-        # client said as a comment and use its address instead.
-        tcp_info = f"{literal} helo={name}"
-        name = literal
-    else:
-        tcp_info = f"{_clean(client_name) if client_name else 'unknown'} {literal}"
-    lines = [f"Received: from {name} ({tcp_info})"]
+    lines = [_from_line(greeting_name, client_ip, client_name)]
     if auth_user is not None:
         # The authenticated identity, as a comment (RFC 5321 section 4.4 allows CFWS).
         lines.append(f"\t(authenticated as {_clean(auth_user)})")
