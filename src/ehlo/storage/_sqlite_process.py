@@ -109,6 +109,9 @@ class _Channel:
         self._buf = bytearray()
         self._pos = 0
         self._after: _Op | None = None  # a whole message's commit, after its chunk
+        # Reads land here first: recv() would allocate (mmap) and shrink a
+        # 256 KiB buffer for every read, three system calls and fresh pages.
+        self._scratch = memoryview(bytearray(_READ_SIZE))
 
     def _fill(self, block: bool) -> bool:
         """Read what waits (waiting for something if ``block``); False if nothing came."""
@@ -116,15 +119,15 @@ class _Channel:
             del self._buf[: self._pos]
             self._pos = 0
         try:
-            data = self.sock.recv(_READ_SIZE, 0 if block else socket.MSG_DONTWAIT)
+            n = self.sock.recv_into(self._scratch, _READ_SIZE, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self.closed = True
             return False
-        self._buf += data
+        self._buf += self._scratch[:n]
         return True
 
     def _take(self, size: int) -> bytearray | None:
@@ -591,6 +594,8 @@ class _Hub:
         # free (the kernel lets go of it as the process ends), until a deadline.
         self.orphans: list[tuple[str, float]] = []
         self.remove_spool: Callable[[str], bool] = lambda owner: True
+        # Every link reads through it (see _Channel's scratch).
+        self.scratch = memoryview(bytearray(_READ_SIZE))
 
     def get(self) -> _Op:
         while not self.ready:
@@ -652,9 +657,10 @@ class _Hub:
                         self._body_done(link, message, data)
                     return
             else:
-                data_in = link.sock.recv(_READ_SIZE)
-                if data_in:
-                    link.buf += data_in
+                scratch = self.scratch
+                n = link.sock.recv_into(scratch, _READ_SIZE)
+                if n:
+                    link.buf += scratch[:n]
                     self._parse(link)
                     return
         except BlockingIOError:
