@@ -10,6 +10,8 @@ child process so its RSS can be read from /proc.
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import resource
 import signal
 import smtplib
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from ehlo.server import Server
+from ehlo.server.abuse import SharedConnectionCounts
 from ehlo.storage import open_store
 from tests.test_e2e_raw import (
     READ_TIMEOUT,
@@ -220,12 +223,14 @@ async def test_bdat_chunk_over_the_size_limit(start: Start, clients: list[Client
 class Serve:
     """``ehlo serve`` in a child process (null store unless told), with its RSS."""
 
-    def __init__(self, tmp_path: Path, *args: str) -> None:
+    def __init__(
+        self, tmp_path: Path, *args: str, total: int = 2000, per_ip: int = 2000
+    ) -> None:
         self.port = free_port()
         self.log = tmp_path / "serve.log"
         config = tmp_path / "ehlo.toml"
         config.write_text(
-            "max_connections = 2000\nmax_connections_per_ip = 2000\n"
+            f"max_connections = {total}\nmax_connections_per_ip = {per_ip}\n"
             'limits_exempt = []\nmax_connection_rate = 0\n'
         )
         with self.log.open("wb") as err:
@@ -267,8 +272,8 @@ class Serve:
 def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
     started: list[Serve] = []
 
-    def run(*args: str) -> Serve:
-        started.append(Serve(tmp_path, *args))
+    def run(*args: str, **limits: int) -> Serve:
+        started.append(Serve(tmp_path, *args, **limits))
         return started[-1]
 
     yield run
@@ -401,3 +406,161 @@ def test_idle_connections_do_not_starve_a_real_client(serve: Callable[..., Serve
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+
+
+# ------------------------------------- connection limits across worker processes
+
+
+def _open_and_greet(port: int, source: str = "127.0.0.1") -> tuple[socket.socket, bytes]:
+    """A connection and its first reply line (220, or 421 when over a limit)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT,
+                                    source_address=(source, 0))
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            break
+        data += chunk
+    return sock, data[:3]
+
+
+def _worker_pids(serve: Serve, count: int) -> list[int]:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pid = serve.proc.pid
+        children = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        if len(children) == count:
+            return children
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} worker processes")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_per_ip_limit_holds_across_workers(serve: Callable[..., Serve]) -> None:
+    # Each of two workers counting alone would let up to six of these in.
+    server = serve("--workers", "2", "--store", "null", per_ip=3)
+    socks = []
+    try:
+        answers = []
+        for _ in range(8):
+            sock, code = _open_and_greet(server.port)
+            socks.append(sock)
+            answers.append(code)
+        assert answers.count(b"220") == 3 and answers.count(b"421") == 5, answers
+        # A closed connection frees its place, whichever worker had it.
+        for sock, code in zip(socks, answers, strict=True):
+            if code == b"220":
+                sock.close()
+                break
+        deadline = time.monotonic() + 5
+        while True:
+            sock, code = _open_and_greet(server.port)
+            socks.append(sock)
+            if code == b"220" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert code == b"220"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_total_limit_holds_across_workers_and_a_restarted_worker_starts_at_zero(
+    serve: Callable[..., Serve],
+) -> None:
+    server = serve("--workers", "2", "--store", "null", total=4)
+    workers = _worker_pids(server, 2)
+    time.sleep(2.5)  # past the supervisor's crash-loop guard
+    socks = []
+    try:
+        answers = []
+        for n in range(8):  # from eight addresses: only the total limit applies
+            sock, code = _open_and_greet(server.port, f"127.0.0.{n + 1}")
+            socks.append(sock)
+            answers.append(code)
+        assert answers.count(b"220") == 4, answers
+        # Both workers die with their connections; their restarted selves
+        # must not inherit the dead ones' counts.
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        for sock in socks:
+            sock.close()
+        socks.clear()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pid = server.proc.pid
+            fresh = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                     if int(p) not in workers]
+            if len(fresh) == 2:
+                break
+            time.sleep(0.05)
+        answers = []
+        deadline = time.monotonic() + 20
+        while len(answers) < 4 and time.monotonic() < deadline:
+            try:
+                sock, code = _open_and_greet(server.port, f"127.0.1.{len(answers) + 1}")
+            except OSError:
+                time.sleep(0.05)  # the new workers are still starting
+                continue
+            socks.append(sock)
+            answers.append(code)
+        assert answers == [b"220"] * 4
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_shared_counts_add_up_the_rows_of_every_worker() -> None:
+    counts = SharedConnectionCounts(workers=2)
+    counts.bind(0)
+    counts.add("192.0.2.1")
+    counts.add("192.0.2.1")
+    counts.add("2001:db8::1")
+    pid = os.fork()
+    if pid == 0:  # another worker, in its own process
+        try:
+            counts.bind(1)
+            counts.add("192.0.2.1")
+            counts.add("198.51.100.7")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert counts.count("192.0.2.1") == 3
+    assert counts.count("198.51.100.7") == 1
+    assert counts.count("203.0.113.9") == 0
+    assert counts.total() == 5
+    counts.remove("192.0.2.1")
+    assert counts.count("192.0.2.1") == 2 and counts.total() == 4
+    counts.reset(1)  # worker 1 died: its connections went with it
+    assert counts.count("192.0.2.1") == 1
+    assert counts.count("198.51.100.7") == 0
+    assert counts.count("2001:db8::1") == 1
+    assert counts.total() == 2
+    with pytest.raises(ValueError):
+        counts.bind(2)
+
+
+def test_shared_counts_never_count_too_few() -> None:
+    # With few cells, addresses share them: counts may be too high, never too low,
+    # and with the default size they are exact for a few hundred addresses.
+    rng = random.Random(6)
+    addresses = [f"10.0.{i // 250}.{i % 250}" for i in range(300)]
+    for slots, exact in ((7, False), (1 << 16, True)):
+        counts = SharedConnectionCounts(workers=3, slots=slots)
+        truth: dict[tuple[int, str], int] = {}
+        for _ in range(3000):
+            row, ip = rng.randrange(3), rng.choice(addresses)
+            counts.bind(row)
+            if truth.get((row, ip)) and rng.random() < 0.4:
+                counts.remove(ip)  # a connection this worker admitted closes
+                truth[row, ip] -= 1
+            else:
+                counts.add(ip)
+                truth[row, ip] = truth.get((row, ip), 0) + 1
+        for ip in addresses:
+            held = sum(truth.get((row, ip), 0) for row in range(3))
+            assert counts.count(ip) >= held
+            if exact:
+                assert counts.count(ip) == held
+        assert counts.total() == sum(truth.values())

@@ -46,6 +46,7 @@ from .storage import StoreError
 
 if TYPE_CHECKING:
     from .greeting import CheckResult, Decision, GreetingPolicy, GreetingReport
+    from .server.abuse import SharedConnectionCounts
     from .storage import Store, StoredMessage
 
 __all__ = ["main"]
@@ -466,6 +467,7 @@ def _serve_workers(
 ) -> int:
     """Bind once, fork ``workers`` server processes, supervise them until a signal."""
     from .server import tls_contexts_for
+    from .server.abuse import SharedConnectionCounts
     from .server.tls import TLSConfigError
     from .server.workers import bind_listeners, run_workers
 
@@ -497,19 +499,25 @@ def _serve_workers(
             raise _start_failure(exc, config) from None
         config = dataclasses.replace(config, sqlite_writer_address=address)
 
+    # The connection limits are for the whole server, not for each worker.
+    counts = SharedConnectionCounts(workers)
+
     def run_worker(socks: Sequence[socket.socket], index: int) -> int:
         if hub is not None:
             control.close()  # the supervisor's end: only it may tell the hub to stop
+        counts.bind(index)
         try:
             with asyncio.Runner(loop_factory=factory) as runner:
-                return runner.run(_run_server(config, f"{loop_name}, worker {index}", socks))
+                return runner.run(
+                    _run_server(config, f"{loop_name}, worker {index}", socks, counts)
+                )
         except Failure as exc:  # e.g. the store cannot be opened: one line
             log.error("worker %d cannot start: %s", index, exc,
                       extra={"event": "worker_failed", "worker": index})
             return 1
 
     try:
-        return run_workers(sockets, workers, run_worker)
+        return run_workers(sockets, workers, run_worker, before_spawn=counts.reset)
     finally:
         if hub is not None:
             control.close()  # the hub stops once every worker has let go
@@ -549,12 +557,13 @@ async def _run_server(
     config: ServerConfig,
     loop_name: str,
     sockets: Sequence[socket.socket] | None = None,
+    counts: SharedConnectionCounts | None = None,
 ) -> int:
     from .server import Server
     from .server.tls import TLSConfigError
 
     loop = asyncio.get_running_loop()
-    server = Server(config, sockets=sockets)
+    server = Server(config, sockets=sockets, connection_counts=counts)
     stopping = asyncio.Event()
     signals: list[float] = []
 

@@ -28,7 +28,7 @@ from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Store, open_store
 from ._transport import SMTPServerProtocol
-from .abuse import AuthGuard, Networks, WindowCounter
+from .abuse import AuthGuard, Networks, SharedConnectionCounts, WindowCounter
 
 if TYPE_CHECKING:
     from ..auth import UserStore
@@ -53,9 +53,12 @@ class ServerContext:
         hooks: Hooks,
         tls: TLSContexts | None,
         users: UserStore | None = None,
+        shared_counts: SharedConnectionCounts | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        # Open connections of every worker process (``ehlo serve --workers``).
+        self.shared_counts = shared_counts
         self.hooks = hooks
         self.tls = tls
         self.ssl_context: ssl.SSLContext | None = tls.context if tls is not None else None
@@ -108,12 +111,15 @@ class ServerContext:
         config = self.config
         if self.draining:
             return Reply(421, "4.3.2", "Service shutting down, try again later")
-        if len(self.connections) >= config.max_connections:
+        # With several workers, the limits hold for the whole server.
+        shared = self.shared_counts
+        total = len(self.connections) if shared is None else shared.total()
+        if total >= config.max_connections:
             return Reply(421, "4.7.0", "Too many connections, try again later")
         ip = proto.client_ip
         count = self.per_ip.get(ip, 0)
         if ip not in self.exempt:
-            if count >= config.max_connections_per_ip:
+            if (count if shared is None else shared.count(ip)) >= config.max_connections_per_ip:
                 return Reply(
                     421, "4.7.0", "Too many connections from your address, try again later"
                 )
@@ -125,6 +131,8 @@ class ServerContext:
                 )
         self.per_ip[ip] = count + 1
         self.connections.add(proto)
+        if shared is not None:
+            shared.add(ip)
         return None
 
     async def verify_password(self, name: str, password: str) -> bool:
@@ -153,6 +161,8 @@ class ServerContext:
         """Forget a closed connection."""
         if proto in self.connections:
             self.connections.discard(proto)
+            if self.shared_counts is not None:
+                self.shared_counts.remove(proto.client_ip)
             count = self.per_ip.get(proto.client_ip, 1) - 1
             if count <= 0:
                 self.per_ip.pop(proto.client_ip, None)
@@ -339,8 +349,12 @@ class Server:
         store: Store | None = None,
         hooks: Hooks | Mapping[str, Iterable[Hook]] | None = None,
         sockets: Iterable[socket.socket] | None = None,
+        connection_counts: SharedConnectionCounts | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
+        # Several processes serving the same listeners share their connection
+        # counts here, so that the connection limits hold for all of them.
+        self._connection_counts = connection_counts
         self._store = store
         self._hooks = hooks if isinstance(hooks, Hooks) else Hooks(hooks)
         self._sockets = list(sockets) if sockets is not None else None
@@ -382,7 +396,9 @@ class Server:
         await store.start()
         try:
             tls = tls_contexts_for(config)
-            ctx = ServerContext(config, store, self._hooks, tls, _open_users(config))
+            ctx = ServerContext(
+                config, store, self._hooks, tls, _open_users(config), self._connection_counts
+            )
             self.ctx = ctx
             sockets: list[socket.socket | None] = (
                 list(self._sockets) if self._sockets is not None else [None] * len(config.listen)

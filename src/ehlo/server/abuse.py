@@ -2,13 +2,16 @@
 
 Counters live in fixed windows keyed by client IP, so memory stays
 proportional to the clients seen within one window; the server's sweeper
-prunes them. Nothing here does I/O or sleeps: the server and sessions ask
-and act.
+prunes them. :class:`SharedConnectionCounts` holds the open connections of
+several worker processes, so that the connection limits hold for the whole
+server. Nothing here does I/O or sleeps: the server and sessions ask and act.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import mmap
+import zlib
 from collections.abc import Iterable
 
 _MAX_CACHED = 4096
@@ -95,3 +98,72 @@ class AuthGuard:
     def prune(self, now: float) -> None:
         """Forget addresses whose window has ended."""
         self._failures.prune(now)
+
+
+class SharedConnectionCounts:
+    """Open connections of every worker process, in memory they share.
+
+    ``ehlo serve --workers N`` makes one before forking; each worker calls
+    :meth:`bind` with its index and counts only in its own row of an
+    anonymous shared mapping, so there is no lock: every cell has one
+    writer, and readers add up the rows. An address is counted in two hashed cells of
+    ``slots``; its count is the smaller of the two sums, which over-counts
+    only when both cells are shared with other open connections. The last
+    cell of a row is the worker's total. The supervisor clears a row before
+    it (re)starts that worker: a dead worker's connections died with it.
+    """
+
+    def __init__(self, workers: int, slots: int = 1 << 16) -> None:
+        if workers < 1 or slots < 2:
+            raise ValueError("SharedConnectionCounts needs a worker and two slots")
+        self.workers = workers
+        self.slots = slots
+        self._width = slots + 1
+        # Anonymous and MAP_SHARED: forked workers see the same pages.
+        self._map = mmap.mmap(-1, workers * self._width * 4)
+        self._cells = memoryview(self._map).cast("I")
+        self._row = 0
+
+    def bind(self, index: int) -> None:
+        """In worker ``index``: count this process's connections in its row."""
+        if not 0 <= index < self.workers:
+            raise ValueError(f"no worker {index}")
+        self._row = index * self._width
+
+    def reset(self, index: int) -> None:
+        """Forget worker ``index``'s connections (before it starts again)."""
+        start = index * self._width
+        self._cells[start : start + self._width] = memoryview(bytes(self._width * 4)).cast("I")
+
+    def _pair(self, ip: str) -> tuple[int, int]:
+        data = ip.encode()
+        first = zlib.crc32(data) % self.slots
+        second = zlib.crc32(data, 0x5BD1E995) % self.slots
+        return first, second if second != first else (first + 1) % self.slots
+
+    def add(self, ip: str) -> None:
+        """One more open connection from ``ip`` in this worker."""
+        cells, row = self._cells, self._row
+        first, second = self._pair(ip)
+        cells[row + first] += 1
+        cells[row + second] += 1
+        cells[row + self.slots] += 1
+
+    def remove(self, ip: str) -> None:
+        """A connection from ``ip`` that this worker counted with :meth:`add` closed."""
+        cells, row = self._cells, self._row
+        for cell in (*self._pair(ip), self.slots):
+            if cells[row + cell]:
+                cells[row + cell] -= 1
+
+    def count(self, ip: str) -> int:
+        """Open connections from ``ip`` in all workers (never fewer than there are)."""
+        cells, width = self._cells, self._width
+        first, second = self._pair(ip)
+        rows = range(0, self.workers * width, width)
+        return min(sum(cells[r + first] for r in rows), sum(cells[r + second] for r in rows))
+
+    def total(self) -> int:
+        """Open connections in all workers."""
+        cells, width = self._cells, self._width
+        return sum(cells[r + self.slots] for r in range(0, self.workers * width, width))

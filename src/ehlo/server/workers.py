@@ -9,6 +9,12 @@ unexpectedly, and exits when all workers are gone. A worker whose supervisor
 is killed outright gets SIGTERM from the kernel (Linux) and drains too, so no
 server process outlives ``ehlo serve``.
 
+The connection limits hold for the whole server: the workers count their
+open connections in memory they share
+(:class:`~ehlo.server.abuse.SharedConnectionCounts`; a restarted worker's
+row starts empty). The per-minute connection rate and the AUTH lockout are
+still counted by each worker.
+
 Storage stays correct with several writers: with SQLite, ``ehlo serve``
 starts one writer process before forking and every worker's store sends it
 its operations (``ehlo.storage._sqlite_process``); Maildir names are unique
@@ -120,10 +126,13 @@ def run_workers(
     sockets: Sequence[socket.socket],
     workers: int,
     run_worker: Callable[[Sequence[socket.socket], int], int],
+    before_spawn: Callable[[int], None] | None = None,
 ) -> int:
     """Fork ``workers`` processes running ``run_worker(sockets, index)``; supervise them.
 
-    Returns 0 when every worker stopped cleanly after a signal, 1 otherwise.
+    ``before_spawn(index)`` runs in the supervisor before each fork (also
+    before a restart). Returns 0 when every worker stopped cleanly after a
+    signal, 1 otherwise.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
@@ -134,6 +143,8 @@ def run_workers(
     supervisor = os.getpid()
 
     def spawn(index: int) -> None:
+        if before_spawn is not None:
+            before_spawn(index)
         pid = os.fork()
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
