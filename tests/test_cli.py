@@ -726,3 +726,43 @@ def test_keep_freed_memory_stops_page_faults_on_every_block() -> None:
     # Without: fresh pages for most blocks (64 per 256 KiB). With: reused.
     assert without > 200 * 32
     assert with_tuning < 200 * 8
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_dead_shared_writer_is_replaced_and_the_workers_restarted(tmp_path: Path) -> None:
+    with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
+        children = _wait_children(server, 3)
+        writers = [pid for pid in children if "--hub" in _cmdline(pid)]
+        assert len(writers) == 1
+        with server.smtp() as client:
+            client.sendmail("a@example.org", ["b@example.net"], b"Subject: before\r\n\r\nx\r\n")
+        time.sleep(3.2)  # past the crash-loop guard (see the next test)
+        os.kill(writers[0], signal.SIGKILL)
+        # Until the new writer and workers are up, mail gets a 4xx or no
+        # connection; then it is taken again.
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                with server.smtp() as client:
+                    client.sendmail(
+                        "a@example.org", ["b@example.net"], b"Subject: after\r\n\r\ny\r\n"
+                    )
+                break
+            except (smtplib.SMTPException, OSError):
+                assert time.monotonic() < deadline, server.stderr()
+                time.sleep(0.1)
+        now = _children(server.proc.pid)
+        assert len(now) == 3 and not set(now) & set(children), "writer and workers not replaced"
+        assert "the SQLite writer process" in server.stderr()
+        assert server.stop() == 0
+    assert sorted(item["subject"] for item in list_json(server.data)) == ["after", "before"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_shared_writer_dying_right_after_its_start_stops_the_server(tmp_path: Path) -> None:
+    with serving(tmp_path, "--no-tls", "--workers", "2") as server:
+        children = _wait_children(server, 3)
+        writer = next(pid for pid in children if "--hub" in _cmdline(pid))
+        os.kill(writer, signal.SIGKILL)  # within its first seconds: a crash loop
+        assert server.proc.wait(TIMEOUT) == 1
+        assert "within 3 s of its start: stopping" in server.stderr()

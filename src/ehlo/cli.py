@@ -479,7 +479,7 @@ def _serve_workers(
     except (OSError, TLSConfigError, ValueError) as exc:
         raise _start_failure(exc, config) from None
 
-    hub = None
+    writer: _SharedWriter | None = None
     if (
         config.store == "sqlite"
         and config.sqlite_writer == "process"
@@ -487,45 +487,118 @@ def _serve_workers(
     ):
         # One SQLite writer for every worker: their messages share batches
         # and fsyncs, and no worker waits for another's write lock.
-        from .storage import StoreError, sqlite_path
-        from .storage._sqlite_process import start_hub
+        from .storage import sqlite_path
 
+        writer = _SharedWriter(sqlite_path(Path(config.data_dir)))
         try:
             Path(config.data_dir).mkdir(parents=True, exist_ok=True)
-            address, control, hub = start_hub(sqlite_path(Path(config.data_dir)))
+            writer.start()
         except (OSError, StoreError) as exc:
             for sock in sockets:
                 sock.close()
             raise _start_failure(exc, config) from None
-        config = dataclasses.replace(config, sqlite_writer_address=address)
 
     # The connection limits are for the whole server, not for each worker.
     counts = SharedConnectionCounts(workers)
 
     def run_worker(socks: Sequence[socket.socket], index: int) -> int:
-        if hub is not None:
-            control.close()  # the supervisor's end: only it may tell the hub to stop
+        worker_config = config
+        if writer is not None:
+            writer.forget_control()  # only the supervisor may tell the writer to stop
+            worker_config = dataclasses.replace(config, sqlite_writer_address=writer.address)
         counts.bind(index)
         try:
             with asyncio.Runner(loop_factory=factory) as runner:
                 return runner.run(
-                    _run_server(config, f"{loop_name}, worker {index}", socks, counts)
+                    _run_server(worker_config, f"{loop_name}, worker {index}", socks, counts)
                 )
         except Failure as exc:  # e.g. the store cannot be opened: one line
             log.error("worker %d cannot start: %s", index, exc,
                       extra={"event": "worker_failed", "worker": index})
             return 1
 
+    def other_exit(pid: int, code: int) -> str:
+        """A child that is no worker ended: if it was the writer, start another."""
+        if writer is None or not writer.is_process(pid):
+            return ""
+        if writer.uptime() < _WRITER_MIN_UPTIME:
+            log.error(
+                "the SQLite writer process (pid %d) exited with %d within %g s of its"
+                " start: stopping", pid, code, _WRITER_MIN_UPTIME,
+                extra={"event": "writer_exit", "code": code},
+            )
+            return "stop"  # a crash loop: leave it to the service manager (and the log)
+        log.error(
+            "the SQLite writer process (pid %d) exited with %d: starting another and"
+            " restarting the workers", pid, code,
+            extra={"event": "writer_exit", "code": code},
+        )
+        try:
+            writer.start()
+        except (OSError, StoreError) as exc:
+            log.error("cannot start the SQLite writer again: %s", exc,
+                      extra={"event": "writer_failed"})
+            return "stop"
+        return "restart"
+
     try:
-        return run_workers(sockets, workers, run_worker, before_spawn=counts.reset)
+        return run_workers(
+            sockets, workers, run_worker, before_spawn=counts.reset, on_other_exit=other_exit
+        )
     finally:
-        if hub is not None:
-            control.close()  # the hub stops once every worker has let go
-            try:
-                hub.wait(timeout=config.shutdown_timeout + 30)
-            except subprocess.TimeoutExpired:
-                hub.kill()
-                hub.wait()
+        if writer is not None:
+            writer.stop(config.shutdown_timeout + 30)
+
+
+# A shared writer that dies this soon after its start is not started again.
+_WRITER_MIN_UPTIME = 3.0
+
+
+class _SharedWriter:
+    """The SQLite writer process that ``ehlo serve --workers N`` starts for its workers.
+
+    Started before the workers are forked; started again (at a new address,
+    the workers restarted to use it) if it dies.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.address = ""
+        self._started = 0.0
+        self._control: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from .storage._sqlite_process import start_hub
+
+        self.forget_control()
+        self._started = time.monotonic()
+        self.address, self._control, self._process = start_hub(self.path)
+
+    def uptime(self) -> float:
+        """Seconds since the current writer process was started."""
+        return time.monotonic() - self._started
+
+    def is_process(self, pid: int) -> bool:
+        return self._process is not None and self._process.pid == pid
+
+    def forget_control(self) -> None:
+        """Close our end of the control socket (the writer stops once no end is open)."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+
+    def stop(self, timeout: float) -> None:
+        """Let the writer finish once every worker has let go; kill it after ``timeout``."""
+        self.forget_control()
+        process = self._process
+        if process is None:
+            return
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _start_failure(exc: BaseException, config: ServerConfig) -> Failure:

@@ -5,7 +5,9 @@ worker runs its own event loop and its own ``Server`` over the inherited
 sockets; the kernel hands each new connection to one of the workers that are
 waiting in ``accept``. The parent only supervises: it forwards SIGTERM and
 SIGINT to the workers (each drains gracefully), restarts a worker that died
-unexpectedly, and exits when all workers are gone. A worker whose supervisor
+unexpectedly, tells its caller when another child ends (``ehlo serve``
+replaces a dead shared SQLite writer, and the workers are restarted to use
+it), and exits when all workers are gone. A worker whose supervisor
 is killed outright gets SIGTERM from the kernel (Linux) and drains too, so no
 server process outlives ``ehlo serve``.
 
@@ -127,16 +129,21 @@ def run_workers(
     workers: int,
     run_worker: Callable[[Sequence[socket.socket], int], int],
     before_spawn: Callable[[int], None] | None = None,
+    on_other_exit: Callable[[int, int], str] | None = None,
 ) -> int:
     """Fork ``workers`` processes running ``run_worker(sockets, index)``; supervise them.
 
     ``before_spawn(index)`` runs in the supervisor before each fork (also
-    before a restart). Returns 0 when every worker stopped cleanly after a
-    signal, 1 otherwise.
+    before a restart). ``on_other_exit(pid, exit code)`` hears of any other
+    child of the supervisor that ends while it serves, and answers
+    ``"restart"`` (drain every worker and start it again), ``"stop"`` (stop
+    the server: the exit status says it failed) or ``""``. Returns 0 when
+    every worker stopped cleanly after a signal, 1 otherwise.
     """
     if workers < 1:
         raise ValueError("workers must be at least 1")
     children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+    recycling: set[int] = set()  # workers told to drain, to be started again
     stopping = False
     failed = False
 
@@ -191,12 +198,25 @@ def run_workers(
                 break
             except InterruptedError:
                 continue
+            code = os.waitstatus_to_exitcode(status)
             if pid not in children:
+                action = on_other_exit(pid, code) if on_other_exit and not stopping else ""
+                if action == "restart":
+                    recycling.update(children)
+                    for worker in children:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(worker, signal.SIGTERM)
+                elif action == "stop":
+                    failed = True
+                    forward(signal.SIGTERM, None)
                 continue
             index, started = children.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
             if stopping:
                 failed = failed or code != 0
+                continue
+            if pid in recycling:
+                recycling.discard(pid)
+                spawn(index)
                 continue
             log.error("worker %d (pid %d) exited with %d", index, pid, code,
                       extra={"event": "worker_exit", "worker": index, "code": code})
