@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ehlo.server import Server
-from ehlo.server.abuse import SharedConnectionCounts
+from ehlo.server.abuse import AuthGuard, SharedConnectionCounts, SharedWindowCounter
 from ehlo.storage import open_store
 from tests.test_e2e_raw import (
     READ_TIMEOUT,
@@ -224,14 +224,14 @@ class Serve:
     """``ehlo serve`` in a child process (null store unless told), with its RSS."""
 
     def __init__(
-        self, tmp_path: Path, *args: str, total: int = 2000, per_ip: int = 2000
+        self, tmp_path: Path, *args: str, total: int = 2000, per_ip: int = 2000, rate: int = 0
     ) -> None:
         self.port = free_port()
         self.log = tmp_path / "serve.log"
         config = tmp_path / "ehlo.toml"
         config.write_text(
             f"max_connections = {total}\nmax_connections_per_ip = {per_ip}\n"
-            'limits_exempt = []\nmax_connection_rate = 0\n'
+            f"limits_exempt = []\nmax_connection_rate = {rate}\n"
         )
         with self.log.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -564,3 +564,81 @@ def test_shared_counts_never_count_too_few() -> None:
             if exact:
                 assert counts.count(ip) == held
         assert counts.total() == sum(truth.values())
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_connection_rate_holds_across_workers(serve: Callable[..., Serve]) -> None:
+    if time.monotonic() % 60 > 40:  # the windows follow the clock's minutes: stay in one
+        time.sleep(60.5 - time.monotonic() % 60)
+    server = serve("--workers", "2", "--store", "null", rate=3)
+    answers = []
+    for _ in range(6):
+        sock, code = _open_and_greet(server.port)
+        sock.close()
+        answers.append(code)
+    # The first of the three allowed this minute was Serve's readiness check.
+    assert answers == [b"220"] * 2 + [b"421"] * 4
+
+
+def test_shared_window_counter_adds_up_workers_within_a_window() -> None:
+    rate = SharedWindowCounter(workers=2, window=60.0)
+    now = 6000.0  # the start of a window
+    rate.bind(0)
+    assert rate.hit("192.0.2.1", now) == 1
+    assert rate.hit("192.0.2.1", now + 1) == 2
+    pid = os.fork()
+    if pid == 0:
+        try:
+            rate.bind(1)
+            rate.hit("192.0.2.1", now + 2)
+            rate.hit("198.51.100.7", now + 2)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert rate.count("192.0.2.1", now + 3) == 3
+    assert rate.count("198.51.100.7", now + 3) == 1
+    assert rate.count("192.0.2.1", now + 60) == 0  # the next window
+    assert rate.hit("192.0.2.1", now + 61) == 1  # worker 0's cell starts again; worker 1's is stale
+    rate.reset(0)
+    assert rate.count("192.0.2.1", now + 61) == 0
+
+
+def test_auth_lockout_counts_failures_of_every_worker() -> None:
+    failures = SharedWindowCounter(workers=2, window=300.0)
+    guard = AuthGuard(max_failures=3, lockout=300.0, delay=0.5, failures=failures)
+    now = 3000.0
+    failures.bind(0)
+    assert guard.failed("192.0.2.1", now) == (0.5, False)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            failures.bind(1)
+            guard.failed("192.0.2.1", now + 1)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert not guard.locked("192.0.2.1", now + 2)
+    assert guard.failed("192.0.2.1", now + 2) == (1.5, True)  # the third, wherever the others were
+    assert guard.locked("192.0.2.1", now + 3)
+    assert not guard.locked("192.0.2.1", now + 300)  # the next window
+
+
+def test_shared_window_counter_never_counts_too_few() -> None:
+    rng = random.Random(7)
+    keys = [f"10.1.{i // 250}.{i % 250}" for i in range(300)]
+    for slots, exact in ((5, False), (1 << 14, True)):
+        rate = SharedWindowCounter(workers=3, window=10.0, slots=slots)
+        truth: dict[tuple[int, str], int] = {}  # (window, key) -> events
+        now = 0.0
+        for _ in range(3000):
+            now += rng.random() * 0.05
+            rate.bind(rng.randrange(3))
+            key = rng.choice(keys)
+            rate.hit(key, now)
+            window = int(now // 10)
+            truth[window, key] = truth.get((window, key), 0) + 1
+        window = int(now // 10)
+        for key in keys:
+            assert rate.count(key, now) >= truth.get((window, key), 0)
+            if exact:
+                assert rate.count(key, now) == truth.get((window, key), 0)

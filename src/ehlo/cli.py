@@ -46,7 +46,7 @@ from .storage import StoreError
 
 if TYPE_CHECKING:
     from .greeting import CheckResult, Decision, GreetingPolicy, GreetingReport
-    from .server.abuse import SharedConnectionCounts
+    from .server.abuse import SharedCounters
     from .storage import Store, StoredMessage
 
 __all__ = ["main"]
@@ -467,7 +467,7 @@ def _serve_workers(
 ) -> int:
     """Bind once, fork ``workers`` server processes, supervise them until a signal."""
     from .server import tls_contexts_for
-    from .server.abuse import SharedConnectionCounts
+    from .server.abuse import SharedCounters
     from .server.tls import TLSConfigError
     from .server.workers import bind_listeners, run_workers
 
@@ -498,8 +498,8 @@ def _serve_workers(
                 sock.close()
             raise _start_failure(exc, config) from None
 
-    # The connection limits are for the whole server, not for each worker.
-    counts = SharedConnectionCounts(workers)
+    # The abuse limits are for the whole server, not for each worker.
+    counts = SharedCounters(workers, config.auth_lockout)
 
     def run_worker(socks: Sequence[socket.socket], index: int) -> int:
         worker_config = config
@@ -630,13 +630,13 @@ async def _run_server(
     config: ServerConfig,
     loop_name: str,
     sockets: Sequence[socket.socket] | None = None,
-    counts: SharedConnectionCounts | None = None,
+    counts: SharedCounters | None = None,
 ) -> int:
     from .server import Server
     from .server.tls import TLSConfigError
 
     loop = asyncio.get_running_loop()
-    server = Server(config, sockets=sockets, connection_counts=counts)
+    server = Server(config, sockets=sockets, shared_counters=counts)
     stopping = asyncio.Event()
     signals: list[float] = []
 

@@ -28,7 +28,7 @@ from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Store, open_store
 from ._transport import SMTPServerProtocol
-from .abuse import AuthGuard, Networks, SharedConnectionCounts, WindowCounter
+from .abuse import AuthGuard, Networks, SharedCounters, SharedWindowCounter, WindowCounter
 
 if TYPE_CHECKING:
     from ..auth import UserStore
@@ -53,12 +53,12 @@ class ServerContext:
         hooks: Hooks,
         tls: TLSContexts | None,
         users: UserStore | None = None,
-        shared_counts: SharedConnectionCounts | None = None,
+        shared: SharedCounters | None = None,
     ) -> None:
         self.config = config
         self.store = store
         # Open connections of every worker process (``ehlo serve --workers``).
-        self.shared_counts = shared_counts
+        self.shared_counts = shared.connections if shared is not None else None
         self.hooks = hooks
         self.tls = tls
         self.ssl_context: ssl.SSLContext | None = tls.context if tls is not None else None
@@ -86,9 +86,14 @@ class ServerContext:
         self.per_ip: dict[str, int] = {}
         self.exempt = Networks(config.limits_exempt)
         self.proxy_trusted = Networks(config.proxy_trusted)
-        self.connection_rate = WindowCounter(60.0)
+        self.connection_rate: WindowCounter | SharedWindowCounter = (
+            shared.connection_rate if shared is not None else WindowCounter(60.0)
+        )
         self.auth_guard = AuthGuard(
-            config.max_auth_failures, config.auth_lockout, config.auth_failure_delay
+            config.max_auth_failures,
+            config.auth_lockout,
+            config.auth_failure_delay,
+            shared.auth_failures if shared is not None else None,
         )
         self._hashing = asyncio.Semaphore(_HASH_WORKERS)
         self._hash_pool: ThreadPoolExecutor | None = None
@@ -349,12 +354,12 @@ class Server:
         store: Store | None = None,
         hooks: Hooks | Mapping[str, Iterable[Hook]] | None = None,
         sockets: Iterable[socket.socket] | None = None,
-        connection_counts: SharedConnectionCounts | None = None,
+        shared_counters: SharedCounters | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
-        # Several processes serving the same listeners share their connection
-        # counts here, so that the connection limits hold for all of them.
-        self._connection_counts = connection_counts
+        # Several processes serving the same listeners share their abuse
+        # counts here, so that the limits hold for all of them together.
+        self._shared_counters = shared_counters
         self._store = store
         self._hooks = hooks if isinstance(hooks, Hooks) else Hooks(hooks)
         self._sockets = list(sockets) if sockets is not None else None
@@ -397,7 +402,7 @@ class Server:
         try:
             tls = tls_contexts_for(config)
             ctx = ServerContext(
-                config, store, self._hooks, tls, _open_users(config), self._connection_counts
+                config, store, self._hooks, tls, _open_users(config), self._shared_counters
             )
             self.ctx = ctx
             sockets: list[socket.socket | None] = (

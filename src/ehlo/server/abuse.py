@@ -2,9 +2,10 @@
 
 Counters live in fixed windows keyed by client IP, so memory stays
 proportional to the clients seen within one window; the server's sweeper
-prunes them. :class:`SharedConnectionCounts` holds the open connections of
-several worker processes, so that the connection limits hold for the whole
-server. Nothing here does I/O or sleeps: the server and sessions ask and act.
+prunes them. :class:`SharedCounters` holds the counts of several worker
+processes (open connections, connection rates, AUTH failures) in memory they
+share, so that the limits hold for the whole server. Nothing here does I/O
+or sleeps: the server and sessions ask and act.
 """
 
 from __future__ import annotations
@@ -81,10 +82,16 @@ class AuthGuard:
     out of AUTH until ``lockout`` seconds after its first failure.
     """
 
-    def __init__(self, max_failures: int, lockout: float, delay: float) -> None:
+    def __init__(
+        self,
+        max_failures: int,
+        lockout: float,
+        delay: float,
+        failures: WindowCounter | SharedWindowCounter | None = None,
+    ) -> None:
         self.max_failures = max_failures
         self.delay = delay
-        self._failures = WindowCounter(lockout)
+        self._failures = failures if failures is not None else WindowCounter(lockout)
 
     def locked(self, ip: str, now: float) -> bool:
         """True while ``ip`` is locked out of AUTH."""
@@ -98,6 +105,14 @@ class AuthGuard:
     def prune(self, now: float) -> None:
         """Forget addresses whose window has ended."""
         self._failures.prune(now)
+
+
+def _cells(key: str, slots: int) -> tuple[int, int]:
+    """The two cells (of ``slots``) that count ``key`` in a shared table."""
+    data = key.encode()
+    first = zlib.crc32(data) % slots
+    second = zlib.crc32(data, 0x5BD1E995) % slots
+    return first, second if second != first else (first + 1) % slots
 
 
 class SharedConnectionCounts:
@@ -136,10 +151,7 @@ class SharedConnectionCounts:
         self._cells[start : start + self._width] = memoryview(bytes(self._width * 4)).cast("I")
 
     def _pair(self, ip: str) -> tuple[int, int]:
-        data = ip.encode()
-        first = zlib.crc32(data) % self.slots
-        second = zlib.crc32(data, 0x5BD1E995) % self.slots
-        return first, second if second != first else (first + 1) % self.slots
+        return _cells(ip, self.slots)
 
     def add(self, ip: str) -> None:
         """One more open connection from ``ip`` in this worker."""
@@ -167,3 +179,95 @@ class SharedConnectionCounts:
         """Open connections in all workers."""
         cells, width = self._cells, self._width
         return sum(cells[r + self.slots] for r in range(0, self.workers * width, width))
+
+
+class SharedWindowCounter:
+    """:class:`WindowCounter`'s counts, shared by worker processes.
+
+    Laid out like :class:`SharedConnectionCounts` (a row per worker, two
+    hashed cells per key, the smaller sum) with a window number beside each
+    count. Windows are aligned to the clock (a 60 s window starts on the
+    minute, by the system-wide monotonic clock), so that every worker means
+    the same one; a :class:`WindowCounter`'s window starts at its key's
+    first event instead. Cells of an ended window are reused as they come.
+    """
+
+    def __init__(self, workers: int, window: float, slots: int = 1 << 14) -> None:
+        if workers < 1 or slots < 2 or window <= 0:
+            raise ValueError("SharedWindowCounter needs a worker, two slots and a window")
+        self.window = window
+        self.workers = workers
+        self.slots = slots
+        self._map = mmap.mmap(-1, workers * slots * 8)
+        cells = memoryview(self._map).cast("I")
+        self._epochs = cells[: workers * slots]  # window number + 1 of each count (0: none)
+        self._counts = cells[workers * slots :]
+        self._row = 0
+
+    def bind(self, index: int) -> None:
+        """In worker ``index``: count this process's events in its row."""
+        if not 0 <= index < self.workers:
+            raise ValueError(f"no worker {index}")
+        self._row = index * self.slots
+
+    def reset(self, index: int) -> None:
+        """Forget worker ``index``'s events."""
+        start = index * self.slots
+        zeros = memoryview(bytes(self.slots * 4)).cast("I")
+        self._epochs[start : start + self.slots] = zeros
+        self._counts[start : start + self.slots] = zeros
+
+    def _epoch(self, now: float) -> int:
+        return int(now // self.window) + 1
+
+    def hit(self, key: str, now: float) -> int:
+        """Count one event for ``key``; the number in the current window, this one included."""
+        epoch = self._epoch(now)
+        epochs, counts, row = self._epochs, self._counts, self._row
+        for cell in _cells(key, self.slots):
+            index = row + cell
+            if epochs[index] != epoch:
+                counts[index] = 0  # before the window number: a reader never adds a stale count
+                epochs[index] = epoch
+            counts[index] += 1
+        return self.count(key, now)
+
+    def count(self, key: str, now: float) -> int:
+        """Events of ``key`` in the current window, in every worker."""
+        epoch = self._epoch(now)
+        epochs, counts, slots = self._epochs, self._counts, self.slots
+        rows = range(0, self.workers * slots, slots)
+        return min(
+            sum(counts[r + cell] for r in rows if epochs[r + cell] == epoch)
+            for cell in _cells(key, slots)
+        )
+
+    def prune(self, now: float) -> None:
+        """Nothing to do: a cell of an ended window is reused by the next event."""
+
+
+class SharedCounters:
+    """What ``ehlo serve --workers N`` shares between its workers' abuse limits.
+
+    Made in the supervisor before it forks: the open connections (for
+    ``max_connections`` and ``max_connections_per_ip``), the new connections
+    per address per minute (``max_connection_rate``) and the failed AUTH
+    attempts per address (the lockout).
+    """
+
+    def __init__(self, workers: int, auth_lockout: float) -> None:
+        self.connections = SharedConnectionCounts(workers)
+        self.connection_rate = SharedWindowCounter(workers, 60.0)
+        self.auth_failures = SharedWindowCounter(workers, auth_lockout)
+
+    def bind(self, index: int) -> None:
+        """In worker ``index``: count in its own rows."""
+        for table in (self.connections, self.connection_rate, self.auth_failures):
+            table.bind(index)
+
+    def reset(self, index: int) -> None:
+        """Before worker ``index`` (re)starts: its connections are gone.
+
+        Its rates and AUTH failures stay: a crash must not reset an abuser's count.
+        """
+        self.connections.reset(index)

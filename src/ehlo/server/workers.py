@@ -11,11 +11,10 @@ it), and exits when all workers are gone. A worker whose supervisor
 is killed outright gets SIGTERM from the kernel (Linux) and drains too, so no
 server process outlives ``ehlo serve``.
 
-The connection limits hold for the whole server: the workers count their
-open connections in memory they share
-(:class:`~ehlo.server.abuse.SharedConnectionCounts`; a restarted worker's
-row starts empty). The per-minute connection rate and the AUTH lockout are
-still counted by each worker.
+The abuse limits hold for the whole server: the workers count open
+connections, connection rates and AUTH failures in memory they share
+(:class:`~ehlo.server.abuse.SharedCounters`; a restarted worker's open
+connections start at zero).
 
 Storage stays correct with several writers: with SQLite, ``ehlo serve``
 starts one writer process before forking and every worker's store sends it
