@@ -578,6 +578,14 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+def _writer_and_workers(server: ServerProcess) -> tuple[int, list[int]]:
+    """The shared SQLite writer's pid and the two workers' of ``--workers 2``."""
+    children = _wait_children(server, 3)
+    writers = [pid for pid in children if "--hub" in _cmdline(pid)]
+    assert len(writers) == 1
+    return writers[0], [pid for pid in children if pid != writers[0]]
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2") as server:
@@ -621,10 +629,8 @@ def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
-        children = _wait_children(server, 3)
-        writers = [pid for pid in children if "--hub" in _cmdline(pid)]
-        assert len(writers) == 1
-        workers = [pid for pid in children if pid not in writers]
+        writer, workers = _writer_and_workers(server)
+        children = [writer, *workers]
         time.sleep(2.5)  # past the supervisor's crash-loop guard
         # A message half sent, its body already in a file...
         client = server.smtp()
@@ -645,7 +651,7 @@ def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: P
         with server.smtp() as after:  # the same writer takes the new workers' mail
             after.ehlo("after.client.test")
             after.sendmail("a@example.org", ["b@example.net"], b"Subject: after\r\n\r\nz\r\n")
-        assert _children(server.proc.pid).count(writers[0]) == 1
+        assert _children(server.proc.pid).count(writer) == 1
         db = sqlite3.connect(server.data / "ehlo.sqlite3")
         try:
             leftovers = db.execute(
@@ -731,13 +737,12 @@ def test_keep_freed_memory_stops_page_faults_on_every_block() -> None:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_dead_shared_writer_is_replaced_and_the_workers_restarted(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
-        children = _wait_children(server, 3)
-        writers = [pid for pid in children if "--hub" in _cmdline(pid)]
-        assert len(writers) == 1
+        writer, workers = _writer_and_workers(server)
+        children = [writer, *workers]
         with server.smtp() as client:
             client.sendmail("a@example.org", ["b@example.net"], b"Subject: before\r\n\r\nx\r\n")
         time.sleep(3.2)  # past the crash-loop guard (see the next test)
-        os.kill(writers[0], signal.SIGKILL)
+        os.kill(writer, signal.SIGKILL)
         # Until the new writer and workers are up, mail gets a 4xx or no
         # connection; then it is taken again.
         deadline = time.monotonic() + TIMEOUT
@@ -761,8 +766,7 @@ def test_a_dead_shared_writer_is_replaced_and_the_workers_restarted(tmp_path: Pa
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_shared_writer_dying_right_after_its_start_stops_the_server(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2") as server:
-        children = _wait_children(server, 3)
-        writer = next(pid for pid in children if "--hub" in _cmdline(pid))
+        writer, _ = _writer_and_workers(server)
         os.kill(writer, signal.SIGKILL)  # within its first seconds: a crash loop
         assert server.proc.wait(TIMEOUT) == 1
         assert "within 3 s of its start: stopping" in server.stderr()

@@ -554,14 +554,22 @@ class Session:
             return self._finish(event.size)  # the policy's word first
         return self._commit(event.size)
 
-    def _commit(self, size: int) -> Reply | Deferred:
-        """Hand the message to the store: its refusal now, or the commit under way."""
-        envelope = self.envelope
-        writer = self.writer
-        if writer is None or envelope is None or self._store_failed:
+    def _store_refusal(self, size: int) -> Reply | None:
+        """451 when the store already failed this message (or never had it), else None."""
+        if self.writer is None or self.envelope is None or self._store_failed:
+            envelope = self.envelope
             self.abort_message()
             self._log_outcome(envelope, size, _STORE_FAILED)
             return _STORE_FAILED
+        return None
+
+    def _commit(self, size: int) -> Reply | Deferred:
+        """Hand the message to the store: its refusal now, or the commit under way."""
+        refusal = self._store_refusal(size)
+        if refusal is not None:
+            return refusal
+        envelope, writer = self.envelope, self.writer
+        assert envelope is not None and writer is not None
         try:
             # RFC 5321 section 6.1: answer 250 only once the message is safe.
             future = writer.start_commit()
@@ -597,12 +605,12 @@ class Session:
         return reply
 
     async def _finish(self, size: int) -> Reply:
+        """The policy's word on the message (greeting verdict, data hooks), then the commit."""
+        refusal = self._store_refusal(size)
+        if refusal is not None:
+            return refusal
         envelope = self.envelope
-        writer = self.writer
-        if writer is None or envelope is None or self._store_failed:
-            self.abort_message()
-            self._log_outcome(envelope, size, _STORE_FAILED)
-            return _STORE_FAILED
+        assert envelope is not None
         if self._enforcing("data"):
             refusal = await self._verdict()
             if refusal is not None:

@@ -115,13 +115,42 @@ def _cells(key: str, slots: int) -> tuple[int, int]:
     return first, second if second != first else (first + 1) % slots
 
 
-class SharedConnectionCounts:
+class _WorkerRows:
+    """Tables of 32-bit counts in anonymous shared memory, one row per worker.
+
+    Made before the fork (MAP_SHARED: every worker sees the same pages);
+    each worker writes only its own row, so there is no lock.
+    """
+
+    def __init__(self, workers: int, width: int, tables: int) -> None:
+        self.workers = workers
+        self._width = width
+        size = workers * width
+        self._map = mmap.mmap(-1, size * tables * 4)
+        cells = memoryview(self._map).cast("I")
+        self._tables = [cells[i * size : (i + 1) * size] for i in range(tables)]
+        self._row = 0  # where this process's row starts
+
+    def bind(self, index: int) -> None:
+        """In worker ``index``: count in its own row."""
+        if not 0 <= index < self.workers:
+            raise ValueError(f"no worker {index}")
+        self._row = index * self._width
+
+    def reset(self, index: int) -> None:
+        """Zero worker ``index``'s row."""
+        start = index * self._width
+        zeros = memoryview(bytes(self._width * 4)).cast("I")
+        for table in self._tables:
+            table[start : start + self._width] = zeros
+
+
+class SharedConnectionCounts(_WorkerRows):
     """Open connections of every worker process, in memory they share.
 
     ``ehlo serve --workers N`` makes one before forking; each worker calls
-    :meth:`bind` with its index and counts only in its own row of an
-    anonymous shared mapping, so there is no lock: every cell has one
-    writer, and readers add up the rows. An address is counted in two hashed cells of
+    :meth:`bind` with its index and counts only in its own row, and readers
+    add up the rows. An address is counted in two hashed cells of
     ``slots``; its count is the smaller of the two sums, which over-counts
     only when both cells are shared with other open connections. The last
     cell of a row is the worker's total. The supervisor clears a row before
@@ -131,24 +160,9 @@ class SharedConnectionCounts:
     def __init__(self, workers: int, slots: int = 1 << 16) -> None:
         if workers < 1 or slots < 2:
             raise ValueError("SharedConnectionCounts needs a worker and two slots")
-        self.workers = workers
+        super().__init__(workers, slots + 1, 1)
         self.slots = slots
-        self._width = slots + 1
-        # Anonymous and MAP_SHARED: forked workers see the same pages.
-        self._map = mmap.mmap(-1, workers * self._width * 4)
-        self._cells = memoryview(self._map).cast("I")
-        self._row = 0
-
-    def bind(self, index: int) -> None:
-        """In worker ``index``: count this process's connections in its row."""
-        if not 0 <= index < self.workers:
-            raise ValueError(f"no worker {index}")
-        self._row = index * self._width
-
-    def reset(self, index: int) -> None:
-        """Forget worker ``index``'s connections (before it starts again)."""
-        start = index * self._width
-        self._cells[start : start + self._width] = memoryview(bytes(self._width * 4)).cast("I")
+        self._cells = self._tables[0]
 
     def _pair(self, ip: str) -> tuple[int, int]:
         return _cells(ip, self.slots)
@@ -181,7 +195,7 @@ class SharedConnectionCounts:
         return sum(cells[r + self.slots] for r in range(0, self.workers * width, width))
 
 
-class SharedWindowCounter:
+class SharedWindowCounter(_WorkerRows):
     """:class:`WindowCounter`'s counts, shared by worker processes.
 
     Laid out like :class:`SharedConnectionCounts` (a row per worker, two
@@ -195,27 +209,11 @@ class SharedWindowCounter:
     def __init__(self, workers: int, window: float, slots: int = 1 << 14) -> None:
         if workers < 1 or slots < 2 or window <= 0:
             raise ValueError("SharedWindowCounter needs a worker, two slots and a window")
+        super().__init__(workers, slots, 2)
         self.window = window
-        self.workers = workers
         self.slots = slots
-        self._map = mmap.mmap(-1, workers * slots * 8)
-        cells = memoryview(self._map).cast("I")
-        self._epochs = cells[: workers * slots]  # window number + 1 of each count (0: none)
-        self._counts = cells[workers * slots :]
-        self._row = 0
-
-    def bind(self, index: int) -> None:
-        """In worker ``index``: count this process's events in its row."""
-        if not 0 <= index < self.workers:
-            raise ValueError(f"no worker {index}")
-        self._row = index * self.slots
-
-    def reset(self, index: int) -> None:
-        """Forget worker ``index``'s events."""
-        start = index * self.slots
-        zeros = memoryview(bytes(self.slots * 4)).cast("I")
-        self._epochs[start : start + self.slots] = zeros
-        self._counts[start : start + self.slots] = zeros
+        # The window number + 1 of each count (0: none yet), and the counts.
+        self._epochs, self._counts = self._tables
 
     def _epoch(self, now: float) -> int:
         return int(now // self.window) + 1
