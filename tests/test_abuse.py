@@ -25,7 +25,12 @@ from pathlib import Path
 import pytest
 
 from ehlo.server import Server
-from ehlo.server.abuse import AuthGuard, SharedConnectionCounts, SharedWindowCounter
+from ehlo.server.abuse import (
+    AuthGuard,
+    SharedConnectionCounts,
+    SharedCounters,
+    SharedWindowCounter,
+)
 from ehlo.storage import open_store
 from tests.test_e2e_raw import (
     READ_TIMEOUT,
@@ -642,3 +647,14 @@ def test_shared_window_counter_never_counts_too_few() -> None:
             assert rate.count(key, now) >= truth.get((window, key), 0)
             if exact:
                 assert rate.count(key, now) == truth.get((window, key), 0)
+
+
+@pytest.mark.parametrize("lockout", [0.0, 0.001, 600.0])
+def test_shared_counters_take_any_lockout_the_configuration_allows(lockout: float) -> None:
+    shared = SharedCounters(workers=2, auth_lockout=lockout)
+    shared.bind(1)
+    guard = AuthGuard(max_failures=2, lockout=lockout, delay=0.0, failures=shared.auth_failures)
+    now = 10.0**9  # a long uptime: window numbers beyond 32 bits wrap, never fail
+    guard.failed("192.0.2.1", now)
+    _, locked = guard.failed("192.0.2.1", now)
+    assert locked is (lockout > 0)  # with 0 s, each failure's window is over at once

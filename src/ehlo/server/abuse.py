@@ -216,7 +216,8 @@ class SharedWindowCounter(_WorkerRows):
         self._epochs, self._counts = self._tables
 
     def _epoch(self, now: float) -> int:
-        return int(now // self.window) + 1
+        # Kept within 32 bits (0 means "none"): a wrap needs 4 billion windows.
+        return int(now // self.window) % 0xFFFFFFFF + 1
 
     def hit(self, key: str, now: float) -> int:
         """Count one event for ``key``; the number in the current window, this one included."""
@@ -256,12 +257,19 @@ class SharedCounters:
     def __init__(self, workers: int, auth_lockout: float) -> None:
         self.connections = SharedConnectionCounts(workers)
         self.connection_rate = SharedWindowCounter(workers, 60.0)
-        self.auth_failures = SharedWindowCounter(workers, auth_lockout)
+        # A lockout of 0 s ends with each failure: nothing to share.
+        self.auth_failures: WindowCounter | SharedWindowCounter = (
+            SharedWindowCounter(workers, auth_lockout)
+            if auth_lockout > 0
+            else WindowCounter(auth_lockout)
+        )
 
     def bind(self, index: int) -> None:
         """In worker ``index``: count in its own rows."""
-        for table in (self.connections, self.connection_rate, self.auth_failures):
-            table.bind(index)
+        self.connections.bind(index)
+        self.connection_rate.bind(index)
+        if isinstance(self.auth_failures, SharedWindowCounter):
+            self.auth_failures.bind(index)
 
     def reset(self, index: int) -> None:
         """Before worker ``index`` (re)starts: its connections are gone.
