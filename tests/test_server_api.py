@@ -307,7 +307,9 @@ async def _send_message(port: int) -> tuple[asyncio.StreamReader, asyncio.Stream
     return reader, writer
 
 
-async def test_250_waits_for_the_store_and_a_failed_commit_is_451(tmp_path: Path) -> None:
+async def test_250_waits_for_the_store_and_a_failed_or_cancelled_commit_is_451(
+    tmp_path: Path,
+) -> None:
     store = _GatedStore()
     server = Server(make_config(tmp_path), store=store)
     await server.start()
@@ -329,6 +331,14 @@ async def test_250_waits_for_the_store_and_a_failed_commit_is_451(tmp_path: Path
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"451 ")
         writer.write(b"NOOP\r\n")  # the session goes on after the refusal
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"250 ")
+        # A commit the store cancels is not taken either: 451, never a hang.
+        writer.write(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+        for _ in range(3):
+            await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        writer.write(b"Subject: third\r\n\r\nbody\r\n.\r\n")
+        _, future = await asyncio.wait_for(store.commits.get(), 5)
+        future.cancel()
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"451 ")
         writer.close()
     finally:
         await server.stop(timeout=1)
