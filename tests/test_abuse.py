@@ -39,6 +39,7 @@ from tests.test_e2e_raw import (
     connect,
     queued_id,
 )
+from tests.test_proxy import read_line
 
 from .conftest import free_port
 
@@ -420,13 +421,7 @@ def _open_and_greet(port: int, source: str = "127.0.0.1") -> tuple[socket.socket
     """A connection and its first reply line (220, or 421 when over a limit)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT,
                                     source_address=(source, 0))
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = sock.recv(512)
-        if not chunk:
-            break
-        data += chunk
-    return sock, data[:3]
+    return sock, read_line(sock)[:3]
 
 
 def _worker_pids(serve: Serve, count: int) -> list[int]:

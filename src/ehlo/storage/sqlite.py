@@ -752,7 +752,7 @@ class SQLiteWriter(MessageWriter):
     """One message being streamed into an :class:`SQLiteStore`."""
 
     __slots__ = (
-        "_buffer", "_envelope", "_fd", "_flushed", "_head", "_seq", "_size", "_state", "_store"
+        "_buffer", "_envelope", "_fd", "_head", "_size", "_state", "_store"
     )
 
     def __init__(self, store: SQLiteStore, envelope: Envelope) -> None:
@@ -760,9 +760,7 @@ class SQLiteWriter(MessageWriter):
         self._envelope = envelope
         self._buffer = bytearray()
         self._head = HeaderSniffer()
-        self._seq = 0
         self._size = 0
-        self._flushed = False
         self._fd: int | None = None  # the body file, once the body outgrew CHUNK_SIZE
         self._state = "open"  # "open", then "done" once committed or aborted
 
@@ -821,13 +819,6 @@ class SQLiteWriter(MessageWriter):
         except OSError as exc:
             raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
 
-    def _send(self, chunk: bytes | bytearray) -> None:
-        writer = self._store._writer_or_error()
-        writer.queued_bytes += len(chunk)
-        writer.ops.put(_Chunk(self._envelope.queue_id, self._seq, chunk))
-        self._seq += 1
-        self._flushed = True
-
     async def commit(self) -> str:
         return await self.start_commit()
 
@@ -836,6 +827,7 @@ class SQLiteWriter(MessageWriter):
             raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
         writer = self._store._writer_or_error()
         spool = None
+        body: bytearray | None = None  # a body of one chunk, handed to the writer with its row
         if self._fd is not None:
             spool = self._store._spool_name
             try:
@@ -854,8 +846,7 @@ class SQLiteWriter(MessageWriter):
                     self._store._spooled(self._envelope.queue_id).unlink()
                 raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
         elif self._buffer:
-            buffer, self._buffer = self._buffer, bytearray()
-            self._send(buffer)  # handed over whole: no copy
+            body, self._buffer = self._buffer, bytearray()  # handed over whole: no copy
         env = self._envelope
         row = (
             env.queue_id,
@@ -877,8 +868,13 @@ class SQLiteWriter(MessageWriter):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._state = "done"
-        # From here the writer owns the spooled body (it links or removes it).
-        writer.ops.put(_Commit(row, self._seq, loop, future, spool))
+        # Nothing reaches the writer before this point, so an abort never has
+        # anything to take back there. From here the writer owns the body
+        # (a spooled one it links or removes).
+        if body is not None:
+            writer.queued_bytes += len(body)
+            writer.ops.put(_Chunk(env.queue_id, 0, body))
+        writer.ops.put(_Commit(row, 0 if body is None else 1, loop, future, spool))
         return future
 
     def abort(self) -> None:
@@ -892,10 +888,6 @@ class SQLiteWriter(MessageWriter):
                 os.close(fd)
             with contextlib.suppress(OSError):
                 self._store._spooled(self._envelope.queue_id).unlink()
-        if self._flushed:
-            writer = self._store._writer
-            if writer is not None:
-                writer.ops.put(_Discard(self._envelope.queue_id))
 
 
 class SQLiteStore(Store):
