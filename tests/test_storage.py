@@ -526,6 +526,43 @@ async def test_sqlite_duplicate_id_is_an_error_not_a_crash(tmp_path: Path) -> No
     await store.close()
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_sqlite_duplicate_id_within_one_batch(writer: str, tmp_path: Path) -> None:
+    # Committed in the same turn of the loop, the three messages reach the
+    # writer together: the batch insert fails on the repeated id, and the
+    # message-by-message path stores the first two and refuses the third.
+    store = SQLiteStore(tmp_path / "ehlo.sqlite3", writer=writer)
+    await store.start()
+    twin, other = make_envelope(), make_envelope()
+    futures = []
+    for envelope, body in ((twin, b"first"), (other, b"other"), (twin, b"second")):
+        message = store.begin(make_envelope(queue_id=envelope.queue_id))
+        message.write(body)
+        futures.append(message.start_commit())
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert outcomes[:2] == [twin.queue_id, other.queue_id]
+    assert isinstance(outcomes[2], StoreError) and "already stored" in str(outcomes[2])
+    assert store.raw(twin.queue_id) == b"first" and store.raw(other.queue_id) == b"other"
+    assert store.stats.commits == 1 and store.stats.messages == 2
+    await store.close()
+
+
+async def test_sqlite_orphan_chunk_is_never_taken_over(tmp_path: Path) -> None:
+    # A chunk row without its message (left by an earlier version's writer
+    # that is still running) keeps its id: the new message is refused.
+    store = SQLiteStore(tmp_path / "ehlo.sqlite3")
+    await store.start()
+    envelope = make_envelope()
+    with sqlite3.connect(store.path) as db:
+        db.execute("INSERT INTO chunks VALUES (?, 0, ?)", (envelope.queue_id, b"theirs"))
+    with pytest.raises(StoreError, match="already stored"):
+        await deliver(store, b"ours", envelope)
+    assert store.get(envelope.queue_id) is None
+    assert sqlite_rows(store.path, "SELECT data FROM chunks") == [(b"theirs",)]
+    await deliver(store, b"x")  # the writer goes on
+    await store.close()
+
+
 async def test_unusable_location_is_a_store_error(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"")

@@ -9,8 +9,8 @@ So ``SQLiteStore`` (``writer="process"``, the default) runs the very same
 writer (:class:`~ehlo.storage.sqlite._WriterThread`'s batches, checks and
 recovery) in a child process, and talks to it over a socket pair:
 
-- the store sends each operation as it happens: a body chunk, a commit (the
-  message's row), a discard, and at the end a stop;
+- the store sends each message as it is committed (its row, then its body of
+  at most one chunk, raw, unless the body is a file) and at the end a stop;
 - after each batch the child answers with the outcome of every commit in it
   (the queue id, or why it failed), the body octets executed so far (the
   store's backpressure) and its counters.
@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import StoreError, StoreStats
-from .sqlite import _Chunk, _Commit, _Discard, _Op, _OwnerLock, _Stop, _WriterThread
+from .sqlite import _Commit, _Op, _OwnerLock, _Stop, _WriterThread
 
 _HEADER = struct.Struct(">I")
 # How often, and how long, the hub tries to remove a dead worker's spool folder.
@@ -99,8 +99,8 @@ class _Channel:
     """The child's end: operations in (a queue-like ``get``), answers out.
 
     Small frames are parsed from one read buffer (a batch of them costs one
-    ``recv``); a chunk's body longer than what is buffered is read straight
-    into a buffer of its size, so no body is moved around inside a bigger one.
+    ``recv``); a body longer than what is buffered is read straight into a
+    buffer of its size, so no body is moved around inside a bigger one.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -108,7 +108,6 @@ class _Channel:
         self.closed = False
         self._buf = bytearray()
         self._pos = 0
-        self._after: _Op | None = None  # a whole message's commit, after its chunk
         # Reads land here first: recv() would allocate (mmap) and shrink a
         # 256 KiB buffer for every read, three system calls and fresh pages.
         self._scratch = memoryview(bytearray(_READ_SIZE))
@@ -154,9 +153,6 @@ class _Channel:
         return out
 
     def _next(self, block: bool) -> _Op | None:
-        if self._after is not None:
-            op, self._after = self._after, None
-            return op
         if len(self._buf) - self._pos < _HEADER.size:
             if self.closed:
                 return _Stop()
@@ -170,25 +166,15 @@ class _Channel:
         if payload is None:
             return _Stop()
         message: tuple[Any, ...] = pickle.loads(payload)
-        kind = message[0]
-        if kind == "chunk":  # its body follows, raw
-            data = self._take(message[3])
-            if data is None:
+        if message[0] != "commit":
+            return _Stop()
+        body = None
+        if message[4]:  # its body follows, raw
+            body = self._take(message[4])
+            if body is None:
                 return _Stop()
-            return _Chunk(message[1], message[2], data)
-        if kind == "whole":  # a message's last chunk and its commit
-            data = self._take(message[4])
-            if data is None:
-                return _Stop()
-            row = message[1]
-            self._after = _Commit(row, message[2] + 1, None, message[3])  # type: ignore[arg-type]
-            return _Chunk(row[0], message[2], data)
-        if kind == "commit":
-            # The reference travels where the thread keeps its future.
-            return _Commit(message[1], message[2], None, message[3], message[4])  # type: ignore[arg-type]
-        if kind == "discard":
-            return _Discard(message[1])
-        return _Stop()
+        # The reference travels where the thread keeps its future.
+        return _Commit(message[1], body, None, message[2], message[3])  # type: ignore[arg-type]
 
     def get(self) -> _Op:
         op = self._next(block=True)
@@ -308,7 +294,6 @@ class WriterProcess(asyncio.Protocol):
         self._frames = _Frames()
         self._out: list[bytes | bytearray] = []  # frames of this turn of the loop (see _send)
         self._flush_due = False
-        self._held: _Chunk | None = None  # a chunk whose commit may still join it
         self._transport: asyncio.Transport | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._refs = itertools.count()
@@ -396,54 +381,26 @@ class WriterProcess(asyncio.Protocol):
             if isinstance(op, _Commit) and not op.future.done():
                 op.future.set_exception(self._error())
             return
-        held, self._held = self._held, None
-        if isinstance(op, _Chunk):
-            if held is not None:
-                self._send_chunk(held)
-            self._held = op  # its commit may follow in this turn of the loop
-            self._send([])
+        if isinstance(op, _Stop):
+            self._send(_frame(("stop",)))
             return
-        message: tuple[Any, ...]
-        if isinstance(op, _Commit):
-            ref = next(self._refs)
-            self._commits[ref] = op.future
-            if held is not None and held.queue_id == op.row[0] and op.chunks == held.seq + 1:
-                # A whole message (the usual case: a body of one chunk) in one frame.
-                self._send(_frame(("whole", op.row, held.seq, ref, len(held.data))), held.data)
-                return
-            message = ("commit", op.row, op.chunks, ref, op.spool)
-        elif isinstance(op, _Discard):
-            message = ("discard", op.queue_id)
-        else:
-            message = ("stop",)
-        if held is not None:
-            self._send_chunk(held)
-        self._send(_frame(message))
-
-    def _send_chunk(self, op: _Chunk) -> None:
-        """Queue a held chunk's frame (a flush is due already: holding it made one)."""
-        self._out += _frame(("chunk", op.queue_id, op.seq, len(op.data)))
-        self._out.append(op.data)
+        ref = next(self._refs)
+        self._commits[ref] = op.future
+        body = op.body
+        self._send(_frame(("commit", op.row, ref, op.spool, len(body) if body else 0)), body)
 
     def _send(self, frame: list[bytes], body: bytes | bytearray | None = None) -> None:
-        """Queue a frame; what one turn of the event loop queues leaves in one write.
-
-        (A message's last chunk and its commit then reach the writer
-        together, and it writes them as one whole message.)
-        """
+        """Queue a frame and its body; what one turn of the loop queues leaves in one write."""
         out = self._out
         if not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
         out += frame
-        if body is not None:
+        if body:
             out.append(body)
 
     def _flush(self) -> None:
         self._flush_due = False
-        held, self._held = self._held, None
-        if held is not None:
-            self._send_chunk(held)
         out, self._out = self._out, []
         if out and self._transport is not None:
             self._transport.writelines(out)
@@ -537,9 +494,8 @@ class _Link:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
-        self.body: tuple[tuple[Any, ...], bytearray, int] | None = None  # a chunk being read
-        self.open: set[str] = set()  # messages with chunks, not yet committed or discarded
-        self.inflight = 0  # operations read, not yet executed
+        self.body: tuple[tuple[Any, ...], bytearray, int] | None = None  # a body being read
+        self.inflight = 0  # commits read, not yet executed
         self.done_bytes = 0
         self.spool: str | None = None  # its store's spool folder
         self.stopping = False
@@ -573,7 +529,8 @@ class _Hub:
     The supervisor starts it with a listening Unix socket before it forks
     the workers; each worker's store connects to it. Operations keep their
     order within a connection. A connection that ends without its stop
-    message (its worker died) gets its unfinished messages discarded. The hub
+    message (its worker died) leaves nothing behind: a message reaches the
+    hub whole, or not at all (the body it was sending is dropped). The hub
     stops once the supervisor's control socket has closed and every worker
     has said stop or gone.
     """
@@ -680,27 +637,19 @@ class _Hub:
             message: tuple[Any, ...] = pickle.loads(memoryview(buf)[start : start + size])
             pos = start + size
             kind = message[0]
-            if kind == "chunk" or kind == "whole":
-                length = message[3] if kind == "chunk" else message[4]
+            if kind == "commit":
+                length = message[4]
+                if not length:
+                    self._body_done(link, message, None)
+                    continue
                 body = bytearray(length)
                 have = min(length, len(buf) - pos)
                 body[:have] = memoryview(buf)[pos : pos + have]
                 pos += have
-                if kind == "chunk":
-                    link.open.add(message[1])
                 if have < length:
                     link.body = (message, body, have)
                     break  # the rest of the buffer was all body
                 self._body_done(link, message, body)
-            elif kind == "commit":
-                link.open.discard(message[1][0])
-                self._push(
-                    link,
-                    _Commit(message[1], message[2], None, (link, message[3]), message[4]),  # type: ignore[arg-type]
-                )
-            elif kind == "discard":
-                link.open.discard(message[1])
-                self._push(link, _Discard(message[1]))
             elif kind == "spool":
                 link.spool = message[1]
             else:  # stop: answered once what it sent before is executed
@@ -708,18 +657,12 @@ class _Hub:
                 self._finish(link)
         del buf[:pos]
 
-    def _body_done(self, link: _Link, message: tuple[Any, ...], body: bytearray) -> None:
-        """A chunk frame's body is in: its operations join the queue."""
-        if message[0] == "chunk":
-            self._push(link, _Chunk(message[1], message[2], body))
-            return
-        row, seq, ref = message[1], message[2], message[3]  # "whole": a chunk and its commit
-        self._push(link, _Chunk(row[0], seq, body))
-        self._push(link, _Commit(row, seq + 1, None, (link, ref)))  # type: ignore[arg-type]
-
-    def _push(self, link: _Link, op: _Op) -> None:
+    def _body_done(self, link: _Link, message: tuple[Any, ...], body: bytearray | None) -> None:
+        """A commit frame and its body are in: the message joins the queue."""
+        _, row, ref, spool, _ = message
         link.inflight += 1
-        self.ready.append((link, op))
+        # The (link, reference) pair travels where the thread keeps its future.
+        self.ready.append((link, _Commit(row, body, None, (link, ref), spool)))  # type: ignore[arg-type]
 
     def _gone(self, link: _Link) -> None:
         """The link ended: its worker stopped, or died mid-message."""
@@ -729,9 +672,6 @@ class _Hub:
             self.selector.unregister(link.sock)
         link.closed = True
         link.sock.close()
-        for queue_id in link.open:  # chunks of messages that will never be committed
-            self._push(link, _Discard(queue_id))
-        link.open.clear()
         if link.spool is not None and not link.stopping:
             # Bodies it was receiving (a worker that stops removes its own).
             self.orphans.append((link.spool, time.monotonic() + _ORPHAN_PATIENCE))
@@ -741,7 +681,7 @@ class _Hub:
             link.send(("stopped",))
             self._gone(link)
 
-    def executed(self, batch: list[_Op], outcomes: list[tuple[_Commit, str | BaseException]],
+    def executed(self, batch: list[_Commit], outcomes: list[tuple[_Commit, str | BaseException]],
                  commits: int, messages: int) -> None:
         """After a batch: answer each link that had operations in it."""
         answers: dict[int, tuple[_Link, list[tuple[int, str | None, str | None]]]] = {}
@@ -750,8 +690,8 @@ class _Hub:
             if link is None:
                 continue
             link.inflight -= 1
-            if isinstance(op, _Chunk):
-                link.done_bytes += len(op.data)
+            if isinstance(op, _Commit) and op.body is not None:
+                link.done_bytes += len(op.body)
             answers.setdefault(id(link), (link, []))
         for op, out in outcomes:
             tag: Any = op.future  # (link, reference): see _parse
@@ -777,7 +717,7 @@ class _HubWriter(_WriterThread):
         hub.remove_spool = self._remove_spool
         self._outcomes: list[tuple[_Commit, str | BaseException]] = []
 
-    def _execute(self, batch: list[_Op]) -> None:
+    def _execute(self, batch: list[_Commit]) -> None:
         super()._execute(batch)
         outcomes, self._outcomes = self._outcomes, []
         self.hub.executed(batch, outcomes, self.stats.commits, self.stats.messages)

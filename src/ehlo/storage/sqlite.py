@@ -9,7 +9,7 @@ Layout::
 
     messages(queue_id PRIMARY KEY, received_at, client_ip, ..., size, subject)
     chunks(queue_id, seq, data BLOB)      -- a body of at most 256 KiB, one row
-    pending(queue_id PRIMARY KEY, owner)  -- chunks whose row is in a later batch
+    pending(queue_id PRIMARY KEY, owner)  -- earlier versions' chunks written ahead of their row
     ehlo.sqlite3.bodies/<queue_id>        -- a larger body, in a file of its own
     ehlo.sqlite3.bodies/.spool/<owner>/   -- bodies being received by one store
 
@@ -23,15 +23,14 @@ checkpoint, and copied to the writer on the way. It is written in the
 store instance's spool folder; at commit the writer syncs it, links it
 under its final name, syncs the folder, and only then COMMITs the row that
 makes it visible.
-``commit`` queues the envelope row and awaits a future. The writer
-thread takes everything queued (up to a cap), runs it inside ONE transaction
-and issues ONE ``COMMIT`` (WAL; ``synchronous=FULL``, one fsync of the WAL,
-for every batch that acknowledges a message), then resolves every commit
+``commit`` queues the whole message (its envelope row, and its body unless
+that is a file) and awaits a future. The writer takes every message queued
+(up to a cap), writes them inside ONE transaction and issues ONE ``COMMIT``
+(WAL; ``synchronous=FULL``, one fsync of the WAL), then resolves every commit
 future of the batch. Concurrent sessions thus share
 fsyncs (group commit); ``stats.commits`` counts the COMMITs, ``stats.messages``
-the messages. A message's chunks may land in the database inside another
-message's transaction: a message is visible only once its ``messages`` row
-exists, and the row is written after checking that every chunk is there.
+the messages. A message's row and its chunk are written in the same
+transaction: a message is there whole, or not at all.
 
 Backpressure. :attr:`SQLiteStore.backlog_bytes` is the number of body bytes
 queued for the writer and not yet executed. The network layer stops
@@ -39,14 +38,15 @@ reading from clients while it is above a high-water mark and awaits
 :meth:`SQLiteStore.drained`, which the writer settles after the batch
 that brings the backlog down to the low-water mark.
 
-Crashes and several processes. Chunks and body files written before a
-crash are orphans. Each writer holds an exclusive ``flock`` on its own lock
-file (in ``<db>.locks/``) and records itself as the owner of its in-flight
-chunks in ``pending``; each store instance holds one on its spool folder's
-lock file. ``start`` deletes the chunks of pending messages and the spool
-folders whose owner's lock is free (the process died), never those of a
-live process sharing the database. WAL plus a busy timeout let several
-server processes and the CLI use one file at once.
+Crashes and several processes. Body files written before a crash are
+orphans (and so are chunks that earlier versions wrote ahead of their row,
+recorded in ``pending`` with their writer as owner). Each writer holds an
+exclusive ``flock`` on its own lock file (in ``<db>.locks/``); each store
+instance holds one on its spool folder's lock file. ``start`` deletes the
+pending chunks and the spool folders whose owner's lock is free (the
+process died), never those of a live process sharing the database. WAL
+plus a busy timeout let several server processes and the CLI use one file
+at once.
 """
 
 from __future__ import annotations
@@ -149,24 +149,14 @@ _INSERT_MESSAGE = f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * 1
 
 
 @dataclass(slots=True)
-class _Chunk:
-    queue_id: str
-    seq: int
-    data: bytes | bytearray  # handed over, never changed again
-
-
-@dataclass(slots=True)
-class _Discard:
-    queue_id: str
-
-
-@dataclass(slots=True)
 class _Commit:
+    """A whole message for the writer: its row and its body, written in one transaction."""
+
     row: tuple[Any, ...]
-    chunks: int
+    body: bytes | bytearray | None  # at most CHUNK_SIZE octets, its one chunk row (handed over)
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[str]
-    spool: str | None = None  # the body is a file in this spool folder, not in chunks
+    spool: str | None = None  # or: the body is a file in this spool folder
 
 
 @dataclass(slots=True)
@@ -174,7 +164,7 @@ class _Stop:
     done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
 
 
-_Op = _Chunk | _Discard | _Commit | _Stop
+_Op = _Commit | _Stop
 
 
 def body_dir(path: Path) -> Path:
@@ -346,10 +336,6 @@ class _WriterThread(threading.Thread):
         # done, where SQLite's own busy handler would sleep and poll (1, 2, 5,
         # 10... ms). Alone, it would only cost two GIL round trips per batch.
         self._write_lock: int | None = None
-        # Messages whose chunks collided with rows of another message (same id).
-        self._clashes: set[str] = set()
-        # Whether commits fsync the WAL now (see _execute).
-        self._full_sync = True
         # Body files linked under their final names in this batch: (spool name, final).
         self._linked: list[tuple[Path, Path]] = []
         # Futures waiting for the backlog to drop to a level: (low, loop, future).
@@ -509,79 +495,39 @@ class _WriterThread(threading.Thread):
     def _serve(self) -> None:
         ops = self.ops
         while True:
-            batch = [ops.get()]
+            op = ops.get()
+            batch: list[_Commit] = []
             size = 0
-            while len(batch) < _BATCH_MAX_OPS and size < _BATCH_MAX_BYTES:
-                if isinstance(batch[-1], _Stop):
+            while isinstance(op, _Commit):
+                batch.append(op)
+                if op.body is not None:
+                    size += len(op.body)
+                if len(batch) >= _BATCH_MAX_OPS or size >= _BATCH_MAX_BYTES:
                     break
                 try:
                     op = ops.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(op, _Chunk):
-                    size += len(op.data)
-                batch.append(op)
-            stop = batch[-1] if isinstance(batch[-1], _Stop) else None
-            work = batch[:-1] if stop is not None else batch
-            if work:
-                self._execute(work)
-            if stop is not None:
-                stop.done.set_result(None)
+            if batch:
+                self._execute(batch)
+            if isinstance(op, _Stop):
+                op.done.set_result(None)
                 return
 
-    def _execute(self, batch: list[_Op]) -> None:
+    def _execute(self, batch: list[_Commit]) -> None:
+        """Write a batch of messages in ONE transaction; settle each commit's outcome."""
         conn = self._conn
         assert conn is not None
-        outcomes: list[tuple[_Commit, str | BaseException]] = []
-        body_bytes = sum(len(op.data) for op in batch if isinstance(op, _Chunk))
-        # Messages whose every chunk and whose commit are in this batch (small
-        # messages, the common case) are written in one transaction: they need
-        # no `pending` row, and their chunks are counted here, not re-read.
-        in_batch: dict[str, list[int]] = {}
-        for op in batch:
-            if isinstance(op, _Chunk):
-                counted = in_batch.setdefault(op.queue_id, [0, 0])
-                counted[0] += 1
-                counted[1] += len(op.data)
-        whole = {
-            op.row[0]: in_batch[op.row[0]][1]
-            for op in batch
-            if isinstance(op, _Commit)
-            and op.row[0] in in_batch
-            and in_batch[op.row[0]][0] == op.chunks
-        }
-        simple = not self._clashes and all(
-            op.queue_id in whole if isinstance(op, _Chunk)
-            else isinstance(op, _Commit) and whole.get(op.row[0]) == op.row[13]
-            for op in batch
-        )
-        # A batch of chunks only need not reach the disk yet: the WAL is written
-        # in order, so the fsync of the commit that makes their message
-        # visible covers them too. Only batches that acknowledge messages sync.
-        full_sync = any(isinstance(op, _Commit) for op in batch)
-        if full_sync is not self._full_sync:
-            conn.execute(f"PRAGMA synchronous={'FULL' if full_sync else 'NORMAL'}")
-            self._full_sync = full_sync
+        body_bytes = sum(len(op.body) for op in batch if op.body is not None)
         if self._write_lock is not None:
             fcntl.flock(self._write_lock, fcntl.LOCK_EX)  # released below, after COMMIT
         try:
-            fast = self._write_whole(conn, batch) if simple else None
-            if fast is not None:
-                outcomes = fast
-            else:
+            outcomes = None
+            if all(op.spool is None for op in batch):
+                outcomes = self._write_batch(conn, batch)
+            if outcomes is None:
                 conn.execute("BEGIN IMMEDIATE")
-                for op in batch:
-                    if isinstance(op, _Chunk):
-                        self._insert_chunk(conn, op, track=op.queue_id not in whole)
-                    elif isinstance(op, _Commit):
-                        outcomes.append(
-                            (op, self._insert_message(conn, op, whole.get(op.row[0])))
-                        )
-                    elif isinstance(op, _Discard):
-                        if op.queue_id in self._clashes:
-                            self._clashes.discard(op.queue_id)  # the rows are not ours
-                        else:
-                            self._discard(conn, op.queue_id)
+                outcomes = [(op, self._insert_message(conn, op)) for op in batch]
                 if self._linked:
                     # The new files' names, before the rows that point at them.
                     fsync_dir(self.bodies)
@@ -600,9 +546,7 @@ class _WriterThread(threading.Thread):
                         name.unlink()
             error = StoreError(f"sqlite store {self.path}: {exc}")
             error.__cause__ = exc
-            outcomes = [(op, error) for op in batch if isinstance(op, _Commit)]
-            # Chunks of this batch are lost; their messages fail the chunk check
-            # at commit time (and the client retries), never commit incomplete.
+            outcomes = [(op, error) for op in batch]  # nothing of the batch was written
         finally:
             self._linked = []
             if self._write_lock is not None:
@@ -612,83 +556,49 @@ class _WriterThread(threading.Thread):
         self._wake_drained()
 
     @staticmethod
-    def _write_whole(
-        conn: sqlite3.Connection, batch: list[_Op]
+    def _write_batch(
+        conn: sqlite3.Connection, batch: list[_Commit]
     ) -> list[tuple[_Commit, str | BaseException]] | None:
-        """A batch of whole messages (every chunk with its commit) in four statements.
+        """Messages with their bodies in the batch (the common case), in four statements.
 
         Each ``execute`` gives the GIL up and takes it back, which costs a
-        busy event loop dearly; ``executemany`` keeps that to one per table.
-        None after a constraint error (an id already stored): the batch is
-        rolled back, for the statement-by-statement path to sort out.
+        busy event loop dearly (in the thread writer); ``executemany`` keeps
+        that to one per table. None after a constraint error (an id already
+        stored): the batch is rolled back, for the message-by-message path
+        to sort out.
         """
-        chunks = [(op.queue_id, op.seq, op.data) for op in batch if isinstance(op, _Chunk)]
-        commits = [op for op in batch if isinstance(op, _Commit)]
+        chunks = [(op.row[0], 0, op.body) for op in batch if op.body is not None]
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("INSERT INTO chunks (queue_id, seq, data) VALUES (?, ?, ?)", chunks)
-            conn.executemany(_INSERT_MESSAGE, [op.row for op in commits])
+            conn.executemany(_INSERT_MESSAGE, [op.row for op in batch])
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
             return None
         conn.execute("COMMIT")
-        return [(op, op.row[0]) for op in commits]
+        return [(op, op.row[0]) for op in batch]
 
-    def _insert_chunk(self, conn: sqlite3.Connection, op: _Chunk, *, track: bool) -> None:
-        queue_id = op.queue_id
-        if op.seq == 0:
-            taken = conn.execute(
-                "SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)
-            ).fetchone()
-            if taken is not None:
-                self._clashes.add(queue_id)  # a reused id: fails at commit
-        if queue_id in self._clashes:
-            return  # never add rows to another message
-        if track:
-            # Every chunk (not only the first): an earlier batch may have failed.
-            conn.execute(
-                "INSERT OR IGNORE INTO pending (queue_id, owner) VALUES (?, ?)",
-                (queue_id, self.lock.owner),
-            )
-        try:
-            conn.execute(
-                "INSERT INTO chunks (queue_id, seq, data) VALUES (?, ?, ?)",
-                (queue_id, op.seq, op.data),
-            )
-        except sqlite3.IntegrityError:  # two writers with one id
-            self._clashes.add(queue_id)
-
-    def _insert_message(
-        self, conn: sqlite3.Connection, op: _Commit, batch_bytes: int | None
-    ) -> str | BaseException:
-        """Make a message visible (``batch_bytes``: its size if all its chunks are in the batch)."""
+    def _insert_message(self, conn: sqlite3.Connection, op: _Commit) -> str | BaseException:
+        """Write one message (its body file placed first); its queue id, or why not."""
         queue_id: str = op.row[0]
-        size: int = op.row[13]
         taken = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
-        if taken is not None or queue_id in self._clashes:
-            self._clashes.discard(queue_id)
+        if taken is not None:
             if op.spool is not None:
                 with contextlib.suppress(OSError):
                     spooled_body(self.bodies, op.spool, queue_id).unlink()
             return StoreError(f"message {queue_id} is already stored")
         if op.spool is not None:
-            problem = self._place_body(op.spool, queue_id, size)
+            problem = self._place_body(op.spool, queue_id, op.row[13])
             if problem is not None:
                 return StoreError(f"message {queue_id}: {problem}")
-            count, total = op.chunks, size
-        elif batch_bytes is not None:
-            count, total = op.chunks, batch_bytes
-        else:
-            count, total = conn.execute(
-                "SELECT count(*), coalesce(sum(length(data)), 0) FROM chunks WHERE queue_id = ?",
-                (queue_id,),
-            ).fetchone()
-        if count != op.chunks or total != size:
-            self._discard(conn, queue_id)
-            return StoreError(f"message {queue_id}: chunks lost before commit")
+        elif op.body is not None:
+            try:
+                conn.execute(
+                    "INSERT INTO chunks (queue_id, seq, data) VALUES (?, 0, ?)", (queue_id, op.body)
+                )
+            except sqlite3.IntegrityError:  # a chunk row without its message: not ours
+                return StoreError(f"message {queue_id} is already stored")
         conn.execute(_INSERT_MESSAGE, op.row)
-        if batch_bytes is None:
-            conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
         return queue_id
 
     def _place_body(self, spool: str, queue_id: str, size: int) -> str | None:
@@ -727,11 +637,6 @@ class _WriterThread(threading.Thread):
             return problem
         self._linked.append((spooled, final))
         return None
-
-    @staticmethod
-    def _discard(conn: sqlite3.Connection, queue_id: str) -> None:
-        conn.execute("DELETE FROM chunks WHERE queue_id = ?", (queue_id,))
-        conn.execute("DELETE FROM pending WHERE queue_id = ?", (queue_id,))
 
     @staticmethod
     def _settle(outcomes: list[tuple[_Commit, str | BaseException]]) -> None:
@@ -873,8 +778,7 @@ class SQLiteWriter(MessageWriter):
         # (a spooled one it links or removes).
         if body is not None:
             writer.queued_bytes += len(body)
-            writer.ops.put(_Chunk(env.queue_id, 0, body))
-        writer.ops.put(_Commit(row, 0 if body is None else 1, loop, future, spool))
+        writer.ops.put(_Commit(row, body, loop, future, spool))
         return future
 
     def abort(self) -> None:
