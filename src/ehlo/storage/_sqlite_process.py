@@ -690,7 +690,7 @@ class _Hub:
             if link is None:
                 continue
             link.inflight -= 1
-            if isinstance(op, _Commit) and op.body is not None:
+            if op.body is not None:
                 link.done_bytes += len(op.body)
             answers.setdefault(id(link), (link, []))
         for op, out in outcomes:
