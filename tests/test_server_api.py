@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -307,11 +308,23 @@ async def _send_message(port: int) -> tuple[asyncio.StreamReader, asyncio.Stream
     return reader, writer
 
 
+async def _accept(ctx: HookContext) -> Verdict | None:
+    return None
+
+
+# The commit is awaited two ways: straight from the transport, or (with a
+# policy stage at DATA) after the policy's word, in the session's task.
+_COMMIT_PATHS = pytest.mark.parametrize(
+    "hooks", [None, {"data": [_accept]}], ids=["direct", "policy"]
+)
+
+
+@_COMMIT_PATHS
 async def test_250_waits_for_the_store_and_a_failed_or_cancelled_commit_is_451(
-    tmp_path: Path,
+    tmp_path: Path, hooks: dict[str, list[Any]] | None
 ) -> None:
     store = _GatedStore()
-    server = Server(make_config(tmp_path), store=store)
+    server = Server(make_config(tmp_path), store=store, hooks=hooks)
     await server.start()
     try:
         reader, writer = await _send_message(server.addresses[0][1])
@@ -344,9 +357,12 @@ async def test_250_waits_for_the_store_and_a_failed_or_cancelled_commit_is_451(
         await server.stop(timeout=1)
 
 
-async def test_stop_deadline_during_a_commit_answers_421(tmp_path: Path) -> None:
+@_COMMIT_PATHS
+async def test_stop_deadline_during_a_commit_answers_421(
+    tmp_path: Path, hooks: dict[str, list[Any]] | None
+) -> None:
     store = _GatedStore()
-    server = Server(make_config(tmp_path), store=store)
+    server = Server(make_config(tmp_path), store=store, hooks=hooks)
     await server.start()
     reader, writer = await _send_message(server.addresses[0][1])
     _, future = await asyncio.wait_for(store.commits.get(), 5)

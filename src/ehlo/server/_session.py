@@ -585,10 +585,16 @@ class Session:
     def _committed(
         self, envelope: Envelope, size: int, outcome: asyncio.Future[str] | StoreError
     ) -> Reply:
-        """The reply to a finished commit (its future, or the error that stopped it)."""
+        """The reply to a finished commit (its future, or the error that stopped it).
+
+        A future the store itself cancelled is a failed commit too: the
+        message was not taken.
+        """
         try:
             if isinstance(outcome, StoreError):
                 raise outcome
+            if outcome.cancelled():
+                raise StoreError("the store cancelled the commit")
             queue_id = outcome.result()
         except StoreError as exc:
             log.error("commit failed for %s: %s", envelope.queue_id, exc)
@@ -627,8 +633,11 @@ class Session:
         result = self._commit(size)
         if isinstance(result, Reply):
             return result
-        with contextlib.suppress(Exception):  # the outcome is read below
-            await result.future
+        try:
+            await asyncio.wait([result.future])  # any outcome, read by ``then``
+        except asyncio.CancelledError:  # a deadline: nobody waits for the commit
+            result.future.cancel()
+            raise
         return result.then(result.future)
 
     def _log_outcome(self, envelope: Envelope | None, size: int, reply: Reply) -> None:

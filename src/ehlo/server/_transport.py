@@ -338,21 +338,14 @@ class SMTPServerProtocol(asyncio.Protocol):
         deferred.future.add_done_callback(functools.partial(self._deferred_done, deferred))
 
     def _deferred_done(self, deferred: Deferred, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() and self._closed:
+            return  # cancelled by a timeout or the shutdown deadline, which replied
         reply: Reply | None
-        if future.cancelled():
-            if self._closed:
-                return  # cancelled by a timeout or the shutdown deadline, which replied
-            # Cancelled by the store itself: the message was not taken.
-            log.error("commit cancelled for %s", self.client_ip)
-            if self.session is not None:
-                self.session.abort_message()
-            reply = _LOCAL_ERROR
-        else:
-            try:
-                reply = deferred.then(future)
-            except Exception:
-                log.exception("session error for %s", self.client_ip)
-                reply = _LOCAL_ERROR if self.conn.awaiting_reply is not None else None
+        try:
+            reply = deferred.then(future)
+        except Exception:
+            log.exception("session error for %s", self.client_ip)
+            reply = _LOCAL_ERROR if self.conn.awaiting_reply is not None else None
         self._deliver(reply)
 
     def _deliver(self, reply: Reply | None) -> None:
