@@ -164,7 +164,7 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     assert config.limits.max_recipients == 9
     assert config.limits.max_errors == 4  # from the file
     assert config.store == "maildir"  # from the file
-    assert config.max_connections == 1000  # default
+    assert config.max_connections == 10000  # default
 
 
 def test_nested_limits_override(tmp_path: Path) -> None:
@@ -270,6 +270,18 @@ def test_unknown_override_key() -> None:
         (
             "command_timeout = 0\n",
             "config key command_timeout: expected a number of seconds > 0, got 0",
+        ),
+        (
+            "stress_threshold = 0\n",
+            "config key stress_threshold: expected a number above 0 and at most 1, got 0",
+        ),
+        (
+            "stress_threshold = 1.5\n",
+            "config key stress_threshold: expected a number above 0 and at most 1, got 1.5",
+        ),
+        (
+            "stress_timeout = 0\n",
+            "config key stress_timeout: expected a number of seconds > 0, got 0",
         ),
         (
             "shutdown_timeout = -1\n",

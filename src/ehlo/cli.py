@@ -466,7 +466,7 @@ def _serve_workers(
     loop_name: str,
 ) -> int:
     """Bind once, fork ``workers`` server processes, supervise them until a signal."""
-    from .server import tls_contexts_for
+    from .server import connection_capacity, tls_contexts_for
     from .server.abuse import SharedCounters
     from .server.tls import TLSConfigError
     from .server.workers import bind_listeners, run_workers
@@ -500,6 +500,9 @@ def _serve_workers(
 
     # The abuse limits are for the whole server, not for each worker.
     counts = SharedCounters(workers, config.auth_lockout)
+    # Each worker may hold every connection: raise the file-descriptor limit
+    # (or warn that it is too low) once here; the workers inherit the answer.
+    connection_capacity(config.max_connections)
 
     def run_worker(socks: Sequence[socket.socket], index: int) -> int:
         worker_config = config

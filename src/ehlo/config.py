@@ -209,9 +209,24 @@ class ServerConfig:
     proxy_timeout: float = 10.0
     # Limits enforced by the protocol core.
     limits: ProtocolLimits = ProtocolLimits()
-    # Connections in total and from one client IP; 421 4.7.0 beyond.
-    max_connections: int = 1000
+    # Connections in total and from one client IP. An idle connection costs
+    # about 2 KiB (some 20 MiB for 10,000) and one file descriptor: the
+    # server raises its soft RLIMIT_NOFILE towards the hard limit to fit
+    # max_connections (plus a reserve of 128) and, if the hard limit is too
+    # low, lowers the limit to what fits and says so. At the limit, the
+    # connection idle longest outside a transaction (not in MAIL/RCPT,
+    # DATA, BDAT, an AUTH exchange or a TLS handshake) is closed with 421
+    # 4.4.2 to admit the newcomer; with none, the newcomer gets 421 4.7.0.
+    # Beyond max_connections_per_ip, 421 4.7.0 (nothing is closed for it).
+    max_connections: int = 10000
     max_connections_per_ip: int = 50
+    # Stress mode (like Postfix's): from this fraction of max_connections
+    # open, connections idle before or between transactions are closed
+    # after stress_timeout seconds instead of command_timeout; the server
+    # leaves stress mode when the open connections fall to 10 points below
+    # the threshold (70% for 0.8).
+    stress_threshold: float = 0.8
+    stress_timeout: float = 10.0
     # New connections per client IP per minute; 421 4.7.0 beyond. 0: no limit.
     max_connection_rate: int = 300
     # Client networks the per-IP limits (connections, rate, AUTH failures)
@@ -495,6 +510,12 @@ def _networks(label: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _fraction(label: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise _fail(label, "a number above 0 and at most 1", value)
+    return float(value)
+
+
 def _count_or_zero(label: str, value: Any) -> int:
     return _int(label, value, minimum=0)
 
@@ -573,6 +594,8 @@ _SERVER_KEYS: dict[str, _Check] = {
     "workers": _count_or_zero,
     "max_connections": _positive_int,
     "max_connections_per_ip": _positive_int,
+    "stress_threshold": _fraction,
+    "stress_timeout": _positive_seconds,
     "command_timeout": _positive_seconds,
     "data_timeout": _positive_seconds,
     "shutdown_timeout": _seconds_or_zero,

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ._server import Server, ServerContext, tls_contexts_for
+from ._server import Server, ServerContext, connection_capacity, tls_contexts_for
 
-__all__ = ["Server", "ServerContext", "tls_contexts_for"]
+__all__ = ["Server", "ServerContext", "connection_capacity", "tls_contexts_for"]

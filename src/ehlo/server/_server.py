@@ -6,6 +6,9 @@ serve`` is a thin wrapper around it. The server owns what all sessions share
 connection counts and abuse counters) in a :class:`ServerContext`, the
 listeners (plain, implicit TLS, PROXY protocol), and a sweeper that enforces
 timeouts for every connection at once instead of one timer per connection.
+It also owns the connection slots: the file-descriptor limit they need,
+stress mode (shorter idle timeouts past a high-water mark) and, at the
+limit, closing the connection idle longest to admit a newcomer.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import resource
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +46,53 @@ log = logging.getLogger("ehlo.server")
 
 # Password verifications (Argon2id, 64 MiB each) running at once.
 _HASH_WORKERS = 2
+# File descriptors kept beyond one per connection: listeners, the event
+# loop, the store and its writer, DNS sockets, logs, a newcomer admitted
+# before the connection it replaces has closed.
+FD_RESERVE = 128
+# Stress mode ends this far (as a fraction of max_connections) below where it began.
+_STRESS_HYSTERESIS = 0.1
+
+_fd_limits: dict[int, int] = {}  # max_connections -> connections the fd limit allows
+
+
+def connection_capacity(max_connections: int) -> int:
+    """How many connections this process can hold, ``max_connections`` at most.
+
+    Each connection is a file descriptor. When the soft RLIMIT_NOFILE is
+    below ``max_connections`` plus :data:`FD_RESERVE`, it is raised towards
+    the hard limit; if even the hard limit is too low, one warning says so
+    and the answer is what fits. Asked again (a forked worker), it answers
+    from memory without a second warning.
+    """
+    known = _fd_limits.get(max_connections)
+    if known is not None:
+        return known
+    needed = max_connections + FD_RESERVE
+    capacity = max_connections
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):  # no such limit here
+        soft = hard = resource.RLIM_INFINITY
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise the file descriptor limit: %s", exc)
+        if soft < needed:
+            capacity = max(1, soft - FD_RESERVE)
+            log.warning(
+                "file descriptor limit %d (hard limit %s) allows about %d connections,"
+                " fewer than max_connections = %d: the limit is %d",
+                soft, "unlimited" if hard == resource.RLIM_INFINITY else hard,
+                capacity, max_connections, capacity,
+                extra={"event": "fd_limit", "fd_limit": soft, "max_connections": capacity},
+            )
+    _fd_limits[max_connections] = capacity
+    return capacity
+
 
 
 class ServerContext:
@@ -82,7 +134,18 @@ class ServerContext:
         name = config.hostname
         self.banner = Reply(220, None, f"{name} ESMTP ehlo ready")
         self.goodbye = Reply(221, "2.0.0", f"{name} closing connection")
+        # RFC 5321 section 3.8: a server may close a connection with 421.
+        self.evicted = Reply(421, "4.4.2", f"{name} Idle connection closed to admit another client")
         self.connections: set[SMTPServerProtocol] = set()
+        # Connections idle outside a transaction, the longest idle first (an
+        # entry moves to the end when its connection is active again).
+        self.idle: OrderedDict[SMTPServerProtocol, None] = OrderedDict()
+        # max_connections, or fewer when the file-descriptor limit is lower.
+        self.max_connections = connection_capacity(config.max_connections)
+        # Stress mode: idle connections get stress_timeout instead of command_timeout.
+        self.stress = False
+        # Connections this process closed to admit another client.
+        self.evictions = 0
         self.per_ip: dict[str, int] = {}
         self.exempt = Networks(config.limits_exempt)
         self.proxy_trusted = Networks(config.proxy_trusted)
@@ -119,8 +182,12 @@ class ServerContext:
         # With several workers, the limits hold for the whole server.
         shared = self.shared_counts
         total = len(self.connections) if shared is None else shared.total()
-        if total >= config.max_connections:
-            return Reply(421, "4.7.0", "Too many connections, try again later")
+        victim: SMTPServerProtocol | None = None
+        if total >= self.max_connections:
+            # A worker can only close its own connections: with none idle, refuse.
+            victim = self.idlest()
+            if victim is None:
+                return Reply(421, "4.7.0", "Too many connections, try again later")
         ip = proto.client_ip
         count = self.per_ip.get(ip, 0)
         if ip not in self.exempt:
@@ -134,11 +201,57 @@ class ServerContext:
                     421, "4.7.0", "Too many connections from your address per minute,"
                     " try again later"
                 )
-        self.per_ip[ip] = count + 1
+        if victim is not None:
+            self.evict(victim, ip)
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1  # the victim may have been from ip too
         self.connections.add(proto)
         if shared is not None:
             shared.add(ip)
+        self.check_stress(total + (victim is None))
         return None
+
+    def idlest(self) -> SMTPServerProtocol | None:
+        """The connection idle longest outside a transaction, or None."""
+        idle = self.idle
+        while idle:
+            proto = next(iter(idle))
+            if proto.evictable:
+                return proto
+            idle.pop(proto)  # stale: it re-enters when idle again
+        return None
+
+    def evict(self, proto: SMTPServerProtocol, newcomer: str) -> None:
+        """Close ``proto`` with 421 4.4.2 to make room for a client from ``newcomer``."""
+        idle_for = time.monotonic() - proto.last_activity
+        self.evictions += 1
+        log.info(
+            "evicted %s (idle %.1fs) to admit %s", proto.client_ip, idle_for, newcomer,
+            extra={"event": "evicted", "client_ip": proto.client_ip, "idle": round(idle_for, 1),
+                   "newcomer": newcomer},
+        )
+        proto.evict(self.evicted)
+        self.release(proto)  # its slot is the newcomer's now, not when its socket closes
+
+    def check_stress(self, total: int | None = None) -> None:
+        """Enter or leave stress mode for ``total`` open connections (counted if None)."""
+        if total is None:
+            shared = self.shared_counts
+            total = len(self.connections) if shared is None else shared.total()
+        limit = self.max_connections
+        threshold = self.config.stress_threshold
+        if not self.stress and total >= threshold * limit:
+            self.stress = True
+            log.warning(
+                "stress mode: %d of %d connections open; idle connections now time out"
+                " after %gs", total, limit, self.config.stress_timeout,
+                extra={"event": "stress", "connections": total, "max_connections": limit},
+            )
+        elif self.stress and total <= (threshold - _STRESS_HYSTERESIS) * limit:
+            self.stress = False
+            log.warning(
+                "stress mode ended: %d of %d connections open", total, limit,
+                extra={"event": "stress_end", "connections": total, "max_connections": limit},
+            )
 
     async def verify_password(self, name: str, password: str) -> bool:
         """Check a user's password off the event loop (Argon2id is slow by design)."""
@@ -164,6 +277,7 @@ class ServerContext:
 
     def release(self, proto: SMTPServerProtocol) -> None:
         """Forget a closed connection."""
+        self.idle.pop(proto, None)
         if proto in self.connections:
             self.connections.discard(proto)
             if self.shared_counts is not None:
@@ -173,6 +287,8 @@ class ServerContext:
                 self.per_ip.pop(proto.client_ip, None)
             else:
                 self.per_ip[proto.client_ip] = count
+            if self.stress:
+                self.check_stress()
 
     @property
     def resolver(self) -> Resolver:
@@ -483,11 +599,13 @@ class Server:
         ctx = self.ctx
         assert ctx is not None
         interval = max(0.05, min(1.0, ctx.config.command_timeout / 4,
-                                 ctx.config.data_timeout / 4))
+                                 ctx.config.data_timeout / 4, ctx.config.stress_timeout / 4))
         last_prune = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            if ctx.shared_counts is not None:
+                ctx.check_stress()  # other workers' connections come and go too
             for proto in [p for p in ctx.connections if p.timeout_due(now)]:
                 proto.close_for_timeout()
             if now - last_prune > 10.0:

@@ -7,7 +7,9 @@ awaited and the input buffer is large), timeouts (checked by the server's
 sweeper: a command must arrive whole within the command timeout however it
 is trickled, and no session outlives ``max_session_time``), the banner (with
 its optional delay and the early-talker rule), the TLS upgrade after
-STARTTLS, and closing.
+STARTTLS, and closing. It keeps the server's list of idle connections in
+order (``ServerContext.idle``), from which the connection idle longest is
+closed when a newcomer needs its slot.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ _TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 _SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 _LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 _SESSION_TOO_LONG = Reply(421, "4.4.2", "Session time limit exceeded, closing connection")
+# States in which a connection waits for a new transaction (or the greeting):
+# it may be closed to admit another client, and times out sooner under stress.
+_IDLE_STATES = frozenset({State.START, State.CONNECTED, State.GREETED, State.REFUSED})
 # RFC 5321 section 3.1: the client waits for the greeting before it speaks.
 _EARLY_TALKER = Reply(554, "5.5.0", "Protocol error: you talked before the greeting")
 _PIPELINING = Reply(
@@ -54,6 +59,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         "_close_reason",
         "_closed",
         "_eof",
+        "_idle_since",
         "_pauses",
         "_task",
         "_tls_early",
@@ -92,6 +98,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self._closed = False
         self._close_reason = "client closed"
         self.started = self.last_activity = time.monotonic()
+        self._idle_since: float | None = None  # last_activity when put in ctx.idle
         self._task: asyncio.Future[Any] | None = None  # a task, or a commit's future
 
     # --------------------------------------------------------------- asyncio
@@ -139,6 +146,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             asyncio.get_running_loop().call_later(delay, self._greet)
         else:
             self._greet()
+        self._settle()
 
     def _implicit_tls(self, session: Session, fields: dict[str, Any]) -> None:
         """RFC 8314: the handshake is done before the banner; the session is TLS from the start."""
@@ -271,6 +279,24 @@ class SMTPServerProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _process(self) -> None:
+        self._drain()
+        self._settle()
+
+    def _settle(self) -> None:
+        """Keep this connection's place in the server's idle list (longest idle first)."""
+        idle = self.ctx.idle
+        if self.evictable:
+            if self._idle_since != self.last_activity:
+                # Idle again, or active since it was listed: to the end of the list.
+                idle.pop(self, None)
+                idle[self] = None
+                self._idle_since = self.last_activity
+        elif self._idle_since is not None:
+            idle.pop(self, None)
+            self._idle_since = None
+
+    def _drain(self) -> None:
+        """Hand complete commands to the session and send what they get."""
         conn = self.conn
         session = self.session
         if session is None:
@@ -438,6 +464,18 @@ class SMTPServerProtocol(asyncio.Protocol):
         """No transaction open and no reply being computed."""
         return not self._busy and self.conn.transaction is None
 
+    @property
+    def evictable(self) -> bool:
+        """Waiting for a transaction to start: not in MAIL/RCPT, DATA, BDAT, AUTH or TLS."""
+        return (
+            not self._busy
+            and not self._closed
+            and self.session is not None
+            and self._tls_early is None
+            and self.conn.transaction is None
+            and self.conn.state in _IDLE_STATES
+        )
+
     def timeout_due(self, now: float) -> bool:
         """True when the client has been silent for longer than allowed, or the session too long."""
         if self._closed:
@@ -446,12 +484,15 @@ class SMTPServerProtocol(asyncio.Protocol):
             return True
         if self._busy:
             return False
+        config = self.ctx.config
         state = self.conn.state
-        limit = (
-            self.ctx.config.data_timeout
-            if state is State.DATA or state is State.BDAT
-            else self.ctx.config.command_timeout
-        )
+        if state is State.DATA or state is State.BDAT:
+            limit = config.data_timeout
+        elif self.ctx.stress and self.evictable:
+            # Stress mode: idle before or between transactions costs a slot others need.
+            limit = min(config.stress_timeout, config.command_timeout)
+        else:
+            limit = config.command_timeout
         return now - self.last_activity > limit
 
     def close_for_timeout(self) -> None:
@@ -462,7 +503,13 @@ class SMTPServerProtocol(asyncio.Protocol):
             self._busy = False
             self._say_goodbye(_SESSION_TOO_LONG, "session time limit")
             return
-        self._say_goodbye(_TIMEOUT, "timeout")
+        self._say_goodbye(_TIMEOUT, "timeout (stress mode)" if self.ctx.stress else "timeout")
+
+    def evict(self, reply: Reply) -> None:
+        """Close this idle connection so that another client gets its slot."""
+        # RFC 5321 section 3.8: the server may close a connection after a 421.
+        # With its enhanced code even before EHLO, like the connection-limit refusals.
+        self._say_goodbye(reply, "closed to admit another client", enhanced=True)
 
     def shutdown(self) -> None:
         """Server stopping: close now with 421 if idle; otherwise after the reply."""
