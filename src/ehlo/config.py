@@ -239,8 +239,9 @@ class ServerConfig:
     # commands after one that must end a group (RFC 2920 section 3.1):
     # "record" (logged, noted in the envelope), "reject" (554, dropped), "off".
     pipelining_violation: str = "record"
-    # NOOP, RSET, VRFY, HELP and other commands that move no mail: beyond
-    # this many in one session, 421 4.7.0. 0: no limit.
+    # NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO (not the one required
+    # after STARTTLS) and other commands that move no mail: beyond this many
+    # in one session, 421 4.7.0. 0: no limit.
     max_junk_commands: int = 100
     # Longest session in seconds, whatever the client does; 421 4.4.2 beyond.
     max_session_time: float = 3600.0

@@ -62,7 +62,38 @@ class Greeting:
     client_ip: str
     our_names: tuple[str, ...] = ()
     our_addresses: tuple[str, ...] = ()
-    previous_names: tuple[str, ...] = ()  # earlier greetings in the same session
+    previous_names: tuple[str, ...] = ()  # the session's first and latest earlier greeting
+
+
+class GreetingNames:
+    """The names a session greeted with, as far as the ``consistent`` check needs them.
+
+    That is the first name and the latest one, never more: a client may
+    greet any number of times (RFC 5321 section 4.1.4), and a record that
+    grew with each greeting would let it grow the server (and each
+    greeting's copy of the record) without bound. ``previous`` is what the
+    next greeting's ``previous_names`` holds.
+    """
+
+    __slots__ = ("first", "latest")
+
+    def __init__(self) -> None:
+        self.first: str | None = None
+        self.latest: str | None = None
+
+    @property
+    def previous(self) -> tuple[str, ...]:
+        """The first and the latest name (once when they are the same); () before any."""
+        first, latest = self.first, self.latest
+        if first is None or latest is None:
+            return ()
+        return (first,) if latest == first else (first, latest)
+
+    def add(self, name: str) -> None:
+        """Record a greeting with ``name``."""
+        if self.first is None:
+            self.first = name
+        self.latest = name
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -283,6 +314,24 @@ class _Run:
                 self._ptr = asyncio.ensure_future(self.resolver.ptr(str(self.client)))
         return self._ptr if self._ptr.done() else asyncio.shield(self._ptr)
 
+    def close(self) -> None:
+        """The run is over (finished, timed out or cancelled): end and collect its lookups.
+
+        A lookup nobody waits for any more (its check timed out, or the
+        session moved on) is cancelled; the resolver's own query goes on and
+        fills the cache. Every outcome is retrieved, so a lookup that fails
+        after the run never surfaces as "Task exception was never retrieved".
+        """
+        futures: list[asyncio.Future[Any]] = [*self._memo.values()]
+        if self._ptr is not None:
+            futures.append(self._ptr)
+        for fut in futures:
+            if fut.done():
+                _retrieve(fut)
+            else:
+                fut.cancel()
+                fut.add_done_callback(_retrieve)
+
     async def addresses(self, name: str) -> tuple[list[IPAddress], list[Lookup]]:
         """A and AAAA of ``name`` (CNAMEs followed) and the lookups as evidence."""
         found = await asyncio.gather(self.lookup(name, "A"), self.lookup(name, "AAAA"))
@@ -317,6 +366,12 @@ class _Run:
         if not confirmed and temp is not None:
             raise temp
         return names, confirmed, evidence
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a finished lookup's outcome as seen (its error is in the report, if anywhere)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _result(check: str, result: Result, reason: str, **evidence: Any) -> CheckResult:
@@ -648,16 +703,16 @@ async def _run_checks(
             return _result(name, "temperror",
                            f"could not be checked: {type(exc).__name__}: {exc}")
 
-    # Checks that need no DNS run inline; the others run concurrently.
-    inline = [await one(name) for name in names if name in _LOCAL_CHECKS]
-    remote = await asyncio.gather(*(one(name) for name in names if name not in _LOCAL_CHECKS))
+    try:
+        # Checks that need no DNS run inline; the others run concurrently.
+        inline = [await one(name) for name in names if name in _LOCAL_CHECKS]
+        remote = await asyncio.gather(
+            *(one(name) for name in names if name not in _LOCAL_CHECKS)
+        )
+    finally:
+        run.close()  # also when cancelled: no lookup outlives its run uncollected
     by_name = {r.name: r for r in (*inline, *remote)}
     results = [by_name[name] for name in names]
-    for fut in run._memo.values():
-        if fut.done() and not fut.cancelled():
-            fut.exception()  # retrieved: no "never retrieved" warnings
-    if run._ptr is not None and run._ptr.done() and not run._ptr.cancelled():
-        run._ptr.exception()
     report = GreetingReport(greeting, {r.name: r for r in results}, capped.used - spent)
     if not lifetime or report.has_temperror:
         return report, 0.0

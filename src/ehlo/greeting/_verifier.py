@@ -11,8 +11,8 @@ served again for the same greeting: a client that connects many times a
 minute greeting with the same name costs one run of the checks. A kept
 report is the very report a new run would make: the key is the whole
 greeting (verb, name, client address, our identity and the session's
-earlier names, which the ``consistent`` check depends on), and a report
-with a ``temperror`` is never kept.
+first and latest earlier names, which the ``consistent`` check depends on),
+and a report with a ``temperror`` is never kept.
 """
 
 from __future__ import annotations

@@ -48,7 +48,14 @@ from .received import protocol_keyword, received_header
 
 if TYPE_CHECKING:
     from ..auth import Credentials, ServerMechanism
-    from ..greeting import CappedResolver, Decision, GreetingReport
+    from ..greeting import (
+        CappedResolver,
+        Decision,
+        Greeting,
+        GreetingNames,
+        GreetingReport,
+        GreetingVerifier,
+    )
     from ._server import ServerContext
 
 log = logging.getLogger("ehlo.session")
@@ -86,6 +93,7 @@ class Session:
 
     __slots__ = (
         "_checks",
+        "_checks_input",
         "_dns_budget",
         "_greeting_names",
         "_junk",
@@ -128,9 +136,11 @@ class Session:
         self.envelope: Envelope | None = None
         self._store_failed = False
         # Greeting verification: the checks of the latest greeting, running
-        # in the background; every name this session greeted with.
+        # in the background (the greeting they look at, until they begin);
+        # the first and the latest name greeted with.
         self._checks: asyncio.Task[GreetingReport] | None = None
-        self._greeting_names: list[str] = []
+        self._checks_input: Greeting | None = None
+        self._greeting_names: GreetingNames | None = None
         self.report: GreetingReport | None = None
         self._dns_budget: CappedResolver | None = None
         self.decision: Decision | None = None
@@ -142,7 +152,7 @@ class Session:
         self.auth_user: str | None = None
         self.auth_mechanism: str | None = None
         self._junk = 0
-        self.violations: list[str] = []
+        self.violations: list[str] = []  # each kind once: bounded however the client behaves
 
     # ------------------------------------------------------------- lifecycle
 
@@ -175,9 +185,13 @@ class Session:
                  extra={"event": "tls", "client_ip": self.client_ip, **info})
 
     def closed(self, reason: str) -> None:
-        """The connection is gone; drop an unfinished message and pending checks."""
-        if self._checks is not None and not self._checks.done():
-            self._checks.cancel()
+        """The connection is gone; drop an unfinished message and pending lookups."""
+        if self._drop_checks() and log.isEnabledFor(logging.DEBUG):
+            log.debug("greeting checks for %s cancelled: the session ended", self.peer,
+                      extra={"event": "greeting_cancelled", "client_ip": self.client_ip})
+        rdns = self._rdns
+        if rdns is not None and not rdns.done():
+            rdns.cancel()  # nobody will read the name; its outcome is collected by the task
         if self.writer is not None:
             self.abort_message()
             reason += ", message in progress dropped"
@@ -204,7 +218,8 @@ class Session:
 
         True when the client is to be dropped.
         """
-        self.violations.append(kind)
+        if kind not in self.violations:
+            self.violations.append(kind)
         if action == "off":
             return False
         log.warning(
@@ -263,6 +278,12 @@ class Session:
         return default if reply is None else reply
 
     def _greeting(self, event: Helo | Ehlo) -> Reply | Awaitable[Reply]:
+        # RFC 5321 section 4.1.4: a client may greet again (a reset), so the
+        # repeat is answered as usual; but it moves no mail and starts the
+        # checks again, so it counts as a junk command. The greeting that
+        # RFC 3207 section 4.2 requires after TLS is the first of its state.
+        if self.conn.greeting is not None and self._junk_limit():
+            return _TOO_MANY_JUNK
         self.abort_message()
         hostname = self.ctx.config.hostname
         first = f"{hostname} Hello {event.name} [{self.client_ip}]"
@@ -297,16 +318,46 @@ class Session:
         verifier = self.ctx.verifier
         if verifier is None or not verifier.applies_to(self.client_ip):
             return
-        if self._checks is not None and not self._checks.done():
-            self._checks.cancel()
-        greeting = verifier.greeting(event.verb, event.name, self.client_ip, self._greeting_names)
-        self._greeting_names.append(event.name)
+        names = self._greeting_names
+        if names is None:
+            from ..greeting import GreetingNames  # loaded with the checks
+
+            names = self._greeting_names = GreetingNames()
+        greeting = verifier.greeting(event.verb, event.name, self.client_ip, names.previous)
+        names.add(event.name)
         self.report = None
         self.decision = None
         if self._dns_budget is None:
             # An abuse limit: one DNS budget for the whole session, not per greeting.
             self._dns_budget = verifier.budget()
-        self._checks = verifier.start(greeting, self._dns_budget)
+        task = self._checks
+        waiting = task is not None and not task.done() and self._checks_input is not None
+        self._checks_input = greeting
+        if not waiting:
+            # Checks that have begun look at an older greeting: they end, and
+            # new ones begin. Checks that have not begun yet (greetings
+            # pipelined in one read) take this greeting instead, so a burst
+            # of greetings costs one task, not one each.
+            self._drop_checks()
+            self._checks = asyncio.get_running_loop().create_task(self._verify(verifier))
+
+    async def _verify(self, verifier: GreetingVerifier) -> GreetingReport:
+        """The checks of the latest greeting, from a kept report or a new run."""
+        greeting, self._checks_input = self._checks_input, None
+        assert greeting is not None
+        return await verifier.verify(greeting, self._dns_budget)
+
+    def _drop_checks(self) -> bool:
+        """Cancel the checks under way (their lookups end with them); True if some were."""
+        task = self._checks
+        if task is None:
+            return False
+        if task.done():
+            if not task.cancelled():
+                task.exception()  # collected, whoever else reads it
+            return False
+        task.cancel()
+        return True
 
     def _enforcing(self, stage: str) -> bool:
         verifier = self.ctx.verifier
