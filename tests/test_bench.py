@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import require
+
 ROOT = Path(__file__).resolve().parents[1]
 SBIN = "/usr/sbin:/sbin"
 
 
 @pytest.mark.external
 def test_bench_runs_ehlo_rows_and_writes_json(tmp_path: Path) -> None:
-    if shutil.which("smtp-source", path=SBIN) is None:
-        pytest.skip("smtp-source is missing (make test-deps)")
+    require(shutil.which("smtp-source", path=SBIN) is not None,
+            "smtp-source is missing (make test-deps)")  # fmt: skip
     servers = ["ehlo-sqlite", "ehlo-sqlite-1w", "ehlo-null"]
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--runs", "1",

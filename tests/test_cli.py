@@ -586,7 +586,7 @@ def _writer_and_workers(server: ServerProcess) -> tuple[int, list[int]]:
     return writers[0], [pid for pid in children if pid != writers[0]]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2") as server:
         children = _wait_children(server, 3)  # two workers, their SQLite writer
@@ -626,7 +626,7 @@ def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
     assert [item["subject"] for item in list_json(server.data)] == ["drained"]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
         writer, workers = _writer_and_workers(server)
@@ -683,7 +683,7 @@ def test_workers_report_an_unusable_database_once(tmp_path: Path) -> None:
 
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_sqlite_writer_thread_starts_no_writer_process(tmp_path: Path) -> None:
     config = tmp_path / "ehlo.toml"
     config.write_text('sqlite_writer = "thread"\ntls = false\n')
@@ -734,7 +734,7 @@ def test_keep_freed_memory_stops_page_faults_on_every_block() -> None:
     assert with_tuning < 200 * 8
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_dead_shared_writer_is_replaced_and_the_workers_restarted(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
         writer, workers = _writer_and_workers(server)
@@ -763,7 +763,7 @@ def test_a_dead_shared_writer_is_replaced_and_the_workers_restarted(tmp_path: Pa
     assert sorted(item["subject"] for item in list_json(server.data)) == ["after", "before"]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_shared_writer_dying_right_after_its_start_stops_the_server(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2") as server:
         writer, _ = _writer_and_workers(server)

@@ -787,7 +787,7 @@ async def test_report_cache_keeps_consistent_per_greeting(
 # ------------------------------------------------------------------- IPv6
 
 
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1)")
+@pytest.mark.needs(ipv6_loopback(), reason="no IPv6 loopback (::1)")
 async def test_ipv6_client_with_address_literal(tmp_path: Path, greeting_dns: DNSServer) -> None:
     listen = (Listen("127.0.0.1", 0), Listen("::1", 0))
     cfg = config(tmp_path, greeting_dns, **STRICT, listen=listen)

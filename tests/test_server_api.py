@@ -14,7 +14,7 @@ from ehlo import HookContext, Hooks, Reply, Server, Verdict
 from ehlo.server.received import protocol_keyword, received_header
 from ehlo.storage import Envelope, MessageWriter, NullStore, StoreError, open_store
 
-from .conftest import make_config
+from .conftest import ipv6_loopback, make_config, require
 
 
 async def smtp(port: int, *lines: str) -> list[str]:
@@ -223,15 +223,9 @@ async def test_stop_deadline_closes_stalled_transaction(tmp_path: Path) -> None:
 
 
 async def test_two_listeners_ipv4_and_ipv6(tmp_path: Path) -> None:
-    import socket
-
     from ehlo import Listen
 
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        pytest.skip("no IPv6 loopback here")
+    require(ipv6_loopback(), "no IPv6 loopback here")
     config = make_config(tmp_path, listen=(Listen("127.0.0.1", 0), Listen("::1", 0)))
     async with Server(config) as server:
         hosts = {host for host, _ in server.addresses}
