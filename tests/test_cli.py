@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -578,6 +578,24 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` until it holds; fail after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def _no_signal_pending(pid: int) -> bool:
+    """No signal waits for delivery to ``pid`` (or it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return True
+    fields = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    return int(fields["SigPnd"], 16) == 0 and int(fields["ShdPnd"], 16) == 0
+
+
 def _writer_and_workers(server: ServerProcess) -> tuple[int, list[int]]:
     """The shared SQLite writer's pid and the two workers' of ``--workers 2``."""
     children = _wait_children(server, 3)
@@ -612,9 +630,16 @@ def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
         busy = server.smtp()
         try:
             start_message(busy, "drained")
-            for pid in [server.proc.pid, *children]:
-                os.kill(pid, signal.SIGTERM)
-            time.sleep(0.3)
+            # The supervisor's SIGTERM first, forwarded to each worker; then
+            # each worker's own, once the first is taken (signals sent at
+            # once could merge into one delivery, and prove nothing).
+            os.kill(server.proc.pid, signal.SIGTERM)
+            _until(lambda: server.stderr().count("SIGTERM received: stopping") == 2,
+                   "each worker logged its stop")  # fmt: skip
+            for pid in children:  # the idle worker may have stopped already
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            _until(lambda: all(map(_no_signal_pending, children)), "every signal was delivered")
             busy.send(b"second half\r\n.\r\n")
             code, text = busy.getreply()
             assert code == 250, text
@@ -636,7 +661,12 @@ def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: P
         client = server.smtp()
         start_message(client, "never finished")
         client.send((b"y" * 78 + b"\r\n") * 8000)  # 640,000 octets: more than one chunk
-        time.sleep(0.3)
+        spool = server.data / "ehlo.sqlite3.bodies" / ".spool"
+        _until(
+            lambda: any(p.is_file() and p.suffix != ".lock" and p.stat().st_size >= 256 * 1024
+                        for p in spool.rglob("*")),
+            "the body is being written to its file",
+        )  # fmt: skip
         for pid in workers:  # ...then every worker dies at once
             os.kill(pid, signal.SIGKILL)
         client.close()
@@ -689,14 +719,15 @@ def test_sqlite_writer_thread_starts_no_writer_process(tmp_path: Path) -> None:
     config.write_text('sqlite_writer = "thread"\ntls = false\n')
     with serving(tmp_path, "--config", str(config), "--workers", "2") as server:
         children = _wait_children(server, 2)
-        time.sleep(0.3)  # a writer process would have started by now
+        # A message stored first: whatever writes it has started by then.
+        server.wait_ready()
+        with server.smtp() as client:
+            client.ehlo("c.test")
+            client.sendmail("a@example.org", ["b@example.net"], b"Subject: threads\r\n\r\nx\r\n")
         assert sorted(_children(server.proc.pid)) == sorted(children)
         for pid in children:
             assert _children(pid) == []  # nor one under a worker
             assert "_sqlite_process" not in _cmdline(pid)
-        with server.smtp() as client:
-            client.ehlo("c.test")
-            client.sendmail("a@example.org", ["b@example.net"], b"Subject: threads\r\n\r\nx\r\n")
         assert server.stop() == 0
     assert [item["subject"] for item in list_json(server.data)] == ["threads"]
 
