@@ -3,13 +3,14 @@
 # swaks (with the Perl modules it needs for TLS, IPv6 and AUTH), openssl,
 # postfix for its smtp-sink and smtp-source tools, and haproxy (run by the tests
 # in the foreground to send PROXY protocol headers), and util-linux-extra for
-# fincore (which pages of a file are cached). Postfix is installed with
-# "No configuration" and is never left running: no mail daemon on port 25; nor
-# is haproxy left running as a service.
+# fincore (which pages of a file are cached), and strace (the durability tests
+# read the order of the server's syncs and replies from it). Postfix is
+# installed with "No configuration" and is never left running: no mail daemon
+# on port 25; nor is haproxy left running as a service.
 set -euo pipefail
 
 # Debian packages; usable() below also checks the commands they must provide.
-PACKAGES=(swaks openssl postfix haproxy util-linux-extra libnet-ssleay-perl libio-socket-inet6-perl
+PACKAGES=(swaks openssl postfix haproxy util-linux-extra strace libnet-ssleay-perl libio-socket-inet6-perl
     libauthen-sasl-perl)
 export PATH="$PATH:/usr/sbin:/sbin"
 
@@ -25,6 +26,7 @@ usable() {
         postfix) command -v smtp-sink >/dev/null 2>&1 && command -v smtp-source >/dev/null 2>&1 ;;
         haproxy) command -v haproxy >/dev/null 2>&1 ;;
         util-linux-extra) command -v fincore >/dev/null 2>&1 ;;
+        strace) command -v strace >/dev/null 2>&1 ;;
         *) true ;;
     esac
 }
@@ -126,4 +128,4 @@ done
 if port25_listening; then
     log "warning: something listens on port 25; the tests do not need it"
 fi
-log "done: swaks, openssl, smtp-sink, smtp-source, haproxy and fincore are installed"
+log "done: swaks, openssl, smtp-sink, smtp-source, haproxy, fincore and strace are installed"

@@ -41,7 +41,7 @@ from tests.test_e2e_raw import (
 )
 from tests.test_proxy import read_line
 
-from .conftest import free_port
+from .conftest import free_port, require
 
 Start = Callable[..., Awaitable[Server]]
 
@@ -376,8 +376,7 @@ def test_memory_stays_bounded_under_hostile_input(serve: Callable[..., Serve]) -
 def test_idle_connections_do_not_starve_a_real_client(serve: Callable[..., Serve]) -> None:
     """1,000 connections sit idle after EHLO; a fresh client still gets its 250 quickly."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < 2500:
-        pytest.skip(f"needs 2,500 file descriptors, the hard limit is {hard}")
+    require(hard >= 2500, f"needs 2,500 file descriptors, the hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2500), hard))
     try:
         server = serve("--store", "sqlite", "--workers", "1")  # its RSS holds the connections
@@ -451,7 +450,7 @@ def _worker_pids(serve: Serve, count: int) -> list[int]:
     raise AssertionError(f"expected {count} worker processes")
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_per_ip_limit_holds_across_workers(serve: Callable[..., Serve]) -> None:
     # Each of two workers counting alone would let up to six of these in.
     server = serve("--workers", "2", "--store", "null", per_ip=3)
@@ -481,7 +480,7 @@ def test_per_ip_limit_holds_across_workers(serve: Callable[..., Serve]) -> None:
             sock.close()
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_total_limit_holds_across_workers_and_a_restarted_worker_starts_at_zero(
     serve: Callable[..., Serve],
 ) -> None:
@@ -584,7 +583,7 @@ def test_shared_counts_never_count_too_few() -> None:
         assert counts.total() == sum(truth.values())
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_connection_rate_holds_across_workers(serve: Callable[..., Serve]) -> None:
     if time.monotonic() % 60 > 40:  # the windows follow the clock's minutes: stay in one
         time.sleep(60.5 - time.monotonic() % 60)

@@ -20,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -578,6 +578,24 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+def _until(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` until it holds; fail after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+
+
+def _no_signal_pending(pid: int) -> bool:
+    """No signal waits for delivery to ``pid`` (or it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return True
+    fields = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    return int(fields["SigPnd"], 16) == 0 and int(fields["ShdPnd"], 16) == 0
+
+
 def _writer_and_workers(server: ServerProcess) -> tuple[int, list[int]]:
     """The shared SQLite writer's pid and the two workers' of ``--workers 2``."""
     children = _wait_children(server, 3)
@@ -586,7 +604,7 @@ def _writer_and_workers(server: ServerProcess) -> tuple[int, list[int]]:
     return writers[0], [pid for pid in children if pid != writers[0]]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2") as server:
         children = _wait_children(server, 3)  # two workers, their SQLite writer
@@ -612,9 +630,16 @@ def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
         busy = server.smtp()
         try:
             start_message(busy, "drained")
-            for pid in [server.proc.pid, *children]:
-                os.kill(pid, signal.SIGTERM)
-            time.sleep(0.3)
+            # The supervisor's SIGTERM first, forwarded to each worker; then
+            # each worker's own, once the first is taken (signals sent at
+            # once could merge into one delivery, and prove nothing).
+            os.kill(server.proc.pid, signal.SIGTERM)
+            _until(lambda: server.stderr().count("SIGTERM received: stopping") == 2,
+                   "each worker logged its stop")  # fmt: skip
+            for pid in children:  # the idle worker may have stopped already
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            _until(lambda: all(map(_no_signal_pending, children)), "every signal was delivered")
             busy.send(b"second half\r\n.\r\n")
             code, text = busy.getreply()
             assert code == 250, text
@@ -626,7 +651,7 @@ def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
     assert [item["subject"] for item in list_json(server.data)] == ["drained"]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
         writer, workers = _writer_and_workers(server)
@@ -636,7 +661,12 @@ def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: P
         client = server.smtp()
         start_message(client, "never finished")
         client.send((b"y" * 78 + b"\r\n") * 8000)  # 640,000 octets: more than one chunk
-        time.sleep(0.3)
+        spool = server.data / "ehlo.sqlite3.bodies" / ".spool"
+        _until(
+            lambda: any(p.is_file() and p.suffix != ".lock" and p.stat().st_size >= 256 * 1024
+                        for p in spool.rglob("*")),
+            "the body is being written to its file",
+        )  # fmt: skip
         for pid in workers:  # ...then every worker dies at once
             os.kill(pid, signal.SIGKILL)
         client.close()
@@ -683,20 +713,21 @@ def test_workers_report_an_unusable_database_once(tmp_path: Path) -> None:
 
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_sqlite_writer_thread_starts_no_writer_process(tmp_path: Path) -> None:
     config = tmp_path / "ehlo.toml"
     config.write_text('sqlite_writer = "thread"\ntls = false\n')
     with serving(tmp_path, "--config", str(config), "--workers", "2") as server:
         children = _wait_children(server, 2)
-        time.sleep(0.3)  # a writer process would have started by now
+        # A message stored first: whatever writes it has started by then.
+        server.wait_ready()
+        with server.smtp() as client:
+            client.ehlo("c.test")
+            client.sendmail("a@example.org", ["b@example.net"], b"Subject: threads\r\n\r\nx\r\n")
         assert sorted(_children(server.proc.pid)) == sorted(children)
         for pid in children:
             assert _children(pid) == []  # nor one under a worker
             assert "_sqlite_process" not in _cmdline(pid)
-        with server.smtp() as client:
-            client.ehlo("c.test")
-            client.sendmail("a@example.org", ["b@example.net"], b"Subject: threads\r\n\r\nx\r\n")
         assert server.stop() == 0
     assert [item["subject"] for item in list_json(server.data)] == ["threads"]
 
@@ -734,7 +765,7 @@ def test_keep_freed_memory_stops_page_faults_on_every_block() -> None:
     assert with_tuning < 200 * 8
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_dead_shared_writer_is_replaced_and_the_workers_restarted(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
         writer, workers = _writer_and_workers(server)
@@ -763,7 +794,7 @@ def test_a_dead_shared_writer_is_replaced_and_the_workers_restarted(tmp_path: Pa
     assert sorted(item["subject"] for item in list_json(server.data)) == ["after", "before"]
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_a_shared_writer_dying_right_after_its_start_stops_the_server(tmp_path: Path) -> None:
     with serving(tmp_path, "--no-tls", "--workers", "2") as server:
         writer, _ = _writer_and_workers(server)

@@ -29,7 +29,7 @@ import pytest
 from ehlo import Listen, Server
 from ehlo.storage import StoredMessage
 
-from .conftest import ipv6_loopback, make_config
+from .conftest import ipv6_loopback, make_config, require
 from .trace import split_trace
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,8 +51,8 @@ HAS_IPV6 = ipv6_loopback()
 async def srv(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Server]:
     """A running server in this test's loop: store backend x address family."""
     store, host = request.param
-    if host == "::1" and not HAS_IPV6:
-        pytest.skip("no IPv6 loopback (::1) on this machine")
+    if host == "::1":
+        require(HAS_IPV6, "no IPv6 loopback (::1) on this machine")
     server = Server(make_config(tmp_path / "data", store=store, listen=(Listen(host, 0),)))
     await server.start()
     try:

@@ -605,6 +605,53 @@ async def test_message_over_max_size(
     assert len(server.store.list()) == 1
 
 
+def sized_body(size: int) -> bytes:
+    """A message of exactly ``size`` octets whose lines all start with a dot."""
+    head = b"Subject: dots\r\n\r\n"
+    line = b"." + b"d" * 97 + b"\r\n"
+    body = head + line * ((size - len(head)) // len(line))
+    rest = size - len(body)
+    assert rest >= 3
+    return body + b"." + b"e" * (rest - 3) + b"\r\n"
+
+
+async def test_size_limit_boundary(
+    start: Callable[..., Awaitable[Server]], clients: list[Client]
+) -> None:
+    # RFC 1870 section 3: the size is the message's octets as received and
+    # unstuffed (CRLFs counted, the final "." line not); a message of exactly
+    # the limit passes, one octet more is refused, over DATA and over BDAT.
+    limit = 10_000
+    server = await start(max_message_size=limit)
+    c = await connect(server, clients)
+    assert f"SIZE {limit}" in (await c.ehlo()).lines
+    # RFC 1870 section 6.1: a declared size above the limit is refused at MAIL.
+    assert codes([await c.cmd(f"MAIL FROM:<a@example.org> SIZE={limit + 1}")]) == [(552, "5.3.4")]
+    assert (await c.cmd(f"MAIL FROM:<a@example.org> SIZE={limit}")).code == 250
+    assert (await c.cmd("RCPT TO:<b@example.net>")).code == 250
+    assert (await c.cmd("DATA")).code == 354
+    exact = sized_body(limit)
+    stuffed = exact.replace(b"\r\n.", b"\r\n..")
+    assert len(exact) == limit and len(stuffed) > limit + 90  # the dots are not counted
+    qid = queued_id(await c.cmd(stuffed + b"."))
+    assert stored_body(server, qid) == exact
+    # RFC 1870 section 6.3: one octet more is refused with 552, after the whole body.
+    await transaction(c)
+    assert (await c.cmd("DATA")).code == 354
+    over = sized_body(limit + 1)
+    c.send(over.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+    assert codes([await c.reply()]) == [(552, "5.3.4")]
+    await transaction(c)
+    c.send(b"BDAT %d LAST\r\n" % limit + exact)
+    bdat_id = queued_id(await c.reply())
+    assert stored_body(server, bdat_id) == exact
+    await transaction(c)
+    c.send(b"BDAT %d LAST\r\n" % (limit + 1) + over)
+    assert codes([await c.reply()]) == [(552, "5.3.4")]
+    assert codes([await c.cmd("NOOP")]) == [(250, "2.0.0")]
+    assert sorted(m.envelope.queue_id for m in server.store.list()) == sorted([qid, bdat_id])
+
+
 async def test_text_line_too_long(server: Server, clients: list[Client]) -> None:
     c = await connect(server, clients)
     await c.ehlo()

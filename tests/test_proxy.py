@@ -698,8 +698,8 @@ def test_read_header_refuses_a_short_non_header_at_once(
 # A real HAProxy in front of a tiny backend
 
 
-needs_haproxy = pytest.mark.skipif(
-    not haproxy_available(),
+needs_haproxy = pytest.mark.needs(
+    haproxy_available(),
     reason="haproxy is not installed (bash scripts/install-test-deps.sh installs it)",
 )
 
@@ -816,7 +816,7 @@ def test_haproxy_sends_the_client_address(send_proxy: str) -> None:
 
 @needs_haproxy
 @pytest.mark.external
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1)")
+@pytest.mark.needs(ipv6_loopback(), reason="no IPv6 loopback (::1)")
 @pytest.mark.parametrize("send_proxy", ["v1", "v2"])
 def test_haproxy_over_ipv6(send_proxy: str) -> None:
     with (

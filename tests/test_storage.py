@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fcntl
 import json
 import os
 import random
@@ -461,23 +462,39 @@ async def test_sqlite_start_removes_the_spool_of_a_dead_instance(tmp_path: Path)
     await store.close()
 
 
+async def _waiting_for_lock(pid: int) -> None:
+    """Return once process ``pid`` waits for a lock held by another (a "->" line in /proc/locks)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not any(
+        "->" in line and line.split()[-4] == str(pid)
+        for line in Path("/proc/locks").read_text().splitlines()
+    ):
+        assert asyncio.get_running_loop().time() < deadline, Path("/proc/locks").read_text()
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.needs(Path("/proc/locks").exists(), reason="needs Linux /proc/locks")
 async def test_sqlite_backlog_grows_while_the_disk_is_busy(tmp_path: Path) -> None:
     path = tmp_path / "ehlo.sqlite3"
-    store = SQLiteStore(path)
+    # Shared: the writer takes the lock that serialises several processes' writers.
+    store = SQLiteStore(path, shared=True)
     await store.start()
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    blocker = os.open(path.with_name(path.name + ".writelock"), os.O_RDWR)
+    fcntl.flock(blocker, fcntl.LOCK_EX)  # another process's writer is busy
     bodies = [random.Random(n).randbytes(200_000) for n in range(4)]
     commits = []
     for body in bodies:
         writer = store.begin(make_envelope())
         writer.write(body)
         commits.append(asyncio.ensure_future(writer.commit()))
-    await asyncio.sleep(0.05)
+    # The writer took the batch and waits for the lock (the kernel lists it as waiting).
+    await _waiting_for_lock(_writer_pid(store))
+    for _ in range(10):  # and any answer it sent meanwhile has been read
+        await asyncio.sleep(0)
     assert store.backlog_bytes == 800_000
     assert not any(commit.done() for commit in commits)
-    blocker.execute("COMMIT")
-    blocker.close()
+    fcntl.flock(blocker, fcntl.LOCK_UN)
+    os.close(blocker)
     ids = await asyncio.wait_for(asyncio.gather(*commits), 10)
     assert store.backlog_bytes == 0
     assert [store.raw(queue_id) for queue_id in ids] == bodies
@@ -814,6 +831,24 @@ async def test_sqlite_writer_process_death_fails_commits_not_the_server(tmp_path
     await asyncio.wait_for(store.close(), 10)
 
 
+async def _signals_taken(pid: int) -> None:
+    """Return once no signal is pending for process ``pid`` (or it is gone)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    status = Path(f"/proc/{pid}/status")
+    while True:
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+        except FileNotFoundError:
+            return
+        if fields["State"].startswith("Z") or (
+            int(fields["SigPnd"], 16) == 0 and int(fields["ShdPnd"], 16) == 0
+        ):
+            return
+        assert asyncio.get_running_loop().time() < deadline, fields
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.needs(Path("/proc/self/status").exists(), reason="needs Linux /proc")
 async def test_sqlite_writer_process_ignores_terminal_signals(tmp_path: Path) -> None:
     # Ctrl-C reaches the whole process group: the server drains, its writer
     # must stay to store what the draining sessions still commit.
@@ -822,7 +857,7 @@ async def test_sqlite_writer_process_ignores_terminal_signals(tmp_path: Path) ->
     pid = _writer_pid(store)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         os.kill(pid, sig)
-    await asyncio.sleep(0.1)
+    await _signals_taken(pid)
     queue_id = await asyncio.wait_for(deliver(store, b"Subject: after\r\n\r\ny\r\n"), 10)
     assert store.raw(queue_id) == b"Subject: after\r\n\r\ny\r\n"
     await asyncio.wait_for(store.close(), 10)
