@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..storage.base import ensure_data_dir
+
 if TYPE_CHECKING:  # cryptography (16 MiB) is imported by the functions that need it
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -91,7 +93,8 @@ def ensure_self_signed(
     An existing pair is reused while it is valid, its key matches and it was
     made for ``hostname``; otherwise (first run, expired, another host name,
     damaged files) a new ECDSA P-256 key and a certificate valid for
-    ``CERT_VALIDITY`` are written atomically, the key with mode 0600.
+    ``CERT_VALIDITY`` are written atomically, both with mode 0600 in a
+    folder with mode 0700 (the data folder is made 0700 if it is missing).
     ``now`` (an aware datetime) is for tests.
     """
     from cryptography.hazmat.primitives import serialization
@@ -102,11 +105,13 @@ def ensure_self_signed(
     tls_dir = data_dir / "tls"
     cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
     try:
-        tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_data_dir(data_dir)
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
         with _locked(tls_dir / ".lock"):
             if _reusable(cert_path, key_path, name, when):
-                if key_path.stat().st_mode & 0o077:
-                    key_path.chmod(0o600)
+                for path in (cert_path, key_path):
+                    if path.stat().st_mode & 0o077:
+                        path.chmod(0o600)
                 return cert_path, key_path
             key = ec.generate_private_key(ec.SECP256R1())
             cert = _build_certificate(key, name, when)
@@ -119,7 +124,8 @@ def ensure_self_signed(
                 ),
                 mode=0o600,
             )
-            _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+            # Public, but nothing in the data folder is anyone else's business.
+            _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     except OSError as exc:
         raise TLSConfigError(
             f"cannot create a self-signed certificate in {tls_dir}: {exc.strerror or exc}"
