@@ -81,9 +81,6 @@ class Serve:
                 pytest.fail(f"server not ready: {self.stderr()}")
             time.sleep(0.05)
 
-    def exit_status(self) -> int:
-        return self.proc.wait(timeout=TIMEOUT)
-
     def stop(self) -> None:
         self.proc.terminate()
         assert self.proc.wait(timeout=TIMEOUT) == 0, self.stderr()
@@ -250,9 +247,14 @@ def writable(*folders: Path) -> None:
 
 
 def assert_refused(server: Serve, reason: str) -> None:
-    status = server.exit_status()
+    """The server exits 1 with one error line holding ``reason``, never saying "ready"."""
+    deadline = time.monotonic() + TIMEOUT
+    while server.proc.poll() is None:
+        assert " ready on " not in server.stderr(), server.stderr()
+        assert time.monotonic() < deadline, f"still running: {server.stderr()}"
+        time.sleep(0.05)
     text = server.stderr()
-    assert status == 1, text
+    assert server.proc.returncode == 1, text
     assert " ready on " not in text, text
     line = one_line_error(text.encode())
     assert reason in line, line
