@@ -10,6 +10,8 @@ talk to a real server on 127.0.0.1 whose certificates come from a test CA
 * TLS 1.0 and 1.1 and suites without forward secrecy or AEAD are refused by
   the server (the client did offer them), while TLS 1.2 and 1.3 work, on both
   STARTTLS and implicit TLS;
+* key exchange uses X25519, P-256 or P-384 only (no X448, P-521 or
+  finite-field groups), and no DHE suite is offered;
 * the certificate follows the name the client asks for (SNI): exact names,
   one-label wildcards, the default certificate for anything else;
 * SIGHUP reloads the certificates for new connections without dropping a
@@ -41,6 +43,7 @@ import pytest
 import trustme
 
 from ehlo import Listen
+from ehlo.server.tls import server_context
 from ehlo.storage import open_store
 
 from .conftest import ThreadedServer, free_port
@@ -493,6 +496,71 @@ def test_forward_secret_aead_suites_accepted(
     assert "Protocol version: TLSv1.2" in output, output
     assert f"Ciphersuite: {cipher}" in output, output
     assert re.search(r"^221 mx\.example\.test closing connection\r?$", output, re.M), output
+
+
+# Key exchange groups: TLS 1.3 with the ECDSA certificate, TLS 1.2 (ECDHE) with
+# the RSA one (in TLS 1.2 the client's groups also bind the curve of an ECDSA
+# certificate, so a P-256 certificate needs a client offering P-256).
+GROUP_CASES = [("-tls1_3", "ecdsa", "TLS 1.3"), ("-tls1_2", "rsa", "TLS 1.2")]
+
+
+@pytest.mark.external
+@pytest.mark.parametrize(
+    ("flag", "key", "hello", "group"),
+    [
+        *[(*case, group) for case in GROUP_CASES for group in ("X448", "secp521r1")],
+        # Finite-field groups are TLS 1.3 key shares (in TLS 1.2 they mean DHE).
+        ("-tls1_3", "ecdsa", "TLS 1.3", "ffdhe2048"),
+    ],
+)
+def test_groups_outside_the_profile_refused(
+    request: pytest.FixtureRequest, flag: str, key: str, hello: str, group: str
+) -> None:
+    # Each group is in OpenSSL's default list; only X25519, P-256 and P-384
+    # are in Mozilla's "intermediate" profile, and only they may be agreed.
+    server = server_for(request, key)
+    _, output = s_client(server.port("starttls"), "starttls", flag, "-groups", group)
+    assert_offered_and_refused(output, hello)
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("listener", LISTENERS)
+@pytest.mark.parametrize(("flag", "key", "hello"), GROUP_CASES)
+@pytest.mark.parametrize(
+    ("group", "shown"),
+    [("X25519", "X25519"), ("prime256v1", "ECDH, prime256v1"), ("secp384r1", "ECDH, secp384r1")],
+)
+def test_profile_groups_accepted(
+    request: pytest.FixtureRequest,
+    listener: str,
+    flag: str,
+    key: str,
+    hello: str,
+    group: str,
+    shown: str,
+) -> None:
+    server = server_for(request, key)
+    status, output = s_client(server.port(listener), listener, flag, "-groups", group, "-brief")
+    assert status == 0, output
+    assert "CONNECTION ESTABLISHED" in output, output
+    assert f"Server Temp Key: {shown}," in output, output
+    assert re.search(r"^221 mx\.example\.test closing connection\r?$", output, re.M), output
+
+
+@pytest.mark.external
+@pytest.mark.parametrize("cipher", ["DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-CHACHA20-POLY1305"])
+def test_dhe_suites_not_offered(pki: PKI, rsa_server: TLSServer, cipher: str) -> None:
+    # The README says ECDHE only: a client with nothing but DHE gets no
+    # session, and the server does not list suites it could never choose.
+    _, output = s_client(rsa_server.port("starttls"), "starttls", "-tls1_2", "-cipher", cipher)
+    assert_offered_and_refused(output, "TLS 1.2")
+    listed = [
+        suite["name"]
+        for suite in server_context(
+            *pki.issue("rsa-list", DEFAULT_NAME, key_type=trustme.KeyType.RSA)
+        ).get_ciphers()
+    ]
+    assert listed and not [name for name in listed if name.startswith("DHE-")], listed
 
 
 @pytest.mark.external

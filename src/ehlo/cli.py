@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from . import __version__
 from .config import ConfigError, Listen, ServerConfig, load_config, read_config_file
 from .log import configure_logging
-from .storage import StoreError
+from .storage import StoreError, open_store
 
 if TYPE_CHECKING:
     from .greeting import CheckResult, Decision, GreetingPolicy, GreetingReport
@@ -472,11 +472,13 @@ def _serve_workers(
     from .server.workers import bind_listeners, run_workers
 
     try:
-        # Certificates checked (and a self-signed pair made) once here, so that
-        # a bad file is one error line, not one per worker.
+        # The data folder (0700 when made here) before anything goes into it,
+        # then the store's folders, certificates (a self-signed pair made)
+        # once here, so that a problem is one error line, not one per worker.
+        open_store(config.store, Path(config.data_dir), shared=True).preflight()
         tls_contexts_for(config)
         sockets = bind_listeners(config.listen)
-    except (OSError, TLSConfigError, ValueError) as exc:
+    except (OSError, TLSConfigError, StoreError, ValueError) as exc:
         raise _start_failure(exc, config) from None
 
     writer: _SharedWriter | None = None
@@ -491,7 +493,6 @@ def _serve_workers(
 
         writer = _SharedWriter(sqlite_path(Path(config.data_dir)))
         try:
-            Path(config.data_dir).mkdir(parents=True, exist_ok=True)
             writer.start()
         except (OSError, StoreError) as exc:
             for sock in sockets:

@@ -7,22 +7,28 @@ turns every problem with them into a one-line ``TLSConfigError``;
 ``TLSContexts`` holds the default certificate and those chosen by SNI, and
 reloads them all (SIGHUP) without touching sessions already running;
 ``describe`` reports the negotiated version and cipher of a session (for
-Received headers and logs).
+Received headers and logs). Every context offers the same key exchange
+groups (:data:`TLS_GROUPS`) and TLS 1.2 suites, whatever the certificate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
+import functools
 import ipaddress
 import logging
 import os
 import secrets
 import ssl
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..storage.base import ensure_data_dir
 
 if TYPE_CHECKING:  # cryptography (16 MiB) is imported by the functions that need it
     from cryptography import x509
@@ -30,6 +36,7 @@ if TYPE_CHECKING:  # cryptography (16 MiB) is imported by the functions that nee
 
 __all__ = [
     "CERT_VALIDITY",
+    "TLS_GROUPS",
     "TLSConfigError",
     "TLSContexts",
     "certificate_names",
@@ -48,7 +55,9 @@ _BACKDATE = dt.timedelta(minutes=5)
 _RENEW_MARGIN = dt.timedelta(days=1)
 
 # TLS 1.2 suites with forward secrecy and AEAD only (Mozilla "intermediate");
-# TLS 1.3 suites are all fine and are configured by OpenSSL separately.
+# TLS 1.3 suites are all fine and are configured by OpenSSL separately. No
+# DHE suites: they need Diffie-Hellman parameters, which the contexts do not
+# load, so OpenSSL would never choose them (ECDHE only, and said so).
 _TLS12_CIPHERS = ":".join(
     [
         "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -57,11 +66,15 @@ _TLS12_CIPHERS = ":".join(
         "ECDHE-RSA-AES256-GCM-SHA384",
         "ECDHE-ECDSA-CHACHA20-POLY1305",
         "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
-        "DHE-RSA-CHACHA20-POLY1305",
     ]
 )
+
+# Key exchange groups, in the server's order of preference (Mozilla
+# "intermediate"): OpenSSL's default list adds X448, P-521 and, in TLS 1.3,
+# the finite-field groups.
+TLS_GROUPS = ("X25519", "P-256", "P-384")
+# SSL_CTRL_SET_GROUPS_LIST (ssl.h): what the SSL_CTX_set1_groups_list macro calls.
+_SSL_CTRL_SET_GROUPS_LIST = 92
 
 
 class TLSConfigError(ValueError):
@@ -80,7 +93,8 @@ def ensure_self_signed(
     An existing pair is reused while it is valid, its key matches and it was
     made for ``hostname``; otherwise (first run, expired, another host name,
     damaged files) a new ECDSA P-256 key and a certificate valid for
-    ``CERT_VALIDITY`` are written atomically, the key with mode 0600.
+    ``CERT_VALIDITY`` are written atomically, both with mode 0600 in a
+    folder with mode 0700 (the data folder is made 0700 if it is missing).
     ``now`` (an aware datetime) is for tests.
     """
     from cryptography.hazmat.primitives import serialization
@@ -91,11 +105,13 @@ def ensure_self_signed(
     tls_dir = data_dir / "tls"
     cert_path, key_path = tls_dir / "cert.pem", tls_dir / "key.pem"
     try:
-        tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_data_dir(data_dir)
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
         with _locked(tls_dir / ".lock"):
             if _reusable(cert_path, key_path, name, when):
-                if key_path.stat().st_mode & 0o077:
-                    key_path.chmod(0o600)
+                for path in (cert_path, key_path):
+                    if path.stat().st_mode & 0o077:
+                        path.chmod(0o600)
                 return cert_path, key_path
             key = ec.generate_private_key(ec.SECP256R1())
             cert = _build_certificate(key, name, when)
@@ -108,7 +124,8 @@ def ensure_self_signed(
                 ),
                 mode=0o600,
             )
-            _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+            # Public, but nothing in the data folder is anyone else's business.
+            _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     except OSError as exc:
         raise TLSConfigError(
             f"cannot create a self-signed certificate in {tls_dir}: {exc.strerror or exc}"
@@ -276,6 +293,7 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
         | ssl.OP_NO_RENEGOTIATION
     )
     ctx.set_ciphers(_TLS12_CIPHERS)
+    _set_groups(ctx, TLS_GROUPS)
 
     def no_password() -> bytes:
         # Without a callback OpenSSL would prompt on the terminal.
@@ -286,6 +304,82 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     except ssl.SSLError as exc:
         raise TLSConfigError(_diagnose(cert, key, exc)) from None
     return ctx
+
+
+def _set_groups(ctx: ssl.SSLContext, groups: tuple[str, ...]) -> None:
+    """Offer only ``groups`` for key exchange (TLS 1.2 ECDHE and TLS 1.3).
+
+    Python's ``ssl`` (3.11) sets one curve at most (``set_ecdh_curve``), so
+    the list goes to OpenSSL's ``SSL_CTX_set1_groups_list`` directly, in the
+    ``libssl`` the ``_ssl`` module is linked with. Where that cannot be done
+    safely (another Python implementation, a statically linked ``_ssl``), the
+    context keeps OpenSSL's default groups and a warning says so once.
+    """
+    libssl = _libssl()
+    pointer = _ssl_ctx_pointer(ctx, libssl) if libssl is not None else None
+    if libssl is None or pointer is None:
+        _warn_default_groups()
+        return
+    names = ":".join(groups)
+    if libssl.ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, names.encode("ascii")) != 1:
+        raise TLSConfigError(f"TLS: OpenSSL refuses the key exchange groups {names}")
+
+
+class _LibSSL:
+    """The two libssl functions :func:`_set_groups` calls."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self.ctrl = library.SSL_CTX_ctrl
+        self.ctrl.restype = ctypes.c_long
+        self.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+        self.get_options = library.SSL_CTX_get_options
+        self.get_options.restype = ctypes.c_uint64
+        self.get_options.argtypes = [ctypes.c_void_p]
+
+
+@functools.cache
+def _libssl() -> _LibSSL | None:
+    """The libssl of Python's ``_ssl`` module, or None when it cannot be reached."""
+    import _ssl
+
+    path = getattr(_ssl, "__file__", None)
+    if sys.implementation.name != "cpython" or not path:
+        return None
+    try:
+        # The extension module's handle also finds the symbols of its libssl.
+        return _LibSSL(ctypes.CDLL(path))
+    except (OSError, AttributeError):
+        return None
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext, libssl: _LibSSL) -> int | None:
+    """The ``SSL_CTX *`` of ``ctx``, or None when it cannot be found for sure.
+
+    A CPython context object starts with the object header, then that
+    pointer. It is trusted only when OpenSSL reads through it the very
+    options Python reports, before and after one of them is flipped.
+    """
+    value = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not value:
+        return None
+    original = ctx.options
+    if libssl.get_options(value) != original:
+        return None
+    ctx.options = original ^ ssl.OP_NO_TICKET
+    try:
+        if libssl.get_options(value) != ctx.options:
+            return None
+    finally:
+        ctx.options = original
+    return int(value)
+
+
+@functools.cache
+def _warn_default_groups() -> None:
+    log.warning(
+        "TLS: cannot restrict the key exchange groups to %s here: OpenSSL's defaults apply",
+        ", ".join(TLS_GROUPS),
+    )
 
 
 def _diagnose(cert: Path, key: Path, exc: ssl.SSLError) -> str:

@@ -11,6 +11,7 @@ from .base import (
     StoredMessage,
     StoreError,
     StoreStats,
+    ensure_data_dir,
 )
 from .maildir import MaildirStore
 from .null import NullStore
@@ -26,6 +27,7 @@ __all__ = [
     "StoreError",
     "StoreStats",
     "StoredMessage",
+    "ensure_data_dir",
     "open_store",
     "sqlite_path",
 ]
@@ -46,7 +48,8 @@ def open_store(
 ) -> Store:
     """The store of ``kind`` ("sqlite", "maildir" or "null") under ``data_dir``.
 
-    Creates ``data_dir`` when needed; the store still has to be started.
+    Creates ``data_dir`` when needed (mode 0700; see :func:`ensure_data_dir`);
+    the store still has to be started.
     ``shared``: several server processes write to it at once (``--workers``).
     ``writer`` ("process" or "thread") and ``writer_address`` (the writer
     several processes share): SQLite only, see :class:`SQLiteStore`.
@@ -54,7 +57,7 @@ def open_store(
     if kind not in ("sqlite", "maildir", "null"):
         raise ValueError(f"unknown store kind {kind!r} (expected sqlite, maildir or null)")
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_data_dir(data_dir)
     if kind == "sqlite":
         return SQLiteStore(
             sqlite_path(data_dir), shared=shared, writer=writer, writer_address=writer_address

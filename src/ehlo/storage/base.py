@@ -10,18 +10,30 @@ message").
 Writers are used from the event loop thread. ``write`` must not block for
 long (no fsync there); ``commit`` is where durability is paid, and backends
 share that cost between concurrent sessions (group commit).
+
+Files on disk are private to the server's user, whatever its umask: every
+file a store creates is made with :data:`FILE_MODE` (0600), every folder
+with :data:`DIR_MODE` (0700), and the data folder too when ehlo creates it
+(:func:`ensure_data_dir`; one that exists keeps its mode, with a warning
+when group or others may enter it). ``start`` proves each folder a store
+writes to is writable (:func:`check_writable`), so that a store that
+cannot keep mail fails at start rather than at the first message.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import datetime as _dt
 import email.header
+import errno
 import json
+import logging
 import os
 import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -135,6 +147,87 @@ class StoreStats:
     commits: int = 0
     # Messages committed (made durable and visible).
     messages: int = 0
+
+
+log = logging.getLogger(__name__)
+
+# Modes of what the stores create: messages are other people's mail.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# Data folders this process has already warned about (a forked worker inherits it).
+_warned: set[Path] = set()
+
+
+def create_private(path: Path) -> int:
+    """Create the file ``path`` (it must not exist) mode 0600; a descriptor open for writing."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, FILE_MODE)
+
+
+def private_dir(path: Path) -> None:
+    """Make sure the folder ``path`` exists; one this call creates is mode 0700.
+
+    Its parent must exist. A folder that exists already keeps its mode.
+    """
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    os.chmod(path, DIR_MODE)  # the umask may have taken bits off
+
+
+def ensure_data_dir(path: Path) -> None:
+    """Create the data folder (mode 0700, missing parents as usual), or check its mode.
+
+    An existing folder is not changed: an operator may have opened it to a
+    group on purpose (a mail reader). If group or others may enter it, one
+    warning is logged per process; the files in it are private anyway.
+    """
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path)
+        return
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    mode = path.stat().st_mode & 0o777
+    key = path.resolve()
+    if mode & 0o077 and key not in _warned:
+        _warned.add(key)
+        log.warning(
+            "data folder %s has mode %04o: group or others may enter it (ehlo's own"
+            " files are 0600; chmod 700 it unless that is what you want)",
+            path,
+            mode,
+            extra={"event": "data_dir_mode", "path": str(path), "mode": f"{mode:04o}"},
+        )
+
+
+def check_writable(folder: Path) -> None:
+    """Create, write, fsync and remove a file in ``folder``; StoreError saying why not.
+
+    Run by ``Store.start`` on every folder a store writes to: a read-only or
+    full filesystem, or a folder owned by another user, stops the server at
+    start instead of turning every message into a 451.
+    """
+    probe = folder / f".ehlo-probe.{os.getpid()}.{secrets.token_hex(4)}"
+    created = False
+    try:
+        fd = create_private(probe)
+        created = True
+        try:
+            os.write(fd, b"ehlo\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+        raise StoreError(f"cannot write in {folder}: {exc.strerror or exc}") from None
 
 
 def fsync_dir(path: Path) -> None:
@@ -293,6 +386,14 @@ class Store(abc.ABC):
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Open files, start writer threads. Called once before ``begin``."""
+
+    def preflight(self) -> None:  # noqa: B027 - optional hook
+        """Check, without starting anything, the folders ``start`` will write to.
+
+        Raises StoreError naming one that is not writable. ``ehlo serve
+        --workers`` calls it before forking, so that such a folder is one
+        error line rather than one per worker; ``start`` checks again.
+        """
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Finish pending commits and release resources."""

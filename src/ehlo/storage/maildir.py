@@ -17,7 +17,9 @@ commit queued at that moment and for the whole batch
 4. fsyncs ``new/`` once, then resolves the waiting commits.
 
 A message is visible only in ``new/`` or ``cur/``, and it gets there after its
-envelope is on disk. ``stats.commits`` counts the batches (fsyncs of ``new/``),
+envelope is on disk. Messages and sidecars are mode 0600, the folders the
+store creates 0700; ``start`` checks that ``tmp/``, ``new/`` and
+``ehlo-envelopes/`` are writable. ``stats.commits`` counts the batches (fsyncs of ``new/``),
 ``stats.messages`` the messages. Readers (an IMAP server) may move messages to
 ``cur/`` and add flags (``:2,S``); listing finds them there, and lists files
 without a sidecar (delivered by someone else) with an envelope derived from
@@ -51,8 +53,11 @@ from .base import (
     StoredMessage,
     StoreError,
     StoreStats,
+    check_writable,
+    create_private,
     extract_subject,
     fsync_dir,
+    private_dir,
 )
 
 __all__ = ["MaildirStore", "MaildirWriter"]
@@ -214,9 +219,10 @@ class MaildirWriter(MessageWriter):
         self._size = 0
         self._state = "open"  # "open", "committing", "done"
         try:
-            self._file: IO[bytes] = open(self._tmp, "xb", buffering=_FILE_BUFFER)  # noqa: SIM115
+            fd = create_private(self._tmp)
         except OSError as exc:
             raise _error(self.queue_id, exc) from exc
+        self._file: IO[bytes] = open(fd, "wb", buffering=_FILE_BUFFER)  # noqa: SIM115
 
     @property
     def size(self) -> int:
@@ -265,7 +271,9 @@ class MaildirWriter(MessageWriter):
             self._file.close()
         folder = self._store.path / _SIDECARS
         temp = folder / f".{self.queue_id}.json.tmp"
-        with open(temp, "wb") as handle:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()  # left by a commit of this id that failed half way
+        with open(create_private(temp), "wb") as handle:
             handle.write(sidecar)
             handle.flush()
             os.fsync(handle.fileno())
@@ -313,15 +321,30 @@ class MaildirStore(Store):
             return
         try:
             await asyncio.to_thread(self._prepare)
-        except OSError as exc:
+        except (OSError, StoreError) as exc:
             raise StoreError(f"maildir store {self.path}: {exc}") from exc
         committer = _Committer(self)
         committer.start()
         self._committer = committer
 
-    def _prepare(self) -> None:
+    def preflight(self) -> None:
+        try:
+            self._folders()
+        except (OSError, StoreError) as exc:
+            raise StoreError(f"maildir store {self.path}: {exc}") from exc
+
+    def _folders(self) -> None:
+        """Create the Maildir's folders (0700) and check those the store writes to."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path)
         for sub in ("tmp", "new", "cur", _SIDECARS):
-            (self.path / sub).mkdir(parents=True, exist_ok=True)
+            private_dir(self.path / sub)
+        # Where messages and envelopes are written (cur/ is the readers').
+        for sub in ("tmp", "new", _SIDECARS):
+            check_writable(self.path / sub)
+
+    def _prepare(self) -> None:
+        self._folders()
         cutoff = time.time() - _STALE_SECONDS
         stale: list[Path] = []
         for folder in (self.path / "tmp", self.path / _SIDECARS):

@@ -47,6 +47,12 @@ pending chunks and the spool folders whose owner's lock is free (the
 process died), never those of a live process sharing the database. WAL
 plus a busy timeout let several server processes and the CLI use one file
 at once.
+
+Modes. The database file is created 0600 before SQLite opens it (SQLite
+gives its ``-wal`` and ``-shm`` files the database file's mode), and an
+existing one wider than that is narrowed, with its ``-wal`` and ``-shm``;
+body, spool and lock files are 0600, their folders 0700. The writer and
+the store check at start that every folder they write to is writable.
 """
 
 from __future__ import annotations
@@ -76,7 +82,10 @@ from .base import (
     StoredMessage,
     StoreError,
     StoreStats,
+    check_writable,
+    create_private,
     fsync_dir,
+    private_dir,
 )
 
 if TYPE_CHECKING:
@@ -221,6 +230,18 @@ def _settle_drained(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _private_database(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (it would make it 0644
+    and its -wal and -shm files like it); narrow an existing one and those."""
+    try:
+        os.close(create_private(path))
+    except FileExistsError:
+        for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                if os.stat(name).st_mode & 0o077:
+                    os.chmod(name, 0o600)
+
+
 def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
     if read_only:
         conn = sqlite3.connect(
@@ -249,11 +270,11 @@ class _OwnerLock:
         self._file: IO[bytes] | None = None
 
     def acquire(self) -> None:
-        self.directory.mkdir(exist_ok=True)
+        private_dir(self.directory)
         # Locked under a name nobody checks, then renamed: a lock file is
         # never seen unlocked (and taken for a dead owner's) by a sweep.
         fresh = self.directory / f".{self.owner}.new"
-        handle = open(fresh, "wb")  # noqa: SIM115 - held open until release()
+        handle = open(create_private(fresh), "wb")  # noqa: SIM115 - held open until release()
         try:
             if fcntl is not None:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -397,6 +418,12 @@ class _WriterThread(threading.Thread):
                 os.close(self._write_lock)
 
     def _open(self) -> sqlite3.Connection:
+        # Every folder the writer writes to: the database's, the owner locks', the bodies'.
+        check_writable(self.path.parent)
+        for folder in (self.lock.directory, self.bodies):
+            private_dir(folder)
+            check_writable(folder)
+        _private_database(self.path)
         if fcntl is not None and self.shared:
             self._write_lock = os.open(
                 self.path.with_name(self.path.name + ".writelock"), os.O_RDWR | os.O_CREAT, 0o600
@@ -461,8 +488,8 @@ class _WriterThread(threading.Thread):
     def _sweep_spools(self) -> None:
         """Delete the spool folders of store instances that are gone."""
         spools = self.bodies / _SPOOL
-        self.bodies.mkdir(mode=0o700, exist_ok=True)
-        spools.mkdir(mode=0o700, exist_ok=True)
+        private_dir(self.bodies)
+        private_dir(spools)
         for folder in os.scandir(spools):
             if folder.is_dir(follow_symlinks=False):
                 self._remove_spool(folder.name)
@@ -849,17 +876,32 @@ class SQLiteStore(Store):
         writer = self._writer
         return writer.lock.owner if writer is not None else None
 
+    def preflight(self) -> None:
+        locks = self.path.with_name(self.path.name + ".locks")
+        try:
+            check_writable(self.path.parent)
+            for folder in (self.bodies, self.bodies / _SPOOL, locks):
+                if folder.is_dir():  # the others are made by start()
+                    check_writable(folder)
+        except StoreError as exc:
+            raise StoreError(f"sqlite store {self.path}: {exc}") from None
+
     async def start(self) -> None:
         if self._writer is not None:
             return
         spool_lock = _OwnerLock(self.bodies / _SPOOL)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.bodies.mkdir(mode=0o700, exist_ok=True)
-            spool_lock.directory.mkdir(mode=0o700, exist_ok=True)
+            check_writable(self.path.parent)
+            private_dir(self.bodies)
+            private_dir(spool_lock.directory)
             spool_lock.acquire()  # before the folder: a sweep never sees it unowned
-            (spool_lock.directory / spool_lock.owner).mkdir(mode=0o700)
-        except OSError as exc:
+            own = spool_lock.directory / spool_lock.owner
+            private_dir(own)
+            # Where this instance's large bodies are written, and linked at commit.
+            for folder in (self.bodies, spool_lock.directory, own):
+                check_writable(folder)
+        except (OSError, StoreError) as exc:
             spool_lock.release()
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         self._spool_lock, self._spool_name = spool_lock, spool_lock.owner
@@ -887,7 +929,7 @@ class SQLiteStore(Store):
         thread.start()
         try:
             await asyncio.wrap_future(thread.ready)
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, StoreError) as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         self._writer = thread
 
