@@ -17,10 +17,10 @@ commit queued at that moment and for the whole batch
 4. fsyncs ``new/`` once, then resolves the waiting commits.
 
 A message is visible only in ``new/`` or ``cur/``, and it gets there after its
-envelope is on disk. Messages and sidecars are mode 0600, the folders the
-store creates 0700; ``start`` checks that ``tmp/``, ``new/`` and
-``ehlo-envelopes/`` are writable. ``stats.commits`` counts the batches (fsyncs of ``new/``),
-``stats.messages`` the messages. Readers (an IMAP server) may move messages to
+envelope is on disk. ``stats.commits`` counts the batches (fsyncs of ``new/``),
+``stats.messages`` the messages. Messages and sidecars are mode 0600, the
+folders the store creates 0700; ``start`` checks that ``tmp/``, ``new/`` and
+``ehlo-envelopes/`` are writable. Readers (an IMAP server) may move messages to
 ``cur/`` and add flags (``:2,S``); listing finds them there, and lists files
 without a sidecar (delivered by someone else) with an envelope derived from
 their name.
