@@ -79,6 +79,12 @@ class ServerContext:
                     # Users added or removed while the server runs count at the next EHLO.
                     ext.available = lambda: len(users) > 0
         self.domains = frozenset(d.lower().rstrip(".") for d in config.domains)
+        # Every name this server answers as: Authentication-Results fields a
+        # client sends with one of them as authserv-id are forged (RFC 8601 section 5).
+        self.authserv_ids = frozenset(
+            [config.hostname.lower().rstrip(".")]
+            + [n for n in (tls.names() if tls is not None else []) if not n.startswith("*.")]
+        )
         name = config.hostname
         self.banner = Reply(220, None, f"{name} ESMTP ehlo ready")
         self.goodbye = Reply(221, "2.0.0", f"{name} closing connection")

@@ -44,6 +44,7 @@ from ..protocol import (
 )
 from ..storage import Envelope, MessageWriter, StoreError
 from ..storage.base import JSONText
+from .authres_filter import AuthResFilter
 from .received import protocol_keyword, received_header
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class Session:
         "_checks",
         "_dns_budget",
         "_greeting_names",
+        "_headers",
         "_junk",
         "_rdns",
         "_sasl",
@@ -126,6 +128,9 @@ class Session:
         self._rdns: asyncio.Future[str | None] | None = None
         self.writer: MessageWriter | None = None
         self.envelope: Envelope | None = None
+        # The header section of the message being received, checked for
+        # forged Authentication-Results fields before it is stored.
+        self._headers: AuthResFilter | None = None
         self._store_failed = False
         # Greeting verification: the checks of the latest greeting, running
         # in the background; every name this session greeted with.
@@ -184,7 +189,7 @@ class Session:
         if not log.isEnabledFor(logging.INFO):
             return
         log.info(
-            "disconnect %s helo=%s messages=%d duration=%.3fs (%s)",
+            "disconnect %s helo=%s messages=%d duration=%.3fs reason=%s",
             self.peer,
             self.conn.greeting_name,
             self.messages,
@@ -221,6 +226,7 @@ class Session:
             self.writer.abort()
             self.writer = None
         self.envelope = None
+        self._headers = None
         self._store_failed = False
 
     # --------------------------------------------------------------- dispatch
@@ -511,12 +517,16 @@ class Session:
             tls=self.tls,
             auth_user=self.auth_user,
             now=now,
+            utf8=tx.smtputf8,
         )
         if report is not None:
             from ..greeting import authentication_results  # loaded with the checks
 
             header += authentication_results(report, self.ctx.config.hostname)
         self.envelope = envelope
+        self._headers = AuthResFilter(
+            self.ctx.authserv_ids, remove=self.ctx.config.authres_forged == "remove"
+        )
         try:
             self.writer = self.ctx.store.begin(envelope)
             self.writer.write(header)
@@ -536,6 +546,11 @@ class Session:
         writer = self.writer
         if writer is None:
             return
+        headers = self._headers
+        if headers is not None and not headers.done:
+            data = headers.feed(data)
+            if not data:
+                return
         try:
             writer.write(data)
         except StoreError as exc:
@@ -544,7 +559,22 @@ class Session:
             self.writer = None
             self._store_failed = True
 
+    def _end_headers(self) -> None:
+        """Store what the header filter still holds; note forged fields in the envelope."""
+        headers = self._headers
+        if headers is None:
+            return
+        self._headers = None
+        if self.writer is not None:
+            tail = headers.finish()
+            if tail:
+                self._write(tail)
+        if headers.forged and self.envelope is not None:
+            self.envelope.extra["authres_forged"] = headers.forged
+
     def _data_end(self, event: DataEnd) -> Reply | Awaitable[Reply] | Deferred:
+        if event.last:
+            self._end_headers()
         if not event.last:
             if self._store_failed:
                 self.abort_message()
@@ -649,12 +679,12 @@ class Session:
         mail_from = envelope.mail_from if envelope else (tx.mail_from if tx else "")
         rcpts = envelope.rcpt_to if envelope else (tx.rcpts if tx else [])
         log.info(
-            "message %s %s %s helo=%s from=<%s> rcpts=%d size=%d reply=%d",
+            "message %s %s %s helo=%s from=%s rcpts=%d size=%d reply=%d",
             queue_id,
             outcome,
             self.peer,
             self.conn.greeting_name,
-            mail_from,
+            f"<{mail_from}>",
             len(rcpts),
             size,
             reply.code,

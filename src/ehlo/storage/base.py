@@ -51,7 +51,9 @@ def _plain(value: Any) -> Any:
 
 
 # Keys of ``Envelope.extra`` shown at the top level of ``to_json``.
-PROMOTED_EXTRA = ("greeting_checks", "greeting_verdict", "auth", "violations")
+PROMOTED_EXTRA = (
+    "greeting_checks", "greeting_verdict", "auth", "violations", "authres_forged"
+)
 
 
 @dataclasses.dataclass(slots=True)
