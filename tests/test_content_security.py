@@ -25,7 +25,7 @@ import pytest
 from ehlo import Server
 from ehlo.client import SMTPClient
 from ehlo.config import ConfigError, load_config
-from ehlo.log import TextFormatter, logfmt_value
+from ehlo.log import TextFormatter
 from ehlo.server.authres_filter import AuthResFilter, authserv_id
 
 from .conftest import make_config
@@ -349,7 +349,8 @@ def test_text_log_escapes_line_separators() -> None:
     assert line.endswith(
         'EHLO "a\\u2028b\\u0085c\\nd\\re \\"q\\" \\\\ x=1 m\u00fcnchen"'
     ), line
-    assert logfmt_value("plain.example") == "plain.example"
+    plain = logging.makeLogRecord({"msg": "greeting %s", "args": ("plain.example",)})
+    assert TextFormatter().format(plain).endswith(" greeting plain.example")
 
 
 # ------------------------------------------------------------------ NUL octets
