@@ -232,9 +232,7 @@ async def test_received_for_clause_left_out_for_a_quoted_local_part(tmp_path: Pa
     ],
     ids=["nel", "line-sep", "para-sep", "control", "zero-width", "nbsp"],
 )
-async def test_greeting_name_with_non_printing_characters_is_501(
-    tmp_path: Path, name: str
-) -> None:
+async def test_greeting_name_with_non_printing_characters_is_501(tmp_path: Path, name: str) -> None:
     server = await _start(tmp_path)
     try:
         c = await Client.connect(server)
@@ -340,15 +338,13 @@ def test_text_log_escapes_line_separators() -> None:
             "name": "ehlo.session",
             "levelname": "INFO",
             "msg": "greeting %s EHLO %s",
-            "args": ("127.0.0.1:1", "a\u2028b\u0085c\nd\re \"q\" \\ x=1 m\u00fcnchen"),
+            "args": ("127.0.0.1:1", 'a\u2028b\u0085c\nd\re "q" \\ x=1 m\u00fcnchen'),
         }
     )
     line = TextFormatter().format(record)
     assert len(line.splitlines()) == 1
     assert "\u2028" not in line and "\u0085" not in line
-    assert line.endswith(
-        'EHLO "a\\u2028b\\u0085c\\nd\\re \\"q\\" \\\\ x=1 m\u00fcnchen"'
-    ), line
+    assert line.endswith('EHLO "a\\u2028b\\u0085c\\nd\\re \\"q\\" \\\\ x=1 m\u00fcnchen"'), line
     plain = logging.makeLogRecord({"msg": "greeting %s", "args": ("plain.example",)})
     assert TextFormatter().format(plain).endswith(" greeting plain.example")
 

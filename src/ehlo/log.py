@@ -96,9 +96,7 @@ def _quoted_message(record: logging.LogRecord) -> str:
     if not args or not isinstance(args, tuple):
         return _message(record)
     try:
-        return str(record.msg) % tuple(
-            logfmt_value(a) if isinstance(a, str) else a for a in args
-        )
+        return str(record.msg) % tuple(logfmt_value(a) if isinstance(a, str) else a for a in args)
     except Exception:
         return _message(record)
 

@@ -79,9 +79,7 @@ _TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing the connection"
 _TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 _NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 _TOO_LARGE = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-_BARE_NEWLINE = Reply(
-    554, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF"
-)
+_BARE_NEWLINE = Reply(554, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF")
 _TEXT_LINE_TOO_LONG = Reply(554, "5.6.0", "Message contains a line longer than allowed")
 _NUL = Reply(554, "5.6.0", "Message contains a NUL octet")
 # Which body problem the reply names when there are several.
@@ -91,9 +89,7 @@ _EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
 _AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 _AUTH_TWICE = Reply(503, "5.5.1", "Already authenticated")
 _AUTH_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
-_AUTH_NEEDS_TLS = Reply(
-    538, "5.7.11", "Encryption required for requested authentication mechanism"
-)
+_AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 
 
 _PLAIN_FACTS = SessionFacts(tls_active=False)
@@ -185,9 +181,7 @@ class ServerConnection:
         extensions: tuple[Extension, ...] | None = None,
     ) -> None:
         self.limits = limits if limits is not None else ProtocolLimits()
-        self._extensions = (
-            extensions if extensions is not None else build_extensions(self.limits)
-        )
+        self._extensions = extensions if extensions is not None else build_extensions(self.limits)
         self.state = State.START
         self.greeting: str | None = None  # "HELO" or "EHLO" once answered 250
         self.greeting_name: str | None = None
@@ -399,9 +393,7 @@ class ServerConnection:
 
     # ---------------------------------------------------------------- commands
 
-    def _fault(
-        self, reply: Reply, reason: str, verb: str = "", aborted: bool = False
-    ) -> Fault:
+    def _fault(self, reply: Reply, reason: str, verb: str = "", aborted: bool = False) -> Fault:
         self._out.append(reply.render(self._enhanced))
         if reply.code >= 500:
             self.errors += 1
@@ -483,9 +475,13 @@ class ServerConnection:
         # (An ASCII name without space is printable exactly when it has no control
         # octet.) Unicode line separators (U+0085, U+2028, U+2029) and other
         # non-printing characters would end or hide lines in headers and logs.
-        if not arg.isprintable() if arg.isascii() else any(
-            ord(c) < 33 or ord(c) == 127 or (ord(c) >= 0x80 and not is_printable_utf8(c))
-            for c in arg
+        if (
+            not arg.isprintable()
+            if arg.isascii()
+            else any(
+                ord(c) < 33 or ord(c) == 127 or (ord(c) >= 0x80 and not is_printable_utf8(c))
+                for c in arg
+            )
         ):
             raise SyntaxProblem(
                 Reply(501, "5.5.4", f"{verb} name contains non-printing or control characters")

@@ -290,9 +290,7 @@ def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
                 raise _bad(501, "5.5.4", f"Empty value for parameter {_shown(keyword)}")
             for ch in value:
                 code = ord(ch)
-                if not (33 <= code <= 126 and ch != "=") and not (
-                    utf8 and is_printable_utf8(ch)
-                ):
+                if not (33 <= code <= 126 and ch != "=") and not (utf8 and is_printable_utf8(ch)):
                     raise _bad(501, "5.5.4", f"Bad value for parameter {_shown(keyword)}")
         key = keyword.upper()
         if key in params:

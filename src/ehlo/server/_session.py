@@ -67,9 +67,7 @@ _NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 _NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
 _AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 _AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-_AUTH_LOCKED = Reply(
-    421, "4.7.0", "Too many failed authentication attempts, try again later"
-)
+_AUTH_LOCKED = Reply(421, "4.7.0", "Too many failed authentication attempts, try again later")
 _AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 _TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands that move no mail, closing connection")
 _HELP = Reply(
@@ -176,8 +174,13 @@ class Session:
         self.tls = info
         self.auth_user = self.auth_mechanism = None
         self.abort_message()
-        log.info("tls %s %s %s", self.peer, info.get("version"), info.get("cipher"),
-                 extra={"event": "tls", "client_ip": self.client_ip, **info})
+        log.info(
+            "tls %s %s %s",
+            self.peer,
+            info.get("version"),
+            info.get("cipher"),
+            extra={"event": "tls", "client_ip": self.client_ip, **info},
+        )
 
     def closed(self, reason: str) -> None:
         """The connection is gone; drop an unfinished message and pending checks."""
@@ -214,9 +217,17 @@ class Session:
             return False
         log.warning(
             "protocol violation %s: %s (%s)%s",
-            self.peer, kind, detail, ", dropping" if action == "reject" else "",
-            extra={"event": "violation", "client_ip": self.client_ip, "violation": kind,
-                   "detail": detail, "action": action},
+            self.peer,
+            kind,
+            detail,
+            ", dropping" if action == "reject" else "",
+            extra={
+                "event": "violation",
+                "client_ip": self.client_ip,
+                "violation": kind,
+                "detail": detail,
+                "action": action,
+            },
         )
         return action == "reject"
 
@@ -458,9 +469,7 @@ class Session:
         if self._rdns is None:
             return
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(
-                asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout
-            )
+            await asyncio.wait_for(asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout)
         self._collect_rdns()
 
     def _collect_rdns(self) -> None:
@@ -780,17 +789,31 @@ class Session:
         # user's own is refused (ehlo has no proxy authorization).
         allowed = not credentials.authzid or credentials.authzid == name
         ok = allowed and await self.ctx.verify_password(name, credentials.password)
-        fields = {"event": "auth", "client_ip": self.client_ip, "user": name,
-                  "mechanism": mechanism}
+        fields = {
+            "event": "auth",
+            "client_ip": self.client_ip,
+            "user": name,
+            "mechanism": mechanism,
+        }
         if ok:
             self.auth_user, self.auth_mechanism = name, mechanism
-            log.info("auth %s user=%s mechanism=%s ok", self.peer, name, mechanism,
-                     extra={**fields, "outcome": "ok"})
+            log.info(
+                "auth %s user=%s mechanism=%s ok",
+                self.peer,
+                name,
+                mechanism,
+                extra={**fields, "outcome": "ok"},
+            )
             return _AUTH_OK
         delay, locked = self.ctx.auth_guard.failed(self.client_ip, time.monotonic())
-        log.warning("auth %s user=%s mechanism=%s failed%s", self.peer, name, mechanism,
-                    ", address locked out" if locked else "",
-                    extra={**fields, "outcome": "locked" if locked else "failed"})
+        log.warning(
+            "auth %s user=%s mechanism=%s failed%s",
+            self.peer,
+            name,
+            mechanism,
+            ", address locked out" if locked else "",
+            extra={**fields, "outcome": "locked" if locked else "failed"},
+        )
         # Slow down guessing: each failure from this address waits longer.
         await asyncio.sleep(delay)
         return _AUTH_LOCKED if locked else _AUTH_FAILED

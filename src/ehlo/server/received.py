@@ -123,9 +123,7 @@ def received_header(
         lines.append(f"\t(authenticated as {_clean(auth_user)})")
     lines.append(f"\tby {_clean(server_name)} (ehlo) with {protocol} id {queue_id}")
     if tls:
-        lines.append(
-            f"\t(using {tls.get('version', '?')} with cipher {tls.get('cipher', '?')})"
-        )
+        lines.append(f"\t(using {tls.get('version', '?')} with cipher {tls.get('cipher', '?')})")
     date = rfc5322_date(now)
     # RFC 5321 section 4.4: the "for" clause is optional; it is left out for
     # a quoted local part or any character a parser could take for syntax
