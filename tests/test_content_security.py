@@ -14,6 +14,7 @@ clients (ehlo's own over DATA and BDAT, raw sockets for malformed input):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from ehlo import Server
 from ehlo.client import SMTPClient
@@ -29,6 +31,7 @@ from ehlo.log import TextFormatter
 from ehlo.server.authres_filter import AuthResFilter, authserv_id
 
 from .conftest import make_config
+from .test_cli import run
 from .test_e2e_raw import Client, queued_id
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,6 +52,8 @@ FORGED = (
 
 
 async def _start(tmp_path: Path, **overrides: Any) -> Server:
+    # No DNS at all: the Received header's client name is not under test.
+    overrides.setdefault("reverse_dns", False)
     server = Server(make_config(tmp_path / "data", hostname=OURS, **overrides))
     await server.start()
     return server
@@ -120,6 +125,30 @@ async def test_forged_authentication_results_can_be_removed(
         b"Authentication-Results: mx.example.org; this is body text\r\n"
     )
     assert envelope["authres_forged"] == 3
+
+
+async def test_sni_names_are_ours_too_and_the_cli_shows_the_count(tmp_path: Path) -> None:
+    leaf = trustme.CA().issue_cert("alias.example.test", "*.wild.example.test")
+    cert, key = tmp_path / "alias.pem", tmp_path / "alias.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+    message = (
+        b"Authentication-Results: Alias.Example.Test.; spf=pass\r\n"
+        b"Authentication-Results: x.wild.example.test; spf=pass\r\n"
+        b"Subject: sni\r\n\r\nbody\r\n"
+    )
+    server = await _start(tmp_path, sni_certificates=((cert, key),))
+    try:
+        queue_id = await _send(server, message, bdat=False)
+        raw, _ = _stored(server, queue_id)
+    finally:
+        await server.stop(timeout=1.0)
+    assert b"\r\nX-Original-Authentication-Results: Alias.Example.Test.; spf=pass\r\n" in raw
+    # A wildcard certificate names no single host: not an authserv-id of ours.
+    assert b"\r\nAuthentication-Results: x.wild.example.test; spf=pass\r\n" in raw
+    shown = run("messages", "show", queue_id, "--json", "--data", str(tmp_path / "data"))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["authres_forged"] == 1
 
 
 async def test_clean_message_is_stored_unchanged_and_uncounted(tmp_path: Path) -> None:
