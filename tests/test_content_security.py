@@ -190,6 +190,20 @@ def test_filter_gives_the_same_bytes_however_the_message_is_split() -> None:
         assert split.forged == 3
 
 
+@pytest.mark.parametrize("split", [1, 3, 1000])
+def test_filter_finds_the_end_of_a_header_section_with_bare_lf(split: int) -> None:
+    # BDAT carries octets untransformed: LF-only lines end the header section too.
+    message = (
+        b"Authentication-Results: mx.example.org; spf=pass\n"
+        b"\n\r\nAuthentication-Results: mx.example.org; body\n"
+    )
+    filt = AuthResFilter(frozenset({OURS}))
+    parts = [message[i : i + split] for i in range(0, len(message), split)]
+    out = b"".join(filt.feed(p) for p in parts) + filt.finish()
+    assert out == b"X-Original-" + message
+    assert filt.forged == 1
+
+
 def test_filter_scans_a_bounded_header_section_and_passes_the_rest() -> None:
     from ehlo.server.authres_filter import HEADER_SCAN_LIMIT
 

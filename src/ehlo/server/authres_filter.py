@@ -91,6 +91,16 @@ def authserv_id(value: str) -> str | None:
     return value[i:j] or None
 
 
+def _header_end(buf: bytes | bytearray, start: int) -> int:
+    """Offset of the empty line that ends the header section; -1 if not in ``buf``."""
+    if buf[:1] == b"\n" or buf[:2] == b"\r\n":
+        return 0
+    crlf = buf.find(b"\n\r\n", start)
+    lf = buf.find(b"\n\n", start, crlf + 1 if crlf >= 0 else len(buf))
+    end = lf if lf >= 0 else crlf
+    return end + 1 if end >= 0 else -1
+
+
 def _normal(name: str) -> str:
     return name.lower().rstrip(".")
 
@@ -122,8 +132,17 @@ class AuthResFilter:
         if self._done:
             return data
         buf = self._buf
+        if not buf:
+            # The usual case: the whole header section in the first block.
+            end = _header_end(data, 0)
+            if end >= 0:
+                self._done = True
+                if not self._ids or _FIELD.search(data, 0, end) is None:
+                    return data  # nothing to rewrite: no copy
+                return self._rewrite(data[:end], False) + data[end:]
         buf += data
-        end = self._header_end()
+        end = _header_end(buf, max(self._searched - 2, 0))
+        self._searched = len(buf)
         if end < 0:
             if len(buf) < HEADER_SCAN_LIMIT:
                 return b""
@@ -138,16 +157,6 @@ class AuthResFilter:
         if self._done:
             return b""
         return self._release(len(self._buf), last_open=False)
-
-    def _header_end(self) -> int:
-        """Offset of the empty line that ends the header section; -1 if not yet seen."""
-        buf = self._buf
-        if buf[:1] == b"\n" or buf[:2] == b"\r\n":
-            return 0
-        start = max(self._searched - 2, 0)
-        ends = [i for i in (buf.find(b"\n\n", start), buf.find(b"\n\r\n", start)) if i >= 0]
-        self._searched = len(buf)
-        return min(ends) + 1 if ends else -1
 
     def _release(self, end: int, *, last_open: bool) -> bytes:
         head = bytes(self._buf[:end])
