@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 import traceback
@@ -68,8 +67,6 @@ def _message(record: logging.LogRecord) -> str:
         return f"{record.msg!s} {record.args!r}"
 
 
-# A value written as it is: printable ASCII without space, quote, "=" or backslash.
-_PLAIN = re.compile(r"[!#-<>-\[\]-~]+")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -84,8 +81,17 @@ def _escape(ch: str) -> str:
 
 
 def logfmt_value(text: str) -> str:
-    """``text`` as one logfmt value: unchanged when plain, else quoted and escaped."""
-    if _PLAIN.fullmatch(text) is not None:
+    """``text`` as one logfmt value: unchanged when plain, else quoted and escaped.
+
+    Plain: printable ASCII without space, quote, "=" or backslash (str
+    methods, not a regular expression: this runs for every logged text).
+    """
+    if (
+        text
+        and text.isascii()
+        and text.isprintable()
+        and not (" " in text or '"' in text or "=" in text or "\\" in text)
+    ):
         return text
     return '"' + "".join(map(_escape, text)) + '"'
 
@@ -96,7 +102,7 @@ def _quoted_message(record: logging.LogRecord) -> str:
     if not args or not isinstance(args, tuple):
         return _message(record)
     try:
-        return str(record.msg) % tuple(logfmt_value(a) if isinstance(a, str) else a for a in args)
+        return str(record.msg) % tuple([logfmt_value(a) if isinstance(a, str) else a for a in args])
     except Exception:
         return _message(record)
 
