@@ -388,8 +388,15 @@ def test_text_log_escapes_line_separators() -> None:
     assert len(line.splitlines()) == 1
     assert "\u2028" not in line and "\u0085" not in line
     assert line.endswith('EHLO "a\\u2028b\\u0085c\\nd\\re \\"q\\" \\\\ x=1 m\u00fcnchen"'), line
-    plain = logging.makeLogRecord({"msg": "greeting %s", "args": ("plain.example",)})
+    plain = logging.makeLogRecord(
+        {"name": "ehlo.session", "msg": "greeting %s", "args": ("plain.example",)}
+    )
     assert TextFormatter().format(plain).endswith(" greeting plain.example")
+    # The operator's own text (other loggers) is written as it is.
+    ready = logging.makeLogRecord(
+        {"name": "ehlo.cli", "msg": "ready (event loop: %s)", "args": ("uvloop 1, worker 0",)}
+    )
+    assert TextFormatter().format(ready).endswith(" ready (event loop: uvloop 1, worker 0)")
 
 
 # ------------------------------------------------------------------ NUL octets

@@ -5,8 +5,9 @@ This module owns the log line formats. Code that logs uses the standard
 structured fields with ``extra={"event": ..., "client_ip": ...}``:
 
 * ``text``: ``2026-11-28T13:41:17.753Z INFO message 06H2... accepted ...``
-  (UTC timestamp with milliseconds, level, the formatted message). Every
-  text argument of the message is written logfmt-style: as it is when it is
+  (UTC timestamp with milliseconds, level, the formatted message). In
+  session records (``ehlo.session``, where client text lands) every text
+  argument of the message is written logfmt-style: as it is when it is
   one plain token, else in double quotes with backslash escapes (for a
   backslash, a quote, CR, LF, tab and, as ``u`` and four hex digits, any
   other non-printing character), so that text a client chose (a greeting name, an
@@ -96,10 +97,16 @@ def logfmt_value(text: str) -> str:
     return '"' + "".join(map(_escape, text)) + '"'
 
 
+# Loggers whose messages carry text a client chose (greeting names, addresses,
+# user names): their text arguments are quoted. Other loggers write the
+# operator's own text (addresses listened on, paths), left as it is.
+_CLIENT_TEXT = "ehlo.session"
+
+
 def _quoted_message(record: logging.LogRecord) -> str:
     """The message with each text argument as a logfmt value (see module docstring)."""
     args = record.args
-    if not args or not isinstance(args, tuple):
+    if not args or not isinstance(args, tuple) or not (record.name or "").startswith(_CLIENT_TEXT):
         return _message(record)
     try:
         return str(record.msg) % tuple([logfmt_value(a) if isinstance(a, str) else a for a in args])

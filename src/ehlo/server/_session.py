@@ -216,11 +216,10 @@ class Session:
         if action == "off":
             return False
         log.warning(
-            "protocol violation %s: %s (%s)%s",
+            "protocol violation %s: %s (%s)" + (", dropping" if action == "reject" else ""),
             self.peer,
             kind,
             detail,
-            ", dropping" if action == "reject" else "",
             extra={
                 "event": "violation",
                 "client_ip": self.client_ip,
@@ -807,11 +806,10 @@ class Session:
             return _AUTH_OK
         delay, locked = self.ctx.auth_guard.failed(self.client_ip, time.monotonic())
         log.warning(
-            "auth %s user=%s mechanism=%s failed%s",
+            "auth %s user=%s mechanism=%s failed" + (", address locked out" if locked else ""),
             self.peer,
             name,
             mechanism,
-            ", address locked out" if locked else "",
             extra={**fields, "outcome": "locked" if locked else "failed"},
         )
         # Slow down guessing: each failure from this address waits longer.
