@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from ehlo.server.authres_filter import AuthResFilter, authserv_id
 from .conftest import make_config
 from .test_cli import run
 from .test_e2e_raw import Client, queued_id
+from .test_e2e_tools import tool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,6 +127,42 @@ async def test_forged_authentication_results_can_be_removed(
         b"Authentication-Results: mx.example.org; this is body text\r\n"
     )
     assert envelope["authres_forged"] == 3
+
+
+def test_swaks_forged_authentication_results(threaded_server: Any, tmp_path: Path) -> None:
+    swaks = tool("swaks")  # under CI a missing tool fails, never skips
+    server = threaded_server(hostname=OURS, reverse_dns=False)
+    data = tmp_path / "forged.eml"
+    data.write_bytes(FORGED.replace(b"\r\n", b"\n"))  # swaks sends CRLF
+    proc = subprocess.run(
+        [
+            swaks,
+            "--server",
+            server.host,
+            "--port",
+            str(server.port),
+            "--timeout",
+            "20",
+            "--from",
+            "a@example.net",
+            "--to",
+            "b@example.org",
+            "--data",
+            str(data),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout
+    found = re.search(rb"queued as (\S+)", proc.stdout)
+    assert found, proc.stdout
+    queue_id = found.group(1).decode()
+    raw = server.call(lambda: server.server.store.raw(queue_id))
+    stored = server.call(lambda: server.server.store.get(queue_id))
+    assert raw.count(b"\r\nX-Original-Authentication-Results:") == 3, raw
+    assert b"\r\nAuthentication-Results: other.example; spf=pass" in raw
+    assert stored.envelope.to_json()["authres_forged"] == 3
 
 
 async def test_sni_names_are_ours_too_and_the_cli_shows_the_count(tmp_path: Path) -> None:
