@@ -71,7 +71,9 @@ def test_ehlo_lists_extensions_and_helo_is_one_line() -> None:
         ("EHLO", "b\u00fccher.example", "250"),  # SMTPUTF8 is offered
         ("EHLO", "b\u00fccher\x01.example", "501"),
         ("EHLO", "b\u00fccher\x7f.example", "501"),
-        ("EHLO", "b\u00fccher\u0085.example", "250"),  # only C0 and DEL are refused
+        ("EHLO", "b\u00fccher\u0085.example", "501"),  # a Unicode line break (NEL)
+        ("EHLO", "b\u00fccher\u2028.example", "501"),  # LINE SEPARATOR
+        ("EHLO", "b\u00fccher\u200b.example", "501"),  # a format character
         ("HELO", "b\u00fccher.example", "501"),  # HELO names are ASCII
     ],
 )

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 StoreKind = Literal["sqlite", "maildir", "null"]
 BareNewline = Literal["normalize", "reject"]
+Nul = Literal["keep", "reject"]
 LogFormat = Literal["text", "json"]
 
 
@@ -46,6 +47,9 @@ class ProtocolLimits:
     max_errors: int = 20
     # Bare CR or LF inside DATA: "normalize" to CRLF, or "reject" with 5xx.
     bare_newline: BareNewline = "normalize"
+    # NUL octets in a message body (RFC 5321 section 4.5.2 allows none in
+    # text): "keep" them, or "reject" the message with 554 5.6.0 after its end.
+    nul: Nul = "keep"
     # Extensions offered (each can be switched off).
     pipelining: bool = True
     chunking: bool = True
@@ -239,6 +243,11 @@ class ServerConfig:
     # commands after one that must end a group (RFC 2920 section 3.1):
     # "record" (logged, noted in the envelope), "reject" (554, dropped), "off".
     pipelining_violation: str = "record"
+    # RFC 8601 section 5: an incoming Authentication-Results field that claims
+    # one of our names (hostname, SNI certificate names) as its authserv-id is
+    # "rename"d to X-Original-Authentication-Results or "remove"d; the stored
+    # envelope counts them (authres_forged).
+    authres_forged: str = "rename"
     # NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO (not the one required
     # after STARTTLS) and other commands that move no mail: beyond this many
     # in one session, 421 4.7.0. 0: no limit.
@@ -590,6 +599,7 @@ _SERVER_KEYS: dict[str, _Check] = {
     "limits_exempt": _networks,
     "greeting_delay": _seconds_or_zero,
     "pipelining_violation": _choice("record", "reject", "off"),
+    "authres_forged": _choice("rename", "remove"),
     "max_junk_commands": _count_or_zero,
     "max_session_time": _positive_seconds,
     "workers": _count_or_zero,
@@ -615,6 +625,7 @@ _LIMIT_KEYS: dict[str, _Check] = {
     "max_text_line": _text_line,
     "max_errors": _positive_int,
     "bare_newline": _choice("normalize", "reject"),
+    "nul": _choice("keep", "reject"),
     "pipelining": _bool,
     "chunking": _bool,
     "smtputf8": _bool,

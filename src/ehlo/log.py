@@ -5,7 +5,13 @@ This module owns the log line formats. Code that logs uses the standard
 structured fields with ``extra={"event": ..., "client_ip": ...}``:
 
 * ``text``: ``2026-11-28T13:41:17.753Z INFO message 06H2... accepted ...``
-  (UTC timestamp with milliseconds, level, the formatted message);
+  (UTC timestamp with milliseconds, level, the formatted message). In
+  session records (``ehlo.session``, where client text lands) every text
+  argument of the message is written logfmt-style: as it is when it is
+  one plain token, else in double quotes with backslash escapes (for a
+  backslash, a quote, CR, LF, tab and, as ``u`` and four hex digits, any
+  other non-printing character), so that text a client chose (a greeting name, an
+  address) can neither add ``key=value`` fields nor break the line;
 * ``json``: one object per line with ``ts``, ``level``, ``logger``, ``msg``
   and every ``extra`` field; values JSON cannot encode are written with
   ``str()``, so a record never fails to log.
@@ -24,7 +30,7 @@ import time
 import traceback
 from typing import Any, Literal, TextIO
 
-__all__ = ["JSONFormatter", "TextFormatter", "configure_logging"]
+__all__ = ["JSONFormatter", "TextFormatter", "configure_logging", "logfmt_value"]
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {
@@ -62,6 +68,52 @@ def _message(record: logging.LogRecord) -> str:
         return f"{record.msg!s} {record.args!r}"
 
 
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(ch: str) -> str:
+    known = _ESCAPES.get(ch)
+    if known is not None:
+        return known
+    if ch == " " or ch.isprintable():
+        return ch
+    code = ord(ch)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def logfmt_value(text: str) -> str:
+    """``text`` as one logfmt value: unchanged when plain, else quoted and escaped.
+
+    Plain: printable ASCII without space, quote, "=" or backslash (str
+    methods, not a regular expression: this runs for every logged text).
+    """
+    if (
+        text
+        and text.isascii()
+        and text.isprintable()
+        and not (" " in text or '"' in text or "=" in text or "\\" in text)
+    ):
+        return text
+    return '"' + "".join(map(_escape, text)) + '"'
+
+
+# Loggers whose messages carry text a client chose (greeting names, addresses,
+# user names): their text arguments are quoted. Other loggers write the
+# operator's own text (addresses listened on, paths), left as it is.
+_CLIENT_TEXT = "ehlo.session"
+
+
+def _quoted_message(record: logging.LogRecord) -> str:
+    """The message with each text argument as a logfmt value (see module docstring)."""
+    args = record.args
+    if not args or not isinstance(args, tuple) or not (record.name or "").startswith(_CLIENT_TEXT):
+        return _message(record)
+    try:
+        return str(record.msg) % tuple([logfmt_value(a) if isinstance(a, str) else a for a in args])
+    except Exception:
+        return _message(record)
+
+
 def _exception_text(record: logging.LogRecord) -> str | None:
     if record.exc_info and record.exc_info[0] is not None:
         return "".join(traceback.format_exception(*record.exc_info)).rstrip()
@@ -87,7 +139,7 @@ class TextFormatter(logging.Formatter):
         self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{self._clock.stamp(record.created)} {record.levelname} {_message(record)}"
+        line = f"{self._clock.stamp(record.created)} {record.levelname} {_quoted_message(record)}"
         error = _exception_text(record)
         if error is not None:
             line = f"{line}\n{error}"

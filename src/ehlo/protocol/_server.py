@@ -43,7 +43,14 @@ from ._events import (
 )
 from ._reply import Reply
 from ._state import IN_TRANSACTION, State, Transaction, sequence_error
-from ._syntax import SyntaxProblem, _shown, parse_params, parse_path, split_path
+from ._syntax import (
+    SyntaxProblem,
+    _shown,
+    is_printable_utf8,
+    parse_params,
+    parse_path,
+    split_path,
+)
 
 # Verbs of RFC 5321 and common extensions that ehlo recognises but does not
 # implement: 502 rather than 500 (RFC 5321 section 4.2.4).
@@ -72,20 +79,17 @@ _TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing the connection"
 _TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 _NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 _TOO_LARGE = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-_BARE_NEWLINE = Reply(
-    554, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF"
-)
+_BARE_NEWLINE = Reply(554, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF")
 _TEXT_LINE_TOO_LONG = Reply(554, "5.6.0", "Message contains a line longer than allowed")
+_NUL = Reply(554, "5.6.0", "Message contains a NUL octet")
 # Which body problem the reply names when there are several.
-_BODY_ERROR_RANK = {_TOO_LARGE: 0, _BARE_NEWLINE: 1, _TEXT_LINE_TOO_LONG: 2}
+_BODY_ERROR_RANK = {_TOO_LARGE: 0, _BARE_NEWLINE: 1, _NUL: 2, _TEXT_LINE_TOO_LONG: 3}
 _TLS_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
 _EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
 _AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 _AUTH_TWICE = Reply(503, "5.5.1", "Already authenticated")
 _AUTH_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
-_AUTH_NEEDS_TLS = Reply(
-    538, "5.7.11", "Encryption required for requested authentication mechanism"
-)
+_AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 
 
 _PLAIN_FACTS = SessionFacts(tls_active=False)
@@ -177,9 +181,7 @@ class ServerConnection:
         extensions: tuple[Extension, ...] | None = None,
     ) -> None:
         self.limits = limits if limits is not None else ProtocolLimits()
-        self._extensions = (
-            extensions if extensions is not None else build_extensions(self.limits)
-        )
+        self._extensions = extensions if extensions is not None else build_extensions(self.limits)
         self.state = State.START
         self.greeting: str | None = None  # "HELO" or "EHLO" once answered 250
         self.greeting_name: str | None = None
@@ -391,9 +393,7 @@ class ServerConnection:
 
     # ---------------------------------------------------------------- commands
 
-    def _fault(
-        self, reply: Reply, reason: str, verb: str = "", aborted: bool = False
-    ) -> Fault:
+    def _fault(self, reply: Reply, reason: str, verb: str = "", aborted: bool = False) -> Fault:
         self._out.append(reply.render(self._enhanced))
         if reply.code >= 500:
             self.errors += 1
@@ -472,11 +472,20 @@ class ServerConnection:
             raise SyntaxProblem(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
         if " " in arg or "\t" in arg:
             raise SyntaxProblem(Reply(501, "5.5.4", f"Syntax: {verb} hostname (one word)"))
-        # (An ASCII name without space is printable exactly when it has no control octet.)
-        if not arg.isprintable() if arg.isascii() else any(
-            ord(c) < 33 or ord(c) == 127 for c in arg
+        # (An ASCII name without space is printable exactly when it has no control
+        # octet.) Unicode line separators (U+0085, U+2028, U+2029) and other
+        # non-printing characters would end or hide lines in headers and logs.
+        if (
+            not arg.isprintable()
+            if arg.isascii()
+            else any(
+                ord(c) < 33 or ord(c) == 127 or (ord(c) >= 0x80 and not is_printable_utf8(c))
+                for c in arg
+            )
         ):
-            raise SyntaxProblem(Reply(501, "5.5.4", f"{verb} name contains control characters"))
+            raise SyntaxProblem(
+                Reply(501, "5.5.4", f"{verb} name contains non-printing or control characters")
+            )
         if not arg.isascii() and (verb == "HELO" or not self._smtputf8_available()):
             raise SyntaxProblem(Reply(501, "5.5.4", f"{verb} name must be ASCII"))
         return arg
@@ -707,8 +716,8 @@ class ServerConnection:
 
     def _body_fail(self, reply: Reply, reason: str) -> None:
         # One reply whatever the order the problems were found in (which
-        # depends on how the stream was split): size, then bare newlines,
-        # then line length.
+        # depends on how the stream was split): size, then bare newlines, then
+        # NUL octets, then line length.
         current = self._body_error
         if current is None or _BODY_ERROR_RANK[reply] < _BODY_ERROR_RANK[current]:
             self._body_error = reply
@@ -817,6 +826,10 @@ class ServerConnection:
         tx = self.transaction
         assert tx is not None
         tx.size += len(chunk)
+        if self.limits.nul == "reject" and b"\x00" in chunk:
+            # RFC 5321 section 4.5.2: NUL is not allowed in text; refused
+            # after the end of the data (DATA and BDAT alike).
+            self._body_fail(_NUL, "NUL octet in the message")
         limit = self.limits.max_message_size
         if limit and tx.size > limit:
             # RFC 1870 section 6.3: swallow the rest, then answer 552.

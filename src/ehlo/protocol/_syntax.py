@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 
 from ._reply import Reply
 
@@ -37,9 +38,21 @@ def _bad(code: int, enhanced: str, text: str) -> SyntaxProblem:
     return SyntaxProblem(Reply(code, enhanced, text))
 
 
+# Unicode categories that never belong in a name or an address: controls
+# (C1 included), format characters, line and paragraph separators, private
+# use, surrogates and unassigned code points, and non-ASCII spaces.
+_NON_PRINTING = frozenset({"Cc", "Cf", "Zl", "Zp", "Zs", "Co", "Cs", "Cn"})
+
+
+def is_printable_utf8(ch: str) -> bool:
+    """True for a non-ASCII character that prints (RFC 5198 section 2: no controls)."""
+    return ord(ch) >= 0x80 and unicodedata.category(ch) not in _NON_PRINTING
+
+
 def _is_utf8_char(ch: str) -> bool:
-    # RFC 6531 section 3.3: UTF8-non-ascii extends atext, qtext and sub-domain.
-    return ord(ch) >= 0x80
+    # RFC 6531 section 3.3: UTF8-non-ascii extends atext, qtext and sub-domain;
+    # RFC 6530 section 10.1 (via RFC 5198): never line separators or controls.
+    return is_printable_utf8(ch)
 
 
 # Fast paths for the common all-ASCII case (the character loops below stay the
@@ -84,7 +97,7 @@ def quoted_string_end(text: str, utf8: bool = False) -> int:
             return i + 1
         code = ord(ch)
         # qtextSMTP = %d32-33 / %d35-91 / %d93-126
-        if not (32 <= code <= 126) and not (utf8 and code >= 0x80):
+        if not (32 <= code <= 126) and not (utf8 and is_printable_utf8(ch)):
             return -1
         i += 1
     return -1
@@ -277,7 +290,7 @@ def parse_params(text: str, utf8: bool = False) -> dict[str, str | None]:
                 raise _bad(501, "5.5.4", f"Empty value for parameter {_shown(keyword)}")
             for ch in value:
                 code = ord(ch)
-                if not (33 <= code <= 126 and ch != "=") and not (utf8 and code >= 0x80):
+                if not (33 <= code <= 126 and ch != "=") and not (utf8 and is_printable_utf8(ch)):
                     raise _bad(501, "5.5.4", f"Bad value for parameter {_shown(keyword)}")
         key = keyword.upper()
         if key in params:

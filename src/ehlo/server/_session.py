@@ -44,6 +44,7 @@ from ..protocol import (
 )
 from ..storage import Envelope, MessageWriter, StoreError
 from ..storage.base import JSONText
+from .authres_filter import AuthResFilter
 from .received import protocol_keyword, received_header
 
 if TYPE_CHECKING:
@@ -73,9 +74,7 @@ _NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 _NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
 _AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 _AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-_AUTH_LOCKED = Reply(
-    421, "4.7.0", "Too many failed authentication attempts, try again later"
-)
+_AUTH_LOCKED = Reply(421, "4.7.0", "Too many failed authentication attempts, try again later")
 _AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 _TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands that move no mail, closing connection")
 _HELP = Reply(
@@ -96,6 +95,7 @@ class Session:
         "_checks_input",
         "_dns_budget",
         "_greeting_names",
+        "_headers",
         "_junk",
         "_rdns",
         "_sasl",
@@ -134,6 +134,9 @@ class Session:
         self._rdns: asyncio.Future[str | None] | None = None
         self.writer: MessageWriter | None = None
         self.envelope: Envelope | None = None
+        # The header section of the message being received, checked for
+        # forged Authentication-Results fields before it is stored.
+        self._headers: AuthResFilter | None = None
         self._store_failed = False
         # Greeting verification: the checks of the latest greeting, running
         # in the background (the greeting they look at, until they begin);
@@ -181,8 +184,13 @@ class Session:
         self.tls = info
         self.auth_user = self.auth_mechanism = None
         self.abort_message()
-        log.info("tls %s %s %s", self.peer, info.get("version"), info.get("cipher"),
-                 extra={"event": "tls", "client_ip": self.client_ip, **info})
+        log.info(
+            "tls %s %s %s",
+            self.peer,
+            info.get("version"),
+            info.get("cipher"),
+            extra={"event": "tls", "client_ip": self.client_ip, **info},
+        )
 
     def closed(self, reason: str) -> None:
         """The connection is gone; drop an unfinished message and pending lookups."""
@@ -198,7 +206,7 @@ class Session:
         if not log.isEnabledFor(logging.INFO):
             return
         log.info(
-            "disconnect %s helo=%s messages=%d duration=%.3fs (%s)",
+            "disconnect %s helo=%s messages=%d duration=%.3fs reason=%s",
             self.peer,
             self.conn.greeting_name,
             self.messages,
@@ -223,10 +231,17 @@ class Session:
         if action == "off":
             return False
         log.warning(
-            "protocol violation %s: %s (%s)%s",
-            self.peer, kind, detail, ", dropping" if action == "reject" else "",
-            extra={"event": "violation", "client_ip": self.client_ip, "violation": kind,
-                   "detail": detail, "action": action},
+            "protocol violation %s: %s (%s)" + (", dropping" if action == "reject" else ""),
+            self.peer,
+            kind,
+            detail,
+            extra={
+                "event": "violation",
+                "client_ip": self.client_ip,
+                "violation": kind,
+                "detail": detail,
+                "action": action,
+            },
         )
         return action == "reject"
 
@@ -236,6 +251,7 @@ class Session:
             self.writer.abort()
             self.writer = None
         self.envelope = None
+        self._headers = None
         self._store_failed = False
 
     # --------------------------------------------------------------- dispatch
@@ -503,9 +519,7 @@ class Session:
         if self._rdns is None:
             return
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(
-                asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout
-            )
+            await asyncio.wait_for(asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout)
         self._collect_rdns()
 
     def _collect_rdns(self) -> None:
@@ -562,12 +576,16 @@ class Session:
             tls=self.tls,
             auth_user=self.auth_user,
             now=now,
+            utf8=tx.smtputf8,
         )
         if report is not None:
             from ..greeting import authentication_results  # loaded with the checks
 
             header += authentication_results(report, self.ctx.config.hostname)
         self.envelope = envelope
+        self._headers = AuthResFilter(
+            self.ctx.authserv_ids, remove=self.ctx.config.authres_forged == "remove"
+        )
         try:
             self.writer = self.ctx.store.begin(envelope)
             self.writer.write(header)
@@ -587,6 +605,11 @@ class Session:
         writer = self.writer
         if writer is None:
             return
+        headers = self._headers
+        if headers is not None and not headers.done:
+            data = headers.feed(data)
+            if not data:
+                return
         try:
             writer.write(data)
         except StoreError as exc:
@@ -595,7 +618,22 @@ class Session:
             self.writer = None
             self._store_failed = True
 
+    def _end_headers(self) -> None:
+        """Store what the header filter still holds; note forged fields in the envelope."""
+        headers = self._headers
+        if headers is None:
+            return
+        self._headers = None
+        if self.writer is not None:
+            tail = headers.finish()
+            if tail:
+                self._write(tail)
+        if headers.forged and self.envelope is not None:
+            self.envelope.extra["authres_forged"] = headers.forged
+
     def _data_end(self, event: DataEnd) -> Reply | Awaitable[Reply] | Deferred:
+        if event.last:
+            self._end_headers()
         if not event.last:
             if self._store_failed:
                 self.abort_message()
@@ -700,12 +738,12 @@ class Session:
         mail_from = envelope.mail_from if envelope else (tx.mail_from if tx else "")
         rcpts = envelope.rcpt_to if envelope else (tx.rcpts if tx else [])
         log.info(
-            "message %s %s %s helo=%s from=<%s> rcpts=%d size=%d reply=%d",
+            "message %s %s %s helo=%s from=%s rcpts=%d size=%d reply=%d",
             queue_id,
             outcome,
             self.peer,
             self.conn.greeting_name,
-            mail_from,
+            f"<{mail_from}>",
             len(rcpts),
             size,
             reply.code,
@@ -801,17 +839,30 @@ class Session:
         # user's own is refused (ehlo has no proxy authorization).
         allowed = not credentials.authzid or credentials.authzid == name
         ok = allowed and await self.ctx.verify_password(name, credentials.password)
-        fields = {"event": "auth", "client_ip": self.client_ip, "user": name,
-                  "mechanism": mechanism}
+        fields = {
+            "event": "auth",
+            "client_ip": self.client_ip,
+            "user": name,
+            "mechanism": mechanism,
+        }
         if ok:
             self.auth_user, self.auth_mechanism = name, mechanism
-            log.info("auth %s user=%s mechanism=%s ok", self.peer, name, mechanism,
-                     extra={**fields, "outcome": "ok"})
+            log.info(
+                "auth %s user=%s mechanism=%s ok",
+                self.peer,
+                name,
+                mechanism,
+                extra={**fields, "outcome": "ok"},
+            )
             return _AUTH_OK
         delay, locked = self.ctx.auth_guard.failed(self.client_ip, time.monotonic())
-        log.warning("auth %s user=%s mechanism=%s failed%s", self.peer, name, mechanism,
-                    ", address locked out" if locked else "",
-                    extra={**fields, "outcome": "locked" if locked else "failed"})
+        log.warning(
+            "auth %s user=%s mechanism=%s failed" + (", address locked out" if locked else ""),
+            self.peer,
+            name,
+            mechanism,
+            extra={**fields, "outcome": "locked" if locked else "failed"},
+        )
         # Slow down guessing: each failure from this address waits longer.
         await asyncio.sleep(delay)
         return _AUTH_LOCKED if locked else _AUTH_FAILED

@@ -42,14 +42,52 @@ _UNSAFE = str.maketrans({c: "?" for c in [*map(chr, range(33)), "\x7f", "(", ")"
 
 
 def _clean(text: str) -> str:
-    return text.translate(_UNSAFE)
+    text = text.translate(_UNSAFE)
+    if text.isascii():
+        return text
+    # Unicode line separators and other non-printing characters never reach
+    # the header raw (RFC 5322 section 2.2: a field body is one logical line).
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _a_label(name: str) -> str | None:
+    """``name`` with its U-labels as A-labels (IDNA); None when it has no such form."""
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+
+
+# Characters that make an address unfit for the ``for`` clause: a parser
+# splitting the header at ";" or reading comments would be misled.
+_NOT_IN_FOR = frozenset(';()"\\<>,[] ')
+
+
+def _plain_address(address: str, utf8: bool) -> bool:
+    """True for an address the ``for`` clause can carry as it is."""
+    local, at, domain = address.rpartition("@")
+    if at and domain.startswith("[") and domain.endswith("]"):
+        address = f"{local}@{domain[1:-1]}"  # an address literal's brackets are its own
+    for ch in address:
+        code = ord(ch)
+        if code >= 0x80:
+            # Non-ASCII only in a UTF-8 message (RFC 6532), and only printable.
+            if not utf8 or not ch.isprintable():
+                return False
+        elif code <= 32 or code == 127 or ch in _NOT_IN_FOR:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=1024)
 def _from_line(greeting_name: str, client_ip: str, client_name: str | None) -> str:
     """The header's first line (the same for every message of a session: cached)."""
     literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
-    name = _clean(greeting_name)
+    # RFC 6531 section 3.7.1: the EHLO domain belongs in A-label form; a
+    # client that sent U-labels is written as it should have said it.
+    name = _clean(_a_label(greeting_name) or greeting_name.encode("ascii", "replace").decode())
     if not (is_domain(name, utf8=True) or is_address_literal(name)):
         # RFC 5321 section 4.4: From-domain must be a domain; keep what the
         # client said as a comment and use its address instead.
@@ -72,19 +110,26 @@ def received_header(
     tls: dict[str, str] | None = None,
     auth_user: str | None = None,
     now: float | None = None,
+    utf8: bool = False,
 ) -> bytes:
-    """One Received header, folded, CRLF-terminated."""
+    """One Received header, folded, CRLF-terminated.
+
+    ``utf8``: the message travels under SMTPUTF8, so a UTF-8 recipient may
+    appear in the ``for`` clause.
+    """
     lines = [_from_line(greeting_name, client_ip, client_name)]
     if auth_user is not None:
         # The authenticated identity, as a comment (RFC 5321 section 4.4 allows CFWS).
         lines.append(f"\t(authenticated as {_clean(auth_user)})")
     lines.append(f"\tby {_clean(server_name)} (ehlo) with {protocol} id {queue_id}")
     if tls:
-        lines.append(
-            f"\t(using {tls.get('version', '?')} with cipher {tls.get('cipher', '?')})"
-        )
+        lines.append(f"\t(using {tls.get('version', '?')} with cipher {tls.get('cipher', '?')})")
     date = rfc5322_date(now)
-    if recipient is not None:
+    # RFC 5321 section 4.4: the "for" clause is optional; it is left out for
+    # a quoted local part or any character a parser could take for syntax
+    # (";", comments, quotes, line breaks, non-ASCII outside SMTPUTF8), since
+    # quoting it would still leave readers that split at the first ";" misled.
+    if recipient is not None and _plain_address(recipient, utf8):
         lines.append(f"\tfor <{recipient}>; {date}")
     else:
         lines[-1] += ";"

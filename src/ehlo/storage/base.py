@@ -63,7 +63,7 @@ def _plain(value: Any) -> Any:
 
 
 # Keys of ``Envelope.extra`` shown at the top level of ``to_json``.
-PROMOTED_EXTRA = ("greeting_checks", "greeting_verdict", "auth", "violations")
+PROMOTED_EXTRA = ("greeting_checks", "greeting_verdict", "auth", "violations", "authres_forged")
 
 
 @dataclasses.dataclass(slots=True)
@@ -101,9 +101,13 @@ class Envelope:
             "server_name": self.server_name,
             # Greeting verification results are first-class keys of the envelope.
             **{key: _plain(self.extra[key]) for key in PROMOTED_EXTRA if key in self.extra},
-            **({"extra": rest} if (rest := {
-                k: _plain(v) for k, v in self.extra.items() if k not in PROMOTED_EXTRA
-            }) else {}),
+            **(
+                {"extra": rest}
+                if (
+                    rest := {k: _plain(v) for k, v in self.extra.items() if k not in PROMOTED_EXTRA}
+                )
+                else {}
+            ),
         }
 
     @classmethod
