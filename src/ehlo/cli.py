@@ -499,7 +499,7 @@ def _serve_workers(
             raise _start_failure(exc, config) from None
 
     # The abuse limits are for the whole server, not for each worker.
-    counts = SharedCounters(workers, config.auth_lockout)
+    counts = SharedCounters(workers, config.auth_lockout, config.auth_user_lockout)
 
     def run_worker(socks: Sequence[socket.socket], index: int) -> int:
         worker_config = config
