@@ -441,3 +441,54 @@ def test_concurrent_wrong_logins_never_freeze_auth_or_shutdown(
 
     asyncio.run(rounds())
     assert "Traceback" not in log.read_text()
+
+
+def test_auth_limit_keys_in_the_configuration(tmp_path: Path) -> None:
+    from ehlo.config import ConfigError, load_config
+
+    path = tmp_path / "ehlo.toml"
+    path.write_text(
+        "max_auth_failures_per_user = 3\nauth_user_lockout = 60\n"
+        "max_auth_queue = 0\nauth_queue_timeout = 2.5\n"
+    )
+    config = load_config(path)
+    assert (config.max_auth_failures_per_user, config.auth_user_lockout) == (3, 60.0)
+    assert (config.max_auth_queue, config.auth_queue_timeout) == (0, 2.5)
+    defaults = load_config(None)
+    assert (defaults.max_auth_failures_per_user, defaults.auth_user_lockout) == (10, 600.0)
+    assert (defaults.max_auth_queue, defaults.auth_queue_timeout) == (32, 10.0)
+    for key, bad in (
+        ("max_auth_failures_per_user", -1),
+        ("auth_user_lockout", 0),
+        ("max_auth_queue", "many"),
+        ("auth_queue_timeout", 0),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, {key: bad})
+
+
+async def test_a_slot_is_free_only_when_its_thread_is_done() -> None:
+    from ehlo.server._hashing import VerifierBusy, VerifierPool
+
+    pool = VerifierPool(workers=1, max_waiting=1, timeout=5.0)
+    gate = threading.Event()
+    try:
+        first = asyncio.ensure_future(pool.run(gate.wait, 30.0))
+        await until(lambda: pool.running == 1, "the first check running")
+        first.cancel()  # the client hung up: its thread still runs
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert pool.running == 1
+        second = asyncio.ensure_future(pool.run(lambda: "second"))
+        await until(lambda: pool.waiting == 1, "the second check queued")
+        with pytest.raises(VerifierBusy):
+            await pool.run(lambda: "third")  # the queue holds one
+        gate.set()
+        assert await asyncio.wait_for(second, 10.0) == "second"
+        await until(lambda: pool.running == 0, "the slot given back")
+        pool.close()
+        with pytest.raises(VerifierBusy):
+            await pool.run(lambda: "after close")
+    finally:
+        gate.set()
+        pool.close()
