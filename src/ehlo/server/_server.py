@@ -145,8 +145,9 @@ class ServerContext:
             rate = config.max_connection_rate
             if rate and self.connection_rate.hit(ip, time.monotonic()) > rate:
                 return Reply(
-                    421, "4.7.0", "Too many connections from your address per minute,"
-                    " try again later"
+                    421,
+                    "4.7.0",
+                    "Too many connections from your address per minute, try again later",
                 )
         self.per_ip[ip] = count + 1
         self.connections.add(proto)
@@ -261,8 +262,10 @@ def _open_users(config: ServerConfig) -> UserStore | None:
 
     users = UserStore(Path(config.data_dir))
     if len(users) == 0 and config.submission:
-        log.warning("submission mode without users: nobody can authenticate"
-                    " (add one with `ehlo users add NAME`)")
+        log.warning(
+            "submission mode without users: nobody can authenticate"
+            " (add one with `ehlo users add NAME`)"
+        )
     return users
 
 
@@ -309,15 +312,23 @@ class _ProxyListener:
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
         if peer not in ctx.proxy_trusted:
-            log.warning("refused %s on PROXY listener %s: not a trusted proxy", peer, self.listen,
-                        extra={"event": "proxy_refused", "client_ip": peer})
+            log.warning(
+                "refused %s on PROXY listener %s: not a trusted proxy",
+                peer,
+                self.listen,
+                extra={"event": "proxy_refused", "client_ip": peer},
+            )
             conn.close()
             return
         try:
             info = await read_header(loop, conn, ctx.config.proxy_timeout)
         except (ProxyError, TimeoutError, OSError) as exc:
-            log.warning("bad PROXY header from %s: %s", peer, exc,
-                        extra={"event": "proxy_error", "client_ip": peer})
+            log.warning(
+                "bad PROXY header from %s: %s",
+                peer,
+                exc,
+                extra={"event": "proxy_error", "client_ip": peer},
+            )
             conn.close()
             return
         except asyncio.CancelledError:
@@ -444,8 +455,12 @@ class Server:
             log.info("TLS certificates by SNI for %s", ", ".join(tls.names()))
         self._sweeper = asyncio.ensure_future(self._sweep())
         for host, port in self.addresses:
-            log.info("listening on %s port %d", host, port,
-                     extra={"event": "listening", "host": host, "port": port})
+            log.info(
+                "listening on %s port %d",
+                host,
+                port,
+                extra={"event": "listening", "host": host, "port": port},
+            )
 
     async def _listen(self, ctx: ServerContext, listen: Listen, sock: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
@@ -472,8 +487,13 @@ class Server:
             )
         else:
             server = await loop.create_server(
-                factory, listen.host, listen.port, reuse_address=True, backlog=1024,
-                ssl=ssl_context, ssl_handshake_timeout=timeout,
+                factory,
+                listen.host,
+                listen.port,
+                reuse_address=True,
+                backlog=1024,
+                ssl=ssl_context,
+                ssl_handshake_timeout=timeout,
             )
         self._servers.append(server)
 
@@ -491,8 +511,11 @@ class Server:
             try:
                 ctx.tls.reload()
             except TLSConfigError as exc:
-                log.error("TLS reload failed, keeping the current certificates: %s", exc,
-                          extra={"event": "reload_failed", "error": str(exc)})
+                log.error(
+                    "TLS reload failed, keeping the current certificates: %s",
+                    exc,
+                    extra={"event": "reload_failed", "error": str(exc)},
+                )
             else:
                 log.info("TLS certificates reloaded", extra={"event": "reloaded"})
         if ctx.users is not None:
@@ -502,8 +525,7 @@ class Server:
         # One timer for all connections: RFC 5321 section 4.5.3.2 timeouts.
         ctx = self.ctx
         assert ctx is not None
-        interval = max(0.05, min(1.0, ctx.config.command_timeout / 4,
-                                 ctx.config.data_timeout / 4))
+        interval = max(0.05, min(1.0, ctx.config.command_timeout / 4, ctx.config.data_timeout / 4))
         last_prune = time.monotonic()
         while True:
             await asyncio.sleep(interval)

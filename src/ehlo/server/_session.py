@@ -68,9 +68,7 @@ _NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 _NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
 _AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 _AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-_AUTH_LOCKED = Reply(
-    421, "4.7.0", "Too many failed authentication attempts, try again later"
-)
+_AUTH_LOCKED = Reply(421, "4.7.0", "Too many failed authentication attempts, try again later")
 _AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 # RFC 4954 section 6: 454 4.7.0 for a temporary condition; the client keeps
 # its password and tries again later. A password check that cannot start in
@@ -78,8 +76,9 @@ _AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
 # then not checked at all, so guessing it from many addresses gets nowhere).
 _AUTH_BUSY = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
 _AUTH_ACCOUNT_LOCKED = Reply(
-    454, "4.7.0", "Temporary authentication failure: too many failed attempts for this"
-    " account, try again later"
+    454,
+    "4.7.0",
+    "Temporary authentication failure: too many failed attempts for this account, try again later",
 )
 _TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands that move no mail, closing connection")
 _HELP = Reply(
@@ -184,8 +183,13 @@ class Session:
         self.tls = info
         self.auth_user = self.auth_mechanism = None
         self.abort_message()
-        log.info("tls %s %s %s", self.peer, info.get("version"), info.get("cipher"),
-                 extra={"event": "tls", "client_ip": self.client_ip, **info})
+        log.info(
+            "tls %s %s %s",
+            self.peer,
+            info.get("version"),
+            info.get("cipher"),
+            extra={"event": "tls", "client_ip": self.client_ip, **info},
+        )
 
     def closed(self, reason: str) -> None:
         """The connection is gone; drop an unfinished message and pending checks."""
@@ -222,9 +226,17 @@ class Session:
             return False
         log.warning(
             "protocol violation %s: %s (%s)%s",
-            self.peer, kind, detail, ", dropping" if action == "reject" else "",
-            extra={"event": "violation", "client_ip": self.client_ip, "violation": kind,
-                   "detail": detail, "action": action},
+            self.peer,
+            kind,
+            detail,
+            ", dropping" if action == "reject" else "",
+            extra={
+                "event": "violation",
+                "client_ip": self.client_ip,
+                "violation": kind,
+                "detail": detail,
+                "action": action,
+            },
         )
         return action == "reject"
 
@@ -465,9 +477,7 @@ class Session:
         if self._rdns is None:
             return
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(
-                asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout
-            )
+            await asyncio.wait_for(asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout)
         self._collect_rdns()
 
     def _collect_rdns(self) -> None:
@@ -760,11 +770,20 @@ class Session:
     async def _login(self, credentials: Credentials, mechanism: str) -> Reply:
         ctx = self.ctx
         name = credentials.username
-        fields = {"event": "auth", "client_ip": self.client_ip, "user": name,
-                  "mechanism": mechanism}
+        fields = {
+            "event": "auth",
+            "client_ip": self.client_ip,
+            "user": name,
+            "mechanism": mechanism,
+        }
         if ctx.account_guard.locked(name, time.monotonic()):
-            log.info("auth %s user=%s mechanism=%s refused: account locked out", self.peer,
-                     name, mechanism, extra={**fields, "outcome": "account_locked"})
+            log.info(
+                "auth %s user=%s mechanism=%s refused: account locked out",
+                self.peer,
+                name,
+                mechanism,
+                extra={**fields, "outcome": "account_locked"},
+            )
             return _AUTH_ACCOUNT_LOCKED
         # RFC 4616 section 2: an authorization identity other than the
         # user's own is refused (ehlo has no proxy authorization).
@@ -772,25 +791,44 @@ class Session:
         try:
             ok = allowed and await ctx.verify_password(name, credentials.password)
         except VerifierBusy as exc:
-            log.warning("auth %s user=%s mechanism=%s not checked (%s): try again later",
-                        self.peer, name, mechanism, exc, extra={**fields, "outcome": "busy"})
+            log.warning(
+                "auth %s user=%s mechanism=%s not checked (%s): try again later",
+                self.peer,
+                name,
+                mechanism,
+                exc,
+                extra={**fields, "outcome": "busy"},
+            )
             return _AUTH_BUSY
         if ok:
             self.auth_user, self.auth_mechanism = name, mechanism
-            log.info("auth %s user=%s mechanism=%s ok", self.peer, name, mechanism,
-                     extra={**fields, "outcome": "ok"})
+            log.info(
+                "auth %s user=%s mechanism=%s ok",
+                self.peer,
+                name,
+                mechanism,
+                extra={**fields, "outcome": "ok"},
+            )
             return _AUTH_OK
         now = time.monotonic()
         delay, locked = ctx.auth_guard.failed(self.client_key, now)
-        log.warning("auth %s user=%s mechanism=%s failed%s", self.peer, name, mechanism,
-                    ", address locked out" if locked else "",
-                    extra={**fields, "outcome": "locked" if locked else "failed"})
+        log.warning(
+            "auth %s user=%s mechanism=%s failed%s",
+            self.peer,
+            name,
+            mechanism,
+            ", address locked out" if locked else "",
+            extra={**fields, "outcome": "locked" if locked else "failed"},
+        )
         if ctx.account_guard.failed(name, now):
             guard = ctx.account_guard
-            log.warning("user %s locked out of AUTH: %d failed attempts within %gs",
-                        name, guard.max_failures, guard.window,
-                        extra={"event": "auth_account_locked", "user": name,
-                               "client_ip": self.client_ip})
+            log.warning(
+                "user %s locked out of AUTH: %d failed attempts within %gs",
+                name,
+                guard.max_failures,
+                guard.window,
+                extra={"event": "auth_account_locked", "user": name, "client_ip": self.client_ip},
+            )
         # Slow down guessing: each failure from this address waits longer.
         await asyncio.sleep(delay)
         return _AUTH_LOCKED if locked else _AUTH_FAILED

@@ -122,21 +122,28 @@ class SMTPServerProtocol(asyncio.Protocol):
             self.transport.write(refusal.render(True))
             self.transport.close()
             log.warning(
-                "refused %s:%s: %s", ip, peer[1], refusal.text,
+                "refused %s:%s: %s",
+                ip,
+                peer[1],
+                refusal.text,
                 extra={"event": "refused", "client_ip": ip, "reason": refusal.text},
             )
             return
         session = Session(self.ctx, self.conn, ip, int(peer[1]))
         self.session = session
-        fields: dict[str, Any] = {"event": "connect", "client_ip": ip,
-                                  "client_port": int(peer[1])}
+        fields: dict[str, Any] = {"event": "connect", "client_ip": ip, "client_port": int(peer[1])}
         if via:
             fields["proxy"] = via
         if self.implicit_tls:
             self._implicit_tls(session, fields)
         if log.isEnabledFor(logging.INFO):
-            log.info("connect %s%s%s", session.peer, f" via {via}" if via else "",
-                     " (TLS)" if self.implicit_tls else "", extra=fields)
+            log.info(
+                "connect %s%s%s",
+                session.peer,
+                f" via {via}" if via else "",
+                " (TLS)" if self.implicit_tls else "",
+                extra=fields,
+            )
         session.start_reverse_dns()
         delay = self.ctx.config.greeting_delay
         if delay > 0:
@@ -382,8 +389,9 @@ class SMTPServerProtocol(asyncio.Protocol):
             transport.write(data)
         if self.conn.closing:
             self._closed = True
-            self._close_reason = "closed by server" if self._close_reason == "client closed" \
-                else self._close_reason
+            self._close_reason = (
+                "closed by server" if self._close_reason == "client closed" else self._close_reason
+            )
             transport.close()
 
     # ------------------------------------------------------------------- TLS

@@ -322,9 +322,7 @@ class SharedCounters:
     attempts per address (the lockout) and per account.
     """
 
-    def __init__(
-        self, workers: int, auth_lockout: float, auth_user_lockout: float = 600.0
-    ) -> None:
+    def __init__(self, workers: int, auth_lockout: float, auth_user_lockout: float = 600.0) -> None:
         self.connections = SharedConnectionCounts(workers)
         self.connection_rate = SharedWindowCounter(workers, 60.0)
         # A lockout of 0 s ends with each failure: nothing to share.
