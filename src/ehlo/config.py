@@ -208,9 +208,10 @@ class ServerConfig:
     # checked, until the window ends. 0: no per-account limit.
     max_auth_failures_per_user: int = 10
     auth_user_lockout: float = 600.0
-    # Password checks run two at a time; at most max_auth_queue logins wait
-    # for their turn, each at most auth_queue_timeout seconds. A login
-    # beyond either gets 454 4.7.0 (RFC 4954 section 6: try again later).
+    # Password checks run two at a time (in each server process); at most
+    # max_auth_queue logins wait for their turn, each at most
+    # auth_queue_timeout seconds. A login beyond either gets 454 4.7.0
+    # (RFC 4954 section 6: try again later).
     max_auth_queue: int = 32
     auth_queue_timeout: float = 10.0
     # Proxies allowed to send a PROXY header on "proxy" listeners (CIDR);

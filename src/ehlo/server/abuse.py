@@ -168,7 +168,10 @@ class AccountGuard:
         """Record a failure for ``name``; True when it is the one that locks the account."""
         if self.max_failures <= 0:
             return False
-        return self._failures.hit(account_key(name), now) == self.max_failures
+        key = account_key(name)
+        # Compared with the count before: a shared count may grow by more than one.
+        before = self._failures.count(key, now)
+        return before < self.max_failures <= self._failures.hit(key, now)
 
     def prune(self, now: float) -> None:
         """Forget names whose window has ended."""
