@@ -241,15 +241,12 @@ def test_add_from_a_pipe_in_a_child_process(tmp_path: Path) -> None:
     assert UserStore(tmp_path / "d").verify("jorg", "\u00fcber geheim")
 
 
-def _ehlo_has_users() -> bool:
-    if not EHLO.exists():
-        return False
-    done = subprocess.run([str(EHLO), "--help"], capture_output=True, text=True, check=False)
-    return "users" in done.stdout
-
-
-@pytest.mark.skipif(not _ehlo_has_users(), reason="`ehlo users` is not a command of ehlo yet")
 def test_console_script(tmp_path: Path) -> None:
+    # The installed entry point (the venv's scripts folder), never skipped:
+    # losing the command or the script must fail here.
+    assert EHLO.is_file(), f"no ehlo console script next to {sys.executable}"
+    done = subprocess.run([str(EHLO), "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "users" in done.stdout, done.stdout + done.stderr
     ehlo = str(EHLO)
     done = _child([ehlo, "users", "add", "alice", "--data", "d"], b"pw one\n", tmp_path)
     assert (done.returncode, done.stdout, done.stderr) == (0, b"user alice added\n", b"")

@@ -113,6 +113,48 @@ def test_check_password_reads_parameters_from_the_hash() -> None:
     assert not check_password(encoded, "new secret")
 
 
+# Written by earlier versions of ehlo (cryptography's Argon2id, RFC 9106 parameters) for "pw".
+OLD_PHC = (
+    "$argon2id$v=19$m=65536,t=3,p=4$Ln5Hbmu09bvekigVgeUzoA"
+    "$kUIO1wLaXYAmP94AiW2eQ3RGibLpK9BFdvoGlFysz/Q"
+)
+
+
+def test_hash_written_by_earlier_versions_verifies(tmp_path: Path) -> None:
+    assert check_password(OLD_PHC, "pw")
+    assert not check_password(OLD_PHC, "pw2")
+    write_users(tmp_path, f"alice:{OLD_PHC}\n")
+    assert UserStore(tmp_path).verify("alice", "pw")
+
+
+def test_new_hashes_are_standard_phc_strings() -> None:
+    # Read back by another Argon2id implementation (the one earlier versions wrote with).
+    stored = hash_password("s\u00e9cret")
+    Argon2id.verify_phc_encoded("s\u00e9cret".encode(), stored)
+
+
+def test_concurrent_verifications_all_finish() -> None:
+    # Several threads verifying the same p=4 hash at once: every one answers.
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def verify(password: str) -> None:
+        ok = check_password(OLD_PHC, password)
+        with lock:
+            results.append(ok)
+
+    threads = [
+        threading.Thread(target=verify, args=("pw" if i % 2 else "wrong",), daemon=True)
+        for i in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60.0
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert sorted(results) == [False] * 3 + [True] * 3
+
+
 @pytest.mark.parametrize(
     "bad",
     ["", "garbage", "$argon2i$v=19$m=32,t=1,p=4$AAAAAAAAAAAAAAAAAAAAAA$AAAA", "$argon2id$v=19$m"],

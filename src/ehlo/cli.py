@@ -403,8 +403,11 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         overrides["tls"] = False
     if args.no_reverse_dns:
         overrides["reverse_dns"] = False
-    for flag, key in (("require_tls", "require_tls"), ("submission", "submission"),
-                      ("auth_plaintext", "limits.auth_plaintext")):
+    for flag, key in (
+        ("require_tls", "require_tls"),
+        ("submission", "submission"),
+        ("auth_plaintext", "limits.auth_plaintext"),
+    ):
         if getattr(args, flag):
             overrides[key] = True
     if args.no_auth:
@@ -500,7 +503,7 @@ def _serve_workers(
             raise _start_failure(exc, config) from None
 
     # The abuse limits are for the whole server, not for each worker.
-    counts = SharedCounters(workers, config.auth_lockout)
+    counts = SharedCounters(workers, config.auth_lockout, config.auth_user_lockout)
     # Each worker may hold every connection: raise the file-descriptor limit
     # (or warn that it is too low) once here; the workers inherit the answer.
     connection_capacity(config.max_connections)
@@ -517,8 +520,12 @@ def _serve_workers(
                     _run_server(worker_config, f"{loop_name}, worker {index}", socks, counts)
                 )
         except Failure as exc:  # e.g. the store cannot be opened: one line
-            log.error("worker %d cannot start: %s", index, exc,
-                      extra={"event": "worker_failed", "worker": index})
+            log.error(
+                "worker %d cannot start: %s",
+                index,
+                exc,
+                extra={"event": "worker_failed", "worker": index},
+            )
             return 1
 
     def other_exit(pid: int, code: int) -> str:
@@ -528,20 +535,26 @@ def _serve_workers(
         if writer.uptime() < _WRITER_MIN_UPTIME:
             log.error(
                 "the SQLite writer process (pid %d) exited with %d within %g s of its"
-                " start: stopping", pid, code, _WRITER_MIN_UPTIME,
+                " start: stopping",
+                pid,
+                code,
+                _WRITER_MIN_UPTIME,
                 extra={"event": "writer_exit", "code": code},
             )
             return "stop"  # a crash loop: leave it to the service manager (and the log)
         log.error(
             "the SQLite writer process (pid %d) exited with %d: starting another and"
-            " restarting the workers", pid, code,
+            " restarting the workers",
+            pid,
+            code,
             extra={"event": "writer_exit", "code": code},
         )
         try:
             writer.start()
         except (OSError, StoreError) as exc:
-            log.error("cannot start the SQLite writer again: %s", exc,
-                      extra={"event": "writer_failed"})
+            log.error(
+                "cannot start the SQLite writer again: %s", exc, extra={"event": "writer_failed"}
+            )
             return "stop"
         return "restart"
 
@@ -672,8 +685,7 @@ async def _run_server(
                 proto.force_close()
 
     def on_hangup() -> None:
-        log.info("SIGHUP received: reloading TLS certificates and users",
-                 extra={"event": "reload"})
+        log.info("SIGHUP received: reloading TLS certificates and users", extra={"event": "reload"})
         server.reload()
 
     installed: list[signal.Signals] = []

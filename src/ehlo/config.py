@@ -206,6 +206,18 @@ class ServerConfig:
     auth_failure_delay: float = 1.0
     max_auth_failures: int = 5
     auth_lockout: float = 600.0
+    # Failed AUTH attempts per account, from any address: after
+    # max_auth_failures_per_user for one user name within auth_user_lockout
+    # seconds, AUTH as that user gets 454 4.7.0 without the password being
+    # checked, until the window ends. 0: no per-account limit.
+    max_auth_failures_per_user: int = 10
+    auth_user_lockout: float = 600.0
+    # Password checks run two at a time (in each server process); at most
+    # max_auth_queue logins wait for their turn, each at most
+    # auth_queue_timeout seconds. A login beyond either gets 454 4.7.0
+    # (RFC 4954 section 6: try again later).
+    max_auth_queue: int = 32
+    auth_queue_timeout: float = 10.0
     # Proxies allowed to send a PROXY header on "proxy" listeners (CIDR);
     # other peers of those listeners are disconnected.
     proxy_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -222,6 +234,8 @@ class ServerConfig:
     # DATA, BDAT, an AUTH exchange or a TLS handshake) is closed with 421
     # 4.4.2 to admit the newcomer; with none, the newcomer gets 421 4.7.0.
     # Beyond max_connections_per_ip, 421 4.7.0 (nothing is closed for it).
+    # The per-IP limits (these, the rate, AUTH failures) count an IPv6
+    # client by its /64 network, an IPv4 one by its address.
     max_connections: int = 10000
     max_connections_per_ip: int = 50
     # Stress mode (like Postfix's): from this fraction of max_connections
@@ -593,6 +607,10 @@ _SERVER_KEYS: dict[str, _Check] = {
     "auth_failure_delay": _seconds_or_zero,
     "max_auth_failures": _positive_int,
     "auth_lockout": _seconds_or_zero,
+    "max_auth_failures_per_user": _count_or_zero,
+    "auth_user_lockout": _positive_seconds,
+    "max_auth_queue": _count_or_zero,
+    "auth_queue_timeout": _positive_seconds,
     "proxy_trusted": _networks,
     "proxy_timeout": _positive_seconds,
     "max_connection_rate": _count_or_zero,

@@ -1,8 +1,9 @@
 """The user database of SMTP AUTH: names and Argon2id password hashes in a text file.
 
 This module owns password preparation (SASLprep, RFC 4013), hashing and
-checking (Argon2id, RFC 9106, from the ``cryptography`` package) and the
-``users`` file in the data folder::
+checking (Argon2id, RFC 9106, with ``argon2-cffi``: thread-safe, and it
+releases the GIL while it hashes) and the ``users`` file in the data
+folder::
 
     # comments and blank lines are allowed
     alice:$argon2id$v=19$m=65536,t=3,p=4$<salt>$<tag>
@@ -19,12 +20,17 @@ as they are when the file is rewritten.
 file when it changed (so ``ehlo users add`` takes effect without a
 restart), never raises, and spends one Argon2id verification whether or
 not the user exists.
+
+The PHC strings are the standard ones (``$argon2id$v=19$m=...,t=...,p=...``,
+unpadded base64 salt and tag), so files written by earlier versions, which
+hashed with ``cryptography``'s Argon2id, still verify.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -33,8 +39,12 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..saslprep import saslprep as _saslprep
+
+if TYPE_CHECKING:
+    from argon2 import PasswordHasher
 
 __all__ = [
     "ARGON2_ITERATIONS",
@@ -69,7 +79,7 @@ LOCK_FILE = ".users.lock"
 
 _NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
 _NAME_RULE = "1-64 characters from A-Z a-z 0-9 . _ @ + -"
-# An Argon2id PHC string as cryptography writes and reads it (version 0x13 = 19).
+# An Argon2id PHC string (version 0x13 = 19), as argon2-cffi writes and reads it.
 _PHC = re.compile(
     r"\$argon2id\$v=19\$m=[1-9][0-9]{0,9},t=[1-9][0-9]{0,9},p=[1-9][0-9]{0,7}"
     r"\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+"
@@ -122,17 +132,7 @@ def hash_password(password: str) -> str:
     prepared = saslprep(password)
     if not prepared:
         raise UserError("empty password (after SASLprep)")
-    # Imported here: the library weighs 8 MiB, needed only once users exist.
-    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-
-    kdf = Argon2id(
-        salt=secrets.token_bytes(ARGON2_SALT_BYTES),
-        length=ARGON2_TAG_BYTES,
-        iterations=ARGON2_ITERATIONS,
-        lanes=ARGON2_LANES,
-        memory_cost=ARGON2_MEMORY_KIB,
-    )
-    return kdf.derive_phc_encoded(prepared.encode("utf-8"))
+    return _hasher().hash(prepared)
 
 
 def check_password(phc: str, password: str) -> bool:
@@ -146,16 +146,30 @@ def check_password(phc: str, password: str) -> bool:
         prepared = saslprep(password, query=True)
     except UserError:
         return False
-    if not prepared:
-        return False
-    from cryptography.exceptions import InvalidKey
-    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+    if not prepared or _PHC.fullmatch(phc) is None:
+        return False  # only Argon2id, version 19: argon2-cffi would take argon2i and argon2d too
+    from argon2.exceptions import InvalidHashError, VerificationError
 
     try:
-        Argon2id.verify_phc_encoded(prepared.encode("utf-8"), phc)
-    except (InvalidKey, ValueError, TypeError):
+        return _hasher().verify(phc, prepared)
+    except (VerificationError, InvalidHashError, ValueError, TypeError):
         return False
-    return True
+
+
+@functools.cache
+def _hasher() -> PasswordHasher:
+    """The Argon2id hasher with the RFC 9106 parameters (made on first use)."""
+    # Imported here: only a server with users, or ``ehlo users``, needs it.
+    from argon2 import PasswordHasher, Type
+
+    return PasswordHasher(
+        time_cost=ARGON2_ITERATIONS,
+        memory_cost=ARGON2_MEMORY_KIB,
+        parallelism=ARGON2_LANES,
+        hash_len=ARGON2_TAG_BYTES,
+        salt_len=ARGON2_SALT_BYTES,
+        type=Type.ID,
+    )
 
 
 _dummy_lock = threading.Lock()

@@ -23,7 +23,6 @@ import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,8 +31,16 @@ from ..extensions import AuthExtension, Extension, build_extensions
 from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Store, open_store
+from ._hashing import VerifierPool
 from ._transport import SMTPServerProtocol
-from .abuse import AuthGuard, Networks, SharedCounters, SharedWindowCounter, WindowCounter
+from .abuse import (
+    AccountGuard,
+    AuthGuard,
+    Networks,
+    SharedCounters,
+    SharedWindowCounter,
+    WindowCounter,
+)
 
 if TYPE_CHECKING:
     from ..auth import UserStore
@@ -164,8 +171,14 @@ class ServerContext:
             config.auth_failure_delay,
             shared.auth_failures if shared is not None else None,
         )
-        self._hashing = asyncio.Semaphore(_HASH_WORKERS)
-        self._hash_pool: ThreadPoolExecutor | None = None
+        self.account_guard = AccountGuard(
+            config.max_auth_failures_per_user,
+            config.auth_user_lockout,
+            shared.account_failures if shared is not None else None,
+        )
+        self.verifiers = VerifierPool(
+            _HASH_WORKERS, config.max_auth_queue, config.auth_queue_timeout
+        )
         self.draining = False
         # DNS and greeting verification are imported only when used: a
         # server without them (--helo-policy off --no-reverse-dns) stays small.
@@ -194,9 +207,10 @@ class ServerContext:
             victim = self.idlest()
             if victim is None:
                 return Reply(421, "4.7.0", "Too many connections, try again later")
-        ip = proto.client_ip
+        # The per-address limits count an IPv6 client by its /64 (abuse.client_key).
+        ip = proto.client_key
         count = self.per_ip.get(ip, 0)
-        if ip not in self.exempt:
+        if proto.client_ip not in self.exempt:
             if (count if shared is None else shared.count(ip)) >= config.max_connections_per_ip:
                 return Reply(
                     421, "4.7.0", "Too many connections from your address, try again later"
@@ -209,7 +223,7 @@ class ServerContext:
                     "Too many connections from your address per minute, try again later",
                 )
         if victim is not None:
-            self.evict(victim, ip)
+            self.evict(victim, proto.client_ip)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1  # the victim may have been from ip too
         self.connections.add(proto)
         if shared is not None:
@@ -261,39 +275,45 @@ class ServerContext:
             )
 
     async def verify_password(self, name: str, password: str) -> bool:
-        """Check a user's password off the event loop (Argon2id is slow by design)."""
+        """Check a user's password off the event loop (Argon2id is slow by design).
+
+        Bounded (each verification takes 64 MiB): raises
+        :class:`~ehlo.server._hashing.VerifierBusy` when it could not start in
+        time, the queue of logins is full, or the server is stopping.
+        """
         users = self.users
         if users is None:
             return False
-        async with self._hashing:  # bounded: each verification takes 64 MiB
-            if self._hash_pool is None:
-                self._hash_pool = ThreadPoolExecutor(_HASH_WORKERS, "ehlo-auth")
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._hash_pool, users.verify, name, password)
+        return await self.verifiers.run(users.verify, name, password)
 
     def prune(self, now: float) -> None:
         """Forget abuse counters whose window has ended (called by the sweeper)."""
         self.connection_rate.prune(now)
         self.auth_guard.prune(now)
+        self.account_guard.prune(now)
 
     def close(self) -> None:
-        """Release what the context started (the password-hashing threads)."""
-        if self._hash_pool is not None:
-            self._hash_pool.shutdown(wait=False, cancel_futures=True)
-            self._hash_pool = None
+        """Release what the context started (the password-hashing threads).
+
+        Logins still waiting for a verification get 454 at once; one in
+        progress ends on its own (one hash) and holds up neither ``stop``
+        nor the process's exit beyond that.
+        """
+        self.verifiers.close()
 
     def release(self, proto: SMTPServerProtocol) -> None:
         """Forget a closed connection."""
         self.idle.pop(proto, None)
         if proto in self.connections:
             self.connections.discard(proto)
+            key = proto.client_key
             if self.shared_counts is not None:
-                self.shared_counts.remove(proto.client_ip)
-            count = self.per_ip.get(proto.client_ip, 1) - 1
+                self.shared_counts.remove(key)
+            count = self.per_ip.get(key, 1) - 1
             if count <= 0:
-                self.per_ip.pop(proto.client_ip, None)
+                self.per_ip.pop(key, None)
             else:
-                self.per_ip[proto.client_ip] = count
+                self.per_ip[key] = count
             if self.stress:
                 self.check_stress()
 
@@ -655,6 +675,7 @@ class Server:
             return
         deadline = self.config.shutdown_timeout if timeout is None else timeout
         ctx.draining = True
+        ctx.verifiers.close()  # logins waiting for a password check: 454 now
         for server in self._servers:
             server.close()
         for proto in list(ctx.connections):

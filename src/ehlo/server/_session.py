@@ -44,6 +44,8 @@ from ..protocol import (
 )
 from ..storage import Envelope, MessageWriter, StoreError
 from ..storage.base import JSONText
+from ._hashing import VerifierBusy
+from .abuse import client_key
 from .authres_filter import AuthResFilter
 from .received import protocol_keyword, received_header
 
@@ -76,6 +78,16 @@ _AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 _AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 _AUTH_LOCKED = Reply(421, "4.7.0", "Too many failed authentication attempts, try again later")
 _AUTH_UNAVAILABLE = Reply(454, "4.7.0", "Temporary authentication failure")
+# RFC 4954 section 6: 454 4.7.0 for a temporary condition; the client keeps
+# its password and tries again later. A password check that cannot start in
+# time, and an account locked after failures from anywhere (its password is
+# then not checked at all, so guessing it from many addresses gets nowhere).
+_AUTH_BUSY = Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+_AUTH_ACCOUNT_LOCKED = Reply(
+    454,
+    "4.7.0",
+    "Temporary authentication failure: too many failed attempts for this account, try again later",
+)
 _TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands that move no mail, closing connection")
 _HELP = Reply(
     214,
@@ -103,6 +115,7 @@ class Session:
         "auth_mechanism",
         "auth_user",
         "client_ip",
+        "client_key",
         "client_name",
         "client_port",
         "conn",
@@ -128,6 +141,7 @@ class Session:
         self.ctx = ctx
         self.conn = conn
         self.client_ip = client_ip
+        self.client_key = client_key(client_ip)  # what the per-address limits count
         self.client_port = client_port
         self.tls: dict[str, str] | None = None
         self.client_name: str | None = None  # reverse DNS, once known
@@ -807,7 +821,7 @@ class Session:
     def _auth(self, event: Auth) -> Reply | Awaitable[Reply]:
         from ..auth import new_mechanism
 
-        if self.ctx.auth_guard.locked(self.client_ip, time.monotonic()):
+        if self.ctx.auth_guard.locked(self.client_key, time.monotonic()):
             return _AUTH_LOCKED
         mechanism = new_mechanism(event.mechanism)
         if mechanism is None or self.ctx.users is None:
@@ -834,17 +848,38 @@ class Session:
         return self._login(result, mechanism.name)
 
     async def _login(self, credentials: Credentials, mechanism: str) -> Reply:
+        ctx = self.ctx
         name = credentials.username
-        # RFC 4616 section 2: an authorization identity other than the
-        # user's own is refused (ehlo has no proxy authorization).
-        allowed = not credentials.authzid or credentials.authzid == name
-        ok = allowed and await self.ctx.verify_password(name, credentials.password)
         fields = {
             "event": "auth",
             "client_ip": self.client_ip,
             "user": name,
             "mechanism": mechanism,
         }
+        if ctx.account_guard.locked(name, time.monotonic()):
+            log.info(
+                "auth %s user=%s mechanism=%s refused: account locked out",
+                self.peer,
+                name,
+                mechanism,
+                extra={**fields, "outcome": "account_locked"},
+            )
+            return _AUTH_ACCOUNT_LOCKED
+        # RFC 4616 section 2: an authorization identity other than the
+        # user's own is refused (ehlo has no proxy authorization).
+        allowed = not credentials.authzid or credentials.authzid == name
+        try:
+            ok = allowed and await ctx.verify_password(name, credentials.password)
+        except VerifierBusy as exc:
+            log.warning(
+                "auth %s user=%s mechanism=%s not checked (%s): try again later",
+                self.peer,
+                name,
+                mechanism,
+                exc,
+                extra={**fields, "outcome": "busy"},
+            )
+            return _AUTH_BUSY
         if ok:
             self.auth_user, self.auth_mechanism = name, mechanism
             log.info(
@@ -855,7 +890,8 @@ class Session:
                 extra={**fields, "outcome": "ok"},
             )
             return _AUTH_OK
-        delay, locked = self.ctx.auth_guard.failed(self.client_ip, time.monotonic())
+        now = time.monotonic()
+        delay, locked = ctx.auth_guard.failed(self.client_key, now)
         log.warning(
             "auth %s user=%s mechanism=%s failed" + (", address locked out" if locked else ""),
             self.peer,
@@ -863,6 +899,15 @@ class Session:
             mechanism,
             extra={**fields, "outcome": "locked" if locked else "failed"},
         )
+        if ctx.account_guard.failed(name, now):
+            guard = ctx.account_guard
+            log.warning(
+                "user %s locked out of AUTH: %d failed attempts within %gs",
+                name,
+                guard.max_failures,
+                guard.window,
+                extra={"event": "auth_account_locked", "user": name, "client_ip": self.client_ip},
+            )
         # Slow down guessing: each failure from this address waits longer.
         await asyncio.sleep(delay)
         return _AUTH_LOCKED if locked else _AUTH_FAILED

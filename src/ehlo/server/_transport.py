@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..protocol import NEED_DATA, PAUSED, Reply, ServerConnection, State
 from ._session import Deferred, Session
+from .abuse import client_key
 
 if TYPE_CHECKING:
     from ._server import ServerContext
@@ -65,6 +66,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         "_tls_early",
         "_violation_seen",
         "client_ip",
+        "client_key",
         "conn",
         "ctx",
         "implicit_tls",
@@ -87,6 +89,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.conn = ServerConnection(ctx.config.limits, ctx.extensions)
         self.session: Session | None = None
         self.client_ip = ""
+        self.client_key = ""  # what the per-address limits count (abuse.client_key)
         self.implicit_tls = implicit_tls
         self.proxy = proxy
         self._banner_sent = False
@@ -115,6 +118,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]  # an IPv4 client on a dual-stack socket
         self.client_ip = ip
+        self.client_key = client_key(ip)
         refusal = self.ctx.admit(self)
         if refusal is not None:
             # Over a connection limit: answer 421 and close (RFC 5321 section 3.1).

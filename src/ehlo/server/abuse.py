@@ -1,6 +1,8 @@
 """Per-client abuse accounting: connection rates, failed AUTH attempts, exemptions.
 
-Counters live in fixed windows keyed by client IP, so memory stays
+Counters live in fixed windows keyed by client address (:func:`client_key`:
+an IPv4 address, or an IPv6 client's /64 network) or, for failed AUTH
+attempts per account, by a digest of the user name, so memory stays
 proportional to the clients seen within one window; the server's sweeper
 prunes them. :class:`SharedCounters` holds the counts of several worker
 processes (open connections, connection rates, AUTH failures) in memory they
@@ -10,12 +12,41 @@ or sleeps: the server and sessions ask and act.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
 import mmap
 import zlib
 from collections.abc import Iterable
 
 _MAX_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=_MAX_CACHED)
+def client_key(ip: str) -> str:
+    """The key the per-address limits count ``ip`` under.
+
+    An IPv4 address (and an IPv4-mapped IPv6 address) is its own key. An
+    IPv6 client is counted by its /64 network (``2001:db8:1:2::/64``): one
+    site or host usually holds a whole /64 (RFC 4291 section 2.5.1
+    interface identifiers are 64 bits), so per-address limits would
+    otherwise be one fresh address away.
+    """
+    if ":" not in ip:
+        return ip
+    try:
+        address = ipaddress.IPv6Address(ip.partition("%")[0])
+    except ValueError:
+        return ip
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
+def account_key(name: str) -> str:
+    """The key failed AUTH attempts for user ``name`` are counted under (fixed size)."""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16)
+    return f"user:{digest.hexdigest()}"
 
 
 class Networks:
@@ -104,6 +135,46 @@ class AuthGuard:
 
     def prune(self, now: float) -> None:
         """Forget addresses whose window has ended."""
+        self._failures.prune(now)
+
+
+class AccountGuard:
+    """Failed AUTH attempts per account, from every address together.
+
+    The ``max_failures``-th failure for one user name within ``window``
+    seconds locks that name out of AUTH until its window ends: many
+    addresses cannot take turns guessing one password. Names are counted
+    whether or not such a user exists (a lockout must not tell which do).
+    ``max_failures`` 0: no limit.
+    """
+
+    def __init__(
+        self,
+        max_failures: int,
+        window: float,
+        failures: WindowCounter | SharedWindowCounter | None = None,
+    ) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self._failures = failures if failures is not None else WindowCounter(window)
+
+    def locked(self, name: str, now: float) -> bool:
+        """True while user ``name`` is locked out of AUTH."""
+        if self.max_failures <= 0:
+            return False
+        return self._failures.count(account_key(name), now) >= self.max_failures
+
+    def failed(self, name: str, now: float) -> bool:
+        """Record a failure for ``name``; True when it is the one that locks the account."""
+        if self.max_failures <= 0:
+            return False
+        key = account_key(name)
+        # Compared with the count before: a shared count may grow by more than one.
+        before = self._failures.count(key, now)
+        return before < self.max_failures <= self._failures.hit(key, now)
+
+    def prune(self, now: float) -> None:
+        """Forget names whose window has ended."""
         self._failures.prune(now)
 
 
@@ -250,11 +321,11 @@ class SharedCounters:
 
     Made in the supervisor before it forks: the open connections (for
     ``max_connections`` and ``max_connections_per_ip``), the new connections
-    per address per minute (``max_connection_rate``) and the failed AUTH
-    attempts per address (the lockout).
+    per address per minute (``max_connection_rate``), the failed AUTH
+    attempts per address (the lockout) and per account.
     """
 
-    def __init__(self, workers: int, auth_lockout: float) -> None:
+    def __init__(self, workers: int, auth_lockout: float, auth_user_lockout: float = 600.0) -> None:
         self.connections = SharedConnectionCounts(workers)
         self.connection_rate = SharedWindowCounter(workers, 60.0)
         # A lockout of 0 s ends with each failure: nothing to share.
@@ -263,6 +334,7 @@ class SharedCounters:
             if auth_lockout > 0
             else WindowCounter(auth_lockout)
         )
+        self.account_failures = SharedWindowCounter(workers, auth_user_lockout)
 
     def bind(self, index: int) -> None:
         """In worker ``index``: count in its own rows."""
@@ -270,10 +342,12 @@ class SharedCounters:
         self.connection_rate.bind(index)
         if isinstance(self.auth_failures, SharedWindowCounter):
             self.auth_failures.bind(index)
+        self.account_failures.bind(index)
 
     def reset(self, index: int) -> None:
         """Before worker ``index`` (re)starts: its connections are gone.
 
-        Its rates and AUTH failures stay: a crash must not reset an abuser's count.
+        Its rates and AUTH failures (per address and per account) stay: a
+        crash must not reset an abuser's count.
         """
         self.connections.reset(index)
