@@ -1,0 +1,153 @@
+"""What the ``ehlo`` commands share: the parser class, option types, common options.
+
+The one-line usage error (:class:`Parser`), the runtime error that exits 1
+(:class:`Failure`), argument types, the greeting/DNS options of ``serve``
+and ``check-helo``, the store options, and printing text a client chose
+(control characters escaped, never an encoding error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+# Greeting verification and DNS options, shared by ``serve`` and ``check-helo``.
+GREETING_LABELS = {
+    "hostname": "--hostname",
+    "dns_servers": "--dns-server",
+    "dns_timeout": "--dns-timeout",
+    "greeting.policy": "--helo-policy",
+    "greeting.stage": "--helo-stage",
+    "greeting.trusted_networks": "--trusted-network",
+}
+
+
+class Failure(Exception):
+    """A runtime error reported as one line with exit status 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the usage error kept to the usage line and one message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
+def check_mode(text: str) -> tuple[str, str]:
+    """``NAME=MODE`` of ``--helo-check`` (``forward-match`` is ``forward_match``)."""
+    name, sep, mode = text.partition("=")
+    name = name.strip().lower().replace("-", "_")
+    if not sep or not name or not mode.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=MODE such as forward_match=reject, got {text!r}"
+        )
+    return name, mode.strip().lower()
+
+
+def greeting_options(parser: argparse.ArgumentParser, *, stage: bool) -> None:
+    """The greeting verification and DNS options (``--helo-*``, ``--dns-*``)."""
+    from ..greeting import CHECKS, MODES, PRESETS, STAGES
+
+    parser.add_argument(
+        "--helo-policy",
+        choices=PRESETS,
+        help="greeting checks: off, record (default: nothing is refused) or strict",
+    )
+    if stage:
+        parser.add_argument(
+            "--helo-stage",
+            choices=STAGES,
+            help="when the greeting verdict is applied (default: rcpt)",
+        )
+    parser.add_argument(
+        "--helo-check",
+        action="append",
+        type=check_mode,
+        metavar="NAME=MODE",
+        help=f"one check's mode ({'|'.join(MODES)}), repeatable; checks: {', '.join(CHECKS)}",
+    )
+    parser.add_argument(
+        "--trusted-network",
+        action="append",
+        metavar="CIDR",
+        help="clients in this network skip the greeting checks, repeatable",
+    )
+    parser.add_argument(
+        "--dns-server",
+        action="append",
+        metavar="IP[:PORT]",
+        help="DNS server to ask, repeatable; [IPv6]:PORT (default: the system's)",
+    )
+    parser.add_argument(
+        "--dns-timeout", type=seconds, metavar="SECONDS", help="longest wait for one DNS lookup"
+    )
+
+
+def greeting_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``load_config`` overrides and labels of the greeting and DNS options."""
+    overrides: dict[str, Any] = {
+        "dns_servers": args.dns_server,
+        "dns_timeout": args.dns_timeout,
+        "greeting.policy": args.helo_policy,
+        "greeting.stage": getattr(args, "helo_stage", None),
+        "greeting.trusted_networks": args.trusted_network,
+    }
+    labels = dict(GREETING_LABELS)
+    for name, mode in args.helo_check or ():
+        overrides[f"greeting.checks.{name}"] = mode
+        labels[f"greeting.checks.{name}"] = f"--helo-check {name}"
+    return overrides, labels
+
+
+def store_options(parser: argparse.ArgumentParser, *, kinds: Sequence[str]) -> None:
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="data folder holding the store (default: ./ehlo-data)",
+    )
+    parser.add_argument("--store", choices=kinds, help="storage backend (default: sqlite)")
+    parser.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
+
+
+def usage(parser: argparse.ArgumentParser, what: str) -> int:
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {what}", file=sys.stderr)
+    return 2
+
+
+# C0 and C1 control characters (but tab) would drive the terminal: show them escaped.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+_CONTROLS_KEEP_LINES = {c: v for c, v in _CONTROLS.items() if c != 0x0A}
+
+
+def safe(text: str, *, lines: bool = False) -> str:
+    return text.translate(_CONTROLS_KEEP_LINES if lines else _CONTROLS)
+
+
+def text_output() -> None:
+    # Subjects and bodies are whatever clients sent: never fail on encoding.
+    if hasattr(sys.stdout, "reconfigure"):
+        with contextlib.suppress(ValueError, OSError):
+            sys.stdout.reconfigure(errors="replace")

@@ -1,0 +1,510 @@
+"""Running the server until a signal: in this process, or in forked workers.
+
+:func:`serve` is what ``ehlo serve`` calls, and what a program embedding
+the server calls to get the same behaviour: it runs one :class:`Server`
+in this process, or, with ``workers`` above one, a :class:`Supervisor`
+that forks that many server processes on the same listeners.
+
+Stopping: SIGTERM or SIGINT stops a server gracefully (new connections
+are refused, transactions in progress have ``shutdown_timeout`` seconds to
+finish, idle clients get 421); a second one during the stop closes every
+connection at once; SIGHUP reloads the TLS certificates and the users.
+
+The supervisor binds every listening socket once, makes the data folder,
+the store's folders and the TLS pair once (so that a problem is one error,
+not one per worker), raises the file-descriptor limit once, then forks.
+Each worker runs its own event loop and its own ``Server`` over the
+inherited sockets; the kernel hands each new connection to one of the
+workers waiting in ``accept``. The supervisor forwards SIGTERM, SIGINT and
+SIGHUP to the workers, restarts a worker that died unexpectedly, and exits
+when all workers are gone. A worker dying within :data:`_MIN_UPTIME`
+seconds of its start is a crash loop: the supervisor stops the server
+instead (exit status 1) and leaves the restart to the service manager.
+
+With the SQLite store (``sqlite_writer = "process"``, on Linux) the
+supervisor starts one writer process before forking, and every worker's
+store sends it its operations (``ehlo.storage._sqlite_process``). If that
+writer dies, another is started (at a new address) and every worker is
+drained and started again to use it; a writer dying within
+:data:`_WRITER_MIN_UPTIME` seconds of its start stops the server. Maildir
+names are unique across processes: that store needs no such help.
+
+The abuse limits hold for the whole server: the workers count open
+connections, connection rates and AUTH failures in memory they share
+(:class:`~ehlo.server.abuse.SharedCounters`; a restarted worker's open
+connections start at zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from ..config import Listen, ServerConfig
+from ..policy import Hook, Hooks
+from ..storage import StoreError, open_store
+from ._server import Server, connection_capacity, tls_contexts_for
+from .abuse import SharedCounters
+from .workers import available_cores, bind_listeners, stop_with_parent
+
+__all__ = ["StartError", "Supervisor", "run_server", "serve"]
+
+log = logging.getLogger("ehlo.server")
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+HooksArg = Hooks | Mapping[str, Iterable[Hook]] | None
+
+# A worker that dies this soon after starting is not restarted (a crash loop).
+_MIN_UPTIME = 2.0
+
+# A shared writer that dies this soon after its start is not started again.
+_WRITER_MIN_UPTIME = 3.0
+
+# A second SIGTERM/SIGINT closes every connection at once, unless it comes
+# this soon after the first (seconds).
+_REPEAT_SIGNAL = 1.0
+
+
+class StartError(Exception):
+    """The server cannot start; the message is one line saying why."""
+
+
+def serve(
+    config: ServerConfig,
+    workers: int | None = None,
+    *,
+    hooks: HooksArg = None,
+    loop_factory: LoopFactory | None = None,
+    loop_name: str = "asyncio",
+) -> int:
+    """Run the server until SIGTERM or SIGINT; return the exit status (0: a clean stop).
+
+    ``workers`` server processes share the listeners (default:
+    ``config.workers``, and when that is 0, one per CPU core); with one,
+    the server runs in this process. ``loop_factory`` makes each event loop
+    (e.g. ``uvloop.new_event_loop``; default: asyncio's), ``loop_name``
+    names it in the log. Raises :class:`StartError` when the server cannot
+    start. Call it from the main thread: it installs signal handlers.
+    """
+    count = workers if workers is not None else config.workers or available_cores()
+    if count < 1:
+        raise ValueError("workers must be at least 1")
+    config = dataclasses.replace(config, workers=count)  # the store needs to know
+    if count == 1:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(run_server(config, loop_name, hooks=hooks))
+    supervisor = Supervisor(
+        config, count, hooks=hooks, loop_factory=loop_factory, loop_name=loop_name
+    )
+    return supervisor.run()
+
+
+async def run_server(
+    config: ServerConfig,
+    loop_name: str = "asyncio",
+    sockets: Sequence[socket.socket] | None = None,
+    counts: SharedCounters | None = None,
+    *,
+    hooks: HooksArg = None,
+) -> int:
+    """Serve in the running event loop until SIGTERM or SIGINT (graceful stop); return 0.
+
+    The one server process of :func:`serve`, or one worker of a
+    :class:`Supervisor` (over its ``sockets``, sharing ``counts``).
+    Raises :class:`StartError` when the server cannot start.
+    """
+    from .. import __version__
+    from .tls import TLSConfigError
+
+    loop = asyncio.get_running_loop()
+    server = Server(config, sockets=sockets, shared_counters=counts, hooks=hooks)
+    stopping = asyncio.Event()
+    signals: list[float] = []
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if signals and now - signals[0] < _REPEAT_SIGNAL:
+            # The same stop reaching a worker twice: from its supervisor and
+            # from a service manager that signals the whole group (systemd).
+            return
+        signals.append(now)
+        if len(signals) == 1:
+            log.info(
+                "%s received: stopping (transactions in progress have %gs to finish)",
+                name,
+                config.shutdown_timeout,
+                extra={"event": "shutdown", "signal": name},
+            )
+            stopping.set()
+            return
+        log.warning(
+            "%s received again: closing every connection now",
+            name,
+            extra={"event": "shutdown_forced", "signal": name},
+        )
+        ctx = server.ctx
+        if ctx is not None:
+            for proto in list(ctx.connections):
+                proto.force_close()
+
+    def on_hangup() -> None:
+        log.info("SIGHUP received: reloading TLS certificates and users", extra={"event": "reload"})
+        server.reload()
+
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, int(sig))
+            installed.append(sig)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        installed.append(signal.SIGHUP)
+    try:
+        try:
+            await server.start()
+        except (OSError, TLSConfigError, StoreError, ValueError) as exc:
+            raise _start_error(exc, config) from None
+        addresses = ", ".join(str(Listen(host, port)) for host, port in server.addresses)
+        log.info(
+            "ehlo %s ready on %s (event loop: %s, store: %s in %s)",
+            __version__,
+            addresses,
+            loop_name,
+            config.store,
+            config.data_dir,
+            extra={
+                "event": "ready",
+                "addresses": addresses,
+                "loop": loop_name,
+                "store": config.store,
+                "data_dir": str(config.data_dir),
+            },
+        )
+        await stopping.wait()
+        await server.stop()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def _start_error(exc: BaseException, config: ServerConfig) -> StartError:
+    """The one line saying why the server could not start."""
+    from .tls import TLSConfigError
+
+    if isinstance(exc, TLSConfigError | StoreError):
+        return StartError(str(exc))
+    if isinstance(exc, OSError):
+        if exc.filename is not None:  # the data folder, not a socket
+            return StartError(f"{exc.filename}: {exc.strerror or exc}")
+        if len(config.listen) == 1 and exc.errno in (
+            errno.EADDRINUSE,
+            errno.EADDRNOTAVAIL,
+            errno.EACCES,
+        ):
+            reason = os.strerror(exc.errno).lower()
+            return StartError(f"cannot listen on {config.listen[0]}: {reason}")
+        return StartError(f"cannot listen: {exc.strerror or exc}")
+    return StartError(f"cannot start: {exc}")
+
+
+class Supervisor:
+    """``workers`` forked server processes on the same listeners, supervised until a signal.
+
+    :meth:`run` binds, forks and supervises (see the module docstring);
+    call it once, from the main thread of a process with no other children
+    to wait for.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        workers: int,
+        *,
+        hooks: HooksArg = None,
+        loop_factory: LoopFactory | None = None,
+        loop_name: str = "asyncio",
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.config = dataclasses.replace(config, workers=workers)
+        self.workers = workers
+        self._hooks = hooks
+        self._loop_factory = loop_factory
+        self._loop_name = loop_name
+        self._sockets: list[socket.socket] = []
+        self._writer: _SharedWriter | None = None
+        self._counts: SharedCounters | None = None
+        self._children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
+        self._recycling: set[int] = set()  # workers told to drain, to be started again
+        self._stopping = False
+        self._failed = False
+        self._pid = 0  # the supervisor's, set by run()
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; 0 when every worker stopped cleanly, else 1.
+
+        Raises :class:`StartError` when the server cannot start.
+        """
+        from .tls import TLSConfigError
+
+        config = self.config
+        try:
+            # The data folder (0700 when made here) before anything goes into it,
+            # then the store's folders, certificates (a self-signed pair made)
+            # once here, so that a problem is one error line, not one per worker.
+            open_store(config.store, Path(config.data_dir), shared=True).preflight()
+            tls_contexts_for(config)
+            self._sockets = bind_listeners(config.listen)
+        except (OSError, TLSConfigError, StoreError, ValueError) as exc:
+            raise _start_error(exc, config) from None
+        if (
+            config.store == "sqlite"
+            and config.sqlite_writer == "process"
+            and sys.platform.startswith("linux")
+        ):
+            # One SQLite writer for every worker: their messages share batches
+            # and fsyncs, and no worker waits for another's write lock.
+            from ..storage import sqlite_path
+
+            self._writer = _SharedWriter(sqlite_path(Path(config.data_dir)))
+            try:
+                self._writer.start()
+            except (OSError, StoreError) as exc:
+                self._close_sockets()
+                raise _start_error(exc, config) from None
+        # The abuse limits are for the whole server, not for each worker.
+        self._counts = SharedCounters(self.workers, config.auth_lockout, config.auth_user_lockout)
+        # Each worker may hold every connection: raise the file-descriptor limit
+        # (or warn that it is too low) once here; the workers inherit the answer.
+        connection_capacity(config.max_connections)
+        try:
+            return self._supervise()
+        finally:
+            if self._writer is not None:
+                self._writer.stop(config.shutdown_timeout + 30)
+
+    # -- the supervising loop
+
+    def _supervise(self) -> int:
+        self._pid = os.getpid()
+        previous = {
+            sig: signal.signal(sig, self._forward)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+        try:
+            for index in range(self.workers):
+                self._spawn(index)
+            log.info(
+                "started %d worker processes",
+                self.workers,
+                extra={"event": "workers", "workers": self.workers},
+            )
+            while self._children:
+                try:
+                    pid, status = os.wait()
+                except ChildProcessError:
+                    break
+                except InterruptedError:
+                    continue
+                self._reaped(pid, os.waitstatus_to_exitcode(status))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._close_sockets()
+        return 1 if self._failed else 0
+
+    def _reaped(self, pid: int, code: int) -> None:
+        """A child ended with exit status ``code``: restart, stop, or let it go."""
+        if pid not in self._children:
+            action = self._other_exit(pid, code) if not self._stopping else ""
+            if action == "restart":
+                self._recycling.update(self._children)
+                for worker in self._children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker, signal.SIGTERM)
+            elif action == "stop":
+                self._failed = True
+                self._forward(signal.SIGTERM, None)
+            return
+        index, started = self._children.pop(pid)
+        if self._stopping:
+            self._failed = self._failed or code != 0
+            return
+        if pid in self._recycling:
+            self._recycling.discard(pid)
+            self._spawn(index)
+            return
+        log.error(
+            "worker %d (pid %d) exited with %d",
+            index,
+            pid,
+            code,
+            extra={"event": "worker_exit", "worker": index, "code": code},
+        )
+        if time.monotonic() - started < _MIN_UPTIME:
+            self._failed = True
+            self._forward(signal.SIGTERM, None)
+            return
+        self._spawn(index)
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        """The supervisor's signal handler: pass the signal on to every worker."""
+        if signum != signal.SIGHUP:  # SIGHUP reloads; the others stop
+            self._stopping = True
+            # The kernel queues connections while any process holds a
+            # listener open: let go of ours, as each worker does of its own,
+            # so that new clients are refused while the workers drain.
+            self._close_sockets()
+        for pid in list(self._children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+
+    def _spawn(self, index: int) -> None:
+        if self._counts is not None:
+            self._counts.reset(index)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Until the worker's loop handles SIGHUP (reload), it must not kill it.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            stop_with_parent(self._pid)
+            code = 1
+            try:
+                code = self._run_worker(index)
+            except BaseException:  # reported, never a traceback past the worker
+                log.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self._children[pid] = (index, time.monotonic())
+
+    # -- in a worker
+
+    def _run_worker(self, index: int) -> int:
+        config = self.config
+        if self._writer is not None:
+            self._writer.forget_control()  # only the supervisor may tell the writer to stop
+            config = dataclasses.replace(config, sqlite_writer_address=self._writer.address)
+        if self._counts is not None:
+            self._counts.bind(index)
+        try:
+            with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+                return runner.run(
+                    run_server(
+                        config,
+                        f"{self._loop_name}, worker {index}",
+                        self._sockets,
+                        self._counts,
+                        hooks=self._hooks,
+                    )
+                )
+        except StartError as exc:  # e.g. the store cannot be opened: one line
+            log.error(
+                "worker %d cannot start: %s",
+                index,
+                exc,
+                extra={"event": "worker_failed", "worker": index},
+            )
+            return 1
+
+    # -- the shared SQLite writer
+
+    def _other_exit(self, pid: int, code: int) -> str:
+        """A child that is no worker ended: if it was the writer, start another.
+
+        Answers ``"restart"`` (drain every worker and start it again),
+        ``"stop"`` (stop the server: the exit status says it failed) or ``""``.
+        """
+        writer = self._writer
+        if writer is None or not writer.is_process(pid):
+            return ""
+        if writer.uptime() < _WRITER_MIN_UPTIME:
+            log.error(
+                "the SQLite writer process (pid %d) exited with %d within %g s of its"
+                " start: stopping",
+                pid,
+                code,
+                _WRITER_MIN_UPTIME,
+                extra={"event": "writer_exit", "code": code},
+            )
+            return "stop"  # a crash loop: leave it to the service manager (and the log)
+        log.error(
+            "the SQLite writer process (pid %d) exited with %d: starting another and"
+            " restarting the workers",
+            pid,
+            code,
+            extra={"event": "writer_exit", "code": code},
+        )
+        try:
+            writer.start()
+        except (OSError, StoreError) as exc:
+            log.error(
+                "cannot start the SQLite writer again: %s", exc, extra={"event": "writer_failed"}
+            )
+            return "stop"
+        return "restart"
+
+
+class _SharedWriter:
+    """The SQLite writer process a :class:`Supervisor` starts for its workers.
+
+    Started before the workers are forked; started again (at a new address,
+    the workers restarted to use it) if it dies.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.address = ""
+        self._started = 0.0
+        self._control: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from ..storage._sqlite_process import start_hub
+
+        self.forget_control()
+        self._started = time.monotonic()
+        self.address, self._control, self._process = start_hub(self.path)
+
+    def uptime(self) -> float:
+        """Seconds since the current writer process was started."""
+        return time.monotonic() - self._started
+
+    def is_process(self, pid: int) -> bool:
+        return self._process is not None and self._process.pid == pid
+
+    def forget_control(self) -> None:
+        """Close our end of the control socket (the writer stops once no end is open)."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+
+    def stop(self, timeout: float) -> None:
+        """Let the writer finish once every worker has let go; kill it after ``timeout``."""
+        self.forget_control()
+        process = self._process
+        if process is None:
+            return
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
