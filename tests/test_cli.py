@@ -28,6 +28,7 @@ import pytest
 
 import ehlo
 
+from .conftest import SERVE_WITHOUT_DNS
 from .trace import split_trace
 
 TIMEOUT = 15.0  # seconds for any single wait
@@ -95,6 +96,7 @@ class ServerProcess:
                 str(self.data),
                 "--hostname",
                 "mx.test",
+                *SERVE_WITHOUT_DNS,
                 *args,
             ),
             stdin=subprocess.DEVNULL,
