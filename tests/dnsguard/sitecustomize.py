@@ -14,6 +14,7 @@ first on ``PYTHONPATH``, so that Python runs this file at the start of every
 subprocess the tests spawn (``python -m ehlo serve``...). There it is active
 only when ``EHLO_TEST_DNS_GUARD_LOG`` names a file, to which each offence is
 appended as one line; conftest fails the test during which lines appeared.
+A ``sitecustomize`` that this file shadows (a distribution's) still runs.
 dnspython is patched when it is first imported, not imported here: a process
 that never resolves stays as small as without the guard.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import sys
 import traceback
@@ -133,5 +135,17 @@ def _append(path: str) -> Callable[[str], None]:
     return report
 
 
-if os.environ.get(GUARD_LOG_ENV):
-    install(_append(os.environ[GUARD_LOG_ENV]))
+def _chain() -> None:
+    """Run the ``sitecustomize`` this file shadows (a distribution's), if there is one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", path)
+    if spec is not None and spec.loader is not None and spec.origin != __file__:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+
+if __name__ == "sitecustomize":
+    _chain()
+    if os.environ.get(GUARD_LOG_ENV):
+        install(_append(os.environ[GUARD_LOG_ENV]))
