@@ -34,19 +34,20 @@ SERVE_WITHOUT_DNS = ("--no-reverse-dns", "--helo-policy", "off")
 _dns_offences: list[str] = []
 
 
-def _start_dns_guard() -> Path:
-    """Refuse the system resolver here and in subprocesses; the subprocesses' log file."""
+def _start_dns_guard() -> tuple[Path, bool]:
+    """Refuse the system resolver here and in subprocesses: their log file, made here?"""
     install(_dns_offences.append)
-    if not os.environ.get(GUARD_LOG_ENV):
+    made = not os.environ.get(GUARD_LOG_ENV)
+    if made:
         handle, name = tempfile.mkstemp(prefix="ehlo-dns-guard-", suffix=".log")
         os.close(handle)
         os.environ[GUARD_LOG_ENV] = name
     paths = [str(DNS_GUARD_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return Path(os.environ[GUARD_LOG_ENV])
+    return Path(os.environ[GUARD_LOG_ENV]), made
 
 
-_DNS_GUARD_LOG = _start_dns_guard()
+_DNS_GUARD_LOG, _DNS_GUARD_LOG_MADE = _start_dns_guard()
 _dns_reported = 0
 
 
@@ -105,6 +106,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for line in dns_guard_offences()[-unreported:]:
             print(line, file=sys.stderr)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if _DNS_GUARD_LOG_MADE:
+        _DNS_GUARD_LOG.unlink(missing_ok=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
