@@ -1,4 +1,10 @@
-"""Shared fixtures: a real ehlo server on 127.0.0.1 with a real store."""
+"""Shared fixtures: a real ehlo server on 127.0.0.1 with a real store.
+
+Also the guard that keeps the suite off the machine's own DNS resolver (see
+``tests/dnsguard/sitecustomize.py``): active in this process and, through
+``PYTHONPATH``, in every Python subprocess; a test during which any process
+configured a resolver from /etc/resolv.conf fails.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import asyncio
 import dataclasses
 import os
 import socket
+import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -15,6 +23,57 @@ import pytest
 
 from ehlo import Listen, ProtocolLimits, Server, ServerConfig
 from ehlo.config import GreetingConfig
+
+from .dnsguard.sitecustomize import GUARD_LOG_ENV, install
+
+DNS_GUARD_DIR = Path(__file__).parent / "dnsguard"
+# ``ehlo serve`` options for a subprocess that must not look anything up: no
+# reverse DNS, no greeting checks. Put first, so that a test's own
+# ``--helo-policy ... --dns-server`` (the loopback DNS server) still wins.
+SERVE_WITHOUT_DNS = ("--no-reverse-dns", "--helo-policy", "off")
+_dns_offences: list[str] = []
+
+
+def _start_dns_guard() -> tuple[Path, bool]:
+    """Refuse the system resolver here and in subprocesses: their log file, made here?"""
+    install(_dns_offences.append)
+    made = not os.environ.get(GUARD_LOG_ENV)
+    if made:
+        handle, name = tempfile.mkstemp(prefix="ehlo-dns-guard-", suffix=".log")
+        os.close(handle)
+        os.environ[GUARD_LOG_ENV] = name
+    paths = [str(DNS_GUARD_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return Path(os.environ[GUARD_LOG_ENV]), made
+
+
+_DNS_GUARD_LOG, _DNS_GUARD_LOG_MADE = _start_dns_guard()
+_dns_reported = 0
+
+
+def dns_guard_offences() -> list[str]:
+    """Uses of the system resolver so far: this process's, then the subprocesses'."""
+    try:
+        logged = _DNS_GUARD_LOG.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        logged = []
+    return [*_dns_offences, *logged]
+
+
+@pytest.fixture(autouse=True)
+def no_system_dns() -> Iterator[None]:
+    """Fail the test if it (or a process it started) configured the system resolver."""
+    global _dns_reported
+    before = len(dns_guard_offences())
+    yield
+    found = dns_guard_offences()[before:]
+    _dns_reported += len(found)
+    if found:
+        pytest.fail(
+            "the machine's DNS resolver was used; ask tests/dnsserver.py or turn lookups off:\n"
+            + "\n".join(found),
+            pytrace=False,
+        )
 
 
 def require(ok: bool, reason: str) -> None:
@@ -37,6 +96,18 @@ def pytest_configure(config: pytest.Config) -> None:
         "needs(ok, reason): the test needs a tool or facility; without it (ok false)"
         " it skips, or fails under CI",
     )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run for a use of the system resolver outside any test (a shared fixture)."""
+    unreported = len(dns_guard_offences()) - _dns_reported
+    if unreported > 0:
+        print("\nthe machine's DNS resolver was used outside a test:", file=sys.stderr)
+        for line in dns_guard_offences()[-unreported:]:
+            print(line, file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if _DNS_GUARD_LOG_MADE:
+        _DNS_GUARD_LOG.unlink(missing_ok=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -66,15 +137,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
-    """A test config: loopback port 0, data in ``data_dir``, greeting checks off, overrides."""
+    """A test config: loopback port 0, data in ``data_dir``, no DNS lookups, overrides."""
     limits = overrides.pop("limits", None)
     limit_fields = {f.name for f in dataclasses.fields(ProtocolLimits)}
     limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in limit_fields}
     base_limits = limits if limits is not None else ProtocolLimits()
     if limit_overrides:
         base_limits = dataclasses.replace(base_limits, **limit_overrides)
-    # No greeting checks unless a test asks for them: no DNS, deterministic headers.
+    # No greeting checks and no reverse DNS unless a test asks for them (with
+    # the loopback DNS server as ``dns_servers``): deterministic headers, and
+    # never the machine's resolver.
     overrides.setdefault("greeting", GreetingConfig(policy="off"))
+    overrides.setdefault("reverse_dns", False)
     # Tests connect from loopback, which the per-IP limits exempt by default:
     # no exemption here, so that a test's per-IP limit applies; no rate limit
     # unless a test asks (many tests open many connections quickly).

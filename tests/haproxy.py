@@ -4,7 +4,9 @@
 free loopback port to one backend server with ``send-proxy`` (PROXY v1) or
 ``send-proxy-v2``, checks it with ``haproxy -c``, runs ``haproxy -db`` (no
 daemon, no chroot, no user switch) and yields the frontend's address once it
-listens; on exit it terminates HAProxy (then kills it if it lingers).
+listens; on exit it terminates HAProxy (then kills it if it lingers). The
+configuration has its own ``resolvers default`` section on loopback, so that
+HAProxy does not open a socket to the machine's resolver (/etc/resolv.conf).
 
 Readiness is seen in /proc/net/tcp{,6} (the frontend socket in LISTEN state),
 so no probe connection reaches the backend; where /proc is not available a
@@ -41,6 +43,8 @@ TIMEOUT_SERVER = "30s"
 # Attempts when another process takes the free port before HAProxy binds it.
 _BIND_ATTEMPTS = 3
 _SBIN = "/usr/sbin:/sbin:/usr/local/sbin"
+# The discard port: the nameserver of HAProxy's resolvers section, never queried.
+UNUSED_NAMESERVER_PORT = 9
 
 
 class HAProxyError(RuntimeError):
@@ -159,6 +163,11 @@ def _config(
         "    maxconn 64\n"
         "    nbthread 1\n"
         "    log stderr format short local0 notice\n"
+        # Otherwise HAProxy makes a "default" resolvers section from
+        # /etc/resolv.conf and opens a socket to the machine's resolver; this
+        # one names a loopback port that nothing asks (no server uses DNS).
+        "resolvers default\n"
+        f"    nameserver none {_hostport('127.0.0.1', UNUSED_NAMESERVER_PORT)}\n"
         "defaults\n"
         "    mode tcp\n"
         "    log global\n"

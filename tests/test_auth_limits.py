@@ -30,7 +30,7 @@ from ehlo.auth import UserStore
 from ehlo.server import Server, abuse
 from tests.test_e2e_raw import READ_TIMEOUT, Client, codes
 
-from .conftest import free_port, ipv6_loopback
+from .conftest import SERVE_WITHOUT_DNS, free_port, ipv6_loopback
 from .test_security_auth import plain, starttls
 
 Start = Callable[..., Awaitable[Server]]
@@ -378,7 +378,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]
                 f"127.0.0.1:{port}",
                 "--data",
                 str(data),
-                "--no-reverse-dns",
+                *SERVE_WITHOUT_DNS,
             ],
             stdin=subprocess.DEVNULL,
             stdout=out,

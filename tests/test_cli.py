@@ -28,6 +28,7 @@ import pytest
 
 import ehlo
 
+from .conftest import SERVE_WITHOUT_DNS
 from .trace import split_trace
 
 TIMEOUT = 15.0  # seconds for any single wait
@@ -95,6 +96,7 @@ class ServerProcess:
                 str(self.data),
                 "--hostname",
                 "mx.test",
+                *SERVE_WITHOUT_DNS,
                 *args,
             ),
             stdin=subprocess.DEVNULL,
@@ -620,7 +622,6 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
             socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 
-
 def test_sigterm_to_every_process_still_drains(tmp_path: Path) -> None:
     # A service manager (systemd's default KillMode) signals the supervisor
     # and each worker; the supervisor forwards its own. A worker must take
@@ -706,11 +707,18 @@ def test_workers_report_an_unusable_database_once(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "ehlo.sqlite3").write_bytes(b"not an SQLite file at all " * 200)
-    result = run("serve", "--listen", f"127.0.0.1:{free_port()}", "--data", str(data),
-                 "--workers", "2", "--no-tls")
+    result = run(
+        "serve",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--data",
+        str(data),
+        "--workers",
+        "2",
+        "--no-tls",
+    )
     assert result.returncode == 1
     assert "not a database" in one_line_error(result.stderr)
-
 
 
 @pytest.mark.needs(Path("/proc/self/task").exists(), reason="needs Linux /proc")

@@ -29,7 +29,7 @@ import pytest
 
 from ehlo.storage import SQLiteStore, Store, open_store
 
-from .conftest import free_port
+from .conftest import SERVE_WITHOUT_DNS, free_port
 from .trace import message_of
 
 pytestmark = pytest.mark.timeout(90)
@@ -63,7 +63,7 @@ class ServeProcess:
                     str(self.data),
                     "--store",
                     self.kind,
-                    "--no-reverse-dns",
+                    *SERVE_WITHOUT_DNS,
                     "--no-tls",
                 ],
                 stdin=subprocess.DEVNULL,

@@ -37,7 +37,7 @@ import pytest
 
 from ehlo.storage import open_store
 
-from .conftest import free_port
+from .conftest import SERVE_WITHOUT_DNS, free_port
 from .strace import SYNCS, WRITES, Call, parse, strace_command
 
 pytestmark = pytest.mark.timeout(180)
@@ -63,7 +63,7 @@ class TracedServe:
             *strace_command(str(self.trace)),
             sys.executable, "-m", "ehlo", "serve",
             "--listen", f"127.0.0.1:{self.port}", "--data", str(self.data),
-            "--store", self.kind, "--workers", "1", "--no-reverse-dns", "--no-tls",
+            "--store", self.kind, "--workers", "1", *SERVE_WITHOUT_DNS, "--no-tls",
         ]  # fmt: skip
         with self.log.open("ab") as err:
             self.proc = subprocess.Popen(

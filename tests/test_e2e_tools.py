@@ -24,7 +24,7 @@ import pytest
 
 from ehlo.storage import Store, StoredMessage, open_store
 
-from .conftest import ThreadedServer, free_port
+from .conftest import SERVE_WITHOUT_DNS, ThreadedServer, free_port
 from .trace import split_trace
 
 pytestmark = [pytest.mark.external, pytest.mark.timeout(60)]
@@ -93,7 +93,7 @@ def target(
                 f"127.0.0.1:{port}",
                 "--data",
                 str(data),
-                "--no-reverse-dns",
+                *SERVE_WITHOUT_DNS,
             ],
             stdin=subprocess.DEVNULL,
             stdout=err,

@@ -15,6 +15,7 @@ from ehlo.server.received import protocol_keyword, received_header
 from ehlo.storage import Envelope, MessageWriter, NullStore, StoreError, open_store
 
 from .conftest import ipv6_loopback, make_config, require
+from .dnsserver import DNSServer
 
 
 async def smtp(port: int, *lines: str) -> list[str]:
@@ -58,9 +59,16 @@ async def test_hooks_see_context_and_decide_each_stage(tmp_path: Path) -> None:
     async with Server(make_config(tmp_path), hooks=hooks) as server:
         port = server.addresses[0][1]
         replies = await smtp(
-            port, "EHLO c.example", "MAIL FROM:<spammer@example.com>",
-            "MAIL FROM:<a@example.org>", "RCPT TO:<blocked@example.net>",
-            "RCPT TO:<later@example.net>", "RCPT TO:<b@example.net>", "DATA", "x\r\n.", "QUIT",
+            port,
+            "EHLO c.example",
+            "MAIL FROM:<spammer@example.com>",
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<blocked@example.net>",
+            "RCPT TO:<later@example.net>",
+            "RCPT TO:<b@example.net>",
+            "DATA",
+            "x\r\n.",
+            "QUIT",
         )
         assert replies[1] == "550 5.7.1 Sender refused by policy"
         assert replies[3] == "550 5.1.1 No such user"
@@ -131,9 +139,14 @@ async def test_domains_restrict_recipients_but_not_postmaster(tmp_path: Path) ->
     config = make_config(tmp_path, domains=("example.net",))
     async with Server(config) as server:
         replies = await smtp(
-            server.addresses[0][1], "EHLO c.example", "MAIL FROM:<a@example.org>",
-            "RCPT TO:<b@example.net>", "RCPT TO:<b@EXAMPLE.NET>", "RCPT TO:<c@elsewhere.example>",
-            "RCPT TO:<postmaster@other.example>", "RCPT TO:<Postmaster>",
+            server.addresses[0][1],
+            "EHLO c.example",
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<b@example.net>",
+            "RCPT TO:<b@EXAMPLE.NET>",
+            "RCPT TO:<c@elsewhere.example>",
+            "RCPT TO:<postmaster@other.example>",
+            "RCPT TO:<Postmaster>",
         )
         assert replies[2].startswith("250 ") and replies[3].startswith("250 ")
         assert replies[4] == (
@@ -143,36 +156,57 @@ async def test_domains_restrict_recipients_but_not_postmaster(tmp_path: Path) ->
 
 
 async def test_received_header_and_envelope(tmp_path: Path) -> None:
-    async with Server(make_config(tmp_path)) as server:
-        port = server.addresses[0][1]
-        await aiosmtplib.send(
-            b"Subject: r\r\n\r\nbody\r\n", sender="a@example.org", recipients=["b@example.net"],
-            hostname="127.0.0.1", port=port, local_hostname="client.example", start_tls=False,
-        )
-        [stored] = server.store.list()
-        raw = server.store.raw(stored.envelope.queue_id)
-        assert raw is not None
-        header, _, rest = raw.partition(b"\r\nSubject:")
-        text = header.decode()
-        assert re.fullmatch(
-            r"Received: from client\.example \(localhost \[127\.0\.0\.1\]\)\r\n"
-            r"\tby localhost \(ehlo\) with ESMTP id (\w{16})\r\n"
-            r"\tfor <b@example\.net>; \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000",
-            text,
-        ), text
-        assert stored.envelope.queue_id in text
-        assert rest == b" r\r\n\r\nbody\r\n"
-        assert stored.envelope.greeting == "EHLO"
-        assert stored.envelope.mail_from == "a@example.org"
-        assert stored.envelope.protocol == "ESMTP"
-        assert stored.size == len(raw)
+    # Reverse DNS on, asking the loopback DNS server: a loopback client is
+    # "localhost" without a query (RFC 6761 section 6.3).
+    with DNSServer({}) as dns:
+        config = make_config(tmp_path, reverse_dns=True, dns_servers=(dns.nameserver,))
+        async with Server(config) as server:
+            await _check_received_header_and_envelope(server)
+        assert dns.queries == []
+
+
+async def _check_received_header_and_envelope(server: Server) -> None:
+    """One message by aiosmtplib; its Received header (reverse name "localhost"), envelope."""
+    port = server.addresses[0][1]
+    await aiosmtplib.send(
+        b"Subject: r\r\n\r\nbody\r\n",
+        sender="a@example.org",
+        recipients=["b@example.net"],
+        hostname="127.0.0.1",
+        port=port,
+        local_hostname="client.example",
+        start_tls=False,
+    )
+    [stored] = server.store.list()
+    raw = server.store.raw(stored.envelope.queue_id)
+    assert raw is not None
+    header, _, rest = raw.partition(b"\r\nSubject:")
+    text = header.decode()
+    assert re.fullmatch(
+        r"Received: from client\.example \(localhost \[127\.0\.0\.1\]\)\r\n"
+        r"\tby localhost \(ehlo\) with ESMTP id (\w{16})\r\n"
+        r"\tfor <b@example\.net>; \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000",
+        text,
+    ), text
+    assert stored.envelope.queue_id in text
+    assert rest == b" r\r\n\r\nbody\r\n"
+    assert stored.envelope.greeting == "EHLO"
+    assert stored.envelope.mail_from == "a@example.org"
+    assert stored.envelope.protocol == "ESMTP"
+    assert stored.size == len(raw)
 
 
 def test_received_header_odd_greeting_and_keywords() -> None:
     header = received_header(
-        greeting_name="not a (valid) name", client_ip="2001:db8::7", client_name=None,
-        server_name="mx.example", protocol="ESMTPS", queue_id="ID", recipient=None,
-        tls={"version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256"}, now=0,
+        greeting_name="not a (valid) name",
+        client_ip="2001:db8::7",
+        client_name=None,
+        server_name="mx.example",
+        protocol="ESMTPS",
+        queue_id="ID",
+        recipient=None,
+        tls={"version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256"},
+        now=0,
     ).decode()
     assert header.startswith("Received: from [IPv6:2001:db8::7] ([IPv6:2001:db8::7] helo=not?a?")
     assert "(using TLSv1.3 with cipher TLS_AES_128_GCM_SHA256);\r\n\tThu, 01 Jan 1970" in header

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import SERVE_WITHOUT_DNS
 from .test_cli import TIMEOUT, ehlo_cmd, free_port, one_line_error
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,7 +60,9 @@ class Serve:
         self.log = log
         self._stderr = open(log, "wb")  # noqa: SIM115 - closed in close()
         listen = f"127.0.0.1:{self.port}"
-        command = ehlo_cmd("serve", "--listen", listen, "--data", str(data), "--hostname", "mx")
+        command = ehlo_cmd(
+            "serve", "--listen", listen, "--data", str(data), "--hostname", "mx", *SERVE_WITHOUT_DNS
+        )
         self.proc = subprocess.Popen(
             [*prefix, *command, *args],
             stdin=subprocess.DEVNULL,
