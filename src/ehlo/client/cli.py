@@ -35,12 +35,12 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..protocol import Reply
 from ..protocol._syntax import is_domain
+from ._body import scan_chunks
 from ._client import (
     TLS_MODES,
     SMTPClient,
     Timeouts,
     TLSInfo,
-    _scan_chunks,
     client_ssl_context,
 )
 from ._errors import (
@@ -365,7 +365,7 @@ def compose(args: argparse.Namespace, body: IO[bytes]) -> ComposedMessage:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         attachments.append(_Attachment(path, size, content_type))
     start = body.tell()
-    scan = _scan_chunks(iter(lambda: body.read(_CHUNK), b""))
+    scan = scan_chunks(iter(lambda: body.read(_CHUNK), b""))
     body.seek(start)
     if scan.longest_line > 998:
         # RFC 5321 section 4.5.3.1.6: text lines are at most 998 octets + CRLF.
