@@ -353,7 +353,8 @@ def compose_message(
         owned,
     )
     if attached:
-        size += len(message._part_head("text/plain; charset=us-ascii", "7bit")) + 2
+        text_head = message._part_head("text/plain; charset=" + message._charset(), message._cte())
+        size += len(text_head) + 2
         for attachment in attached:
             size += len(message._attachment_head(attachment))
             size += _base64_size(attachment.size) + 2
