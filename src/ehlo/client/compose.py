@@ -239,14 +239,21 @@ def _fold(name: str, value: str, *, utf8: bool, structured: bool) -> str:
     Non-ASCII text becomes encoded words (RFC 2047) unless ``utf8`` (SMTPUTF8,
     RFC 6532). A ``structured`` value goes through the header registry (an
     address list folds between addresses); one the registry cannot parse
-    without defects (a free-form Date, a bare local part) is folded as
-    unstructured text instead, so nothing given is lost.
+    without defects (a free-form Date, a bare local part), or fails on, is
+    folded as unstructured text instead, so nothing given is lost.
     """
     policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
-    header = policy.header_factory(name, value) if structured else None
-    if header is None or header.defects:
-        header = _UNSTRUCTURED(name, value)
-    return str(header.fold(policy=policy))
+    if structured:
+        try:
+            header = policy.header_factory(name, value)
+            if not header.defects:
+                return str(header.fold(policy=policy))
+        except Exception:  # the parser fails on some malformed values
+            pass
+    try:
+        return str(_UNSTRUCTURED(name, value).fold(policy=policy))
+    except Exception:  # as given, unfolded, rather than no message at all
+        return f"{name}: {value}\r\n"
 
 
 def _default_subject() -> str:

@@ -177,8 +177,10 @@ class ProbeReport:
             out.append(f"EHLO is refused ({self.ehlo.code}): no ESMTP extensions, no STARTTLS")
         if self.helo_ok is False:
             out.append("HELO is refused: RFC 5321 section 4.1.1.1 requires servers to accept it")
-        if self.ehlo is not None and self.ehlo.code == 250 and not (
-            self.tls_offered or self.implicit_tls
+        if (
+            self.ehlo is not None
+            and self.ehlo.code == 250
+            and not (self.tls_offered or self.implicit_tls)
         ):
             out.append("STARTTLS is not offered: mail to this server travels in clear")
         if self.tls_error:
