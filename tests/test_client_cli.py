@@ -167,6 +167,31 @@ def test_send_subject_is_encoded(threaded_server: Callable[..., ThreadedServer])
     assert b"Subject: =?utf-8?" in message and message.isascii()
 
 
+def test_send_many_recipients_with_data_folds_the_to_header(
+    threaded_server: Callable[..., ThreadedServer],
+) -> None:
+    # 60 recipients made a 1,382-octet To: line; ehlo's server refused it with DATA.
+    srv = threaded_server(reverse_dns=False, tls=False)
+    rcpts = [f"recipient-{i:02d}@example.net" for i in range(60)]
+    to = [arg for rcpt in rcpts for arg in ("--to", rcpt)]
+    proc = run_cli("send", "--from", "a@example.org", *to, "--server", target(srv),
+                   "--no-bdat", "--subject", "Sixty", "--transcript")
+    assert proc.returncode == 0, proc.stderr
+    assert " -> DATA" in proc.stdout and " -> BDAT" not in proc.stdout
+    [(envelope, message)] = stored(srv)
+    assert envelope.rcpt_to == rcpts
+    head = message[: message.index(b"\r\n\r\n")]
+    lines = head.split(b"\r\n")
+    # RFC 5322 section 2.1.1: at most 998 octets, and 78 where the field can fold.
+    assert all(len(line) <= 78 for line in lines), max(lines, key=len)
+    to_lines = [i for i, line in enumerate(lines) if line.lower().startswith(b"to:")]
+    assert len(to_lines) == 1
+    assert lines[to_lines[0] + 1].startswith(b" ")  # folded (RFC 5322 section 2.2.3)
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    assert [a.addr_spec for a in parsed["To"].addresses] == rcpts
+    assert parsed["Subject"] == "Sixty"
+
+
 def test_send_exit_codes(threaded_server: Callable[..., ThreadedServer], tmp_path: Path) -> None:
     async def reject_sender(ctx: Any) -> Verdict | None:
         return Verdict.reject("Go away", 550, "5.7.1") if ctx.mail_from == "bad@x.test" else None

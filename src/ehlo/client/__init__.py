@@ -11,8 +11,13 @@ Send one message to one server::
 
 or route by MX (RFC 5321 section 5.1) with :class:`Router` and :func:`deliver`.
 The package owns: ``_client`` (connection, TLS, AUTH, transactions),
-``routing`` (MX, implicit MX, null MX, failover), ``_errors`` (exceptions that
-carry the reply) and ``cli`` (``ehlo send`` and ``ehlo probe``).
+``_body`` (scanning a message and cutting it into chunks), ``_scram``
+(SCRAM-SHA-256 messages), ``_certinfo`` (:class:`TLSInfo`, certificate
+details), ``routing`` (MX, implicit MX, null MX, failover), ``_errors``
+(exceptions that carry the reply), ``compose`` (building a message with
+folded headers, the body streamed), ``probe`` (what a server offers, as a
+report) and ``cli`` (``ehlo send`` and ``ehlo probe``: options, rendering,
+exit codes).
 """
 
 from __future__ import annotations

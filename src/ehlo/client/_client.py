@@ -3,9 +3,11 @@
 This module owns the client's I/O: the TCP connection (an ``asyncio.Protocol``
 with write flow control), implicit TLS and the STARTTLS upgrade, the
 timeouts of RFC 5321 section 4.5.3.2, SASL authentication (PLAIN, LOGIN,
-SCRAM-SHA-256), and :meth:`SMTPClient.send_message`: one mail transaction
-with per-recipient results, PIPELINING, SIZE, BODY=8BITMIME, SMTPUTF8 and
-BDAT, streaming the body from bytes, a file or an iterator with flat memory.
+SCRAM-SHA-256: its messages come from ``_scram``), and
+:meth:`SMTPClient.send_message`: one mail transaction with per-recipient
+results, PIPELINING, SIZE, BODY=8BITMIME, SMTPUTF8 and BDAT, streaming the
+body (cut into chunks by ``_body``) from bytes, a file or an iterator with
+flat memory. TLS details come from ``_certinfo``.
 
 What the message needs is checked before MAIL is sent: a server that does
 not offer SMTPUTF8, 8BITMIME or a large enough SIZE gets no transaction at
@@ -19,15 +21,13 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import datetime as dt
-import hashlib
 import hmac
 import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
-from typing import IO, Literal, Protocol, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, Protocol, cast
 
 from ..protocol import (
     NEED_DATA,
@@ -39,7 +39,15 @@ from ..protocol import (
     ServerExtensions,
 )
 from ..protocol._syntax import is_domain
-from ..saslprep import saslprep
+from ._body import (
+    MAX_TEXT_LINE,
+    BodyScan,
+    Message,
+    message_chunks,
+    scan_message,
+    with_last,
+)
+from ._certinfo import TLSInfo, describe_certificate, tls_info
 from ._errors import (
     AuthFailed,
     ConnectionFailed,
@@ -51,6 +59,7 @@ from ._errors import (
     SMTPClientError,
     TLSFailed,
 )
+from ._scram import sasl_prepare, scram_client_final, scram_client_first
 
 __all__ = [
     "Message",
@@ -61,24 +70,19 @@ __all__ = [
     "Timeouts",
     "Transcript",
     "client_ssl_context",
+    "describe_certificate",
     "scram_client_final",
     "scram_client_first",
+    "tls_info",
 ]
 
 TLSMode = Literal["opportunistic", "required", "off", "implicit"]
 TLS_MODES: tuple[TLSMode, ...] = ("opportunistic", "required", "off", "implicit")
 
-Message = bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes] | AsyncIterable[bytes]
-"""A message: bytes, a binary file (read in chunks), or an (async) iterator of chunks."""
-
 # Read-side flow control: stop reading while this much is unparsed.
 _MAX_UNPARSED = 1 << 20
-# RFC 5321 section 4.5.3.1.6: a text line is at most 1000 octets with CRLF.
-_MAX_TEXT_LINE = 998
 # SASL mechanisms, most preferred first.
 _MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
-# SCRAM: refuse iteration counts that would only burn CPU.
-_SCRAM_MAX_ITERATIONS = 1_000_000
 
 
 class Transcript(Protocol):
@@ -105,32 +109,6 @@ class Timeouts:
     def uniform(cls, seconds: float) -> Timeouts:
         """The same limit for every step (tests, impatient tools)."""
         return cls(*(seconds for _ in dataclasses.fields(cls)))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TLSInfo:
-    """The TLS session: protocol, cipher, the server's certificate, verification."""
-
-    version: str
-    cipher: str
-    bits: int
-    verified: bool
-    subject: str | None = None
-    issuer: str | None = None
-    names: tuple[str, ...] = ()
-    not_after: dt.datetime | None = None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "version": self.version,
-            "cipher": self.cipher,
-            "bits": self.bits,
-            "verified": self.verified,
-            "subject": self.subject,
-            "issuer": self.issuer,
-            "names": list(self.names),
-            "not_after": self.not_after.isoformat() if self.not_after else None,
-        }
 
 
 @dataclasses.dataclass(slots=True)
@@ -210,172 +188,7 @@ class _Protocol(asyncio.Protocol):
             raise ConnectionResetError("connection lost")
 
 
-# --------------------------------------------------------------- the message
-
-
-@dataclasses.dataclass(slots=True)
-class _Scan:
-    size: int
-    eight_bit: bool
-    utf8_headers: bool
-    longest_line: int
-    bare_newlines: int  # LFs without CR: each grows by one octet on the wire
-
-
-def _header_end(data: bytes) -> int:
-    """Index of the empty line that ends the header section, or -1."""
-    ends = [i for i in (data.find(b"\n\n"), data.find(b"\n\r\n")) if i >= 0]
-    return min(ends) if ends else -1
-
-
-def _scan_chunks(chunks: Iterable[bytes]) -> _Scan:
-    size = 0
-    eight_bit = utf8_headers = False
-    in_headers = True
-    tail = b"\n"  # so that a message starting with an empty line has no header
-    longest = 0
-    bare = 0
-    line = 0  # length of the line in progress
-    for chunk in chunks:
-        size += len(chunk)
-        bare += chunk.count(b"\n") - chunk.count(b"\r\n")
-        if in_headers:
-            window = tail + chunk
-            end = _header_end(window)
-            head = window if end < 0 else window[:end]
-            if not head.isascii():
-                utf8_headers = True
-            in_headers = end < 0
-            tail = window[-2:]
-        if not eight_bit and not chunk.isascii():
-            eight_bit = True
-        pieces = chunk.split(b"\n")
-        if len(pieces) == 1:
-            line += len(chunk)
-        else:
-            longest = max(longest, line + len(pieces[0].rstrip(b"\r")))
-            if len(pieces) > 2:
-                longest = max(longest, max(len(p.rstrip(b"\r")) for p in pieces[1:-1]))
-            line = len(pieces[-1])
-        longest = max(longest, line)
-    return _Scan(size, eight_bit, utf8_headers, longest, bare)
-
-
-def _read_file(f: IO[bytes], chunk_size: int) -> Iterable[bytes]:
-    while chunk := f.read(chunk_size):
-        yield chunk
-
-
-def _scan(message: Message, chunk_size: int) -> _Scan | None:
-    """Size and content facts of a message that can be read twice; None otherwise."""
-    if isinstance(message, bytes | bytearray | memoryview):
-        data = bytes(message) if not isinstance(message, bytes) else message
-        return _scan_chunks(
-            data[i : i + chunk_size] for i in range(0, max(len(data), 1), chunk_size)
-        )
-    read = getattr(message, "read", None)
-    if read is None:
-        return None
-    f = cast(IO[bytes], message)
-    try:
-        if not f.seekable():
-            return None
-        start = f.tell()
-    except (OSError, ValueError):
-        return None
-    try:
-        return _scan_chunks(_read_file(f, chunk_size))
-    finally:
-        f.seek(start)
-
-
-async def _chunks(message: Message, chunk_size: int) -> AsyncIterator[bytes]:
-    """The message in chunks of at most ``chunk_size`` octets."""
-    if isinstance(message, bytes | bytearray | memoryview):
-        view = memoryview(message)
-        for i in range(0, len(view), chunk_size):
-            yield bytes(view[i : i + chunk_size])
-        return
-    if hasattr(message, "read"):
-        f = cast(IO[bytes], message)
-        while chunk := f.read(chunk_size):
-            yield chunk
-        return
-    # Pieces of an iterator are gathered into chunks of chunk_size (so that a
-    # small header piece does not cost a BDAT of its own) and split when larger.
-    buf = bytearray()
-    if isinstance(message, AsyncIterable):
-        async for piece in message:
-            buf += piece
-            while len(buf) >= chunk_size:
-                yield bytes(buf[:chunk_size])
-                del buf[:chunk_size]
-    else:
-        for piece in message:
-            buf += piece
-            while len(buf) >= chunk_size:
-                yield bytes(buf[:chunk_size])
-                del buf[:chunk_size]
-    if buf:
-        yield bytes(buf)
-
-
-async def _lookahead(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[bytes, bool]]:
-    """Each chunk with a flag telling whether it is the last (an empty message: one b"")."""
-    previous: bytes | None = None
-    async for chunk in chunks:
-        if not chunk:
-            continue
-        if previous is not None:
-            yield previous, False
-        previous = chunk
-    yield (previous if previous is not None else b""), True
-
-
 # ----------------------------------------------------------------- SASL
-
-
-def _saslprep(text: str) -> str:
-    """RFC 4013 SASLprep of a user name or password (ValueError when it is refused)."""
-    try:
-        return saslprep(text)
-    except ValueError as exc:
-        raise ValueError(f"SASLprep: the text {exc}") from None
-
-
-def scram_client_first(user: str, nonce: str) -> str:
-    """RFC 5802 section 7: the client-first-message (no channel binding: ``n,,``)."""
-    name = _saslprep(user).replace("=", "=3D").replace(",", "=2C")
-    return f"n,,n={name},r={nonce}"
-
-
-def scram_client_final(
-    client_first: str, server_first: str, password: str
-) -> tuple[str, bytes]:
-    """RFC 5802 section 3 with SHA-256 (RFC 7677): the client-final-message and the
-    server signature expected in the server-final-message."""
-    attrs = dict(part.split("=", 1) for part in server_first.split(",") if "=" in part)
-    if "m" in attrs:
-        raise ValueError("SCRAM server asks for an unsupported extension (m=)")
-    nonce, salt_b64, count = attrs.get("r", ""), attrs.get("s", ""), attrs.get("i", "")
-    client_nonce = client_first.rsplit("r=", 1)[1]
-    # RFC 5802 section 5.1: the server nonce starts with the client's.
-    if not nonce.startswith(client_nonce) or len(nonce) <= len(client_nonce):
-        raise ValueError("SCRAM server nonce does not extend the client nonce")
-    if not count.isdigit() or not 0 < int(count) <= _SCRAM_MAX_ITERATIONS:
-        raise ValueError(f"SCRAM iteration count out of range: {count!r}")
-    salt = base64.b64decode(salt_b64, validate=True)
-    salted = hashlib.pbkdf2_hmac("sha256", _saslprep(password).encode(), salt, int(count))
-    client_key = hmac.digest(salted, b"Client Key", "sha256")
-    stored_key = hashlib.sha256(client_key).digest()
-    without_proof = f"c=biws,r={nonce}"  # biws = base64("n,,")
-    auth_message = f"{client_first[3:]},{server_first},{without_proof}".encode()
-    signature = hmac.digest(stored_key, auth_message, "sha256")
-    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
-    server_key = hmac.digest(salted, b"Server Key", "sha256")
-    server_signature = hmac.digest(server_key, auth_message, "sha256")
-    final = f"{without_proof},p={base64.b64encode(proof).decode()}"
-    return final, server_signature
 
 
 def _b64(data: bytes | str) -> str:
@@ -404,50 +217,6 @@ def _address_literal(ip: str) -> str:
     if address.version == 6:
         return f"[IPv6:{address.compressed}]"
     return f"[{address}]"
-
-
-def describe_certificate(der: bytes | None) -> dict[str, object]:
-    """Subject, issuer, names and expiry of a DER certificate (empty when absent)."""
-    if not der:
-        return {}
-    from cryptography import x509
-    from cryptography.x509.oid import ExtensionOID
-
-    cert = x509.load_der_x509_certificate(der)
-    names: list[str] = []
-    try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-    except x509.ExtensionNotFound:
-        pass
-    else:
-        value = cast(x509.SubjectAlternativeName, san.value)
-        names.extend(value.get_values_for_type(x509.DNSName))
-        names.extend(str(ip) for ip in value.get_values_for_type(x509.IPAddress))
-    return {
-        "subject": cert.subject.rfc4514_string(),
-        "issuer": cert.issuer.rfc4514_string(),
-        "names": tuple(names),
-        "not_after": cert.not_valid_after_utc,
-    }
-
-
-def tls_info(ssl_object: ssl.SSLObject | None, verified: bool) -> TLSInfo | None:
-    """What a finished handshake negotiated, and the peer's certificate."""
-    if ssl_object is None:
-        return None
-    cipher = ssl_object.cipher() or ("", "", 0)
-    details = describe_certificate(ssl_object.getpeercert(binary_form=True))
-    not_after = details.get("not_after")
-    return TLSInfo(
-        version=ssl_object.version() or "",
-        cipher=cipher[0],
-        bits=int(cipher[2] or 0),
-        verified=verified,
-        subject=cast("str | None", details.get("subject")),
-        issuer=cast("str | None", details.get("issuer")),
-        names=cast("tuple[str, ...]", details.get("names", ())),
-        not_after=not_after if isinstance(not_after, dt.datetime) else None,
-    )
 
 
 def _untrusted(peer: str, exc: ssl.SSLCertVerificationError) -> TLSFailed:
@@ -866,7 +635,7 @@ class SMTPClient:
 
     async def _auth_plain(self, user: str, password: str) -> Reply:
         # RFC 4616 section 2: message = [authzid] UTF8NUL authcid UTF8NUL passwd
-        token = _b64(f"\0{_saslprep(user)}\0{_saslprep(password)}")
+        token = _b64(f"\0{sasl_prepare(user)}\0{sasl_prepare(password)}")
         self.conn.auth("PLAIN", token)
         reply = await self._command("AUTH PLAIN <redacted>")
         if reply.code == 334:  # a server that ignores initial responses asks again
@@ -939,7 +708,7 @@ class SMTPClient:
         rcpts = _dedupe(recipients)
         if not rcpts:
             raise ValueError("no recipients")
-        scan = _scan(message, self.chunk_size)
+        scan = scan_message(message, self.chunk_size)
         if scan is not None:
             size = scan.size if size is None else size
             eight_bit = scan.eight_bit if eight_bit is None else eight_bit
@@ -962,7 +731,7 @@ class SMTPClient:
             raise ValueError(str(exc)) from None
 
     def _check_message(
-        self, scan: _Scan | None, size: int | None, eight_bit: bool, smtputf8: bool
+        self, scan: BodyScan | None, size: int | None, eight_bit: bool, smtputf8: bool
     ) -> bool:
         """Refuse, before any transaction, what this server cannot take; choose BDAT."""
         ext = self.conn.extensions if self.conn.esmtp else ServerExtensions()
@@ -981,7 +750,7 @@ class SMTPClient:
             raise MessageNotSupported(
                 f"the message is {size} octets and {self.peer} takes at most {limit} (SIZE)"
             )
-        if scan is not None and scan.longest_line > _MAX_TEXT_LINE:
+        if scan is not None and scan.longest_line > MAX_TEXT_LINE:
             # RFC 5321 section 4.5.3.1.6: text lines are at most 998 octets + CRLF.
             raise MessageNotSupported(
                 f"the message has a line of {scan.longest_line} octets; SMTP allows 998"
@@ -1063,7 +832,7 @@ class SMTPClient:
 
     async def _send_data(self, message: Message) -> tuple[Reply, int]:
         sent = 0
-        async for chunk in _chunks(message, self.chunk_size):
+        async for chunk in message_chunks(message, self.chunk_size):
             self.conn.send_data(chunk)
             sent += len(chunk)
             await self._flush()
@@ -1075,7 +844,7 @@ class SMTPClient:
 
     async def _send_bdat(self, message: Message) -> tuple[Reply, int]:
         sent = 0
-        async for chunk, last in _lookahead(_chunks(message, self.chunk_size)):
+        async for chunk, last in with_last(message_chunks(message, self.chunk_size)):
             size = self.conn.bdat(chunk, last)
             sent += len(chunk)
             self._sent(f"BDAT {size}{' LAST' if last else ''}  [{size} octets of message data]")
@@ -1088,7 +857,7 @@ class SMTPClient:
                 return reply, sent
             if last:
                 return reply, sent
-        raise AssertionError("unreachable: _lookahead always ends with a last chunk")
+        raise AssertionError("unreachable: with_last always ends with a last chunk")
 
     async def _reset(self) -> None:
         """RSET after a refusal, so the session can carry another transaction."""

@@ -1,36 +1,29 @@
 """``ehlo send`` and ``ehlo probe``: the client's command-line surface.
 
 This module owns the two subcommands (their argparse definitions, registered
-into the main ``ehlo`` parser by :func:`add_client_commands`), building the
-message that ``send`` streams (headers, a body from a file or stdin,
-attachments encoded in base64 as they are read), the swaks-style transcript
-with secrets redacted, the probe report (text or JSON) and the exit codes.
-Every failure reaches the user as one line ``ehlo: error: ...`` on stderr,
-never a traceback. :func:`main` runs a parser with just these two commands.
+into the main ``ehlo`` parser by :func:`add_client_commands`), turning options
+into library calls (:func:`~ehlo.client.compose.compose_message` builds the
+message, :class:`~ehlo.client.SMTPClient` or MX routing sends it,
+:func:`~ehlo.client.probe.run_probe` probes), the swaks-style transcript with
+secrets redacted, the probe report rendered as text or JSON, and the exit
+codes. Every failure reaches the user as one line ``ehlo: error: ...`` on
+stderr, never a traceback. :func:`main` runs a parser with just these two
+commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import binascii
 import contextlib
-import dataclasses
-import datetime as dt
-import email.header
-import email.utils
 import getpass
 import ipaddress
 import json
-import mimetypes
 import os
 import ssl
 import sys
-import tempfile
 import textwrap
-import uuid
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from ..protocol import Reply
@@ -39,8 +32,6 @@ from ._client import (
     TLS_MODES,
     SMTPClient,
     Timeouts,
-    TLSInfo,
-    _scan_chunks,
     client_ssl_context,
 )
 from ._errors import (
@@ -55,6 +46,8 @@ from ._errors import (
     SMTPClientError,
     TLSFailed,
 )
+from .compose import ComposedMessage, ComposeError, UnreadableFile, compose_message
+from .probe import ProbeReport, explain_extension, octets_text, reply_text, run_probe
 
 if TYPE_CHECKING:  # routing brings dnspython: imported when a command needs it
     from .routing import DeliveryResult, MailHost
@@ -103,11 +96,6 @@ _ERROR_EXIT: tuple[tuple[type[SMTPClientError], int], ...] = (
 )
 
 PASSWORD_ENV = "EHLO_AUTH_PASSWORD"
-DEFAULT_BODY = b"This is a test message sent by ehlo send.\r\n"
-_CHUNK = 1 << 20
-# base64 lines of 76 characters (RFC 2045 section 6.8) from 57 octets each.
-_B64_LINE_OCTETS = 57
-_B64_READ = _B64_LINE_OCTETS * 1024
 
 
 class UsageError(Exception):
@@ -231,196 +219,28 @@ def _header(text: str) -> tuple[str, str]:
     return name, value.strip()
 
 
-# ----------------------------------------------------------------- message
-
-
-@dataclasses.dataclass
-class _Attachment:
-    path: Path
-    size: int
-    content_type: str
-
-
-@dataclasses.dataclass
-class ComposedMessage:
-    """The message ``send`` builds, streamed again for each delivery attempt."""
-
-    head: bytes
-    body: IO[bytes]
-    body_start: int
-    attachments: list[_Attachment]
-    boundary: str
-    size: int
-    eight_bit: bool
-    smtputf8: bool
-
-    def chunks(self) -> Iterator[bytes]:
-        """The whole message, in chunks; the body and attachments read as they go."""
-        self.body.seek(self.body_start)
-        yield self.head
-        if self.attachments:
-            yield self._part_head("text/plain; charset=" + self._charset(), self._cte())
-        while chunk := self.body.read(_CHUNK):
-            yield chunk
-        if not self.attachments:
-            return
-        yield b"\r\n"
-        for attachment in self.attachments:
-            yield self._attachment_head(attachment)
-            with attachment.path.open("rb") as f:
-                while data := f.read(_B64_READ):
-                    yield _base64_lines(data)
-            yield b"\r\n"
-        yield f"--{self.boundary}--\r\n".encode("ascii")
-
-    def _charset(self) -> str:
-        return "utf-8" if self.eight_bit else "us-ascii"
-
-    def _cte(self) -> str:
-        return "8bit" if self.eight_bit else "7bit"
-
-    def _part_head(self, content_type: str, cte: str, extra: str = "") -> bytes:
-        return (
-            f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Transfer-Encoding: {cte}\r\n{extra}\r\n"
-        ).encode()
-
-    def _attachment_head(self, attachment: _Attachment) -> bytes:
-        name = attachment.path.name
-        if name.isascii() and '"' not in name and "\\" not in name:
-            disposition = f'attachment; filename="{name}"'
-        else:
-            # RFC 2231 section 4: non-ASCII parameter values.
-            disposition = "attachment; filename*=" + email.utils.encode_rfc2231(name, "utf-8")
-        return self._part_head(
-            attachment.content_type, "base64", f"Content-Disposition: {disposition}\r\n"
-        )
-
-
-def _base64_lines(data: bytes) -> bytes:
-    """Base64 in lines of 76 characters, each ending with CRLF (RFC 2045 section 6.8)."""
-    return b"".join(
-        binascii.b2a_base64(data[i : i + _B64_LINE_OCTETS], newline=False) + b"\r\n"
-        for i in range(0, len(data), _B64_LINE_OCTETS)
-    )
-
-
-def _base64_size(n: int) -> int:
-    encoded = 4 * ((n + 2) // 3)
-    lines = (n + _B64_LINE_OCTETS - 1) // _B64_LINE_OCTETS
-    return encoded + 2 * lines
-
-
-def _spool() -> IO[bytes]:
-    """A file in memory up to 1 MiB, on disk beyond: the body can be read twice."""
-    return tempfile.SpooledTemporaryFile(max_size=_CHUNK)
-
-
-def _open_body(option: str | None) -> IO[bytes]:
-    """The body as a seekable binary file: the named file, stdin spooled, or the default."""
-    if option is None:
-        spool = _spool()
-        spool.write(DEFAULT_BODY)
-        spool.seek(0)
-        return spool
-    if option == "-":
-        spool = _spool()
-        # Spooled (to disk past 1 MiB) so it can be scanned and sent again.
-        while chunk := sys.stdin.buffer.read(_CHUNK):
-            spool.write(chunk)
-        spool.seek(0)
-        return spool
-    try:
-        f = open(option, "rb")  # noqa: SIM115 - closed by the caller
-    except OSError as exc:
-        raise LocalError(f"--body {option}: {exc.strerror or exc}") from None
-    if not f.seekable():  # a pipe: spool it like stdin
-        spool = _spool()
-        with f:
-            while chunk := f.read(_CHUNK):
-                spool.write(chunk)
-        spool.seek(0)
-        return spool
-    return f
-
-
-def _encoded(value: str) -> str:
-    if value.isascii():
-        return value
-    # RFC 2047: non-ASCII in an unstructured header as encoded words.
-    return email.header.Header(value, "utf-8").encode()
-
-
-def compose(args: argparse.Namespace, body: IO[bytes]) -> ComposedMessage:
-    """Headers from the options, the body file, and the attachments; facts for MAIL."""
-    attachments: list[_Attachment] = []
-    for name in args.attach or ():
-        path = Path(name)
-        try:
-            size = path.stat().st_size
-            with path.open("rb"):
-                pass
-        except OSError as exc:
-            raise LocalError(f"--attach {name}: {exc.strerror or exc}") from None
-        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        attachments.append(_Attachment(path, size, content_type))
-    start = body.tell()
-    scan = _scan_chunks(iter(lambda: body.read(_CHUNK), b""))
-    body.seek(start)
-    if scan.longest_line > 998:
-        # RFC 5321 section 4.5.3.1.6: text lines are at most 998 octets + CRLF.
-        raise MessageNotSupported(
-            f"the body has a line of {scan.longest_line} octets; SMTP allows 998"
-            " (wrap it, or send the file with --attach)"
-        )
-    eight_bit = scan.eight_bit
-    sender = args.sender
-    domain = sender.rpartition("@")[2] if "@" in sender else "localhost"
-    headers: dict[str, tuple[str, str]] = {}
-
-    def put(name: str, value: str) -> None:
-        headers[name.lower()] = (name, value)
-
-    put("Date", email.utils.formatdate(localtime=True))
-    put("From", f"<{sender}>" if sender else f"<MAILER-DAEMON@{domain}>")
-    put("To", ", ".join(f"<{r}>" if "@" in r else r for r in args.to))
-    subject = args.subject if args.subject is not None else "test " + dt.datetime.now(
-        dt.UTC
-    ).astimezone().strftime("%a, %d %b %Y %H:%M:%S %z")
-    put("Subject", _encoded(subject))
-    put("Message-ID", f"<{uuid.uuid4().hex}@{domain if domain.isascii() else 'ehlo.invalid'}>")
-    put("MIME-Version", "1.0")
-    boundary = f"=_ehlo_{uuid.uuid4().hex}"
-    if attachments:
-        put("Content-Type", f'multipart/mixed; boundary="{boundary}"')
-    else:
-        put("Content-Type", f"text/plain; charset={'utf-8' if eight_bit else 'us-ascii'}")
-        put("Content-Transfer-Encoding", "8bit" if eight_bit else "7bit")
-    for text in args.header or ():
-        name, value = _header(text)
-        put(name, value)  # replaces a default header of the same name
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers.values()) + "\r\n"
-    if attachments:
-        head += "This is a multi-part message in MIME format.\r\n\r\n"
-    head_bytes = head.encode("utf-8")
-    utf8_headers = not head_bytes.isascii()
-    addresses = [sender, *args.to]
-    smtputf8 = utf8_headers or any(not a.isascii() for a in addresses)
-    size = len(head_bytes) + scan.size + scan.bare_newlines
-    message = ComposedMessage(
-        head_bytes, body, start, attachments, boundary, 0, eight_bit or utf8_headers, smtputf8
-    )
-    if attachments:
-        size += len(message._part_head("text/plain; charset=us-ascii", "7bit")) + 2
-        for attachment in attachments:
-            size += len(message._attachment_head(attachment))
-            size += _base64_size(attachment.size) + 2
-        size += len(boundary) + 6
-    message.size = size
-    return message
-
-
 # -------------------------------------------------------------------- send
+
+
+def _compose(args: argparse.Namespace) -> ComposedMessage:
+    """The message from the options: headers, the body (a file or stdin), attachments."""
+    body: str | IO[bytes] | None = args.body
+    if body == "-":
+        body = sys.stdin.buffer
+    try:
+        return compose_message(
+            sender=args.sender,
+            to=args.to,
+            subject=args.subject,
+            headers=[_header(text) for text in args.header or ()],
+            body_file=body,
+            attachments=args.attach or (),
+        )
+    except UnreadableFile as exc:
+        option = "--body" if exc.role == "body" else "--attach"
+        raise LocalError(f"{option} {exc.name}: {exc.reason}") from None
+    except ComposeError as exc:
+        raise UsageError(f"--header: {exc}") from None
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -497,10 +317,6 @@ def _client_factory(
     return make
 
 
-def _describe_reply(reply: Reply | None) -> str:
-    return "" if reply is None else f": {reply}"
-
-
 def _send(args: argparse.Namespace) -> int:
     _text_output()
     try:
@@ -531,9 +347,7 @@ def _send_checked(args: argparse.Namespace) -> int:
     context = _ssl_context(args)
     make = _client_factory(args, context)
     login = (args.auth, _password(args)) if args.auth is not None else None
-    body = _open_body(args.body)
-    with body:
-        message = compose(args, body)
+    with _compose(args) as message:
         if server is not None:
             outcomes = [asyncio.run(_send_direct(server, args, message, make, login))]
         else:
@@ -671,303 +485,13 @@ def _report(outcomes: Sequence[DeliveryResult]) -> int:
 
 # ------------------------------------------------------------------- probe
 
-EXTENSION_HELP = {
-    "PIPELINING": "commands may be sent in groups without waiting for each reply (RFC 2920)",
-    "SIZE": "declares the largest message accepted; MAIL takes SIZE= (RFC 1870)",
-    "STARTTLS": "the session can be upgraded to TLS (RFC 3207)",
-    "AUTH": "SASL authentication with the listed mechanisms (RFC 4954)",
-    "8BITMIME": "8-bit message bodies with MAIL BODY=8BITMIME (RFC 6152)",
-    "SMTPUTF8": "UTF-8 addresses and headers (RFC 6531)",
-    "CHUNKING": "BDAT: the message in counted chunks, no dot-stuffing (RFC 3030)",
-    "BINARYMIME": "binary message bodies with BDAT (RFC 3030)",
-    "ENHANCEDSTATUSCODES": "replies carry enhanced status codes like 2.1.0 (RFC 2034, 3463)",
-    "DSN": "delivery status notifications: RET, ENVID, NOTIFY, ORCPT (RFC 3461)",
-    "ETRN": "remote queue start for a domain (RFC 1985)",
-    "ATRN": "authenticated turn: the roles swap to fetch queued mail (RFC 2645)",
-    "VRFY": "verify a mailbox name (RFC 5321 section 3.5)",
-    "EXPN": "expand a mailing list (RFC 5321 section 3.5)",
-    "HELP": "help text on request (RFC 5321 section 4.1.1.8)",
-    "DELIVERBY": "deliver within a time limit: MAIL BY= (RFC 2852)",
-    "MT-PRIORITY": "message priorities: MAIL MT-PRIORITY= (RFC 6710)",
-    "REQUIRETLS": "the message must travel over TLS all the way: MAIL REQUIRETLS (RFC 8689)",
-    "FUTURERELEASE": "hold the message until later: MAIL HOLDFOR=/HOLDUNTIL= (RFC 4865)",
-    "LIMITS": "declares limits on recipients and transactions (RFC 9422)",
-    "RRVS": "require recipient valid since a date (RFC 7293)",
-    "NO-SOLICITING": "the server does not want solicitations (RFC 3865)",
-    "MTRK": "message tracking (RFC 3885)",
-    "BURL": "the body fetched by URL from an IMAP server (RFC 4468)",
-    "CHECKPOINT": "restart of interrupted transactions (RFC 1845)",
-    "CONNEG": "content negotiation (RFC 4141)",
-    "SUBMITTER": "the responsible submitter: MAIL SUBMITTER= (RFC 4405)",
-    "XCLIENT": "Postfix: a trusted proxy passes on the real client's details",
-    "XFORWARD": "Postfix: a trusted filter passes on the original client's details",
-    "TURN": "role reversal (RFC 821, obsolete and unsafe)",
-    "SEND": "deliver to a terminal (RFC 821, obsolete)",
-    "SOML": "send or mail (RFC 821, obsolete)",
-    "SAML": "send and mail (RFC 821, obsolete)",
-}
-
-
-def explain_extension(keyword: str, params: Sequence[str]) -> str:
-    """One line about an EHLO keyword and its parameters."""
-    key = keyword.upper()
-    if key == "SIZE":
-        if not params or params[0] == "0":
-            return "no fixed message size limit declared (RFC 1870)"
-        if params[0].isdigit():
-            return f"messages up to {_octets(int(params[0]))} (RFC 1870)"
-    if key == "AUTH":
-        return f"SASL authentication: {' '.join(params) or 'no mechanism listed'} (RFC 4954)"
-    text = EXTENSION_HELP.get(key)
-    if text is None:
-        return "not known to ehlo (a private or newer extension)"
-    return text
-
-
-def _octets(n: int) -> str:
-    if n >= 1 << 20:
-        return f"{n} octets ({n / (1 << 20):.1f} MiB)"
-    if n >= 1 << 10:
-        return f"{n} octets ({n / 1024:.1f} KiB)"
-    return f"{n} octets"
-
-
-@dataclasses.dataclass
-class ProbeReport:
-    """What ``ehlo probe`` found; ``to_json`` has the keys of ``--json``."""
-
-    server: str
-    banner: Reply | None = None
-    ehlo: Reply | None = None
-    extensions: list[tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=list)
-    helo: Reply | None = None
-    helo_error: str | None = None
-    tls_offered: bool = False
-    implicit_tls: bool = False
-    tls: TLSInfo | None = None
-    tls_reply: Reply | None = None
-    tls_error: str | None = None
-    verify_error: str | None = None
-    extensions_after_tls: list[tuple[str, tuple[str, ...]]] | None = None
-    auth_before: list[str] | None = None
-    auth_after: list[str] | None = None
-    error: str | None = None
-
-    @property
-    def helo_ok(self) -> bool | None:
-        if self.helo is None:
-            return None
-        return self.helo.code == 250
-
-    def to_json(self) -> dict[str, Any]:
-        def ext_json(items: list[tuple[str, tuple[str, ...]]]) -> list[dict[str, Any]]:
-            return [
-                {"keyword": k, "params": list(p), "description": explain_extension(k, p)}
-                for k, p in items
-            ]
-
-        tls: dict[str, Any] = {
-            "offered": self.tls_offered or self.implicit_tls,
-            "implicit": self.implicit_tls,
-            "started": self.tls is not None,
-        }
-        if self.tls is not None:
-            tls.update(self.tls.to_json())
-            tls["days_left"] = self._days_left()
-        tls["verify_error"] = self.verify_error
-        tls["reply"] = _reply_text(self.tls_reply)
-        tls["error"] = self.tls_error
-        tls["extensions"] = (
-            ext_json(self.extensions_after_tls) if self.extensions_after_tls is not None else None
-        )
-        return {
-            "banner": _reply_text(self.banner),
-            "extensions": ext_json(self.extensions),
-            "helo_ok": self.helo_ok,
-            "tls": tls,
-            "auth": {"before_tls": self.auth_before, "after_tls": self.auth_after},
-        }
-
-    def _days_left(self) -> int | None:
-        if self.tls is None or self.tls.not_after is None:
-            return None
-        return (self.tls.not_after - dt.datetime.now(dt.UTC)).days
-
-    def findings(self) -> list[str]:
-        """What an administrator may want to act on, most important first."""
-        out: list[str] = []
-        if self.banner is not None and self.banner.code != 220:
-            out.append(f"the banner is {self.banner.code}, not 220: clients cannot send mail")
-        if self.ehlo is not None and self.ehlo.code != 250:
-            out.append(f"EHLO is refused ({self.ehlo.code}): no ESMTP extensions, no STARTTLS")
-        if self.helo_ok is False:
-            out.append("HELO is refused: RFC 5321 section 4.1.1.1 requires servers to accept it")
-        if self.ehlo is not None and self.ehlo.code == 250 and not (
-            self.tls_offered or self.implicit_tls
-        ):
-            out.append("STARTTLS is not offered: mail to this server travels in clear")
-        if self.tls_error:
-            out.append(f"TLS fails: {self.tls_error}")
-        if self.verify_error:
-            out.append(f"the certificate is not trusted: {self.verify_error}")
-        days = self._days_left()
-        if days is not None and days < 0:
-            out.append("the certificate has expired")
-        elif days is not None and days < 21:
-            out.append(f"the certificate expires in {days} days")
-        if self.tls is not None and self.tls.version in ("SSLv3", "TLSv1", "TLSv1.1"):
-            out.append(f"{self.tls.version} is obsolete (RFC 8996): allow TLS 1.2 or later only")
-        plain = {"PLAIN", "LOGIN"} & set(self.auth_before or [])
-        if plain and not self.implicit_tls:
-            out.append(
-                f"AUTH {' '.join(sorted(plain))} is offered before TLS: passwords can travel"
-                " in clear"
-            )
-        keywords = {k for k, _ in self.extensions}
-        if self.ehlo is not None and self.ehlo.code == 250:
-            if "SIZE" not in keywords:
-                out.append("no SIZE declared: clients learn the limit only after sending")
-            if "PIPELINING" not in keywords:
-                out.append("PIPELINING is not offered: every command costs a round trip")
-            if "8BITMIME" not in keywords:
-                out.append("8BITMIME is not offered: 8-bit mail must be converted first")
-        return out
-
-
-def _reply_text(reply: Reply | None) -> str | None:
-    if reply is None:
-        return None
-    return "\n".join(reply.render(True).decode("utf-8", "replace").split("\r\n")[:-1])
-
-
-def _probe_client(
-    host: str, port: int, args: argparse.Namespace, context: ssl.SSLContext, tls: str
-) -> SMTPClient:
-    return SMTPClient(
-        host,
-        port,
-        helo_name=_helo_name(args),
-        tls="implicit" if tls == "implicit" else "off",
-        ssl_context=context,
-        tls_server_name=host,
-        timeouts=_timeouts(args) if args.timeout else Timeouts.uniform(30.0),
-    )
-
-
-async def run_probe(
-    host: str, port: int, args: argparse.Namespace, context: ssl.SSLContext
-) -> ProbeReport:
-    """Connect, greet, try STARTTLS (verified, then unverified for the details), and HELO."""
-    report = ProbeReport(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    implicit = bool(args.implicit_tls)
-    report.implicit_tls = implicit
-    unverified = client_ssl_context(verify=False)
-    client = _probe_client(host, port, args, context, "implicit" if implicit else "off")
-    try:
-        try:
-            report.banner = await client.open()
-        except TLSFailed as exc:
-            if not implicit or exc.verify_error is None:
-                raise
-            report.verify_error = exc.verify_error
-            client = _probe_client(host, port, args, unverified, "implicit")
-            report.banner = await client.open()
-        if implicit:
-            report.tls = client.tls
-            if report.tls is not None and report.verify_error:
-                report.tls = dataclasses.replace(report.tls, verified=False)
-        report.ehlo = await client.ehlo()
-        if report.ehlo.code == 250:
-            report.extensions = list(client.extensions.items())
-            report.auth_before = list(client.extensions.auth_mechanisms)
-            report.tls_offered = "STARTTLS" in client.extensions
-        if report.tls_offered:
-            await _probe_starttls(client, report, host, port, args, unverified)
-    except ServiceRefused as exc:
-        report.banner = report.banner or exc.reply
-        report.error = str(exc)
-    finally:
-        await client.quit()
-        client.close()
-    if report.banner is not None and report.banner.code == 220:
-        await _probe_helo(host, port, args, context, unverified, report)
-    return report
-
-
-async def _probe_starttls(
-    client: SMTPClient,
-    report: ProbeReport,
-    host: str,
-    port: int,
-    args: argparse.Namespace,
-    unverified: ssl.SSLContext,
-) -> None:
-    try:
-        reply = await client.starttls()
-    except TLSFailed as exc:
-        report.tls_reply = exc.reply
-        if exc.reply is not None:
-            report.tls_error = f"STARTTLS refused: {exc.reply}"
-            return
-        if exc.verify_error is None:
-            report.tls_error = exc.message
-            return
-        report.verify_error = exc.verify_error
-        # Again without verification, to show the certificate and what follows.
-        second = _probe_client(host, port, args, unverified, "off")
-        try:
-            await second.open()
-            if (await second.ehlo()).code != 250 or "STARTTLS" not in second.extensions:
-                report.tls_error = "the second connection did not offer STARTTLS"
-                return
-            reply = await second.starttls()
-            _after_tls(second, report, reply)
-            if report.tls is not None:
-                report.tls = dataclasses.replace(report.tls, verified=False)
-        except SMTPClientError as exc2:
-            report.tls_error = str(exc2)
-        finally:
-            await second.quit()
-            second.close()
-        return
-    _after_tls(client, report, reply)
-
-
-def _after_tls(client: SMTPClient, report: ProbeReport, reply: Reply) -> None:
-    report.tls = client.tls
-    if reply.code == 250:
-        report.extensions_after_tls = list(client.extensions.items())
-        report.auth_after = list(client.extensions.auth_mechanisms)
-
-
-async def _probe_helo(
-    host: str,
-    port: int,
-    args: argparse.Namespace,
-    context: ssl.SSLContext,
-    unverified: ssl.SSLContext,
-    report: ProbeReport,
-) -> None:
-    """A separate session greeting with HELO only, as a plain SMTP client would."""
-    implicit = report.implicit_tls
-    ctx = unverified if implicit else context
-    client = _probe_client(host, port, args, ctx, "implicit" if implicit else "off")
-    try:
-        await client.open()
-        report.helo = await client.helo()
-    except SMTPClientError as exc:
-        report.helo_error = str(exc)
-    finally:
-        await client.quit()
-        client.close()
-
 
 def format_report(report: ProbeReport) -> str:
     """The plain-text probe report."""
     lines = [f"ehlo probe {report.server}", ""]
 
     def reply_lines(label: str, reply: Reply | None) -> None:
-        text = _reply_text(reply)
+        text = reply_text(reply)
         if text is None:
             return
         first, *rest = text.split("\n")
@@ -995,7 +519,7 @@ def format_report(report: ProbeReport) -> str:
         lines.append(f"{'':<13}names     {', '.join(info.names) or '-'}")
         lines.append(f"{'':<13}issuer    {info.issuer or '-'}")
         if info.not_after is not None:
-            days = report._days_left()
+            days = report.days_left()
             lines.append(
                 f"{'':<13}expires   {info.not_after:%Y-%m-%d %H:%M:%S} UTC ({days} days left)"
             )
@@ -1017,7 +541,7 @@ def format_report(report: ProbeReport) -> str:
     elif not size or size[0] == "0":
         limit = "SIZE 0: no fixed message size limit"
     elif size[0].isdigit():
-        limit = f"SIZE: messages up to {_octets(int(size[0]))}"
+        limit = f"SIZE: messages up to {octets_text(int(size[0]))}"
     else:
         limit = f"SIZE {' '.join(size)} (not a number)"
     lines.append(f"{'Limits:':<13}{limit}")
@@ -1071,7 +595,16 @@ def _probe(args: argparse.Namespace) -> int:
         _error(f"--cafile {args.cafile}: {getattr(exc, 'strerror', None) or exc}")
         return EXIT_ERROR
     try:
-        report = asyncio.run(run_probe(host, port, args, context))
+        report = asyncio.run(
+            run_probe(
+                host,
+                port,
+                ssl_context=context,
+                helo_name=_helo_name(args),
+                implicit_tls=args.implicit_tls,
+                timeout=args.timeout,
+            )
+        )
     except SMTPClientError as exc:
         _error(str(exc))
         return exit_code(exc)
