@@ -2,7 +2,7 @@
 #
 #   make setup        .venv with the package (editable) and the test tools
 #   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data)
-#   make test         ruff, mypy and pytest (PYTEST_ARGS=... passed to pytest)
+#   make test         ruff, mypy, lint-imports and pytest (PYTEST_ARGS=... passed to pytest)
 #   make test-deps    the Debian packages the tests drive (swaks, openssl, postfix tools, haproxy)
 
 SHELL := /bin/bash
@@ -50,6 +50,7 @@ test-deps:
 test: setup test-deps
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	@rc=0; PATH="$$PATH:/usr/sbin:/sbin" $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no test (exit 5)" >&2; fi; \
 	exit $$rc
@@ -57,6 +58,7 @@ test: setup test-deps
 lint: setup
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 fmt: setup
 	$(BIN)/ruff format src tests
@@ -73,7 +75,8 @@ fuzz: setup
 	$(BIN)/python scripts/fuzz.py $(FUZZ_ARGS)
 
 clean:
-	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .hypothesis src/*.egg-info
+	rm -rf build dist .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .hypothesis \
+	    src/*.egg-info
 	find src tests -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Also removes the venv (not ehlo-data: that holds mail).

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ehlo import ProtocolLimits
+from ehlo.extensions import build_extensions
 from ehlo.protocol import (
     NEED_DATA,
     PAUSED,
@@ -41,7 +42,7 @@ class Driver:
     _body: bytearray = field(default_factory=bytearray)
 
     def __post_init__(self) -> None:
-        self.conn = ServerConnection(self.limits)
+        self.conn = ServerConnection(self.limits, build_extensions(self.limits))
         self.conn.send(Reply(220, None, "test ESMTP"))
         self.conn.data_to_send()
 

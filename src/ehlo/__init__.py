@@ -14,9 +14,9 @@ The public surface for applications that embed the server::
 
 from __future__ import annotations
 
-from .config import ConfigError, Listen, ProtocolLimits, ServerConfig
+from .config import ConfigError, Listen, ServerConfig
 from .policy import Hook, HookContext, Hooks, Verdict
-from .protocol import Reply
+from .protocol import ProtocolLimits, Reply
 from .server import Server
 from .storage import Envelope, MessageWriter, Store, StoredMessage, StoreError
 

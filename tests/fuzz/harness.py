@@ -68,6 +68,7 @@ from hypothesis import HealthCheck, Phase
 from hypothesis import strategies as st
 
 from ehlo import ProtocolLimits
+from ehlo.extensions import build_extensions
 from ehlo.protocol import (
     NEED_DATA,
     PAUSED,
@@ -538,7 +539,7 @@ class FuzzDriver(Driver):
 
     def __post_init__(self) -> None:
         self.limits = self.setup.limits
-        self.conn = ServerConnection(self.limits)
+        self.conn = ServerConnection(self.limits, build_extensions(self.limits))
         self.conn.send(self.setup.banner)
         banner = self.conn.data_to_send()
         assert split_replies(banner) == [banner]

@@ -10,9 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from ..protocol._reply import Reply
-from ..protocol._state import Transaction
-from ._base import Extension, SessionFacts
+from ..protocol import Extension, Reply, SessionFacts, Transaction
 
 # RFC 3461 section 4: xtext = *( xchar / hexchar ); xchar is "!" to "~"
 # except "+" and "="; hexchar is "+" followed by two upper-case hex digits.

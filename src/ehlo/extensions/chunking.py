@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._base import Extension
+from ..protocol import Extension
 
 
 class Chunking(Extension):

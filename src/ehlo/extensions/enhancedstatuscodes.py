@@ -7,10 +7,11 @@ code (RFC 2034 section 3).
 
 from __future__ import annotations
 
-from ._base import Extension
+from ..protocol import Extension
 
 
 class EnhancedStatusCodes(Extension):
     """Advertise ENHANCEDSTATUSCODES."""
 
     keyword = "ENHANCEDSTATUSCODES"
+    enables_enhanced_codes = True

@@ -7,10 +7,11 @@ pending when the server would wait for input is flushed in one write
 
 from __future__ import annotations
 
-from ._base import Extension
+from ..protocol import Extension
 
 
 class Pipelining(Extension):
     """Advertise PIPELINING."""
 
     keyword = "PIPELINING"
+    enables_pipelining = True

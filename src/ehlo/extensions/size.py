@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ..protocol._reply import Reply
-from ..protocol._state import Transaction
-from ._base import Extension
+from ..protocol import Extension, Reply, Transaction
 
 
 class Size(Extension):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from ..protocol._reply import Reply
-from ..protocol._state import Transaction
-from ._base import Extension
+from ..protocol import Extension, Reply, Transaction
 
 
 class SmtpUtf8(Extension):
@@ -12,6 +10,7 @@ class SmtpUtf8(Extension):
 
     keyword = "SMTPUTF8"
     mail_params = frozenset({"SMTPUTF8"})
+    enables_utf8 = True
 
     def mail_param(self, name: str, value: str | None, tx: Transaction) -> Reply | None:
         # RFC 6531 section 3.4: the SMTPUTF8 parameter has no value.

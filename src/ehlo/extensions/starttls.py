@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._base import Extension, SessionFacts
+from ..protocol import Extension, SessionFacts
 
 
 class StartTlsExtension(Extension):

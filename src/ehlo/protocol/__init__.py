@@ -1,8 +1,11 @@
 """The sans-IO SMTP protocol core: bytes in, events out; replies in, bytes out.
 
-Nothing here touches sockets, the event loop, DNS or disks. The public
-surface is re-exported from this module; the private modules each own one
-concern (``_reply``, ``_events``, ``_syntax``, ``_state``, ``_server``).
+Nothing here touches sockets, the event loop, DNS or disks, and nothing here
+imports any other part of ehlo: the package is the bottom layer (the import
+contract in pyproject.toml checks it). The public surface is re-exported from
+this module; the private modules each own one concern (``_reply``,
+``_events``, ``_syntax``, ``_state``, ``_limits``, ``_extension``, ``_server``,
+``_client``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from ._events import (
     StartTls,
     Vrfy,
 )
+from ._extension import Extension, SessionFacts
+from ._limits import ProtocolLimits
 from ._reply import Reply
 from ._server import ServerConnection
 from ._state import State, Transaction
@@ -58,6 +63,7 @@ __all__ = [
     "DataEnd",
     "Ehlo",
     "Event",
+    "Extension",
     "Fault",
     "Helo",
     "Help",
@@ -65,6 +71,7 @@ __all__ = [
     "Mail",
     "Noop",
     "ProtocolError",
+    "ProtocolLimits",
     "Quit",
     "Rcpt",
     "RemoteProtocolError",
@@ -72,6 +79,7 @@ __all__ = [
     "Rset",
     "ServerConnection",
     "ServerExtensions",
+    "SessionFacts",
     "StartTls",
     "State",
     "SyntaxProblem",

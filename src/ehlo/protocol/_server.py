@@ -14,8 +14,8 @@ lines too long, bodies too large, too many errors) and reports each as a
 
 from __future__ import annotations
 
-from ..config import ProtocolLimits
-from ..extensions import AuthExtension, Extension, SessionFacts, build_extensions
+from collections.abc import Sequence
+
 from ._errors import LocalProtocolError
 from ._events import (
     NEED_DATA,
@@ -41,6 +41,8 @@ from ._events import (
     Vrfy,
     _Sentinel,
 )
+from ._extension import Extension, SessionFacts
+from ._limits import ProtocolLimits
 from ._reply import Reply
 from ._state import IN_TRANSACTION, State, Transaction, sequence_error
 from ._syntax import (
@@ -99,7 +101,15 @@ _TLS_FACTS = SessionFacts(tls_active=True)
 class _Offer:
     """What a set of offered extensions means for the session (computed once per set)."""
 
-    __slots__ = ("enhanced", "mail_params", "pipelining", "rcpt_params", "utf8", "verbs")
+    __slots__ = (
+        "enhanced",
+        "mail_params",
+        "mechanisms",
+        "pipelining",
+        "rcpt_params",
+        "utf8",
+        "verbs",
+    )
 
     def __init__(self, offered: tuple[Extension, ...]) -> None:
         verbs: set[str] = set()
@@ -112,11 +122,11 @@ class _Offer:
         self.verbs = frozenset(verbs)
         self.mail_params = mail  # shared by the sessions: read only
         self.rcpt_params = rcpt
-        keywords = {ext.keyword for ext in offered}
         # RFC 2034 section 3: enhanced codes once the extension was offered.
-        self.enhanced = "ENHANCEDSTATUSCODES" in keywords
-        self.pipelining = "PIPELINING" in keywords
-        self.utf8 = "SMTPUTF8" in keywords
+        self.enhanced = any(ext.enables_enhanced_codes for ext in offered)
+        self.pipelining = any(ext.enables_pipelining for ext in offered)
+        self.utf8 = any(ext.enables_utf8 for ext in offered)
+        self.mechanisms = frozenset(m for ext in offered for m in ext.mechanisms)
 
 
 # Offered extension sets seen so far (a server has a handful: with and without TLS, AUTH).
@@ -156,6 +166,7 @@ class ServerConnection:
         "_extensions",
         "_line_len",
         "_mail_params",
+        "_mechanisms",
         "_out",
         "_pending",
         "_pipelining",
@@ -176,12 +187,14 @@ class ServerConnection:
     )
 
     def __init__(
-        self,
-        limits: ProtocolLimits | None = None,
-        extensions: tuple[Extension, ...] | None = None,
+        self, limits: ProtocolLimits | None = None, extensions: Sequence[Extension] = ()
     ) -> None:
+        """``extensions``: those the server may offer (``ehlo.extensions.build_extensions``).
+
+        Without any, the connection speaks plain RFC 5321: EHLO lists nothing.
+        """
         self.limits = limits if limits is not None else ProtocolLimits()
-        self._extensions = extensions if extensions is not None else build_extensions(self.limits)
+        self._extensions = tuple(extensions)
         self.state = State.START
         self.greeting: str | None = None  # "HELO" or "EHLO" once answered 250
         self.greeting_name: str | None = None
@@ -202,6 +215,7 @@ class ServerConnection:
         self._verbs: frozenset[str] = frozenset()
         self._pipelining = False
         self._mail_params: dict[str, Extension] = {}
+        self._mechanisms: frozenset[str] = frozenset()
         self._rcpt_params: dict[str, Extension] = {}
         self._utf8 = False
         self._discard_line = False
@@ -238,7 +252,7 @@ class ServerConnection:
 
     @property
     def enhanced(self) -> bool:
-        """True once ENHANCEDSTATUSCODES was offered in this session (RFC 2034)."""
+        """True once enhanced status codes were offered in this session (RFC 2034)."""
         return self._enhanced
 
     @property
@@ -491,7 +505,7 @@ class ServerConnection:
         return arg
 
     def _smtputf8_available(self) -> bool:
-        return any(ext.keyword == "SMTPUTF8" for ext in self.offered_extensions())
+        return any(ext.enables_utf8 for ext in self.offered_extensions())
 
     def _on_helo(self, arg: str) -> Event:
         self._pending = Helo(self._greeting_name("HELO", arg))
@@ -521,6 +535,7 @@ class ServerConnection:
         self._enhanced = offer.enhanced
         self._pipelining = offer.pipelining
         self._utf8 = offer.utf8
+        self._mechanisms = offer.mechanisms
 
     @staticmethod
     def _apply_params(
@@ -648,10 +663,7 @@ class ServerConnection:
             if (
                 self.greeting == "EHLO"
                 and not self.tls_active
-                and any(
-                    ext.keyword == "AUTH" and ext.offered(SessionFacts(tls_active=True))
-                    for ext in self._extensions
-                )
+                and any("AUTH" in ext.verbs and ext.offered(_TLS_FACTS) for ext in self._extensions)
             ):
                 # RFC 4954 section 6: 538 when the mechanism needs encryption.
                 return self._fault(_AUTH_NEEDS_TLS, "AUTH before TLS", "AUTH")
@@ -663,10 +675,7 @@ class ServerConnection:
         mechanism = parts[0].upper()
         if not mechanism or len(parts) > 2 or (len(parts) == 2 and not parts[1]):
             return self._fault(_AUTH_SYNTAX, "syntax error", "AUTH")
-        mechanisms = next(
-            (ext.mechanisms for ext in self._extensions if isinstance(ext, AuthExtension)), ()
-        )
-        if mechanism not in mechanisms:
+        if mechanism not in self._mechanisms:
             # RFC 4954 section 4: 504 for a mechanism the server does not support.
             return self._fault(_AUTH_UNKNOWN, "unknown AUTH mechanism", "AUTH")
         self._pending = Auth(mechanism, parts[1] if len(parts) == 2 else None)
@@ -696,7 +705,7 @@ class ServerConnection:
     def _on_starttls(self, arg: str) -> Event:
         if self.tls_active:
             return self._fault(_TLS_ACTIVE, "STARTTLS with TLS active", "STARTTLS")
-        if not any(ext.keyword == "STARTTLS" for ext in self._extensions):
+        if not any("STARTTLS" in ext.verbs for ext in self._extensions):
             return self._fault(_not_offered("STARTTLS"), "command not offered", "STARTTLS")
         if self.greeting != "EHLO":
             # STARTTLS is only offered in an EHLO reply (RFC 3207 section 4).

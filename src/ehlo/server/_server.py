@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Listen, ServerConfig
-from ..extensions import AuthExtension, Extension, build_extensions
+from ..extensions import Extension, build_extensions
 from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Store, open_store
@@ -131,12 +131,10 @@ class ServerContext:
             limits = dataclasses.replace(limits, auth_mechanisms=MECHANISMS)
         if limits is not config.limits:
             self.config = dataclasses.replace(config, limits=limits)
-        self.extensions: tuple[Extension, ...] = build_extensions(self.config.limits)
-        if users is not None:
-            for ext in self.extensions:
-                if isinstance(ext, AuthExtension):
-                    # Users added or removed while the server runs count at the next EHLO.
-                    ext.available = lambda: len(users) > 0
+        # Users added or removed while the server runs count at the next EHLO.
+        self.extensions: tuple[Extension, ...] = build_extensions(
+            self.config.limits, (lambda: len(users) > 0) if users is not None else None
+        )
         self.domains = frozenset(d.lower().rstrip(".") for d in config.domains)
         # Every name this server answers as: Authentication-Results fields a
         # client sends with one of them as authserv-id are forged (RFC 8601 section 5).
