@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import ipaddress
 import json
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from .greeting import GreetingPolicy
+
+from ._net import is_hostname, parse_hostport
 
 StoreKind = Literal["sqlite", "maildir", "null"]
 BareNewline = Literal["normalize", "reject"]
@@ -104,24 +105,10 @@ class Listen:
                     f" (expected {' or '.join(LISTEN_OPTIONS)})"
                 )
             flags[name] = True
-        value = value.strip()
-        if value.startswith("["):
-            end = value.find("]")
-            if end < 0 or not value[end + 1 :].startswith(":"):
-                raise ConfigError(f"{option}: expected [IPv6]:PORT, got {text!r}")
-            host, port_text = value[1:end], value[end + 2 :]
-        else:
-            host, sep, port_text = value.rpartition(":")
-            if not sep:
-                raise ConfigError(f"{option}: expected HOST:PORT, got {text!r}")
-            if ":" in host:
-                raise ConfigError(f"{option}: write IPv6 addresses as [ADDR]:PORT, got {text!r}")
         try:
-            port = int(port_text)
-        except ValueError:
-            raise ConfigError(f"{option}: port must be a number, got {text!r}") from None
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"{option}: port out of range in {text!r}")
+            host, port = parse_hostport(value, None, min_port=0, shown=text)
+        except ValueError as exc:
+            raise ConfigError(f"{option}: {exc}") from None
         if host:
             try:
                 ipaddress.ip_address(host)
@@ -313,7 +300,6 @@ class ServerConfig:
 
 _LIMITS = "limits"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 
 def _show(value: Any) -> str:
@@ -424,13 +410,8 @@ def _optional_path(label: str, value: Any) -> Path | None:
     return _path(label, value)
 
 
-def valid_hostname(name: str) -> bool:
-    """Whether ``name`` is a syntactically valid DNS host name (RFC 1123)."""
-    if name.endswith("."):
-        name = name[:-1]
-    if not name or len(name) > 253:
-        return False
-    return all(_HOST_LABEL.match(label) for label in name.split("."))
+# The host name validator (RFC 1123), under the name it has always had here.
+valid_hostname = is_hostname
 
 
 def _domain_name(label: str, value: Any, what: str) -> str:
@@ -441,7 +422,7 @@ def _domain_name(label: str, value: Any, what: str) -> str:
                 name = name.encode("idna").decode("ascii")
             except UnicodeError:
                 name = ""
-        if valid_hostname(name):
+        if is_hostname(name):
             return name
     raise _fail(label, what, value)
 
@@ -483,26 +464,13 @@ def _listen(label: str, value: Any) -> tuple[Listen, ...]:
 
 def _nameserver(label: str, text: str, expected: str) -> str:
     """``IP``, ``IP:PORT``, ``[IPv6]`` or ``[IPv6]:PORT``, normalised; ConfigError if not."""
-    value = text.strip()
-    port_text: str | None = None
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise _fail(label, expected, text)
-        port_text = rest[1:] if rest else None
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    else:
-        host = value  # IPv4, or IPv6 without a port
     try:
+        host, port = parse_hostport(text, 0)  # port 0: none given
         address = ipaddress.ip_address(host)
     except ValueError:
         raise _fail(label, expected, text) from None
-    if port_text is None:
+    if not port:
         return str(address)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise _fail(label, expected, text)
-    port = int(port_text)
     shown = f"[{address}]" if address.version == 6 else str(address)
     return f"{shown}:{port}"
 

@@ -19,10 +19,10 @@ import functools
 import ipaddress
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from .._cache import TTLCache
 from ..dns import DNSTempError, Lookup, Resolver
 from ..protocol import is_domain, parse_address_literal
 from ._names import CHECKS, Result
@@ -547,7 +547,9 @@ def _valid_ip(text: str) -> bool:
 # below the TTL of typical SPF records, so a change is seen soon enough.
 SPF_RESULT_TTL = 60.0
 _SPF_RESULTS_MAX = 10_000
-_SPF_RESULTS: OrderedDict[tuple[str, str, str], tuple[float, SpfOutcome]] = OrderedDict()
+_SPF_RESULTS: TTLCache[tuple[str, str, str], SpfOutcome] = TTLCache(
+    _SPF_RESULTS_MAX, ttl=SPF_RESULT_TTL
+)
 
 
 async def check_spf_helo(run: _Run) -> CheckResult:
@@ -557,18 +559,16 @@ async def check_spf_helo(run: _Run) -> CheckResult:
     key = (",".join(run.resolver.resolver.nameservers), str(run.client), run.name)
     now = time.monotonic()
     cached = _SPF_RESULTS.get(key)
-    if cached is not None and cached[0] > now:
-        run.spf_expires, outcome = cached
+    left = _SPF_RESULTS.remaining(key) if cached is not None else None
+    if cached is not None and left is not None:
+        run.spf_expires, outcome = now + left, cached
     else:
         outcome = await spf_helo(run.resolver, str(run.client), run.name)  # type: ignore[arg-type]
         if outcome.result != "temperror":
             # A finished evaluation is kept briefly: SPF needs a worker thread
             # and several lookups, and a busy client greets many times a minute.
             run.spf_expires = now + SPF_RESULT_TTL
-            _SPF_RESULTS[key] = (run.spf_expires, outcome)
-            _SPF_RESULTS.move_to_end(key)
-            while len(_SPF_RESULTS) > _SPF_RESULTS_MAX:
-                _SPF_RESULTS.popitem(last=False)
+            _SPF_RESULTS.put(key, outcome)
     evidence: dict[str, Any] = {"spf": outcome.result, "record": outcome.record,
                                 "lookups": list(outcome.lookups)}
     # RFC 7208 section 8.5/8.4: softfail and neutral are not grounds to refuse.
