@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import ipaddress
 import json
 import time
@@ -25,7 +26,7 @@ from typing import Any
 from .._cache import TTLCache
 from ..dns import DNSTempError, Lookup, Resolver
 from ..protocol import is_domain, parse_address_literal
-from ._names import CHECKS, Result
+from ._names import CHECKS, SPECS, CheckSpec, Result
 from .dynamic import looks_dynamic
 from .psl import registered_domain
 from .spf import SpfOutcome, spf_helo
@@ -615,22 +616,21 @@ async def check_consistent(run: _Run) -> CheckResult:
     return _result("consistent", "pass", "repeats the earlier greeting", previous=list(previous))
 
 
-CHECK_FUNCTIONS: dict[str, Callable[[_Run], Awaitable[CheckResult]]] = {
-    "syntax": check_syntax,
-    "fqdn": check_fqdn,
-    "literal_match": check_literal_match,
-    "resolves": check_resolves,
-    "forward_match": check_forward_match,
-    "iprev": check_iprev,
-    "ptr_match": check_ptr_match,
-    "not_us": check_not_us,
-    "spf_helo": check_spf_helo,
-    "dynamic": check_dynamic,
-    "consistent": check_consistent,
-}
+CheckFunction = Callable[[_Run], Awaitable[CheckResult]]
 
 
-_LOCAL_CHECKS = frozenset({"syntax", "fqdn", "literal_match", "not_us", "consistent"})
+def _function(spec: CheckSpec) -> CheckFunction:
+    """The function that runs ``spec``'s check; LookupError naming the row if there is none."""
+    found = globals().get(spec.function)
+    if not inspect.iscoroutinefunction(found):
+        raise LookupError(f"greeting check {spec.name}: no check function {spec.function!r}")
+    function: CheckFunction = found
+    return function
+
+
+# Built from the table when the module loads: a row without a function stops it here.
+CHECK_FUNCTIONS: dict[str, CheckFunction] = {spec.name: _function(spec) for spec in SPECS}
+_LOCAL_CHECKS = frozenset(spec.name for spec in SPECS if not spec.dns)
 
 
 async def run_checks(
