@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from ehlo._cache import TTLCache
-from ehlo._net import is_hostname, parse_hostport
+from ehlo._net import format_hostport, is_hostname, parse_hostport
 
 
 class FakeClock:
@@ -246,3 +246,16 @@ def test_ttl_cache_threads_share_it_within_its_bound() -> None:
     assert not errors
     assert not any(thread.is_alive() for thread in threads)
     assert len(cache) <= 64
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "text"),
+    [
+        ("127.0.0.1", 25, "127.0.0.1:25"),
+        ("::1", 2525, "[::1]:2525"),
+        ("mx.example", 0, "mx.example:0"),
+    ],
+)
+def test_format_hostport_round_trips(host: str, port: int, text: str) -> None:
+    assert format_hostport(host, port) == text
+    assert parse_hostport(text, None, min_port=0) == (host, port)

@@ -2,9 +2,10 @@
 
 ``is_hostname`` says whether a name is a DNS host name; ``parse_hostport``
 splits ``HOST:PORT``, ``[IPv6]:PORT`` and a bare IPv6 address into a host and
-a port. Configuration, the resolver and the greeting checks use these
-instead of their own copies. The SMTP syntax of a greeting or mailbox domain
-(RFC 5321 section 4.1.2) is the protocol core's business, not this module's.
+a port, and ``format_hostport`` writes them back. Configuration, the
+resolver and the greeting checks use these instead of their own copies.
+The SMTP syntax of a greeting or mailbox domain (RFC 5321 section 4.1.2)
+is the protocol core's business, not this module's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["is_hostname", "parse_hostport"]
+__all__ = ["format_hostport", "is_hostname", "parse_hostport"]
 
 # RFC 1123 section 2.1: letters, digits and hyphens, not at either end.
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
@@ -93,3 +94,8 @@ def parse_hostport(
     if not min_port <= port <= 65535:
         raise ValueError(f"port out of range in {quoted}")
     return host, port
+
+
+def format_hostport(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 address in brackets (``[::1]:25``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 from typing import Annotated, get_type_hints
 
-from ._net import is_hostname, parse_hostport
+from ._net import format_hostport, is_hostname, parse_hostport
 
 StoreKind = Literal["sqlite", "maildir", "null"]
 BareNewline = Literal["normalize", "reject"]
@@ -86,9 +86,8 @@ class Listen:
     proxy: bool = False
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
         flags = "".join(f",{name}" for name in LISTEN_OPTIONS if getattr(self, name))
-        return f"{host}:{self.port}{flags}"
+        return f"{format_hostport(self.host, self.port)}{flags}"
 
     @classmethod
     def parse(cls, text: str, *, option: str = "--listen") -> Listen:
@@ -325,7 +324,8 @@ class ServerConfig:
 # ``Annotated`` how it is loaded (``_Key``: its validator, its TOML name when
 # that differs, how a file's relative paths resolve), or that it is a table
 # or no key at all; ProtocolLimits' keys are declared in ``_LIMIT_CHECKS``.
-# Precedence: command line > file > defaults. Each error is one ``ConfigError`` line naming the key, e.g.
+# Precedence: command line > file > defaults. Each error is one
+# ``ConfigError`` line naming the key, e.g.
 # ``config key limits.max_recipients: expected an integer >= 1, got "abc"``.
 
 _LIMITS = "limits"
@@ -499,10 +499,7 @@ def _nameserver(label: str, text: str, expected: str) -> str:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise _fail(label, expected, text) from None
-    if not port:
-        return str(address)
-    shown = f"[{address}]" if address.version == 6 else str(address)
-    return f"{shown}:{port}"
+    return format_hostport(str(address), port) if port else str(address)
 
 
 def _dns_servers(label: str, value: Any) -> tuple[str, ...]:

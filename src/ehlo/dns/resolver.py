@@ -27,7 +27,7 @@ import dns.resolver
 import dns.reversename
 
 from .._cache import TTLCache
-from .._net import parse_hostport
+from .._net import format_hostport, parse_hostport
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -154,8 +154,7 @@ def _system_resolver() -> dns.asyncresolver.Resolver:
 
 def _describe_nameserver(ns: str | dns.nameserver.Nameserver) -> str:
     if isinstance(ns, dns.nameserver.AddressAndPortNameserver):
-        host = f"[{ns.address}]" if ":" in ns.address else ns.address
-        return f"{host}:{ns.port}"
+        return format_hostport(ns.address, ns.port)
     return str(ns)
 
 
