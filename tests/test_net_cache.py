@@ -259,3 +259,24 @@ def test_ttl_cache_threads_share_it_within_its_bound() -> None:
 def test_format_hostport_round_trips(host: str, port: int, text: str) -> None:
     assert format_hostport(host, port) == text
     assert parse_hostport(text, None, min_port=0) == (host, port)
+
+
+def test_the_caches_are_ttl_caches() -> None:
+    from ehlo.dns import DNSCache, Resolver
+    from ehlo.greeting import GreetingPolicy, GreetingVerifier, _checks
+    from ehlo.server.abuse import Networks
+
+    clock = FakeClock()
+    dns_cache = DNSCache(max_entries=3, clock=clock, max_ttl=100)
+    assert isinstance(dns_cache, TTLCache)
+    dns_cache.put(("ns", "A", "a."), ("192.0.2.1",), 10_000)
+    assert dns_cache.remaining(("ns", "A", "a.")) == 100  # a day at most by default
+    resolver = Resolver(["127.0.0.1:9"], 0.5, cache=dns_cache)
+    verifier = GreetingVerifier(GreetingPolicy(), resolver, clock=clock)
+    assert isinstance(verifier._reports, TTLCache)
+    assert isinstance(_checks._SPF_RESULTS, TTLCache)
+    assert _checks._SPF_RESULTS.ttl == _checks.SPF_RESULT_TTL
+    exempt = Networks(["192.0.2.0/24"])
+    assert "192.0.2.7" in exempt and "198.51.100.7" not in exempt
+    assert isinstance(exempt._cache, TTLCache)
+    assert exempt._cache.get("192.0.2.7") is True

@@ -569,7 +569,7 @@ async def check_spf_helo(run: _Run) -> CheckResult:
             # A finished evaluation is kept briefly: SPF needs a worker thread
             # and several lookups, and a busy client greets many times a minute.
             run.spf_expires = now + SPF_RESULT_TTL
-            _SPF_RESULTS.put(key, outcome)
+            _SPF_RESULTS.put(key, outcome, run.spf_expires - time.monotonic())
     evidence: dict[str, Any] = {"spf": outcome.result, "record": outcome.record,
                                 "lookups": list(outcome.lookups)}
     # RFC 7208 section 8.5/8.4: softfail and neutral are not grounds to refuse.
