@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import ipaddress
 import json
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,6 +21,10 @@ from .protocol import ProtocolLimits as ProtocolLimits
 
 if TYPE_CHECKING:
     from .greeting import GreetingPolicy
+
+from typing import Annotated, get_type_hints
+
+from ._net import format_hostport, is_hostname, parse_hostport
 
 StoreKind = Literal["sqlite", "maildir", "null"]
 LogFormat = Literal["text", "json"]
@@ -49,9 +52,8 @@ class Listen:
     proxy: bool = False
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
         flags = "".join(f",{name}" for name in LISTEN_OPTIONS if getattr(self, name))
-        return f"{host}:{self.port}{flags}"
+        return f"{format_hostport(self.host, self.port)}{flags}"
 
     @classmethod
     def parse(cls, text: str, *, option: str = "--listen") -> Listen:
@@ -70,24 +72,10 @@ class Listen:
                     f" (expected {' or '.join(LISTEN_OPTIONS)})"
                 )
             flags[name] = True
-        value = value.strip()
-        if value.startswith("["):
-            end = value.find("]")
-            if end < 0 or not value[end + 1 :].startswith(":"):
-                raise ConfigError(f"{option}: expected [IPv6]:PORT, got {text!r}")
-            host, port_text = value[1:end], value[end + 2 :]
-        else:
-            host, sep, port_text = value.rpartition(":")
-            if not sep:
-                raise ConfigError(f"{option}: expected HOST:PORT, got {text!r}")
-            if ":" in host:
-                raise ConfigError(f"{option}: write IPv6 addresses as [ADDR]:PORT, got {text!r}")
         try:
-            port = int(port_text)
-        except ValueError:
-            raise ConfigError(f"{option}: port must be a number, got {text!r}") from None
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"{option}: port out of range in {text!r}")
+            host, port = parse_hostport(value, None, min_port=0, shown=text)
+        except ValueError as exc:
+            raise ConfigError(f"{option}: {exc}") from None
         if host:
             try:
                 ipaddress.ip_address(host)
@@ -100,22 +88,44 @@ class Listen:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class _Key:
+    """How a configuration field is loaded (in ``Annotated`` on the field).
+
+    ``check`` validates a value and returns it as the field holds it; a
+    ``ConfigError`` names the key. ``name``: the key in TOML and overrides,
+    when it is not the field's name. ``files``: how a value read from a
+    config file is made relative to the file's folder (paths).
+    """
+
+    check: Callable[[str, Any], Any]
+    name: str | None = None
+    files: Callable[[Path, Any], Any] | None = None
+
+
+# The other marks a field carries: loaded from a table of its own, or not
+# configuration at all (set by the program). A field without any mark is
+# an error when the key tables are built.
+_TABLE = "table"
+_NOT_A_KEY = "not a key"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class GreetingConfig:
     """Greeting verification (``ehlo.greeting``): what runs and what it may refuse."""
 
     # Preset: "off" (no checks), "record" (checks recorded, nothing refused;
     # RFC 5321 section 4.1.4) or "strict" (failures of the identity checks rejected).
-    policy: str = "record"
+    policy: Annotated[str, _Key(_greeting_preset)] = "record"
     # Per-check overrides of the preset: check name -> off | record | defer | reject.
-    checks: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    checks: Annotated[Mapping[str, str], _TABLE] = dataclasses.field(default_factory=dict)
     # When the verdict is applied: "helo", "mail", "rcpt" or "data".
-    stage: str = "rcpt"
+    stage: Annotated[str, _Key(_greeting_stage)] = "rcpt"
     # Client networks (CIDR) whose greetings are not checked (trusted relays).
-    trusted_networks: tuple[str, ...] = ()
+    trusted_networks: Annotated[tuple[str, ...], _Key(_networks)] = ()
     # DNS lookups one session may make for its checks.
-    max_queries: int = 50
+    max_queries: Annotated[int, _Key(_positive_int)] = 50
     # Seconds all checks of one greeting may take; beyond, they are temperror.
-    timeout: float = 10.0
+    timeout: Annotated[float, _Key(_positive_seconds)] = 10.0
 
     @property
     def active(self) -> bool:
@@ -142,55 +152,57 @@ class ServerConfig:
     """Everything ``ehlo serve`` and ``ehlo.Server`` read."""
 
     # Addresses to listen on.
-    listen: tuple[Listen, ...] = (Listen("127.0.0.1", 2525),)
+    listen: Annotated[tuple[Listen, ...], _Key(_listen)] = (Listen("127.0.0.1", 2525),)
     # Folder for the store, the self-signed certificate and other state.
-    data_dir: Path = Path("ehlo-data")
+    data_dir: Annotated[Path, _Key(_path, files=_relative_path)] = Path("ehlo-data")
     # Storage backend: "sqlite" (default), "maildir" or "null" (discard).
-    store: StoreKind = "sqlite"
+    store: Annotated[StoreKind, _Key(_choice("sqlite", "maildir", "null"))] = "sqlite"
     # Our host name: in the banner, the EHLO reply and Received headers.
-    hostname: str = "localhost"
+    hostname: Annotated[str, _Key(_hostname)] = "localhost"
     # Accept only these recipient domains (and postmaster); empty: accept all.
-    domains: tuple[str, ...] = ()
+    domains: Annotated[tuple[str, ...], _Key(_domains)] = ()
     # TLS: a certificate and key (PEM); without them a self-signed pair is
     # created in data_dir on first run, unless tls is False.
-    tls: bool = True
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    tls: Annotated[bool, _Key(_bool)] = True
+    tls_cert: Annotated[Path | None, _Key(_optional_path, files=_relative_path)] = None
+    tls_key: Annotated[Path | None, _Key(_optional_path, files=_relative_path)] = None
     # More certificates (cert, key), chosen by the name a client asks for
     # with SNI; tls_cert (or the self-signed pair) serves everything else.
-    sni_certificates: tuple[tuple[Path, Path], ...] = ()
+    sni_certificates: Annotated[
+        tuple[tuple[Path, Path], ...], _Key(_sni_certificates, files=_relative_pairs)
+    ] = ()
     # RFC 3207 section 4: refuse MAIL with 530 5.7.0 until STARTTLS is done.
-    require_tls: bool = False
+    require_tls: Annotated[bool, _Key(_bool)] = False
     # Submission listeners (RFC 6409, port 587): AUTH is required before
     # MAIL (530 5.7.0), and an authenticated user may address any domain.
-    submission: bool = False
+    submission: Annotated[bool, _Key(_bool)] = False
     # Offer AUTH whenever the users file (``ehlo users add``) holds a user.
-    auth: bool = True
+    auth: Annotated[bool, _Key(_bool)] = True
     # Failed AUTH attempts: each reply waits this many seconds (more with
     # each failure); after max_auth_failures from one client IP within
     # auth_lockout seconds, AUTH from that IP gets 421 until the lockout ends.
-    auth_failure_delay: float = 1.0
-    max_auth_failures: int = 5
-    auth_lockout: float = 600.0
+    auth_failure_delay: Annotated[float, _Key(_seconds_or_zero)] = 1.0
+    max_auth_failures: Annotated[int, _Key(_positive_int)] = 5
+    auth_lockout: Annotated[float, _Key(_seconds_or_zero)] = 600.0
     # Failed AUTH attempts per account, from any address: after
     # max_auth_failures_per_user for one user name within auth_user_lockout
     # seconds, AUTH as that user gets 454 4.7.0 without the password being
     # checked, until the window ends. 0: no per-account limit.
-    max_auth_failures_per_user: int = 10
-    auth_user_lockout: float = 600.0
+    max_auth_failures_per_user: Annotated[int, _Key(_count_or_zero)] = 10
+    auth_user_lockout: Annotated[float, _Key(_positive_seconds)] = 600.0
     # Password checks run two at a time (in each server process); at most
     # max_auth_queue logins wait for their turn, each at most
     # auth_queue_timeout seconds. A login beyond either gets 454 4.7.0
     # (RFC 4954 section 6: try again later).
-    max_auth_queue: int = 32
-    auth_queue_timeout: float = 10.0
+    max_auth_queue: Annotated[int, _Key(_count_or_zero)] = 32
+    auth_queue_timeout: Annotated[float, _Key(_positive_seconds)] = 10.0
     # Proxies allowed to send a PROXY header on "proxy" listeners (CIDR);
     # other peers of those listeners are disconnected.
-    proxy_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    proxy_trusted: Annotated[tuple[str, ...], _Key(_networks)] = ("127.0.0.0/8", "::1/128")
     # Seconds a proxy has to send its header.
-    proxy_timeout: float = 10.0
+    proxy_timeout: Annotated[float, _Key(_positive_seconds)] = 10.0
     # Limits enforced by the protocol core.
-    limits: ProtocolLimits = ProtocolLimits()
+    limits: Annotated[ProtocolLimits, _TABLE] = ProtocolLimits()
     # Connections in total and from one client IP. An idle connection costs
     # about 2 KiB (some 20 MiB for 10,000) and one file descriptor: the
     # server raises its soft RLIMIT_NOFILE towards the hard limit to fit
@@ -202,69 +214,69 @@ class ServerConfig:
     # Beyond max_connections_per_ip, 421 4.7.0 (nothing is closed for it).
     # The per-IP limits (these, the rate, AUTH failures) count an IPv6
     # client by its /64 network, an IPv4 one by its address.
-    max_connections: int = 10000
-    max_connections_per_ip: int = 50
+    max_connections: Annotated[int, _Key(_positive_int)] = 10000
+    max_connections_per_ip: Annotated[int, _Key(_positive_int)] = 50
     # Stress mode (like Postfix's): from this fraction of max_connections
     # open, connections idle before or between transactions are closed
     # after stress_timeout seconds instead of command_timeout; the server
     # leaves stress mode when the open connections fall to 10 points below
     # the threshold (70% for 0.8).
-    stress_threshold: float = 0.8
-    stress_timeout: float = 10.0
+    stress_threshold: Annotated[float, _Key(_fraction)] = 0.8
+    stress_timeout: Annotated[float, _Key(_positive_seconds)] = 10.0
     # New connections per client IP per minute; 421 4.7.0 beyond. 0: no limit.
-    max_connection_rate: int = 300
+    max_connection_rate: Annotated[int, _Key(_count_or_zero)] = 300
     # Client networks the per-IP limits (connections, rate, AUTH failures)
     # do not apply to.
-    limits_exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    limits_exempt: Annotated[tuple[str, ...], _Key(_networks)] = ("127.0.0.0/8", "::1/128")
     # Seconds to wait before the banner; a client that talks first (RFC 5321
     # section 3.1: the client waits for the greeting) gets 554 and is dropped.
-    greeting_delay: float = 0.0
+    greeting_delay: Annotated[float, _Key(_seconds_or_zero)] = 0.0
     # A client that pipelines without PIPELINING being offered, or puts
     # commands after one that must end a group (RFC 2920 section 3.1):
     # "record" (logged, noted in the envelope), "reject" (554, dropped), "off".
-    pipelining_violation: str = "record"
+    pipelining_violation: Annotated[str, _Key(_choice("record", "reject", "off"))] = "record"
     # RFC 8601 section 5: an incoming Authentication-Results field that claims
     # one of our names (hostname, SNI certificate names) as its authserv-id is
     # "rename"d to X-Original-Authentication-Results or "remove"d; the stored
     # envelope counts them (authres_forged).
-    authres_forged: str = "rename"
+    authres_forged: Annotated[str, _Key(_choice("rename", "remove"))] = "rename"
     # NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO (not the one required
     # after STARTTLS) and other commands that move no mail: beyond this many
     # in one session, 421 4.7.0. 0: no limit.
-    max_junk_commands: int = 100
+    max_junk_commands: Annotated[int, _Key(_count_or_zero)] = 100
     # Longest session in seconds, whatever the client does; 421 4.4.2 beyond.
-    max_session_time: float = 3600.0
+    max_session_time: Annotated[float, _Key(_positive_seconds)] = 3600.0
     # Server processes sharing the listeners (``ehlo serve``), each with its
     # own event loop; the SQLite store then coordinates their writers.
     # 0: one per CPU core this process may run on.
-    workers: int = 0
+    workers: Annotated[int, _Key(_count_or_zero)] = 0
     # Where the SQLite store's writer runs: "process" (a child process, away
     # from the event loop's GIL; with several workers, one for all of them)
     # or "thread" (a thread of each server process: no child process).
-    sqlite_writer: str = "process"
+    sqlite_writer: Annotated[str, _Key(_choice("process", "thread"))] = "process"
     # Set by ``ehlo serve`` for its workers (not a configuration key): the
     # address of the SQLite writer they share.
-    sqlite_writer_address: str | None = None
+    sqlite_writer_address: Annotated[str | None, _NOT_A_KEY] = None
     # RFC 5321 section 4.5.3.2.7: at least 5 minutes awaiting a command.
-    command_timeout: float = 300.0
+    command_timeout: Annotated[float, _Key(_positive_seconds)] = 300.0
     # Longest wait for more message data (RFC 5321 section 4.5.3.2.5/6 spirit).
-    data_timeout: float = 180.0
+    data_timeout: Annotated[float, _Key(_positive_seconds)] = 180.0
     # SIGTERM: how long transactions in progress may take to finish.
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: Annotated[float, _Key(_seconds_or_zero)] = 30.0
     # DNS servers ("IP" or "IP:PORT") for reverse names and greeting checks;
     # empty: the system's (/etc/resolv.conf).
-    dns_servers: tuple[str, ...] = ()
+    dns_servers: Annotated[tuple[str, ...], _Key(_dns_servers)] = ()
     # Seconds one DNS lookup may take.
-    dns_timeout: float = 2.0
+    dns_timeout: Annotated[float, _Key(_positive_seconds)] = 2.0
     # Greeting verification.
-    greeting: GreetingConfig = GreetingConfig()
+    greeting: Annotated[GreetingConfig, _TABLE] = GreetingConfig()
     # Look up the client's reverse DNS name for the Received header.
-    reverse_dns: bool = True
+    reverse_dns: Annotated[bool, _Key(_bool)] = True
     # Seconds to wait for that name before writing "unknown".
-    reverse_dns_timeout: float = 2.0
+    reverse_dns_timeout: Annotated[float, _Key(_positive_seconds)] = 2.0
     # Logging: "text" or "json" lines on stderr.
-    log_format: LogFormat = "text"
-    log_level: str = "INFO"
+    log_format: Annotated[LogFormat, _Key(_choice("text", "json"))] = "text"
+    log_level: Annotated[str, _Key(_choice(*_LOG_LEVELS, fold=True))] = "INFO"
 
 
 # --------------------------------------------------------------------------
@@ -273,13 +285,17 @@ class ServerConfig:
 # ``load_config`` owns the TOML layout (top-level keys mirror ServerConfig
 # fields, a ``[limits]`` table mirrors ProtocolLimits, a ``[greeting]`` table
 # mirrors GreetingConfig with its ``[greeting.checks]`` table mapping check
-# names to modes) and every check on the values. Precedence: command line >
-# file > defaults. Each error is one ``ConfigError`` line naming the key, e.g.
+# names to modes) and every check on the values. The key tables are built
+# from the fields: each field of ServerConfig and GreetingConfig declares in
+# ``Annotated`` how it is loaded (``_Key``: its validator, its TOML name when
+# that differs, how a file's relative paths resolve), or that it is a table
+# or no key at all; ProtocolLimits' keys are declared in ``_LIMIT_CHECKS``.
+# Precedence: command line > file > defaults. Each error is one
+# ``ConfigError`` line naming the key, e.g.
 # ``config key limits.max_recipients: expected an integer >= 1, got "abc"``.
 
 _LIMITS = "limits"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 
 
 def _show(value: Any) -> str:
@@ -390,13 +406,8 @@ def _optional_path(label: str, value: Any) -> Path | None:
     return _path(label, value)
 
 
-def valid_hostname(name: str) -> bool:
-    """Whether ``name`` is a syntactically valid DNS host name (RFC 1123)."""
-    if name.endswith("."):
-        name = name[:-1]
-    if not name or len(name) > 253:
-        return False
-    return all(_HOST_LABEL.match(label) for label in name.split("."))
+# The host name validator (RFC 1123), under the name it has always had here.
+valid_hostname = is_hostname
 
 
 def _domain_name(label: str, value: Any, what: str) -> str:
@@ -407,7 +418,7 @@ def _domain_name(label: str, value: Any, what: str) -> str:
                 name = name.encode("idna").decode("ascii")
             except UnicodeError:
                 name = ""
-        if valid_hostname(name):
+        if is_hostname(name):
             return name
     raise _fail(label, what, value)
 
@@ -449,28 +460,12 @@ def _listen(label: str, value: Any) -> tuple[Listen, ...]:
 
 def _nameserver(label: str, text: str, expected: str) -> str:
     """``IP``, ``IP:PORT``, ``[IPv6]`` or ``[IPv6]:PORT``, normalised; ConfigError if not."""
-    value = text.strip()
-    port_text: str | None = None
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise _fail(label, expected, text)
-        port_text = rest[1:] if rest else None
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    else:
-        host = value  # IPv4, or IPv6 without a port
     try:
+        host, port = parse_hostport(text, 0)  # port 0: none given
         address = ipaddress.ip_address(host)
     except ValueError:
         raise _fail(label, expected, text) from None
-    if port_text is None:
-        return str(address)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise _fail(label, expected, text)
-    port = int(port_text)
-    shown = f"[{address}]" if address.version == 6 else str(address)
-    return f"{shown}:{port}"
+    return format_hostport(str(address), port) if port else str(address)
 
 
 def _dns_servers(label: str, value: Any) -> tuple[str, ...]:
@@ -556,84 +551,87 @@ def _check_mode(check: str, label: str, value: Any) -> str:
 
 _Check = Callable[[str, Any], Any]
 
-_SERVER_KEYS: dict[str, _Check] = {
-    "listen": _listen,
-    "data_dir": _path,
-    "store": _choice("sqlite", "maildir", "null"),
-    "sqlite_writer": _choice("process", "thread"),
-    "hostname": _hostname,
-    "domains": _domains,
-    "tls": _bool,
-    "tls_cert": _optional_path,
-    "tls_key": _optional_path,
-    "sni_certificates": _sni_certificates,
-    "require_tls": _bool,
-    "submission": _bool,
-    "auth": _bool,
-    "auth_failure_delay": _seconds_or_zero,
-    "max_auth_failures": _positive_int,
-    "auth_lockout": _seconds_or_zero,
-    "max_auth_failures_per_user": _count_or_zero,
-    "auth_user_lockout": _positive_seconds,
-    "max_auth_queue": _count_or_zero,
-    "auth_queue_timeout": _positive_seconds,
-    "proxy_trusted": _networks,
-    "proxy_timeout": _positive_seconds,
-    "max_connection_rate": _count_or_zero,
-    "limits_exempt": _networks,
-    "greeting_delay": _seconds_or_zero,
-    "pipelining_violation": _choice("record", "reject", "off"),
-    "authres_forged": _choice("rename", "remove"),
-    "max_junk_commands": _count_or_zero,
-    "max_session_time": _positive_seconds,
-    "workers": _count_or_zero,
-    "max_connections": _positive_int,
-    "max_connections_per_ip": _positive_int,
-    "stress_threshold": _fraction,
-    "stress_timeout": _positive_seconds,
-    "command_timeout": _positive_seconds,
-    "data_timeout": _positive_seconds,
-    "shutdown_timeout": _seconds_or_zero,
-    "reverse_dns": _bool,
-    "reverse_dns_timeout": _positive_seconds,
-    "dns_servers": _dns_servers,
-    "dns_timeout": _positive_seconds,
-    "log_format": _choice("text", "json"),
-    "log_level": _choice(*_LOG_LEVELS, fold=True),
-}
 
-_LIMIT_KEYS: dict[str, _Check] = {
-    "max_message_size": _size,
-    "max_recipients": _positive_int,
-    "max_command_line": _command_line,
-    "max_text_line": _text_line,
-    "max_errors": _positive_int,
-    "bare_newline": _choice("normalize", "reject"),
-    "nul": _choice("keep", "reject"),
-    "pipelining": _bool,
-    "chunking": _bool,
-    "smtputf8": _bool,
-    "eightbitmime": _bool,
-    "enhancedstatuscodes": _bool,
-    "auth_plaintext": _bool,
+def _relative_path(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else base / path
+
+
+def _relative_pairs(
+    base: Path, pairs: tuple[tuple[Path, Path], ...]
+) -> tuple[tuple[Path, Path], ...]:
+    return tuple((base / cert, base / key) for cert, key in pairs)
+
+
+_Field = tuple[str, _Key]
+"""A key's field name and how the key is loaded."""
+
+
+def _keys_of(cls: type) -> dict[str, _Field]:
+    """The keys of the dataclass ``cls`` by name, from the ``_Key`` marks of its fields.
+
+    TypeError for a field that has neither a ``_Key`` nor a ``_TABLE`` or
+    ``_NOT_A_KEY`` mark: a new field must say how it is configured.
+    """
+    hints = get_type_hints(cls, include_extras=True)
+    keys: dict[str, _Field] = {}
+    for field in dataclasses.fields(cls):
+        marks = getattr(hints[field.name], "__metadata__", ())
+        key = next((mark for mark in marks if isinstance(mark, _Key)), None)
+        if key is not None:
+            keys[key.name or field.name] = (field.name, key)
+        elif _TABLE not in marks and _NOT_A_KEY not in marks:
+            raise TypeError(f"{cls.__name__}.{field.name}: no config key declared")
+    return keys
+
+
+def _keys_declared(
+    cls: type, declared: Mapping[str, _Key], not_keys: frozenset[str]
+) -> dict[str, _Field]:
+    """As ``_keys_of``, for a dataclass whose keys are declared apart, by field name."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    stray = sorted(set(declared) - set(names))
+    if stray:
+        raise TypeError(f"{cls.__name__} has no field {stray[0]}")
+    missing = [name for name in names if name not in declared and name not in not_keys]
+    if missing:
+        raise TypeError(f"{cls.__name__}.{missing[0]}: no config key declared")
+    return {
+        (declared[name].name or name): (name, declared[name]) for name in names if name in declared
+    }
+
+
+_SERVER_KEYS = _keys_of(ServerConfig)
+
+# ProtocolLimits belongs to the protocol core, which knows nothing of
+# configuration: its keys are declared here by field name. The fields the
+# server sets itself (STARTTLS and the AUTH mechanisms it can offer) are
+# not keys.
+_LIMIT_CHECKS: dict[str, _Key] = {
+    "max_message_size": _Key(_size),
+    "max_recipients": _Key(_positive_int),
+    "max_command_line": _Key(_command_line),
+    "max_text_line": _Key(_text_line),
+    "max_errors": _Key(_positive_int),
+    "bare_newline": _Key(_choice("normalize", "reject")),
+    "nul": _Key(_choice("keep", "reject")),
+    "pipelining": _Key(_bool),
+    "chunking": _Key(_bool),
+    "smtputf8": _Key(_bool),
+    "eightbitmime": _Key(_bool),
+    "enhancedstatuscodes": _Key(_bool),
+    "auth_plaintext": _Key(_bool),
 }
+_LIMIT_NOT_KEYS = frozenset({"starttls", "auth_mechanisms"})
+_LIMIT_KEYS = _keys_declared(ProtocolLimits, _LIMIT_CHECKS, _LIMIT_NOT_KEYS)
 
 _GREETING = "greeting"
 _CHECKS_TABLE = f"{_GREETING}.checks"
 
-_GREETING_KEYS: dict[str, _Check] = {
-    "policy": _greeting_preset,
-    "stage": _greeting_stage,
-    "trusted_networks": _networks,
-    "max_queries": _positive_int,
-    "timeout": _positive_seconds,
-}
+_GREETING_KEYS = _keys_of(GreetingConfig)
 
 # Tables and their keys; [greeting.checks] maps check names to modes (_check_mode).
-_TABLES: dict[str, dict[str, _Check]] = {_LIMITS: _LIMIT_KEYS, _GREETING: _GREETING_KEYS}
+_TABLES: dict[str, dict[str, _Field]] = {_LIMITS: _LIMIT_KEYS, _GREETING: _GREETING_KEYS}
 _TABLE_NAMES = (_LIMITS, _GREETING, _CHECKS_TABLE)
-
-_PATH_KEYS = frozenset({"data_dir", "tls_cert", "tls_key"})
 
 # Every key a file or an override may set, dotted for the tables; the checks
 # of [greeting.checks] are the names in ``ehlo.greeting.CHECKS``.
@@ -665,15 +663,32 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f'unknown config key "{key}"{hint}')
 
 
-def _check(key: str, value: Any, label: str) -> Any:
+def _field(key: str) -> _Field | None:
+    """The field a dotted key sets and how it is loaded; None for an unknown key."""
     table, dot, name = key.rpartition(".")
+    keys = _TABLES.get(table) if dot else _SERVER_KEYS
+    return keys.get(name) if keys is not None else None
+
+
+def _check(key: str, value: Any, label: str) -> Any:
+    table, _, name = key.rpartition(".")
     if table == _CHECKS_TABLE:
         return _check_mode(name, label, value)
-    keys = _TABLES.get(table) if dot else _SERVER_KEYS
-    check = keys.get(name) if keys is not None else None
-    if check is None:
+    found = _field(key)
+    if found is None:
         raise _unknown(key)
-    return check(label, value)
+    return found[1].check(label, value)
+
+
+def _fields(values: Mapping[str, Any], table: str = "") -> dict[str, Any]:
+    """The values of one table (the top level for ""), by field name."""
+    keys = _TABLES[table] if table else _SERVER_KEYS
+    prefix = f"{table}." if table else ""
+    return {
+        keys[key.removeprefix(prefix)][0]: value
+        for key, value in values.items()
+        if key.startswith(prefix) and key.removeprefix(prefix) in keys
+    }
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -743,10 +758,9 @@ def load_config(
         base = Path(path).parent
         for key, value in _flatten(read_config_file(Path(path))):
             checked = _check(key, value, f"config key {key}")
-            if key in _PATH_KEYS and checked is not None and not checked.is_absolute():
-                checked = base / checked
-            elif key == "sni_certificates":
-                checked = tuple((base / c, base / k) for c, k in checked)
+            found = _field(key)
+            if found is not None and found[1].files is not None and checked is not None:
+                checked = found[1].files(base, checked)
             values[key] = checked
             names[key] = f"config key {key}"
     for key, value in _flatten(overrides or {}):
@@ -763,12 +777,9 @@ def load_config(
         other = (labels or {}).get(missing, missing) if label.startswith("-") else missing
         raise ConfigError(f"{label}: {other} must be given too (a certificate needs its key)")
 
-    limits = ProtocolLimits(
-        **{k.partition(".")[2]: v for k, v in values.items() if k.startswith(f"{_LIMITS}.")}
-    )
+    limits = ProtocolLimits(**_fields(values, _LIMITS))
     greeting = _greeting_config(values, names)
-    fields = {k: v for k, v in values.items() if "." not in k}
-    return ServerConfig(limits=limits, greeting=greeting, **fields)
+    return ServerConfig(limits=limits, greeting=greeting, **_fields(values))
 
 
 def _greeting_config(values: Mapping[str, Any], names: Mapping[str, str]) -> GreetingConfig:
@@ -777,12 +788,7 @@ def _greeting_config(values: Mapping[str, Any], names: Mapping[str, str]) -> Gre
     checks = {
         k.removeprefix(checks_prefix): v for k, v in values.items() if k.startswith(checks_prefix)
     }
-    fields = {
-        k.removeprefix(prefix): v
-        for k, v in values.items()
-        if k.startswith(prefix) and not k.startswith(checks_prefix)
-    }
-    config = GreetingConfig(checks=checks, **fields)
+    config = GreetingConfig(checks=checks, **_fields(values, _GREETING))
     if not config.active:
         return config  # nothing runs: no need to load the checks to vet the combination
     try:

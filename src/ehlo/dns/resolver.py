@@ -14,9 +14,7 @@ import dataclasses
 import functools
 import ipaddress
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 import dns.asyncresolver
@@ -27,6 +25,9 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
+
+from .._cache import TTLCache
+from .._net import format_hostport, parse_hostport
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -90,11 +91,13 @@ class DNSTempError(Exception):
     """A lookup that failed for now: timeout, SERVFAIL/REFUSED, or no usable nameserver."""
 
 
-class DNSCache:
+class DNSCache(TTLCache[CacheKey, CacheValue]):
     """Answers by key until their TTL runs out; least recently used dropped beyond ``max_entries``.
 
-    An empty tuple is a cached negative answer; ``get`` returns ``None`` on a
-    miss. ``clock`` (seconds, monotonic) is injectable for tests.
+    A ``TTLCache`` with the resolver's bounds: no answer is kept longer than
+    ``max_ttl`` (a day). An empty tuple is a cached negative answer; ``get``
+    returns ``None`` on a miss. ``clock`` (seconds, monotonic) is injectable
+    for tests.
     """
 
     def __init__(
@@ -104,54 +107,7 @@ class DNSCache:
         clock: Callable[[], float] = time.monotonic,
         max_ttl: float = POSITIVE_TTL_MAX,
     ) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self.max_entries = max_entries
-        self.max_ttl = max_ttl
-        self._clock = clock
-        self._entries: OrderedDict[CacheKey, tuple[float, CacheValue]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: CacheKey) -> CacheValue | None:
-        """The cached values for ``key``, or ``None`` when absent or expired."""
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            expires, values = entry
-            if self._clock() >= expires:
-                del self._entries[key]
-                return None
-            self._entries.move_to_end(key)
-            return values
-
-    def remaining(self, key: CacheKey) -> float | None:
-        """Seconds until the entry for ``key`` expires, or ``None`` when absent or expired."""
-        with self._lock:
-            entry = self._entries.get(key)
-        if entry is None:
-            return None
-        left = entry[0] - self._clock()
-        return left if left > 0 else None
-
-    def put(self, key: CacheKey, values: CacheValue, ttl: float) -> None:
-        """Keep ``values`` for ``ttl`` seconds (capped at ``max_ttl``; 0 or less: not kept)."""
-        with self._lock:
-            if ttl <= 0:
-                self._entries.pop(key, None)
-                return
-            self._entries[key] = (self._clock() + min(ttl, self.max_ttl), values)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        """Forget everything."""
-        with self._lock:
-            self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(max_entries, max_ttl=max_ttl, clock=clock)
 
 
 DEFAULT_CACHE = DNSCache()
@@ -159,23 +115,15 @@ DEFAULT_CACHE = DNSCache()
 
 
 def _parse_nameserver(text: str) -> tuple[str, int]:
-    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` as (address, port)."""
-    value = text.strip()
-    host, port_text = value, "53"
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"bad nameserver {text!r}: expected [IPv6]:PORT")
-        port_text = rest[1:]
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
+    """``IP``, ``IP:PORT``, ``[IPv6]`` or ``[IPv6]:PORT`` as (address, port)."""
+    try:
+        host, port = parse_hostport(text, 53)
+    except ValueError as exc:
+        raise ValueError(f"bad nameserver: {exc}") from None
     try:
         address = ipaddress.ip_address(host)
-        port = int(port_text)
     except ValueError:
         raise ValueError(f"bad nameserver {text!r}: expected IP or IP:PORT") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"bad nameserver {text!r}: port out of range")
     return str(address), port
 
 
@@ -206,8 +154,7 @@ def _system_resolver() -> dns.asyncresolver.Resolver:
 
 def _describe_nameserver(ns: str | dns.nameserver.Nameserver) -> str:
     if isinstance(ns, dns.nameserver.AddressAndPortNameserver):
-        host = f"[{ns.address}]" if ":" in ns.address else ns.address
-        return f"{host}:{ns.port}"
+        return format_hostport(ns.address, ns.port)
     return str(ns)
 
 

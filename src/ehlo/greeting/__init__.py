@@ -1,5 +1,7 @@
 """Greeting verification: the HELO/EHLO name against DNS and the client's IP.
 
+``SPECS`` is the table of checks (name, function, strict mode, DNS or
+local, record-only) that every list of checks is derived from.
 ``run_checks`` runs the named checks and returns a ``GreetingReport`` (each
 result with its reason and DNS evidence); ``GreetingPolicy`` turns a report
 into accept, defer or reject; ``GreetingVerifier`` ties both to a resolver
@@ -12,7 +14,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._names import CHECKS, MODES, PRESETS, RECORD_ONLY, RESULTS, STAGES, Mode
+from ._names import (
+    CHECKS,
+    MODES,
+    PRESETS,
+    RECORD_ONLY,
+    RESULTS,
+    SPECS,
+    STAGES,
+    CheckSpec,
+    Mode,
+)
 
 if TYPE_CHECKING:
     from ._checks import (
@@ -65,9 +77,11 @@ __all__ = [
     "PRESETS",
     "RECORD_ONLY",
     "RESULTS",
+    "SPECS",
     "STAGES",
     "CappedResolver",
     "CheckResult",
+    "CheckSpec",
     "Decision",
     "Greeting",
     "GreetingNames",

@@ -16,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import ipaddress
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from .._cache import TTLCache
 from ..dns import DNSTempError, Lookup, Resolver
 from ..protocol import is_domain, parse_address_literal
-from ._names import CHECKS, Result
+from ._names import CHECKS, SPECS, CheckSpec, Result
 from .dynamic import looks_dynamic
 from .psl import registered_domain
 from .spf import SpfOutcome, spf_helo
@@ -547,7 +548,9 @@ def _valid_ip(text: str) -> bool:
 # below the TTL of typical SPF records, so a change is seen soon enough.
 SPF_RESULT_TTL = 60.0
 _SPF_RESULTS_MAX = 10_000
-_SPF_RESULTS: OrderedDict[tuple[str, str, str], tuple[float, SpfOutcome]] = OrderedDict()
+_SPF_RESULTS: TTLCache[tuple[str, str, str], SpfOutcome] = TTLCache(
+    _SPF_RESULTS_MAX, ttl=SPF_RESULT_TTL
+)
 
 
 async def check_spf_helo(run: _Run) -> CheckResult:
@@ -557,18 +560,16 @@ async def check_spf_helo(run: _Run) -> CheckResult:
     key = (",".join(run.resolver.resolver.nameservers), str(run.client), run.name)
     now = time.monotonic()
     cached = _SPF_RESULTS.get(key)
-    if cached is not None and cached[0] > now:
-        run.spf_expires, outcome = cached
+    left = _SPF_RESULTS.remaining(key) if cached is not None else None
+    if cached is not None and left is not None:
+        run.spf_expires, outcome = now + left, cached
     else:
         outcome = await spf_helo(run.resolver, str(run.client), run.name)  # type: ignore[arg-type]
         if outcome.result != "temperror":
             # A finished evaluation is kept briefly: SPF needs a worker thread
             # and several lookups, and a busy client greets many times a minute.
             run.spf_expires = now + SPF_RESULT_TTL
-            _SPF_RESULTS[key] = (run.spf_expires, outcome)
-            _SPF_RESULTS.move_to_end(key)
-            while len(_SPF_RESULTS) > _SPF_RESULTS_MAX:
-                _SPF_RESULTS.popitem(last=False)
+            _SPF_RESULTS.put(key, outcome, run.spf_expires - time.monotonic())
     evidence: dict[str, Any] = {"spf": outcome.result, "record": outcome.record,
                                 "lookups": list(outcome.lookups)}
     # RFC 7208 section 8.5/8.4: softfail and neutral are not grounds to refuse.
@@ -615,22 +616,21 @@ async def check_consistent(run: _Run) -> CheckResult:
     return _result("consistent", "pass", "repeats the earlier greeting", previous=list(previous))
 
 
-CHECK_FUNCTIONS: dict[str, Callable[[_Run], Awaitable[CheckResult]]] = {
-    "syntax": check_syntax,
-    "fqdn": check_fqdn,
-    "literal_match": check_literal_match,
-    "resolves": check_resolves,
-    "forward_match": check_forward_match,
-    "iprev": check_iprev,
-    "ptr_match": check_ptr_match,
-    "not_us": check_not_us,
-    "spf_helo": check_spf_helo,
-    "dynamic": check_dynamic,
-    "consistent": check_consistent,
-}
+CheckFunction = Callable[[_Run], Awaitable[CheckResult]]
 
 
-_LOCAL_CHECKS = frozenset({"syntax", "fqdn", "literal_match", "not_us", "consistent"})
+def _function(spec: CheckSpec) -> CheckFunction:
+    """The function that runs ``spec``'s check; LookupError naming the row if there is none."""
+    found = globals().get(spec.function)
+    if not inspect.iscoroutinefunction(found):
+        raise LookupError(f"greeting check {spec.name}: no check function {spec.function!r}")
+    function: CheckFunction = found
+    return function
+
+
+# Built from the table when the module loads: a row without a function stops it here.
+CHECK_FUNCTIONS: dict[str, CheckFunction] = {spec.name: _function(spec) for spec in SPECS}
+_LOCAL_CHECKS = frozenset(spec.name for spec in SPECS if not spec.dns)
 
 
 async def run_checks(

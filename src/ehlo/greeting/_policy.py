@@ -25,26 +25,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Literal
 
 from ..protocol import Reply
-from ._names import CHECKS, MODES, PRESETS, RECORD_ONLY, STAGES, Mode, Preset, Stage
+from ._names import CHECKS, MODES, PRESETS, RECORD_ONLY, SPECS, STAGES, Mode, Preset, Stage
 
 if TYPE_CHECKING:
     from ._checks import GreetingReport
 
 __all__ = ["MODES", "PRESETS", "RECORD_ONLY", "STAGES", "Mode", "Preset", "Stage"]
-
-_STRICT: dict[str, Mode] = {
-    "syntax": "reject",
-    "fqdn": "reject",
-    "literal_match": "reject",
-    "resolves": "reject",
-    "forward_match": "reject",
-    "iprev": "reject",
-    "ptr_match": "record",
-    "not_us": "reject",
-    "spf_helo": "reject",
-    "dynamic": "record",
-    "consistent": "record",
-}
 
 
 def preset_modes(preset: str) -> dict[str, Mode]:
@@ -54,7 +40,7 @@ def preset_modes(preset: str) -> dict[str, Mode]:
     if preset == "record":
         return dict.fromkeys(CHECKS, "record")
     if preset == "strict":
-        return dict(_STRICT)
+        return {spec.name: spec.strict for spec in SPECS}
     raise ValueError(f"unknown greeting policy preset {preset!r}; expected off, record or strict")
 
 

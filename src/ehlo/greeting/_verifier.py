@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from .._cache import TTLCache
 from ..dns import Resolver
 from ._checks import (
     CappedResolver,
@@ -65,11 +65,10 @@ class GreetingVerifier:
         self.our_addresses = tuple(dict.fromkeys(our_addresses))
         self.report_ttl = report_ttl
         self.report_cache_size = report_cache_size
-        self._clock = clock
-        # _key(greeting) -> (expires, policy, resolver, report, decision)
-        self._reports: OrderedDict[
-            _Key, tuple[float, GreetingPolicy, Resolver, GreetingReport, Decision]
-        ] = OrderedDict()
+        # _key(greeting) -> (policy, resolver, report, decision), each for its lifetime.
+        self._reports: TTLCache[
+            _Key, tuple[GreetingPolicy, Resolver, GreetingReport, Decision]
+        ] = TTLCache(max(report_cache_size, 1), clock=clock)
 
     def applies_to(self, client_ip: str) -> bool:
         """False when no check runs for this client (policy off or trusted network)."""
@@ -105,15 +104,14 @@ class GreetingVerifier:
         entry = self._reports.get(key)
         if entry is None:
             return None
-        expires, policy, resolver, report, _ = entry
-        if expires <= self._clock() or policy is not self.policy or resolver is not self.resolver:
-            del self._reports[key]
+        policy, resolver, report, _ = entry
+        if policy is not self.policy or resolver is not self.resolver:
+            self._reports.pop(key)
             return None
         if budget is not None:
             if budget.used + report.queries > budget.limit:
                 return None
             budget.used += report.queries
-        self._reports.move_to_end(key)
         return report
 
     def _keep(
@@ -130,16 +128,10 @@ class GreetingVerifier:
             return
         if policy is not self.policy or resolver is not self.resolver:
             return  # replaced while the checks ran
-        reports = self._reports
-        now = self._clock()
         # Reports past their time are dropped from the least recently used end.
-        while reports and next(iter(reports.values()))[0] <= now:
-            reports.popitem(last=False)
-        key = _key(report.greeting)
-        reports[key] = (now + lifetime, policy, resolver, report, policy.decide(report))
-        reports.move_to_end(key)
-        while len(reports) > self.report_cache_size:
-            reports.popitem(last=False)
+        self._reports.prune()
+        entry = (policy, resolver, report, policy.decide(report))
+        self._reports.put(_key(report.greeting), entry, lifetime)
 
     async def verify(
         self, greeting: Greeting, budget: CappedResolver | None = None
@@ -186,9 +178,9 @@ class GreetingVerifier:
 
     def decide(self, report: GreetingReport) -> Decision:
         """The policy's decision for a report."""
-        entry = self._reports.get(_key(report.greeting))
-        if entry is not None and entry[3] is report and entry[1] is self.policy:
-            return entry[4]
+        entry = self._reports.peek(_key(report.greeting))
+        if entry is not None and entry[2] is report and entry[0] is self.policy:
+            return entry[3]
         return self.policy.decide(report)
 
     def clear(self) -> None:

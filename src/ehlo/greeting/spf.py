@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import ipaddress
-import re
 import threading
 import time
 from typing import Any, Literal
@@ -30,6 +29,8 @@ from typing import Any, Literal
 import spf as pyspf  # type: ignore[import-untyped]
 
 from ehlo.dns import DNSTempError, Lookup, Resolver
+
+from .._net import is_hostname
 
 __all__ = ["SpfOutcome", "SpfResult", "spf_helo"]
 
@@ -48,8 +49,6 @@ MAX_WORKERS = 32
 _WORKER_GRACE = 0.5
 # Longest domain-supplied explanation (exp=) kept in our explanation.
 _MAX_DOMAIN_EXPLANATION = 200
-
-_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -119,7 +118,8 @@ def helo_domain(helo: str) -> str | None:
     # RFC 7208 section 4.3: malformed or single-label domains give "none".
     if len(text) > 253 or len(labels) < 2:
         return None
-    if not all(_LABEL.match(label) for label in labels):
+    # One trailing dot was taken off above; a second one is an empty label.
+    if text.endswith(".") or not is_hostname(text, underscore=True):
         return None
     if labels[-1].isdigit():  # an all-numeric top label is not a domain
         return None

@@ -19,6 +19,8 @@ import mmap
 import zlib
 from collections.abc import Iterable
 
+from .._cache import TTLCache
+
 _MAX_CACHED = 4096
 
 
@@ -54,7 +56,7 @@ class Networks:
 
     def __init__(self, networks: Iterable[str]) -> None:
         self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
-        self._cache: dict[str, bool] = {}
+        self._cache: TTLCache[str, bool] = TTLCache(_MAX_CACHED)
 
     def __contains__(self, ip: object) -> bool:
         if not isinstance(ip, str) or not self._networks:
@@ -67,9 +69,7 @@ class Networks:
         except ValueError:
             return False
         found = any(address in net for net in self._networks)
-        if len(self._cache) >= _MAX_CACHED:
-            self._cache.clear()
-        self._cache[ip] = found
+        self._cache.put(ip, found)
         return found
 
 
