@@ -26,6 +26,7 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
+from .._net import format_hostport, parse_hostport
 from ..protocol import Reply
 from ..protocol._syntax import is_domain
 from ._client import (
@@ -171,29 +172,12 @@ def _seconds(text: str) -> float:
 
 def parse_server(text: str, default_port: int) -> tuple[str, int]:
     """``HOST``, ``HOST:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address."""
-    value = text.strip()
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise UsageError(f"--server: expected [IPv6]:PORT, got {text!r}")
-        port_text = rest[1:]
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    else:
-        host, port_text = value, ""  # a name, an IPv4 address, or a bare IPv6 address
-        if ":" in host:
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise UsageError(f"expected HOST[:PORT] or [IPv6]:PORT, got {text!r}") from None
+    try:
+        host, port = parse_hostport(text, default_port)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if not host:
         raise UsageError(f"expected HOST[:PORT], got {text!r}")
-    port = default_port
-    if port_text:
-        try:
-            port = _port(port_text)
-        except argparse.ArgumentTypeError as exc:
-            raise UsageError(f"{text!r}: {exc}") from None
     return host, port
 
 
@@ -366,7 +350,7 @@ async def _send_direct(
 
     host, port = server
     outcome = DeliveryResult("", list(args.to))
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = format_hostport(host, port)
     client = make(host, port, host)
     try:
         async with client:

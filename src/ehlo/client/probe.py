@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
+from .._net import format_hostport
 from ..protocol import Reply
 from ._client import SMTPClient, Timeouts, TLSInfo, client_ssl_context
 from ._errors import ServiceRefused, SMTPClientError, TLSFailed
@@ -252,7 +253,7 @@ async def run_probe(
     """
     context = ssl_context if ssl_context is not None else client_ssl_context(verify=True)
     options = _Options(helo_name, Timeouts.uniform(timeout or DEFAULT_TIMEOUT))
-    report = ProbeReport(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    report = ProbeReport(format_hostport(host, port))
     implicit = implicit_tls
     report.implicit_tls = implicit
     unverified = client_ssl_context(verify=False)

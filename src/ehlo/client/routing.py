@@ -30,6 +30,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from .._net import format_hostport, parse_hostport
 from ..dns import DNSTempError, Resolver
 from ..protocol._syntax import parse_address_literal
 from ._client import Message, SendResult, SMTPClient
@@ -77,12 +78,9 @@ def recipient_domain(address: str) -> str:
 
 def _split_nameserver(text: str) -> tuple[str, int] | None:
     """``IP:PORT`` or ``[IPv6]:PORT`` as given by ``Resolver.nameservers``; None otherwise."""
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-    else:
-        host, _, port = text.rpartition(":")
     try:
-        return str(ipaddress.ip_address(host)), int(port)
+        host, port = parse_hostport(text)
+        return str(ipaddress.ip_address(host)), port
     except ValueError:
         return None
 
@@ -237,7 +235,7 @@ async def deliver(
     start = _position(message)
     for host in hosts:
         for address in host.addresses:
-            where = f"{address}:{host.port}" if ":" not in address else f"[{address}]:{host.port}"
+            where = format_hostport(address, host.port)
             if on_attempt is not None:
                 on_attempt(host, address)
             body = _rewind(message, start)
