@@ -33,6 +33,7 @@ from ehlo.storage import (
     StoreError,
     open_store,
 )
+from ehlo.storage._sqlite_process import WriterProcess
 from ehlo.storage.base import HeaderSniffer, JSONText, extract_subject
 from ehlo.storage.sqlite import CHUNK_SIZE
 
@@ -811,7 +812,9 @@ def test_open_store_kinds(tmp_path: Path) -> None:
 
 
 def _writer_pid(store: SQLiteStore) -> int:
-    process = store._writer._process  # type: ignore[union-attr]
+    writer = store._writer
+    assert isinstance(writer, WriterProcess)
+    process = writer._process
     assert process is not None
     return process.pid
 
