@@ -11,13 +11,18 @@ import datetime as dt
 import fcntl
 import json
 import os
+import queue
 import random
+import select
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,8 +36,11 @@ from ehlo.storage import (
     SQLiteStore,
     Store,
     StoreError,
+    _wire,
     open_store,
 )
+from ehlo.storage._batch import BatchWriter, Commit
+from ehlo.storage._sqlite_process import WriterProcess
 from ehlo.storage.base import HeaderSniffer, JSONText, extract_subject
 from ehlo.storage.sqlite import CHUNK_SIZE
 
@@ -811,7 +819,9 @@ def test_open_store_kinds(tmp_path: Path) -> None:
 
 
 def _writer_pid(store: SQLiteStore) -> int:
-    process = store._writer._process  # type: ignore[union-attr]
+    writer = store._writer
+    assert isinstance(writer, WriterProcess)
+    process = writer._process
     assert process is not None
     return process.pid
 
@@ -870,3 +880,120 @@ async def test_sqlite_writer_process_reports_an_unusable_database(tmp_path: Path
     with pytest.raises(StoreError, match="not a database"):
         await asyncio.wait_for(SQLiteStore(not_a_db).start(), 30)
 
+
+# --------------------------------------------------------------------------
+# The batch writer on its own, and the frames between a store and its writer
+
+
+def _row(envelope: Envelope, size: int) -> tuple[object, ...]:
+    """A messages row as the store builds it (COLUMNS order)."""
+    return (
+        envelope.queue_id, envelope.received_at.isoformat(), envelope.client_ip,
+        envelope.client_port, envelope.greeting, envelope.greeting_name, envelope.mail_from,
+        "{}", "[]", None, envelope.protocol, envelope.server_name, "{}", size, None,
+    )  # fmt: skip
+
+
+def test_batch_writer_needs_no_host(tmp_path: Path) -> None:
+    # One batch: a message, one whose id is already stored, another message.
+    # The batch falls back to message-by-message inserts: only the taken id
+    # fails, the others are stored, and they share the fallback's COMMIT.
+    path = tmp_path / "ehlo.sqlite3"
+    writer = BatchWriter(path, shared=False)
+    writer.open()
+    first = make_envelope()
+    done = writer.execute([Commit(_row(first, 5), b"first", None, "tag-0")])
+    assert [(op.tag, out) for op, out in done] == [("tag-0", first.queue_id)]
+    fresh, again, other = make_envelope(), make_envelope(queue_id=first.queue_id), make_envelope()
+    batch = [
+        Commit(_row(fresh, 5), b"fresh", None, 1),
+        Commit(_row(again, 5), b"again", None, 2),
+        Commit(_row(other, 5), bytearray(b"other"), None, 3),
+    ]
+    outcomes = writer.execute(batch)
+    assert [op.tag for op, _ in outcomes] == [1, 2, 3]
+    assert outcomes[0][1] == fresh.queue_id and outcomes[2][1] == other.queue_id
+    assert isinstance(outcomes[1][1], StoreError) and "already stored" in str(outcomes[1][1])
+    assert writer.stats.commits == 2 and writer.stats.messages == 3
+    assert writer.done_bytes == 20
+    store = SQLiteStore(path)
+    stored = {first.queue_id, fresh.queue_id, other.queue_id}
+    assert {m.envelope.queue_id for m in store.list()} == stored
+    assert store.raw(first.queue_id) == b"first" and store.raw(other.queue_id) == b"other"
+    assert os.listdir(path.with_name(path.name + ".locks")) == [f"{writer.owner}.lock"]
+    writer.close()
+    assert os.listdir(path.with_name(path.name + ".locks")) == []
+
+
+def test_batch_writer_serve_batches_what_waits_and_stops(tmp_path: Path) -> None:
+    # Everything queued before serve() starts is one batch: one COMMIT.
+    writer = BatchWriter(tmp_path / "ehlo.sqlite3", shared=False)
+    writer.open()
+    ops: queue.SimpleQueue[Commit[int] | None] = queue.SimpleQueue()
+    envelopes = [make_envelope() for _ in range(5)]
+    for i, envelope in enumerate(envelopes):
+        ops.put(Commit(_row(envelope, 1), b"x", None, i))
+    ops.put(None)
+    settled: list[list[tuple[int, object]]] = []
+    writer.serve(ops, lambda outcomes: settled.append([(op.tag, out) for op, out in outcomes]))
+    writer.close()
+    assert settled == [[(i, e.queue_id) for i, e in enumerate(envelopes)]]
+    assert writer.stats.commits == 1
+
+
+def _wire_stream() -> tuple[bytes, list[tuple[tuple[object, ...], bytes | None]]]:
+    """Frames a store sends (commits with bodies of several sizes, spool, stop)."""
+    expected: list[tuple[tuple[object, ...], bytes | None]] = [(("spool", "owner-1"), None)]
+    data = b"".join(_wire.frame(("spool", "owner-1")))
+    for ref, size in enumerate([0, 1, 4093, 70_000, _wire.READ_SIZE + 3, 17]):
+        body = random.randbytes(size)
+        data += b"".join(_wire.commit(("row", ref), ref, None, size)) + body
+        expected.append((("commit", ("row", ref), ref, None, size), body or None))
+    data += b"".join(_wire.frame(_wire.STOP))
+    expected.append((_wire.STOP, None))
+    return data, expected
+
+
+def _send_in_pieces(sock: socket.socket, data: bytes) -> None:
+    for piece in pieces(data, (1, 3, 5000, 65536, 300_000, 2)):
+        sock.sendall(piece)
+
+
+def test_wire_blocking_reader_reads_frames_and_bodies_cut_anywhere() -> None:
+    data, expected = _wire_stream()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sender = threading.Thread(target=_send_in_pieces, args=(ours, data + data[:9]))
+        sender.start()
+        reader = _wire.BlockingReader(theirs)
+        got = [reader.read(block=True) for _ in expected]
+        sender.join()
+        ours.shutdown(socket.SHUT_WR)
+        # A frame cut short by the end of the stream reads as a stop.
+        assert reader.read(block=True) == (_wire.STOP, None)
+        assert reader.closed
+    assert [(m, bytes(b) if b is not None else None) for m, b in got] == expected
+
+
+def test_wire_stream_reader_reads_frames_and_bodies_cut_anywhere() -> None:
+    data, expected = _wire_stream()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.setblocking(False)
+        sender = threading.Thread(target=_send_in_pieces, args=(ours, data))
+        sender.start()
+        reader = _wire.StreamReader()
+        scratch = memoryview(bytearray(_wire.READ_SIZE))
+        got: list[tuple[tuple[object, ...], bytes | None]] = []
+        deadline = time.monotonic() + 30
+        while len(got) < len(expected):
+            assert time.monotonic() < deadline, got
+            select.select([theirs], [], [], 1.0)
+            received = reader.receive(theirs, scratch)
+            assert received is not None
+            got += [(m, bytes(b) if b is not None else None) for m, b in received]
+        sender.join()
+        ours.close()
+        select.select([theirs], [], [], 5.0)
+        assert reader.receive(theirs, scratch) is None  # the end of the stream
+    assert got == expected

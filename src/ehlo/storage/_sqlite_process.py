@@ -6,8 +6,8 @@ take it back from a loop that may be busy for a whole switch interval (5 ms).
 A batch of nine 4 KiB messages takes 0.1 ms of SQLite alone and 5 to 30 ms
 beside a busy loop, and every session waiting for its 250 waits that long.
 So ``SQLiteStore`` (``writer="process"``, the default) runs the very same
-writer (:class:`~ehlo.storage.sqlite._WriterThread`'s batches, checks and
-recovery) in a child process, and talks to it over a socket pair:
+:class:`~ehlo.storage._batch.BatchWriter` in a child process, and talks to
+it over a socket pair (the frames of :mod:`ehlo.storage._wire`):
 
 - the store sends each message as it is committed (its row, then its body of
   at most one chunk, raw, unless the body is a file) and at the end a stop;
@@ -18,8 +18,12 @@ recovery) in a child process, and talks to it over a socket pair:
 A commit's future is settled only from that answer, which the child sends
 after ``COMMIT`` returned: a 250 still means the message is on disk.
 
-Frames are a 4-octet big-endian length and a pickle (protocol 5) of a tuple;
-both ends are this module, over a socket pair nobody else holds.
+This module owns both ends: :class:`WriterProcess`, the store's
+:class:`~ehlo.storage._backend.WriterBackend` (a child of its own, or a
+connection to the hub of :mod:`ehlo.storage._sqlite_hub` that
+:func:`start_hub` starts for ``ehlo serve --workers N``), and the child's
+main function. ``python -m ehlo.storage._sqlite_process`` runs the child,
+with ``--hub`` the hub.
 
 The child ignores SIGINT, SIGTERM and SIGHUP (a terminal's Ctrl-C reaches the
 whole process group): it stops when the store says so or when the socket
@@ -29,31 +33,23 @@ closes (its parent is gone), after executing everything it has read.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import os
-import pickle
 import queue
-import selectors
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from . import _wire
+from ._batch import BatchWriter, Commit, Outcome
 from .base import StoreError, StoreStats
-from .sqlite import _Commit, _Op, _OwnerLock, _Stop, _WriterThread
 
-_HEADER = struct.Struct(">I")
-# How often, and how long, the hub tries to remove a dead worker's spool folder.
-_ORPHAN_RETRY = 0.02
-_ORPHAN_PATIENCE = 5.0
-_READ_SIZE = 256 * 1024
+__all__ = ["WriterProcess", "child_main", "start_hub"]
+
 # How long the child may take to open (or create) the database.
 _START_TIMEOUT = 60.0
 
@@ -66,171 +62,35 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _frame(message: tuple[Any, ...]) -> list[bytes]:
-    payload = pickle.dumps(message, protocol=5)
-    return [_HEADER.pack(len(payload)), payload]
-
-
-class _Frames:
-    """Splits a byte stream into decoded frames."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    def next(self) -> tuple[Any, ...] | None:
-        buf = self._buf
-        if len(buf) < 4:
-            return None
-        (size,) = _HEADER.unpack_from(buf)
-        if len(buf) < 4 + size:
-            return None
-        message: tuple[Any, ...] = pickle.loads(memoryview(buf)[4 : 4 + size])
-        del buf[: 4 + size]
-        return message
-
-
 # --- the child ------------------------------------------------------------------------
 
 
 class _Channel:
-    """The child's end: operations in (a queue-like ``get``), answers out.
-
-    Small frames are parsed from one read buffer (a batch of them costs one
-    ``recv``); a body longer than what is buffered is read straight into a
-    buffer of its size, so no body is moved around inside a bigger one.
-    """
+    """The child's end: commits in (an op source for the batch writer), answers out."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.closed = False
-        self._buf = bytearray()
-        self._pos = 0
-        # Reads land here first: recv() would allocate (mmap) and shrink a
-        # 256 KiB buffer for every read, three system calls and fresh pages.
-        self._scratch = memoryview(bytearray(_READ_SIZE))
+        self.reader = _wire.BlockingReader(sock)
 
-    def _fill(self, block: bool) -> bool:
-        """Read what waits (waiting for something if ``block``); False if nothing came."""
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        try:
-            n = self.sock.recv_into(self._scratch, _READ_SIZE, 0 if block else socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:
-            n = 0
-        if not n:
-            self.closed = True
-            return False
-        self._buf += self._scratch[:n]
-        return True
-
-    def _take(self, size: int) -> bytearray | None:
-        """The next ``size`` octets, waiting for them (None at the socket's end)."""
-        while len(self._buf) - self._pos < size and size - (len(self._buf) - self._pos) < 65536:
-            if not self._fill(block=True):
-                return None
-        start = self._pos
-        have = min(size, len(self._buf) - start)
-        out = bytearray(size)
-        out[:have] = memoryview(self._buf)[start : start + have]
-        self._pos = start + have
-        view = memoryview(out)
-        got = have
-        while got < size:  # a big body: the rest straight from the socket
-            try:
-                n = self.sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
-            except OSError:
-                n = 0
-            if n == 0:
-                self.closed = True
-                return None
-            got += n
-        return out
-
-    def _next(self, block: bool) -> _Op | None:
-        if len(self._buf) - self._pos < _HEADER.size:
-            if self.closed:
-                return _Stop()
-            if not self._fill(block) and not block:
-                return _Stop() if self.closed else None
-        header = self._take(_HEADER.size)
-        if header is None:
-            return _Stop()
-        (size,) = _HEADER.unpack(header)
-        payload = self._take(size)
-        if payload is None:
-            return _Stop()
-        message: tuple[Any, ...] = pickle.loads(payload)
+    def _op(self, received: _wire.Received) -> Commit[int] | None:
+        message, body = received
         if message[0] != "commit":
-            return _Stop()
-        body = None
-        if message[4]:  # its body follows, raw
-            body = self._take(message[4])
-            if body is None:
-                return _Stop()
+            return None  # stop (or the socket's end)
         # The reference travels where the thread keeps its future.
-        return _Commit(message[1], body, None, message[2], message[3])  # type: ignore[arg-type]
+        return Commit(message[1], body, message[3], message[2])
 
-    def get(self) -> _Op:
-        op = self._next(block=True)
-        assert op is not None
-        return op  # _Stop at the socket's end: finish what was read, then stop
+    def get(self) -> Commit[int] | None:
+        received = self.reader.read(block=True)
+        assert received is not None
+        return self._op(received)  # None at the socket's end: finish what was read, then stop
 
-    def get_nowait(self) -> _Op:
-        op = self._next(block=False)
-        if op is None:
+    def get_nowait(self) -> Commit[int] | None:
+        received = self.reader.read(block=False)
+        if received is None:
             raise queue.Empty
-        return op
+        return self._op(received)
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        if not self.closed:
-            try:
-                self.sock.sendall(b"".join(_frame(message)))
-            except OSError:
-                self.closed = True
-
-
-class _ChildWriter(_WriterThread):
-    """The writer's batches, run on the child's main thread, answering over the channel."""
-
-    def __init__(self, path: Path, shared: bool, channel: _Channel) -> None:
-        lock = _OwnerLock(path.with_name(path.name + ".locks"))
-        super().__init__(path, lock, StoreStats(), shared)
-        self.channel = channel
-        self.ops = channel  # type: ignore[assignment]
-
-    def _settle(self, outcomes: list[tuple[_Commit, str | BaseException]]) -> None:  # type: ignore[override]
-        answers = [
-            (op.future, None, str(out))
-            if isinstance(out, BaseException)
-            else (op.future, out, None)
-            for op, out in outcomes
-        ]
-        self.channel.send(
-            ("done", answers, self.done_bytes, self.stats.commits, self.stats.messages)
-        )
-
-    def _wake_drained(self) -> None:
-        pass  # the store's side tracks the backlog from the answers
-
-
-def _run(writer: _WriterThread) -> None:
-    """Serve batches until told to stop, then let go of the database and the locks."""
-    try:
-        writer._serve()
-    finally:
-        try:
-            if writer._conn is not None:
-                writer._conn.close()
-        finally:
-            if writer._write_lock is not None:
-                os.close(writer._write_lock)
-            writer.lock.release()
+    def send(self, message: _wire.Message) -> None:
+        self.reader.send(_wire.encode(message))
 
 
 def child_main(argv: list[str]) -> int:
@@ -241,14 +101,27 @@ def child_main(argv: list[str]) -> int:
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     channel = _Channel(sock)
-    writer = _ChildWriter(path, shared, channel)
+    writer = BatchWriter(path, shared=shared)
     try:
-        writer._conn = writer._open()
+        writer.open()
     except BaseException as exc:  # reported to the store, which raises StoreError
         channel.send(("failed", str(exc) or type(exc).__name__))
         return 1
-    channel.send(("ready", writer.lock.owner))
-    _run(writer)
+    channel.send(("ready", writer.owner))
+
+    def settle(outcomes: list[tuple[Commit[int], Outcome]]) -> None:
+        answers = [
+            (op.tag, None, str(out)) if isinstance(out, BaseException) else (op.tag, out, None)
+            for op, out in outcomes
+        ]
+        channel.reader.send(
+            _wire.done(answers, writer.done_bytes, writer.stats.commits, writer.stats.messages)
+        )
+
+    try:
+        writer.serve(channel, settle)
+    finally:
+        writer.close()
     channel.send(("stopped",))
     return 0
 
@@ -256,18 +129,8 @@ def child_main(argv: list[str]) -> int:
 # --- the store's side -----------------------------------------------------------------
 
 
-class _OwnerName:
-    """What the store reads of the owner lock: the child holds the lock itself."""
-
-    def __init__(self) -> None:
-        self.owner = ""
-
-    def release(self) -> None:
-        pass
-
-
 class WriterProcess(asyncio.Protocol):
-    """The store's handle on the child: the same interface as the writer thread.
+    """The store's handle on the child (or on the hub): a :class:`WriterBackend`.
 
     With ``address``, the writer is a hub another process started
     (:func:`start_hub`): the store connects to it instead of starting a child.
@@ -286,15 +149,14 @@ class WriterProcess(asyncio.Protocol):
         self.shared = shared
         self.address = address
         self.spool = spool  # the store's spool folder, which a hub removes if it dies
-        self.lock = _OwnerName()
-        self.ops = self  # ``ops.put(op)``, as with the thread's queue
+        self.owner = ""  # the writer's owner token, from its "ready"
         self.queued_bytes = 0
         self.done_bytes = 0
         self.broken: str | None = None
-        self._frames = _Frames()
+        self._frames = _wire.Frames()
         self._out: list[bytes | bytearray] = []  # frames of this turn of the loop (see _send)
         self._flush_due = False
-        self._transport: asyncio.Transport | None = None
+        self._transport: asyncio.WriteTransport | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._refs = itertools.count()
         self._commits: dict[int, asyncio.Future[str]] = {}
@@ -308,6 +170,12 @@ class WriterProcess(asyncio.Protocol):
         return self.queued_bytes - self.done_bytes
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except (OSError, TimeoutError) as exc:
+            raise StoreError(f"sqlite store {self.path}: writer process: {exc}") from exc
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._stopped = loop.create_future()
@@ -322,7 +190,7 @@ class WriterProcess(asyncio.Protocol):
             sock.setblocking(False)
             await loop.create_unix_connection(lambda: self, sock=sock)
             if self.spool is not None:
-                self._send(_frame(("spool", self.spool)))
+                self._send(_wire.frame(("spool", self.spool)))
         else:
             await self._spawn(loop)
         try:
@@ -359,7 +227,7 @@ class WriterProcess(asyncio.Protocol):
     async def stop(self) -> None:
         """Execute everything sent so far, then let the child exit."""
         if self.broken is None and self._transport is not None:
-            self.put(_Stop())
+            self._send(_wire.frame(_wire.STOP))
             self._flush()
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
@@ -375,19 +243,19 @@ class WriterProcess(asyncio.Protocol):
             self._process.kill()
             await self._process.wait()
 
-    def put(self, op: _Op) -> None:
-        transport = self._transport
-        if transport is None or self.broken is not None:
-            if isinstance(op, _Commit) and not op.future.done():
-                op.future.set_exception(self._error())
-            return
-        if isinstance(op, _Stop):
-            self._send(_frame(("stop",)))
-            return
+    def put(
+        self, row: tuple[Any, ...], body: bytes | bytearray | None, spool: str | None
+    ) -> asyncio.Future[str]:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if body is not None:
+            self.queued_bytes += len(body)
+        if self._transport is None or self.broken is not None:
+            future.set_exception(self._error())
+            return future
         ref = next(self._refs)
-        self._commits[ref] = op.future
-        body = op.body
-        self._send(_frame(("commit", op.row, ref, op.spool, len(body) if body else 0)), body)
+        self._commits[ref] = future
+        self._send(_wire.commit(row, ref, spool, len(body) if body else 0), body)
+        return future
 
     def _send(self, frame: list[bytes], body: bytes | bytearray | None = None) -> None:
         """Queue a frame and its body; what one turn of the loop queues leaves in one write."""
@@ -405,7 +273,7 @@ class WriterProcess(asyncio.Protocol):
         if out and self._transport is not None:
             self._transport.writelines(out)
 
-    def wait_drained(self, low: int) -> asyncio.Future[None]:
+    def drained(self, low: int) -> asyncio.Future[None]:
         """A future settled once the backlog is at most ``low``."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.pending_bytes <= low or self.broken is not None:
@@ -420,14 +288,15 @@ class WriterProcess(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        # A socket's transport writes (uvloop's is no subclass of WriteTransport).
+        self._transport = cast(asyncio.WriteTransport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._frames.feed(data)
         while (message := self._frames.next()) is not None:
             self._handle(message)
 
-    def _handle(self, message: tuple[Any, ...]) -> None:
+    def _handle(self, message: _wire.Message) -> None:
         kind = message[0]
         if kind == "done":
             _, answers, done_bytes, commits, messages = message
@@ -443,7 +312,7 @@ class WriterProcess(asyncio.Protocol):
             self.stats.commits, self.stats.messages = commits, messages
             self._wake(force=False)
         elif kind == "ready":
-            self.lock.owner = message[1]
+            self.owner = message[1]
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         elif kind == "failed":
@@ -488,267 +357,6 @@ class WriterProcess(asyncio.Protocol):
 # --- one writer for several worker processes ---------------------------------------
 
 
-class _Link:
-    """One worker's connection to the hub: its frames in, its answers out."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-        self.body: tuple[tuple[Any, ...], bytearray, int] | None = None  # a body being read
-        self.inflight = 0  # commits read, not yet executed
-        self.done_bytes = 0
-        self.spool: str | None = None  # its store's spool folder
-        self.stopping = False
-        self.closed = False
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        if self.closed:
-            return
-        data = b"".join(_frame(message))
-        try:
-            sent = self.sock.send(data)  # an answer is small: it nearly always fits at once
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.closed = True
-            return
-        if sent == len(data):
-            return
-        self.sock.setblocking(True)  # the worker is slow to read: wait for room
-        try:
-            self.sock.sendall(data[sent:])
-        except OSError:
-            self.closed = True
-        finally:
-            self.sock.setblocking(False)
-
-
-class _Hub:
-    """The writer's operations from every worker (``ehlo serve --workers N``).
-
-    The supervisor starts it with a listening Unix socket before it forks
-    the workers; each worker's store connects to it. Operations keep their
-    order within a connection. A connection that ends without its stop
-    message (its worker died) leaves nothing behind: a message reaches the
-    hub whole, or not at all (the body it was sending is dropped). The hub
-    stops once the supervisor's control socket has closed and every worker
-    has said stop or gone.
-    """
-
-    def __init__(self, listener: socket.socket, control: socket.socket) -> None:
-        self.listener = listener
-        self.control = control
-        self.selector = selectors.DefaultSelector()
-        listener.setblocking(False)
-        self.selector.register(listener, selectors.EVENT_READ, None)
-        self.selector.register(control, selectors.EVENT_READ, "control")
-        self.ready: collections.deque[tuple[_Link, _Op]] = collections.deque()
-        self.links: list[_Link] = []
-        self.owner = ""
-        self.control_open = True
-        self.link_of: dict[int, _Link] = {}  # id(op) -> its link, for the batch
-        # Spool folders of workers that died, to remove once their lock is
-        # free (the kernel lets go of it as the process ends), until a deadline.
-        self.orphans: list[tuple[str, float]] = []
-        self.remove_spool: Callable[[str], bool] = lambda owner: True
-        # Every link reads through it (see _Channel's scratch).
-        self.scratch = memoryview(bytearray(_READ_SIZE))
-
-    def get(self) -> _Op:
-        while not self.ready:
-            if not self.control_open and not self.links:
-                return _Stop()
-            self._poll(_ORPHAN_RETRY if self.orphans else None)
-            if self.orphans:
-                now = time.monotonic()
-                self.orphans = [
-                    (owner, until)
-                    for owner, until in self.orphans
-                    if not self.remove_spool(owner) and until > now
-                ]
-        return self._pop()
-
-    def get_nowait(self) -> _Op:
-        if not self.ready:
-            self._poll(0)
-        if not self.ready:
-            raise queue.Empty
-        return self._pop()
-
-    def _pop(self) -> _Op:
-        link, op = self.ready.popleft()
-        self.link_of[id(op)] = link
-        return op
-
-    def _poll(self, timeout: float | None) -> None:
-        for key, _ in self.selector.select(timeout):
-            if key.data == "control":
-                if not self.control.recv(1):  # the supervisor is done (or gone)
-                    self.control_open = False
-                    self.selector.unregister(self.control)
-                    self.selector.unregister(self.listener)
-                    self.listener.close()
-            elif key.data is None:
-                try:
-                    sock, _ = self.listener.accept()
-                except OSError:
-                    continue
-                sock.setblocking(False)
-                link = _Link(sock)
-                self.links.append(link)
-                self.selector.register(sock, selectors.EVENT_READ, link)
-                link.send(("ready", self.owner))
-            else:
-                self._read(key.data)
-
-    def _read(self, link: _Link) -> None:
-        try:
-            if link.body is not None:
-                message, data, got = link.body
-                n = link.sock.recv_into(memoryview(data)[got:])
-                if n:
-                    got += n
-                    link.body = (message, data, got)
-                    if got == len(data):
-                        link.body = None
-                        self._body_done(link, message, data)
-                    return
-            else:
-                scratch = self.scratch
-                n = link.sock.recv_into(scratch, _READ_SIZE)
-                if n:
-                    link.buf += scratch[:n]
-                    self._parse(link)
-                    return
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self._gone(link)
-
-    def _parse(self, link: _Link) -> None:
-        buf = link.buf
-        pos = 0
-        while len(buf) - pos >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if len(buf) - pos - _HEADER.size < size:
-                break
-            start = pos + _HEADER.size
-            message: tuple[Any, ...] = pickle.loads(memoryview(buf)[start : start + size])
-            pos = start + size
-            kind = message[0]
-            if kind == "commit":
-                length = message[4]
-                if not length:
-                    self._body_done(link, message, None)
-                    continue
-                body = bytearray(length)
-                have = min(length, len(buf) - pos)
-                body[:have] = memoryview(buf)[pos : pos + have]
-                pos += have
-                if have < length:
-                    link.body = (message, body, have)
-                    break  # the rest of the buffer was all body
-                self._body_done(link, message, body)
-            elif kind == "spool":
-                link.spool = message[1]
-            else:  # stop: answered once what it sent before is executed
-                link.stopping = True
-                self._finish(link)
-        del buf[:pos]
-
-    def _body_done(self, link: _Link, message: tuple[Any, ...], body: bytearray | None) -> None:
-        """A commit frame and its body are in: the message joins the queue."""
-        _, row, ref, spool, _ = message
-        link.inflight += 1
-        # The (link, reference) pair travels where the thread keeps its future.
-        self.ready.append((link, _Commit(row, body, None, (link, ref), spool)))  # type: ignore[arg-type]
-
-    def _gone(self, link: _Link) -> None:
-        """The link ended: its worker stopped, or died mid-message."""
-        if link in self.links:
-            self.links.remove(link)
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(link.sock)
-        link.closed = True
-        link.sock.close()
-        if link.spool is not None and not link.stopping:
-            # Bodies it was receiving (a worker that stops removes its own).
-            self.orphans.append((link.spool, time.monotonic() + _ORPHAN_PATIENCE))
-
-    def _finish(self, link: _Link) -> None:
-        if link.stopping and link.inflight == 0 and not link.closed:
-            link.send(("stopped",))
-            self._gone(link)
-
-    def executed(self, batch: list[_Commit], outcomes: list[tuple[_Commit, str | BaseException]],
-                 commits: int, messages: int) -> None:
-        """After a batch: answer each link that had operations in it."""
-        answers: dict[int, tuple[_Link, list[tuple[int, str | None, str | None]]]] = {}
-        for op in batch:
-            link = self.link_of.pop(id(op), None)
-            if link is None:
-                continue
-            link.inflight -= 1
-            if op.body is not None:
-                link.done_bytes += len(op.body)
-            answers.setdefault(id(link), (link, []))
-        for op, out in outcomes:
-            tag: Any = op.future  # (link, reference): see _parse
-            link, ref = tag
-            entry = answers.setdefault(id(link), (link, []))[1]
-            if isinstance(out, BaseException):
-                entry.append((ref, None, str(out)))
-            else:
-                entry.append((ref, out, None))
-        for link, items in answers.values():
-            link.send(("done", items, link.done_bytes, commits, messages))
-            self._finish(link)
-
-
-class _HubWriter(_WriterThread):
-    """The writer's batches over the hub's operations."""
-
-    def __init__(self, path: Path, hub: _Hub) -> None:
-        lock = _OwnerLock(path.with_name(path.name + ".locks"))
-        super().__init__(path, lock, StoreStats(), shared=True)
-        self.hub = hub
-        self.ops = hub  # type: ignore[assignment]
-        hub.remove_spool = self._remove_spool
-        self._outcomes: list[tuple[_Commit, str | BaseException]] = []
-
-    def _execute(self, batch: list[_Commit]) -> None:
-        super()._execute(batch)
-        outcomes, self._outcomes = self._outcomes, []
-        self.hub.executed(batch, outcomes, self.stats.commits, self.stats.messages)
-
-    def _settle(self, outcomes: list[tuple[_Commit, str | BaseException]]) -> None:  # type: ignore[override]
-        self._outcomes = outcomes
-
-    def _wake_drained(self) -> None:
-        pass
-
-
-def hub_main(argv: list[str]) -> int:
-    """``python -m ehlo.storage._sqlite_process --hub DB LISTENER_FD CONTROL_FD``."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    path = Path(argv[0])
-    listener = socket.socket(fileno=int(argv[1]))
-    control = socket.socket(fileno=int(argv[2]))
-    hub = _Hub(listener, control)
-    writer = _HubWriter(path, hub)
-    try:
-        writer._conn = writer._open()
-    except BaseException as exc:  # the supervisor prints it and does not start
-        control.sendall(f"failed {exc}\n".encode())
-        return 1
-    hub.owner = writer.lock.owner
-    control.sendall(b"ready\n")
-    _run(writer)
-    return 0
-
-
 def start_hub(path: Path, timeout: float = _START_TIMEOUT) -> tuple[str, socket.socket, Any]:
     """In ``ehlo serve``'s supervisor, before forking: the hub's address, control, process.
 
@@ -791,5 +399,7 @@ def start_hub(path: Path, timeout: float = _START_TIMEOUT) -> tuple[str, socket.
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--hub"]:
+        from ._sqlite_hub import hub_main
+
         sys.exit(hub_main(sys.argv[2:]))
     sys.exit(child_main(sys.argv[1:]))

@@ -1,9 +1,19 @@
 """The SQLite message store (the default backend).
 
-This module owns the database file (``data_dir/ehlo.sqlite3``), its schema,
-the single writer that performs every write (its batches run in a child
-process by default, see :mod:`ehlo.storage._sqlite_process`, or in a thread),
-and the read-only queries used by the CLI.
+This module owns :class:`SQLiteStore` and :class:`SQLiteWriter`: streaming a
+body in the event loop, handing each committed message to the writer, and
+the read-only queries used by the CLI. The rest lives beside it, one concern
+per module:
+
+- :mod:`ehlo.storage._sqlite_db`: the schema, connections, paths, owner locks;
+- :mod:`ehlo.storage._batch`: the single writer that performs every write
+  (open, recover, a batch in one transaction, outcomes), with no threads;
+- :mod:`ehlo.storage._backend`: :class:`~ehlo.storage._backend.WriterBackend`,
+  all the store knows of where that writer runs;
+- :mod:`ehlo.storage._sqlite_process` (the default: a child process, or the
+  hub of :mod:`ehlo.storage._sqlite_hub` that ``--workers`` share) and
+  :mod:`ehlo.storage._sqlite_thread` (``writer="thread"``): its hosts;
+- :mod:`ehlo.storage._wire`: the frames between a store and a writer process.
 
 Layout::
 
@@ -58,21 +68,25 @@ the store check at start that every folder they write to is writable.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import datetime as _dt
 import json
 import os
-import queue
 import sqlite3
-import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import Any
 
-from ..ids import new_queue_id
+from ._backend import WriterBackend
+from ._sqlite_db import (
+    COLUMNS,
+    SPOOL,
+    OwnerLock,
+    body_dir,
+    connect,
+    locks_dir,
+    spooled_body,
+)
 from .base import (
     Envelope,
     HeaderSniffer,
@@ -83,107 +97,16 @@ from .base import (
     StoreError,
     StoreStats,
     check_writable,
-    create_private,
-    fsync_dir,
     private_dir,
 )
 
-if TYPE_CHECKING:
-    from ._sqlite_process import WriterProcess
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter"]
+__all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter", "body_dir", "spooled_body"]
 
 # Body bytes gathered before a chunk is handed to the writer; a larger body
 # is written to a file of its own.
 CHUNK_SIZE = 256 * 1024
 # A body file is written in pieces of at least this size (or a network read).
 _FILE_WRITE_SIZE = 64 * 1024
-# In the bodies folder: one folder per store instance for the bodies it is receiving.
-_SPOOL = ".spool"
-_fdatasync = getattr(os, "fdatasync", os.fsync)
-_fadvise = getattr(os, "posix_fadvise", None)
-# One transaction takes at most this much queued work, so a stream of large
-# bodies cannot postpone the COMMIT that waiting sessions need.
-_BATCH_MAX_BYTES = 32 * 1024 * 1024
-_BATCH_MAX_OPS = 4096
-_PAGE_SIZE = 16384
-_WAL_SIZE_LIMIT = 64 * 1024 * 1024
-# Milliseconds a connection waits for another process's write lock.
-_BUSY_TIMEOUT_MS = 30_000
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    queue_id      TEXT PRIMARY KEY,
-    received_at   TEXT NOT NULL,
-    client_ip     TEXT NOT NULL,
-    client_port   INTEGER NOT NULL,
-    greeting      TEXT NOT NULL,
-    greeting_name TEXT NOT NULL,
-    mail_from     TEXT NOT NULL,
-    mail_params   TEXT NOT NULL,
-    rcpt_to       TEXT NOT NULL,
-    tls           TEXT,
-    protocol      TEXT NOT NULL,
-    server_name   TEXT NOT NULL,
-    extra         TEXT NOT NULL,
-    size          INTEGER NOT NULL,
-    subject       TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_received_at ON messages (received_at);
-CREATE TABLE IF NOT EXISTS chunks (
-    queue_id TEXT NOT NULL,
-    seq      INTEGER NOT NULL,
-    data     BLOB NOT NULL,
-    PRIMARY KEY (queue_id, seq)
-);
-CREATE TABLE IF NOT EXISTS pending (
-    queue_id TEXT PRIMARY KEY,
-    owner    TEXT NOT NULL
-);
-"""
-
-_COLUMNS = (
-    "queue_id, received_at, client_ip, client_port, greeting, greeting_name, mail_from,"
-    " mail_params, rcpt_to, tls, protocol, server_name, extra, size, subject"
-)
-_INSERT_MESSAGE = f"INSERT INTO messages ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
-
-
-# --- operations queued for the writer ----------------------------------------
-
-
-@dataclass(slots=True)
-class _Commit:
-    """A whole message for the writer: its row and its body, written in one transaction."""
-
-    row: tuple[Any, ...]
-    body: bytes | bytearray | None  # at most CHUNK_SIZE octets, its one chunk row (handed over)
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[str]
-    spool: str | None = None  # or: the body is a file in this spool folder
-
-
-@dataclass(slots=True)
-class _Stop:
-    done: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
-
-
-_Op = _Commit | _Stop
-
-
-def body_dir(path: Path) -> Path:
-    """The directory of the body files of the database at ``path``."""
-    return path.with_name(path.name + ".bodies")
-
-
-def spooled_body(bodies: Path, spool: str, queue_id: str) -> Path:
-    """Where the store instance owning spool folder ``spool`` receives a body."""
-    return bodies / _SPOOL / spool / queue_id
 
 
 def _utc_text(moment: _dt.datetime) -> str:
@@ -212,469 +135,6 @@ def _dumps_extra(extra: dict[str, Any]) -> str:
     parts = [rest[1:-1]] if rest != "{}" else []
     parts += [f"{_dumps(k)}:{v}" for k, v in ready]
     return "{" + ",".join(parts) + "}"
-
-
-def _resolve(items: list[tuple[asyncio.Future[str], str | BaseException]]) -> None:
-    """Runs on the event loop: settle the commit futures of one batch."""
-    for future, outcome in items:
-        if future.done():
-            continue  # the session was cancelled meanwhile
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-
-def _settle_drained(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _private_database(path: Path) -> None:
-    """Create the database file 0600 before SQLite does (it would make it 0644
-    and its -wal and -shm files like it); narrow an existing one and those."""
-    try:
-        os.close(create_private(path))
-    except FileExistsError:
-        for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-            with contextlib.suppress(FileNotFoundError, PermissionError):
-                if os.stat(name).st_mode & 0o077:
-                    os.chmod(name, 0o600)
-
-
-def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
-    if read_only:
-        conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro",
-            uri=True,
-            isolation_level=None,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
-        )
-    else:
-        conn = sqlite3.connect(
-            path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
-        )
-    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-    return conn
-
-
-# --- owner locks: which store instances are alive -----------------------------
-
-
-class _OwnerLock:
-    """An exclusive lock file held for as long as a store instance runs."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.owner = new_queue_id()
-        self._file: IO[bytes] | None = None
-
-    def acquire(self) -> None:
-        private_dir(self.directory)
-        # Locked under a name nobody checks, then renamed: a lock file is
-        # never seen unlocked (and taken for a dead owner's) by a sweep.
-        fresh = self.directory / f".{self.owner}.new"
-        handle = open(create_private(fresh), "wb")  # noqa: SIM115 - held open until release()
-        try:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fresh.rename(self.directory / f"{self.owner}.lock")
-        except BaseException:
-            handle.close()
-            with contextlib.suppress(OSError):
-                fresh.unlink()
-            raise
-        self._file = handle
-
-    def release(self) -> None:
-        if self._file is None:
-            return
-        with contextlib.suppress(OSError):
-            (self.directory / f"{self.owner}.lock").unlink()
-        self._file.close()
-        self._file = None
-
-    @contextlib.contextmanager
-    def dead(self, owner: str) -> Iterator[bool]:
-        """Yield True when ``owner`` is gone (keeping its lock while inside)."""
-        if owner == self.owner:
-            yield False
-            return
-        path = self.directory / f"{owner}.lock"
-        try:
-            handle = open(path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            yield True
-            return
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    yield False
-                    return
-            else:  # pragma: no cover - Windows: an open file cannot be removed
-                handle.close()
-                try:
-                    path.unlink()
-                except PermissionError:
-                    yield False
-                    return
-            yield True
-            with contextlib.suppress(OSError):
-                path.unlink()
-        finally:
-            handle.close()
-
-    def sweep(self) -> None:
-        """Remove the lock files of store instances that are gone."""
-        for path in self.directory.glob("*.lock"):
-            with self.dead(path.stem):
-                pass
-
-
-# --- the writer thread ----------------------------------------------------------
-
-
-class _WriterThread(threading.Thread):
-    """Owns the read-write connection; executes queued operations in batches."""
-
-    def __init__(self, path: Path, lock: _OwnerLock, stats: StoreStats, shared: bool) -> None:
-        super().__init__(name=f"ehlo-sqlite-{path.name}", daemon=True)
-        self.path = path
-        self.bodies = body_dir(path)
-        self.lock = lock
-        self.stats = stats
-        self.ops: queue.SimpleQueue[_Op] = queue.SimpleQueue()
-        self.shared = shared
-        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        # Body bytes queued / executed. Each counter has a single writing thread.
-        self.queued_bytes = 0
-        self.done_bytes = 0
-        self._conn: sqlite3.Connection | None = None
-        # With several writing processes (shared=True), serialises their write
-        # transactions: a writer blocked here wakes the moment the other one is
-        # done, where SQLite's own busy handler would sleep and poll (1, 2, 5,
-        # 10... ms). Alone, it would only cost two GIL round trips per batch.
-        self._write_lock: int | None = None
-        # Body files linked under their final names in this batch: (spool name, final).
-        self._linked: list[tuple[Path, Path]] = []
-        # Futures waiting for the backlog to drop to a level: (low, loop, future).
-        self._drain_lock = threading.Lock()
-        self._drain_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    # Why new messages cannot be written (a writer process sets it when it dies).
-    broken: str | None = None
-
-    async def stop(self) -> None:
-        """Execute everything queued, close the connection, let go of the owner lock."""
-        stop = _Stop()
-        self.ops.put(stop)
-        await asyncio.wrap_future(stop.done)
-        await asyncio.to_thread(self.join)
-        self.lock.release()
-
-    def wait_drained(self, low: int) -> asyncio.Future[None]:
-        """A future settled (on the caller's loop) once the backlog is at most ``low``."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._drain_lock:
-            if self.pending_bytes <= low:
-                future.set_result(None)
-            else:
-                self._drain_waiters.append((low, loop, future))
-        return future
-
-    def _wake_drained(self) -> None:
-        """After a batch: settle the waiters whose level the backlog has reached."""
-        if not self._drain_waiters:
-            return
-        with self._drain_lock:
-            pending = self.pending_bytes
-            ready = [w for w in self._drain_waiters if pending <= w[0]]
-            self._drain_waiters = [w for w in self._drain_waiters if pending > w[0]]
-        for _, loop, future in ready:
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-                loop.call_soon_threadsafe(_settle_drained, future)
-
-    @property
-    def pending_bytes(self) -> int:
-        """Body bytes queued but not yet executed."""
-        return self.queued_bytes - self.done_bytes
-
-    def run(self) -> None:
-        try:
-            self._conn = self._open()
-        except BaseException as exc:
-            self.ready.set_exception(exc)
-            return
-        self.ready.set_result(None)
-        try:
-            self._serve()
-        finally:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-            if self._write_lock is not None:
-                os.close(self._write_lock)
-
-    def _open(self) -> sqlite3.Connection:
-        # Every folder the writer writes to: the database's, the owner locks', the bodies'.
-        check_writable(self.path.parent)
-        for folder in (self.lock.directory, self.bodies):
-            private_dir(folder)
-            check_writable(folder)
-        _private_database(self.path)
-        if fcntl is not None and self.shared:
-            self._write_lock = os.open(
-                self.path.with_name(self.path.name + ".writelock"), os.O_RDWR | os.O_CREAT, 0o600
-            )
-        self.lock.acquire()
-        conn = _connect(self.path, read_only=False)
-        try:
-            # Larger pages suit 256 KiB blobs (fewer overflow pages); a no-op
-            # on an existing database, so it must come before WAL is set.
-            conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
-            self._use_wal(conn)
-            conn.execute("PRAGMA synchronous=FULL")
-            # The writer only appends: a small page cache is enough (and bounds its memory).
-            conn.execute("PRAGMA cache_size=-1024")
-            # After a checkpoint, cut the WAL back to this size.
-            conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
-            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
-            conn.execute("BEGIN IMMEDIATE")
-            owners = [row[0] for row in conn.execute("SELECT DISTINCT owner FROM pending")]
-            for owner in owners:
-                with self.lock.dead(owner) as dead:
-                    if dead:
-                        self._drop_owner(conn, owner)
-            conn.execute("COMMIT")
-            self.lock.sweep()
-            self._conn = conn  # the sweep reads with it
-            self._sweep_spools()
-        except BaseException:
-            self._conn = None
-            with contextlib.suppress(sqlite3.Error):
-                conn.close()
-            self.lock.release()
-            raise
-        return conn
-
-    @staticmethod
-    def _use_wal(conn: sqlite3.Connection) -> None:
-        """Switch to WAL; a fresh file opened by several processes at once may be busy."""
-        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
-        while True:
-            try:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-                continue
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"cannot use WAL journal mode (got {mode})")
-            return
-
-    @staticmethod
-    def _drop_owner(conn: sqlite3.Connection, owner: str) -> None:
-        """Delete the orphan chunks left by a store instance that died."""
-        conn.execute(
-            "DELETE FROM chunks WHERE queue_id IN (SELECT queue_id FROM pending WHERE owner = ?)"
-            " AND queue_id NOT IN (SELECT queue_id FROM messages)",
-            (owner,),
-        )
-        conn.execute("DELETE FROM pending WHERE owner = ?", (owner,))
-
-    def _sweep_spools(self) -> None:
-        """Delete the spool folders of store instances that are gone."""
-        spools = self.bodies / _SPOOL
-        private_dir(self.bodies)
-        private_dir(spools)
-        for folder in os.scandir(spools):
-            if folder.is_dir(follow_symlinks=False):
-                self._remove_spool(folder.name)
-
-    def _remove_spool(self, owner: str) -> bool:
-        """Delete one spool folder if its store instance is gone (True once it is).
-
-        A body the writer had already linked under its final name, but whose
-        row never got committed, goes with it.
-        """
-        conn = self._conn
-        assert conn is not None
-        folder = self.bodies / _SPOOL / owner
-        with _OwnerLock(folder.parent).dead(owner) as dead:  # asks, never acquires
-            if not dead:
-                return False
-            with contextlib.suppress(OSError):
-                for entry in os.scandir(folder):
-                    final = self.bodies / entry.name
-                    with contextlib.suppress(OSError):
-                        if os.path.samefile(entry.path, final) and conn.execute(
-                            "SELECT 1 FROM messages WHERE queue_id = ?", (entry.name,)
-                        ).fetchone() is None:
-                            final.unlink()
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
-                folder.rmdir()
-        return True
-
-    def _serve(self) -> None:
-        ops = self.ops
-        while True:
-            op = ops.get()
-            batch: list[_Commit] = []
-            size = 0
-            while isinstance(op, _Commit):
-                batch.append(op)
-                if op.body is not None:
-                    size += len(op.body)
-                if len(batch) >= _BATCH_MAX_OPS or size >= _BATCH_MAX_BYTES:
-                    break
-                try:
-                    op = ops.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._execute(batch)
-            if isinstance(op, _Stop):
-                op.done.set_result(None)
-                return
-
-    def _execute(self, batch: list[_Commit]) -> None:
-        """Write a batch of messages in ONE transaction; settle each commit's outcome."""
-        conn = self._conn
-        assert conn is not None
-        body_bytes = sum(len(op.body) for op in batch if op.body is not None)
-        if self._write_lock is not None:
-            fcntl.flock(self._write_lock, fcntl.LOCK_EX)  # released below, after COMMIT
-        try:
-            outcomes = None
-            if all(op.spool is None for op in batch):
-                outcomes = self._write_batch(conn, batch)
-            if outcomes is None:
-                conn.execute("BEGIN IMMEDIATE")
-                outcomes = [(op, self._insert_message(conn, op)) for op in batch]
-                if self._linked:
-                    # The new files' names, before the rows that point at them.
-                    fsync_dir(self.bodies)
-                conn.execute("COMMIT")
-                for spooled, _ in self._linked:  # the final name stays
-                    with contextlib.suppress(OSError):
-                        spooled.unlink()
-            self.stats.commits += 1
-            self.stats.messages += sum(1 for _, out in outcomes if isinstance(out, str))
-        except Exception as exc:  # sqlite3.Error, OSError, MemoryError...
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            for spooled, final in self._linked:
-                for name in (final, spooled):
-                    with contextlib.suppress(OSError):
-                        name.unlink()
-            error = StoreError(f"sqlite store {self.path}: {exc}")
-            error.__cause__ = exc
-            outcomes = [(op, error) for op in batch]  # nothing of the batch was written
-        finally:
-            self._linked = []
-            if self._write_lock is not None:
-                fcntl.flock(self._write_lock, fcntl.LOCK_UN)
-            self.done_bytes += body_bytes
-        self._settle(outcomes)
-        self._wake_drained()
-
-    @staticmethod
-    def _write_batch(
-        conn: sqlite3.Connection, batch: list[_Commit]
-    ) -> list[tuple[_Commit, str | BaseException]] | None:
-        """Messages with their bodies in the batch (the common case), in four statements.
-
-        Each ``execute`` gives the GIL up and takes it back, which costs a
-        busy event loop dearly (in the thread writer); ``executemany`` keeps
-        that to one per table. None after a constraint error (an id already
-        stored): the batch is rolled back, for the message-by-message path
-        to sort out.
-        """
-        chunks = [(op.row[0], 0, op.body) for op in batch if op.body is not None]
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("INSERT INTO chunks (queue_id, seq, data) VALUES (?, ?, ?)", chunks)
-            conn.executemany(_INSERT_MESSAGE, [op.row for op in batch])
-        except sqlite3.IntegrityError:
-            conn.execute("ROLLBACK")
-            return None
-        conn.execute("COMMIT")
-        return [(op, op.row[0]) for op in batch]
-
-    def _insert_message(self, conn: sqlite3.Connection, op: _Commit) -> str | BaseException:
-        """Write one message (its body file placed first); its queue id, or why not."""
-        queue_id: str = op.row[0]
-        taken = conn.execute("SELECT 1 FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
-        if taken is not None:
-            if op.spool is not None:
-                with contextlib.suppress(OSError):
-                    spooled_body(self.bodies, op.spool, queue_id).unlink()
-            return StoreError(f"message {queue_id} is already stored")
-        if op.spool is not None:
-            problem = self._place_body(op.spool, queue_id, op.row[13])
-            if problem is not None:
-                return StoreError(f"message {queue_id}: {problem}")
-        elif op.body is not None:
-            try:
-                conn.execute(
-                    "INSERT INTO chunks (queue_id, seq, data) VALUES (?, 0, ?)", (queue_id, op.body)
-                )
-            except sqlite3.IntegrityError:  # a chunk row without its message: not ours
-                return StoreError(f"message {queue_id} is already stored")
-        conn.execute(_INSERT_MESSAGE, op.row)
-        return queue_id
-
-    def _place_body(self, spool: str, queue_id: str, size: int) -> str | None:
-        """Sync a spooled body and link it under its final name; why not, or None.
-
-        The spool name goes after the COMMIT (or with the final name if the
-        batch fails); when this fails, it goes at once.
-        """
-        spooled = spooled_body(self.bodies, spool, queue_id)
-        final = self.bodies / queue_id
-        problem: str | None = None
-        try:
-            fd = os.open(spooled, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            return f"body file lost before commit: {exc}"
-        try:
-            found = os.fstat(fd).st_size
-            if found != size:
-                problem = f"body file has {found} octets, {size} were written"
-            else:
-                _fdatasync(fd)
-                if _fadvise is not None:
-                    # Written once and seldom read soon: its pages, clean now,
-                    # go back for the next bodies instead of growing the cache.
-                    _fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                os.link(spooled, final)  # never replaces: an existing name fails
-        except FileExistsError:
-            problem = "is already stored"
-        except OSError as exc:
-            problem = f"body file: {exc}"
-        finally:
-            os.close(fd)
-        if problem is not None:
-            with contextlib.suppress(OSError):
-                spooled.unlink()
-            return problem
-        self._linked.append((spooled, final))
-        return None
-
-    @staticmethod
-    def _settle(outcomes: list[tuple[_Commit, str | BaseException]]) -> None:
-        by_loop: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[str], str | BaseException]]
-        ] = {}
-        for op, outcome in outcomes:
-            by_loop.setdefault(op.loop, []).append((op.future, outcome))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, items)
 
 
 # --- the public classes -----------------------------------------------------------
@@ -797,16 +257,11 @@ class SQLiteWriter(MessageWriter):
             self._size,
             self._head.subject(),
         )
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[str] = loop.create_future()
         self._state = "done"
         # Nothing reaches the writer before this point, so an abort never has
         # anything to take back there. From here the writer owns the body
         # (a spooled one it links or removes).
-        if body is not None:
-            writer.queued_bytes += len(body)
-        writer.ops.put(_Commit(row, body, loop, future, spool))
-        return future
+        return writer.put(row, body, spool)
 
     def abort(self) -> None:
         if self._state != "open":
@@ -851,10 +306,10 @@ class SQLiteStore(Store):
         self.writer_address = writer_address
         self.bodies = body_dir(self.path)
         self.stats = StoreStats()
-        self._writer: _WriterThread | WriterProcess | None = None
+        self._writer: WriterBackend | None = None
         # This instance's spool folder for the large bodies it receives, and
         # the lock that tells a sweeping writer it is alive.
-        self._spool_lock: _OwnerLock | None = None
+        self._spool_lock: OwnerLock | None = None
         self._spool_name = ""
 
     @property
@@ -868,19 +323,19 @@ class SQLiteStore(Store):
         writer = self._writer
         if writer is None:
             return super().drained(low)
-        return writer.wait_drained(low)
+        return writer.drained(low)
 
     @property
     def owner(self) -> str | None:
         """The writer's owner token (its lock file name), once started."""
         writer = self._writer
-        return writer.lock.owner if writer is not None else None
+        return writer.owner if writer is not None else None
 
     def preflight(self) -> None:
-        locks = self.path.with_name(self.path.name + ".locks")
+        locks = locks_dir(self.path)
         try:
             check_writable(self.path.parent)
-            for folder in (self.bodies, self.bodies / _SPOOL, locks):
+            for folder in (self.bodies, self.bodies / SPOOL, locks):
                 if folder.is_dir():  # the others are made by start()
                     check_writable(folder)
         except StoreError as exc:
@@ -889,7 +344,7 @@ class SQLiteStore(Store):
     async def start(self) -> None:
         if self._writer is not None:
             return
-        spool_lock = _OwnerLock(self.bodies / _SPOOL)
+        spool_lock = OwnerLock(self.bodies / SPOOL)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             check_writable(self.path.parent)
@@ -912,26 +367,19 @@ class SQLiteStore(Store):
             raise
 
     async def _start_writer(self) -> None:
+        writer: WriterBackend
         if self.writer_kind == "process":
             from ._sqlite_process import WriterProcess
 
-            process = WriterProcess(
+            writer = WriterProcess(
                 self.path, self.stats, self.shared, self.writer_address, self._spool_name
             )
-            try:
-                await process.start()
-            except (OSError, TimeoutError) as exc:
-                raise StoreError(f"sqlite store {self.path}: writer process: {exc}") from exc
-            self._writer = process
-            return
-        lock = _OwnerLock(self.path.with_name(self.path.name + ".locks"))
-        thread = _WriterThread(self.path, lock, self.stats, self.shared)
-        thread.start()
-        try:
-            await asyncio.wrap_future(thread.ready)
-        except (sqlite3.Error, OSError, StoreError) as exc:
-            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
-        self._writer = thread
+        else:
+            from ._sqlite_thread import ThreadWriter
+
+            writer = ThreadWriter(self.path, self.stats, self.shared)
+        await writer.start()
+        self._writer = writer
 
     async def close(self) -> None:
         writer = self._writer
@@ -960,7 +408,7 @@ class SQLiteStore(Store):
         """Where this instance receives the body of ``queue_id``."""
         return spooled_body(self.bodies, self._spool_name, queue_id)
 
-    def _writer_or_error(self) -> _WriterThread | WriterProcess:
+    def _writer_or_error(self) -> WriterBackend:
         writer = self._writer
         if writer is None:
             raise StoreError(f"sqlite store {self.path} is not open")
@@ -981,7 +429,7 @@ class SQLiteStore(Store):
             yield None
             return
         try:
-            conn = _connect(self.path, read_only=True)
+            conn = connect(self.path, read_only=True)
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         try:
@@ -996,7 +444,7 @@ class SQLiteStore(Store):
             conn.close()
 
     def list(self, limit: int | None = None) -> Sequence[StoredMessage]:
-        query = f"SELECT {_COLUMNS} FROM messages ORDER BY received_at DESC, queue_id DESC"
+        query = f"SELECT {COLUMNS} FROM messages ORDER BY received_at DESC, queue_id DESC"
         params: tuple[int, ...] = ()
         if limit is not None:
             query += " LIMIT ?"
@@ -1004,7 +452,7 @@ class SQLiteStore(Store):
         return self._query(query, params)
 
     def get(self, queue_id: str) -> StoredMessage | None:
-        found = self._query(f"SELECT {_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,))
+        found = self._query(f"SELECT {COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,))
         return found[0] if found else None
 
     def _query(self, query: str, params: tuple[Any, ...]) -> Sequence[StoredMessage]:
