@@ -23,7 +23,7 @@ instead (exit status 1) and leaves the restart to the service manager.
 
 With the SQLite store (``sqlite_writer = "process"``, on Linux) the
 supervisor starts one writer process before forking, and every worker's
-store sends it its operations (``ehlo.storage._sqlite_process``). If that
+store sends it its operations (``ehlo.storage._sqlite_hub``). If that
 writer dies, another is started (at a new address) and every worker is
 drained and started again to use it; a writer dying within
 :data:`_WRITER_MIN_UPTIME` seconds of its start stops the server. Maildir
