@@ -23,9 +23,9 @@ import pytest
 from ehlo.dns import Resolver
 
 from . import conftest
-from .conftest import SERVE_WITHOUT_DNS, make_config, require
 from .dnsguard.sitecustomize import GUARD_LOG_ENV, SystemResolverRefused
 from .haproxy import _config, haproxy_path
+from .helpers import SERVE_WITHOUT_DNS, make_config, require
 
 TIMEOUT = 60
 
