@@ -268,7 +268,7 @@ class Client:
 
     async def cmd(self, line: bytes | str) -> Reply:
         """Send one line (CRLF added) and read its reply."""
-        self.send(line + ("\r\n" if isinstance(line, str) else b"\r\n"))
+        self.send((line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n")
         await self.writer.drain()
         return await self.reply()
 
@@ -351,7 +351,7 @@ class BlockingClient:
         return parse_reply(raw)
 
     def cmd(self, line: bytes | str) -> Reply:
-        self.send(line + ("\r\n" if isinstance(line, str) else b"\r\n"))
+        self.send((line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n")
         return self.reply()
 
     def starttls(
