@@ -24,7 +24,6 @@ import pytest
 
 from ehlo.server import Server
 from ehlo.server.abuse import SharedCounters
-from tests.test_abuse import Serve, Start
 
 from .helpers import (
     Client,
@@ -36,6 +35,7 @@ from .helpers import (
     read_until_closed,
     transaction,
 )
+from .test_security_abuse import Serve, Start
 
 pytestmark = pytest.mark.timeout(120)
 
