@@ -1,5 +1,10 @@
 """Shared fixtures: a real ehlo server on 127.0.0.1 with a real store.
 
+Only fixtures and pytest hooks live here; the helpers they use (raw SMTP
+clients, tool runners, config builders, waiting on conditions) are in
+``tests/helpers.py``, where test files import them from. The names below
+imported from there are re-exported for test files not yet switched over.
+
 Also the guard that keeps the suite off the machine's own DNS resolver (see
 ``tests/dnsguard/sitecustomize.py``): active in this process and, through
 ``PYTHONPATH``, in every Python subprocess; a test during which any process
@@ -8,29 +13,37 @@ configured a resolver from /etc/resolv.conf fails.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import os
-import socket
 import sys
 import tempfile
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
-from ehlo import Listen, ProtocolLimits, Server, ServerConfig
-from ehlo.config import GreetingConfig
+from ehlo import Server
 
 from .dnsguard.sitecustomize import GUARD_LOG_ENV, install
+from .helpers import (
+    SERVE_WITHOUT_DNS,
+    ThreadedServer,
+    free_port,
+    ipv6_loopback,
+    make_config,
+    require,
+)
+
+__all__ = [
+    "SERVE_WITHOUT_DNS",
+    "ThreadedServer",
+    "free_port",
+    "ipv6_loopback",
+    "make_config",
+    "require",
+]
 
 DNS_GUARD_DIR = Path(__file__).parent / "dnsguard"
-# ``ehlo serve`` options for a subprocess that must not look anything up: no
-# reverse DNS, no greeting checks. Put first, so that a test's own
-# ``--helo-policy ... --dns-server`` (the loopback DNS server) still wins.
-SERVE_WITHOUT_DNS = ("--no-reverse-dns", "--helo-policy", "off")
 _dns_offences: list[str] = []
 
 
@@ -76,20 +89,6 @@ def no_system_dns() -> Iterator[None]:
         )
 
 
-def require(ok: bool, reason: str) -> None:
-    """Skip a test whose tool or facility is missing here; under CI, fail it instead.
-
-    A CI machine is set up to run every test: there a missing tool (strace,
-    haproxy, smtp-source...) or facility (IPv6 loopback, /proc, file
-    descriptors) is a broken setup, which a skip would hide.
-    """
-    if ok:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}, and CI is set: the CI machine must provide it")
-    pytest.skip(reason)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -116,52 +115,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require(bool(mark.args[0]), str(mark.kwargs.get("reason", "a tool or facility missing")))
 
 
-def ipv6_loopback() -> bool:
-    """Whether this machine can listen on ::1 (IPv6 tests skip otherwise)."""
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
-    """A test config: loopback port 0, data in ``data_dir``, no DNS lookups, overrides."""
-    limits = overrides.pop("limits", None)
-    limit_fields = {f.name for f in dataclasses.fields(ProtocolLimits)}
-    limit_overrides = {k: overrides.pop(k) for k in list(overrides) if k in limit_fields}
-    base_limits = limits if limits is not None else ProtocolLimits()
-    if limit_overrides:
-        base_limits = dataclasses.replace(base_limits, **limit_overrides)
-    # No greeting checks and no reverse DNS unless a test asks for them (with
-    # the loopback DNS server as ``dns_servers``): deterministic headers, and
-    # never the machine's resolver.
-    overrides.setdefault("greeting", GreetingConfig(policy="off"))
-    overrides.setdefault("reverse_dns", False)
-    # Tests connect from loopback, which the per-IP limits exempt by default:
-    # no exemption here, so that a test's per-IP limit applies; no rate limit
-    # unless a test asks (many tests open many connections quickly).
-    overrides.setdefault("limits_exempt", ())
-    overrides.setdefault("max_connection_rate", 0)
-    return ServerConfig(
-        listen=overrides.pop("listen", (Listen("127.0.0.1", 0),)),
-        data_dir=data_dir,
-        limits=base_limits,
-        **overrides,
-    )
-
-
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     """A running server (sqlite store, self-signed TLS) in this test's event loop."""
@@ -171,70 +124,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         yield srv
     finally:
         await srv.stop(timeout=1.0)
-
-
-class ThreadedServer:
-    """A server running in its own thread and loop, for blocking clients (smtplib, swaks)."""
-
-    def __init__(self, config: ServerConfig, **kwargs: Any) -> None:
-        self.config = config
-        self.kwargs = kwargs
-        self.loop = asyncio.new_event_loop()
-        self.server: Server | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.server = Server(self.config, **self.kwargs)
-            self.loop.run_until_complete(self.server.start())
-        except BaseException as exc:  # reported to the test thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-
-    def start(self) -> ThreadedServer:
-        self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    @property
-    def host(self) -> str:
-        assert self.server is not None
-        return self.server.addresses[0][0]
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return self.server.addresses[0][1]
-
-    def call(self, func: Callable[[], Any]) -> Any:
-        """Run ``func`` in the server's loop thread and return its result."""
-        done = threading.Event()
-        box: list[Any] = []
-
-        def run() -> None:
-            try:
-                box.append(func())
-            finally:
-                done.set()
-
-        self.loop.call_soon_threadsafe(run)
-        done.wait(10)
-        return box[0] if box else None
-
-    def stop(self) -> None:
-        if self.server is not None and self.loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(self.server.stop(timeout=1.0), self.loop)
-            fut.result(15)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(15)
 
 
 @pytest.fixture

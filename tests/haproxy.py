@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from .helpers import free_port
+
 __all__ = ["HAProxyError", "haproxy_available", "haproxy_path", "haproxy_version", "run_haproxy"]
 
 # How long HAProxy may take to listen, and to exit after SIGTERM.
@@ -98,7 +100,7 @@ def run_haproxy(
         config = directory / "haproxy.cfg"
         log_path = directory / "haproxy.log"
         for attempt in range(1, _BIND_ATTEMPTS + 1):
-            port = _free_port(listen_host)
+            port = free_port(listen_host)
             config.write_text(
                 _config(backend, send_proxy, listen_host, port, tls_passthrough, proxy_v2_options)
             )
@@ -199,14 +201,6 @@ def _check_config(exe: str, config: Path) -> None:
             f"haproxy -c refused the configuration (status {result.returncode}):\n"
             f"{output}\n--- {config} ---\n{config.read_text()}"
         )
-
-
-def _free_port(host: str) -> int:
-    """A TCP port on ``host`` that was free a moment ago."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], host: str, port: int) -> bool:

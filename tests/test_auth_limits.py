@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -28,10 +27,17 @@ import pytest
 from ehlo import Listen
 from ehlo.auth import UserStore
 from ehlo.server import Server, abuse
-from tests.test_e2e_raw import READ_TIMEOUT, Client, codes
 
-from .conftest import SERVE_WITHOUT_DNS, free_port, ipv6_loopback
-from .test_security_auth import plain, starttls
+from .helpers import (
+    SERVE_WITHOUT_DNS,
+    Client,
+    async_wait_until,
+    codes,
+    free_port,
+    ipv6_loopback,
+    wait_for_banner,
+)
+from .test_security_auth import plain
 
 Start = Callable[..., Awaitable[Server]]
 
@@ -75,25 +81,12 @@ class CountingStore(UserStore):
         return super().verify(name, password)
 
 
-async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Wait (bounded) until ``condition()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 async def client_from(server: Server, clients: list[Client], source: str) -> Client:
     """A raw client connected from ``source``, past STARTTLS and the second EHLO."""
-    host, port = server.addresses[0]
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, local_addr=(source, 0)), READ_TIMEOUT
-    )
-    c = Client(reader, writer)
+    c = await Client.connect(server, source=source)
     clients.append(c)
-    assert (await c.reply()).code == 220
     await c.ehlo()
-    await starttls(c)
+    await c.starttls()
     await c.ehlo()
     return c
 
@@ -124,9 +117,7 @@ def need_ipv6() -> None:
 
 async def proxied(server: Server, clients: list[Client], source: str) -> Client:
     """A connection through the ::1 PROXY listener, as client ``source``."""
-    host, port = server.addresses[0]
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), READ_TIMEOUT)
-    c = Client(reader, writer)
+    c = await Client.connect(server, banner=False)
     clients.append(c)
     c.send(f"PROXY TCP6 {source} ::1 40000 25\r\n")
     return c
@@ -266,12 +257,12 @@ async def test_logins_beyond_the_pool_get_454_not_a_hang(
         running = [await client_from(server, clients, f"127.0.0.{41 + i}") for i in range(2)]
         running[0].send(f"AUTH PLAIN {plain('alice', 'pw')}\r\n")
         running[1].send(f"AUTH PLAIN {plain('alice', 'wrong')}\r\n")
-        await until(lambda: store.started == 2, "two checks running")
+        await async_wait_until(lambda: store.started == 2, "two checks running")
         # Two more wait for a thread; a fifth finds the queue full: 454 at once.
         waiting = [await client_from(server, clients, f"127.0.0.{43 + i}") for i in range(2)]
         for c in waiting:
             c.send(f"AUTH PLAIN {plain('bob', BOB_PW)}\r\n")
-        await until(lambda: pool.waiting == 2, "two logins queued")
+        await async_wait_until(lambda: pool.waiting == 2, "two logins queued")
         full = await client_from(server, clients, "127.0.0.45")
         r = await full.cmd(f"AUTH PLAIN {plain('bob', BOB_PW)}")
         assert codes([r]) == [(454, "4.7.0")] and "try again later" in r.text
@@ -303,7 +294,9 @@ async def test_stop_is_not_held_by_password_checks(
         busy = [await client_from(server, clients, f"127.0.0.{51 + i}") for i in range(4)]
         for c in busy:
             c.send(f"AUTH PLAIN {plain('alice', 'pw')}\r\n")
-        await until(lambda: store.started == 2 and pool.waiting == 2, "2 running, 2 queued")
+        await async_wait_until(
+            lambda: store.started == 2 and pool.waiting == 2, "2 running, 2 queued"
+        )
         began = time.monotonic()
         await asyncio.wait_for(server.stop(timeout=1.0), 15.0)
         assert time.monotonic() - began < 10.0
@@ -385,18 +378,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]
             stderr=out,
         )
     try:
-        deadline = time.monotonic() + 30.0
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
-                    sock.settimeout(5.0)
-                    if sock.recv(4).startswith(b"220"):
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_for_banner(port, proc, log)
         yield proc, port, log
     finally:
         if proc.poll() is None:
@@ -474,18 +456,18 @@ async def test_a_slot_is_free_only_when_its_thread_is_done() -> None:
     gate = threading.Event()
     try:
         first = asyncio.ensure_future(pool.run(gate.wait, 30.0))
-        await until(lambda: pool.running == 1, "the first check running")
+        await async_wait_until(lambda: pool.running == 1, "the first check running")
         first.cancel()  # the client hung up: its thread still runs
         with pytest.raises(asyncio.CancelledError):
             await first
         assert pool.running == 1
         second = asyncio.ensure_future(pool.run(lambda: "second"))
-        await until(lambda: pool.waiting == 1, "the second check queued")
+        await async_wait_until(lambda: pool.waiting == 1, "the second check queued")
         with pytest.raises(VerifierBusy):
             await pool.run(lambda: "third")  # the queue holds one
         gate.set()
         assert await asyncio.wait_for(second, 10.0) == "second"
-        await until(lambda: pool.running == 0, "the slot given back")
+        await async_wait_until(lambda: pool.running == 0, "the slot given back")
         pool.close()
         with pytest.raises(VerifierBusy):
             await pool.run(lambda: "after close")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require
+from .helpers import require
 
 ROOT = Path(__file__).resolve().parents[1]
 SBIN = "/usr/sbin:/sbin"

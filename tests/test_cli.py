@@ -28,7 +28,7 @@ import pytest
 
 import ehlo
 
-from .conftest import SERVE_WITHOUT_DNS
+from .helpers import SERVE_WITHOUT_DNS, free_port
 from .trace import split_trace
 
 TIMEOUT = 15.0  # seconds for any single wait
@@ -54,12 +54,6 @@ EHLO_MESSAGE = (
 
 # --------------------------------------------------------------------------
 # Helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ehlo_cmd(*args: str) -> list[str]:

@@ -23,7 +23,7 @@ import pytest
 
 from ehlo import Verdict
 
-from .conftest import ThreadedServer, free_port
+from .helpers import ThreadedServer, free_port
 from .test_client_e2e import (
     Pki,
     Recorder,

@@ -56,8 +56,8 @@ from ehlo.client import (
     client_ssl_context,
 )
 
-from .conftest import ThreadedServer, free_port, make_config
 from .dnsserver import DNSServer
+from .helpers import ThreadedServer, free_port, make_config, tool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -185,16 +185,6 @@ def aiosmtpd_server(handler: Any, **kwargs: Any) -> Iterator[Controller]:
         yield controller
     finally:
         controller.stop()
-
-
-def tool(name: str) -> str:
-    """The path of an external tool; skip without it, or fail under CI."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed but CI is set: run `make test-deps`")
-        pytest.skip(f"{name} is not installed (make test-deps installs it)")
-    return path
 
 
 def run_cli(

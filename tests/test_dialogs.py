@@ -20,7 +20,7 @@ from ehlo.server import ServerContext, tls_contexts_for
 from ehlo.server._transport import SMTPServerProtocol
 from ehlo.storage import open_store
 
-from .conftest import make_config
+from .helpers import Client, async_wait_until, make_config
 
 DIALOGS = sorted((Path(__file__).parent / "dialogs").glob("*.dialog"))
 
@@ -78,13 +78,15 @@ class MemoryTransport(asyncio.Transport):
 
 
 async def read_lines(source: bytearray, count: int) -> list[str]:
-    for _ in range(2000):
-        lines = source.split(b"\r\n")
-        if len(lines) - 1 >= count:
-            del source[: sum(len(x) + 2 for x in lines[:count])]
-            return [x.decode("utf-8") for x in lines[:count]]
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {count} lines, have {bytes(source)!r}")
+    await async_wait_until(
+        lambda: source.count(b"\r\n") >= count,
+        lambda: f"{count} lines, have {bytes(source)!r}",
+        timeout=10.0,
+        poll=0.005,
+    )
+    lines = source.split(b"\r\n")[:count]
+    del source[: sum(len(x) + 2 for x in lines)]
+    return [x.decode("utf-8") for x in lines]
 
 
 @pytest.mark.parametrize("path", DIALOGS, ids=[p.stem for p in DIALOGS])
@@ -102,6 +104,7 @@ async def test_dialog_in_memory(path: Path, tmp_path: Path) -> None:
                 proto.data_received("".join(x + "\r\n" for x in lines).encode("utf-8"))
             else:
                 check(lines, await read_lines(transport.out, len(lines)), path.name)
+        # Nothing more is written: an absence, which only a wait can show.
         await asyncio.sleep(0.01)
         assert transport.out == b"", bytes(transport.out)
     finally:
@@ -112,35 +115,29 @@ async def test_dialog_in_memory(path: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", DIALOGS, ids=[p.stem for p in DIALOGS])
 async def test_dialog_over_tcp(path: Path, tmp_path: Path) -> None:
     async with Server(make_config(tmp_path)) as server:
-        host, port = server.addresses[0]
-        reader, writer = await asyncio.open_connection(host, port)
+        c = await Client.connect(server, banner=False)
         try:
             for kind, lines in load(path):
                 if kind == "C":
-                    writer.write("".join(x + "\r\n" for x in lines).encode("utf-8"))
-                    await writer.drain()
+                    c.send("".join(x + "\r\n" for x in lines))
+                    await c.writer.drain()
                 else:
-                    got = []
-                    for _ in lines:
-                        raw = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-                        got.append(raw[:-2].decode("utf-8"))
-                    check(lines, got, path.name)
+                    check(lines, [await c.replies.line() for _ in lines], path.name)
         finally:
-            writer.close()
+            c.close()
 
 
 async def test_smuggled_commands_stay_in_one_message(tmp_path: Path) -> None:
     path = Path(__file__).parent / "dialogs" / "smuggling.dialog"
     async with Server(make_config(tmp_path)) as server:
-        host, port = server.addresses[0]
-        reader, writer = await asyncio.open_connection(host, port)
+        c = await Client.connect(server, banner=False)
         for kind, lines in load(path):
             if kind == "C":
-                writer.write("".join(x + "\r\n" for x in lines).encode("utf-8"))
+                c.send("".join(x + "\r\n" for x in lines))
             else:
                 for _ in lines:
-                    await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-        writer.close()
+                    await c.replies.line()
+        c.close()
         stored = server.store.list()
         assert len(stored) == 1
         raw = server.store.raw(stored[0].envelope.queue_id)

@@ -23,9 +23,9 @@ import pytest
 from ehlo.dns import Resolver
 
 from . import conftest
-from .conftest import SERVE_WITHOUT_DNS, make_config, require
 from .dnsguard.sitecustomize import GUARD_LOG_ENV, SystemResolverRefused
 from .haproxy import _config, haproxy_path
+from .helpers import SERVE_WITHOUT_DNS, make_config, require
 
 TIMEOUT = 60
 
@@ -91,7 +91,8 @@ def test_make_config_looks_nothing_up(tmp_path: Path) -> None:
 
 
 def test_serve_without_dns_turns_off_every_lookup(tmp_path: Path) -> None:
-    from ehlo.cli import _serve_config, build_parser  # the same parsing as ``ehlo serve``
+    from ehlo.cli import build_parser  # the same parsing as ``ehlo serve``
+    from ehlo.cli.serve import _serve_config
 
     args = build_parser().parse_args(["serve", "--data", str(tmp_path), *SERVE_WITHOUT_DNS])
     config = _serve_config(args)

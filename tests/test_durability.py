@@ -29,7 +29,7 @@ import pytest
 
 from ehlo.storage import SQLiteStore, Store, open_store
 
-from .conftest import SERVE_WITHOUT_DNS, free_port
+from .helpers import SERVE_WITHOUT_DNS, free_port
 from .trace import message_of
 
 pytestmark = pytest.mark.timeout(90)

@@ -37,7 +37,7 @@ import pytest
 
 from ehlo.storage import open_store
 
-from .conftest import SERVE_WITHOUT_DNS, free_port
+from .helpers import SERVE_WITHOUT_DNS, free_port
 from .strace import SYNCS, WRITES, Call, parse, strace_command
 
 pytestmark = pytest.mark.timeout(180)

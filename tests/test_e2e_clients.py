@@ -29,7 +29,7 @@ import pytest
 from ehlo import Listen, Server
 from ehlo.storage import StoredMessage
 
-from .conftest import ipv6_loopback, make_config, require
+from .helpers import ipv6_loopback, make_config, require
 from .trace import split_trace
 
 pytestmark = pytest.mark.timeout(60)

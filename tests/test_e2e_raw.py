@@ -1,14 +1,13 @@
 """End to end over raw sockets: malformed, abusive and tricky input.
 
-A real ``ehlo.Server`` runs in the test's event loop; the client is a bare
-``asyncio.open_connection`` that writes exactly the bytes given and parses
+A real ``ehlo.Server`` runs in the test's event loop; the client is the raw
+``tests.helpers.Client``, which writes exactly the bytes given and parses
 replies itself (code, enhanced code, lines). Every read is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 import socket
 import ssl
@@ -20,149 +19,27 @@ import pytest
 
 from ehlo import HookContext, Server
 
-from .conftest import make_config
+from .helpers import (
+    READ_TIMEOUT,
+    Client,
+    ReplyReader,
+    async_wait_until,
+    client_tls,
+    codes,
+    connect,
+    make_config,
+    queued_id,
+    transaction,
+)
 from .trace import message_of
 
 pytestmark = pytest.mark.timeout(30)
-
-READ_TIMEOUT = 5.0
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3}) ")
-
-
-@dataclasses.dataclass
-class R:
-    """One reply as read off the wire."""
-
-    code: int
-    enhanced: str | None
-    lines: list[str]
-    raw: bytes
-
-    @property
-    def text(self) -> str:
-        return " ".join(self.lines)
-
-
-def parse_reply(raw: bytes) -> R:
-    lines = raw.decode("utf-8").split("\r\n")[:-1]
-    code = int(lines[0][:3])
-    for i, line in enumerate(lines):
-        assert line[:3] == str(code), raw
-        assert line[3:4] == ("-" if i < len(lines) - 1 else " "), raw
-    texts = [line[4:] for line in lines]
-    found = _ENHANCED.match(texts[0])
-    enhanced = None
-    if found:
-        enhanced = found.group(0).strip()
-        assert enhanced[0] == str(code)[0]
-    return R(code, enhanced, texts, raw)
-
-
-class ReplyReader:
-    """Splits a byte stream into SMTP replies."""
-
-    def __init__(self, read: Callable[[], Awaitable[bytes]]) -> None:
-        self._read = read
-        self._buf = b""
-
-    async def reply(self, timeout: float = READ_TIMEOUT) -> R:
-        async with asyncio.timeout(timeout):
-            while True:
-                reply_end = self._complete()
-                if reply_end:
-                    raw, self._buf = self._buf[:reply_end], self._buf[reply_end:]
-                    return parse_reply(raw)
-                data = await self._read()
-                if not data:
-                    raise EOFError(f"connection closed; pending {self._buf!r}")
-                self._buf += data
-
-    def _complete(self) -> int:
-        pos = 0
-        while True:
-            end = self._buf.find(b"\r\n", pos)
-            if end < 0:
-                return 0
-            if self._buf[pos + 3 : pos + 4] != b"-":
-                return end + 2
-            pos = end + 2
-
-    @property
-    def pending(self) -> bytes:
-        return self._buf
-
-
-class Client:
-    """A raw SMTP client over asyncio streams."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.replies = ReplyReader(lambda: reader.read(65536))
-
-    @classmethod
-    async def connect(cls, server: Server, banner: bool = True) -> Client:
-        host, port = server.addresses[0]
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), READ_TIMEOUT)
-        client = cls(reader, writer)
-        if banner:
-            r = await client.reply()
-            assert r.code == 220, r
-        return client
-
-    def send(self, data: bytes | str) -> None:
-        self.writer.write(data.encode("utf-8") if isinstance(data, str) else data)
-
-    async def reply(self, timeout: float = READ_TIMEOUT) -> R:
-        return await self.replies.reply(timeout)
-
-    async def cmd(self, line: bytes | str) -> R:
-        self.send(line + ("\r\n" if isinstance(line, str) else b"\r\n"))
-        await self.writer.drain()
-        return await self.reply()
-
-    async def ehlo(self, name: str = "client.example") -> R:
-        r = await self.cmd(f"EHLO {name}")
-        assert r.code == 250, r
-        return r
-
-    async def expect_eof(self, timeout: float = READ_TIMEOUT) -> None:
-        """The server closes the connection (with nothing more to say)."""
-        assert self.replies.pending == b""
-        data = await asyncio.wait_for(self.reader.read(65536), timeout)
-        assert data == b"", data
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def codes(replies: list[R]) -> list[tuple[int, str | None]]:
-    return [(r.code, r.enhanced) for r in replies]
-
-
-async def connect(server: Server, clients: list[Client], banner: bool = True) -> Client:
-    client = await Client.connect(server, banner)
-    clients.append(client)
-    return client
 
 
 def stored_body(server: Server, queue_id: str) -> bytes:
     raw = server.store.raw(queue_id)
     assert raw is not None, queue_id
     return message_of(raw)
-
-
-def queued_id(r: R) -> str:
-    assert r.code == 250, r
-    found = re.search(r"queued as (\S+)", r.text)
-    assert found, r
-    return found.group(1)
-
-
-async def transaction(c: Client, rcpts: tuple[str, ...] = ("b@example.net",)) -> None:
-    assert (await c.cmd("MAIL FROM:<a@example.org>")).code == 250
-    for rcpt in rcpts:
-        assert (await c.cmd(f"RCPT TO:<{rcpt}>")).code == 250
 
 
 # ----------------------------------------------------------- command errors
@@ -254,7 +131,7 @@ async def test_huge_line_without_crlf(server: Server, clients: list[Client]) -> 
     for _ in range(31):
         c.send(piece)
         await c.writer.drain()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a turn of the loop (no time): the server reads the piece
         max_buffered = max(max_buffered, proto.conn.buffered)
     assert c.replies.pending == b""
     c.send(b"\r\nNOOP\r\n")
@@ -331,7 +208,7 @@ async def send_in_pieces(c: Client, data: bytes, bytewise: bool) -> None:
     for i in range(len(data)):
         c.send(data[i : i + 1])
         await c.writer.drain()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a turn of the loop (no time): each byte a read of its own
 
 
 @pytest.mark.parametrize("bytewise", [False, True], ids=["one-write", "bytewise"])
@@ -383,13 +260,6 @@ async def test_smuggling_rejected_in_reject_mode(
 
 
 # ---------------------------------------------------------------------- STARTTLS
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 async def test_starttls_command_injection(server: Server, clients: list[Client]) -> None:
@@ -477,6 +347,7 @@ async def test_starttls_data_after_client_finished(server: Server, clients: list
     finished = await tls.handshake()
     c.send(finished)
     await c.writer.drain()
+    # The gap in time is the point: Finished and EHLO arrive in reads of their own.
     await asyncio.sleep(0.1)
     c.send(tls.encrypt(b"EHLO late.example\r\n"))
     r = await tls.replies.reply()
@@ -754,13 +625,11 @@ async def test_connection_limit_per_ip(
     # A slot frees up when a connection ends.
     assert (await first.cmd("QUIT")).code == 221
     await first.expect_eof()
-    for _ in range(100):
+    async def admitted() -> bool:
         c = await connect(server, clients, banner=False)
-        r = await c.reply()
-        if r.code == 220:
-            break
-        await asyncio.sleep(0.02)
-    assert r.code == 220, r
+        return (await c.reply()).code == 220
+
+    await async_wait_until(admitted, "a freed slot to admit a connection", poll=0.02)
 
 
 async def test_connection_limit_enhanced_code(

@@ -8,14 +8,10 @@ machine and fail it under CI (``CI`` set): ``make test-deps`` installs them.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,23 +20,13 @@ import pytest
 
 from ehlo.storage import Store, StoredMessage, open_store
 
-from .conftest import SERVE_WITHOUT_DNS, ThreadedServer, free_port
+from .helpers import SERVE_WITHOUT_DNS, ThreadedServer, free_port, tool, wait_for_banner
 from .trace import split_trace
 
 pytestmark = [pytest.mark.external, pytest.mark.timeout(60)]
 
 TOOL_TIMEOUT = 30.0
 QUEUED = re.compile(r"queued as ([0-9A-Za-z]+)")
-
-
-def tool(name: str) -> str:
-    """The path of an external tool; skip without it, or fail under CI."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed but CI is set: run `make test-deps`")
-        pytest.skip(f"{name} is not installed (make test-deps installs it)")
-    return path
 
 
 @dataclass
@@ -50,22 +36,6 @@ class Target:
     host: str
     port: int
     store: Store
-
-
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20.0
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ehlo serve exited {proc.returncode}: {log.read_text()}")
-        try:
-            with socket.create_connection((host, port), timeout=1.0) as sock:
-                sock.settimeout(2.0)
-                if sock.recv(4).startswith(b"220"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"ehlo serve did not start listening: {log.read_text()}")
 
 
 @pytest.fixture(params=["asyncio-thread", "uvloop-cli"])
@@ -101,7 +71,7 @@ def target(
             cwd=tmp_path,
         )
     try:
-        _wait_for_port("127.0.0.1", port, proc, log)
+        wait_for_banner(port, proc, log)
         yield Target("127.0.0.1", port, open_store("sqlite", data))
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -31,6 +31,7 @@ import pytest
 from ehlo.cli import main
 
 from .dnsserver import DNSServer
+from .helpers import free_port
 
 TIMEOUT = 15.0  # seconds for any single wait
 
@@ -427,12 +428,6 @@ def test_unknown_check_in_the_config_file_exits_2(
 
 # --------------------------------------------------------------------------
 # serve --helo-policy strict, end to end
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -33,9 +33,8 @@ from ehlo.greeting import run_checks
 from ehlo.greeting._checks import Greeting
 
 from . import greeting_zone as zone
-from .conftest import free_port
 from .dnsserver import DNSServer
-from .test_e2e_raw import READ_TIMEOUT, Client, client_tls, connect
+from .helpers import READ_TIMEOUT, Client, client_tls, connect, free_port
 
 greeting_dns = zone.greeting_dns
 

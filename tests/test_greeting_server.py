@@ -30,8 +30,9 @@ from ehlo.dns import DNSCache
 from ehlo.greeting import CHECKS, RESULTS
 
 from . import greeting_zone as zone
-from .conftest import ipv6_loopback, make_config
 from .dnsserver import DNSServer
+from .helpers import Client as RawClient
+from .helpers import ipv6_loopback, make_config
 from .trace import split_trace
 
 greeting_dns = zone.greeting_dns
@@ -66,55 +67,31 @@ def config(tmp_path: Path, dns: DNSServer, **greeting: Any) -> ServerConfig:
     )
 
 
-class Client:
-    """A raw SMTP client on one connection; ``cmd`` gives the reply's lines."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.banner: list[str] = []
-
-    async def reply(self) -> list[str]:
-        lines = []
-        while True:
-            raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), WAIT)
-            line = raw.decode("utf-8")[:-2]
-            lines.append(line)
-            if len(line) < 4 or line[3] != "-":
-                return lines
-
-    async def cmd(self, line: str) -> list[str]:
-        self.writer.write(line.encode("utf-8") + b"\r\n")
-        return await self.reply()
+class Client(RawClient):
+    """The raw client, with the last line of a reply as text (``250 ...``)."""
 
     async def last(self, line: str) -> str:
         """The last line of the reply to ``line``."""
-        return (await self.cmd(line))[-1]
+        return (await self.cmd(line)).last
 
     async def data(self, body: bytes = BODY) -> str:
         """DATA and the message; the last line of the final reply (or of DATA's refusal)."""
         reply = await self.last("DATA")
         if not reply.startswith("354"):
             return reply
-        self.writer.write(body + b".\r\n")
-        return (await self.reply())[-1]
+        self.send(body + b".\r\n")
+        return (await self.reply()).last
 
 
 @contextlib.asynccontextmanager
 async def connect(server: Server, source: str, host: str = "127.0.0.1") -> AsyncIterator[Client]:
-    port = next(p for h, p in server.addresses if h == host)
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, local_addr=(source, 0)), WAIT
-    )
-    client = Client(reader, writer)
+    client = await Client.connect(server, source=source, host=host)
     try:
-        client.banner = await client.reply()
-        assert client.banner[-1].startswith("220 ")
         yield client
     finally:
-        writer.close()
+        client.close()
         with contextlib.suppress(OSError):
-            await writer.wait_closed()
+            await client.writer.wait_closed()
 
 
 async def deliver(client: Client, greeting: str, body: bytes = BODY) -> str:
@@ -394,7 +371,7 @@ async def test_stage_helo_refuses_the_greeting(tmp_path: Path, greeting_dns: DNS
     n = 16
     cfg = config(tmp_path, greeting_dns, **STRICT, stage="helo")
     async with Server(cfg) as server, connect(server, ip(n)) as c:
-        reply = await c.cmd(f"EHLO {zone.MISMATCH}")
+        reply = (await c.cmd(f"EHLO {zone.MISMATCH}")).wire
         assert len(reply) == 1
         # RFC 2034 section 3: no enhanced status code in replies to EHLO/HELO.
         assert reply[0].startswith(
@@ -451,7 +428,7 @@ async def test_stage_data(tmp_path: Path, greeting_dns: DNSServer) -> None:
         assert (await c.last("RCPT TO:<b@example.net>")).startswith("250 ")
         assert (await c.last("DATA")).startswith("354 ")
         c.writer.write(BODY + b".\r\n")
-        reply = (await c.reply())[-1]
+        reply = (await c.reply()).last
         assert reply.startswith(f"550 5.7.1 EHLO name {zone.MISMATCH} does not resolve to")
         # The session goes on; nothing was stored.
         assert (await c.last("NOOP")).startswith("250 ")
@@ -636,7 +613,7 @@ async def test_greeting_not_delayed_by_slow_dns(tmp_path: Path, greeting_dns: DN
     async with Server(config(tmp_path, greeting_dns)) as server:
         async with connect(server, ip(n)) as c:
             start = time.monotonic()
-            reply = await c.cmd(f"EHLO {zone.DROPPED}")
+            reply = (await c.cmd(f"EHLO {zone.DROPPED}")).wire
             elapsed = time.monotonic() - start
             assert reply[0] == f"250-{HOSTNAME} Hello {zone.DROPPED} [{ip(n)}]"
             assert elapsed < zone.DNS_TIMEOUT / 2, elapsed
@@ -664,9 +641,9 @@ async def _bdat(c: Client, greeting: str) -> str:
     assert (await c.last("RCPT TO:<b@example.net>")).startswith("250 ")
     half = len(BODY) // 2
     c.writer.write(f"BDAT {half}\r\n".encode() + BODY[:half])
-    assert (await c.reply())[-1].startswith("250 ")
+    assert (await c.reply()).last.startswith("250 ")
     c.writer.write(f"BDAT {len(BODY) - half} LAST\r\n".encode() + BODY[half:])
-    reply = (await c.reply())[-1]
+    reply = (await c.reply()).last
     assert reply.startswith("250 2.0.0 OK: queued as "), reply
     return reply.rsplit(" ", 1)[1]
 

@@ -18,7 +18,7 @@ def test_shape_uniqueness_and_order() -> None:
     assert all(is_queue_id(i) for i in ids)
     assert len(set(ids)) == len(ids)
     earlier = new_queue_id()
-    time.sleep(0.002)
+    time.sleep(0.002)  # time itself is under test: a later id has a later time part
     assert new_queue_id()[:10] > earlier[:10]  # the time part sorts as text
 
 

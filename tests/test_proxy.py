@@ -43,8 +43,8 @@ from ehlo.server.proxy import (
     read_header,
 )
 
-from .conftest import ipv6_loopback
 from .haproxy import HAProxyError, haproxy_available, haproxy_version, run_haproxy
+from .helpers import ipv6_loopback, read_line
 
 # ---------------------------------------------------------------------------------------
 # Building headers
@@ -590,7 +590,7 @@ def test_read_header_fragmented(
         async def feed() -> None:
             for i in range(len(header) - 1):
                 client.send(header[i : i + 1])
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # time between bytes: each in a read of its own
             client.send(header[-1:] + b"after")
 
         task = asyncio.create_task(feed())
@@ -621,7 +621,7 @@ def test_read_header_timeout_is_overall(run: Callable[[Coroutine[Any, Any, Any]]
         async def trickle() -> None:
             for byte in b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2":
                 client.send(bytes([byte]))
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # time is under test: the trickle outlasts the deadline
 
         task = asyncio.create_task(trickle())
         try:
@@ -776,17 +776,6 @@ class Backend:
                     await asyncio.to_thread(self.handler, conn, got)
                 except Exception as exc:
                     self.results.put(exc)
-
-
-def read_line(sock: socket.socket) -> bytes:
-    """One line (up to LF) without reading past it."""
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        line += chunk
-    return line
 
 
 @needs_haproxy

@@ -7,7 +7,6 @@ every exchange goes over TCP on loopback, TLS included.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable
@@ -17,15 +16,9 @@ import pytest
 
 from ehlo.auth import UserStore
 from ehlo.server import Server
-from tests.test_e2e_raw import (
-    READ_TIMEOUT,
-    Client,
-    client_tls,
-    codes,
-    connect,
-    queued_id,
-)
-from tests.test_e2e_tools import Target, envelope_args, swaks
+
+from .helpers import Client, codes, connect, queued_id
+from .test_e2e_tools import Target, envelope_args, swaks
 
 PASSWORD = "correct horse battery staple"
 Start = Callable[..., Awaitable[Server]]
@@ -57,12 +50,6 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-async def starttls(c: Client) -> None:
-    r = await c.cmd("STARTTLS")
-    assert r.code == 220, r
-    await asyncio.wait_for(c.writer.start_tls(client_tls()), READ_TIMEOUT)
-
-
 async def auth_server(start: Start, users_dir: Path, tmp_path: Path, **overrides: object) -> Server:
     """A server whose data folder (the first one ``start`` uses) holds the users."""
     copy_users(users_dir, tmp_path, "data0")
@@ -79,7 +66,7 @@ async def test_auth_not_offered_before_tls_and_refused_with_538(
     # RFC 4954 section 6: 538 when the mechanism needs an encrypted channel.
     r = await c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
     assert codes([r]) == [(538, "5.7.11")]
-    await starttls(c)
+    await c.starttls()
     r = await c.ehlo()
     assert "AUTH PLAIN LOGIN" in r.lines, r
     assert codes([await c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")]) == [(235, "2.7.0")]
@@ -91,7 +78,7 @@ async def test_auth_plain_then_message_records_the_user(
     server = await auth_server(start, users_dir, tmp_path)
     c = await connect(server, clients)
     await c.ehlo()
-    await starttls(c)
+    await c.starttls()
     await c.ehlo()
     # PLAIN without an initial response: an empty 334 challenge first.
     r = await c.cmd("AUTH PLAIN")
@@ -122,7 +109,7 @@ async def test_auth_login_two_steps_and_failures(
                                max_auth_failures=10)
     c = await connect(server, clients)
     await c.ehlo()
-    await starttls(c)
+    await c.starttls()
     await c.ehlo()
     r = await c.cmd("AUTH LOGIN")
     assert (r.code, base64.b64decode(r.text)) == (334, b"Username:")
@@ -155,7 +142,7 @@ async def test_brute_force_is_slowed_then_locked_out(
                                max_auth_failures=3, auth_lockout=60.0)
     c = await connect(server, clients)
     await c.ehlo()
-    await starttls(c)
+    await c.starttls()
     await c.ehlo()
     began = time.monotonic()
     assert codes([await c.cmd(f"AUTH PLAIN {plain('alice', 'guess1')}")]) == [(535, "5.7.8")]
@@ -172,18 +159,14 @@ async def test_brute_force_is_slowed_then_locked_out(
     # A new connection from the same address: AUTH refused even with the right password.
     c2 = await connect(server, clients)
     await c2.ehlo()
-    await starttls(c2)
+    await c2.starttls()
     await c2.ehlo()
     r = await c2.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")
     assert codes([r]) == [(421, "4.7.0")]
     # Another client address is not locked out.
-    host, port = server.addresses[0]
-    reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
-    c3 = Client(reader, writer)
-    clients.append(c3)
-    assert (await c3.reply()).code == 220
+    c3 = await connect(server, clients, source="127.0.0.2")
     await c3.ehlo()
-    await starttls(c3)
+    await c3.starttls()
     await c3.ehlo()
     assert codes([await c3.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")]) == [(235, "2.7.0")]
 
@@ -197,7 +180,7 @@ async def test_submission_requires_auth_and_then_relays(
     await c.ehlo()
     # RFC 4954 section 6: 530 5.7.0 while authentication is required.
     assert codes([await c.cmd("MAIL FROM:<alice@example.org>")]) == [(530, "5.7.0")]
-    await starttls(c)
+    await c.starttls()
     await c.ehlo()
     assert codes([await c.cmd("MAIL FROM:<alice@example.org>")]) == [(530, "5.7.0")]
     assert (await c.cmd(f"AUTH PLAIN {plain('alice', PASSWORD)}")).code == 235
@@ -231,7 +214,7 @@ async def test_no_users_no_auth(start: Start, clients: list[Client]) -> None:
     server = await start()
     c = await connect(server, clients)
     await c.ehlo()
-    await starttls(c)
+    await c.starttls()
     r = await c.ehlo()
     assert not any(line.startswith("AUTH") for line in r.lines)
     assert codes([await c.cmd("AUTH PLAIN AGFAYg==")]) == [(502, "5.5.1")]
@@ -264,7 +247,7 @@ async def test_user_added_while_running_gets_auth(
     server = await start(reverse_dns=False, auth_failure_delay=0.0)
     c = await connect(server, clients)
     await c.ehlo()
-    await starttls(c)
+    await c.starttls()
     r = await c.ehlo()
     assert not any(line.startswith("AUTH") for line in r.lines)
     # `ehlo users add` writes the users file of the running server's data folder.

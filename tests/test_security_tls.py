@@ -24,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import re
-import shutil
 import signal
 import smtplib
 import socket
@@ -46,7 +44,7 @@ from ehlo import Listen
 from ehlo.server.tls import server_context
 from ehlo.storage import open_store
 
-from .conftest import ThreadedServer, free_port
+from .helpers import BlockingClient, ThreadedServer, free_port, tool, wait_until
 from .trace import split_trace
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,16 +53,6 @@ TIMEOUT = 10.0
 DEFAULT_NAME = "mx.example.test"
 QUEUED = re.compile(r"queued as ([0-9A-Za-z]+)")
 MESSAGE = b"Subject: tls test\r\nFrom: a@example.org\r\n\r\nOver TLS.\r\n"
-
-
-def tool(name: str) -> str:
-    """The path of an external tool; skip without it, or fail under CI."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed but CI is set: run `make test-deps`")
-        pytest.skip(f"{name} is not installed (make test-deps installs it)")
-    return path
 
 
 # ------------------------------------------------------------------ certificates
@@ -121,81 +109,27 @@ def dns_names(sock: ssl.SSLSocket) -> list[str]:
 # ------------------------------------------------------------------ an SMTP client
 
 
-class Dialog:
-    """A bare SMTP client on a blocking socket: exactly the bytes given, bounded reads."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    @classmethod
-    def open(
-        cls,
-        port: int,
-        *,
-        tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-    ) -> Dialog:
-        """Connect (with the handshake first when ``tls`` is given) and read the banner."""
-        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_hostname=server_hostname)
-        dialog = cls(sock)
-        code, lines = dialog.reply()
-        assert code == 220, lines
-        return dialog
-
-    def reply(self) -> tuple[int, list[str]]:
-        """One reply: its code and the text of each line."""
-        lines: list[str] = []
-        while True:
-            while b"\r\n" not in self.buf:
-                data = self.sock.recv(65536)
-                assert data, f"connection closed after {lines!r}"
-                self.buf += data
-            raw, self.buf = self.buf.split(b"\r\n", 1)
-            line = raw.decode("utf-8")
-            assert re.match(r"^\d{3}[ -]", line), line
-            lines.append(line[4:])
-            if line[3] == " ":
-                return int(line[:3]), lines
-
-    def command(self, line: str) -> tuple[int, list[str]]:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.reply()
+class Dialog(BlockingClient):
+    """The raw blocking client, with the EHLO keywords and one whole transaction."""
 
     def ehlo(self, name: str = "client.example.test") -> list[str]:
-        code, lines = self.command(f"EHLO {name}")
-        assert code == 250, lines
-        return [line.split(" ")[0].upper() for line in lines[1:]]
-
-    def starttls(self, ctx: ssl.SSLContext, server_hostname: str | None = None) -> None:
-        code, lines = self.command("STARTTLS")
-        assert (code, lines[0][:5]) == (220, "2.0.0"), lines
-        assert self.buf == b""
-        self.sock = ctx.wrap_socket(self.sock, server_hostname=server_hostname)
+        r = self.cmd(f"EHLO {name}")
+        assert r.code == 250, r
+        return [line.split(" ")[0].upper() for line in r.lines[1:]]
 
     def send_message(self, body: bytes = MESSAGE) -> str:
         """One transaction; the queue id of the stored message."""
         for line in ("MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"):
-            code, lines = self.command(line)
-            assert code == 250, (line, lines)
-        code, lines = self.command("DATA")
-        assert code == 354, lines
-        self.sock.sendall(body + b".\r\n")
-        code, lines = self.reply()
-        assert code == 250, lines
-        found = QUEUED.search(lines[-1])
-        assert found, lines
+            r = self.cmd(line)
+            assert r.code == 250, (line, r)
+        r = self.cmd("DATA")
+        assert r.code == 354, r
+        self.send(body + b".\r\n")
+        r = self.reply()
+        assert r.code == 250, r
+        found = QUEUED.search(r.lines[-1])
+        assert found, r
         return found.group(1)
-
-    @property
-    def tls(self) -> ssl.SSLSocket:
-        assert isinstance(self.sock, ssl.SSLSocket)
-        return self.sock
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # ------------------------------------------------------------------ the server
@@ -271,15 +205,16 @@ def rsa_server(pki: PKI, threaded_server: Callable[..., ThreadedServer]) -> TLSS
 
 def server_log(caplog: pytest.LogCaptureFixture, pattern: str) -> str:
     """The first server log message matching ``pattern``, waiting a little for it."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        for record in list(caplog.records):
-            message = record.getMessage()
-            if re.search(pattern, message):
-                return message
-        if time.monotonic() > deadline:
-            pytest.fail(f"no server log message matching {pattern!r}: {caplog.text}")
-        time.sleep(0.02)
+    found: list[str] = []
+
+    def logged() -> bool:
+        messages = (record.getMessage() for record in list(caplog.records))
+        found[:] = [message for message in messages if re.search(pattern, message)]
+        return bool(found)
+
+    wait_until(logged, lambda: f"a server log message matching {pattern!r}: {caplog.text}",
+               TIMEOUT)
+    return found[0]
 
 
 LISTENERS = ["starttls", "implicit"]
@@ -297,16 +232,16 @@ def test_implicit_tls_banner_only_after_handshake(tls_server: TLSServer, pki: PK
         raw.settimeout(TIMEOUT)
         tls = pki.client().wrap_socket(raw, server_hostname=DEFAULT_NAME)
         dialog = Dialog(tls)
-        code, lines = dialog.reply()
-        assert (code, lines) == (220, [f"{DEFAULT_NAME} ESMTP ehlo ready"])
+        r = dialog.reply()
+        assert (r.code, r.lines) == (220, [f"{DEFAULT_NAME} ESMTP ehlo ready"])
         assert tls.version() == "TLSv1.3"
         keywords = dialog.ehlo()
         # RFC 3207 section 4.2 and RFC 8314: no STARTTLS inside TLS.
         assert "STARTTLS" not in keywords and "PIPELINING" in keywords
-        code, lines = dialog.command("STARTTLS")
-        assert (code, lines) == (503, ["5.5.1 TLS is already active"])
+        r = dialog.cmd("STARTTLS")
+        assert (r.code, r.lines) == (503, ["5.5.1 TLS is already active"])
         # The session goes on inside the same TLS.
-        assert dialog.command("NOOP")[0] == 250
+        assert dialog.cmd("NOOP").code == 250
         dialog.close()
 
 
@@ -353,7 +288,7 @@ def test_implicit_tls_port_never_answers_plaintext(tls_server: TLSServer, pki: P
     assert received == b"" or received[:1] == b"\x15", received
     # The listener still serves TLS clients.
     dialog = Dialog.open(tls_server.tls_port, tls=pki.client())
-    assert dialog.command("QUIT")[0] == 221
+    assert dialog.cmd("QUIT").code == 221
     dialog.close()
 
 
@@ -622,27 +557,27 @@ def test_require_tls(pki: PKI, threaded_server: Callable[..., ThreadedServer]) -
     dialog = Dialog.open(plain)
     assert "STARTTLS" in dialog.ehlo()
     # RFC 3207 section 4: 530 until STARTTLS; nothing is accepted in between.
-    code, lines = dialog.command("MAIL FROM:<a@example.org>")
-    assert (code, lines[0][:5]) == (530, "5.7.0"), lines
-    code, lines = dialog.command("RCPT TO:<b@example.net>")
-    assert code == 503, lines
+    r = dialog.cmd("MAIL FROM:<a@example.org>")
+    assert (r.code, r.enhanced) == (530, "5.7.0"), r
+    r = dialog.cmd("RCPT TO:<b@example.net>")
+    assert r.code == 503, r
     dialog.starttls(pki.client(), DEFAULT_NAME)
     dialog.ehlo()
     starttls_id = dialog.send_message()
-    dialog.command("QUIT")
+    dialog.cmd("QUIT")
     dialog.close()
 
     dialog = Dialog.open(implicit, tls=pki.client(), server_hostname=DEFAULT_NAME)
     dialog.ehlo()
     implicit_id = dialog.send_message()
-    dialog.command("QUIT")
+    dialog.cmd("QUIT")
     dialog.close()
 
     # HELO (no STARTTLS possible) is refused too; no enhanced code without EHLO.
     dialog = Dialog.open(plain)
-    assert dialog.command("HELO old.example.test")[0] == 250
-    code, lines = dialog.command("MAIL FROM:<a@example.org>")
-    assert (code, lines) == (530, ["Must issue a STARTTLS command first"])
+    assert dialog.cmd("HELO old.example.test").code == 250
+    r = dialog.cmd("MAIL FROM:<a@example.org>")
+    assert (r.code, r.lines) == (530, ["Must issue a STARTTLS command first"])
     dialog.close()
 
     listed = {m.envelope.queue_id: m.envelope for m in srv.server.store.list()}
@@ -775,7 +710,7 @@ def peer_certificate(port: int, listener: str, ctx: ssl.SSLContext, name: str | 
     try:
         return fingerprint(dialog.tls.getpeercert(binary_form=True))
     finally:
-        dialog.command("QUIT")
+        dialog.cmd("QUIT")
         dialog.close()
 
 
@@ -837,8 +772,8 @@ def test_sighup_reloads_certificates_without_dropping_sessions(
     assert server.proc.poll() is None
     for listener, port in (("starttls", plain), ("implicit", implicit)):
         assert peer_certificate(port, listener, ctx, DEFAULT_NAME) == second, listener
-    assert old.command("NOOP")[0] == 250
-    old.command("QUIT")
+    assert old.cmd("NOOP").code == 250
+    old.cmd("QUIT")
     old.close()
 
     server.signal(signal.SIGTERM)

@@ -14,26 +14,17 @@ from ehlo import HookContext, Hooks, Reply, Server, Verdict
 from ehlo.server.received import protocol_keyword, received_header
 from ehlo.storage import Envelope, MessageWriter, NullStore, StoreError, open_store
 
-from .conftest import ipv6_loopback, make_config, require
 from .dnsserver import DNSServer
+from .helpers import Client, ipv6_loopback, make_config, require
 
 
 async def smtp(port: int, *lines: str) -> list[str]:
     """Send ``lines`` one by one after the banner; return each reply's last line."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    replies = []
+    c = await Client.open("127.0.0.1", port)
     try:
-        await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-        for line in lines:
-            writer.write(line.encode("utf-8") + b"\r\n")
-            while True:
-                raw = (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).decode()
-                if raw[3] == " ":
-                    replies.append(raw[:-2])
-                    break
+        return [(await c.cmd(line)).last for line in lines]
     finally:
-        writer.close()
-    return replies
+        c.close()
 
 
 TX = ("EHLO c.example", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>")
@@ -97,7 +88,7 @@ async def test_failing_hook_defers_never_rejects(tmp_path: Path) -> None:
         raise RuntimeError("policy database down")
 
     async def slow(ctx: HookContext) -> Verdict | None:
-        await asyncio.sleep(10)
+        await asyncio.Event().wait()  # never answers: the hook timeout decides
         return None
 
     hooks = Hooks({"mail": [broken], "rcpt": [slow]}, timeout=0.2)
@@ -115,13 +106,12 @@ async def test_connect_hook_refusal_gives_554_then_only_quit(tmp_path: Path) -> 
         return Verdict.reject("Blocked network")
 
     async with Server(make_config(tmp_path), hooks={"connect": [refuse]}) as server:
-        reader, writer = await asyncio.open_connection(*server.addresses[0])
-        banner = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-        assert banner == b"554 Blocked network\r\n"
-        writer.write(b"EHLO x.example\r\nQUIT\r\n")
-        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"503 ")
-        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"221 ")
-        writer.close()
+        c = await Client.connect(server, banner=False)
+        assert (await c.reply()).raw == b"554 Blocked network\r\n"
+        c.send(b"EHLO x.example\r\nQUIT\r\n")
+        assert (await c.reply()).code == 503
+        assert (await c.reply()).code == 221
+        c.close()
 
 
 def test_verdict_validation() -> None:
@@ -221,22 +211,19 @@ async def test_stop_lets_a_transaction_finish_and_says_421_to_idle(tmp_path: Pat
     server = Server(make_config(tmp_path))
     await server.start()
     port = server.addresses[0][1]
-    idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
-    busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
-    await idle_r.readuntil(b"\r\n")
-    await busy_r.readuntil(b"\r\n")
-    busy_w.write(b"HELO b.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+    idle = await Client.open("127.0.0.1", port)
+    busy = await Client.open("127.0.0.1", port)
+    busy.send(b"HELO b.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
     for _ in range(4):
-        await asyncio.wait_for(busy_r.readuntil(b"\r\n"), 5)
+        await busy.reply()
     stopping = asyncio.ensure_future(server.stop(timeout=5))
-    assert (await asyncio.wait_for(idle_r.readuntil(b"\r\n"), 5)).startswith(b"421 ")
-    busy_w.write(b"Subject: late\r\n\r\nstill arriving\r\n.\r\n")
-    final = await asyncio.wait_for(busy_r.readuntil(b"\r\n"), 5)
-    assert final.startswith(b"250 ")
-    assert (await asyncio.wait_for(busy_r.readuntil(b"\r\n"), 5)).startswith(b"421 ")
+    assert (await idle.reply()).code == 421
+    busy.send(b"Subject: late\r\n\r\nstill arriving\r\n.\r\n")
+    assert (await busy.reply()).code == 250
+    assert (await busy.reply()).code == 421
     await asyncio.wait_for(stopping, 10)
-    idle_w.close()
-    busy_w.close()
+    idle.close()
+    busy.close()
     store = open_store("sqlite", tmp_path)
     assert [m.subject for m in store.list()] == ["late"]
 
@@ -244,15 +231,14 @@ async def test_stop_lets_a_transaction_finish_and_says_421_to_idle(tmp_path: Pat
 async def test_stop_deadline_closes_stalled_transaction(tmp_path: Path) -> None:
     server = Server(make_config(tmp_path))
     await server.start()
-    reader, writer = await asyncio.open_connection(*server.addresses[0])
-    await reader.readuntil(b"\r\n")
-    writer.write(b"HELO b.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+    c = await Client.connect(server)
+    c.send(b"HELO b.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
     for _ in range(4):
-        await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-    writer.write(b"partial body\r\n")
+        await c.reply()
+    c.send(b"partial body\r\n")
     await asyncio.wait_for(server.stop(timeout=0.3), 5)
-    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"421 ")
-    writer.close()
+    assert (await c.reply()).code == 421
+    c.close()
     assert open_store("sqlite", tmp_path).list() == []
 
 
@@ -265,12 +251,10 @@ async def test_two_listeners_ipv4_and_ipv6(tmp_path: Path) -> None:
         hosts = {host for host, _ in server.addresses}
         assert hosts == {"127.0.0.1", "::1"}
         v6_port = next(port for host, port in server.addresses if host == "::1")
-        reader, writer = await asyncio.open_connection("::1", v6_port)
-        await reader.readuntil(b"\r\n")
-        writer.write(b"EHLO [IPv6:::1]\r\n")
-        line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-        assert line == b"250-localhost Hello [IPv6:::1] [::1]\r\n"
-        writer.close()
+        c = await Client.open("::1", v6_port)
+        r = await c.cmd("EHLO [IPv6:::1]")
+        assert r.wire[0] == "250-localhost Hello [IPv6:::1] [::1]"
+        c.close()
 
 
 class _GatedWriter(MessageWriter):
@@ -314,7 +298,7 @@ class _CoroutineOnlyWriter(MessageWriter):
         pass
 
     async def commit(self) -> str:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a commit that takes time, as a real one does
         return self.queue_id
 
     def abort(self) -> None:
@@ -326,27 +310,23 @@ class _CoroutineOnlyStore(NullStore):
         return _CoroutineOnlyWriter(envelope.queue_id)
 
 
-async def _send_message(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-    for line in (b"HELO c.example", b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@d.example>", b"DATA"):
-        writer.write(line + b"\r\n")
-        await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-    writer.write(b"Subject: gated\r\n\r\nbody\r\n.\r\n")
-    return reader, writer
+async def _send_message(port: int) -> Client:
+    """A connection that has sent a whole message (its reply not read yet)."""
+    c = await Client.open("127.0.0.1", port)
+    for line in ("HELO c.example", "MAIL FROM:<a@b.example>", "RCPT TO:<c@d.example>", "DATA"):
+        await c.cmd(line)
+    c.send(b"Subject: gated\r\n\r\nbody\r\n.\r\n")
+    return c
 
 
 async def _noop_round_trip(port: int) -> None:
     """Connect, NOOP, wait for its 250, QUIT."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    c = await Client.open("127.0.0.1", port)
     try:
-        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"220 ")
-        writer.write(b"NOOP\r\n")
-        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"250 ")
-        writer.write(b"QUIT\r\n")
-        await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        assert (await c.cmd("NOOP")).code == 250
+        await c.cmd("QUIT")
     finally:
-        writer.close()
+        c.close()
 
 
 async def _accept(ctx: HookContext) -> Verdict | None:
@@ -368,34 +348,34 @@ async def test_250_waits_for_the_store_and_a_failed_or_cancelled_commit_is_451(
     server = Server(make_config(tmp_path), store=store, hooks=hooks)
     await server.start()
     try:
-        reader, writer = await _send_message(server.addresses[0][1])
+        c = await _send_message(server.addresses[0][1])
         queue_id, future = await asyncio.wait_for(store.commits.get(), 5)
         # RFC 5321 section 6.1: nothing is said before the store has the message.
-        reply = asyncio.ensure_future(reader.readuntil(b"\r\n"))
+        reply = asyncio.ensure_future(c.reply(timeout=60))
         # A whole exchange on another connection: the server's loop has run
         # on past the commit, and anything it said early has arrived.
         await _noop_round_trip(server.addresses[0][1])
         assert not reply.done()
         future.set_result(queue_id)
-        assert await asyncio.wait_for(reply, 5) == f"250 OK: queued as {queue_id}\r\n".encode()
-        writer.write(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+        assert (await asyncio.wait_for(reply, 5)).wire == [f"250 OK: queued as {queue_id}"]
+        c.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
         for _ in range(3):
-            await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-        writer.write(b"Subject: second\r\n\r\nbody\r\n.\r\n")
+            await c.reply()
+        c.send(b"Subject: second\r\n\r\nbody\r\n.\r\n")
         _, future = await asyncio.wait_for(store.commits.get(), 5)
         future.set_exception(StoreError("disk full"))
-        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"451 ")
-        writer.write(b"NOOP\r\n")  # the session goes on after the refusal
-        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"250 ")
+        assert (await c.reply()).code == 451
+        c.send(b"NOOP\r\n")  # the session goes on after the refusal
+        assert (await c.reply()).code == 250
         # A commit the store cancels is not taken either: 451, never a hang.
-        writer.write(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
+        c.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n")
         for _ in range(3):
-            await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-        writer.write(b"Subject: third\r\n\r\nbody\r\n.\r\n")
+            await c.reply()
+        c.send(b"Subject: third\r\n\r\nbody\r\n.\r\n")
         _, future = await asyncio.wait_for(store.commits.get(), 5)
         future.cancel()
-        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"451 ")
-        writer.close()
+        assert (await c.reply()).code == 451
+        c.close()
     finally:
         await server.stop(timeout=1)
 
@@ -407,21 +387,20 @@ async def test_stop_deadline_during_a_commit_answers_421(
     store = _GatedStore()
     server = Server(make_config(tmp_path), store=store, hooks=hooks)
     await server.start()
-    reader, writer = await _send_message(server.addresses[0][1])
+    c = await _send_message(server.addresses[0][1])
     _, future = await asyncio.wait_for(store.commits.get(), 5)
     await asyncio.wait_for(server.stop(timeout=0.3), 5)
-    assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"421 ")
+    assert (await c.reply()).code == 421
     assert future.cancelled()  # the commit nobody waits for any more
-    writer.close()
+    c.close()
 
 
 async def test_a_store_with_only_an_async_commit_still_works(tmp_path: Path) -> None:
     server = Server(make_config(tmp_path), store=_CoroutineOnlyStore())
     await server.start()
     try:
-        reader, writer = await _send_message(server.addresses[0][1])
-        reply = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
-        assert reply.startswith(b"250 OK: queued as")
-        writer.close()
+        c = await _send_message(server.addresses[0][1])
+        assert (await c.reply()).last.startswith("250 OK: queued as")
+        c.close()
     finally:
         await server.stop(timeout=1)

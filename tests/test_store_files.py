@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import SERVE_WITHOUT_DNS
-from .test_cli import TIMEOUT, ehlo_cmd, free_port, one_line_error
+from .helpers import SERVE_WITHOUT_DNS, free_port, tool
+from .test_cli import TIMEOUT, ehlo_cmd, one_line_error
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,16 +40,6 @@ SMALL = b"From: a@example.org\r\nSubject: small\r\n\r\nhello\r\n"
 # Larger than the SQLite store's one-chunk limit (256 KiB): a body file.
 LARGE = b"From: a@example.org\r\nSubject: large\r\n\r\n" + (b"x" * 998 + b"\r\n") * 400
 NOBODY = 65534
-
-
-def tool(name: str) -> str:
-    """The path of an external tool; skip without it, or fail under CI."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed but CI is set: run `make test-deps`")
-        pytest.skip(f"{name} is not installed (make test-deps installs it)")
-    return path
 
 
 class Serve:

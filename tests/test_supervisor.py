@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli import TIMEOUT, _children, _until, free_port, list_json
+from .helpers import free_port
+from .test_cli import TIMEOUT, _children, _until, list_json
 
 EMBEDDED = """
 import sys

@@ -24,11 +24,18 @@ import pytest
 
 from ehlo.server import Server
 from ehlo.server.abuse import SharedCounters
-from tests.test_abuse import Serve, Start, raw_connect
-from tests.test_e2e_raw import Client, transaction
-from tests.test_proxy import read_line
 
-from .conftest import ThreadedServer, make_config
+from .helpers import (
+    Client,
+    ThreadedServer,
+    async_wait_until,
+    connect,
+    make_config,
+    read_line,
+    read_until_closed,
+    transaction,
+)
+from .test_security_abuse import Serve, Start
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,18 +54,6 @@ def many_files() -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def _rest(sock: socket.socket, limit: float = 10.0) -> bytes:
-    """Everything the server still sends until it closes (bounded in time)."""
-    sock.settimeout(limit)
-    data = b""
-    try:
-        while chunk := sock.recv(4096):
-            data += chunk
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return data
 
 
 def test_silent_connections_at_the_limit_make_room_for_a_real_client(
@@ -97,7 +92,7 @@ def test_silent_connections_at_the_limit_make_room_for_a_real_client(
         assert code == 250
         assert elapsed < 1.0, f"the transaction took {elapsed:.3f} s"
         # The longest idle (the first one opened) made room, with 421 4.4.2.
-        assert _rest(silent[0]) == EVICTED
+        assert read_until_closed(silent[0], 10) == EVICTED
         ctx = srv.server.ctx if srv.server is not None else None
         assert ctx is not None
         assert srv.call(lambda: ctx.evictions) == 1
@@ -109,7 +104,7 @@ def test_silent_connections_at_the_limit_make_room_for_a_real_client(
 
 
 async def _in_transaction(server: Server, clients: list[Client], source: str) -> Client:
-    client = await raw_connect(server, clients, source)
+    client = await connect(server, clients, banner=False, source=source)
     assert (await client.reply()).code == 220
     await client.ehlo()
     await transaction(client)
@@ -117,7 +112,7 @@ async def _in_transaction(server: Server, clients: list[Client], source: str) ->
 
 
 async def _greeted(server: Server, clients: list[Client], source: str) -> Client:
-    client = await raw_connect(server, clients, source)
+    client = await connect(server, clients, banner=False, source=source)
     assert (await client.reply()).code == 220
     await client.ehlo()
     return client
@@ -139,7 +134,7 @@ async def test_connections_in_a_transaction_are_never_evicted(
     also = await _in_transaction(server, clients, "127.0.4.3")
     idle = await _greeted(server, clients, "127.0.4.4")
 
-    newcomer = await raw_connect(server, clients, "127.0.4.5")
+    newcomer = await connect(server, clients, banner=False, source="127.0.4.5")
     r = await newcomer.reply()
     assert r.code == 220, r
     r = await idle.reply()
@@ -150,7 +145,7 @@ async def test_connections_in_a_transaction_are_never_evicted(
     await newcomer.ehlo()
     await transaction(newcomer)
     # Every slot now holds a transaction: the next client is refused as before.
-    refused = await raw_connect(server, clients, "127.0.4.6")
+    refused = await connect(server, clients, banner=False, source="127.0.4.6")
     r = await refused.reply()
     assert r.raw == TOO_MANY, r
     await refused.expect_eof()
@@ -182,7 +177,7 @@ async def test_stress_mode_shortens_the_idle_timeout(
     late = await _greeted(server, clients, "127.0.5.1")
     assert ctx.stress
     began = time.monotonic()
-    # The others were active half a second later (more than one sweep of the
+    # Time is under test: the others were active half a second later (more than one sweep of the
     # timeout checker, which runs every stress_timeout / 4), so the late one
     # is alone in being due first.
     await asyncio.sleep(0.5)
@@ -193,9 +188,7 @@ async def test_stress_mode_shortens_the_idle_timeout(
     assert (r.code, r.enhanced) == (421, "4.4.2"), r
     assert 0.8 < waited < 15, waited
     # 7 of 10 is the low-water mark (80% less the 10% hysteresis): stress mode ends.
-    async with asyncio.timeout(15):
-        while ctx.stress:
-            await asyncio.sleep(0.05)
+    await async_wait_until(lambda: not ctx.stress, "the end of stress mode", 15, poll=0.05)
     # Normal timeouts again: the others outlive the stress timeout.
     with pytest.raises(TimeoutError):
         await calm[0].reply(timeout=2.5)
@@ -235,10 +228,10 @@ async def test_under_workers_only_a_worker_with_an_idle_connection_evicts(
         busy = [await _in_transaction(second, clients, f"127.0.6.{n}") for n in (3, 4)]
         assert first_counts.connections.total() == 4
         # The worker whose connections are all in a transaction refuses.
-        refused = await raw_connect(second, clients, "127.0.6.5")
+        refused = await connect(second, clients, banner=False, source="127.0.6.5")
         assert (await refused.reply()).raw == TOO_MANY
         # The worker with idle connections closes its longest idle one.
-        admitted = await raw_connect(first, clients, "127.0.6.6")
+        admitted = await connect(first, clients, banner=False, source="127.0.6.6")
         assert (await admitted.reply()).code == 220
         assert (await idle[0].reply()).raw == EVICTED
         assert (await idle[1].cmd("NOOP")).code == 250
@@ -291,7 +284,7 @@ def test_file_descriptor_limit_is_raised_or_the_connection_limit_lowered(
                 answers.append(read_line(sock)[:3])
             assert answers.count(b"220") == 386, answers[-5:]
             # Past 384 the connection idle longest made room (not an EMFILE).
-            assert _rest(socks[0], 10)[:9] == b"421 4.4.2"
+            assert read_until_closed(socks[0], 10)[:9] == b"421 4.4.2"
         finally:
             for sock in socks:
                 sock.close()

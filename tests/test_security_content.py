@@ -31,10 +31,8 @@ from ehlo.config import ConfigError, load_config
 from ehlo.log import TextFormatter
 from ehlo.server.authres_filter import AuthResFilter, authserv_id
 
-from .conftest import make_config
+from .helpers import Client, make_config, queued_id, tool
 from .test_cli import run
-from .test_e2e_raw import Client, queued_id
-from .test_e2e_tools import tool
 
 pytestmark = pytest.mark.timeout(60)
 

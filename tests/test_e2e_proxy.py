@@ -18,9 +18,8 @@ import pytest
 
 from ehlo import Listen
 
-from .conftest import ThreadedServer
 from .haproxy import haproxy_available, run_haproxy
-from .test_e2e_raw import client_tls
+from .helpers import ThreadedServer, client_tls
 from .trace import split_trace
 
 
