@@ -20,6 +20,7 @@ __all__ = [
     "DataRefused",
     "MessageNotSupported",
     "NoRoute",
+    "OptionNotSupported",
     "RecipientsRefused",
     "SMTPClientError",
     "SenderRefused",
@@ -92,6 +93,10 @@ class DataRefused(SMTPClientError):
 
 class MessageNotSupported(SMTPClientError):
     """Found before sending: the server lacks what the message needs, or it is too large."""
+
+
+class OptionNotSupported(MessageNotSupported):
+    """Found before sending: the caller asked for what the server does not offer (BDAT)."""
 
 
 class NoRoute(SMTPClientError):

@@ -3,7 +3,7 @@
 This module owns :func:`run_probe`: connect, greet with EHLO, try STARTTLS
 (verified, then again unverified to show the certificate when verification
 fails), greet with HELO in a second session, and gather it all in a
-:class:`ProbeReport`: the banner, each EHLO extension explained
+:class:`ProbeReport`: the banner, the EHLO reply as sent, each extension explained
 (:func:`explain_extension`), the TLS session and certificate, the AUTH
 mechanisms before and after TLS, and :meth:`ProbeReport.findings`.
 ``ProbeReport.to_json`` gives the keys of ``ehlo probe --json``; rendering as
@@ -157,6 +157,7 @@ class ProbeReport:
         )
         return {
             "banner": reply_text(self.banner),
+            "ehlo": reply_text(self.ehlo),
             "extensions": ext_json(self.extensions),
             "helo_ok": self.helo_ok,
             "tls": tls,
