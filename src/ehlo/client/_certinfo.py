@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from cryptography import x509
+    from cryptography.x509 import verification
 
 __all__ = ["TLSInfo", "describe_certificate", "peer_chain", "tls_info", "would_verify"]
 
@@ -167,10 +168,13 @@ def would_verify(
 ) -> str | None:
     """None when ``chain`` (DER, leaf first) is valid for ``server_name``; else why not.
 
-    The check is the web PKI's (RFC 5280 paths, RFC 6125 names) as
-    ``cryptography`` implements it, against ``anchors`` (DER CA
-    certificates: the verifying context's). The reason is a short phrase:
-    self-signed, expired, issued for other names, or no trusted issuer.
+    The check is ``cryptography``'s path validation (RFC 5280: signatures,
+    validity, issuers that are CAs) and name matching (RFC 6125) against
+    ``anchors`` (DER CA certificates: the verifying context's), with the
+    extensions judged as loosely as OpenSSL judges them in a handshake, not
+    by the CA/Browser Forum's stricter profile. The reason is a short
+    phrase: self-signed, expired, issued for other names, or no trusted
+    issuer.
     """
     from cryptography import x509
     from cryptography.x509 import verification
@@ -206,7 +210,12 @@ def would_verify(
             subject = x509.IPAddress(ipaddress.ip_address(name))
         except ValueError:
             subject = x509.DNSName(name)
-        builder = verification.PolicyBuilder().store(store).time(when)
+        builder = (
+            verification.PolicyBuilder()
+            .store(store)
+            .time(when)
+            .extension_policies(ca_policy=_ca_policy(), ee_policy=_ee_policy())
+        )
         try:
             builder.build_server_verifier(subject).verify(leaf, intermediates)
         except verification.VerificationError as exc:
@@ -217,12 +226,38 @@ def would_verify(
     if detail is None:
         return None
     names = _names(leaf)
+    if not names:
+        return "certificate names no host (no subjectAltName)"
     # Would it verify for a name it carries? Then only the name is wrong.
-    if names and check(names[0].replace("*", "x", 1)) is None:
+    if check(names[0].replace("*", "x", 1)) is None:
         return f"certificate is for {', '.join(names)}, not {server_name}"
     if leaf.issuer == leaf.subject:
         return "self-signed certificate"
     return f"no trusted CA issued it ({detail})"
+
+
+def _ca_policy() -> verification.ExtensionPolicy:
+    """An issuer must be a CA (RFC 5280 section 4.2.1.9); other extensions as they come."""
+    from cryptography import x509
+    from cryptography.x509 import verification
+
+    def is_ca(_policy: object, _cert: object, ext: x509.BasicConstraints | None) -> None:
+        if ext is None or not ext.ca:
+            raise ValueError("the issuer is not a CA certificate (basicConstraints)")
+
+    return verification.ExtensionPolicy.permit_all().require_present(
+        x509.BasicConstraints, verification.Criticality.AGNOSTIC, is_ca
+    )
+
+
+def _ee_policy() -> verification.ExtensionPolicy:
+    """The server's certificate names its hosts in subjectAltName (RFC 6125 section 6.4.4)."""
+    from cryptography import x509
+    from cryptography.x509 import verification
+
+    return verification.ExtensionPolicy.permit_all().require_present(
+        x509.SubjectAlternativeName, verification.Criticality.AGNOSTIC, None
+    )
 
 
 def _names(cert: x509.Certificate) -> list[str]:
