@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ThreadedServer, free_port
+from .dnsserver import DNSServer
 from .test_cli import ServerProcess, list_json
 from .test_client_cli import only_error_line, stored, target
 from .test_client_e2e import run_cli
@@ -190,6 +191,33 @@ def test_send_bdat_without_chunking_is_one_error(
     assert "--bdat when CHUNKING is not offered" in " ".join(help_text.split())
 
 
+def test_mx_delivery_with_opportunistic_tls_takes_an_untrusted_certificate(
+    threaded_server: Callable[..., ThreadedServer],
+) -> None:
+    srv = threaded_server()  # STARTTLS with the self-signed certificate
+    zone = {
+        "tls.example.test": {"MX": ["10 mx.tls.example.test."]},
+        "mx.tls.example.test": {"A": ["127.0.0.1"]},
+    }
+    with DNSServer(zone) as dns_server:
+        route = (
+            "send", "--from", "a@example.org", "--to", "b@tls.example.test",
+            "--dns-server", dns_server.nameserver, "--port", str(srv.port), "--timeout", "20",
+        )  # fmt: skip
+        proc = run_cli(*route, "--transcript")
+        assert proc.returncode == 0, proc.stderr
+        assert "Route: mx.tls.example.test (MX 10) -> 127.0.0.1" in proc.stdout
+        assert "it would not verify: self-signed certificate" in proc.stdout
+        assert f"delivered <b@tls.example.test> via 127.0.0.1:{srv.port}" in proc.stdout
+        [(envelope, _)] = stored(srv)
+        assert envelope.tls is not None
+        # Asked to verify, the same route fails on the certificate.
+        proc = run_cli(*route, "--tls", "verify")
+        assert proc.returncode == 4
+        assert "not trusted: self-signed certificate" in only_error_line(proc.stderr)
+    assert len(stored(srv)) == 1
+
+
 # ------------------------------------------------------------------- probe
 
 
@@ -243,3 +271,49 @@ def test_probe_implicit_tls_fails_fast_on_a_port_without_tls(serve: Serve) -> No
         f"ehlo: error: no TLS handshake with 127.0.0.1:{port} within 3s (not an implicit-TLS port?)"
     )
     assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+
+
+def test_probe_starttls_on_an_implicit_tls_port_hints_at_implicit(serve: Serve) -> None:
+    proc = run_cli("probe", serve.implicit, "--tls", "starttls", "--timeout", "2")
+    assert proc.returncode == 3, proc.stderr
+    line = only_error_line(proc.stderr)
+    assert line == (
+        f"ehlo: error: timeout: the banner did not come from {serve.implicit} within 2s"
+        " (an implicit-TLS port? probe it with --tls implicit)"
+    )
+    assert proc.stdout == ""
+
+
+# ----------------------------------------------------------- would_verify
+
+
+def test_would_verify_names_the_reason() -> None:
+    import datetime as dt
+
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from ehlo.client._certinfo import would_verify
+
+    def der(pem: bytes) -> bytes:
+        return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+
+    ca = trustme.CA()
+    chain = [der(blob.bytes()) for blob in ca.issue_cert("mx.example.org").cert_chain_pems]
+    anchors = [der(ca.cert_pem.bytes())]
+    assert would_verify(chain, "mx.example.org", anchors) is None
+    assert would_verify(chain, "MX.example.org.", anchors) is None
+    assert would_verify(chain, "other.example.org", anchors) == (
+        "certificate is for mx.example.org, not other.example.org"
+    )
+    other_ca = [der(trustme.CA().cert_pem.bytes())]
+    assert would_verify(chain, "mx.example.org", other_ca) == "no trusted CA issued it"
+    later = dt.datetime(3001, 1, 1, tzinfo=dt.UTC)
+    assert would_verify(chain, "mx.example.org", anchors, now=later) == (
+        "certificate has expired (3000-01-01)"
+    )
+    assert would_verify([], "mx.example.org", anchors) == "the server sent no certificate"
+    assert would_verify(chain, "mx.example.org", []) == (
+        "no trusted CA certificates to check it against"
+    )

@@ -233,6 +233,8 @@ def would_verify(
         return f"certificate is for {', '.join(names)}, not {server_name}"
     if leaf.issuer == leaf.subject:
         return "self-signed certificate"
+    if "with no interior errors" in detail:  # no path to an anchor, nothing else wrong
+        return "no trusted CA issued it"
     return f"no trusted CA issued it ({detail})"
 
 

@@ -401,9 +401,11 @@ class SMTPClient:
         except TimeoutError:
             self._abort()
             what = "the banner" if verb == "BANNER" else f"the reply to {verb}"
-            raise ConnectionFailed(
+            error = ConnectionFailed(
                 f"timeout: {what} did not come from {self.peer} within {timeout:g}s"
-            ) from None
+            )
+            error.no_banner = verb == "BANNER"
+            raise error from None
         assert isinstance(reply, Reply)
         for line in reply.render(True).decode("utf-8", "replace").split("\r\n")[:-1]:
             self._say("recv", line)

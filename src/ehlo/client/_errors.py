@@ -49,7 +49,12 @@ class SMTPClientError(Exception):
 
 
 class ConnectionFailed(SMTPClientError):
-    """No usable connection: refused, reset, timed out, or the server broke the protocol."""
+    """No usable connection: refused, reset, timed out, or the server broke the protocol.
+
+    ``no_banner`` is set when the connection was made but no banner came.
+    """
+
+    no_banner: bool = False
 
     def __init__(self, message: str, reply: Reply | None = None) -> None:
         super().__init__(message, reply, temporary=True)

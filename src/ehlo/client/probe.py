@@ -21,7 +21,7 @@ from typing import Any
 from .._net import format_hostport
 from ..protocol import Reply
 from ._client import SMTPClient, Timeouts, TLSInfo, client_ssl_context
-from ._errors import ServiceRefused, SMTPClientError, TLSFailed
+from ._errors import ConnectionFailed, ServiceRefused, SMTPClientError, TLSFailed
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -262,6 +262,13 @@ async def run_probe(
     try:
         try:
             report.banner = await client.open()
+        except ConnectionFailed as exc:
+            if implicit or not exc.no_banner:
+                raise
+            # A server that waits silently may be waiting for a TLS handshake.
+            raise ConnectionFailed(
+                f"{exc.message} (an implicit-TLS port? probe it with --tls implicit)"
+            ) from None
         except TLSFailed as exc:
             if not implicit or exc.verify_error is None:
                 raise
