@@ -489,7 +489,9 @@ class SMTPClient:
             if reason == "WRONG_VERSION_NUMBER":
                 reason += " (the server does not start with TLS: not an implicit-TLS port?)"
             raise TLSFailed(f"TLS with {self.peer} failed: {reason}", temporary=True) from None
-        except ConnectionAbortedError:
+        except ConnectionAbortedError as exc:
+            if not implicit:
+                raise ConnectionFailed(f"cannot connect to {self.peer}: {exc}") from None
             # asyncio's ssl_handshake_timeout: connected, but no TLS answer.
             raise TLSFailed(
                 f"no TLS handshake with {self.peer} within {self.timeouts.tls:g}s"

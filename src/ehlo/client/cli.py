@@ -729,7 +729,8 @@ def add_client_commands(subparsers: Any) -> None:
         epilog=_epilog(PROBE_EXIT_CODES),
         formatter_class=formatter,
     )
-    probe.add_argument("target", metavar="HOST[:PORT]", help="the server (default port 25)")
+    probe.add_argument("target", metavar="HOST[:PORT]",
+                       help="the server (default port 25; 465 with --tls implicit)")
     probe.add_argument("--helo", metavar="NAME", help="the name to greet with")
     probe.add_argument("--json", action="store_true",
                        help="one JSON object: banner, ehlo, extensions, helo_ok, tls, auth")
