@@ -108,6 +108,7 @@ def test_send_transcript_over_verified_starttls(
         "send", "--from", "alice@example.org", "--to", "bob@example.net",
         "--server", f"localhost:{srv.port}", "--helo", "client.example",
         "--cafile", str(pki.ca_file), "--subject", "Transcript test", "--transcript",
+        "--tls", "verify",
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -320,7 +321,7 @@ def test_probe_report_verified(threaded_server: Callable[..., ThreadedServer], p
     proc = run_cli("probe", f"127.0.0.1:{srv.port}", "--cafile", str(pki.ca_file), "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert set(report) == {"banner", "extensions", "helo_ok", "tls", "auth"}
+    assert set(report) == {"banner", "ehlo", "extensions", "helo_ok", "tls", "auth"}
     assert report["banner"].startswith("220 ")
     keywords = [e["keyword"] for e in report["extensions"]]
     assert "STARTTLS" in keywords and "CHUNKING" in keywords

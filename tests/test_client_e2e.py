@@ -53,6 +53,7 @@ from ehlo.client import (
     SMTPClient,
     Timeouts,
     TLSFailed,
+    TLSMode,
     client_ssl_context,
 )
 
@@ -231,7 +232,7 @@ async def test_ehlo_server_starttls_verified(
     async with ehlo_server(tmp_path / "data", **tls_overrides(pki)) as srv:
         async with client_for(
             srv, ssl_context=pki.client_context(), pipelining=pipelining, chunking=chunking,
-            transcript=lines, helo_name="client.example",
+            transcript=lines, helo_name="client.example", tls="verify",
         ) as client:
             assert client.tls is not None and client.tls.verified
             assert client.tls.version in ("TLSv1.2", "TLSv1.3")
@@ -258,17 +259,54 @@ async def test_ehlo_server_starttls_verified(
     assert all(tls for kind, _, tls in after if kind in ("send", "recv"))
 
 
-async def test_untrusted_certificate_refused_unless_insecure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["verify", "required"])
+async def test_untrusted_certificate_refused_by_verify_unless_insecure(
+    tmp_path: Path, mode: TLSMode
+) -> None:
     # The server fixture's self-signed certificate is trusted by nobody.
     async with ehlo_server(tmp_path / "data") as srv:
         with pytest.raises(TLSFailed, match="not trusted") as info:
-            async with client_for(srv, ssl_context=client_ssl_context()):
+            async with client_for(srv, ssl_context=client_ssl_context(), tls=mode):
                 pass
         assert info.value.temporary
-        async with client_for(srv, ssl_context=client_ssl_context(verify=False)) as client:
+        async with client_for(
+            srv, ssl_context=client_ssl_context(verify=False), tls=mode
+        ) as client:
             assert client.tls is not None and not client.tls.verified
+            assert client.tls.trusted is False
             await client.send_message("a@example.org", ["b@example.net"], BODY)
         assert len(srv.store.list()) == 1
+
+
+@pytest.mark.parametrize("mode", ["opportunistic", "encrypt"])
+async def test_unverifying_modes_encrypt_and_report_the_verdict(
+    tmp_path: Path, pki: Pki, mode: TLSMode
+) -> None:
+    # RFC 7435: encrypt without authenticating; say whether it would verify.
+    async with ehlo_server(tmp_path / "self") as srv:
+        lines = Lines()
+        async with client_for(srv, tls=mode, transcript=lines) as client:
+            assert client.tls is not None and not client.tls.verified
+            assert client.tls.trusted is False
+            assert client.tls.verify_error == "self-signed certificate"
+            result = await client.send_message("a@example.org", ["b@example.net"], BODY)
+        assert result.tls is client.tls
+        [stored] = srv.store.list()
+        assert stored.envelope.tls is not None
+        assert any("it would not verify: self-signed certificate" in text
+                   for kind, text, _ in lines.lines if kind == "info")
+    async with ehlo_server(tmp_path / "ca", **tls_overrides(pki)) as srv:
+        async with client_for(srv, tls=mode, ssl_context=pki.client_context()) as client:
+            assert client.tls is not None and not client.tls.verified
+            assert client.tls.trusted is True and client.tls.verify_error is None
+        # The CA is trusted, but the certificate names localhost, not this name.
+        async with client_for(
+            srv, tls=mode, ssl_context=pki.client_context(), tls_server_name="mx.example.org"
+        ) as client:
+            assert client.tls is not None and client.tls.trusted is False
+            assert client.tls.verify_error is not None
+            assert client.tls.verify_error.startswith("certificate is for localhost, ")
+            assert client.tls.verify_error.endswith(", not mx.example.org")
 
 
 async def test_tls_modes(tmp_path: Path, pki: Pki) -> None:

@@ -55,7 +55,7 @@ async def test_report_over_verified_starttls(
     assert report.auth_before == [] and report.auth_after == []
     assert report.findings() == []
     data = json.loads(json.dumps(report.to_json()))
-    assert set(data) == {"banner", "extensions", "helo_ok", "tls", "auth"}
+    assert set(data) == {"banner", "ehlo", "extensions", "helo_ok", "tls", "auth"}
     assert data["tls"]["verified"] and data["tls"]["days_left"] == days
 
 

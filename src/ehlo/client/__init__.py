@@ -4,7 +4,7 @@ Send one message to one server::
 
     from ehlo.client import SMTPClient
 
-    async with SMTPClient("mail.example.org", 25, tls="required") as client:
+    async with SMTPClient("mail.example.org", 25, tls="verify") as client:
         await client.login("user", "secret")
         result = await client.send_message("a@example.org", ["b@example.net"], message)
         print(result.accepted, result.refused)
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._client import (
+    TLS_MODES,
     Message,
     SendResult,
     SMTPClient,
@@ -40,6 +41,7 @@ from ._errors import (
     DataRefused,
     MessageNotSupported,
     NoRoute,
+    OptionNotSupported,
     RecipientsRefused,
     SenderRefused,
     ServiceRefused,
@@ -62,6 +64,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "TLS_MODES",
     "AuthFailed",
     "ConnectionFailed",
     "DataRefused",
@@ -70,6 +73,7 @@ __all__ = [
     "Message",
     "MessageNotSupported",
     "NoRoute",
+    "OptionNotSupported",
     "RecipientsRefused",
     "Router",
     "SMTPClient",

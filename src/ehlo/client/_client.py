@@ -1,7 +1,9 @@
 """The asyncio SMTP client over the sans-IO :class:`~ehlo.protocol.ClientConnection`.
 
 This module owns the client's I/O: the TCP connection (an ``asyncio.Protocol``
-with write flow control), implicit TLS and the STARTTLS upgrade, the
+with write flow control), implicit TLS and the STARTTLS upgrade under a TLS
+policy (:data:`TLS_MODES`: opportunistic TLS encrypts without
+authenticating, RFC 7435; ``verify`` fails on an untrusted certificate), the
 timeouts of RFC 5321 section 4.5.3.2, SASL authentication (PLAIN, LOGIN,
 SCRAM-SHA-256: its messages come from ``_scram``), and
 :meth:`SMTPClient.send_message`: one mail transaction with per-recipient
@@ -53,6 +55,7 @@ from ._errors import (
     ConnectionFailed,
     DataRefused,
     MessageNotSupported,
+    OptionNotSupported,
     RecipientsRefused,
     SenderRefused,
     ServiceRefused,
@@ -62,6 +65,7 @@ from ._errors import (
 from ._scram import sasl_prepare, scram_client_final, scram_client_first
 
 __all__ = [
+    "TLS_MODES",
     "Message",
     "SMTPClient",
     "SendResult",
@@ -76,8 +80,22 @@ __all__ = [
     "tls_info",
 ]
 
-TLSMode = Literal["opportunistic", "required", "off", "implicit"]
-TLS_MODES: tuple[TLSMode, ...] = ("opportunistic", "required", "off", "implicit")
+TLSMode = Literal["off", "opportunistic", "encrypt", "verify", "required", "implicit"]
+# The TLS policies, after Postfix's smtp_tls_security_level (none, may,
+# encrypt, verify): "off" never starts TLS; "opportunistic" (may) starts it
+# when offered and does not verify; "encrypt" requires TLS and does not
+# verify; "verify" requires TLS and a certificate trusted for the server
+# name; "required" is the older name of "verify"; "implicit" is TLS from the
+# first byte (RFC 8314), verified as "verify". Where a mode verifies, the
+# ssl_context decides how (a CERT_NONE context does not).
+TLS_MODES: tuple[TLSMode, ...] = (
+    "off", "opportunistic", "encrypt", "verify", "required", "implicit",
+)
+# Modes that refuse to go on without TLS.
+TLS_REQUIRED: frozenset[str] = frozenset({"encrypt", "verify", "required", "implicit"})
+# Modes whose handshake uses ssl_context as given (verifying unless it is a
+# CERT_NONE context); "off" is here for a caller that calls starttls() itself.
+TLS_VERIFIED: frozenset[str] = frozenset({"verify", "required", "implicit", "off"})
 
 # Read-side flow control: stop reading while this much is unparsed.
 _MAX_UNPARSED = 1 << 20
@@ -121,6 +139,7 @@ class SendResult:
     reply: Reply
     size: int  # octets of the message as given (before CRLF and dot-stuffing)
     chunked: bool  # sent with BDAT
+    tls: TLSInfo | None = None  # the session's TLS, if any
 
 
 def client_ssl_context(*, verify: bool = True, cafile: str | None = None) -> ssl.SSLContext:
@@ -236,10 +255,16 @@ def _dedupe(addresses: Iterable[str]) -> list[str]:
 class SMTPClient:
     """One SMTP session with one server. Use ``async with SMTPClient(...) as client``.
 
-    ``tls``: "opportunistic" (STARTTLS when offered, the default), "required"
-    (fail without it), "off", or "implicit" (TLS from the first byte, RFC
-    8314). Certificates are verified against ``tls_server_name`` (default:
-    ``host``) unless ``ssl_context`` says otherwise. ``chunking``: None uses
+    ``tls`` is one of :data:`TLS_MODES`: "opportunistic" (STARTTLS when
+    offered, the certificate not verified: the default), "encrypt" (TLS
+    required, not verified), "verify" or its older name "required" (TLS and
+    a certificate trusted for the server name), "off", or "implicit" (TLS
+    from the first byte, RFC 8314, verified). Where the mode verifies,
+    certificates are checked against ``tls_server_name`` (default: ``host``)
+    with ``ssl_context`` (a CERT_NONE context turns that off); where it does
+    not, the handshake is not verified and ``tls`` (:class:`TLSInfo`) says
+    whether the certificate would have verified with ``ssl_context``'s CAs,
+    and why not. ``chunking``: None uses
     BDAT when offered, True requires it, False never uses it.
     ``pipelining=False`` never pipelines. ``helo_only`` greets with HELO.
     ``allow_plaintext_auth`` lets PLAIN and LOGIN run without TLS.
@@ -272,6 +297,7 @@ class SMTPClient:
         self.helo_name = helo_name
         self.tls_mode: TLSMode = tls
         self.ssl_context = ssl_context
+        self._unverified: ssl.SSLContext | None = None
         self.tls_server_name = tls_server_name
         self.timeouts = timeouts if timeouts is not None else Timeouts()
         self.source_address = source_address
@@ -375,9 +401,11 @@ class SMTPClient:
         except TimeoutError:
             self._abort()
             what = "the banner" if verb == "BANNER" else f"the reply to {verb}"
-            raise ConnectionFailed(
+            error = ConnectionFailed(
                 f"timeout: {what} did not come from {self.peer} within {timeout:g}s"
-            ) from None
+            )
+            error.no_banner = verb == "BANNER"
+            raise error from None
         assert isinstance(reply, Reply)
         for line in reply.render(True).decode("utf-8", "replace").split("\r\n")[:-1]:
             self._say("recv", line)
@@ -405,9 +433,29 @@ class SMTPClient:
     # ----------------------------------------------------------- connecting
 
     def _context(self) -> ssl.SSLContext:
+        """The trust: the caller's context, or the system's CAs, verifying."""
         if self.ssl_context is None:
             self.ssl_context = client_ssl_context()
         return self.ssl_context
+
+    def _handshake_context(self) -> ssl.SSLContext:
+        """The context of the handshake: the trust where the mode verifies, else none."""
+        if self.tls_mode in TLS_VERIFIED:
+            return self._context()
+        if self._unverified is None:
+            # RFC 7435 section 1.3: opportunistic security does not authenticate.
+            self._unverified = client_ssl_context(verify=False)
+        return self._unverified
+
+    def _tls_info(
+        self, transport: asyncio.BaseTransport, context: ssl.SSLContext
+    ) -> TLSInfo | None:
+        return tls_info(
+            transport.get_extra_info("ssl_object"),
+            verified=context.verify_mode != ssl.CERT_NONE,
+            trust=self._context(),
+            server_name=self.tls_server_name or self.host,
+        )
 
     async def open(self) -> Reply:
         """Connect (with TLS at once in implicit mode) and read the banner.
@@ -420,13 +468,14 @@ class SMTPClient:
         implicit = self.tls_mode == "implicit"
         local = (self.source_address, 0) if self.source_address else None
         limit = self.timeouts.connect + (self.timeouts.tls if implicit else 0)
+        context = self._handshake_context() if implicit else None
         try:
             async with asyncio.timeout(limit):
                 transport, proto = await loop.create_connection(
                     lambda: _Protocol(self.conn),
                     self.host,
                     self.port,
-                    ssl=self._context() if implicit else None,
+                    ssl=context,
                     server_hostname=(self.tls_server_name or self.host) if implicit else None,
                     ssl_handshake_timeout=self.timeouts.tls if implicit else None,
                     local_addr=local,
@@ -436,8 +485,18 @@ class SMTPClient:
         except ssl.SSLCertVerificationError as exc:
             raise _untrusted(self.peer, exc) from None
         except ssl.SSLError as exc:
-            raise TLSFailed(f"TLS with {self.peer} failed: {exc.reason or exc}",
-                            temporary=True) from None
+            reason = exc.reason or str(exc)
+            if reason == "WRONG_VERSION_NUMBER":
+                reason += " (the server does not start with TLS: not an implicit-TLS port?)"
+            raise TLSFailed(f"TLS with {self.peer} failed: {reason}", temporary=True) from None
+        except ConnectionAbortedError as exc:
+            if not implicit:
+                raise ConnectionFailed(f"cannot connect to {self.peer}: {exc}") from None
+            # asyncio's ssl_handshake_timeout: connected, but no TLS answer.
+            raise TLSFailed(
+                f"no TLS handshake with {self.peer} within {self.timeouts.tls:g}s"
+                " (not an implicit-TLS port?)", temporary=True
+            ) from None
         except OSError as exc:
             if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
                 reason = exc.strerror or str(exc)
@@ -448,8 +507,8 @@ class SMTPClient:
             ) from None
         self._proto = proto
         self._say("info", f"Connected to {self.peer}.")
-        if implicit:
-            self.tls = tls_info(transport.get_extra_info("ssl_object"), verified=self._verifies())
+        if implicit and context is not None:
+            self.tls = self._tls_info(transport, context)
             self._say_tls()
         banner = await self._reply()
         if banner.code != 220:
@@ -459,16 +518,12 @@ class SMTPClient:
             raise ServiceRefused(f"{self.peer} refused the session", banner)
         return banner
 
-    def _verifies(self) -> bool:
-        return self._context().verify_mode != ssl.CERT_NONE
-
     def _say_tls(self) -> None:
         info = self.tls
         if info is None:
             return
         self._say("info", f"TLS started: {info.version}, cipher {info.cipher} ({info.bits} bits)")
-        verified = "verified" if info.verified else "NOT verified"
-        self._say("info", f"TLS peer certificate: {info.subject} ({verified})")
+        self._say("info", f"TLS peer certificate: {info.subject} ({info.verdict})")
 
     def _local_name(self) -> str:
         if self.helo_name:
@@ -532,7 +587,7 @@ class SMTPClient:
         proto = self._proto
         assert proto is not None and proto.transport is not None
         loop = asyncio.get_running_loop()
-        context = self._context()
+        context = self._handshake_context()
         try:
             transport = await loop.start_tls(
                 proto.transport,
@@ -554,7 +609,7 @@ class SMTPClient:
             raise TLSFailed(f"TLS handshake with {self.peer} failed", temporary=True)
         proto.transport = transport
         self.conn.tls_started()
-        self.tls = tls_info(transport.get_extra_info("ssl_object"), verified=self._verifies())
+        self.tls = self._tls_info(transport, context)
         self._say_tls()
         if self.conn.discarded_after_starttls:
             # RFC 3207 section 4.2: nothing sent before the handshake counts;
@@ -582,13 +637,13 @@ class SMTPClient:
             try:
                 return await self.starttls()
             except TLSFailed as exc:
-                if mode == "required" or not self.connected or exc.reply is None:
+                if mode in TLS_REQUIRED or not self.connected or exc.reply is None:
                     await self._quit_quietly()
                     raise
                 # Opportunistic: a refused STARTTLS leaves a usable plain session.
                 self._say("info", f"STARTTLS refused, going on without TLS: {exc.reply}")
                 return reply
-        if mode == "required":
+        if mode in TLS_REQUIRED:
             await self._quit_quietly()
             why = "it speaks only HELO" if not self.conn.esmtp else "STARTTLS is not offered"
             raise TLSFailed(f"TLS is required but {self.peer} cannot: {why}")
@@ -757,7 +812,10 @@ class SMTPClient:
             )
         offered = "CHUNKING" in ext
         if self.chunking is True and not offered:
-            raise MessageNotSupported(f"BDAT was asked for but {self.peer} does not offer CHUNKING")
+            # RFC 3030 section 2: BDAT only to a server that offers CHUNKING.
+            raise OptionNotSupported(
+                f"BDAT was asked for but {self.peer} does not offer CHUNKING (RFC 3030)"
+            )
         return offered if self.chunking is None else self.chunking
 
     async def _transaction(
@@ -828,7 +886,7 @@ class SMTPClient:
             final, sent = await self._send_data(message)
         if not final.is_positive:
             raise DataRefused(f"{self.peer} refused the message", final)
-        return SendResult(mail_reply, accepted, refused, final, sent, chunked)
+        return SendResult(mail_reply, accepted, refused, final, sent, chunked, self.tls)
 
     async def _send_data(self, message: Message) -> tuple[Reply, int]:
         sent = 0

@@ -20,6 +20,7 @@ __all__ = [
     "DataRefused",
     "MessageNotSupported",
     "NoRoute",
+    "OptionNotSupported",
     "RecipientsRefused",
     "SMTPClientError",
     "SenderRefused",
@@ -48,7 +49,12 @@ class SMTPClientError(Exception):
 
 
 class ConnectionFailed(SMTPClientError):
-    """No usable connection: refused, reset, timed out, or the server broke the protocol."""
+    """No usable connection: refused, reset, timed out, or the server broke the protocol.
+
+    ``no_banner`` is set when the connection was made but no banner came.
+    """
+
+    no_banner: bool = False
 
     def __init__(self, message: str, reply: Reply | None = None) -> None:
         super().__init__(message, reply, temporary=True)
@@ -92,6 +98,10 @@ class DataRefused(SMTPClientError):
 
 class MessageNotSupported(SMTPClientError):
     """Found before sending: the server lacks what the message needs, or it is too large."""
+
+
+class OptionNotSupported(MessageNotSupported):
+    """Found before sending: the caller asked for what the server does not offer (BDAT)."""
 
 
 class NoRoute(SMTPClientError):

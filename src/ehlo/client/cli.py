@@ -31,8 +31,10 @@ from ..protocol import Reply
 from ..protocol._syntax import is_domain
 from ._client import (
     TLS_MODES,
+    TLS_REQUIRED,
     SMTPClient,
     Timeouts,
+    TLSInfo,
     client_ssl_context,
 )
 from ._errors import (
@@ -41,6 +43,7 @@ from ._errors import (
     DataRefused,
     MessageNotSupported,
     NoRoute,
+    OptionNotSupported,
     RecipientsRefused,
     SenderRefused,
     ServiceRefused,
@@ -71,10 +74,12 @@ EXIT_ROUTE = 9
 EXIT_CODES = {
     EXIT_OK: "the message was accepted for every recipient",
     EXIT_ERROR: "a local error (a file that cannot be read, an unexpected failure)",
-    EXIT_USAGE: "a usage error (bad option or address)",
+    EXIT_USAGE: "a usage error (bad option or address), or an option the server cannot"
+    " honour, found before sending (--bdat when CHUNKING is not offered)",
     EXIT_CONNECTION: "connection: cannot connect, timeout, connection lost, protocol"
     " error, or the server refused the session (banner or greeting)",
-    EXIT_TLS: "TLS: required but not offered, refused, handshake or certificate failure",
+    EXIT_TLS: "TLS: required but not offered, refused, handshake failure, or an untrusted"
+    " certificate under --tls verify or implicit",
     EXIT_AUTH: "AUTH: not offered, no common mechanism, or credentials refused",
     EXIT_SENDER: "sender refused (MAIL FROM)",
     EXIT_RECIPIENTS: "recipients refused (one or more RCPT TO; the others got the message)",
@@ -86,6 +91,7 @@ EXIT_CODES = {
 
 _ERROR_EXIT: tuple[tuple[type[SMTPClientError], int], ...] = (
     (NoRoute, EXIT_ROUTE),
+    (OptionNotSupported, EXIT_USAGE),
     (TLSFailed, EXIT_TLS),
     (AuthFailed, EXIT_AUTH),
     (SenderRefused, EXIT_SENDER),
@@ -322,8 +328,10 @@ def _send_checked(args: argparse.Namespace) -> int:
     _check_address("--from", args.sender, sender=True)
     for rcpt in args.to:
         _check_address("--to", rcpt, sender=False)
-    if args.helo_only and args.tls in ("required",):
-        raise UsageError("--helo-only cannot be combined with --tls required (STARTTLS needs EHLO)")
+    if args.helo_only and args.tls in TLS_REQUIRED and args.tls != "implicit":
+        raise UsageError(
+            f"--helo-only cannot be combined with --tls {args.tls} (STARTTLS needs EHLO)"
+        )
     if args.auth is not None and args.helo_only:
         raise UsageError("--helo-only cannot be combined with --auth (AUTH needs EHLO)")
     default_port = args.port or (SUBMISSIONS_PORT if args.tls == "implicit" else SMTP_PORT)
@@ -368,7 +376,7 @@ async def _send_direct(
     except SMTPClientError as exc:
         outcome.error = exc
         outcome.attempts.append((where, exc))
-        if args.transcript:
+        if args.transcript and not isinstance(exc, OptionNotSupported):
             _transcript_line("error", f"{where}: {exc}", False)
     return outcome
 
@@ -398,7 +406,7 @@ async def _send_routed(
             _transcript_line("info", f"Route: {host} -> {address} port {host.port}", False)
 
     def failure(where: str, exc: SMTPClientError) -> None:
-        if args.transcript:
+        if args.transcript and not isinstance(exc, OptionNotSupported):
             _transcript_line("error", f"{where}: {exc}", False)
 
     for _domain, rcpts in by_domain.items():
@@ -443,6 +451,7 @@ def _report(outcomes: Sequence[DeliveryResult]) -> int:
         if result is not None:
             for rcpt in result.accepted:
                 print(f"delivered <{rcpt}> via {outcome.host}: {_safe(str(result.reply))}")
+            print(f"tls via {outcome.host}: {_safe(_tls_line(result.tls))}")
             for rcpt, reply in result.refused.items():
                 print(f"refused <{rcpt}> by {outcome.host}: {_safe(str(reply))}")
                 failures.append(f"<{rcpt}> refused: {reply}")
@@ -452,7 +461,10 @@ def _report(outcomes: Sequence[DeliveryResult]) -> int:
         error = outcome.error
         if error is None:
             continue
-        if isinstance(error, RecipientsRefused):
+        if isinstance(error, OptionNotSupported):
+            # Nothing was sent: the one error line says it all.
+            pass
+        elif isinstance(error, RecipientsRefused):
             for rcpt, reply in error.refused.items():
                 print(f"refused <{rcpt}>: {_safe(str(reply))}")
         else:
@@ -465,6 +477,16 @@ def _report(outcomes: Sequence[DeliveryResult]) -> int:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         _error(failures[0] + more)
     return code
+
+
+def _tls_line(info: TLSInfo | None) -> str:
+    """The session's TLS in one line: protocol, cipher, certificate and its verdict."""
+    if info is None:
+        return "none (the session was not encrypted)"
+    return (
+        f"{info.version}, {info.cipher} ({info.bits} bits); certificate"
+        f" {info.subject or '-'}: {info.verdict}"
+    )
 
 
 # ------------------------------------------------------------------- probe
@@ -483,9 +505,7 @@ def format_report(report: ProbeReport) -> str:
         lines.extend(f"{'':<13}{line}" for line in rest)
 
     reply_lines("Banner:", report.banner)
-    if report.ehlo is not None:
-        ehlo = "ok" if report.ehlo.code == 250 else str(report.ehlo)
-        lines.append(f"{'EHLO:':<13}{report.ehlo.code} {ehlo}")
+    reply_lines("EHLO:", report.ehlo)
     if report.extensions:
         lines.append("")
         lines.append("Extensions:" + (" (before TLS)" if report.tls_offered else ""))
@@ -569,7 +589,11 @@ def _probe(args: argparse.Namespace) -> int:
 
     _text_output()
     try:
-        host, port = parse_server(args.target, SUBMISSIONS_PORT if args.implicit_tls else SMTP_PORT)
+        implicit = args.tls == "implicit"
+        host, port = parse_server(args.target, SUBMISSIONS_PORT if implicit else SMTP_PORT)
+        if args.tls is None:
+            # RFC 8314 section 3.3: port 465 is implicit TLS (submissions).
+            implicit = port == SUBMISSIONS_PORT
         _helo_name(args)
         context = client_ssl_context(verify=True, cafile=args.cafile)
     except UsageError as exc:
@@ -585,7 +609,7 @@ def _probe(args: argparse.Namespace) -> int:
                 port,
                 ssl_context=context,
                 helo_name=_helo_name(args),
-                implicit_tls=args.implicit_tls,
+                implicit_tls=implicit,
                 timeout=args.timeout,
             )
         )
@@ -619,7 +643,7 @@ PROBE_EXIT_CODES = {
     EXIT_ERROR: "a local error (a --cafile that cannot be read, an unexpected failure)",
     EXIT_USAGE: "a usage error",
     EXIT_CONNECTION: "connection: cannot connect, timeout, or the server refused the session",
-    EXIT_TLS: "--implicit-tls: the TLS handshake failed (not only the verification)",
+    EXIT_TLS: "--tls implicit: no TLS handshake (not only a failed verification)",
 }
 
 
@@ -653,11 +677,18 @@ def add_client_commands(subparsers: Any) -> None:
                       " or the local address literal)")
     send.add_argument("--helo-only", action="store_true",
                       help="greet with HELO: plain SMTP, no extensions")
-    send.add_argument("--tls", choices=TLS_MODES, default="opportunistic",
-                      help="STARTTLS when offered (default), required, off; or implicit TLS")
+    send.add_argument("--tls", choices=TLS_MODES, default="opportunistic", metavar="POLICY",
+                      help="opportunistic (default): STARTTLS when offered, certificate not"
+                           " verified (reported); encrypt: require STARTTLS, not verified;"
+                           " verify (or required): require STARTTLS and a certificate trusted"
+                           " for the server name; implicit: TLS from the first byte (RFC 8314),"
+                           " verified; off: no TLS")
     send.add_argument("--insecure", action="store_true",
-                      help="do not verify TLS certificates; allow AUTH PLAIN/LOGIN without TLS")
-    send.add_argument("--cafile", metavar="FILE", help="trust the CA certificates in FILE too")
+                      help="do not verify TLS certificates (verify and implicit then only"
+                           " encrypt); allow AUTH PLAIN/LOGIN without TLS")
+    send.add_argument("--cafile", metavar="FILE",
+                      help="trust the CA certificates in FILE too (a self-signed server"
+                           " certificate, e.g. ehlo serve's DATA/tls/cert.pem, works)")
     send.add_argument("--auth", metavar="USER",
                       help=f"authenticate as USER (password: ${PASSWORD_ENV})")
     send.add_argument("--auth-mechanism", type=str.upper, metavar="MECH",
@@ -689,7 +720,7 @@ def add_client_commands(subparsers: Any) -> None:
         "probe",
         help="report what an SMTP server offers",
         description=textwrap.fill(
-            "Connect and report: the banner, each EHLO extension explained, whether"
+            "Connect and report: the banner, the EHLO reply with each extension explained, whether"
             " HELO works, the STARTTLS result (protocol, cipher, certificate subject,"
             " names, expiry, chain verification), AUTH mechanisms before and after"
             " TLS, the declared limits, and findings to act on.",
@@ -698,12 +729,17 @@ def add_client_commands(subparsers: Any) -> None:
         epilog=_epilog(PROBE_EXIT_CODES),
         formatter_class=formatter,
     )
-    probe.add_argument("target", metavar="HOST[:PORT]", help="the server (default port 25)")
+    probe.add_argument("target", metavar="HOST[:PORT]",
+                       help="the server (default port 25; 465 with --tls implicit)")
     probe.add_argument("--helo", metavar="NAME", help="the name to greet with")
     probe.add_argument("--json", action="store_true",
-                       help="one JSON object: banner, extensions, helo_ok, tls, auth")
-    probe.add_argument("--implicit-tls", action="store_true",
-                       help="TLS from the first byte (port 465 by default)")
+                       help="one JSON object: banner, ehlo, extensions, helo_ok, tls, auth")
+    probe.add_argument("--tls", choices=("starttls", "implicit"), default=None,
+                       help="starttls: plain SMTP, then STARTTLS when offered; implicit: TLS"
+                            " from the first byte, RFC 8314 (default: implicit on port 465,"
+                            " starttls elsewhere)")
+    probe.add_argument("--implicit-tls", dest="tls", action="store_const", const="implicit",
+                       help="the same as --tls implicit")
     probe.add_argument("--cafile", metavar="FILE", help="trust the CA certificates in FILE too")
     probe.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                        help="limit for every step (default: 30)")

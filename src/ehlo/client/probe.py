@@ -3,7 +3,7 @@
 This module owns :func:`run_probe`: connect, greet with EHLO, try STARTTLS
 (verified, then again unverified to show the certificate when verification
 fails), greet with HELO in a second session, and gather it all in a
-:class:`ProbeReport`: the banner, each EHLO extension explained
+:class:`ProbeReport`: the banner, the EHLO reply as sent, each extension explained
 (:func:`explain_extension`), the TLS session and certificate, the AUTH
 mechanisms before and after TLS, and :meth:`ProbeReport.findings`.
 ``ProbeReport.to_json`` gives the keys of ``ehlo probe --json``; rendering as
@@ -21,7 +21,7 @@ from typing import Any
 from .._net import format_hostport
 from ..protocol import Reply
 from ._client import SMTPClient, Timeouts, TLSInfo, client_ssl_context
-from ._errors import ServiceRefused, SMTPClientError, TLSFailed
+from ._errors import ConnectionFailed, ServiceRefused, SMTPClientError, TLSFailed
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -157,6 +157,7 @@ class ProbeReport:
         )
         return {
             "banner": reply_text(self.banner),
+            "ehlo": reply_text(self.ehlo),
             "extensions": ext_json(self.extensions),
             "helo_ok": self.helo_ok,
             "tls": tls,
@@ -261,6 +262,13 @@ async def run_probe(
     try:
         try:
             report.banner = await client.open()
+        except ConnectionFailed as exc:
+            if implicit or not exc.no_banner:
+                raise
+            # A server that waits silently may be waiting for a TLS handshake.
+            raise ConnectionFailed(
+                f"{exc.message} (an implicit-TLS port? probe it with --tls implicit)"
+            ) from None
         except TLSFailed as exc:
             if not implicit or exc.verify_error is None:
                 raise
