@@ -119,7 +119,8 @@ def serve(
 
     ``workers`` server processes share the listeners (default:
     ``config.workers``, and when that is 0, one per CPU core); with one,
-    the server runs in this process. ``loop_factory`` makes each event loop
+    the server runs in this process (under a supervisor when it switches
+    to ``config.user`` and needs a SQLite writer process). ``loop_factory`` makes each event loop
     (e.g. ``uvloop.new_event_loop``; default: asyncio's), ``loop_name``
     names it in the log. Raises :class:`StartError` when the server cannot
     start. Call it from the main thread: it installs signal handlers.

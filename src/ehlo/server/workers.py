@@ -112,7 +112,10 @@ class ListenError(OSError):
 
     def __init__(self, listen: Listen, exc: OSError) -> None:
         code = exc.errno if exc.errno is not None else errno.EIO
-        reason = (os.strerror(code) if exc.errno is not None else str(exc)).lower()
+        if exc.errno is None or isinstance(exc, socket.gaierror):  # no errno(3) text
+            reason = (exc.strerror or str(exc)).lower()
+        else:
+            reason = os.strerror(code).lower()
         super().__init__(code, reason)
         self.listen = listen
         address = format_hostport(listen.host, listen.port)
