@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import SERVE_WITHOUT_DNS
+from .dnsserver import DNSServer
 from .test_cli import TIMEOUT, ehlo_cmd, free_port, one_line_error
 from .test_store_files import NOBODY, tool
 
@@ -77,11 +78,14 @@ def privileged_port() -> int:
 class Serve:
     """``ehlo serve`` in a subprocess, its stderr in a file."""
 
-    def __init__(self, log: Path, *args: str, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, log: Path, *args: str, prefix: tuple[str, ...] = (), dns: bool = False
+    ) -> None:
         self.log = log
         self._stderr = open(log, "wb")  # noqa: SIM115 - closed in close()
+        no_dns = () if dns else SERVE_WITHOUT_DNS
         self.proc = subprocess.Popen(
-            [*prefix, *ehlo_cmd("serve", "--hostname", "mx", *SERVE_WITHOUT_DNS, *args)],
+            [*prefix, *ehlo_cmd("serve", "--hostname", "mx", *no_dns, *args)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
@@ -205,6 +209,49 @@ def test_user_binds_a_privileged_port_then_every_process_is_that_user(
     }
     assert "tls/key.pem" in owners, owners
     assert set(owners.values()) == {(NOBODY, nobody.pw_gid)}, owners
+
+
+@needs_root
+def test_user_with_dns_and_greeting_checks(shared_tmp: Path) -> None:
+    """Reverse DNS and greeting checks, first used after the switch, still work.
+
+    Their modules are loaded before root is given up: the user may be
+    unable to read the Python installation (here, one under /root).
+    """
+    port = privileged_port()
+    data = shared_tmp / "data"
+    zone = {
+        DNSServer.reverse("127.0.0.1"): {"PTR": ["client.example.test."]},
+        "client.example.test": {"A": ["127.0.0.1"]},
+    }
+    with DNSServer(zone) as dns:
+        server = Serve(
+            shared_tmp / "serve.log",
+            "--listen", f"127.0.0.1:{port}", "--data", str(data), "--user", "nobody",
+            "--workers", "2", "--dns-server", dns.nameserver, "--helo-policy", "record",
+            dns=True,
+        )  # fmt: skip
+        try:
+            server.wait_for(" ready on ", 2)
+            with smtplib.SMTP(
+                "127.0.0.1", port, local_hostname="client.example.test", timeout=TIMEOUT
+            ) as client:
+                client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+            server.proc.terminate()
+            assert server.wait_exit() == 0, server.stderr()
+        finally:
+            server.close()
+        assert dns.count("client.example.test", "A") >= 1
+    log = server.stderr()
+    assert "Traceback" not in log and " ERROR " not in log, log
+    (message,) = stored(data, "sqlite")
+    raw = subprocess.run(
+        ehlo_cmd("messages", "show", str(message["id"]), "--raw", "--data", str(data)),
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=True,
+    ).stdout
+    assert b"client.example.test" in raw.split(b"\r\n\r\n")[0]
 
 
 @needs_root
