@@ -4,14 +4,16 @@
 # postfix for its smtp-sink and smtp-source tools, and haproxy (run by the tests
 # in the foreground to send PROXY protocol headers), and util-linux-extra for
 # fincore (which pages of a file are cached), and strace (the durability tests
-# read the order of the server's syncs and replies from it). Postfix is
+# read the order of the server's syncs and replies from it), and systemd for
+# systemd-analyze (the tests verify contrib/ehlo.service; installing the
+# package starts nothing where systemd is not running). Postfix is
 # installed with "No configuration" and is never left running: no mail daemon
 # on port 25; nor is haproxy left running as a service.
 set -euo pipefail
 
 # Debian packages; usable() below also checks the commands they must provide.
 PACKAGES=(swaks openssl postfix haproxy util-linux-extra strace libnet-ssleay-perl libio-socket-inet6-perl
-    libauthen-sasl-perl)
+    libauthen-sasl-perl systemd)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 log() { echo "install-test-deps: $*" >&2; }
@@ -27,6 +29,7 @@ usable() {
         haproxy) command -v haproxy >/dev/null 2>&1 ;;
         util-linux-extra) command -v fincore >/dev/null 2>&1 ;;
         strace) command -v strace >/dev/null 2>&1 ;;
+        systemd) command -v systemd-analyze >/dev/null 2>&1 ;;
         *) true ;;
     esac
 }
@@ -128,4 +131,4 @@ done
 if port25_listening; then
     log "warning: something listens on port 25; the tests do not need it"
 fi
-log "done: swaks, openssl, smtp-sink, smtp-source, haproxy, fincore and strace are installed"
+log "done: swaks, openssl, smtp-sink, smtp-source, haproxy, fincore, strace and systemd-analyze are installed"

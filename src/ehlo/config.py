@@ -274,6 +274,13 @@ class ServerConfig:
     reverse_dns: Annotated[bool, _Key(_bool)] = True
     # Seconds to wait for that name before writing "unknown".
     reverse_dns_timeout: Annotated[float, _Key(_positive_seconds)] = 2.0
+    # Started as root: bind the listeners, then run every process (the
+    # workers, the SQLite writer) as this user and its groups. The data
+    # folder is created as the user's when missing, and must be the user's
+    # when it exists. Certificates and keys are read before the switch; a
+    # SIGHUP reload reads them as the user. None: no switch (a warning when
+    # started as root). Not root: only the current user's name is accepted.
+    user: Annotated[str | None, _Key(_user)] = None
     # Logging: "text" or "json" lines on stderr.
     log_format: Annotated[LogFormat, _Key(_choice("text", "json"))] = "text"
     log_level: Annotated[str, _Key(_choice(*_LOG_LEVELS, fold=True))] = "INFO"
@@ -430,6 +437,19 @@ def _hostname(label: str, value: Any) -> str:
         except ValueError:
             pass
     return _domain_name(label, value, "a host name such as mail.example.org")
+
+
+def _user(label: str, value: Any) -> str | None:
+    # A POSIX account name (the portable set, plus what useradd allows).
+    if value is None:
+        return None
+    if isinstance(value, str):
+        name = value.strip()
+        if name and not name.startswith("-") and len(name) <= 32 and all(
+            c.isascii() and (c.isalnum() or c in "._-$") for c in name
+        ):
+            return name
+    raise _fail(label, "a user name such as ehlo", value)
 
 
 def _domains(label: str, value: Any) -> tuple[str, ...]:

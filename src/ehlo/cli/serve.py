@@ -34,6 +34,7 @@ _SERVE_LABELS = {
     "tls_key": "--tls-key",
     "sni_certificates": "--sni",
     "workers": "--workers",
+    "user": "--user",
     "greeting_delay": "--greeting-delay",
     "proxy_trusted": "--proxy-trusted",
     "log_format": "--log-format",
@@ -124,6 +125,12 @@ def add_serve_command(commands: Any) -> None:
         "(default: 0, one per CPU core)",
     )
     serve.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: bind the listeners, then serve as this user and its groups"
+        " (the data folder must be its own)",
+    )
+    serve.add_argument(
         "--no-reverse-dns",
         action="store_true",
         help="do not look up client names for the Received header",
@@ -154,6 +161,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         "tls_key": args.tls_key,
         "sni_certificates": args.sni,
         "workers": args.workers,
+        "user": args.user,
         "greeting_delay": args.greeting_delay,
         "proxy_trusted": args.proxy_trusted,
         "log_format": args.log_format,

@@ -506,8 +506,12 @@ class Server:
         hooks: Hooks | Mapping[str, Iterable[Hook]] | None = None,
         sockets: Iterable[socket.socket] | None = None,
         shared_counters: SharedCounters | None = None,
+        tls: TLSContexts | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
+        # TLS contexts loaded already (``ehlo serve`` reads keys before it
+        # gives up root); None: loaded by start().
+        self._tls = tls
         # Several processes serving the same listeners share their abuse
         # counts here, so that the limits hold for all of them together.
         self._shared_counters = shared_counters
@@ -551,7 +555,7 @@ class Server:
             )
         await store.start()
         try:
-            tls = tls_contexts_for(config)
+            tls = self._tls if self._tls is not None else tls_contexts_for(config)
             ctx = ServerContext(
                 config, store, self._hooks, tls, _open_users(config), self._shared_counters
             )

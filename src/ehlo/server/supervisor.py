@@ -10,9 +10,21 @@ are refused, transactions in progress have ``shutdown_timeout`` seconds to
 finish, idle clients get 421); a second one during the stop closes every
 connection at once; SIGHUP reloads the TLS certificates and the users.
 
-The supervisor binds every listening socket once, makes the data folder,
-the store's folders and the TLS pair once (so that a problem is one error,
-not one per worker), raises the file-descriptor limit once, then forks.
+Starting, in one process or many: every listening socket is bound first
+(so that a port in use or refused is one line, and nothing is written
+before the binds succeed), then the data folder, the store's folders and
+the TLS pair are made and the certificates read, once (so that a problem
+is one error, not one per worker); the supervisor raises the
+file-descriptor limit once, then forks.
+
+Started as root with ``user`` (``ehlo serve --user NAME``), the binds and
+the reading of certificates and keys happen as root; the data folder is
+made the user's (or refused when someone else owns it), the files in it
+are made with the user's ids, the SQLite writer process is started and
+switches to the user itself, then this process gives root up for good
+before any worker is forked (``workers.drop_privileges``). Every process
+then runs as the user; a SIGHUP reload reads the certificates as the user.
+Started as root without ``user``, the server runs as root, with a warning.
 Each worker runs its own event loop and its own ``Server`` over the
 inherited sockets; the kernel hands each new connection to one of the
 workers waiting in ``accept``. The supervisor forwards SIGTERM, SIGINT and
@@ -50,13 +62,28 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Listen, ServerConfig
 from ..policy import Hook, Hooks
 from ..storage import StoreError, open_store
 from ._server import Server, connection_capacity, tls_contexts_for
 from .abuse import SharedCounters
-from .workers import available_cores, bind_listeners, stop_with_parent
+from .workers import (
+    ListenError,
+    RunAs,
+    as_user,
+    available_cores,
+    bind_listeners,
+    drop_privileges,
+    preload,
+    prepare_data_dir,
+    run_as,
+    stop_with_parent,
+)
+
+if TYPE_CHECKING:
+    from .tls import TLSContexts
 
 __all__ = ["StartError", "Supervisor", "run_server", "serve"]
 
@@ -92,7 +119,8 @@ def serve(
 
     ``workers`` server processes share the listeners (default:
     ``config.workers``, and when that is 0, one per CPU core); with one,
-    the server runs in this process. ``loop_factory`` makes each event loop
+    the server runs in this process (under a supervisor when it switches
+    to ``config.user`` and needs a SQLite writer process). ``loop_factory`` makes each event loop
     (e.g. ``uvloop.new_event_loop``; default: asyncio's), ``loop_name``
     names it in the log. Raises :class:`StartError` when the server cannot
     start. Call it from the main thread: it installs signal handlers.
@@ -101,13 +129,94 @@ def serve(
     if count < 1:
         raise ValueError("workers must be at least 1")
     config = dataclasses.replace(config, workers=count)  # the store needs to know
-    if count == 1:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            return runner.run(run_server(config, loop_name, hooks=hooks))
+    user = _user(config)
+    # With one worker the server runs in this process, unless it gives up
+    # root and needs a SQLite writer process: that one must be started
+    # before (it is the supervisor's).
+    if count == 1 and (user is None or not _shared_writer(config)):
+        sockets, tls = _prepare(config, user)
+        try:
+            if user is not None:
+                _give_up_root(config, user)
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                return runner.run(run_server(config, loop_name, sockets, hooks=hooks, tls=tls))
+        finally:
+            for sock in sockets:
+                sock.close()
     supervisor = Supervisor(
         config, count, hooks=hooks, loop_factory=loop_factory, loop_name=loop_name
     )
     return supervisor.run()
+
+
+def _shared_writer(config: ServerConfig) -> bool:
+    """Whether a supervisor starts a SQLite writer process for its workers."""
+    return (
+        config.store == "sqlite"
+        and config.sqlite_writer == "process"
+        and sys.platform.startswith("linux")
+    )
+
+
+def _user(config: ServerConfig) -> RunAs | None:
+    """The user to run as (``config.user``), or None; StartError for a user we cannot be."""
+    try:
+        return run_as(config.user)
+    except ValueError as exc:
+        raise StartError(str(exc)) from None
+
+
+def _prepare(
+    config: ServerConfig, user: RunAs | None, *, preflight: bool = False
+) -> tuple[list[socket.socket], TLSContexts | None]:
+    """Bind every listener, then make the data folder and TLS pair and read the keys.
+
+    The binds come first: a port in use writes nothing (no self-signed
+    pair). With ``user``, the data folder is made the user's and the files
+    in it are made with the user's ids; the keys are read as root.
+    ``preflight``: check the store's folders too (before forking workers).
+    """
+    from .tls import TLSConfigError, ensure_self_signed
+
+    try:
+        sockets = bind_listeners(config.listen)
+    except ListenError as exc:
+        raise StartError(str(exc)) from None
+    try:
+        data_dir = Path(config.data_dir)
+        if user is not None:
+            prepare_data_dir(data_dir, user)
+        with as_user(user):
+            if preflight:
+                open_store(config.store, data_dir, shared=True).preflight()
+            if user is not None and config.tls and config.tls_cert is None:
+                ensure_self_signed(data_dir, config.hostname)  # the user's files
+        tls = tls_contexts_for(config)  # keys only root may read: read now
+    except (OSError, TLSConfigError, StoreError, ValueError) as exc:
+        for sock in sockets:
+            sock.close()
+        raise _start_error(exc, config) from None
+    if user is None and config.user is None and os.geteuid() == 0:
+        log.warning(
+            "running as root: give --user NAME (config key user) to serve as an"
+            " unprivileged user once the listeners are bound",
+            extra={"event": "root"},
+        )
+    return sockets, tls
+
+
+def _give_up_root(config: ServerConfig, user: RunAs) -> None:
+    """Import what the server will need while root can read it, then become ``user``."""
+    extra = []
+    if config.greeting.active:
+        extra.append("ehlo.greeting")
+    if config.greeting.active or config.reverse_dns:
+        extra.append("ehlo.dns")
+    preload(*extra)
+    try:
+        drop_privileges(user)
+    except OSError as exc:
+        raise StartError(f"--user {user.name}: {exc.strerror or exc}") from None
 
 
 async def run_server(
@@ -117,18 +226,20 @@ async def run_server(
     counts: SharedCounters | None = None,
     *,
     hooks: HooksArg = None,
+    tls: TLSContexts | None = None,
 ) -> int:
     """Serve in the running event loop until SIGTERM or SIGINT (graceful stop); return 0.
 
     The one server process of :func:`serve`, or one worker of a
-    :class:`Supervisor` (over its ``sockets``, sharing ``counts``).
+    :class:`Supervisor` (over its ``sockets``, sharing ``counts``; ``tls``:
+    contexts loaded already, else loaded at start).
     Raises :class:`StartError` when the server cannot start.
     """
     from .. import __version__
     from .tls import TLSConfigError
 
     loop = asyncio.get_running_loop()
-    server = Server(config, sockets=sockets, shared_counters=counts, hooks=hooks)
+    server = Server(config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls)
     stopping = asyncio.Event()
     signals: list[float] = []
 
@@ -204,7 +315,7 @@ def _start_error(exc: BaseException, config: ServerConfig) -> StartError:
     """The one line saying why the server could not start."""
     from .tls import TLSConfigError
 
-    if isinstance(exc, TLSConfigError | StoreError):
+    if isinstance(exc, TLSConfigError | StoreError | ListenError):
         return StartError(str(exc))
     if isinstance(exc, OSError):
         if exc.filename is not None:  # the data folder, not a socket
@@ -245,6 +356,7 @@ class Supervisor:
         self._loop_factory = loop_factory
         self._loop_name = loop_name
         self._sockets: list[socket.socket] = []
+        self._tls: TLSContexts | None = None
         self._writer: _SharedWriter | None = None
         self._counts: SharedCounters | None = None
         self._children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
@@ -258,28 +370,19 @@ class Supervisor:
 
         Raises :class:`StartError` when the server cannot start.
         """
-        from .tls import TLSConfigError
-
         config = self.config
-        try:
-            # The data folder (0700 when made here) before anything goes into it,
-            # then the store's folders, certificates (a self-signed pair made)
-            # once here, so that a problem is one error line, not one per worker.
-            open_store(config.store, Path(config.data_dir), shared=True).preflight()
-            tls_contexts_for(config)
-            self._sockets = bind_listeners(config.listen)
-        except (OSError, TLSConfigError, StoreError, ValueError) as exc:
-            raise _start_error(exc, config) from None
-        if (
-            config.store == "sqlite"
-            and config.sqlite_writer == "process"
-            and sys.platform.startswith("linux")
-        ):
+        user = _user(config)
+        # The listeners, then the data folder (0700 when made here), the
+        # store's folders, certificates (a self-signed pair made) once here,
+        # so that a problem is one error line, not one per worker.
+        self._sockets, self._tls = _prepare(config, user, preflight=True)
+        if _shared_writer(config):
             # One SQLite writer for every worker: their messages share batches
             # and fsyncs, and no worker waits for another's write lock.
             from ..storage import sqlite_path
 
-            self._writer = _SharedWriter(sqlite_path(Path(config.data_dir)))
+            ids = (user.uid, user.gid, user.groups) if user is not None else None
+            self._writer = _SharedWriter(sqlite_path(Path(config.data_dir)), ids)
             try:
                 self._writer.start()
             except (OSError, StoreError) as exc:
@@ -291,6 +394,8 @@ class Supervisor:
         # (or warn that it is too low) once here; the workers inherit the answer.
         connection_capacity(config.max_connections)
         try:
+            if user is not None:
+                _give_up_root(config, user)  # before any worker exists
             return self._supervise()
         finally:
             if self._writer is not None:
@@ -414,6 +519,7 @@ class Supervisor:
                         self._sockets,
                         self._counts,
                         hooks=self._hooks,
+                        tls=self._tls,
                     )
                 )
         except StartError as exc:  # e.g. the store cannot be opened: one line
@@ -470,8 +576,9 @@ class _SharedWriter:
     the workers restarted to use it) if it dies.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, ids: tuple[int, int, tuple[int, ...]] | None = None) -> None:
         self.path = path
+        self.ids = ids  # (uid, gid, groups) the writer switches to, started as root
         self.address = ""
         self._started = 0.0
         self._control: socket.socket | None = None
@@ -482,7 +589,7 @@ class _SharedWriter:
 
         self.forget_control()
         self._started = time.monotonic()
-        self.address, self._control, self._process = start_hub(self.path)
+        self.address, self._control, self._process = start_hub(self.path, ids=self.ids)
 
     def uptime(self) -> float:
         """Seconds since the current writer process was started."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import queue
 import selectors
 import signal
@@ -193,7 +194,11 @@ class _Hub:
 
 
 def hub_main(argv: list[str]) -> int:
-    """``python -m ehlo.storage._sqlite_process --hub DB LISTENER_FD CONTROL_FD``."""
+    """``python -m ehlo.storage._sqlite_process --hub DB LISTENER_FD CONTROL_FD [IDS]``.
+
+    IDS (``UID:GID:GROUP,GROUP``): started as root, the hub switches to
+    them before it opens the database, so that its files are that user's.
+    """
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     path = Path(argv[0])
@@ -202,6 +207,11 @@ def hub_main(argv: list[str]) -> int:
     writer = BatchWriter(path, shared=True)
     hub = _Hub(listener, control, writer)
     try:
+        if argv[3:] and os.getuid() == 0:  # UID:GID:GROUPS, from ``ehlo serve --user``
+            uid, gid, groups = argv[3].split(":")
+            os.setgroups([int(g) for g in groups.split(",") if g])
+            os.setresgid(int(gid), int(gid), int(gid))
+            os.setresuid(int(uid), int(uid), int(uid))
         writer.open()
     except BaseException as exc:  # the supervisor prints it and does not start
         control.sendall(f"failed {exc}\n".encode())

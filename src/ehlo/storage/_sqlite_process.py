@@ -41,6 +41,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -357,10 +358,17 @@ class WriterProcess(asyncio.Protocol):
 # --- one writer for several worker processes ---------------------------------------
 
 
-def start_hub(path: Path, timeout: float = _START_TIMEOUT) -> tuple[str, socket.socket, Any]:
+def start_hub(
+    path: Path,
+    timeout: float = _START_TIMEOUT,
+    *,
+    ids: tuple[int, int, Sequence[int]] | None = None,
+) -> tuple[str, socket.socket, Any]:
     """In ``ehlo serve``'s supervisor, before forking: the hub's address, control, process.
 
     Closing the control socket tells the hub to stop once its workers are done.
+    ``ids`` (uid, gid, groups): the hub switches to them before it opens the
+    database (``ehlo serve --user``, started as root).
     """
     name = f"\0ehlo-writer-{os.getpid()}-{os.urandom(6).hex()}"  # Linux abstract socket
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -370,7 +378,8 @@ def start_hub(path: Path, timeout: float = _START_TIMEOUT) -> tuple[str, socket.
         listener.listen(64)
         process = subprocess.Popen(
             [sys.executable, "-m", __name__, "--hub", str(path),
-             str(listener.fileno()), str(theirs.fileno())],
+             str(listener.fileno()), str(theirs.fileno()),
+             *([f"{ids[0]}:{ids[1]}:{','.join(map(str, ids[2]))}"] if ids else [])],
             pass_fds=(listener.fileno(), theirs.fileno()),
             stdin=subprocess.DEVNULL,
             env=_child_env(),
