@@ -831,6 +831,30 @@ CONFIG_KEYS: tuple[str, ...] = (
 )
 
 
+# What each table holds, in one line (``ehlo config defaults`` prints it).
+TABLE_DOCS: dict[str, str] = {
+    _LIMITS: "what the protocol core enforces on every session",
+    _GREETING: "greeting verification: the checks of the HELO/EHLO name",
+    _CHECKS_TABLE: "per-check modes over the preset: NAME = off | record | defer | reject",
+}
+
+
+def key_values(config: ServerConfig) -> list[tuple[str, Any, str]]:
+    """Every key of ``config`` with its value and its one-line doc.
+
+    The top-level keys first, in the order they are declared, then the
+    ``limits`` and ``greeting`` keys, dotted. The entries of
+    ``[greeting.checks]`` are ``config.greeting.checks``.
+    """
+    rows: list[tuple[str, Any, str]] = []
+    for table, keys in (("", _SERVER_KEYS), *_TABLES.items()):
+        holder = getattr(config, table) if table else config
+        prefix = f"{table}." if table else ""
+        for key, (name, spec) in keys.items():
+            rows.append((prefix + key, getattr(holder, name), spec.doc))
+    return rows
+
+
 def _known_keys() -> list[str]:
     """Every settable key, check names included (``greeting.checks.forward_match``)."""
     from .greeting import CHECKS
