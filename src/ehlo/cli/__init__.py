@@ -29,9 +29,10 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import __version__
-from ..config import ConfigError
+from ..config import ConfigError, load_config
 from ..storage import StoreError
 from ._common import Failure, Parser, usage
 from .check_helo import add_check_helo_command
@@ -72,13 +73,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if command is None or command == "users":
         from ..auth.cli import add_users_command
 
-        add_users_command(commands)
+        add_users_command(commands, config_data_dir=_config_data_dir)
     parser.set_defaults(
         func=lambda _args: usage(
             parser, "choose a command: serve, check-helo, messages, config, users, send, probe"
         )
     )
     return parser
+
+
+def _config_data_dir(path: Path) -> Path:
+    """The data folder a configuration file names (``ehlo users --config``)."""
+    return load_config(path).data_dir
 
 
 # --------------------------------------------------------------------------
