@@ -1,7 +1,8 @@
 # Developer entry points: setup, run, test, lint, fmt, bench, clean.
 #
 #   make setup        .venv with the package (editable) and the test tools
-#   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data)
+#   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data);
+#                     on a fresh clone it installs the runtime dependencies only
 #   make test         ruff, mypy, lint-imports and pytest (PYTEST_ARGS=... passed to pytest)
 #   make test-deps    the Debian packages the tests drive (swaks, openssl, postfix tools, haproxy)
 
@@ -12,15 +13,38 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Records where the venv was installed for; a venv copied or cloned from
-# elsewhere (its scripts point at another path) is rebuilt.
+# Exact versions of every dependency (pyproject.toml has the ranges).
+CONSTRAINTS := requirements/constraints.txt
+# Record where the venv was installed for; a venv copied or cloned from
+# elsewhere (its scripts point at another path) is rebuilt. RUN_STAMP: the
+# package and its runtime dependencies; STAMP: those and the test tools.
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 ARGS ?=
 PYTEST_ARGS ?=
 
 ifneq ($(shell cat $(STAMP) 2>/dev/null),$(CURDIR))
 .PHONY: $(STAMP)
 endif
+ifneq ($(shell cat $(RUN_STAMP) 2>/dev/null),$(CURDIR))
+.PHONY: $(RUN_STAMP)
+endif
+
+# The venv, made with $(PYTHON) unless a working one (Python 3.11+) is there.
+# pyproject.toml's requires-python is checked first, in one line: pip would
+# report the first dependency without a release for the old Python instead.
+define make_venv
+	@if ! { [ -x $(BIN)/python ] && $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	        && head -n1 $(BIN)/pip 2>/dev/null | grep -qx '#!$(CURDIR)/$(BIN)/python[0-9.]*'; }; then \
+	    if ! $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+	        echo "make: ehlo needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo "not found") (try: make PYTHON=python3.11 $(or $(MAKECMDGOALS),setup))" >&2; \
+	        exit 1; \
+	    fi; \
+	    echo "creating $(VENV) with $$($(PYTHON) --version)"; \
+	    rm -rf $(VENV); \
+	    $(PYTHON) -m venv $(VENV); \
+	fi
+endef
 
 .PHONY: help setup run test test-deps lint fmt bench fuzz clean distclean
 
@@ -30,17 +54,19 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@if ! { [ -x $(BIN)/python ] && $(BIN)/python -c 'import sys' 2>/dev/null \
-	        && head -n1 $(BIN)/pip 2>/dev/null | grep -qx '#!$(CURDIR)/$(BIN)/python[0-9.]*'; }; then \
-	    echo "creating $(VENV) with $$($(PYTHON) --version)"; \
-	    rm -rf $(VENV); \
-	    $(PYTHON) -m venv $(VENV); \
-	fi
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(make_venv)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[test]'
+	@echo '$(CURDIR)' > $(RUN_STAMP)
 	@echo '$(CURDIR)' > $@
 
-run: setup
+# Runtime dependencies only: the venv of a server, without the test tools.
+$(RUN_STAMP): pyproject.toml $(CONSTRAINTS)
+	$(make_venv)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e .
+	@echo '$(CURDIR)' > $@
+
+run: $(RUN_STAMP)
 	$(BIN)/ehlo serve $(ARGS)
 
 test-deps:

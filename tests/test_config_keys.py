@@ -145,7 +145,7 @@ def test_every_key_loads_from_toml_into_its_field(tmp_path: Path, key: str) -> N
 
 
 def test_key_tables_are_built_from_field_marks() -> None:
-    key = module._Key(module._positive_int, name="renamed")
+    key = module._Key(module._positive_int, name="renamed", doc="a count")
     marked = dataclasses.make_dataclass(
         "Marked",
         [
@@ -160,11 +160,17 @@ def test_key_tables_are_built_from_field_marks() -> None:
         module._keys_of(unmarked)
     with pytest.raises(TypeError, match=r"^ProtocolLimits.starttls: no config key declared$"):
         module._keys_declared(ProtocolLimits, module._LIMIT_CHECKS, frozenset())
-    stray = {**module._LIMIT_CHECKS, "max_recipient": module._Key(module._positive_int)}
+    undocumented = dataclasses.make_dataclass(
+        "Undocumented", [("count", Annotated[int, module._Key(module._positive_int)])]
+    )
+    with pytest.raises(TypeError, match=r"^Undocumented.count: the config key needs a one-line"):
+        module._keys_of(undocumented)
+    stray = {**module._LIMIT_CHECKS, "max_recipient": module._Key(module._positive_int, doc="x")}
     with pytest.raises(TypeError, match=r"^ProtocolLimits has no field max_recipient$"):
         module._keys_declared(ProtocolLimits, stray, module._LIMIT_NOT_KEYS)
     # The tables hold the fields' own validators: a key's check is its field's mark.
-    assert module._SERVER_KEYS["tls"] == ("tls", module._Key(module._bool))
+    assert module._SERVER_KEYS["tls"][0] == "tls"
+    assert module._SERVER_KEYS["tls"][1].check is module._bool
     assert module._LIMIT_KEYS["max_recipients"][0] == "max_recipients"
     assert module._GREETING_KEYS["timeout"][0] == "timeout"
 

@@ -1,6 +1,8 @@
 """Configuration: validated, frozen dataclasses, from defaults, TOML and the CLI.
 
-Every field is documented where it is declared. ``ServerConfig`` is what the
+Every field is documented where it is declared: each key's meaning in one
+line in its ``_Key(doc=...)`` (what ``ehlo config defaults`` prints), more in
+the comment above it when there is more to say. ``ServerConfig`` is what the
 server and its sessions read; ``ProtocolLimits`` is the part the sans-IO
 protocol core needs, so that the core never sees anything else.
 """
@@ -92,14 +94,17 @@ class _Key:
     """How a configuration field is loaded (in ``Annotated`` on the field).
 
     ``check`` validates a value and returns it as the field holds it; a
-    ``ConfigError`` names the key. ``name``: the key in TOML and overrides,
-    when it is not the field's name. ``files``: how a value read from a
-    config file is made relative to the file's folder (paths).
+    ``ConfigError`` names the key. ``doc``: what the key means, in one line
+    (``ehlo config defaults`` prints it; a key without one stops the module
+    from loading). ``name``: the key in TOML and overrides, when it is not
+    the field's name. ``files``: how a value read from a config file is made
+    relative to the file's folder (paths).
     """
 
     check: Callable[[str, Any], Any]
     name: str | None = None
     files: Callable[[Path, Any], Any] | None = None
+    doc: str = ""
 
 
 # The other marks a field carries: loaded from a table of its own, or not
@@ -115,17 +120,33 @@ class GreetingConfig:
 
     # Preset: "off" (no checks), "record" (checks recorded, nothing refused;
     # RFC 5321 section 4.1.4) or "strict" (failures of the identity checks rejected).
-    policy: Annotated[str, _Key(_greeting_preset)] = "record"
+    policy: Annotated[
+        str,
+        _Key(
+            _greeting_preset,
+            doc="preset of the greeting checks: off, record (nothing refused) or strict",
+        ),
+    ] = "record"
     # Per-check overrides of the preset: check name -> off | record | defer | reject.
     checks: Annotated[Mapping[str, str], _TABLE] = dataclasses.field(default_factory=dict)
-    # When the verdict is applied: "helo", "mail", "rcpt" or "data".
-    stage: Annotated[str, _Key(_greeting_stage)] = "rcpt"
-    # Client networks (CIDR) whose greetings are not checked (trusted relays).
-    trusted_networks: Annotated[tuple[str, ...], _Key(_networks)] = ()
-    # DNS lookups one session may make for its checks.
-    max_queries: Annotated[int, _Key(_positive_int)] = 50
-    # Seconds all checks of one greeting may take; beyond, they are temperror.
-    timeout: Annotated[float, _Key(_positive_seconds)] = 10.0
+    stage: Annotated[
+        str,
+        _Key(_greeting_stage, doc="when the greeting verdict is applied: helo, mail, rcpt or data"),
+    ] = "rcpt"
+    trusted_networks: Annotated[
+        tuple[str, ...],
+        _Key(_networks, doc="client networks (CIDR) whose greetings are not checked"),
+    ] = ()
+    max_queries: Annotated[
+        int, _Key(_positive_int, doc="DNS lookups the checks of one session may make")
+    ] = 50
+    timeout: Annotated[
+        float,
+        _Key(
+            _positive_seconds,
+            doc="seconds all checks of one greeting may take; beyond, they are temperror",
+        ),
+    ] = 10.0
 
     @property
     def active(self) -> bool:
@@ -151,56 +172,126 @@ class GreetingConfig:
 class ServerConfig:
     """Everything ``ehlo serve`` and ``ehlo.Server`` read."""
 
-    # Addresses to listen on.
-    listen: Annotated[tuple[Listen, ...], _Key(_listen)] = (Listen("127.0.0.1", 2525),)
-    # Folder for the store, the self-signed certificate and other state.
-    data_dir: Annotated[Path, _Key(_path, files=_relative_path)] = Path("ehlo-data")
-    # Storage backend: "sqlite" (default), "maildir" or "null" (discard).
-    store: Annotated[StoreKind, _Key(_choice("sqlite", "maildir", "null"))] = "sqlite"
-    # Our host name: in the banner, the EHLO reply and Received headers.
-    hostname: Annotated[str, _Key(_hostname)] = "localhost"
-    # Accept only these recipient domains (and postmaster); empty: accept all.
-    domains: Annotated[tuple[str, ...], _Key(_domains)] = ()
+    listen: Annotated[
+        tuple[Listen, ...],
+        _Key(
+            _listen,
+            doc="addresses: HOST:PORT, [IPv6]:PORT or :PORT, options ,tls (implicit TLS) ,proxy",
+        ),
+    ] = (Listen("127.0.0.1", 2525),)
+    data_dir: Annotated[
+        Path,
+        _Key(
+            _path, files=_relative_path,
+            doc="folder of the store, the users file, the self-signed certificate",
+        ),
+    ] = Path("ehlo-data")
+    store: Annotated[
+        StoreKind,
+        _Key(
+            _choice("sqlite", "maildir", "null"),
+            doc="storage backend: sqlite, maildir or null (discard)",
+        ),
+    ] = "sqlite"
+    hostname: Annotated[
+        str,
+        _Key(_hostname, doc="our host name: in the banner, the EHLO reply and Received headers"),
+    ] = "localhost"
+    domains: Annotated[
+        tuple[str, ...],
+        _Key(
+            _domains,
+            doc="accept only these recipient domains (and postmaster); empty: accept all",
+        ),
+    ] = ()
     # TLS: a certificate and key (PEM); without them a self-signed pair is
     # created in data_dir on first run, unless tls is False.
-    tls: Annotated[bool, _Key(_bool)] = True
-    tls_cert: Annotated[Path | None, _Key(_optional_path, files=_relative_path)] = None
-    tls_key: Annotated[Path | None, _Key(_optional_path, files=_relative_path)] = None
+    tls: Annotated[
+        bool,
+        _Key(_bool, doc="offer STARTTLS (a self-signed pair in data_dir unless tls_cert is set)"),
+    ] = True
+    tls_cert: Annotated[
+        Path | None,
+        _Key(
+            _optional_path,
+            files=_relative_path,
+            doc="certificate chain (PEM file); unset: the self-signed one",
+        ),
+    ] = None
+    tls_key: Annotated[
+        Path | None,
+        _Key(_optional_path, files=_relative_path, doc="private key (PEM file) of tls_cert"),
+    ] = None
     # More certificates (cert, key), chosen by the name a client asks for
     # with SNI; tls_cert (or the self-signed pair) serves everything else.
     sni_certificates: Annotated[
-        tuple[tuple[Path, Path], ...], _Key(_sni_certificates, files=_relative_pairs)
+        tuple[tuple[Path, Path], ...],
+        _Key(
+            _sni_certificates,
+            files=_relative_pairs,
+            doc="more [certificate, key] pairs, chosen by the name a client asks with SNI",
+        ),
     ] = ()
     # RFC 3207 section 4: refuse MAIL with 530 5.7.0 until STARTTLS is done.
-    require_tls: Annotated[bool, _Key(_bool)] = False
+    require_tls: Annotated[
+        bool, _Key(_bool, doc="refuse MAIL with 530 5.7.0 until STARTTLS is done (RFC 3207)")
+    ] = False
     # Submission listeners (RFC 6409, port 587): AUTH is required before
     # MAIL (530 5.7.0), and an authenticated user may address any domain.
-    submission: Annotated[bool, _Key(_bool)] = False
-    # Offer AUTH whenever the users file (``ehlo users add``) holds a user.
-    auth: Annotated[bool, _Key(_bool)] = True
+    submission: Annotated[
+        bool, _Key(_bool, doc="submission (RFC 6409): AUTH before MAIL, then any recipient domain")
+    ] = False
+    auth: Annotated[
+        bool, _Key(_bool, doc="offer AUTH whenever the users file (ehlo users add) holds a user")
+    ] = True
     # Failed AUTH attempts: each reply waits this many seconds (more with
     # each failure); after max_auth_failures from one client IP within
     # auth_lockout seconds, AUTH from that IP gets 421 until the lockout ends.
-    auth_failure_delay: Annotated[float, _Key(_seconds_or_zero)] = 1.0
-    max_auth_failures: Annotated[int, _Key(_positive_int)] = 5
-    auth_lockout: Annotated[float, _Key(_seconds_or_zero)] = 600.0
+    auth_failure_delay: Annotated[
+        float,
+        _Key(_seconds_or_zero, doc="seconds each failed AUTH reply waits (more with each failure)"),
+    ] = 1.0
+    max_auth_failures: Annotated[
+        int,
+        _Key(
+            _positive_int,
+            doc="failed AUTH attempts from one client IP in auth_lockout before 421",
+        ),
+    ] = 5
+    auth_lockout: Annotated[
+        float,
+        _Key(_seconds_or_zero, doc="seconds of the per-IP AUTH failure window and of the lockout"),
+    ] = 600.0
     # Failed AUTH attempts per account, from any address: after
     # max_auth_failures_per_user for one user name within auth_user_lockout
     # seconds, AUTH as that user gets 454 4.7.0 without the password being
     # checked, until the window ends. 0: no per-account limit.
-    max_auth_failures_per_user: Annotated[int, _Key(_count_or_zero)] = 10
-    auth_user_lockout: Annotated[float, _Key(_positive_seconds)] = 600.0
+    max_auth_failures_per_user: Annotated[
+        int, _Key(_count_or_zero, doc="failed AUTH attempts per user name before 454; 0: no limit")
+    ] = 10
+    auth_user_lockout: Annotated[
+        float, _Key(_positive_seconds, doc="seconds of the per-account AUTH failure window")
+    ] = 600.0
     # Password checks run two at a time (in each server process); at most
     # max_auth_queue logins wait for their turn, each at most
     # auth_queue_timeout seconds. A login beyond either gets 454 4.7.0
     # (RFC 4954 section 6: try again later).
-    max_auth_queue: Annotated[int, _Key(_count_or_zero)] = 32
-    auth_queue_timeout: Annotated[float, _Key(_positive_seconds)] = 10.0
+    max_auth_queue: Annotated[
+        int, _Key(_count_or_zero, doc="logins waiting for a password check; beyond, 454 4.7.0")
+    ] = 32
+    auth_queue_timeout: Annotated[
+        float,
+        _Key(_positive_seconds, doc="seconds a login may wait for its password check; beyond, 454"),
+    ] = 10.0
     # Proxies allowed to send a PROXY header on "proxy" listeners (CIDR);
     # other peers of those listeners are disconnected.
-    proxy_trusted: Annotated[tuple[str, ...], _Key(_networks)] = ("127.0.0.0/8", "::1/128")
-    # Seconds a proxy has to send its header.
-    proxy_timeout: Annotated[float, _Key(_positive_seconds)] = 10.0
+    proxy_trusted: Annotated[
+        tuple[str, ...],
+        _Key(_networks, doc="networks (CIDR) allowed to send a PROXY header on proxy listeners"),
+    ] = ("127.0.0.0/8", "::1/128")
+    proxy_timeout: Annotated[
+        float, _Key(_positive_seconds, doc="seconds a proxy has to send its PROXY header")
+    ] = 10.0
     # Limits enforced by the protocol core.
     limits: Annotated[ProtocolLimits, _TABLE] = ProtocolLimits()
     # Connections in total and from one client IP. An idle connection costs
@@ -214,76 +305,157 @@ class ServerConfig:
     # Beyond max_connections_per_ip, 421 4.7.0 (nothing is closed for it).
     # The per-IP limits (these, the rate, AUTH failures) count an IPv6
     # client by its /64 network, an IPv4 one by its address.
-    max_connections: Annotated[int, _Key(_positive_int)] = 10000
-    max_connections_per_ip: Annotated[int, _Key(_positive_int)] = 50
+    max_connections: Annotated[
+        int,
+        _Key(
+            _positive_int,
+            doc="open connections in all; at the limit the longest idle one is closed",
+        ),
+    ] = 10000
+    max_connections_per_ip: Annotated[
+        int,
+        _Key(_positive_int, doc="open connections from one client IP (IPv6: its /64); 421 beyond"),
+    ] = 50
     # Stress mode (like Postfix's): from this fraction of max_connections
     # open, connections idle before or between transactions are closed
     # after stress_timeout seconds instead of command_timeout; the server
     # leaves stress mode when the open connections fall to 10 points below
     # the threshold (70% for 0.8).
-    stress_threshold: Annotated[float, _Key(_fraction)] = 0.8
-    stress_timeout: Annotated[float, _Key(_positive_seconds)] = 10.0
-    # New connections per client IP per minute; 421 4.7.0 beyond. 0: no limit.
-    max_connection_rate: Annotated[int, _Key(_count_or_zero)] = 300
+    stress_threshold: Annotated[
+        float,
+        _Key(_fraction, doc="fraction of max_connections from which idle ones get stress_timeout"),
+    ] = 0.8
+    stress_timeout: Annotated[
+        float, _Key(_positive_seconds, doc="seconds an idle connection may wait in stress mode")
+    ] = 10.0
+    max_connection_rate: Annotated[
+        int,
+        _Key(
+            _count_or_zero,
+            doc="new connections per client IP per minute; 421 beyond; 0: no limit",
+        ),
+    ] = 300
     # Client networks the per-IP limits (connections, rate, AUTH failures)
     # do not apply to.
-    limits_exempt: Annotated[tuple[str, ...], _Key(_networks)] = ("127.0.0.0/8", "::1/128")
+    limits_exempt: Annotated[
+        tuple[str, ...],
+        _Key(_networks, doc="client networks (CIDR) the per-IP limits do not apply to"),
+    ] = ("127.0.0.0/8", "::1/128")
     # Seconds to wait before the banner; a client that talks first (RFC 5321
     # section 3.1: the client waits for the greeting) gets 554 and is dropped.
-    greeting_delay: Annotated[float, _Key(_seconds_or_zero)] = 0.0
+    greeting_delay: Annotated[
+        float,
+        _Key(_seconds_or_zero, doc="seconds before the banner; a client that talks first gets 554"),
+    ] = 0.0
     # A client that pipelines without PIPELINING being offered, or puts
     # commands after one that must end a group (RFC 2920 section 3.1):
     # "record" (logged, noted in the envelope), "reject" (554, dropped), "off".
-    pipelining_violation: Annotated[str, _Key(_choice("record", "reject", "off"))] = "record"
+    pipelining_violation: Annotated[
+        str,
+        _Key(
+            _choice("record", "reject", "off"),
+            doc="commands pipelined against RFC 2920: record, reject or off",
+        ),
+    ] = "record"
     # RFC 8601 section 5: an incoming Authentication-Results field that claims
     # one of our names (hostname, SNI certificate names) as its authserv-id is
     # "rename"d to X-Original-Authentication-Results or "remove"d; the stored
     # envelope counts them (authres_forged).
-    authres_forged: Annotated[str, _Key(_choice("rename", "remove"))] = "rename"
+    authres_forged: Annotated[
+        str,
+        _Key(
+            _choice("rename", "remove"),
+            doc="an Authentication-Results field claiming our name: rename or remove",
+        ),
+    ] = "rename"
     # NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO (not the one required
     # after STARTTLS) and other commands that move no mail: beyond this many
     # in one session, 421 4.7.0. 0: no limit.
-    max_junk_commands: Annotated[int, _Key(_count_or_zero)] = 100
-    # Longest session in seconds, whatever the client does; 421 4.4.2 beyond.
-    max_session_time: Annotated[float, _Key(_positive_seconds)] = 3600.0
+    max_junk_commands: Annotated[
+        int,
+        _Key(
+            _count_or_zero,
+            doc="commands moving no mail (NOOP, RSET...) per session; 0: no limit",
+        ),
+    ] = 100
+    max_session_time: Annotated[
+        float, _Key(_positive_seconds, doc="longest session in seconds; 421 4.4.2 beyond")
+    ] = 3600.0
     # Server processes sharing the listeners (``ehlo serve``), each with its
     # own event loop; the SQLite store then coordinates their writers.
     # 0: one per CPU core this process may run on.
-    workers: Annotated[int, _Key(_count_or_zero)] = 0
+    workers: Annotated[
+        int, _Key(_count_or_zero, doc="server processes sharing the listeners; 0: one per CPU core")
+    ] = 0
     # Where the SQLite store's writer runs: "process" (a child process, away
     # from the event loop's GIL; with several workers, one for all of them)
     # or "thread" (a thread of each server process: no child process).
-    sqlite_writer: Annotated[str, _Key(_choice("process", "thread"))] = "process"
+    sqlite_writer: Annotated[
+        str,
+        _Key(
+            _choice("process", "thread"),
+            doc="where the SQLite store's writer runs: process or thread",
+        ),
+    ] = "process"
     # Set by ``ehlo serve`` for its workers (not a configuration key): the
     # address of the SQLite writer they share.
     sqlite_writer_address: Annotated[str | None, _NOT_A_KEY] = None
     # RFC 5321 section 4.5.3.2.7: at least 5 minutes awaiting a command.
-    command_timeout: Annotated[float, _Key(_positive_seconds)] = 300.0
+    command_timeout: Annotated[
+        float,
+        _Key(_positive_seconds, doc="seconds awaiting a command (RFC 5321 asks for at least 300)"),
+    ] = 300.0
     # Longest wait for more message data (RFC 5321 section 4.5.3.2.5/6 spirit).
-    data_timeout: Annotated[float, _Key(_positive_seconds)] = 180.0
-    # SIGTERM: how long transactions in progress may take to finish.
-    shutdown_timeout: Annotated[float, _Key(_seconds_or_zero)] = 30.0
+    data_timeout: Annotated[
+        float, _Key(_positive_seconds, doc="seconds awaiting more message data")
+    ] = 180.0
+    shutdown_timeout: Annotated[
+        float,
+        _Key(
+            _seconds_or_zero,
+            doc="seconds transactions in progress may take to finish after SIGTERM",
+        ),
+    ] = 30.0
     # DNS servers ("IP" or "IP:PORT") for reverse names and greeting checks;
     # empty: the system's (/etc/resolv.conf).
-    dns_servers: Annotated[tuple[str, ...], _Key(_dns_servers)] = ()
-    # Seconds one DNS lookup may take.
-    dns_timeout: Annotated[float, _Key(_positive_seconds)] = 2.0
+    dns_servers: Annotated[
+        tuple[str, ...],
+        _Key(
+            _dns_servers,
+            doc="DNS servers (IP or IP:PORT) to ask; empty: the system's resolv.conf",
+        ),
+    ] = ()
+    dns_timeout: Annotated[
+        float, _Key(_positive_seconds, doc="seconds one DNS lookup may take")
+    ] = 2.0
     # Greeting verification.
     greeting: Annotated[GreetingConfig, _TABLE] = GreetingConfig()
-    # Look up the client's reverse DNS name for the Received header.
-    reverse_dns: Annotated[bool, _Key(_bool)] = True
-    # Seconds to wait for that name before writing "unknown".
-    reverse_dns_timeout: Annotated[float, _Key(_positive_seconds)] = 2.0
+    reverse_dns: Annotated[
+        bool, _Key(_bool, doc="look up the client's reverse DNS name for the Received header")
+    ] = True
+    reverse_dns_timeout: Annotated[
+        float, _Key(_positive_seconds, doc="seconds to wait for that name before writing unknown")
+    ] = 2.0
     # Started as root: bind the listeners, then run every process (the
     # workers, the SQLite writer) as this user and its groups. The data
     # folder is created as the user's when missing, and must be the user's
     # when it exists. Certificates and keys are read before the switch; a
     # SIGHUP reload reads them as the user. None: no switch (a warning when
     # started as root). Not root: only the current user's name is accepted.
-    user: Annotated[str | None, _Key(_user)] = None
-    # Logging: "text" or "json" lines on stderr.
-    log_format: Annotated[LogFormat, _Key(_choice("text", "json"))] = "text"
-    log_level: Annotated[str, _Key(_choice(*_LOG_LEVELS, fold=True))] = "INFO"
+    user: Annotated[
+        str | None,
+        _Key(_user, doc="started as root: bind, then run every process as this user"),
+    ] = None
+    log_format: Annotated[
+        LogFormat, _Key(_choice("text", "json"), doc="log lines on stderr: text or json")
+    ] = "text"
+    log_level: Annotated[
+        str,
+        _Key(
+            _choice(*_LOG_LEVELS, fold=True),
+            doc="least severe level logged: DEBUG, INFO, WARNING, ERROR or CRITICAL",
+        ),
+    ] = "INFO"
 
 
 # --------------------------------------------------------------------------
@@ -590,7 +762,8 @@ def _keys_of(cls: type) -> dict[str, _Field]:
     """The keys of the dataclass ``cls`` by name, from the ``_Key`` marks of its fields.
 
     TypeError for a field that has neither a ``_Key`` nor a ``_TABLE`` or
-    ``_NOT_A_KEY`` mark: a new field must say how it is configured.
+    ``_NOT_A_KEY`` mark, or whose ``_Key`` has no ``doc``: a new field must
+    say how it is configured and what it means.
     """
     hints = get_type_hints(cls, include_extras=True)
     keys: dict[str, _Field] = {}
@@ -598,10 +771,17 @@ def _keys_of(cls: type) -> dict[str, _Field]:
         marks = getattr(hints[field.name], "__metadata__", ())
         key = next((mark for mark in marks if isinstance(mark, _Key)), None)
         if key is not None:
+            _documented(cls.__name__, field.name, key)
             keys[key.name or field.name] = (field.name, key)
         elif _TABLE not in marks and _NOT_A_KEY not in marks:
             raise TypeError(f"{cls.__name__}.{field.name}: no config key declared")
     return keys
+
+
+def _documented(owner: str, name: str, key: _Key) -> None:
+    """TypeError unless ``key`` has its one-line ``doc``."""
+    if not key.doc.strip() or "\n" in key.doc:
+        raise TypeError(f"{owner}.{name}: the config key needs a one-line doc")
 
 
 def _keys_declared(
@@ -615,6 +795,8 @@ def _keys_declared(
     missing = [name for name in names if name not in declared and name not in not_keys]
     if missing:
         raise TypeError(f"{cls.__name__}.{missing[0]}: no config key declared")
+    for name, key in declared.items():
+        _documented(cls.__name__, name, key)
     return {
         (declared[name].name or name): (name, declared[name]) for name in names if name in declared
     }
@@ -627,19 +809,29 @@ _SERVER_KEYS = _keys_of(ServerConfig)
 # server sets itself (STARTTLS and the AUTH mechanisms it can offer) are
 # not keys.
 _LIMIT_CHECKS: dict[str, _Key] = {
-    "max_message_size": _Key(_size),
-    "max_recipients": _Key(_positive_int),
-    "max_command_line": _Key(_command_line),
-    "max_text_line": _Key(_text_line),
-    "max_errors": _Key(_positive_int),
-    "bare_newline": _Key(_choice("normalize", "reject")),
-    "nul": _Key(_choice("keep", "reject")),
-    "pipelining": _Key(_bool),
-    "chunking": _Key(_bool),
-    "smtputf8": _Key(_bool),
-    "eightbitmime": _Key(_bool),
-    "enhancedstatuscodes": _Key(_bool),
-    "auth_plaintext": _Key(_bool),
+    "max_message_size": _Key(
+        _size, doc="largest message in octets (advertised with SIZE); 0: no limit"
+    ),
+    "max_recipients": _Key(_positive_int, doc="recipients of one message (RFC 5321: at least 100)"),
+    "max_command_line": _Key(
+        _command_line, doc="longest command line in octets with its CRLF (at least 512)"
+    ),
+    "max_text_line": _Key(
+        _text_line, doc="longest message line in octets with its CRLF (at least 1000); 0: any"
+    ),
+    "max_errors": _Key(
+        _positive_int, doc="5xx replies in one session before it is closed with 421 4.7.0"
+    ),
+    "bare_newline": _Key(
+        _choice("normalize", "reject"), doc="bare CR or LF in DATA: normalize (to CRLF) or reject"
+    ),
+    "nul": _Key(_choice("keep", "reject"), doc="NUL octets in a body: keep, or reject (554 5.6.0)"),
+    "pipelining": _Key(_bool, doc="offer PIPELINING (RFC 2920)"),
+    "chunking": _Key(_bool, doc="offer CHUNKING, BDAT (RFC 3030)"),
+    "smtputf8": _Key(_bool, doc="offer SMTPUTF8 (RFC 6531)"),
+    "eightbitmime": _Key(_bool, doc="offer 8BITMIME (RFC 6152)"),
+    "enhancedstatuscodes": _Key(_bool, doc="offer ENHANCEDSTATUSCODES (RFC 2034)"),
+    "auth_plaintext": _Key(_bool, doc="offer AUTH without TLS (passwords in clear text)"),
 }
 _LIMIT_NOT_KEYS = frozenset({"starttls", "auth_mechanisms"})
 _LIMIT_KEYS = _keys_declared(ProtocolLimits, _LIMIT_CHECKS, _LIMIT_NOT_KEYS)
@@ -660,6 +852,30 @@ CONFIG_KEYS: tuple[str, ...] = (
     *_TABLE_NAMES,
     *(f"{table}.{key}" for table, keys in _TABLES.items() for key in keys),
 )
+
+
+# What each table holds, in one line (``ehlo config defaults`` prints it).
+TABLE_DOCS: dict[str, str] = {
+    _LIMITS: "what the protocol core enforces on every session",
+    _GREETING: "greeting verification: the checks of the HELO/EHLO name",
+    _CHECKS_TABLE: "per-check modes over the preset: NAME = off | record | defer | reject",
+}
+
+
+def key_values(config: ServerConfig) -> list[tuple[str, Any, str]]:
+    """Every key of ``config`` with its value and its one-line doc.
+
+    The top-level keys first, in the order they are declared, then the
+    ``limits`` and ``greeting`` keys, dotted. The entries of
+    ``[greeting.checks]`` are ``config.greeting.checks``.
+    """
+    rows: list[tuple[str, Any, str]] = []
+    for table, keys in (("", _SERVER_KEYS), *_TABLES.items()):
+        holder = getattr(config, table) if table else config
+        prefix = f"{table}." if table else ""
+        for key, (name, spec) in keys.items():
+            rows.append((prefix + key, getattr(holder, name), spec.doc))
+    return rows
 
 
 def _known_keys() -> list[str]:

@@ -4,11 +4,16 @@ This module owns the ``users`` subcommand (its argparse definitions,
 registered into the main ``ehlo`` parser by :func:`add_users_command`),
 reading a new password and the messages and exit codes:
 
-* ``ehlo users add NAME [--data DIR]``: the password is asked twice on the
-  terminal, or read from the first line of stdin when stdin is not a
-  terminal; it is never taken from the command line;
-* ``ehlo users remove NAME [--data DIR]``;
-* ``ehlo users list [--data DIR] [--json]``.
+* ``ehlo users add NAME [--data DIR | --config FILE]``: the password is
+  asked twice on the terminal, or read from the first line of stdin when
+  stdin is not a terminal; it is never taken from the command line;
+* ``ehlo users remove NAME [--data DIR | --config FILE]``;
+* ``ehlo users list [--data DIR | --config FILE] [--json]``.
+
+The users file is in the data folder: ``--data``, else the ``data_dir`` of
+the ``--config`` file (read by the function the ``ehlo`` command gives
+:func:`add_users_command`, as this package sits below the configuration),
+else ``./ehlo-data``.
 
 Exit status 0 on success, 1 for a failure (one line ``ehlo: error: ...``
 on stderr, never a traceback), 2 for a usage error.
@@ -20,6 +25,7 @@ import argparse
 import getpass
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -56,13 +62,22 @@ def _data_option(parser: argparse.ArgumentParser) -> None:
         "--data",
         metavar="DIR",
         type=Path,
-        default=Path(DEFAULT_DATA_DIR),
-        help=f"data folder holding the users file (default: ./{DEFAULT_DATA_DIR})",
+        help="data folder holding the users file"
+        f" (default: data_dir of --config, else ./{DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", type=Path, help="TOML configuration file (its data_dir)"
     )
 
 
-def add_users_command(subparsers: Any) -> None:
-    """Register ``users`` (``add``, ``remove``, ``list``) on the ``ehlo`` parser's subparsers."""
+def add_users_command(
+    subparsers: Any, *, config_data_dir: Callable[[Path], Path] | None = None
+) -> None:
+    """Register ``users`` (``add``, ``remove``, ``list``) on the ``ehlo`` parser's subparsers.
+
+    ``config_data_dir`` reads the data folder of a ``--config`` file (its
+    errors reach the caller); without it, ``--config`` is refused.
+    """
     users = subparsers.add_parser(
         "users",
         help="add, remove or list the users of SMTP AUTH",
@@ -91,7 +106,9 @@ def add_users_command(subparsers: Any) -> None:
     _data_option(listing)
     listing.add_argument("--json", action="store_true", help="a JSON array of names")
 
-    users.set_defaults(func=run_users, action=None, users_parser=users)
+    users.set_defaults(
+        func=run_users, action=None, users_parser=users, config_data_dir=config_data_dir
+    )
 
 
 def run_users(args: argparse.Namespace) -> int:
@@ -103,7 +120,15 @@ def run_users(args: argparse.Namespace) -> int:
             parser.print_usage(sys.stderr)
         _error("choose an action: add, remove, list")
         return EXIT_USAGE
-    store = UserStore(args.data)
+    data: Path | None = args.data
+    config: Path | None = getattr(args, "config", None)
+    if data is None and config is not None:
+        read_data_dir: Callable[[Path], Path] | None = getattr(args, "config_data_dir", None)
+        if read_data_dir is None:
+            _error("--config is not available here: give the data folder with --data")
+            return EXIT_USAGE
+        data = read_data_dir(config)
+    store = UserStore(data if data is not None else Path(DEFAULT_DATA_DIR))
     try:
         if action == "add":
             password = _read_password(args.name)

@@ -5,7 +5,9 @@ its own module and registers its parser here: ``serve`` (:mod:`.serve`:
 options to configuration, then :func:`ehlo.server.supervisor.serve`),
 ``check-helo`` (:mod:`.check_helo`: what the greeting checks make of a
 HELO/EHLO name, exit 0 whatever the verdict), ``messages list/show``
-(:mod:`.messages`: what a store holds); ``users`` is registered by
+(:mod:`.messages`: what a store holds), ``config defaults/check``
+(:mod:`.config`: every configuration key with its default and meaning, or
+the settings a file makes); ``users`` is registered by
 :mod:`ehlo.auth.cli`, ``send`` and ``probe`` by :mod:`ehlo.client.cli`.
 Every failure the user can cause reaches them as ONE line
 ``ehlo: error: ...`` on stderr, never a traceback:
@@ -27,12 +29,14 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import __version__
-from ..config import ConfigError
+from ..config import ConfigError, load_config
 from ..storage import StoreError
 from ._common import Failure, Parser, usage
 from .check_helo import add_check_helo_command
+from .config import add_config_command
 from .messages import add_messages_command, message_json
 from .serve import add_serve_command
 
@@ -41,7 +45,7 @@ __all__ = ["Failure", "build_parser", "main", "message_json"]
 PROG = "ehlo"
 
 # Commands that need neither the client nor the user database.
-_SERVER_COMMANDS = frozenset({"serve", "check-helo", "messages"})
+_SERVER_COMMANDS = frozenset({"serve", "check-helo", "messages", "config"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -61,6 +65,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_serve_command(commands)
     add_check_helo_command(commands)
     add_messages_command(commands)
+    add_config_command(commands)
     if command is None or command in ("send", "probe"):
         from ..client.cli import add_client_commands
 
@@ -68,13 +73,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if command is None or command == "users":
         from ..auth.cli import add_users_command
 
-        add_users_command(commands)
+        add_users_command(commands, config_data_dir=_config_data_dir)
     parser.set_defaults(
         func=lambda _args: usage(
-            parser, "choose a command: serve, check-helo, messages, users, send, probe"
+            parser, "choose a command: serve, check-helo, messages, config, users, send, probe"
         )
     )
     return parser
+
+
+def _config_data_dir(path: Path) -> Path:
+    """The data folder a configuration file names (``ehlo users --config``)."""
+    return load_config(path).data_dir
 
 
 # --------------------------------------------------------------------------

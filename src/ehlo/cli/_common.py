@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -129,6 +129,38 @@ def store_options(parser: argparse.ArgumentParser, *, kinds: Sequence[str]) -> N
     )
     parser.add_argument("--store", choices=kinds, help="storage backend (default: sqlite)")
     parser.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
+
+
+def show_defaults(parser: argparse.ArgumentParser, labels: Mapping[str, str]) -> None:
+    """Add "(default: X)" to the help of the options that set a config key.
+
+    ``labels`` maps config keys to the options that set them (the labels
+    given to ``load_config``); X is the key's default in ``ServerConfig``.
+    Help that already names its default, and keys without one, are left
+    as they are.
+    """
+    from ..config import ServerConfig, key_values
+
+    defaults = {key: value for key, value, _doc in key_values(ServerConfig())}
+    options = {option: key for key, option in labels.items()}
+    for action in parser._actions:
+        key = next((options[o] for o in action.option_strings if o in options), None)
+        if key is None or key not in defaults or "default" in (action.help or ""):
+            continue
+        shown = _default_text(defaults[key])
+        if shown:
+            action.help = f"{action.help or ''} (default: {shown})".lstrip()
+
+
+def _default_text(value: Any) -> str:
+    """A default as the help shows it; "" for none (None, an empty list, a switch)."""
+    if value is None or isinstance(value, bool):
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ", ".join(filter(None, map(_default_text, value)))
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def usage(parser: argparse.ArgumentParser, what: str) -> int:

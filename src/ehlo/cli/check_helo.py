@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, ServerConfig, load_config
-from ._common import Failure, greeting_options, greeting_overrides, safe, text_output
+from ._common import (
+    GREETING_LABELS,
+    Failure,
+    greeting_options,
+    greeting_overrides,
+    safe,
+    show_defaults,
+    text_output,
+)
 
 if TYPE_CHECKING:
     from ..greeting import CheckResult, Decision, GreetingPolicy, GreetingReport
@@ -57,6 +65,7 @@ def add_check_helo_command(commands: Any) -> None:
     greeting_options(check, stage=False)
     check.add_argument("--json", action="store_true", help="one JSON object")
     check.set_defaults(func=_check_helo, verb="EHLO")
+    show_defaults(check, GREETING_LABELS)
 
 
 def _client_ip(text: str) -> str:

@@ -19,7 +19,16 @@ from typing import Any
 
 from ..config import ConfigError, Listen, ServerConfig, load_config
 from ..log import configure_logging
-from ._common import Failure, count, greeting_options, greeting_overrides, seconds, store_options
+from ._common import (
+    GREETING_LABELS,
+    Failure,
+    count,
+    greeting_options,
+    greeting_overrides,
+    seconds,
+    show_defaults,
+    store_options,
+)
 
 # Option -> config key, for error messages that name what the user typed.
 _SERVE_LABELS = {
@@ -144,6 +153,7 @@ def add_serve_command(commands: Any) -> None:
         help="least severe level logged (default: INFO)",
     )
     serve.set_defaults(func=_serve)
+    show_defaults(serve, {**_SERVE_LABELS, **GREETING_LABELS})
 
 
 def _serve_config(args: argparse.Namespace) -> ServerConfig:
