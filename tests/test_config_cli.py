@@ -209,9 +209,9 @@ def test_every_serve_option_with_a_value_names_its_default() -> None:
     )
     # Options that take a value and have a default; those without one
     # (certificates, SNI pairs, --config, --listen-tls, --helo-check,
-    # --trusted-network) have nothing to show.
+    # --trusted-network, --user) have nothing to show.
     without = {"--config", "--tls-cert", "--tls-key", "--sni", "--listen-tls", "--helo-check"}
-    without |= {"--trusted-network", "--help"}
+    without |= {"--trusted-network", "--user", "--help"}
     for action in serve._actions:
         option = action.option_strings[-1]
         if action.nargs == 0 or option in without:
