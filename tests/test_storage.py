@@ -40,6 +40,7 @@ from ehlo.storage import (
     open_store,
 )
 from ehlo.storage._batch import BatchWriter, Commit
+from ehlo.storage._sqlite_db import search_row
 from ehlo.storage._sqlite_process import WriterProcess
 from ehlo.storage.base import HeaderSniffer, JSONText, extract_subject
 from ehlo.storage.sqlite import CHUNK_SIZE
@@ -886,11 +887,16 @@ async def test_sqlite_writer_process_reports_an_unusable_database(tmp_path: Path
 
 
 def _row(envelope: Envelope, size: int) -> tuple[object, ...]:
-    """A messages row as the store builds it (COLUMNS order)."""
+    """A messages row as the store builds it (COLUMNS order, then the search row)."""
+    received_at = envelope.received_at.isoformat()
     return (
-        envelope.queue_id, envelope.received_at.isoformat(), envelope.client_ip,
+        envelope.queue_id, received_at, envelope.client_ip,
         envelope.client_port, envelope.greeting, envelope.greeting_name, envelope.mail_from,
-        "{}", "[]", None, envelope.protocol, envelope.server_name, "{}", size, None,
+        "{}", "[]", None, envelope.protocol, envelope.server_name, "{}", size, None, None,
+        search_row(
+            envelope.queue_id, received_at, envelope.mail_from, [], None, envelope.greeting,
+            False, {},
+        ),
     )  # fmt: skip
 
 
