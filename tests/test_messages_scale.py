@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
+from ehlo import storage
 from ehlo.ids import new_queue_id
-from ehlo.storage import Envelope, Query, Retention, SQLiteStore, open_store
+from ehlo.storage import Envelope, SQLiteStore, open_store
 from ehlo.storage.base import JSONText
 
 from .conftest import ThreadedServer
@@ -192,7 +193,7 @@ def test_paging_covers_all_without_overlap(big_store: Path) -> None:
     seen: list[str] = []
     before = None
     for _ in range(30):
-        ids = [m.envelope.queue_id for m in store.search(Query(limit=7000, before=before))]
+        ids = [m.envelope.queue_id for m in store.search(storage.Query(limit=7000, before=before))]
         if not ids:
             break
         seen += ids
@@ -290,13 +291,13 @@ def test_prune_by_count_and_age(tmp_path: Path, kind: str) -> None:
 
     asyncio.run(fill())
     store = open_store(kind, data)
-    ids = [m.envelope.queue_id for m in store.search(Query())]
+    ids = [m.envelope.queue_id for m in store.search(storage.Query())]
     assert len(ids) == len(ages)
     if kind == "sqlite":  # the Maildir store tells age by the file names (all made now)
-        assert store.prune(Retention(keep_days=1)) == 2
-        assert [m.envelope.queue_id for m in store.search(Query())] == ids[:3]
-    assert store.prune(Retention(keep_messages=2)) == (1 if kind == "sqlite" else 3)
-    assert [m.envelope.queue_id for m in store.search(Query())] == ids[:2]
+        assert store.prune(storage.Retention(keep_days=1)) == 2
+        assert [m.envelope.queue_id for m in store.search(storage.Query())] == ids[:3]
+    assert store.prune(storage.Retention(keep_messages=2)) == (1 if kind == "sqlite" else 3)
+    assert [m.envelope.queue_id for m in store.search(storage.Query())] == ids[:2]
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "maildir"])
