@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..ids import new_queue_id
-from .base import JSONText, create_private, private_dir
+from .base import create_private, private_dir
 
 # Whether lock files can be held with flock (not on Windows).
 HAVE_FLOCK = sys.platform != "win32"
@@ -162,7 +162,7 @@ def search_row(
         greeting.upper(),
         1 if tls else 0,
         fold(user) if isinstance(user, str) else None,
-        checks_text(str(report) if isinstance(report, JSONText) else report),
+        checks_text(report),
     )
 
 
