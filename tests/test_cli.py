@@ -164,7 +164,8 @@ def send_ehlo_starttls(server: ServerProcess) -> None:
 
 
 def list_json(data: Path, *args: str) -> list[dict[str, Any]]:
-    result = run("messages", "list", "--json", "--data", str(data), *args)
+    every = () if "--limit" in args else ("--all",)  # a page is 20 messages by default
+    result = run("messages", "list", "--json", "--data", str(data), *every, *args)
     assert result.returncode == 0, result.stderr
     listed = json.loads(result.stdout)
     assert isinstance(listed, list)

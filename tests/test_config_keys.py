@@ -70,6 +70,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "max_session_time": ("60", 60.0),
     "workers": ("2", 2),
     "user": ('"ehlo"', "ehlo"),
+    "keep_messages": ("500", 500),
+    "keep_days": ("1.5", 1.5),
     "sqlite_writer": ('"thread"', "thread"),
     "command_timeout": ("301", 301.0),
     "data_timeout": ("181", 181.0),

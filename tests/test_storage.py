@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +34,7 @@ from ehlo.storage import (
     Envelope,
     MaildirStore,
     NullStore,
+    Query,
     SQLiteStore,
     Store,
     StoreError,
@@ -40,6 +42,7 @@ from ehlo.storage import (
     open_store,
 )
 from ehlo.storage._batch import BatchWriter, Commit
+from ehlo.storage._sqlite_db import search_row
 from ehlo.storage._sqlite_process import WriterProcess
 from ehlo.storage.base import HeaderSniffer, JSONText, extract_subject
 from ehlo.storage.sqlite import CHUNK_SIZE
@@ -886,11 +889,16 @@ async def test_sqlite_writer_process_reports_an_unusable_database(tmp_path: Path
 
 
 def _row(envelope: Envelope, size: int) -> tuple[object, ...]:
-    """A messages row as the store builds it (COLUMNS order)."""
+    """A messages row as the store builds it (COLUMNS order, then the search row)."""
+    received_at = envelope.received_at.isoformat()
     return (
-        envelope.queue_id, envelope.received_at.isoformat(), envelope.client_ip,
+        envelope.queue_id, received_at, envelope.client_ip,
         envelope.client_port, envelope.greeting, envelope.greeting_name, envelope.mail_from,
-        "{}", "[]", None, envelope.protocol, envelope.server_name, "{}", size, None,
+        "{}", "[]", None, envelope.protocol, envelope.server_name, "{}", size, None, None,
+        search_row(
+            envelope.queue_id, received_at, envelope.mail_from, [], None, envelope.greeting,
+            False, {},
+        ),
     )  # fmt: skip
 
 
@@ -997,3 +1005,73 @@ def test_wire_stream_reader_reads_frames_and_bodies_cut_anywhere() -> None:
         select.select([theirs], [], [], 5.0)
         assert reader.receive(theirs, scratch) is None  # the end of the stream
     assert got == expected
+
+
+# The messages table as versions before the search table wrote it.
+_VERSION_0_SCHEMA = """
+CREATE TABLE messages (
+    queue_id TEXT PRIMARY KEY, received_at TEXT NOT NULL, client_ip TEXT NOT NULL,
+    client_port INTEGER NOT NULL, greeting TEXT NOT NULL, greeting_name TEXT NOT NULL,
+    mail_from TEXT NOT NULL, mail_params TEXT NOT NULL, rcpt_to TEXT NOT NULL, tls TEXT,
+    protocol TEXT NOT NULL, server_name TEXT NOT NULL, extra TEXT NOT NULL,
+    size INTEGER NOT NULL, subject TEXT
+);
+CREATE INDEX messages_received_at ON messages (received_at);
+CREATE TABLE chunks (
+    queue_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (queue_id, seq)
+);
+CREATE TABLE pending (queue_id TEXT PRIMARY KEY, owner TEXT NOT NULL);
+"""
+
+
+@pytest.mark.parametrize("opened_by", ["reader", "writer"])
+async def test_an_older_database_is_upgraded_in_place(tmp_path: Path, opened_by: str) -> None:
+    # A database without the search table and size_received: the first
+    # reader (the command line) or writer (a server) upgrades it, and the
+    # filters then find its messages; new messages join them.
+    path = tmp_path / "ehlo.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(_VERSION_0_SCHEMA)
+    report = json.dumps({"forward_match": {"result": "fail", "reason": "", "evidence": {}}})
+    for n in range(3):
+        conn.execute(
+            "INSERT INTO messages VALUES (?, ?, '192.0.2.1', 25, ?, 'old.example', ?, '{}', ?,"
+            " NULL, 'ESMTP', 'mx', ?, 10, ?)",
+            (
+                f"06H00000000000{n}A",
+                f"2025-01-0{n + 1}T00:00:00.000000+00:00",
+                "HELO" if n == 1 else "EHLO",
+                f"Old{n}@Example.org",
+                json.dumps([f"rcpt{n}@example.net"]),
+                json.dumps({"greeting_checks": json.loads(report)} if n == 2 else {}),
+                f"Subject {n}",
+            ),
+        )
+        conn.execute("INSERT INTO chunks VALUES (?, 0, ?)", (f"06H00000000000{n}A", b"x" * 10))
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path, writer="thread")
+    if opened_by == "writer":
+        await store.start()
+        writer = store.begin(make_envelope(mail_from="new@example.org"))
+        writer.write(b"Subject: new\r\n\r\nx\r\n")
+        await writer.commit()
+        await store.close()
+
+    def subjects(**filters: Any) -> list[str | None]:
+        return [m.subject for m in store.search(Query(**filters))]
+
+    assert subjects(mail_from="OLD1@example") == ["Subject 1"]
+    assert subjects(rcpt_to="rcpt2@") == ["Subject 2"]
+    assert subjects(greeting="HELO") == ["Subject 1"]
+    assert subjects(checks=(("forward_match", "fail"),)) == ["Subject 2"]
+    assert subjects(subject="subject") == ["Subject 2", "Subject 1", "Subject 0"]
+    assert [m.size_received for m in store.search(Query(subject="subject"))] == [None] * 3
+    expected = 4 if opened_by == "writer" else 3
+    assert len(list(store.search(Query()))) == expected
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert check.execute("SELECT count(*) FROM search").fetchone()[0] == expected
+    assert store.delete(["06H000000000000A"]) == ["06H000000000000A"]
+    assert subjects(subject="subject") == ["Subject 2", "Subject 1"]

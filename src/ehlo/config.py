@@ -400,6 +400,17 @@ class ServerConfig:
     # Set by ``ehlo serve`` for its workers (not a configuration key): the
     # address of the SQLite writer they share.
     sqlite_writer_address: Annotated[str | None, _NOT_A_KEY] = None
+    # Retention while serving, oldest messages first, in small batches (body
+    # files too; SQLite and Maildir): keep at most this many messages...
+    # 0: no limit.
+    keep_messages: Annotated[
+        int, _Key(_count_or_zero, doc="keep at most this many messages, the oldest deleted first")
+    ] = 0
+    # ...and only those received in the last this many days (fractions
+    # allowed). 0: no limit.
+    keep_days: Annotated[
+        float, _Key(_days_or_zero, doc="delete messages older than this many days; 0: never")
+    ] = 0.0
     # RFC 5321 section 4.5.3.2.7: at least 5 minutes awaiting a command.
     command_timeout: Annotated[
         float,
@@ -550,6 +561,16 @@ def _positive_seconds(label: str, value: Any) -> float:
 
 def _seconds_or_zero(label: str, value: Any) -> float:
     return _seconds(label, value, allow_zero=True)
+
+
+def _days_or_zero(label: str, value: Any) -> float:
+    expected = "a number of days >= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(label, expected, value)
+    days = float(value)
+    if days != days or days < 0 or days == float("inf"):
+        raise _fail(label, expected, value)
+    return days
 
 
 def _bool(label: str, value: Any) -> bool:

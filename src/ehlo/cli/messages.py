@@ -1,19 +1,29 @@
-"""``ehlo messages list`` and ``ehlo messages show ID``: what a store holds.
+"""``ehlo messages list``, ``show ID`` and ``delete``: what a store holds.
 
-The store is named by ``--data``/``--store``/``--config`` (a folder written
-by ``serve --store maildir`` is found without ``--store``). ``list`` prints
-a table, newest first, or a JSON array; ``show`` prints the envelope and
-the message (control characters escaped), ``--raw`` the exact stored bytes,
-``--json`` the envelope.
+The store is named by ``--data``/``--store``/``--config``; without
+``--store``, the kind the data folder records (its ``store`` file) is
+used, and an explicit ``--store`` of the other kind is a one-line error.
+``list`` streams, newest first: a page of ``--limit`` messages (20 by
+default, ``--all`` for every one), ``--before ID``/``--after ID`` for the
+next and previous pages, and filters (sender, recipient, subject, time,
+greeting verb, greeting check results, TLS, authenticated user); as one
+text line per message, a JSON array (``--json``) or one JSON object per
+line (``--jsonl``), with the fields :data:`LIST_FIELDS`. ``show`` prints
+the envelope and the message (control characters escaped), ``--raw`` the
+exact stored bytes, ``--json`` the whole envelope (greeting checks
+included). ``delete`` removes messages for good, by id, ``--all``,
+``--before DATE`` or the list filters.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,23 +31,57 @@ from ..config import load_config, read_config_file
 from ._common import Failure, Parser, count, safe, store_options, text_output, usage
 
 if TYPE_CHECKING:
-    from ..storage import Store, StoredMessage
+    from ..storage import Query, Store, StoredMessage
+
+# ``messages list`` shows this many messages unless told otherwise.
+DEFAULT_LIMIT = 20
+# The keys of each message ``messages list --json``/``--jsonl`` prints, in order.
+LIST_FIELDS = (
+    "id",
+    "received_at",
+    "client_ip",
+    "client_port",
+    "greeting",
+    "greeting_name",
+    "mail_from",
+    "mail_params",
+    "rcpt_to",
+    "tls",
+    "protocol",
+    "server_name",
+    "auth",
+    "greeting_verdict",
+    "size",
+    "size_received",
+    "subject",
+)
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def add_messages_command(commands: Any) -> None:
-    """Register ``messages`` (``list``, ``show``) on the ``ehlo`` parser's subparsers."""
+    """Register ``messages`` (``list``, ``show``, ``delete``) on the ``ehlo`` parser."""
     messages = commands.add_parser(
         "messages",
-        help="list or show stored messages",
-        description="List or show the messages a store holds.",
+        help="list, show or delete stored messages",
+        description="List, show or delete the messages a store holds.",
     )
     actions = messages.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     listing = actions.add_parser(
         "list", help="list messages, newest first", description="List messages, newest first."
     )
     store_options(listing, kinds=("sqlite", "maildir"))
-    listing.add_argument("--json", action="store_true", help="a JSON array of envelopes")
-    listing.add_argument("--limit", type=count, metavar="N", help="at most N messages")
+    form = listing.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="a JSON array of envelopes")
+    form.add_argument("--jsonl", action="store_true", help="one JSON envelope per line")
+    size = listing.add_mutually_exclusive_group()
+    size.add_argument(
+        "--limit", type=count, metavar="N", help=f"at most N messages (default {DEFAULT_LIMIT})"
+    )
+    size.add_argument("--all", action="store_true", help="every message selected")
+    listing.add_argument("--before", metavar="ID", help="only messages older than message ID")
+    listing.add_argument("--after", metavar="ID", help="only messages newer than message ID")
+    _filter_options(listing)
     listing.set_defaults(func=_list)
 
     show = actions.add_parser(
@@ -49,12 +93,93 @@ def add_messages_command(commands: Any) -> None:
     form.add_argument("--raw", action="store_true", help="the exact stored bytes")
     form.add_argument("--json", action="store_true", help="the envelope as JSON")
     show.set_defaults(func=_show)
-    messages.set_defaults(func=lambda _args: usage(messages, "choose list or show"))
+
+    delete = actions.add_parser(
+        "delete",
+        help="delete messages for good",
+        description="Delete messages (and their body files) for good: by id, every one"
+        " (--all), those received before a date, or those the filters select.",
+    )
+    delete.add_argument("ids", nargs="*", metavar="ID", help="message ids (queue ids)")
+    store_options(delete, kinds=("sqlite", "maildir"))
+    delete.add_argument("--all", action="store_true", help="every message (with the filters)")
+    delete.add_argument(
+        "--before", type=moment, metavar="DATE", help="messages received before DATE (or 2h, 3d)"
+    )
+    _filter_options(delete)
+    delete.set_defaults(func=_delete)
+    messages.set_defaults(func=lambda _args: usage(messages, "choose list, show or delete"))
+
+
+def _filter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="mail_from", metavar="TEXT", help="sender contains TEXT")
+    parser.add_argument("--to", dest="rcpt_to", metavar="TEXT", help="a recipient contains TEXT")
+    parser.add_argument("--subject", metavar="TEXT", help="subject contains TEXT")
+    parser.add_argument(
+        "--since",
+        type=moment,
+        metavar="WHEN",
+        help="received at or after WHEN (ISO date or 2h, 3d)",
+    )
+    parser.add_argument(
+        "--until", type=moment, metavar="WHEN", help="received before WHEN (ISO date or 2h, 3d)"
+    )
+    parser.add_argument("--greeting", choices=("helo", "ehlo"), help="greeted with HELO or EHLO")
+    parser.add_argument(
+        "--check",
+        type=check_result,
+        action="append",
+        default=[],
+        metavar="NAME=RESULT",
+        help="a greeting check's result, e.g. forward_match=fail (repeatable)",
+    )
+    parser.add_argument("--tls", choices=("yes", "no"), help="received over TLS, or not")
+    parser.add_argument("--auth", metavar="USER", help="authenticated as USER")
+
+
+def moment(text: str) -> dt.datetime:
+    """``--since``/``--until``/``--before``: an ISO date or time (UTC unless it says), or
+    a time ago: a number and s, m, h, d or w (``90m``, ``2h``, ``3d``)."""
+    found = _RELATIVE.fullmatch(text.strip())
+    if found:
+        ago = float(found.group(1)) * _UNITS[found.group(2)]
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=ago)
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO date (2026-01-31, 2026-01-31T08:00) or an age (2h, 3d), got {text!r}"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def check_result(text: str) -> tuple[str, str]:
+    name, sep, result = text.partition("=")
+    if not sep or not name.strip() or not result.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=RESULT (forward_match=fail), got {text!r}")
+    return name.strip(), result.strip()
+
+
+def _query(args: argparse.Namespace, **paging: Any) -> Query:
+    from ..storage import Query
+
+    return Query(
+        mail_from=args.mail_from,
+        rcpt_to=args.rcpt_to,
+        subject=args.subject,
+        since=args.since,
+        until=args.until,
+        greeting=args.greeting.upper() if args.greeting else None,
+        checks=tuple(args.check),
+        tls=None if args.tls is None else args.tls == "yes",
+        auth=args.auth,
+        **paging,
+    )
 
 
 def _open_store(args: argparse.Namespace) -> Store:
     """The store named by --data/--store/--config, for reading."""
-    from ..storage import open_store
+    from ..storage import open_store, stored_kind
 
     labels = {"data_dir": "--data", "store": "--store"}
     config = load_config(args.config, {"data_dir": args.data, "store": args.store}, labels=labels)
@@ -62,22 +187,50 @@ def _open_store(args: argparse.Namespace) -> Store:
     if not data.is_dir():
         raise Failure(f"data folder {data} does not exist (give it with --data DIR)")
     kind: str = config.store
-    if kind == "null":
-        raise Failure("the null store keeps no messages (choose --store sqlite or maildir)")
     explicit = args.store is not None or (
         args.config is not None and "store" in read_config_file(args.config)
     )
-    if not explicit and not (data / "ehlo.sqlite3").exists() and (data / "maildir").is_dir():
-        kind = "maildir"  # the folder was written by `serve --store maildir`
+    held = stored_kind(data)
+    if not explicit and held is not None:
+        kind = held  # the kind the folder records (``serve --store maildir`` wrote it)
+    if kind == "null":
+        raise Failure("the null store keeps no messages (choose --store sqlite or maildir)")
     return open_store(kind, data)
 
 
 def message_json(message: StoredMessage) -> dict[str, Any]:
-    """A stored message as ``messages --json`` prints it: envelope, size, subject."""
-    data = message.envelope.to_json()
-    data["size"] = message.size
-    data["subject"] = message.subject
+    """A stored message as ``messages show --json`` prints it: the fields of
+    ``list --json`` and the rest of the envelope (greeting checks included)."""
+    data = list_json(message)
+    for key, value in message.envelope.to_json().items():
+        data.setdefault(key, value)  # greeting_checks, violations, authres_forged, extra
     return data
+
+
+def list_json(message: StoredMessage) -> dict[str, Any]:
+    """A stored message as ``messages list --json`` prints it: :data:`LIST_FIELDS`."""
+    env = message.envelope
+    extra = env.extra
+    verdict = extra.get("greeting_verdict")
+    return {
+        "id": env.queue_id,
+        "received_at": env.received_at.isoformat(),
+        "client_ip": env.client_ip,
+        "client_port": env.client_port,
+        "greeting": env.greeting,
+        "greeting_name": env.greeting_name,
+        "mail_from": env.mail_from,
+        "mail_params": dict(env.mail_params),
+        "rcpt_to": list(env.rcpt_to),
+        "tls": dict(env.tls) if env.tls else None,
+        "protocol": env.protocol,
+        "server_name": env.server_name,
+        "auth": extra.get("auth"),
+        "greeting_verdict": json.loads(verdict) if isinstance(verdict, str) else verdict,
+        "size": message.size,
+        "size_received": message.size_received,
+        "subject": message.subject,
+    }
 
 
 def _clip(text: str, width: int) -> str:
@@ -91,43 +244,100 @@ def _when(message: StoredMessage) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _table(messages: Sequence[StoredMessage]) -> str:
-    header = ("ID", "RECEIVED (UTC)", "FROM", "TO", "SIZE", "SUBJECT")
-    rows = [header]
-    for message in messages:
-        env = message.envelope
-        rcpts = ", ".join(env.rcpt_to)
-        rows.append(
-            (
-                safe(env.queue_id),
-                _when(message),
-                _clip(safe(f"<{env.mail_from}>"), 40),
-                _clip(safe(rcpts), 40),
-                str(message.size),
-                _clip(safe(message.subject or ""), 60),
-            )
+# Text columns: fixed widths, so that each line is printed as soon as it is read.
+_HEADER = ("ID", "RECEIVED (UTC)", "FROM", "TO", "SIZE", "SUBJECT")
+_WIDTHS = (16, 19, 32, 32, 9)
+
+
+def _line(cells: tuple[str, ...]) -> str:
+    out = [
+        cell.rjust(width) if i == 4 else cell.ljust(width)
+        for i, (cell, width) in enumerate(zip(cells, _WIDTHS, strict=False))
+    ]
+    return "  ".join([*out, cells[-1]]).rstrip()
+
+
+def _text_line(message: StoredMessage) -> str:
+    env = message.envelope
+    return _line(
+        (
+            safe(env.queue_id),
+            _when(message),
+            _clip(safe(f"<{env.mail_from}>"), _WIDTHS[2]),
+            _clip(safe(", ".join(env.rcpt_to)), _WIDTHS[3]),
+            str(message.size),
+            _clip(safe(message.subject or ""), 60),
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(width) if i == 4 else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
-        ]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
     store = _open_store(args)
-    messages = store.list(limit=args.limit)
+    limit = None if args.all else (args.limit if args.limit is not None else DEFAULT_LIMIT)
+    # One more than the page, to tell whether there is more.
+    query = _query(
+        args,
+        limit=None if limit is None else limit + 1,
+        before=args.before,
+        after=args.after,
+    )
+    found: Iterator[StoredMessage] = store.search(query)
+    if limit is not None and args.after is not None and args.before is None:
+        # The page just newer than ``after``: the extra one is the newest, at the front.
+        page = list(found)
+        found = iter(page[1:] if len(page) > limit else page)
     text_output()
+    write = sys.stdout.write
+    shown = 0
+    last = ""
+    more = False
     if args.json:
-        print(json.dumps([message_json(m) for m in messages], indent=2, ensure_ascii=False))
-    elif not messages:
-        print("no messages")
-    else:
-        print(_table(messages))
+        write("[")
+    for message in found:
+        if limit is not None and shown >= limit:
+            more = True
+            break
+        if args.json:
+            item = json.dumps(list_json(message), ensure_ascii=False)
+            write(("\n" if not shown else ",\n") + item)
+        elif args.jsonl:
+            write(json.dumps(list_json(message), ensure_ascii=False) + "\n")
+        else:
+            if not shown:
+                write(_line(_HEADER) + "\n")
+            write(_text_line(message) + "\n")
+        shown += 1
+        last = message.envelope.queue_id
+    if args.json:
+        write("\n]\n" if shown else "]\n")
+    elif not args.jsonl and not shown:
+        write("no messages\n")
+    if more and not args.json and not args.jsonl:
+        sys.stdout.flush()
+        print(f"(first {shown} shown; older ones: --before {last}, or --all)", file=sys.stderr)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    query = _query(args)
+    if args.before is not None:
+        until = args.before if query.until is None else min(args.before, query.until)
+        query = dataclasses.replace(query, until=until)
+    selective = query.filtered
+    if args.ids and (args.all or selective):
+        raise Failure("give message ids, or --all/--before/filters, not both")
+    if not args.ids and not args.all and not selective:
+        raise Failure("nothing to delete: give message ids, --all, --before DATE or a filter")
+    store = _open_store(args)
+    if args.ids:
+        gone = set(store.delete(args.ids))
+        missing = [queue_id for queue_id in dict.fromkeys(args.ids) if queue_id not in gone]
+        print(f"deleted {len(gone)} message{'s' if len(gone) != 1 else ''}")
+        if missing:
+            raise Failure(f"no message with id {', '.join(repr(m) for m in missing)}")
+        return 0
+    deleted = store.delete_matching(query)
+    print(f"deleted {deleted} message{'s' if deleted != 1 else ''}")
     return 0
 
 
@@ -142,6 +352,7 @@ def _summary(message: StoredMessage) -> str:
         ("mail_from", f"<{env.mail_from}>"),
         ("rcpt_to", ", ".join(f"<{r}>" for r in env.rcpt_to)),
         ("size", str(message.size)),
+        ("size_received", "?" if message.size_received is None else str(message.size_received)),
         ("tls", f"{tls.get('version', '?')} {tls.get('cipher', '?')}" if tls else "none"),
         ("protocol", env.protocol),
         ("subject", message.subject or ""),

@@ -212,10 +212,12 @@ class Fault(Event):
     ``verb`` names the offending command ("" when the line was unreadable);
     ``aborted`` is true when a transaction in progress was dropped (a body
     over the size limit, a bare newline in reject mode); ``closing`` is true
-    when the reply was a 421 and the connection must now be closed.
+    when the reply was a 421 and the connection must now be closed;
+    ``size`` is the octets of the dropped message received (swallowed ones
+    included), 0 when none was dropped.
     """
 
-    __slots__ = ("aborted", "closing", "reason", "reply", "verb")
+    __slots__ = ("aborted", "closing", "reason", "reply", "size", "verb")
 
     def __init__(
         self,
@@ -224,12 +226,14 @@ class Fault(Event):
         verb: str = "",
         aborted: bool = False,
         closing: bool = False,
+        size: int = 0,
     ) -> None:
         self.reply = reply
         self.reason = reason
         self.verb = verb
         self.aborted = aborted
         self.closing = closing
+        self.size = size
 
 
 class _Sentinel:

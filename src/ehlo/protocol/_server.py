@@ -407,7 +407,9 @@ class ServerConnection:
 
     # ---------------------------------------------------------------- commands
 
-    def _fault(self, reply: Reply, reason: str, verb: str = "", aborted: bool = False) -> Fault:
+    def _fault(
+        self, reply: Reply, reason: str, verb: str = "", aborted: bool = False, size: int = 0
+    ) -> Fault:
         self._out.append(reply.render(self._enhanced))
         if reply.code >= 500:
             self.errors += 1
@@ -416,7 +418,7 @@ class ServerConnection:
             self._out.append(_TOO_MANY_ERRORS.render(self._enhanced))
             self.state = State.CLOSED
             closing = True
-        return Fault(reply, reason, verb, aborted, closing)
+        return Fault(reply, reason, verb, aborted, closing, size)
 
     def _next_command(self) -> Event | _Sentinel:
         buf = self._buf
@@ -856,7 +858,7 @@ class ServerConnection:
             self._body_error = None
             self.transaction = None
             self.state = State.GREETED
-            return self._fault(error, self._body_reason, "DATA", aborted=True)
+            return self._fault(error, self._body_reason, "DATA", aborted=True, size=tx.size)
         self._pending = DataEnd(True, tx.size)
         return self._pending
 
@@ -893,7 +895,7 @@ class ServerConnection:
             self._body_error = None
             self.transaction = None
             self.state = State.GREETED
-            return self._fault(error, self._body_reason, "BDAT", aborted=True)
+            return self._fault(error, self._body_reason, "BDAT", aborted=True, size=tx.size)
         self._pending = DataEnd(self._bdat_last, tx.size)
         return self._pending
 

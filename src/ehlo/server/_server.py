@@ -30,7 +30,7 @@ from ..config import Listen, ServerConfig
 from ..extensions import Extension, build_extensions
 from ..policy import Hook, Hooks
 from ..protocol import Reply
-from ..storage import Store, open_store
+from ..storage import Retention, Store, open_store
 from ._hashing import VerifierPool
 from ._transport import SMTPServerProtocol
 from .abuse import (
@@ -552,6 +552,7 @@ class Server:
                 shared=config.workers > 1,
                 writer=config.sqlite_writer,
                 writer_address=config.sqlite_writer_address,
+                retention=Retention(config.keep_messages, config.keep_days),
             )
         await store.start()
         try:

@@ -673,6 +673,8 @@ class Session:
             return refusal
         envelope, writer = self.envelope, self.writer
         assert envelope is not None and writer is not None
+        # Stored and logged: what the client sent, and ``size``, what is stored.
+        envelope.size_received, size = size, writer.size if writer.size is not None else size
         try:
             # RFC 5321 section 6.1: answer 250 only once the message is safe.
             future = writer.start_commit()
@@ -779,7 +781,7 @@ class Session:
             envelope = self.envelope
             self.abort_message()
             if envelope is not None:
-                self._log_outcome(envelope, 0, event.reply)
+                self._log_outcome(envelope, event.size, event.reply)
         log.info(
             "fault %s helo=%s verb=%s reason=%s reply=%d",
             self.peer,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
+from ._query import Query, Retention
 from .base import (
     Envelope,
     MessageWriter,
@@ -11,6 +14,7 @@ from .base import (
     StoredMessage,
     StoreError,
     StoreStats,
+    create_private,
     ensure_data_dir,
 )
 from .maildir import MaildirStore
@@ -22,6 +26,8 @@ __all__ = [
     "MaildirStore",
     "MessageWriter",
     "NullStore",
+    "Query",
+    "Retention",
     "SQLiteStore",
     "Store",
     "StoreError",
@@ -30,7 +36,12 @@ __all__ = [
     "ensure_data_dir",
     "open_store",
     "sqlite_path",
+    "stored_kind",
 ]
+
+# In the data folder: the kind of store it holds ("sqlite" or "maildir"),
+# written when a store is first opened there.
+KIND_FILE = "store"
 
 
 def sqlite_path(data_dir: Path) -> Path:
@@ -45,6 +56,7 @@ def open_store(
     shared: bool = False,
     writer: str = "process",
     writer_address: str | None = None,
+    retention: Retention | None = None,
 ) -> Store:
     """The store of ``kind`` ("sqlite", "maildir" or "null") under ``data_dir``.
 
@@ -53,15 +65,70 @@ def open_store(
     ``shared``: several server processes write to it at once (``--workers``).
     ``writer`` ("process" or "thread") and ``writer_address`` (the writer
     several processes share): SQLite only, see :class:`SQLiteStore`.
+    ``retention``: what the store keeps while serving (None: everything).
+
+    The data folder records the kind of store it holds (its ``store``
+    file); a folder that holds the other kind is refused with a
+    :class:`StoreError` naming it.
     """
     if kind not in ("sqlite", "maildir", "null"):
         raise ValueError(f"unknown store kind {kind!r} (expected sqlite, maildir or null)")
     data_dir = Path(data_dir)
     ensure_data_dir(data_dir)
+    if kind == "null":
+        return NullStore()
+    held = stored_kind(data_dir)
+    if held is not None and held != kind:
+        raise StoreError(
+            f"data folder {data_dir} holds a {held} store, not {kind}"
+            f" (use --store {held}, or another --data folder)"
+        )
+    if held is None:
+        _record_kind(data_dir, kind)
     if kind == "sqlite":
         return SQLiteStore(
-            sqlite_path(data_dir), shared=shared, writer=writer, writer_address=writer_address
+            sqlite_path(data_dir),
+            shared=shared,
+            writer=writer,
+            writer_address=writer_address,
+            retention=retention,
         )
-    if kind == "maildir":
-        return MaildirStore(data_dir / "maildir")
-    return NullStore()
+    store = MaildirStore(data_dir / "maildir")
+    store.retention = retention
+    return store
+
+
+def stored_kind(data_dir: Path) -> str | None:
+    """The kind of store ``data_dir`` holds: its ``store`` file, else what is there.
+
+    A folder written before the file existed is recognised by its contents
+    (``ehlo.sqlite3``, or ``maildir/`` alone); None for a new folder.
+    """
+    data_dir = Path(data_dir)
+    try:
+        text = (data_dir / KIND_FILE).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if text in ("sqlite", "maildir"):
+        return text
+    if sqlite_path(data_dir).exists():
+        return "sqlite"
+    if (data_dir / "maildir").is_dir():
+        return "maildir"
+    return None
+
+
+def _record_kind(data_dir: Path, kind: str) -> None:
+    """Write the ``store`` file (best effort: a read-only folder is only read)."""
+    temp = data_dir / f".{KIND_FILE}.{os.getpid()}.tmp"
+    try:
+        fd = create_private(temp)
+        try:
+            os.write(fd, f"{kind}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, data_dir / KIND_FILE)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temp.unlink()

@@ -48,16 +48,18 @@ from ._sqlite_db import (
     BUSY_TIMEOUT_MS,
     HAVE_FLOCK,
     INSERT_MESSAGE,
+    INSERT_SEARCH,
     PAGE_SIZE,
     ROW_QUEUE_ID,
+    ROW_SEARCH,
     ROW_SIZE,
-    SCHEMA,
     SPOOL,
     WAL_SIZE_LIMIT,
     OwnerLock,
     body_dir,
     connect,
     locks_dir,
+    open_schema,
     private_database,
     spooled_body,
 )
@@ -82,7 +84,7 @@ T = TypeVar("T")
 class Commit(Generic[T]):
     """A whole message for the writer: its row and its body, written in one transaction."""
 
-    row: tuple[Any, ...]  # the messages row, in COLUMNS order
+    row: tuple[Any, ...]  # the messages row, in COLUMNS order, then its search row
     body: bytes | bytearray | None  # at most one chunk of octets, its one chunk row
     spool: str | None  # or: the body is a file in this spool folder
     tag: T  # how the host answers whoever waits for this message
@@ -155,7 +157,7 @@ class BatchWriter:
             conn.execute("PRAGMA cache_size=-1024")
             # After a checkpoint, cut the WAL back to this size.
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
-            conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+            open_schema(conn)  # creates the tables, or upgrades an older database
             conn.execute("BEGIN IMMEDIATE")
             owners = [row[0] for row in conn.execute("SELECT DISTINCT owner FROM pending")]
             for owner in owners:
@@ -337,7 +339,8 @@ class BatchWriter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("INSERT INTO chunks (queue_id, seq, data) VALUES (?, ?, ?)", chunks)
-            conn.executemany(INSERT_MESSAGE, [op.row for op in batch])
+            conn.executemany(INSERT_MESSAGE, [op.row[:ROW_SEARCH] for op in batch])
+            conn.executemany(INSERT_SEARCH, [op.row[ROW_SEARCH] for op in batch])
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
             return None
@@ -364,7 +367,9 @@ class BatchWriter:
                 )
             except sqlite3.IntegrityError:  # a chunk row without its message: not ours
                 return StoreError(f"message {queue_id} is already stored")
-        conn.execute(INSERT_MESSAGE, op.row)
+        conn.execute(INSERT_MESSAGE, op.row[:ROW_SEARCH])
+        conn.execute("DELETE FROM search WHERE queue_id = ?", (queue_id,))  # none, or a stray
+        conn.execute(INSERT_SEARCH, op.row[ROW_SEARCH])
         return queue_id
 
     def _place_body(self, spool: str, queue_id: str, size: int) -> str | None:

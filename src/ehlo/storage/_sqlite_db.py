@@ -12,12 +12,13 @@ writers are alive.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ..ids import new_queue_id
 from .base import create_private, private_dir
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS messages (
     server_name   TEXT NOT NULL,
     extra         TEXT NOT NULL,
     size          INTEGER NOT NULL,
-    subject       TEXT
+    subject       TEXT,
+    size_received INTEGER
 );
 CREATE INDEX IF NOT EXISTS messages_received_at ON messages (received_at);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -65,14 +67,166 @@ CREATE TABLE IF NOT EXISTS pending (
 );
 """
 
+# The search table: one narrow row per message with what ``messages list``
+# filters on, case-folded, so that a filtered page scans these rows (newest
+# first, by the index) instead of the envelopes with their greeting reports.
+SEARCH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS search (
+    queue_id    TEXT PRIMARY KEY,
+    received_at TEXT NOT NULL,
+    mail_from   TEXT NOT NULL,
+    rcpt_to     TEXT NOT NULL,
+    subject     TEXT NOT NULL,
+    greeting    TEXT NOT NULL,
+    tls         INTEGER NOT NULL,
+    auth        TEXT,
+    checks      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS search_received_at ON search (received_at, queue_id);
+"""
+# PRAGMA user_version: 0 before the search table and ``size_received``, 1 with them.
+SCHEMA_VERSION = 1
+INSERT_SEARCH = "INSERT INTO search VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
 COLUMNS = (
     "queue_id, received_at, client_ip, client_port, greeting, greeting_name, mail_from,"
-    " mail_params, rcpt_to, tls, protocol, server_name, extra, size, subject"
+    " mail_params, rcpt_to, tls, protocol, server_name, extra, size, subject, size_received"
 )
-INSERT_MESSAGE = f"INSERT INTO messages ({COLUMNS}) VALUES ({', '.join('?' * 15)})"
-# Where a row's fields are (the row is a tuple in COLUMNS order).
+INSERT_MESSAGE = f"INSERT INTO messages ({COLUMNS}) VALUES ({', '.join('?' * 16)})"
+# Where a row's fields are (the row is a tuple in COLUMNS order, followed by
+# the message's ``search`` row as one more item: see :func:`search_row`).
 ROW_QUEUE_ID = 0
 ROW_SIZE = 13
+ROW_SEARCH = 16
+
+
+# Rows the upgrade reads from ``messages`` at a time.
+_UPGRADE_BATCH = 1000
+# Greeting reports seen lately (the verifier hands out the same text for one
+# greeting) and their ``checks`` column.
+_checks_cache: dict[str, str] = {}
+_CHECKS_CACHE_SIZE = 256
+
+
+def fold(text: str) -> str:
+    """Text as the search table holds it and a filter looks for it."""
+    return text.casefold()
+
+
+def checks_text(report: Any) -> str:
+    """The ``checks`` column of a greeting report: ``\nname=result\n...`` (or "")."""
+    if report is None:
+        return ""
+    key = report if isinstance(report, str) else None
+    if key is not None:
+        found = _checks_cache.get(key)
+        if found is not None:
+            return found
+    try:
+        data = json.loads(report) if isinstance(report, str) else report
+        pairs = [
+            f"{name}={value.get('result', '')}"
+            for name, value in data.items()
+            if isinstance(value, dict)
+        ]
+    except (ValueError, AttributeError, TypeError):
+        return ""
+    text = fold("\n" + "\n".join(pairs) + "\n") if pairs else ""
+    if key is not None:
+        if len(_checks_cache) >= _CHECKS_CACHE_SIZE:
+            _checks_cache.clear()
+        _checks_cache[key] = text
+    return text
+
+
+def search_row(
+    queue_id: str,
+    received_at: str,
+    mail_from: str,
+    rcpt_to: Sequence[str],
+    subject: str | None,
+    greeting: str,
+    tls: bool,
+    extra: dict[str, Any],
+) -> tuple[Any, ...]:
+    """A message's row of the ``search`` table (``received_at`` as the messages row has it)."""
+    auth = extra.get("auth")
+    user = auth.get("user") if isinstance(auth, dict) else None
+    report = extra.get("greeting_checks")
+    return (
+        queue_id,
+        received_at,
+        fold(mail_from),
+        fold("\n".join(rcpt_to)),
+        fold(subject or ""),
+        greeting.upper(),
+        1 if tls else 0,
+        fold(user) if isinstance(user, str) else None,
+        checks_text(report),
+    )
+
+
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Bring the database to :data:`SCHEMA_VERSION`, in the caller's write transaction.
+
+    Version 1 adds ``messages.size_received`` and fills the ``search`` table
+    from the rows already stored (a thousand at a time).
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= SCHEMA_VERSION:
+        return
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    if "size_received" not in columns:
+        conn.execute("ALTER TABLE messages ADD COLUMN size_received INTEGER")
+    for statement in SEARCH_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT rowid, queue_id, received_at, mail_from, rcpt_to, subject, greeting, tls,"
+            " extra FROM messages WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            (last, _UPGRADE_BATCH),
+        ).fetchall()
+        if not rows:
+            break
+        last = rows[-1][0]
+        found = []
+        for _, queue_id, received_at, mail_from, rcpts, subject, greeting, tls, extra in rows:
+            try:
+                recipients = json.loads(rcpts)
+                fields = json.loads(extra)
+            except ValueError:
+                recipients, fields = [], {}
+            found.append(
+                search_row(
+                    queue_id,
+                    received_at,
+                    mail_from,
+                    [str(r) for r in recipients] if isinstance(recipients, list) else [],
+                    subject,
+                    greeting,
+                    bool(tls),
+                    fields if isinstance(fields, dict) else {},
+                )
+            )
+        conn.executemany(INSERT_SEARCH.replace("INSERT", "INSERT OR IGNORE", 1), found)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def open_schema(conn: sqlite3.Connection) -> None:
+    """Create the tables of a new database, or upgrade an older one (one transaction)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        upgrade(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def body_dir(path: Path) -> Path:

@@ -34,9 +34,17 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from ._query import Query, Retention
+
+# Messages deleted in one transaction (or one folder sync): retention runs
+# while sessions commit, so each batch holds the write lock only briefly.
+DELETE_BATCH = 200
+# Seconds between retention passes while serving.
+RETENTION_INTERVAL = 1.0
 
 
 class StoreError(Exception):
@@ -83,6 +91,9 @@ class Envelope:
     protocol: str = "SMTP"  # RFC 3848 keyword used in the Received header
     server_name: str = ""
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Octets of the message as the client sent it (after dot-unstuffing),
+    # set by the session at the end of the data; None when not known.
+    size_received: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The envelope as JSON-ready data (the keys of ``messages --json``)."""
@@ -99,6 +110,7 @@ class Envelope:
             "tls": dict(self.tls) if self.tls else None,
             "protocol": self.protocol,
             "server_name": self.server_name,
+            **({"size_received": self.size_received} if self.size_received is not None else {}),
             # Greeting verification results are first-class keys of the envelope.
             **{key: _plain(self.extra[key]) for key in PROMOTED_EXTRA if key in self.extra},
             **(
@@ -126,6 +138,9 @@ class Envelope:
             tls=data.get("tls"),
             protocol=data.get("protocol", "SMTP"),
             server_name=data.get("server_name", ""),
+            size_received=(
+                int(data["size_received"]) if data.get("size_received") is not None else None
+            ),
             extra={
                 **dict(data.get("extra") or {}),
                 **{key: data[key] for key in PROMOTED_EXTRA if key in data},
@@ -138,8 +153,13 @@ class StoredMessage:
     """A committed message as listed by a store: its envelope and size."""
 
     envelope: Envelope
-    size: int  # octets stored, Received header included
+    size: int  # octets stored, ehlo's Received (and Authentication-Results) header included
     subject: str | None
+
+    @property
+    def size_received(self) -> int | None:
+        """Octets the client sent (None for messages stored before it was recorded)."""
+        return self.envelope.size_received
 
 
 @dataclasses.dataclass(slots=True)
@@ -356,6 +376,11 @@ class MessageWriter(abc.ABC):
     def abort(self) -> None:
         """Forget the message. Safe to call at any time, more than once."""
 
+    @property
+    def size(self) -> int | None:
+        """Octets written so far: the stored size, ehlo's headers included (None: not counted)."""
+        return None
+
     def start_commit(self) -> asyncio.Future[str]:
         """Begin :meth:`commit` now; a future of its outcome.
 
@@ -410,6 +435,73 @@ class Store(abc.ABC):
     def list(self, limit: int | None = None) -> Sequence[StoredMessage]:
         """Committed messages, newest first. Synchronous: used by the CLI."""
 
+    def search(self, query: Query) -> Iterator[StoredMessage]:
+        """The messages ``query`` selects, newest first, one at a time.
+
+        This default filters :meth:`list`; the backends stream instead.
+        """
+        yield from page(list(self.list()), query)
+
+    def delete(self, ids: Iterable[str]) -> Sequence[str]:
+        """Delete messages for good (their bodies too); the ids that were there."""
+        raise StoreError(f"the {self.name} store cannot delete messages")
+
+    def delete_matching(self, query: Query) -> int:
+        """Delete what ``query`` selects, oldest first, in batches; how many."""
+        deleted = 0
+        while True:
+            ids = [m.envelope.queue_id for m in self.search(dataclasses.replace(query, limit=None))]
+            if not ids:
+                return deleted
+            gone = self.delete(ids[-DELETE_BATCH:])
+            if not gone:
+                return deleted
+            deleted += len(gone)
+
+    def prune(self, retention: Retention, limit: int = DELETE_BATCH) -> int:
+        """Delete at most ``limit`` messages beyond ``retention`` (oldest first); how many."""
+        return 0
+
+    # --- retention while serving ------------------------------------------------------
+
+    retention: Retention | None = None
+    _retention_task: asyncio.Task[None] | None = None
+    _retention_stop: asyncio.Event | None = None
+
+    def _start_retention(self) -> None:
+        """Called by ``start``: prune in the background while the store is open."""
+        retention = self.retention
+        if retention is None or not retention.active or self._retention_task is not None:
+            return
+        self._retention_stop = asyncio.Event()
+        self._retention_task = asyncio.get_running_loop().create_task(
+            self._retain(retention, self._retention_stop), name=f"ehlo-retention-{self.name}"
+        )
+
+    async def _retain(self, retention: Retention, stop: asyncio.Event) -> None:
+        """Prune a batch at a time, in a thread (sessions keep running), then wait a while."""
+        while not stop.is_set():
+            try:
+                while not stop.is_set():
+                    if await asyncio.to_thread(self.prune, retention) < DELETE_BATCH:
+                        break
+            except Exception as exc:  # retention must never take the server down
+                log.warning(
+                    "retention: %s", exc, extra={"event": "retention_failed", "error": str(exc)}
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RETENTION_INTERVAL)
+
+    async def _stop_retention(self) -> None:
+        """Called by ``close``: let the batch under way finish, then stop."""
+        task, self._retention_task = self._retention_task, None
+        if task is None:
+            return
+        if self._retention_stop is not None:
+            self._retention_stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     @abc.abstractmethod
     def get(self, queue_id: str) -> StoredMessage | None:
         """One committed message's envelope and size, or None."""
@@ -417,3 +509,34 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def raw(self, queue_id: str) -> bytes | None:
         """The stored bytes of one message (Received header first), or None."""
+
+
+def page(items: Sequence[StoredMessage], query: Query) -> Iterator[StoredMessage]:
+    """Apply a query's filters, paging and limit to messages already newest first."""
+    start, end = 0, len(items)
+    ids = [item.envelope.queue_id for item in items] if query.before or query.after else []
+    for bound, after in ((query.before, False), (query.after, True)):
+        if bound is None:
+            continue
+        try:
+            where = ids.index(bound)
+        except ValueError:
+            raise StoreError(f"no message with id {bound!r}") from None
+        if after:
+            end = min(end, where)
+        else:
+            start = max(start, where + 1)
+    chosen = items[start:end]
+    picked = (item for item in chosen if query.matches(item))
+    if query.limit is None:
+        yield from picked
+        return
+    if query.after is not None and query.before is None:
+        # The page just newer than ``after``: the oldest of those, newest first.
+        tail = list(picked)
+        yield from tail[max(len(tail) - query.limit, 0) :]
+        return
+    for count, item in enumerate(picked):
+        if count >= query.limit:
+            return
+        yield item

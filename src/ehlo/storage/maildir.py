@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -38,13 +39,15 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from ..ids import _ALPHABET, is_queue_id
+from ._query import Query, Retention
 from .base import (
+    DELETE_BATCH,
     HEADER_SCAN_LIMIT,
     Envelope,
     HeaderSniffer,
@@ -326,6 +329,7 @@ class MaildirStore(Store):
         committer = _Committer(self)
         committer.start()
         self._committer = committer
+        self._start_retention()
 
     def preflight(self) -> None:
         try:
@@ -363,6 +367,7 @@ class MaildirStore(Store):
                 path.unlink()
 
     async def close(self) -> None:
+        await self._stop_retention()
         committer = self._committer
         if committer is None:
             return
@@ -464,6 +469,96 @@ class MaildirStore(Store):
                 found.append(self._stored(queue_id, path, self._sidecar(queue_id)))
         found.sort(key=lambda m: (_utc(m.envelope.received_at), m.envelope.queue_id), reverse=True)
         return found if limit is None else found[: max(limit, 0)]
+
+    def search(self, query: Query) -> Iterator[StoredMessage]:
+        """The selected messages, newest first by their names' time, read one at a time.
+
+        Every envelope in range is opened and tested: slower than the SQLite
+        store's index, but memory holds only the file names.
+        """
+        files = sorted(self._files(), key=_file_time, reverse=True)
+        if query.before is not None or query.after is not None:
+            ids = [queue_id for queue_id, _ in files]
+            start, end = 0, len(files)
+            for bound, after in ((query.before, False), (query.after, True)):
+                if bound is None:
+                    continue
+                try:
+                    where = ids.index(bound)
+                except ValueError:
+                    raise StoreError(f"no message with id {bound!r}") from None
+                if after:
+                    end = min(end, where)
+                else:
+                    start = max(start, where + 1)
+            files = files[start:end]
+            if query.after is not None and query.before is None and query.limit is not None:
+                files.reverse()  # the page just newer than ``after``: scan upwards
+                picked = list(self._scan(files, query, query.limit))
+                yield from picked[::-1]
+                return
+        yield from self._scan(files, query, query.limit)
+
+    def _scan(
+        self, files: Sequence[tuple[str, Path]], query: Query, limit: int | None
+    ) -> Iterator[StoredMessage]:
+        count = 0
+        for queue_id, path in files:
+            if limit is not None and count >= limit:
+                return
+            try:
+                message = self._stored(queue_id, path, self._sidecar(queue_id))
+            except FileNotFoundError:  # moved or deleted meanwhile
+                continue
+            if query.matches(message):
+                count += 1
+                yield message
+
+    def delete(self, ids: Iterable[str]) -> Sequence[str]:
+        """Remove the message files and their envelopes; the ids that were there."""
+        wanted = set(ids)
+        if not wanted:
+            return []
+        gone: list[str] = []
+        touched: set[Path] = set()
+        for queue_id, path in list(self._files()):
+            if queue_id not in wanted:
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"maildir: message {queue_id}: {exc}") from exc
+            touched.add(path.parent)
+            gone.append(queue_id)
+            if is_queue_id(queue_id):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path / _SIDECARS / f"{queue_id}.json")
+                    touched.add(self.path / _SIDECARS)
+        for folder in touched:  # the removals are durable when this returns
+            with contextlib.suppress(OSError):
+                fsync_dir(folder)
+        return gone
+
+    def delete_matching(self, query: Query) -> int:
+        ids = [m.envelope.queue_id for m in self.search(dataclasses.replace(query, limit=None))]
+        return len(self.delete(ids))
+
+    def prune(self, retention: Retention, limit: int = DELETE_BATCH) -> int:
+        """Remove at most ``limit`` of the oldest messages beyond ``retention``."""
+        if not retention.active:
+            return 0
+        files = sorted(self._files(), key=_file_time)  # oldest first, by name
+        doomed: list[str] = []
+        if retention.keep_messages > 0:
+            doomed = [queue_id for queue_id, _ in files[: len(files) - retention.keep_messages]]
+        if retention.keep_days > 0:
+            cutoff = time.time() - retention.keep_days * 86400
+            old = [item[0] for item in files if _file_time(item)[0] < cutoff]
+            if len(old) > len(doomed):
+                doomed = old
+        return len(self.delete(doomed[:limit]))
 
     def get(self, queue_id: str) -> StoredMessage | None:
         record = self._sidecar(queue_id)

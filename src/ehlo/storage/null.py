@@ -18,15 +18,20 @@ __all__ = ["NullStore", "NullWriter"]
 class NullWriter(MessageWriter):
     """Counts the bytes of one message and drops them."""
 
-    __slots__ = ("_queue_id", "_stats", "size")
+    __slots__ = ("_queue_id", "_size", "_stats")
 
     def __init__(self, queue_id: str, stats: StoreStats) -> None:
         self._queue_id = queue_id
         self._stats = stats
-        self.size = 0
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        """Octets written (and discarded) so far."""
+        return self._size
 
     def write(self, data: bytes) -> None:
-        self.size += len(data)
+        self._size += len(data)
 
     async def commit(self) -> str:
         return await self.start_commit()

@@ -69,25 +69,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ._backend import WriterBackend
+from ._query import Query, Retention
 from ._sqlite_db import (
     COLUMNS,
+    HAVE_FLOCK,
+    SCHEMA_VERSION,
     SPOOL,
     OwnerLock,
     body_dir,
     connect,
+    fold,
     locks_dir,
+    open_schema,
+    private_database,
+    search_row,
     spooled_body,
 )
 from .base import (
+    DELETE_BATCH,
     Envelope,
     HeaderSniffer,
     JSONText,
@@ -97,8 +107,12 @@ from .base import (
     StoreError,
     StoreStats,
     check_writable,
+    fsync_dir,
     private_dir,
 )
+
+if HAVE_FLOCK:
+    import fcntl
 
 __all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter", "body_dir", "spooled_body"]
 
@@ -240,9 +254,11 @@ class SQLiteWriter(MessageWriter):
         elif self._buffer:
             body, self._buffer = self._buffer, bytearray()  # handed over whole: no copy
         env = self._envelope
+        received_at = _utc_text(env.received_at)
+        subject = self._head.subject()
         row = (
             env.queue_id,
-            _utc_text(env.received_at),
+            received_at,
             env.client_ip,
             env.client_port,
             env.greeting,
@@ -255,7 +271,18 @@ class SQLiteWriter(MessageWriter):
             env.server_name,
             _dumps_extra(env.extra),
             self._size,
-            self._head.subject(),
+            subject,
+            env.size_received,
+            search_row(
+                env.queue_id,
+                received_at,
+                env.mail_from,
+                env.rcpt_to,
+                subject,
+                env.greeting,
+                bool(env.tls),
+                env.extra,
+            ),
         )
         self._state = "done"
         # Nothing reaches the writer before this point, so an abort never has
@@ -293,6 +320,7 @@ class SQLiteStore(Store):
         shared: bool = False,
         writer: str = "process",
         writer_address: str | None = None,
+        retention: Retention | None = None,
     ) -> None:
         if writer not in ("process", "thread"):
             raise ValueError(f"writer: expected 'process' or 'thread', got {writer!r}")
@@ -311,6 +339,11 @@ class SQLiteStore(Store):
         # the lock that tells a sweeping writer it is alive.
         self._spool_lock: OwnerLock | None = None
         self._spool_name = ""
+        # What retention keeps while serving (None: everything).
+        self.retention = retention
+        # The read-write connection of deletes (the CLI, retention), made on first use.
+        self._rw: sqlite3.Connection | None = None
+        self._rw_lock = threading.Lock()
 
     @property
     def backlog_bytes(self) -> int:
@@ -365,6 +398,7 @@ class SQLiteStore(Store):
         except BaseException:
             self._release_spool()
             raise
+        self._start_retention()
 
     async def _start_writer(self) -> None:
         writer: WriterBackend
@@ -382,6 +416,8 @@ class SQLiteStore(Store):
         self._writer = writer
 
     async def close(self) -> None:
+        await self._stop_retention()
+        self._close_rw()
         writer = self._writer
         if writer is None:
             return
@@ -424,32 +460,59 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection | None]:
-        """A read-only connection holding one snapshot, or None when there is no data."""
+        """A read-only connection holding one snapshot, or None when there is no data.
+
+        A database of an earlier version is upgraded first (which needs
+        write access, once).
+        """
         if not self.path.exists():
             yield None
             return
-        try:
-            conn = connect(self.path, read_only=True)
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
-        try:
-            conn.execute("BEGIN")
-            schema = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
-            ).fetchone()
-            yield conn if schema is not None else None
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite store {self.path}: {exc}") from exc
-        finally:
-            conn.close()
+        for attempt in (1, 2):
+            try:
+                conn = connect(self.path, read_only=True)
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+            try:
+                conn.execute("BEGIN")
+                schema = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+                ).fetchone()
+                if schema is not None and attempt == 1:
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    if version < SCHEMA_VERSION:
+                        conn.close()
+                        self._upgrade()
+                        continue
+                yield conn if schema is not None else None
+                return
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+            finally:
+                conn.close()
+
+    def _upgrade(self) -> None:
+        """Upgrade the database in place (what a writer does when it opens it)."""
+        with self._rw_lock:
+            self._connection()
 
     def list(self, limit: int | None = None) -> Sequence[StoredMessage]:
-        query = f"SELECT {COLUMNS} FROM messages ORDER BY received_at DESC, queue_id DESC"
-        params: tuple[int, ...] = ()
-        if limit is not None:
-            query += " LIMIT ?"
-            params = (max(limit, 0),)
-        return self._query(query, params)
+        return list(self.search(Query(limit=limit)))
+
+    def search(self, query: Query) -> Iterator[StoredMessage]:
+        """The selected messages, newest first, streamed from one snapshot."""
+        with self._reader() as conn:
+            if conn is None:
+                if query.before is not None or query.after is not None:
+                    raise StoreError(f"no message with id {query.before or query.after!r}")
+                return
+            sql, params, reverse = _select(conn, query)
+            cursor = conn.execute(sql, params)
+            if reverse:  # a bounded page, read oldest first
+                yield from [_message(row) for row in cursor][::-1]
+                return
+            for row in cursor:
+                yield _message(row)
 
     def get(self, queue_id: str) -> StoredMessage | None:
         found = self._query(f"SELECT {COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,))
@@ -460,6 +523,140 @@ class SQLiteStore(Store):
             if conn is None:
                 return []
             return [_message(row) for row in conn.execute(query, params)]
+
+    # --- deletes: one read-write connection, short transactions ------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """The read-write connection (under ``_rw_lock``); the schema made current."""
+        conn = self._rw
+        if conn is None:
+            try:
+                private_database(self.path)
+                conn = connect(self.path, read_only=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                # A delete is durable when it returns.
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA cache_size=-1024")
+                open_schema(conn)
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+            self._rw = conn
+        return conn
+
+    def _close_rw(self) -> None:
+        with self._rw_lock:
+            conn, self._rw = self._rw, None
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+
+    @contextlib.contextmanager
+    def _write_turn(self) -> Iterator[None]:
+        """Take the lock the writers of ``--workers`` take around their transactions."""
+        path = self.path.with_name(self.path.name + ".writelock")
+        if not HAVE_FLOCK or not path.exists():
+            yield
+            return
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def delete(self, ids: Iterable[str]) -> Sequence[str]:
+        """Delete messages (rows, chunks and body files) for good; the ids that were there."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted or not self.path.exists():
+            return []
+        gone: list[str] = []
+        for start in range(0, len(wanted), DELETE_BATCH):
+            gone.extend(self._delete_batch(wanted[start : start + DELETE_BATCH]))
+        return gone
+
+    def _delete_batch(self, ids: Sequence[str]) -> Sequence[str]:
+        marks = ", ".join("?" * len(ids))
+        with self._rw_lock:
+            conn = self._connection()
+            try:
+                with self._write_turn():
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        found = [
+                            row[0]
+                            for row in conn.execute(
+                                f"SELECT queue_id FROM messages WHERE queue_id IN ({marks})", ids
+                            )
+                        ]
+                        for table in ("chunks", "search", "messages"):
+                            conn.execute(f"DELETE FROM {table} WHERE queue_id IN ({marks})", ids)
+                        conn.execute("COMMIT")  # synchronous=FULL: durable from here
+                    except BaseException:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                        raise
+            except (sqlite3.Error, OSError) as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        removed = False
+        for queue_id in found:  # a body larger than one chunk is a file of its own
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.bodies / queue_id)
+                removed = True
+        if removed:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.bodies)
+        return found
+
+    def delete_matching(self, query: Query) -> int:
+        deleted = 0
+        query = dataclasses.replace(query, limit=DELETE_BATCH)
+        while True:
+            # The oldest page first: a page keeps its place while newer mail arrives.
+            with self._reader() as conn:
+                if conn is None:
+                    return deleted
+                sql, params, _ = _select(conn, query, oldest_first=True, ids_only=True)
+                ids = [row[0] for row in conn.execute(sql, params)]
+            if not ids:
+                return deleted
+            gone = self.delete(ids)
+            deleted += len(gone)
+            if not gone:
+                return deleted
+
+    def prune(self, retention: Retention, limit: int = DELETE_BATCH) -> int:
+        """Delete at most ``limit`` of the oldest messages beyond ``retention``."""
+        if not retention.active or not self.path.exists():
+            return 0
+        with self._rw_lock:
+            conn = self._connection()
+            try:
+                ids: list[str] = []
+                if retention.keep_days > 0:
+                    cutoff = _dt.datetime.now(_dt.UTC) - _dt.timedelta(days=retention.keep_days)
+                    ids = [
+                        row[0]
+                        for row in conn.execute(
+                            "SELECT queue_id FROM search WHERE received_at < ?"
+                            " ORDER BY received_at, queue_id LIMIT ?",
+                            (_utc_text(cutoff), limit),
+                        )
+                    ]
+                if retention.keep_messages > 0 and len(ids) < limit:
+                    total = conn.execute("SELECT count(*) FROM search").fetchone()[0]
+                    excess = min(total - retention.keep_messages, limit)
+                    if excess > 0:
+                        ids += [
+                            row[0]
+                            for row in conn.execute(
+                                "SELECT queue_id FROM search"
+                                " ORDER BY received_at, queue_id LIMIT ?",
+                                (excess,),
+                            )
+                        ]
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        return len(self.delete(ids[: limit * 2]))
 
     def raw(self, queue_id: str) -> bytes | None:
         with self._reader() as conn:
@@ -498,7 +695,77 @@ def _message(row: tuple[Any, ...]) -> StoredMessage:
             protocol=row[10],
             server_name=row[11],
             extra=json.loads(row[12]),
+            size_received=int(row[15]) if row[15] is not None else None,
         )
     except (TypeError, ValueError) as exc:
         raise StoreError(f"message {row[0]}: bad envelope row: {exc}") from exc
     return StoredMessage(envelope=envelope, size=int(row[13]), subject=row[14])
+
+
+_M_COLUMNS = ", ".join(f"m.{name.strip()}" for name in COLUMNS.split(","))
+
+
+def _select(
+    conn: sqlite3.Connection, query: Query, *, oldest_first: bool = False, ids_only: bool = False
+) -> tuple[str, list[Any], bool]:
+    """The SQL of a query over the search table: its text, parameters, and
+    whether its rows come oldest first and must be reversed."""
+    where: list[str] = []
+    params: list[Any] = []
+    for needle, column in (
+        (query.mail_from, "mail_from"),
+        (query.rcpt_to, "rcpt_to"),
+        (query.subject, "subject"),
+    ):
+        if needle is not None:
+            where.append(f"instr(s.{column}, ?) > 0")
+            params.append(fold(needle))
+    if query.since is not None:
+        where.append("s.received_at >= ?")
+        params.append(_utc_text(query.since))
+    if query.until is not None:
+        where.append("s.received_at < ?")
+        params.append(_utc_text(query.until))
+    if query.greeting is not None:
+        where.append("s.greeting = ?")
+        params.append(query.greeting.upper())
+    if query.tls is not None:
+        where.append("s.tls = ?")
+        params.append(1 if query.tls else 0)
+    if query.auth is not None:
+        where.append("s.auth = ?")
+        params.append(fold(query.auth))
+    for name, result in query.checks:
+        where.append("instr(s.checks, ?) > 0")
+        params.append(fold(f"\n{name}={result}\n"))
+    for bound, op in ((query.before, "<"), (query.after, ">")):
+        if bound is None:
+            continue
+        found = conn.execute(
+            "SELECT received_at, queue_id FROM search WHERE queue_id = ?", (bound,)
+        ).fetchone()
+        if found is None:
+            raise StoreError(f"no message with id {bound!r}")
+        where.append(f"(s.received_at, s.queue_id) {op} (?, ?)")
+        params += list(found)
+    reverse = (
+        not oldest_first
+        and query.limit is not None
+        and query.after is not None
+        and query.before is None
+    )
+    ascending = oldest_first or reverse
+    order = "ASC" if ascending else "DESC"
+    columns = "s.queue_id" if ids_only else _M_COLUMNS
+    # CROSS JOIN: the search rows are scanned (newest first, by their index)
+    # and each match looks its message up by key.
+    sql = (
+        f"SELECT {columns} FROM search s"
+        + ("" if ids_only else " CROSS JOIN messages m ON m.queue_id = s.queue_id")
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + f" ORDER BY s.received_at {order}, s.queue_id {order}"
+    )
+    if query.limit is not None:
+        sql += " LIMIT ?"
+        params.append(max(query.limit, 0))
+    return sql, params, reverse
