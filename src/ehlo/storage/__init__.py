@@ -106,7 +106,9 @@ def stored_kind(data_dir: Path) -> str | None:
     """
     data_dir = Path(data_dir)
     try:
-        text = (data_dir / KIND_FILE).read_text(encoding="ascii").strip()
+        # Bytes decoded as UTF-8: no codec to import, which a server that has
+        # switched users may no longer be able to read (ehlo serve --user).
+        text = (data_dir / KIND_FILE).read_bytes().decode().strip()
     except (OSError, UnicodeDecodeError):
         text = ""
     if text in ("sqlite", "maildir"):
