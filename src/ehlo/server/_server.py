@@ -701,7 +701,9 @@ class Server:
             await ctx.store.close()
         ctx.close()
         self._stopped.set()
-        log.info("stopped", extra={"event": "stopped"})
+        # A worker's stop is its supervisor's to log (once for the server).
+        level = logging.DEBUG if ctx.shared_counts is not None else logging.INFO
+        log.log(level, "stopped", extra={"event": "stopped"})
 
     async def serve_forever(self) -> None:
         """Wait until ``stop()`` has completed."""
