@@ -408,7 +408,8 @@ async def test_text_log_values_cannot_forge_fields(
     pairs = logfmt_pairs(lines[0])
     keys = [key for key, _ in pairs]
     assert keys == [
-        "session", "from", "to", "rcpts", "size", "tls", "auth", "helo", "verdict", "checks", "reply"
+        "session", "from", "to", "rcpts", "size", "tls", "auth",
+        "helo", "verdict", "checks", "reply",
     ], lines[0]  # fmt: skip
     fields = dict(pairs)
     assert fields["from"] == f"<{sender}>"
