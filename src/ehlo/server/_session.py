@@ -836,7 +836,7 @@ class Session:
                 return  # the message line is this refusal's line
         self._log_refusal(event.verb or "-", event.reply, event.reason)
 
-    def refused(self, event: Event | None, reply: Reply) -> None:
+    def refused(self, event: object, reply: Reply) -> None:
         """Log ``reply`` (4xx or 5xx), the answer to ``event``, unless its handler did.
 
         The transport calls this for each refusal it sends; a handler that
@@ -851,7 +851,7 @@ class Session:
         self._log_refusal(verb, reply, None, event)
 
     def _log_refusal(
-        self, verb: str, reply: Reply, fault: str | None, event: Event | None = None
+        self, verb: str, reply: Reply, fault: str | None, event: object = None
     ) -> None:
         """One ``refused`` line: the command, its address, the reply and its codes."""
         if not log.isEnabledFor(logging.INFO):
@@ -860,13 +860,11 @@ class Session:
         message = "refused session=%s %s cmd=%s"
         args: list[Any] = [self.session_id, self.peer, verb]
         tx = self.conn.transaction
-        if type(event) is Mail:
-            assert isinstance(event, Mail)
+        if isinstance(event, Mail):
             message += " from=%s"
             args.append(f"<{event.address}>")
             fields["mail_from"] = event.address
-        elif type(event) is Rcpt:
-            assert isinstance(event, Rcpt)
+        elif isinstance(event, Rcpt):
             message += " rcpt=%s from=%s"
             args += (f"<{event.address}>", f"<{tx.mail_from}>" if tx else "-")
             fields["rcpt"] = event.address

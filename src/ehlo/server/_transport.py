@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
-from ..protocol import NEED_DATA, PAUSED, Event, Reply, ServerConnection, State
+from ..protocol import NEED_DATA, PAUSED, Reply, ServerConnection, State
 from ._session import Deferred, Session
 from .abuse import client_key
 
@@ -104,7 +104,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.started = self.last_activity = time.monotonic()
         self._idle_since: float | None = None  # last_activity when put in ctx.idle
         self._task: asyncio.Future[Any] | None = None  # a task, or a commit's future
-        self._event: Event | None = None  # the command whose reply is awaited (None: banner)
+        self._event: object = None  # the command whose reply is awaited (None: the banner)
 
     # --------------------------------------------------------------- asyncio
 
@@ -135,7 +135,12 @@ class SMTPServerProtocol(asyncio.Protocol):
                 ip,
                 peer[1],
                 refusal.text,
-                extra={"event": "refused", "client_ip": ip, "reason": refusal.text},
+                extra={
+                    "event": "refused",
+                    "client_ip": ip,
+                    "client_port": peer[1],
+                    "reason": refusal.text,
+                },
             )
             return
         session = Session(self.ctx, self.conn, ip, int(peer[1]))
@@ -352,7 +357,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             if isinstance(result, Reply):
                 conn.send(result)
                 if result.code >= 400 and result is not _LOCAL_ERROR:
-                    session.refused(event, result)  # type: ignore[arg-type]
+                    session.refused(event, result)
                 if conn.state is State.TLS_PENDING:
                     self._flush()
                     self._start_tls()
@@ -361,7 +366,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             # Replies already decided leave now, so that a client that does
             # not read them fills the transport's buffer and gets paused.
             self._flush()
-            self._event = event  # type: ignore[assignment]
+            self._event = event
             if type(result) is Deferred:
                 self._defer(result)
             else:
