@@ -194,6 +194,7 @@ def _log_ready(
     loop_name: str,
     workers: int = 1,
 ) -> None:
+    """The ``ready`` line: the server's, or (at DEBUG) one worker's."""
     from .. import __version__
 
     listening = ", ".join(str(Listen(host, port)) for host, port in addresses)
