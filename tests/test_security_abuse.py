@@ -83,7 +83,9 @@ async def test_pipelining_before_the_greeting_reply_rejected(
     # RFC 2920 section 3.1: EHLO may only end a group; PIPELINING is not yet known.
     c.send(b"EHLO bulk.example\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n")
     r = await c.reply()
-    assert r.code == 554 and r.text.startswith("Protocol error: commands sent without waiting")
+    # With its enhanced code: the EHLO being answered offers ENHANCEDSTATUSCODES.
+    assert (r.code, r.enhanced) == (554, "5.5.0"), r
+    assert r.text.startswith("5.5.0 Protocol error: commands sent without waiting")
     await c.expect_eof()
 
 

@@ -405,7 +405,10 @@ async def test_text_log_values_cannot_forge_fields(
     assert len(lines) == 1, caplog.text
     pairs = logfmt_pairs(lines[0])
     keys = [key for key, _ in pairs]
-    assert keys == ["helo", "from", "rcpts", "size", "reply"], lines[0]
+    assert keys == [
+        "session", "from", "to", "rcpts", "size", "tls", "auth",
+        "helo", "verdict", "checks", "reply",
+    ], lines[0]  # fmt: skip
     fields = dict(pairs)
     assert fields["from"] == f"<{sender}>"
     assert fields["rcpts"] == "1" and fields["reply"] == "250"

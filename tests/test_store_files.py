@@ -178,9 +178,10 @@ def test_an_open_data_folder_is_kept_with_one_warning(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     data.chmod(0o750)  # e.g. a mail reader group, chosen by the operator
-    server = Serve(data, tmp_path / "serve.log", "--no-tls", "--workers", "2")
+    args = ("--no-tls", "--workers", "2", "--log-level", "debug")
+    server = Serve(data, tmp_path / "serve.log", *args)
     try:
-        server.wait_ready(count=2)
+        server.wait_ready(count=3)  # the supervisor, and each worker at DEBUG
         with smtplib.SMTP("127.0.0.1", server.port, timeout=TIMEOUT) as client:
             client.sendmail("a@example.org", ["b@example.net"], SMALL)
         server.stop()

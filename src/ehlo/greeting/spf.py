@@ -268,7 +268,9 @@ class _HeloQuery(pyspf.query):  # type: ignore[misc]
         except DNSTempError as exc:
             self._bridge.note(f"{name} {qtype} -> temperror: {exc}")
             # RFC 7208 section 2.6.6: a transient DNS error gives temperror.
-            raise pyspf.TempError(f"DNS {exc}") from None
+            # (pyspf writes "SPF Temporary Error: " before it; say "DNS" once.)
+            text = str(exc)
+            raise pyspf.TempError(text if text.startswith("DNS ") else f"DNS {text}") from None
         except ValueError:
             self._bridge.note(f"{name} {qtype} -> not a valid DNS name")
             return []

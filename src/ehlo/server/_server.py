@@ -576,11 +576,14 @@ class Server:
                 await store.close()
             raise
         ctx.add_our_addresses(host for host, _ in self.addresses)
+        # A worker's start is its supervisor's to log (once for the server).
+        level = logging.DEBUG if ctx.shared_counts is not None else logging.INFO
         if tls is not None and tls.names():
-            log.info("TLS certificates by SNI for %s", ", ".join(tls.names()))
+            log.log(level, "TLS certificates by SNI for %s", ", ".join(tls.names()))
         self._sweeper = asyncio.ensure_future(self._sweep())
         for host, port in self.addresses:
-            log.info(
+            log.log(
+                level,
                 "listening on %s port %d",
                 host,
                 port,
@@ -706,7 +709,8 @@ class Server:
             await ctx.store.close()
         ctx.close()
         self._stopped.set()
-        log.info("stopped", extra={"event": "stopped"})
+        level = logging.DEBUG if ctx.shared_counts is not None else logging.INFO  # see start()
+        log.log(level, "stopped", extra={"event": "stopped"})
 
     async def serve_forever(self) -> None:
         """Wait until ``stop()`` has completed."""

@@ -24,6 +24,7 @@ from ..protocol import (
     Auth,
     AuthResponse,
     Bdat,
+    Command,
     Data,
     DataChunk,
     DataEnd,
@@ -109,6 +110,8 @@ class Session:
         "_greeting_names",
         "_headers",
         "_junk",
+        "_log_fields",
+        "_logged",
         "_rdns",
         "_sasl",
         "_store_failed",
@@ -125,6 +128,7 @@ class Session:
         "messages",
         "peer",
         "report",
+        "session_id",
         "started",
         "tls",
         "violations",
@@ -164,6 +168,16 @@ class Session:
         self.started = time.monotonic()
         self.messages = 0
         self.peer = f"{client_ip}:{client_port}"
+        # One id on every log line of the session: two sessions from one
+        # address (or one port reused later) are told apart.
+        self.session_id = new_queue_id()
+        self._log_fields: dict[str, Any] = {
+            "session": self.session_id,
+            "client_ip": client_ip,
+            "client_port": client_port,
+        }
+        # The refusal whose log line its handler wrote itself (see ``refused``).
+        self._logged: Reply | None = None
         # AUTH (RFC 4954): the exchange in progress, then who authenticated.
         self._sasl: ServerMechanism | None = None
         self.auth_user: str | None = None
@@ -199,18 +213,20 @@ class Session:
         self.auth_user = self.auth_mechanism = None
         self.abort_message()
         log.info(
-            "tls %s %s %s",
+            "tls session=%s %s %s %s",
+            self.session_id,
             self.peer,
             info.get("version"),
             info.get("cipher"),
-            extra={"event": "tls", "client_ip": self.client_ip, **info},
+            extra={**self._log_fields, "event": "tls", **info},
         )
 
     def closed(self, reason: str) -> None:
         """The connection is gone; drop an unfinished message and pending lookups."""
         if self._drop_checks() and log.isEnabledFor(logging.DEBUG):
-            log.debug("greeting checks for %s cancelled: the session ended", self.peer,
-                      extra={"event": "greeting_cancelled", "client_ip": self.client_ip})
+            log.debug("greeting checks session=%s %s cancelled: the session ended",
+                      self.session_id, self.peer,
+                      extra={**self._log_fields, "event": "greeting_cancelled"})
         rdns = self._rdns
         if rdns is not None and not rdns.done():
             rdns.cancel()  # nobody will read the name; its outcome is collected by the task
@@ -220,15 +236,16 @@ class Session:
         if not log.isEnabledFor(logging.INFO):
             return
         log.info(
-            "disconnect %s helo=%s messages=%d duration=%.3fs reason=%s",
+            "disconnect session=%s %s helo=%s messages=%d duration=%.3fs reason=%s",
+            self.session_id,
             self.peer,
-            self.conn.greeting_name,
+            self.conn.greeting_name or "-",  # none yet, or none since STARTTLS
             self.messages,
             time.monotonic() - self.started,
             reason,
             extra={
+                **self._log_fields,
                 "event": "disconnect",
-                "client_ip": self.client_ip,
                 "greeting_name": self.conn.greeting_name,
                 "messages": self.messages,
                 "reason": reason,
@@ -245,13 +262,15 @@ class Session:
         if action == "off":
             return False
         log.warning(
-            "protocol violation %s: %s (%s)" + (", dropping" if action == "reject" else ""),
+            "protocol violation session=%s %s: %s (%s)"
+            + (", dropping" if action == "reject" else ""),
+            self.session_id,
             self.peer,
             kind,
             detail,
             extra={
+                **self._log_fields,
                 "event": "violation",
-                "client_ip": self.client_ip,
                 "violation": kind,
                 "detail": detail,
                 "action": action,
@@ -316,20 +335,26 @@ class Session:
             return _TOO_MANY_JUNK
         self.abort_message()
         hostname = self.ctx.config.hostname
-        first = f"{hostname} Hello {event.name} [{self.client_ip}]"
+        # "<hostname> Hello <name> [<ip>]"; the address once when the name is
+        # the client's own address literal (RFC 5321 section 4.1.3).
+        if event.name.lower() in (f"[{self.client_ip}]", f"[ipv6:{self.client_ip}]"):
+            first = f"{hostname} Hello {event.name}"
+        else:
+            first = f"{hostname} Hello {event.name} [{self.client_ip}]"
         if type(event) is Ehlo:
             reply = Reply(250, None, [first, *self.conn.extension_lines()])
         else:
             reply = Reply(250, None, first)
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "greeting %s %s %s",
+                "greeting session=%s %s %s %s",
+                self.session_id,
                 self.peer,
                 event.verb,
                 event.name,
                 extra={
+                    **self._log_fields,
                     "event": "greeting",
-                    "client_ip": self.client_ip,
                     "greeting": event.verb,
                     "greeting_name": event.name,
                 },
@@ -415,14 +440,15 @@ class Session:
             self.decision = verifier.decide(self.report)
             if self.decision.action != "accept":
                 log.info(
-                    "greeting verdict %s %s %s: %s",
+                    "greeting verdict session=%s %s %s %s: %s",
+                    self.session_id,
                     self.peer,
                     self.decision.action,
                     self.decision.check,
                     self.decision.reply,
                     extra={
+                        **self._log_fields,
                         "event": "greeting_verdict",
-                        "client_ip": self.client_ip,
                         "greeting_name": self.report.greeting.name,
                         "action": self.decision.action,
                         "check": self.decision.check,
@@ -604,7 +630,8 @@ class Session:
             self.writer = self.ctx.store.begin(envelope)
             self.writer.write(header)
         except StoreError as exc:
-            log.error("store refused message %s from %s: %s", queue_id, self.peer, exc)
+            log.error("store refused message session=%s %s from %s: %s", self.session_id,
+                      queue_id, self.peer, exc, extra={**self._log_fields, "event": "store_error"})
             self._store_failed = True
             if self.writer is not None:
                 self.writer.abort()
@@ -627,7 +654,8 @@ class Session:
         try:
             writer.write(data)
         except StoreError as exc:
-            log.error("store write failed for %s: %s", self.peer, exc)
+            log.error("store write failed session=%s %s: %s", self.session_id, self.peer, exc,
+                      extra={**self._log_fields, "event": "store_error"})
             writer.abort()
             self.writer = None
             self._store_failed = True
@@ -702,7 +730,8 @@ class Session:
                 raise StoreError("the store cancelled the commit")
             queue_id = outcome.result()
         except StoreError as exc:
-            log.error("commit failed for %s: %s", envelope.queue_id, exc)
+            log.error("commit failed session=%s %s: %s", self.session_id, envelope.queue_id, exc,
+                      extra={**self._log_fields, "event": "store_error"})
             self.writer = None
             self.abort_message()
             self._log_outcome(envelope, size, _STORE_FAILED)
@@ -746,6 +775,8 @@ class Session:
         return result.then(result.future)
 
     def _log_outcome(self, envelope: Envelope | None, size: int, reply: Reply) -> None:
+        if reply.code >= 400:
+            self._logged = reply  # this line is the refusal's
         if not log.isEnabledFor(logging.INFO):
             return  # the fields below cost more than the check, once per message
         queue_id = envelope.queue_id if envelope else "-"
@@ -753,25 +784,46 @@ class Session:
         tx = self.conn.transaction
         mail_from = envelope.mail_from if envelope else (tx.mail_from if tx else "")
         rcpts = envelope.rcpt_to if envelope else (tx.rcpts if tx else [])
+        tls = self.tls.get("version") if self.tls else None
+        report, decision = self.report, self.decision
+        checks: dict[str, str] = {}
+        if report is not None:
+            from ..greeting import CHECKS  # loaded with the checks
+
+            results = report.results
+            checks = {name: results[name].result for name in CHECKS if name in results}
+        verdict = decision.action if decision is not None else None
+        greeting_name = self.conn.greeting_name
         log.info(
-            "message %s %s %s helo=%s from=%s rcpts=%d size=%d reply=%d",
+            "message session=%s %s %s %s from=%s to=%s rcpts=%d size=%d tls=%s auth=%s"
+            " helo=%s verdict=%s checks=%s reply=%d",
+            self.session_id,
             queue_id,
             outcome,
             self.peer,
-            self.conn.greeting_name,
             f"<{mail_from}>",
+            ",".join([f"<{rcpt}>" for rcpt in rcpts]) or "-",
             len(rcpts),
             size,
+            tls or "-",
+            self.auth_user or "-",
+            greeting_name or "-",
+            verdict or "-",
+            ",".join([f"{name}:{result}" for name, result in checks.items()]) or "-",
             reply.code,
             extra={
+                **self._log_fields,
                 "event": "message",
                 "queue_id": queue_id,
                 "outcome": outcome,
-                "client_ip": self.client_ip,
-                "greeting_name": self.conn.greeting_name,
+                "greeting_name": greeting_name,
                 "mail_from": mail_from,
                 "rcpt_to": list(rcpts),
                 "size": size,
+                "tls_version": tls,
+                "auth_user": self.auth_user,
+                "greeting_verdict": verdict,
+                "greeting_checks": checks,
                 "reply": str(reply),
             },
         )
@@ -782,22 +834,57 @@ class Session:
             self.abort_message()
             if envelope is not None:
                 self._log_outcome(envelope, event.size, event.reply)
-        log.info(
-            "fault %s helo=%s verb=%s reason=%s reply=%d",
-            self.peer,
-            self.conn.greeting_name,
-            event.verb or "-",
-            event.reason,
-            event.reply.code,
-            extra={
-                "event": "fault",
-                "client_ip": self.client_ip,
-                "greeting_name": self.conn.greeting_name,
-                "verb": event.verb,
-                "reason": event.reason,
-                "reply": str(event.reply),
-            },
-        )
+                self._logged = None  # the core sent this reply: nothing to skip later
+                return  # the message line is this refusal's line
+        self._log_refusal(event.verb or "-", event.reply, event.reason)
+
+    def refused(self, event: object, reply: Reply) -> None:
+        """Log ``reply`` (4xx or 5xx), the answer to ``event``, unless its handler did.
+
+        The transport calls this for each refusal it sends; a handler that
+        wrote its own line for a refusal (the message line, AUTH's) marks the
+        reply in ``_logged``, so that each refusal is logged once.
+        """
+        logged, self._logged = self._logged, None
+        if reply is logged:
+            return
+        # None: the connect hooks refused the banner.
+        verb = event.verb if isinstance(event, Command) else "CONNECT"
+        self._log_refusal(verb, reply, None, event)
+
+    def _log_refusal(
+        self, verb: str, reply: Reply, fault: str | None, event: object = None
+    ) -> None:
+        """One ``refused`` line: the command, its address, the reply and its codes."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        fields = {**self._log_fields, "event": "refused", "verb": verb}
+        message = "refused session=%s %s cmd=%s"
+        args: list[Any] = [self.session_id, self.peer, verb]
+        tx = self.conn.transaction
+        if isinstance(event, Mail):
+            message += " from=%s"
+            args.append(f"<{event.address}>")
+            fields["mail_from"] = event.address
+        elif isinstance(event, Rcpt):
+            message += " rcpt=%s from=%s"
+            args += (f"<{event.address}>", f"<{tx.mail_from}>" if tx else "-")
+            fields["rcpt"] = event.address
+            fields["mail_from"] = tx.mail_from if tx else None
+        message += " reply=%d"
+        args.append(reply.code)
+        if reply.enhanced:
+            message += " %s"
+            args.append(reply.enhanced)
+        if fault is not None:
+            message += " fault=%s"
+            args.append(fault)
+            fields["fault"] = fault
+        message += " helo=%s text=%s"
+        args += (self.conn.greeting_name or "-", reply.text)
+        fields["greeting_name"] = self.conn.greeting_name
+        fields["reply"] = str(reply)
+        log.info(message, *args, extra=fields)
 
     def _junk_limit(self) -> bool:
         """Count a command that moves no mail; True beyond the limit (Postfix's junk limit)."""
@@ -853,19 +940,21 @@ class Session:
         ctx = self.ctx
         name = credentials.username
         fields = {
+            **self._log_fields,
             "event": "auth",
-            "client_ip": self.client_ip,
             "user": name,
             "mechanism": mechanism,
         }
         if ctx.account_guard.locked(name, time.monotonic()):
             log.info(
-                "auth %s user=%s mechanism=%s refused: account locked out",
+                "auth session=%s %s user=%s mechanism=%s refused: account locked out",
+                self.session_id,
                 self.peer,
                 name,
                 mechanism,
                 extra={**fields, "outcome": "account_locked"},
             )
+            self._logged = _AUTH_ACCOUNT_LOCKED
             return _AUTH_ACCOUNT_LOCKED
         # RFC 4616 section 2: an authorization identity other than the
         # user's own is refused (ehlo has no proxy authorization).
@@ -874,18 +963,21 @@ class Session:
             ok = allowed and await ctx.verify_password(name, credentials.password)
         except VerifierBusy as exc:
             log.warning(
-                "auth %s user=%s mechanism=%s not checked (%s): try again later",
+                "auth session=%s %s user=%s mechanism=%s not checked (%s): try again later",
+                self.session_id,
                 self.peer,
                 name,
                 mechanism,
                 exc,
                 extra={**fields, "outcome": "busy"},
             )
+            self._logged = _AUTH_BUSY
             return _AUTH_BUSY
         if ok:
             self.auth_user, self.auth_mechanism = name, mechanism
             log.info(
-                "auth %s user=%s mechanism=%s ok",
+                "auth session=%s %s user=%s mechanism=%s ok",
+                self.session_id,
                 self.peer,
                 name,
                 mechanism,
@@ -895,7 +987,9 @@ class Session:
         now = time.monotonic()
         delay, locked = ctx.auth_guard.failed(self.client_key, now)
         log.warning(
-            "auth %s user=%s mechanism=%s failed" + (", address locked out" if locked else ""),
+            "auth session=%s %s user=%s mechanism=%s failed"
+            + (", address locked out" if locked else ""),
+            self.session_id,
             self.peer,
             name,
             mechanism,
@@ -904,15 +998,17 @@ class Session:
         if ctx.account_guard.failed(name, now):
             guard = ctx.account_guard
             log.warning(
-                "user %s locked out of AUTH: %d failed attempts within %gs",
+                "user %s locked out of AUTH: %d failed attempts within %gs session=%s",
                 name,
                 guard.max_failures,
                 guard.window,
-                extra={"event": "auth_account_locked", "user": name, "client_ip": self.client_ip},
+                self.session_id,
+                extra={**self._log_fields, "event": "auth_account_locked", "user": name},
             )
         # Slow down guessing: each failure from this address waits longer.
         await asyncio.sleep(delay)
-        return _AUTH_LOCKED if locked else _AUTH_FAILED
+        refusal = self._logged = _AUTH_LOCKED if locked else _AUTH_FAILED  # logged above
+        return refusal
 
     def _quit(self, event: Quit) -> Reply:
         self.abort_message()

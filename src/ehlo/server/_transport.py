@@ -60,6 +60,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         "_close_reason",
         "_closed",
         "_eof",
+        "_event",
         "_idle_since",
         "_pauses",
         "_task",
@@ -103,6 +104,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.started = self.last_activity = time.monotonic()
         self._idle_since: float | None = None  # last_activity when put in ctx.idle
         self._task: asyncio.Future[Any] | None = None  # a task, or a commit's future
+        self._event: object = None  # the command whose reply is awaited (None: the banner)
 
     # --------------------------------------------------------------- asyncio
 
@@ -133,18 +135,28 @@ class SMTPServerProtocol(asyncio.Protocol):
                 ip,
                 peer[1],
                 refusal.text,
-                extra={"event": "refused", "client_ip": ip, "reason": refusal.text},
+                extra={
+                    "event": "refused",
+                    "client_ip": ip,
+                    "client_port": peer[1],
+                    "reason": refusal.text,
+                },
             )
             return
         session = Session(self.ctx, self.conn, ip, int(peer[1]))
         self.session = session
-        fields: dict[str, Any] = {"event": "connect", "client_ip": ip, "client_port": int(peer[1])}
+        fields: dict[str, Any] = {
+            "event": "connect",
+            "session": session.session_id,
+            "client_ip": ip,
+            "client_port": int(peer[1]),
+        }
         if via:
             fields["proxy"] = via
         if self.implicit_tls:
             self._implicit_tls(session, fields)
         if log.isEnabledFor(logging.INFO):
-            message, args = "connect %s", [session.peer]
+            message, args = "connect session=%s %s", [session.session_id, session.peer]
             if via:
                 message += " via %s"
                 args.append(via)
@@ -184,6 +196,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             self.conn.send(banner)
             self._flush()
         else:
+            self._event = None
             self._run(banner)  # connect hooks decide; talking meanwhile is early too
 
     def _refuse_early_talker(self) -> None:
@@ -322,13 +335,20 @@ class SMTPServerProtocol(asyncio.Protocol):
                 self._violation_seen = True
                 action = self.ctx.config.pipelining_violation
                 if session.note_violation("pipelining", conn.pipelining_violation, action):
-                    self._say_goodbye(_PIPELINING, "pipelining violation")
+                    # RFC 3463 (via RFC 2034): with its enhanced code once the
+                    # extension is offered, or about to be (the EHLO not waited for).
+                    enhanced = conn.enhanced or (
+                        conn.pipelining_violation == "EHLO"
+                        and any(ext.enables_enhanced_codes for ext in conn.offered_extensions())
+                    )
+                    self._say_goodbye(_PIPELINING, "pipelining violation", enhanced=enhanced)
                     return
             try:
                 result = session.handle(event)  # type: ignore[arg-type]
             except Exception:
                 # A bug must cost one reply, not the connection or the server.
-                log.exception("session error for %s on %r", self.client_ip, event)
+                log.exception("session error session=%s %s on %r", session.session_id,
+                              session.peer, event)
                 result = _LOCAL_ERROR if conn.awaiting_reply is not None else None
             if result is None:
                 if conn.state is State.CLOSED:
@@ -336,6 +356,8 @@ class SMTPServerProtocol(asyncio.Protocol):
                 continue
             if isinstance(result, Reply):
                 conn.send(result)
+                if result.code >= 400 and result is not _LOCAL_ERROR:
+                    session.refused(event, result)
                 if conn.state is State.TLS_PENDING:
                     self._flush()
                     self._start_tls()
@@ -344,6 +366,7 @@ class SMTPServerProtocol(asyncio.Protocol):
             # Replies already decided leave now, so that a client that does
             # not read them fills the transport's buffer and gets paused.
             self._flush()
+            self._event = event
             if type(result) is Deferred:
                 self._defer(result)
             else:
@@ -364,9 +387,16 @@ class SMTPServerProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("session error for %s", self.client_ip)
+            self._log_error()
             reply = _LOCAL_ERROR if self.conn.awaiting_reply is not None else None
         self._deliver(reply)
+
+    def _log_error(self) -> None:
+        session = self.session
+        if session is None:
+            log.exception("session error for %s", self.client_ip)
+        else:
+            log.exception("session error session=%s %s", session.session_id, session.peer)
 
     def _defer(self, deferred: Deferred) -> None:
         """Wait for a future without a task: its done callback delivers the reply."""
@@ -381,7 +411,7 @@ class SMTPServerProtocol(asyncio.Protocol):
         try:
             reply = deferred.then(future)
         except Exception:
-            log.exception("session error for %s", self.client_ip)
+            self._log_error()
             reply = _LOCAL_ERROR if self.conn.awaiting_reply is not None else None
         self._deliver(reply)
 
@@ -396,6 +426,9 @@ class SMTPServerProtocol(asyncio.Protocol):
             # None: the event needed waiting for but takes no reply (BDAT's start).
             self._banner_sent = True
             self.conn.send(reply)
+            session = self.session
+            if reply.code >= 400 and reply is not _LOCAL_ERROR and session is not None:
+                session.refused(self._event, reply)
         if self.conn.state is State.TLS_PENDING:
             self._flush()
             self._start_tls()

@@ -235,9 +235,9 @@ async def run_server(
     contexts loaded already, else loaded at start).
     Raises :class:`StartError` when the server cannot start.
     """
-    from .. import __version__
     from .tls import TLSConfigError
 
+    level = logging.INFO if sockets is None else logging.DEBUG  # a worker: DEBUG
     loop = asyncio.get_running_loop()
     server = Server(config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls)
     stopping = asyncio.Event()
@@ -252,7 +252,8 @@ async def run_server(
             return
         signals.append(now)
         if len(signals) == 1:
-            log.info(
+            log.log(
+                level,
                 "%s received: stopping (transactions in progress have %gs to finish)",
                 name,
                 config.shutdown_timeout,
@@ -287,28 +288,45 @@ async def run_server(
             await server.start()
         except (OSError, TLSConfigError, StoreError, ValueError) as exc:
             raise _start_error(exc, config) from None
-        addresses = ", ".join(str(Listen(host, port)) for host, port in server.addresses)
-        log.info(
-            "ehlo %s ready on %s (event loop: %s, store: %s in %s)",
-            __version__,
-            addresses,
-            loop_name,
-            config.store,
-            config.data_dir,
-            extra={
-                "event": "ready",
-                "addresses": addresses,
-                "loop": loop_name,
-                "store": config.store,
-                "data_dir": str(config.data_dir),
-            },
-        )
+        # A worker's start and stop are the supervisor's to log (once).
+        _log_ready(level, config, server.addresses, loop_name)
         await stopping.wait()
         await server.stop()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
     return 0
+
+
+def _log_ready(
+    level: int,
+    config: ServerConfig,
+    addresses: Iterable[tuple[str, int]],
+    loop_name: str,
+    workers: int = 1,
+) -> None:
+    """The ``ready`` line: the server's, or (at DEBUG) one worker's."""
+    from .. import __version__
+
+    listening = ", ".join(str(Listen(host, port)) for host, port in addresses)
+    log.log(
+        level,
+        "ehlo %s ready on %s (%sevent loop: %s, store: %s in %s)",
+        __version__,
+        listening,
+        f"{workers} workers, " if workers > 1 else "",
+        loop_name,
+        config.store,
+        config.data_dir,
+        extra={
+            "event": "ready",
+            "addresses": listening,
+            "workers": workers,
+            "loop": loop_name,
+            "store": config.store,
+            "data_dir": str(config.data_dir),
+        },
+    )
 
 
 def _start_error(exc: BaseException, config: ServerConfig) -> StartError:
@@ -412,11 +430,8 @@ class Supervisor:
         try:
             for index in range(self.workers):
                 self._spawn(index)
-            log.info(
-                "started %d worker processes",
-                self.workers,
-                extra={"event": "workers", "workers": self.workers},
-            )
+            addresses = [sock.getsockname()[:2] for sock in self._sockets]
+            _log_ready(logging.INFO, self.config, addresses, self._loop_name, self.workers)
             while self._children:
                 try:
                     pid, status = os.wait()
@@ -429,6 +444,7 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._close_sockets()
+        log.info("stopped", extra={"event": "stopped", "workers": self.workers})
         return 1 if self._failed else 0
 
     def _reaped(self, pid: int, code: int) -> None:
@@ -468,6 +484,9 @@ class Supervisor:
     def _forward(self, signum: int, _frame: object) -> None:
         """The supervisor's signal handler: pass the signal on to every worker."""
         if signum != signal.SIGHUP:  # SIGHUP reloads; the others stop
+            if not self._stopping and _frame is not None:  # a signal, not a crash loop
+                name = signal.Signals(signum).name
+                log.info("%s received: stopping", name, extra={"event": "shutdown", "signal": name})
             self._stopping = True
             # The kernel queues connections while any process holds a
             # listener open: let go of ours, as each worker does of its own,
