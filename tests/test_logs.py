@@ -31,13 +31,12 @@ from ehlo.greeting.spf import spf_helo
 from ehlo.log import JSONFormatter, TextFormatter
 
 from . import greeting_zone as zone
-from .conftest import make_config
 from .dnsserver import DNSServer
+from .helpers import Client, make_config, queued_id
 from .test_auth_limits import users_data
 from .test_cli import serving
-from .test_e2e_raw import Client, queued_id
 from .test_greeting_server import connect as connect_from
-from .test_security_auth import plain, starttls
+from .test_security_auth import plain
 
 greeting_dns = zone.greeting_dns
 
@@ -170,8 +169,8 @@ async def test_a_refused_command_is_logged_once(
     lines = logs.lines("refused")
     assert len(lines) == 1, logs.text()
     found = fields(lines[0])
-    # The reply's code and enhanced code, as a client reads them: "reply=550 5.7.1".
-    found["reply"] = re.search(r" reply=(\d{3} \d\.\d+\.\d+) ", lines[0]).group(1)  # type: ignore[union-attr]
+    # The reply's code and enhanced code, as a client reads them, one logfmt value.
+    found["reply"] = re.search(r' reply="(\d{3} \d\.\d+\.\d+)" ', lines[0]).group(1)  # type: ignore[union-attr]
     assert {key: found.get(key) for key in expected} == expected, lines[0]
     assert " INFO " in lines[0]
     [record] = [r for r in logs.records() if r.get("event") == "refused"]
@@ -282,7 +281,7 @@ async def test_message_line_has_tls_auth_and_every_recipient(
         c = await Client.connect(server)
         try:
             await c.ehlo()
-            await starttls(c)
+            await c.starttls()
             await c.ehlo()
             assert (await c.cmd(f"AUTH PLAIN {plain('alice', 'wrong')}")).code == 535
             assert (await c.cmd(f"AUTH PLAIN {plain('alice', 'pw')}")).code == 235
@@ -350,7 +349,7 @@ async def test_no_helo_none_after_starttls(tmp_path: Path, logs: Captured) -> No
         c = await Client.connect(server)
         try:
             await c.ehlo()
-            await starttls(c)
+            await c.starttls()
             # Before the greeting RFC 3207 asks for after TLS: no name yet.
             assert (await c.cmd("MAIL FROM:<a@example.org>")).code == 503
             assert (await c.cmd("QUIT")).code == 221

@@ -871,11 +871,9 @@ class Session:
             args += (f"<{event.address}>", f"<{tx.mail_from}>" if tx else "-")
             fields["rcpt"] = event.address
             fields["mail_from"] = tx.mail_from if tx else None
-        message += " reply=%d"
-        args.append(reply.code)
-        if reply.enhanced:
-            message += " %s"
-            args.append(reply.enhanced)
+        # One value, quoted when it holds the enhanced code: reply="550 5.7.1".
+        message += " reply=%s"
+        args.append(f"{reply.code} {reply.enhanced}" if reply.enhanced else reply.code)
         if fault is not None:
             message += " fault=%s"
             args.append(fault)
