@@ -237,7 +237,8 @@ async def run_server(
     """
     from .tls import TLSConfigError
 
-    level = logging.INFO if sockets is None else logging.DEBUG  # a worker: DEBUG
+    # A supervisor's worker (it shares the counts) logs its start and stop at DEBUG.
+    level = logging.INFO if counts is None else logging.DEBUG
     loop = asyncio.get_running_loop()
     server = Server(config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls)
     stopping = asyncio.Event()

@@ -511,10 +511,12 @@ class Store(abc.ABC):
         """The stored bytes of one message (Received header first), or None."""
 
 
-def page(items: Sequence[StoredMessage], query: Query) -> Iterator[StoredMessage]:
-    """Apply a query's filters, paging and limit to messages already newest first."""
-    start, end = 0, len(items)
-    ids = [item.envelope.queue_id for item in items] if query.before or query.after else []
+def page_bounds(ids: Sequence[str], query: Query) -> tuple[int, int]:
+    """The slice of ``ids`` (newest first) between ``query.before`` and ``query.after``.
+
+    Raises :class:`StoreError` for a bound that names no message.
+    """
+    start, end = 0, len(ids)
     for bound, after in ((query.before, False), (query.after, True)):
         if bound is None:
             continue
@@ -526,6 +528,14 @@ def page(items: Sequence[StoredMessage], query: Query) -> Iterator[StoredMessage
             end = min(end, where)
         else:
             start = max(start, where + 1)
+    return start, end
+
+
+def page(items: Sequence[StoredMessage], query: Query) -> Iterator[StoredMessage]:
+    """Apply a query's filters, paging and limit to messages already newest first."""
+    start, end = 0, len(items)
+    if query.before or query.after:
+        start, end = page_bounds([item.envelope.queue_id for item in items], query)
     chosen = items[start:end]
     picked = (item for item in chosen if query.matches(item))
     if query.limit is None:

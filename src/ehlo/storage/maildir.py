@@ -60,6 +60,7 @@ from .base import (
     create_private,
     extract_subject,
     fsync_dir,
+    page_bounds,
     private_dir,
 )
 
@@ -478,19 +479,7 @@ class MaildirStore(Store):
         """
         files = sorted(self._files(), key=_file_time, reverse=True)
         if query.before is not None or query.after is not None:
-            ids = [queue_id for queue_id, _ in files]
-            start, end = 0, len(files)
-            for bound, after in ((query.before, False), (query.after, True)):
-                if bound is None:
-                    continue
-                try:
-                    where = ids.index(bound)
-                except ValueError:
-                    raise StoreError(f"no message with id {bound!r}") from None
-                if after:
-                    end = min(end, where)
-                else:
-                    start = max(start, where + 1)
+            start, end = page_bounds([queue_id for queue_id, _ in files], query)
             files = files[start:end]
             if query.after is not None and query.before is None and query.limit is not None:
                 files.reverse()  # the page just newer than ``after``: scan upwards
