@@ -422,3 +422,35 @@ async def _fill_maildir(data: Path) -> None:
     writer.write(b"Subject: in a maildir\r\n\r\nx\r\n")
     await writer.commit()
     await store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "maildir"])
+def test_paging_is_the_same_for_both_stores(tmp_path: Path, kind: str) -> None:
+    data = tmp_path / "data"
+
+    async def fill() -> None:
+        store = open_store(kind, data)
+        await store.start()
+        try:
+            for i in range(7):
+                writer = store.begin(envelope(i))
+                writer.write(f"Subject: p{i}\r\n\r\nx\r\n".encode())
+                await writer.commit()
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    store = open_store(kind, data)
+    ids = [m.envelope.queue_id for m in store.search(storage.Query())]
+    assert len(ids) == 7
+
+    def page(**bounds: Any) -> list[str]:
+        return [m.envelope.queue_id for m in store.search(storage.Query(limit=3, **bounds))]
+
+    assert page() == ids[:3]
+    assert page(before=ids[2]) == ids[3:6]
+    assert page(before=ids[5]) == ids[6:]
+    assert page(after=ids[6]) == ids[3:6]  # the page just newer, newest first
+    assert page(after=ids[5], before=ids[1]) == ids[2:5]
+    with pytest.raises(storage.StoreError, match="no message with id"):
+        page(before="06H24STAB3WY3GF6")
