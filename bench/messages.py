@@ -50,7 +50,7 @@ SENDER = 42
 COMMAND_TIMEOUT = 600.0
 
 # Runs argv[3:] with stdout into the file argv[1] and stderr into argv[2];
-# prints its wall time, peak RSS (KiB) and exit status as JSON. A small
+# prints its wall time, CPU time, peak RSS (KiB) and exit status as JSON. A small
 # parent of its own: ``ru_maxrss`` of a child would count the pages of a
 # large parent (this process, after generating the store) until exec.
 _TIMED = """
@@ -60,8 +60,8 @@ with open(sys.argv[1], "wb") as out, open(sys.argv[2], "wb") as err:
     child = subprocess.Popen(sys.argv[3:], stdout=out, stderr=err)
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - began
-print(json.dumps({"seconds": seconds, "maxrss_kib": usage.ru_maxrss,
-                  "status": os.waitstatus_to_exitcode(status)}))
+print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                  "maxrss_kib": usage.ru_maxrss, "status": os.waitstatus_to_exitcode(status)}))
 """
 
 
@@ -98,7 +98,7 @@ class CommandFailed(Exception):
 
 
 def timed(args: Sequence[str], out: Path, err: Path) -> dict[str, Any]:
-    """One run of ``ehlo ARGS``: wall seconds, peak RSS in MiB, exit status."""
+    """One run of ``ehlo ARGS``: wall and CPU seconds, peak RSS in MiB."""
     result = subprocess.run(
         [sys.executable, "-c", _TIMED, str(out), str(err), *EHLO, *args],
         capture_output=True,
@@ -112,13 +112,18 @@ def timed(args: Sequence[str], out: Path, err: Path) -> dict[str, Any]:
     if figures["status"] != 0:
         problem = err.read_text(errors="replace").strip()[-500:]
         raise CommandFailed(f"ehlo {' '.join(args)}: exit {figures['status']}: {problem}")
-    return {"seconds": figures["seconds"], "peak_rss_mib": figures["maxrss_kib"] / 1024}
+    return {
+        "seconds": figures["seconds"],
+        "cpu_seconds": figures["cpu_seconds"],
+        "peak_rss_mib": figures["maxrss_kib"] / 1024,
+    }
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     seconds = [r["seconds"] for r in runs]
     return {
         "seconds": {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds)},
+        "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
         "runs": runs,
     }
@@ -180,7 +185,7 @@ def render(report: dict[str, Any]) -> str:
         f"ehlo messages: {report['messages']:,} messages in a sqlite store"
         f" ({report['store_mib']:.1f} MiB); {report['runs']} timed runs each;"
         f" load average {load[0]:.2f} -> {load[1]:.2f}",
-        f"{'command':<44}{'wall s: median [min-max]':>28}{'peak RSS':>12}",
+        f"{'command':<44}{'wall s: median [min-max]':>28}{'CPU s':>8}{'peak RSS':>12}",
     ]
     for row in report["results"].values():
         if row["status"] != "ok":
@@ -188,7 +193,8 @@ def render(report: dict[str, Any]) -> str:
             continue
         s = row["seconds"]
         wall = f"{s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
-        lines.append(f"{row['command']:<44}{wall:>28}{row['peak_rss_mib']:>8.1f} MiB")
+        cpu = f"{row['cpu_seconds']:.3f}"
+        lines.append(f"{row['command']:<44}{wall:>28}{cpu:>8}{row['peak_rss_mib']:>8.1f} MiB")
     lines.append("")
     for target in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[target["pass"]]

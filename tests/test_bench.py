@@ -87,10 +87,11 @@ def test_messages_bench_measures_each_command_and_judges_the_targets(tmp_path: P
         assert len(row["runs"]) == 2
         seconds = row["seconds"]
         assert 0 < seconds["min"] <= seconds["median"] <= seconds["max"]
-        assert row["peak_rss_mib"] > 0
+        assert row["peak_rss_mib"] > 0 and row["cpu_seconds"] > 0
         # One table row per command, with its figures.
         [line] = [line for line in lines if line.startswith(row["command"] + " ")]
-        assert f"{seconds['median']:.3f} [{seconds['min']:.3f}-{seconds['max']:.3f}]" in line
+        wall = f"{seconds['median']:.3f} [{seconds['min']:.3f}-{seconds['max']:.3f}]"
+        assert f"{wall} {row['cpu_seconds']:.3f} " in " ".join(line.split()) + " "
         assert line.endswith(f"{row['peak_rss_mib']:.1f} MiB")
     # The verdicts follow from the figures.
     page = rows["page"]["seconds"]["median"]
