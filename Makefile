@@ -89,10 +89,13 @@ lint: setup
 fmt: setup
 	$(BIN)/ruff format src tests
 
-# QUICK=1: about 10x fewer messages (under 2 minutes); BENCH_ARGS=... goes to bench/run.py.
+# QUICK=1: about 10x fewer messages (under 2 minutes); BENCH_ARGS=... goes to bench/run.py,
+# MESSAGES_ARGS=... to bench/messages.py (`ehlo messages` on a store of 100,000 messages).
+MESSAGES_ARGS ?=
 bench: setup
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+	$(BIN)/python bench/messages.py $(if $(QUICK),--quick) $(MESSAGES_ARGS)
 
 # Long fuzzing run of the protocol core (a few minutes); failing inputs are saved
 # as tests/fuzz/corpus/<target>/crash-*.bin. FUZZ_ARGS='--target server --seconds 600'.

@@ -2,7 +2,8 @@
 
 The figures themselves are for ``make bench`` (never asserted here); this
 checks the runner's wiring: ehlo as shipped and its one-worker row, every
-row measured, the W5 ratio computed, the JSON written.
+row measured, the W5 ratio computed, the JSON written; and the same of
+``bench/messages.py`` (``ehlo messages`` on a generated store) on a tiny store.
 """
 
 from __future__ import annotations
@@ -64,3 +65,42 @@ def test_python_cost_drives_the_server_and_prints_its_figure(workload: str) -> N
     line = result.stdout.strip()
     assert line.startswith(f"{workload}: ") and line.endswith(" us of Python per message")
     assert float(line.split()[1]) > 0
+
+
+def test_messages_bench_measures_each_command_and_judges_the_targets(tmp_path: Path) -> None:
+    # A tiny store: the wiring, not the figures (those are for make bench).
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "messages.py"), "--quick", "--messages", "120",
+         "--runs", "2", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = tmp_path.glob("messages-*-quick.json")
+    report = json.loads(path.read_text())
+    assert (tmp_path / "messages-latest.json").read_text() == path.read_text()
+    assert report["messages"] == 120 and report["runs"] == 2
+    rows = report["results"]
+    assert list(rows) == ["page", "filtered", "all", "show"]
+    lines = result.stdout.splitlines()
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert len(row["runs"]) == 2
+        seconds = row["seconds"]
+        assert 0 < seconds["min"] <= seconds["median"] <= seconds["max"]
+        assert row["peak_rss_mib"] > 0 and row["cpu_seconds"] > 0
+        # One table row per command, with its figures.
+        [line] = [line for line in lines if line.startswith(row["command"] + " ")]
+        wall = f"{seconds['median']:.3f} [{seconds['min']:.3f}-{seconds['max']:.3f}]"
+        assert f"{wall} {row['cpu_seconds']:.3f} " in " ".join(line.split()) + " "
+        assert line.endswith(f"{row['peak_rss_mib']:.1f} MiB")
+    # The verdicts follow from the figures.
+    page = rows["page"]["seconds"]["median"]
+    peak = rows["all"]["peak_rss_mib"]
+    page_target, all_target = report["targets"]
+    assert page_target["pass"] is (page < 0.5)
+    assert all_target["pass"] is (peak < 80)
+    for target, figure in ((page_target, f"{page:.3f} s"), (all_target, f"{peak:.1f} MiB")):
+        verdict = "PASS" if target["pass"] else "FAIL"
+        assert f"[{verdict}] {target['target']}: {figure}" in result.stdout
+    assert page_target["target"] == "list --limit 50 < 0.5 s"
+    assert all_target["target"] == "list --all --jsonl peak RSS < 80 MiB"

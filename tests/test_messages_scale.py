@@ -1,9 +1,9 @@
 """``ehlo messages`` at scale: filters, paging, streaming, delete, retention, sizes.
 
 A store of 100,000 messages is generated once per test session through the
-store API (the SQLite writer in a thread, a few thousand commits at a
-time); the data follow simple rules of the message number, so every
-filter's expected set is known. The command line runs as a subprocess
+store API (:mod:`tests.messages_data`, which ``bench/messages.py`` shares);
+the data follow simple rules of the message number, so every filter's
+expected set is known. The command line runs as a subprocess
 (``python -m ehlo``), its peak memory measured with ``os.wait4``. Retention,
 deletes, sizes and the store kind use a real server and smtplib.
 """
@@ -25,11 +25,10 @@ from typing import Any
 import pytest
 
 from ehlo import storage
-from ehlo.ids import new_queue_id
-from ehlo.storage import Envelope, SQLiteStore, open_store
-from ehlo.storage.base import JSONText
+from ehlo.storage import SQLiteStore, open_store
 
 from .conftest import ThreadedServer
+from .messages_data import BASE, envelope, generate, when
 
 # The keys of ``messages list --json``, in order (the README lists them).
 LIST_FIELDS = (
@@ -40,14 +39,6 @@ LIST_FIELDS = (
 COMMAND = (sys.executable, "-m", "ehlo")
 TOTAL = 100_000
 TIMEOUT = 300
-# The newest message of the generated store was received this long before it was made.
-BASE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-PASS_REPORT = JSONText(
-    json.dumps({"forward_match": {"result": "pass", "reason": "", "evidence": {}}})
-)
-FAIL_REPORT = JSONText(
-    json.dumps({"forward_match": {"result": "fail", "reason": "no", "evidence": {}}})
-)
 
 
 # Runs argv[2:] with its output into the file argv[1]; prints its peak RSS in KiB.
@@ -67,59 +58,11 @@ def ehlo(*args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def when(i: int) -> dt.datetime:
-    return BASE + dt.timedelta(seconds=i)
-
-
-def subject(i: int) -> str:
-    return f"Invoice ÄÖ {i}" if i % 997 == 0 else f"Message {i}"
-
-
-def envelope(i: int) -> Envelope:
-    extra: dict[str, Any] = {}
-    if i % 250 == 1:
-        extra["auth"] = {"user": "Alice", "mechanism": "PLAIN"}
-    if i % 2 == 0:
-        extra["greeting_checks"] = FAIL_REPORT if i % 333 == 5 else PASS_REPORT
-    rcpts = [f"user{i % 50}@dest.example"]
-    if i % 1000 == 0:
-        rcpts.append("Special@Rare.example")
-    return Envelope(
-        queue_id=new_queue_id(),
-        client_ip="127.0.0.1",
-        client_port=40000 + i % 1000,
-        greeting="HELO" if i % 10 == 3 else "EHLO",
-        greeting_name="client.example",
-        mail_from=f"sender{i % 100}@from.example",
-        mail_params={},
-        rcpt_to=rcpts,
-        received_at=when(i),
-        tls={"version": "TLSv1.3", "cipher": "X"} if i % 4 == 0 else None,
-        extra=extra,
-    )
-
-
-async def _generate(data: Path) -> None:
-    store = open_store("sqlite", data, writer="thread")
-    await store.start()
-    try:
-        batch = 5000
-        for start in range(0, TOTAL, batch):
-            futures = []
-            for i in range(start, start + batch):
-                writer = store.begin(envelope(i))
-                writer.write(f"Subject: {subject(i)}\r\n\r\nbody {i}\r\n".encode())
-                futures.append(writer.start_commit())
-            await asyncio.gather(*futures)
-    finally:
-        await store.close()
-
-
 @pytest.fixture(scope="session")
 def big_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     data = tmp_path_factory.mktemp("big") / "data"
     began = time.monotonic()
-    asyncio.run(_generate(data))
+    generate(data, TOTAL)
     print(f"\ngenerated {TOTAL} messages in {time.monotonic() - began:.1f} s")
     yield data
 
