@@ -14,13 +14,52 @@ The public surface for applications that embed the server::
 
 from __future__ import annotations
 
-from .config import ConfigError, Listen, ServerConfig
-from .policy import Hook, HookContext, Hooks, Verdict
-from .protocol import ProtocolLimits, Reply
-from .server import Server
-from .storage import Envelope, MessageWriter, Store, StoredMessage, StoreError
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import ConfigError, Listen, ServerConfig
+    from .policy import Hook, HookContext, Hooks, Verdict
+    from .protocol import ProtocolLimits, Reply
+    from .server import Server
+    from .storage import Envelope, MessageWriter, Store, StoredMessage, StoreError
 
 __version__ = "0.1.0"
+
+# Each public name and the module it comes from, imported on first use: a
+# command such as ``ehlo messages list`` loads neither the server nor TLS.
+_HOMES = {
+    "ConfigError": "config",
+    "Listen": "config",
+    "ServerConfig": "config",
+    "Hook": "policy",
+    "HookContext": "policy",
+    "Hooks": "policy",
+    "Verdict": "policy",
+    "ProtocolLimits": "protocol",
+    "Reply": "protocol",
+    "Server": "server",
+    "Envelope": "storage",
+    "MessageWriter": "storage",
+    "Store": "storage",
+    "StoredMessage": "storage",
+    "StoreError": "storage",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: ``ehlo.Server`` and the other public names, loaded when first asked for."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ehlo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
 
 __all__ = [
     "ConfigError",
