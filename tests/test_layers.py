@@ -293,3 +293,26 @@ def test_auth_needing_tls_is_found_through_the_base_class() -> None:
     d.say("EHLO client.example")
     # RFC 4954 section 6: 538 when the mechanism needs encryption.
     assert d.say("AUTH XTOKEN").startswith("538 ")
+
+
+def test_public_names_load_their_modules_on_first_use() -> None:
+    # `import ehlo` (and so every `ehlo` command, e.g. `messages list`) loads
+    # neither the server nor the greeting checks until one of their names is used.
+    script = (
+        "import sys, ehlo, ehlo.greeting\n"
+        "assert 'ehlo.server' not in sys.modules, 'ehlo.server'\n"
+        "assert 'ehlo.greeting._checks' not in sys.modules, 'ehlo.greeting._checks'\n"
+        "assert ehlo.Server.__module__ == 'ehlo.server._server'\n"
+        "assert ehlo.greeting.run_checks.__module__ == 'ehlo.greeting._checks'\n"
+        "assert 'Server' in dir(ehlo)\n"
+        "try:\n"
+        "    ehlo.no_such_name\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

@@ -14,8 +14,9 @@ The public surface for applications that embed the server::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_loader
 
 if TYPE_CHECKING:
     from .config import ConfigError, Listen, ServerConfig
@@ -47,14 +48,8 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """PEP 562: ``ehlo.Server`` and the other public names, loaded when first asked for."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'ehlo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value
-    return value
+# PEP 562: ``ehlo.Server`` and the other public names, loaded when first asked for.
+__getattr__ = lazy_loader(__name__, _HOMES)
 
 
 def __dir__() -> list[str]:
