@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import re
 import time
 from datetime import UTC, datetime
 
@@ -60,9 +61,10 @@ def _a_label(name: str) -> str | None:
         return None
 
 
-# Characters that make an address unfit for the ``for`` clause: a parser
-# splitting the header at ";" or reading comments would be misled.
-_NOT_IN_FOR = frozenset(';()"\\<>,[] ')
+# Characters that make an address unfit for the ``for`` clause (a parser
+# splitting the header at ";" or reading comments would be misled), and
+# the ASCII controls, space and DEL.
+_NOT_IN_FOR = re.compile(r'[\x00-\x20\x7f;()"\\<>,\[\]]')
 
 
 def _plain_address(address: str, utf8: bool) -> bool:
@@ -70,15 +72,10 @@ def _plain_address(address: str, utf8: bool) -> bool:
     local, at, domain = address.rpartition("@")
     if at and domain.startswith("[") and domain.endswith("]"):
         address = f"{local}@{domain[1:-1]}"  # an address literal's brackets are its own
-    for ch in address:
-        code = ord(ch)
-        if code >= 0x80:
-            # Non-ASCII only in a UTF-8 message (RFC 6532), and only printable.
-            if not utf8 or not ch.isprintable():
-                return False
-        elif code <= 32 or code == 127 or ch in _NOT_IN_FOR:
-            return False
-    return True
+    if _NOT_IN_FOR.search(address):
+        return False
+    # Non-ASCII only in a UTF-8 message (RFC 6532), and only printable.
+    return address.isascii() or (utf8 and address.isprintable())
 
 
 @functools.lru_cache(maxsize=1024)
