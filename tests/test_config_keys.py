@@ -24,12 +24,7 @@ from ehlo.config import (
     load_config,
 )
 
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "ehlo.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
+from .test_config import write
 
 # --------------------------------------------------------------------------
 # The key tables: derived from the dataclass fields

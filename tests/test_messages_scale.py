@@ -18,14 +18,14 @@ import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ehlo import storage
-from ehlo.storage import SQLiteStore, open_store
+from ehlo.storage import Envelope, SQLiteStore, open_store
 
 from .conftest import ThreadedServer
 from .messages_data import BASE, envelope, generate, when
@@ -223,26 +223,44 @@ def test_retention_keeps_the_newest_while_a_client_sends(threaded_server: Any) -
     assert len(files) == 1  # m70's, the one large message kept
 
 
+def store_messages(kind: str, data: Path, messages: Iterable[tuple[Envelope, bytes]]) -> None:
+    """Commit each (envelope, message) to a ``kind`` store in ``data``, in order."""
+
+    async def fill() -> None:
+        store = open_store(kind, data)
+        await store.start()
+        try:
+            for env, message in messages:
+                writer = store.begin(env)
+                writer.write(message)
+                await writer.commit()
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+
+
+def dated(i: int, when: dt.datetime) -> Envelope:
+    """The generator's envelope ``i``, received at ``when``."""
+    env = envelope(i)
+    env.received_at = when
+    return env
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "maildir"])
 def test_prune_by_count_and_age(tmp_path: Path, kind: str) -> None:
     data = tmp_path / "data"
     now = dt.datetime.now(dt.UTC)
     ages = (10, 5, 0.5, 0.1, 0)  # days
 
-    async def fill() -> None:
-        store = open_store(kind, data)
-        await store.start()
-        try:
-            for i, age in enumerate(ages):
-                env = envelope(i)
-                env.received_at = now - dt.timedelta(days=age)
-                writer = store.begin(env)
-                writer.write(f"Subject: age {age}\r\n\r\nx\r\n".encode())
-                await writer.commit()
-        finally:
-            await store.close()
-
-    asyncio.run(fill())
+    store_messages(
+        kind,
+        data,
+        (
+            (dated(i, now - dt.timedelta(days=age)), f"Subject: age {age}\r\n\r\nx\r\n".encode())
+            for i, age in enumerate(ages)
+        ),
+    )
     store = open_store(kind, data)
     ids = [m.envelope.queue_id for m in store.search(storage.Query())]
     assert len(ids) == len(ages)
@@ -257,21 +275,17 @@ def test_prune_by_count_and_age(tmp_path: Path, kind: str) -> None:
 def test_delete_by_id_before_and_all(tmp_path: Path, kind: str) -> None:
     data = tmp_path / "data"
 
-    async def fill() -> None:
-        store = open_store(kind, data)
-        await store.start()
-        try:
-            for i in range(6):
-                env = envelope(i)
-                env.received_at = dt.datetime(2025, 1, 1 + i, tzinfo=dt.UTC)
-                writer = store.begin(env)
-                body = b"y" * (300 * 1024) if i == 1 else b"z\r\n"
-                writer.write(f"Subject: d{i}\r\n\r\n".encode() + body)
-                await writer.commit()
-        finally:
-            await store.close()
-
-    asyncio.run(fill())
+    store_messages(
+        kind,
+        data,
+        (
+            (
+                dated(i, dt.datetime(2025, 1, 1 + i, tzinfo=dt.UTC)),
+                f"Subject: d{i}\r\n\r\n".encode() + (b"y" * (300 * 1024) if i == 1 else b"z\r\n"),
+            )
+            for i in range(6)
+        ),
+    )
     ids = store_ids(data)
     assert len(ids) == 6
     # By id, the newest, d5 (one unknown id: reported, exit 1, the others deleted).
@@ -332,15 +346,7 @@ def test_sizes_agree_in_list_show_and_log(
 def test_store_kind_is_recorded_and_a_mismatch_named(tmp_path: Path) -> None:
     data = tmp_path / "data"
 
-    async def fill() -> None:
-        store = open_store("sqlite", data)
-        await store.start()
-        writer = store.begin(envelope(1))
-        writer.write(b"Subject: kind\r\n\r\nx\r\n")
-        await writer.commit()
-        await store.close()
-
-    asyncio.run(fill())
+    store_messages("sqlite", data, [(envelope(1), b"Subject: kind\r\n\r\nx\r\n")])
     assert (data / "store").read_text() == "sqlite\n"
     result = ehlo("messages", "list", "--store", "maildir", "--data", str(data))
     assert result.returncode == 1
@@ -371,18 +377,9 @@ async def _fill_maildir(data: Path) -> None:
 def test_paging_is_the_same_for_both_stores(tmp_path: Path, kind: str) -> None:
     data = tmp_path / "data"
 
-    async def fill() -> None:
-        store = open_store(kind, data)
-        await store.start()
-        try:
-            for i in range(7):
-                writer = store.begin(envelope(i))
-                writer.write(f"Subject: p{i}\r\n\r\nx\r\n".encode())
-                await writer.commit()
-        finally:
-            await store.close()
-
-    asyncio.run(fill())
+    store_messages(
+        kind, data, ((envelope(i), f"Subject: p{i}\r\n\r\nx\r\n".encode()) for i in range(7))
+    )
     store = open_store(kind, data)
     ids = [m.envelope.queue_id for m in store.search(storage.Query())]
     assert len(ids) == 7
