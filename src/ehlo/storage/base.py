@@ -36,9 +36,12 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._query import Query, Retention
+
+if TYPE_CHECKING:
+    from .queue import Queue, QueueItem
 
 # Messages deleted in one transaction (or one folder sync): retention runs
 # while sessions commit, so each batch holds the write lock only briefly.
@@ -94,6 +97,9 @@ class Envelope:
     # Octets of the message as the client sent it (after dot-unstuffing),
     # set by the session at the end of the data; None when not known.
     size_received: int | None = None
+    # The recipients to hand on (relay, LMTP): the store queues them in the
+    # message's own commit. Kept by the queue, not in the envelope's JSON.
+    queue: list[QueueItem] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The envelope as JSON-ready data (the keys of ``messages --json``)."""
@@ -430,6 +436,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def begin(self, envelope: Envelope) -> MessageWriter:
         """Start a message. The envelope may still be completed before commit."""
+
+    @property
+    def queue(self) -> Queue | None:
+        """The outbound queue this store keeps (None: it cannot queue mail)."""
+        return None
 
     @abc.abstractmethod
     def list(self, limit: int | None = None) -> Sequence[StoredMessage]:
