@@ -22,7 +22,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,7 @@ from .abuse import (
 
 if TYPE_CHECKING:
     from ..auth import UserStore
+    from ..delivery.scheduler import Scheduler
     from ..dns import Resolver
     from ..greeting import GreetingVerifier
     from .proxy import ProxyInfo
@@ -135,7 +136,10 @@ class ServerContext:
         self.extensions: tuple[Extension, ...] = build_extensions(
             self.config.limits, (lambda: len(users) > 0) if users is not None else None
         )
-        self.domains = frozenset(d.lower().rstrip(".") for d in config.domains)
+        # Where each recipient goes (kept, handed on, refused): ehlo.delivery.routes.
+        self.routing = config.routing()
+        # The delivery scheduler when this process runs it (woken by new mail).
+        self.scheduler: Scheduler | None = None
         # Every name this server answers as: Authentication-Results fields a
         # client sends with one of them as authserv-id are forged (RFC 8601 section 5).
         self.authserv_ids = frozenset(
@@ -507,8 +511,15 @@ class Server:
         sockets: Iterable[socket.socket] | None = None,
         shared_counters: SharedCounters | None = None,
         tls: TLSContexts | None = None,
+        delivery: bool | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
+        # The delivery scheduler: None runs it when the routing hands mail on
+        # (ehlo serve runs it in one worker only); ``clock`` is its clock.
+        self._delivery = delivery
+        self._clock = clock
+        self.scheduler: Scheduler | None = None
         # TLS contexts loaded already (``ehlo serve`` reads keys before it
         # gives up root); None: loaded by start().
         self._tls = tls
@@ -576,6 +587,8 @@ class Server:
                 await store.close()
             raise
         ctx.add_our_addresses(host for host, _ in self.addresses)
+        if self._delivery is not False and not ctx.routing.catch_all:
+            await self._start_delivery(ctx)
         # A worker's start is its supervisor's to log (once for the server).
         level = logging.DEBUG if ctx.shared_counts is not None else logging.INFO
         if tls is not None and tls.names():
@@ -589,6 +602,28 @@ class Server:
                 port,
                 extra={"event": "listening", "host": host, "port": port},
             )
+
+    async def _start_delivery(self, ctx: ServerContext) -> None:
+        """Start the scheduler that hands queued mail on (ehlo.delivery)."""
+        from ..delivery.scheduler import Scheduler
+
+        if ctx.store.queue is None:
+            log.warning(
+                "the %s store keeps no outbound queue: relayed mail is refused", ctx.store.name
+            )
+            return
+        settings = self.config.delivery_settings(own_addresses=self.addresses)
+        mtasts = None
+        if self.config.mta_sts:
+            from ..delivery.mtasts import MTASTS
+
+            mtasts = MTASTS(ctx.resolver)
+        scheduler = Scheduler(
+            ctx.store, settings, ctx.resolver, hooks=self._hooks,
+            clock=self._clock or time.time, mtasts=mtasts,
+        )
+        await scheduler.start()
+        self.scheduler = ctx.scheduler = scheduler
 
     async def _listen(self, ctx: ServerContext, listen: Listen, sock: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
@@ -705,6 +740,9 @@ class Server:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = ctx.scheduler = None
         if self._owns_store:
             await ctx.store.close()
         ctx.close()

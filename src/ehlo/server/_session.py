@@ -41,10 +41,12 @@ from ..protocol import (
     Rset,
     ServerConnection,
     StartTls,
+    Transaction,
     Vrfy,
 )
 from ..storage import Envelope, MessageWriter, StoreError
 from ..storage.base import JSONText
+from ..storage.queue import QueueItem
 from ._hashing import VerifierBusy
 from .abuse import client_key
 from .authres_filter import AuthResFilter
@@ -505,14 +507,14 @@ class Session:
         return reply
 
     def _rcpt(self, event: Rcpt) -> Reply | Awaitable[Reply]:
-        domains = self.ctx.domains
         address = event.address
-        if domains and self.auth_user is None:
-            local, _, domain = address.rpartition("@")
-            # RFC 5321 section 4.5.1: postmaster must always be accepted.
-            is_postmaster = (local or address).lower() == "postmaster"
-            if not is_postmaster and domain.lower().rstrip(".") not in domains:
-                return Reply(550, "5.7.1", f"Relaying denied: <{address}> is not a local domain")
+        routing = self.ctx.routing
+        if not routing.catch_all:
+            decision = routing.decide(
+                address, authenticated=self.auth_user is not None, client_ip=self.client_ip
+            )
+            if decision.refusal is not None:
+                return decision.refusal  # no open relay
         reply = Reply(250, "2.1.5", f"Recipient <{address}> OK")
         enforce = self._enforcing("rcpt")
         if self.ctx.hooks.has("rcpt") or enforce:
@@ -595,6 +597,8 @@ class Session:
         )
         if self.auth_user is not None:
             envelope.extra["auth"] = {"user": self.auth_user, "mechanism": self.auth_mechanism}
+        if not self.ctx.routing.catch_all:
+            self._route(envelope, tx)
         if self.violations:
             envelope.extra["violations"] = list(dict.fromkeys(self.violations))
         if report is not None:
@@ -641,6 +645,23 @@ class Session:
             self._store_failed = False
             return _STORE_FAILED
         return reply if reply is not None else _OK
+
+    def _route(self, envelope: Envelope, tx: Transaction) -> None:
+        """The recipients to hand on, decided again as at RCPT (the rules are pure)."""
+        routing = self.ctx.routing
+        authenticated = self.auth_user is not None
+        kept = False
+        for index, rcpt in enumerate(tx.rcpts):
+            decision = routing.decide(rcpt, authenticated=authenticated, client_ip=self.client_ip)
+            kept = kept or decision.store
+            if decision.next_hop is None:
+                continue
+            params = tx.rcpt_params[index] if index < len(tx.rcpt_params) else {}
+            envelope.queue.append(
+                QueueItem(rcpt, decision.next_hop, params.get("NOTIFY"), params.get("ORCPT"))
+            )
+        if not kept:
+            envelope.extra["handed_on"] = True  # removed from the store once delivered
 
     def _write(self, data: bytes) -> None:
         writer = self.writer
@@ -739,6 +760,8 @@ class Session:
         self.writer = None
         self.envelope = None
         self.messages += 1
+        if envelope.queue and self.ctx.scheduler is not None:
+            self.ctx.scheduler.wake()  # mail to hand on
         self._junk = 0
         reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}")
         self._log_outcome(envelope, size, reply)

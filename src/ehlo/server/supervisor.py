@@ -227,6 +227,7 @@ async def run_server(
     *,
     hooks: HooksArg = None,
     tls: TLSContexts | None = None,
+    delivery: bool = True,
 ) -> int:
     """Serve in the running event loop until SIGTERM or SIGINT (graceful stop); return 0.
 
@@ -240,7 +241,11 @@ async def run_server(
     # A supervisor's worker (it shares the counts) logs its start and stop at DEBUG.
     level = logging.INFO if counts is None else logging.DEBUG
     loop = asyncio.get_running_loop()
-    server = Server(config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls)
+    # ``delivery``: whether this process runs the delivery scheduler (one does).
+    server = Server(
+        config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls,
+        delivery=None if delivery else False,
+    )
     stopping = asyncio.Event()
     signals: list[float] = []
 
@@ -540,6 +545,7 @@ class Supervisor:
                         self._counts,
                         hooks=self._hooks,
                         tls=self._tls,
+                        delivery=index == 0,  # one scheduler for all workers
                     )
                 )
         except StartError as exc:  # e.g. the store cannot be opened: one line

@@ -185,6 +185,10 @@ class Queue(abc.ABC):
         """Apply updates and keep attempts, in one transaction."""
 
     @abc.abstractmethod
+    def set_next_hop(self, queue_id: str, recipient: str, next_hop: str) -> None:
+        """Send one entry elsewhere (a ``delivery`` hook's decision)."""
+
+    @abc.abstractmethod
     def recover(self) -> int:
         """At start: entries left ``delivering`` by a crash are queued again; how many."""
 
@@ -441,6 +445,13 @@ class SQLiteQueue(Queue):
                     (a.queue_id, a.at, a.next_hop, a.host, json.dumps(a.results), a.transcript)
                     for a in attempts
                 ],
+            )
+
+    def set_next_hop(self, queue_id: str, recipient: str, next_hop: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE queue SET next_hop = ? WHERE queue_id = ? AND recipient = ?",
+                (next_hop, queue_id, recipient),
             )
 
     def recover(self) -> int:
