@@ -1,0 +1,1 @@
+"""Outbound delivery: relaying accepted mail to its next hops, and what decides them."""
