@@ -72,7 +72,8 @@ def _describe(exc: aiohttp.ClientError) -> str:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         cause = exc.certificate_error
         if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
-            return f"certificate does not verify for {exc.host}: {cause.verify_message}"
+            why = cause.verify_message.rstrip(".")
+            return f"certificate does not verify for {exc.host}: {why}"
         return f"certificate does not verify for {exc.host}: {cause}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}"

@@ -309,19 +309,26 @@ class MTASTS:
         self.fetches += 1
         try:
             text = await self._fetcher.fetch(f"mta-sts.{domain}")
+        except PolicyFetchError as exc:
+            self._log_failure(domain, policy_id, str(exc))
+            return None
+        try:
             policy = parse_policy(text, domain=domain, id=policy_id, now=self._clock())
-        except (PolicyFetchError, ValueError) as exc:
-            kept = self._cache.peek(domain)
-            log.warning(
-                "MTA-STS policy of %s (id %s) not fetched: %s; %s",
-                domain,
-                policy_id,
-                exc,
-                f"the cached policy (id {kept.id}) still applies" if kept else "no policy applies",
-            )
+        except ValueError as exc:
+            self._log_failure(domain, policy_id, f"invalid policy: {exc}")
             return None
         self._cache.put(domain, policy, policy.fetched_at + policy.max_age - self._clock())
         return policy
+
+    def _log_failure(self, domain: str, policy_id: str, reason: str) -> None:
+        kept = self._cache.peek(domain)
+        log.warning(
+            "MTA-STS policy of %s (id %s) not used: %s; %s",
+            domain,
+            policy_id,
+            reason,
+            f"the cached policy (id {kept.id}) still applies" if kept else "no policy applies",
+        )
 
     async def close(self) -> None:
         """Stop fetches under way and close the HTTPS connections."""
