@@ -449,7 +449,11 @@ async def test_a_txt_record_gone_keeps_the_cached_policy_until_it_expires(
 
 
 async def test_a_failed_fetch_of_a_new_id_keeps_the_cached_policy(
-    mtasts: MTASTS, site: PolicySite, dns_server: DNSServer, caplog: pytest.LogCaptureFixture
+    mtasts: MTASTS,
+    site: PolicySite,
+    dns_server: DNSServer,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ehlo.delivery")
     cached = await mtasts.policy(DOMAIN)
@@ -461,8 +465,36 @@ async def test_a_failed_fetch_of_a_new_id_keeps_the_cached_policy(
     [line] = fetch_failures(caplog)
     assert "id two" in line and "cached policy (id one) still applies" in line, line
     site.status = 200
+    assert await mtasts.policy(DOMAIN) is cached  # not tried again at once
+    clock.now += mtasts.retry_after
     fresh = await mtasts.policy(DOMAIN)
     assert fresh is not None and fresh.id == "two"
+    assert len(site.requests) == 3
+
+
+async def test_a_failed_fetch_is_not_tried_again_before_retry_after(
+    mtasts: MTASTS,
+    site: PolicySite,
+    dns_server: DNSServer,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ehlo.delivery")
+    site.status = 503
+    assert await mtasts.policy(DOMAIN) is None
+    site.status = 200
+    clock.now += mtasts.retry_after - 1
+    assert await mtasts.policy(DOMAIN) is None
+    assert (len(site.requests), mtasts.fetches, len(fetch_failures(caplog))) == (1, 1, 1)
+    # A new id is fetched at once; the failed one again once retry_after has passed.
+    dns_server.set_records(TXT_NAME, "TXT", [txt("two")])
+    policy = await mtasts.policy(DOMAIN)
+    assert policy is not None and policy.id == "two"
+    dns_server.set_records(TXT_NAME, "TXT", [txt("one")])
+    clock.now += 1
+    policy = await mtasts.policy(DOMAIN)
+    assert policy is not None and policy.id == "one"
+    assert (len(site.requests), mtasts.fetches) == (3, 3)
 
 
 async def test_max_age_zero_is_never_cached(mtasts: MTASTS, site: PolicySite) -> None:

@@ -220,7 +220,9 @@ class MTASTS:
     certificate (default: the system's CAs); ``timeout`` bounds each fetch in
     seconds, from connecting to the last octet; ``clock`` (seconds) dates
     fetches and expiry; at most ``max_entries`` domains' policies are kept,
-    the least recently used dropped first. One instance serves one event
+    the least recently used dropped first. After a failed fetch, the same
+    domain and id are not fetched again for ``retry_after`` seconds (a new
+    id in the TXT record is fetched at once). One instance serves one event
     loop; ``close`` it when done.
     """
 
@@ -233,17 +235,23 @@ class MTASTS:
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
         max_entries: int = 10_000,
+        retry_after: float = 300.0,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError("port must be 1 to 65535")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if retry_after < 0:
+            raise ValueError("retry_after must not be negative")
         self.resolver = resolver
         self.port = port
         self.ssl_context = ssl_context
         self.timeout = timeout
         self._clock = clock
         self._cache: TTLCache[str, Policy] = TTLCache(max_entries, clock=clock)
+        # (domain, id) whose fetch failed lately: not fetched again until retry_after.
+        self._failed: TTLCache[tuple[str, str], str] = TTLCache(max_entries, clock=clock)
+        self.retry_after = retry_after
         self._inflight: dict[tuple[str, str], asyncio.Task[Policy | None]] = {}
         self._fetcher: Fetcher | None = None
         self.fetches = 0  # HTTPS fetches started
@@ -277,6 +285,9 @@ class MTASTS:
         if cached is not None and cached.id == policy_id:
             # RFC 8461 section 5.1: an unexpired cached policy with the current id is used.
             return cached
+        # RFC 8461 section 3.3: senders may limit how often they try a failing policy host.
+        if self._failed.get((name, policy_id)) is not None:
+            return cached
         fetched = await self._fetch_once(name, policy_id)
         # RFC 8461 section 3.3: no policy fetched: an unexpired cached policy still
         # applies; without one, deliver as though the domain had no MTA-STS.
@@ -309,18 +320,22 @@ class MTASTS:
         self.fetches += 1
         try:
             text = await self._fetcher.fetch(f"mta-sts.{domain}")
-        except PolicyFetchError as exc:
-            self._log_failure(domain, policy_id, str(exc))
-            return None
-        try:
             policy = parse_policy(text, domain=domain, id=policy_id, now=self._clock())
-        except ValueError as exc:
-            self._log_failure(domain, policy_id, f"invalid policy: {exc}")
+        except Exception as exc:  # whatever fails, delivery goes on (without this policy)
+            if isinstance(exc, PolicyFetchError):
+                reason = str(exc)
+            elif isinstance(exc, ValueError):
+                reason = f"invalid policy: {exc}"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            self._failure(domain, policy_id, reason)
             return None
         self._cache.put(domain, policy, policy.fetched_at + policy.max_age - self._clock())
         return policy
 
-    def _log_failure(self, domain: str, policy_id: str, reason: str) -> None:
+    def _failure(self, domain: str, policy_id: str, reason: str) -> None:
+        """Log a failed fetch (one line) and remember it for ``retry_after`` seconds."""
+        self._failed.put((domain, policy_id), reason, self.retry_after)
         kept = self._cache.peek(domain)
         log.warning(
             "MTA-STS policy of %s (id %s) not used: %s; %s",
