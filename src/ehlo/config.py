@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from .protocol import ProtocolLimits as ProtocolLimits
 
 if TYPE_CHECKING:
+    import ssl
+
     from .delivery.routes import Routing
     from .delivery.scheduler import DeliverySettings
     from .greeting import GreetingPolicy
@@ -509,6 +511,17 @@ class ServerConfig:
     mta_sts: Annotated[
         bool, _Key(_bool, doc="honour the MTA-STS policies of recipient domains (RFC 8461)")
     ] = True
+    mta_sts_port: Annotated[
+        int, _Key(_port, doc="HTTPS port of MTA-STS policy hosts (443; other ports for tests)")
+    ] = 443
+    # CA certificates outbound TLS "verify" (and MTA-STS) trusts; unset: the system's.
+    delivery_ca_file: Annotated[
+        Path | None,
+        _Key(
+            _optional_path, files=_relative_path,
+            doc="CA certificates (PEM) outbound verify trusts; unset: the system's",
+        ),
+    ] = None
     delivery_concurrency: Annotated[
         int, _Key(_positive_int, doc="outbound connections at once, in all")
     ] = 20
@@ -588,7 +601,19 @@ class ServerConfig:
             timeouts=timeouts,
             relay_login=login,
             own_addresses=frozenset(own_addresses),
+            ssl_context=self.delivery_ssl_context(),
         )
+
+    def delivery_ssl_context(self) -> ssl.SSLContext:
+        """The context outbound TLS verifies with (``delivery_ca_file``, else the system's CAs)."""
+        import ssl
+
+        try:
+            return ssl.create_default_context(
+                cafile=str(self.delivery_ca_file) if self.delivery_ca_file else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"delivery_ca_file: {exc}") from None
 
     def routing(self) -> Routing:
         """The routing rules (``ehlo.delivery.routes``) these settings describe."""

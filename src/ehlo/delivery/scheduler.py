@@ -55,6 +55,7 @@ from ..policy import HookContext, Hooks
 from ..protocol import Reply
 from ..storage import Envelope, Store, StoreError
 from ..storage.queue import Attempt, EntryUpdate, Queue, QueueEntry, QueueItem
+from .mtasts import MTASTS
 from .routes import NextHop, Routing, parse_next_hop
 
 __all__ = ["DeliverySettings", "Scheduler"]
@@ -152,7 +153,7 @@ class Scheduler:
         hooks: Hooks | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        mtasts: Any = None,
+        mtasts: MTASTS | None = None,
     ) -> None:
         queue = store.queue
         if queue is None:
@@ -214,6 +215,9 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self.mtasts is not None:
+            with contextlib.suppress(Exception):
+                await self.mtasts.close()
         # Loaded but never started: queued again, without an attempt counted.
         left = [e for jobs in self._ready.values() for job in jobs for e in job.entries]
         self._ready.clear()

@@ -617,7 +617,9 @@ class Server:
         if self.config.mta_sts:
             from ..delivery.mtasts import MTASTS
 
-            mtasts = MTASTS(ctx.resolver)
+            mtasts = MTASTS(
+                ctx.resolver, port=self.config.mta_sts_port, ssl_context=settings.ssl_context
+            )
         scheduler = Scheduler(
             ctx.store, settings, ctx.resolver, hooks=self._hooks,
             clock=self._clock or time.time, mtasts=mtasts,
