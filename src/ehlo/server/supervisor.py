@@ -212,6 +212,10 @@ def _give_up_root(config: ServerConfig, user: RunAs) -> None:
         extra.append("ehlo.greeting")
     if config.greeting.active or config.reverse_dns:
         extra.append("ehlo.dns")
+    if not config.routing().catch_all:  # the delivery scheduler and its client
+        extra += ["ehlo.dns", "ehlo.delivery", "ehlo.client"]
+        if config.mta_sts:
+            extra += ["aiohttp", "yarl", "multidict"]
     preload(*extra)
     try:
         drop_privileges(user)
