@@ -1,0 +1,1 @@
+"""Outbound delivery: routing, the queue, the scheduler and the notices it sends."""
