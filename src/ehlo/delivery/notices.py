@@ -266,18 +266,17 @@ def _field(name: str, values: Sequence[str]) -> list[str]:
     out: list[str] = []
     line = f"{name}:"
     empty = True  # nothing after the colon yet: never fold there
-    for index, value in enumerate(values):
-        for position, word in enumerate(value.split(" ")):
+    for value in values:
+        new_value = True  # each value after the first starts a continuation line
+        for word in value.split(" "):
             if not word:
                 continue
             piece = " " + word
-            if not empty and (
-                (index > 0 and position == 0) or _octets(line) + _octets(piece) > _SOFT_LINE
-            ):
+            if not empty and (new_value or _octets(line) + _octets(piece) > _SOFT_LINE):
                 out.append(line)
                 line = ""
             line += piece
-            empty = False
+            empty = new_value = False
             while _octets(line) > MAX_LINE:
                 head, rest = _cut(line, MAX_LINE)
                 out.append(head)
@@ -338,8 +337,8 @@ def _text_part(
     lines += _wrap(_INTRO[kind])
     lines.append("")
     if queue_id is not None:
-        lines.append(f"Queue id: {queue_id}")
-    lines.append(f"Received: {_date(arrival)}")
+        lines.append(f"Queue id: {_host(queue_id)}")
+    lines.append(f"Arrival date: {_date(arrival)}")
     if envelope_id is not None:
         lines += _wrap(f"Envelope id: {_clean(envelope_id, utf8)}", hang="  ")
     for report in recipients:
