@@ -158,7 +158,9 @@ def check_lines(raw: bytes, skip: bytes = b"") -> None:
 def test_failure_notice_has_the_three_parts_and_every_field() -> None:
     raw = notice(FAILED, envelope_id="QQ314159")
     message = parse(raw)
-    assert not message.defects
+    for part in message.walk():
+        assert not part.defects, (part.get_content_type(), part.defects)
+    assert message["Content-Transfer-Encoding"] == "7bit"
     assert message["From"] == f"Mail Delivery System <MAILER-DAEMON@{MTA}>"
     assert message["To"].addresses[0].addr_spec == SENDER
     assert message["Subject"] == "Undelivered Mail Returned to Sender"
@@ -298,6 +300,24 @@ def test_null_sender_gets_no_notice() -> None:
         notice(FAILED, sender="")
 
 
+def test_naive_datetimes_are_utc() -> None:
+    naive = RecipientReport(
+        "carol@example.net",
+        "delayed",
+        "4.4.1",
+        last_attempt=datetime(2026, 12, 7, 13, 0),
+        will_retry_until=datetime(2026, 12, 12, 9, 15, 30),
+    )
+    raw = notice(naive, arrival=datetime(2026, 12, 7, 9, 15, 30), now=datetime(2026, 12, 7, 13, 1))
+    assert email.utils.parsedate_to_datetime(parse(raw)["Date"]) == datetime(
+        2026, 12, 7, 13, 1, tzinfo=UTC
+    )
+    per_message, group = status_groups(raw)
+    assert per_message["Arrival-Date"] == "Mon, 07 Dec 2026 09:15:30 +0000"
+    assert group["Last-Attempt-Date"] == "Mon, 07 Dec 2026 13:00:00 +0000"
+    assert group["Will-Retry-Until"] == "Sat, 12 Dec 2026 09:15:30 +0000"
+
+
 def test_message_ids_are_unique() -> None:
     ids = {parse(notice(FAILED))["Message-ID"] for _ in range(20)}
     assert len(ids) == 20
@@ -315,8 +335,9 @@ def test_headers_returned_by_default_and_for_hdrs(ret: str | None) -> None:
     assert BODY not in raw
 
 
-def test_ret_full_returns_the_whole_message_byte_exact() -> None:
-    raw = notice(FAILED, ret="FULL")
+@pytest.mark.parametrize("ret", ["FULL", "full"])
+def test_ret_full_returns_the_whole_message_byte_exact(ret: str) -> None:
+    raw = notice(FAILED, ret=ret)
     parts = list(parse(raw).iter_parts())
     assert parts[2].get_content_type() == "message/rfc822"
     returned = parts[2].get_payload()[0]
@@ -369,6 +390,10 @@ def test_original_without_a_blank_line_is_all_headers() -> None:
     raw = notice(FAILED, original=original)
     assert raw_parts(raw)[2][1] == original
     assert header_section(b"\r\nonly a body\r\n") == b""
+    # A stray bare LF still ends the header section: the body is not returned.
+    assert header_section(b"Subject: x\r\nX-A: 1\n\nbody\r\n") == b"Subject: x\r\nX-A: 1\n"
+    assert header_section(b"Subject: x\r\n\nbody\r\n") == b"Subject: x\r\n"
+    assert header_section(b"\nbody\r\n") == b""
     raw = notice(FAILED, original=b"\r\nonly a body\r\n")
     assert raw_parts(raw)[2][1] == b""
     assert b"only a body" not in raw
@@ -455,7 +480,7 @@ EVIL = (
     "Final-Recipient: rfc822; mallory@example.net\r"
     "X-Injected: two\x00\x07\x1b[31m\x7f\x85"
     "X-Injected: three\u2028X-Injected: four\x0bX-Injected: five\x0c"
-    "550 5.1.1 \tlast\x1c line\x9b"
+    "550 5.1.1 \tlast\x1c line\x9b\udcff"
 )
 
 
@@ -478,7 +503,8 @@ def test_malicious_diagnostic_adds_no_field() -> None:
     assert group.get_all("Final-Recipient") == ["rfc822; bob@example.org"]
     diagnostic = unfold(str(group["Diagnostic-Code"]))
     assert diagnostic.startswith("smtp; 550-5.1.1 first line X-Injected: one 550-5.1.1 after")
-    assert diagnostic.endswith(" 550 5.1.1 last line?")
+    # A lone surrogate (text decoded with surrogateescape) is no character either.
+    assert diagnostic.endswith(" 550 5.1.1 last line??")
     assert re.search(r"[\x00-\x1f\x7f-\x9f\u2028]", diagnostic) is None
     # The folded field: the reply's lines on continuation lines, nothing else.
     body = raw_parts(raw)[1][1]
@@ -589,3 +615,30 @@ def test_boundary_does_not_occur_in_the_parts() -> None:
     assert boundary
     assert raw.count(b"--" + boundary.encode()) == 4  # three parts and the close
     assert boundary.encode() not in ORIGINAL
+
+
+@pytest.mark.parametrize("utf8", [None, True, False])
+def test_lone_surrogates_anywhere_become_question_marks(utf8: bool | None) -> None:
+    # Text decoded with surrogateescape carries lone surrogates: never encodable.
+    odd = "\udcff\ud800"
+    report = RecipientReport(
+        final_recipient=f"bob{odd}@example.org",
+        action="failed",
+        status="5.1.1",
+        original_recipient=f"rfc822;bob{odd}@example.org",
+        remote_mta=f"mx{odd}.example.org",
+        diagnostic=f"550 5.1.1 {odd}",
+    )
+    raw = notice(
+        report,
+        sender=f"alice{odd}@example.com",
+        reporting_mta=f"mx1{odd}.example.com",
+        envelope_id=f"id{odd}",
+        queue_id=f"01JDQ{odd}",
+        utf8=utf8,
+    )
+    assert b"To: <alice??@example.com>\r\n" in raw
+    _, group = status_groups(raw)
+    assert group["Final-Recipient"] == "rfc822; bob??@example.org"
+    assert group["Diagnostic-Code"] == "smtp; 550 5.1.1 ??"
+    check_lines(raw)

@@ -37,8 +37,8 @@ written: no CR, LF or other control character ends up in a field (a remote
 reply's lines become continuation lines of one ``Diagnostic-Code`` field,
 other line breaks and controls become ``?``), and no line the notice writes
 is longer than 998 octets. The original is embedded byte for byte, 8-bit
-content included, never re-encoded; an original without a blank line is all
-header section.
+content included, never re-encoded (so its own lines stay as long as they
+were); an original without a blank line is all header section.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _FALLBACK_STATUS = {"failed": "5.0.0", "delayed": "4.0.0", "delivered": "2.0.0", "relayed": "2.0.0"}
 # An SMTP reply starts with its three-digit code (RFC 5321 section 4.2).
 _SMTP_REPLY = re.compile(r"[2-5][0-9][0-9]([ -]|$)")
+# A line end followed by an empty line; group 1 is the last header line's end.
+_BLANK_LINE = re.compile(rb"(\r?\n)\r?\n")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,12 +132,15 @@ def header_section(original: bytes) -> bytes:
     """The original's header section, each field with its CRLF, without the blank line.
 
     An original without a blank line is all header section; one that starts
-    with the blank line has an empty one.
+    with the blank line has an empty one. Lines end in CRLF as stored; a bare
+    LF also ends a line here, so that a stray one cannot make the body pass
+    for headers.
     """
-    if original.startswith(b"\r\n"):
+    if original.startswith((b"\r\n", b"\n")):
         return b""
-    end = original.find(b"\r\n\r\n")
-    return original if end < 0 else original[: end + 2]
+    # RFC 5322 section 2.1: the header section ends at the first empty line.
+    blank = _BLANK_LINE.search(original)
+    return original if blank is None else original[: blank.end(1)]
 
 
 def _is_utf8(data: bytes) -> bool:
