@@ -28,8 +28,16 @@ Internationalized notices (RFC 6533): when the message travelled under
 SMTPUTF8, or any address or the original's header section is not ASCII, the
 parts become ``message/global-delivery-status`` and ``message/global-headers``
 / ``message/global``, non-ASCII addresses use the ``utf-8`` address type and
-the notice's own header may carry UTF-8. Without them, a non-ASCII address is
-written in the ASCII form of the ``utf-8`` type (``\\x{HEX}`` escapes).
+the notice's own header may carry UTF-8. In an ASCII notice (``utf8=False``)
+a non-ASCII address is written in the ASCII form of the ``utf-8`` type
+(``\\x{HEX}`` escapes) and other non-ASCII text as ``?``; only the To field
+keeps a non-ASCII sender as it is, since no other form reaches it.
+
+A ``Diagnostic-Code`` that starts with a reply code has the type ``smtp``;
+ehlo's own words (a refused connection, a timeout) have ``X-Ehlo``. A status
+that is not an RFC 3463 code gives way to the action's generic one (5.0.0,
+4.0.0, 2.0.0). Misuse is a ``ValueError``: no recipients, an unknown action,
+the null sender (mail from ``<>`` never gets a notice).
 
 Everything that comes from outside (addresses from clients, replies and host
 names from remote servers, the envelope id) is made safe before it is
