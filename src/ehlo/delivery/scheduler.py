@@ -30,33 +30,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
-import ssl
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from ..client import SMTPClient, Timeouts
-from ..client._errors import (
-    ConnectionFailed,
-    MessageNotSupported,
-    NoRoute,
-    SMTPClientError,
-    TLSFailed,
-)
-from ..client.routing import MailHost, Router
+from ..client.routing import Router
 from ..dns import Resolver
 from ..ids import new_queue_id
-from ..policy import HookContext, Hooks
-from ..protocol import Reply
+from ..policy import Hooks
 from ..storage import Envelope, Store, StoreError
-from ..storage.queue import Attempt, EntryUpdate, Queue, QueueEntry, QueueItem
+from ..storage.queue import HISTORY_SECONDS, Attempt, EntryUpdate, Queue, QueueEntry, QueueItem
+from . import _notify
+from ._model import DeliverySettings, Job, Outcome, local_reply, wants
+from ._outbound import Session
 from .mtasts import MTASTS
-from .routes import NextHop, Routing, parse_next_hop
 
 __all__ = ["DeliverySettings", "Scheduler"]
 
@@ -64,81 +55,11 @@ log = logging.getLogger("ehlo.delivery")
 
 # Entries held in memory at most (loaded, not yet delivered).
 WINDOW = 2000
-# Messages a connection takes from its next hop's line before others get a turn.
-PER_CONNECTION = 100
-# Seconds an idle connection waits for more mail for its next hop.
-IDLE_REUSE = 2.0
 # Seconds between two looks at the queue when nothing is known to be due
 # (``ehlo queue retry`` and new mail need no signal).
 POLL = 1.0
 # Seconds between housekeeping passes.
 HOUSEKEEPING = 60.0
-_TLS_MODES = {"none": "off", "may": "opportunistic", "encrypt": "encrypt", "verify": "verify"}
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeliverySettings:
-    """What the scheduler needs of the server's configuration."""
-
-    hostname: str
-    routing: Routing
-    delivery_port: int = 25
-    concurrency: int = 20
-    per_destination: int = 4
-    retry_min: float = 300.0
-    retry_max: float = 4000.0
-    max_lifetime: float = 5 * 86400.0
-    delay_warning: float = 4 * 3600.0
-    tls_policy: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    mta_sts: bool = True
-    timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
-    relay_login: tuple[str, str] | None = None  # at the smarthost
-    # Where this server listens: a next hop here for a domain that is not
-    # local is a loop (RFC 5321 section 5.1).
-    own_addresses: frozenset[tuple[str, int]] = frozenset()
-    ssl_context: ssl.SSLContext | None = None  # the CAs "verify" trusts
-
-
-@dataclasses.dataclass(slots=True)
-class _Job:
-    """One message's entries for one next hop."""
-
-    queue_id: str
-    entries: list[QueueEntry]
-
-
-@dataclasses.dataclass(slots=True)
-class _Outcome:
-    """What became of one recipient in one attempt."""
-
-    state: str  # delivered | bounced | deferred
-    reply: dict[str, Any]
-    action: str | None = None  # the notice to send: failed, delivered, relayed
-
-
-def _reply_dict(reply: Reply | None, host: str = "", text: str | None = None) -> dict[str, Any]:
-    if reply is None:
-        return {"code": 0, "enhanced": None, "text": text or "", "host": host}
-    return {
-        "code": reply.code,
-        "enhanced": reply.enhanced,
-        "text": "\n".join(reply.lines),
-        "host": host,
-    }
-
-
-def _local(code: int, enhanced: str, text: str) -> dict[str, Any]:
-    """A reply decided here (no server said it)."""
-    return {"code": code, "enhanced": enhanced, "text": text, "host": ""}
-
-
-def _wants(notify: str | None, what: str) -> bool:
-    """RFC 3461 section 4.1: whether NOTIFY asks for ``what``; no NOTIFY means FAILURE
-    (and DELAY, at the MTA's choice)."""
-    if notify is None:
-        return what in ("FAILURE", "DELAY")
-    values = {v.strip().upper() for v in notify.split(",")}
-    return what in values and "NEVER" not in values
 
 
 class Scheduler:
@@ -170,7 +91,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._ready: dict[str, deque[_Job]] = defaultdict(deque)
+        self._ready: dict[str, deque[Job]] = defaultdict(deque)
         self._loaded: set[tuple[str, str]] = set()  # entries in memory
         self._connections: dict[str, int] = defaultdict(int)
         self._active = 0
@@ -271,12 +192,12 @@ class Scheduler:
         if asked:
             due = [e for e in due if e.request != "bounce"]
             await self._bounce_asked(asked)
-        jobs: dict[tuple[str, str], _Job] = {}
+        jobs: dict[tuple[str, str], Job] = {}
         for entry in due:
             self._loaded.add(entry.key)
             job = jobs.get((entry.next_hop, entry.queue_id))
             if job is None:
-                job = jobs[(entry.next_hop, entry.queue_id)] = _Job(entry.queue_id, [])
+                job = jobs[(entry.next_hop, entry.queue_id)] = Job(entry.queue_id, [])
                 self._ready[entry.next_hop].append(job)
             job.entries.append(entry)
         self._dispatch()
@@ -286,12 +207,12 @@ class Scheduler:
         by_message: dict[str, list[QueueEntry]] = defaultdict(list)
         for entry in entries:
             by_message[entry.queue_id].append(entry)
-        reply = _local(550, "5.0.0", "delivery cancelled by the administrator")
+        reply = local_reply(550, "5.0.0", "delivery cancelled by the administrator")
         for queue_id, group in by_message.items():
-            session = _Session(self, group[0].next_hop)
+            session = Session(self, group[0].next_hop)
             envelope, raw = await session._message(queue_id)
-            outcomes = {e.recipient: _Outcome("bounced", dict(reply), "failed") for e in group}
-            await self.finish(_Job(queue_id, group), outcomes, None, envelope, raw)
+            outcomes = {e.recipient: Outcome("bounced", dict(reply), "failed") for e in group}
+            await self.finish(Job(queue_id, group), outcomes, None, envelope, raw)
             await self.forget_delivered(queue_id, envelope)
 
     def _dispatch(self) -> None:
@@ -320,7 +241,7 @@ class Scheduler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _take(self, hop: str) -> _Job | None:
+    def _take(self, hop: str) -> Job | None:
         jobs = self._ready.get(hop)
         if not jobs:
             return None
@@ -353,7 +274,7 @@ class Scheduler:
         try:
             job = self._take(hop_text)
             while job is not None and not self._stopping:
-                session = _Session(self, hop_text)
+                session = Session(self, hop_text)
                 try:
                     job = await session.run(job)
                 finally:
@@ -376,8 +297,8 @@ class Scheduler:
 
     async def finish(
         self,
-        job: _Job,
-        outcomes: Mapping[str, _Outcome],
+        job: Job,
+        outcomes: Mapping[str, Outcome],
         attempt: Attempt | None,
         envelope: Envelope | None,
         raw: bytes | None,
@@ -407,7 +328,7 @@ class Scheduler:
                         s.delay_warning > 0
                         and not entry.delay_notified
                         and now - entry.created >= s.delay_warning
-                        and _wants(entry.notify, "DELAY")
+                        and wants(entry.notify, "DELAY")
                     ):
                         delayed.append((entry, reply, next_attempt))
                         delay_notified = True
@@ -422,9 +343,9 @@ class Scheduler:
                     delay_notified=delay_notified,
                 )
             )
-            if state == "bounced" and _wants(entry.notify, "FAILURE"):
+            if state == "bounced" and wants(entry.notify, "FAILURE"):
                 failed.append((entry, reply))
-            elif state == "delivered" and outcome.action and _wants(entry.notify, "SUCCESS"):
+            elif state == "delivered" and outcome.action and wants(entry.notify, "SUCCESS"):
                 succeeded.append((entry, reply, outcome.action))
             self._log(entry, state, reply, attempt, now)
         await asyncio.to_thread(self.queue.record, updates, [attempt] if attempt else [])
@@ -472,8 +393,6 @@ class Scheduler:
             },
         )
 
-    # --- notices -------------------------------------------------------------------
-
     async def notify(
         self,
         envelope: Envelope,
@@ -482,72 +401,10 @@ class Scheduler:
         items: Sequence[tuple[QueueEntry, dict[str, Any], Any]],
     ) -> None:
         """Send one notice about ``items`` of one message to its sender."""
-        from .notices import RecipientReport, build_notice
-
-        sender = envelope.mail_from
-        if not sender:
-            # RFC 3461 section 6.1 / RFC 5321 section 4.5.5: never a notice to <>.
-            log.info(
-                "%s: no notice for a message from <> (%s)",
-                envelope.queue_id,
-                kind,
-                extra={"event": "notice_suppressed", "queue_id": envelope.queue_id},
-            )
-            return
         now = datetime.fromtimestamp(self.clock(), UTC)
-        reports = []
-        for entry, reply, extra in items:
-            code = reply.get("code")
-            status = reply.get("enhanced")
-            if kind == "failed":
-                action = "failed"
-                status = (
-                    status
-                    if status and status.startswith("5")
-                    else ("4.4.7" if reply.get("expired") else "5.0.0")
-                )
-                if reply.get("expired"):
-                    status = "4.4.7"
-            elif kind == "delayed":
-                action = "delayed"
-                status = status if status and status.startswith("4") else "4.0.0"
-            else:
-                action = str(extra)
-                status = status if status and status.startswith("2") else "2.0.0"
-            text = str(reply.get("text", ""))
-            diagnostic = f"{code} {status} {text}".strip() if code else None
-            host = str(reply.get("host") or "")
-            reports.append(
-                RecipientReport(
-                    final_recipient=entry.recipient,
-                    action=action,
-                    status=status,
-                    original_recipient=_orcpt(entry.orcpt),
-                    remote_mta=host.partition("[")[0] or None if host else None,
-                    diagnostic=diagnostic or (text or None),
-                    last_attempt=now,
-                    will_retry_until=(
-                        datetime.fromtimestamp(entry.created + self.settings.max_lifetime, UTC)
-                        if kind == "delayed"
-                        else None
-                    ),
-                )
-            )
-        ret = envelope.mail_params.get("RET")
-        envid = envelope.mail_params.get("ENVID")
-        notice = build_notice(
-            reporting_mta=self.settings.hostname,
-            sender=sender,
-            recipients=reports,
-            original=raw,
-            ret=ret.upper() if ret else None,
-            envelope_id=_xtext(envid) if envid else None,
-            arrival=envelope.received_at,
-            queue_id=envelope.queue_id,
-            now=now,
-            utf8=("SMTPUTF8" in {k.upper() for k in envelope.mail_params}) or None,
-        )
-        await self.submit_notice(sender, notice, original=envelope.queue_id)
+        notice = _notify.build(self.settings, now, envelope, raw, kind, items)
+        if notice is not None:
+            await self.submit_notice(envelope.mail_from, notice, original=envelope.queue_id)
 
     async def submit_notice(self, recipient: str, message: bytes, *, original: str) -> str | None:
         """Store (and queue, when the sender is not local) a notice from ``<>``."""
@@ -601,7 +458,7 @@ class Scheduler:
 
     async def _housekeeping(self, now: float) -> None:
         with contextlib.suppress(StoreError):
-            await asyncio.to_thread(self.queue.expire_history, now - _history_seconds())
+            await asyncio.to_thread(self.queue.expire_history, now - HISTORY_SECONDS)
 
     async def forget_delivered(self, queue_id: str, envelope: Envelope | None) -> None:
         """A message kept only for the queue leaves the store once every entry is final."""
@@ -611,456 +468,3 @@ class Scheduler:
         if done:
             with contextlib.suppress(StoreError):
                 await asyncio.to_thread(self.store.delete, done)
-
-
-def _history_seconds() -> float:
-    from ..storage.queue import HISTORY_SECONDS
-
-    return HISTORY_SECONDS
-
-
-def _xtext(text: str) -> str:
-    """RFC 3461 section 4: xtext decoded (kept as it is when malformed)."""
-    parts = text.split("+")
-    out = [parts[0]]
-    for part in parts[1:]:
-        try:
-            out.append(chr(int(part[:2], 16)) + part[2:])
-        except ValueError:
-            return text
-    return "".join(out)
-
-
-def _orcpt(value: str | None) -> str | None:
-    if not value:
-        return None
-    kind, sep, rest = value.partition(";")
-    if not sep:
-        return None
-    return f"{kind};{_xtext(rest)}"
-
-
-class _Session:
-    """One outbound session to one next hop (one host after another until one answers)."""
-
-    def __init__(self, scheduler: Scheduler, hop_text: str) -> None:
-        self.s = scheduler
-        self.hop_text = hop_text
-        self.client: SMTPClient | None = None
-        self.where = ""
-        self.lines: list[str] = []
-        self.preamble = 0  # transcript lines of the session before the first transaction
-
-    def _say(self, kind: str, text: str, tls: bool) -> None:
-        mark = {"client": "C", "server": "S"}.get(kind, "*")
-        self.lines.append(f"{mark}: {text}")
-
-    async def close(self) -> None:
-        client, self.client = self.client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.quit(), 10)
-            client.close()
-
-    async def run(self, job: _Job) -> _Job | None:
-        """Deliver ``job`` and then more for this hop; the job left over, if any."""
-        s = self.s
-        try:
-            hop = parse_next_hop(self.hop_text, s.settings.delivery_port)
-        except ValueError as exc:
-            await self._fail_all(job, _local(554, "5.4.4", f"bad next hop: {exc}"), bounce=True)
-            return s._take(self.hop_text)
-        hop, hooked = await self._hooked(hop, job)
-        if hooked is None:
-            return s._take(self.hop_text)
-        job = hooked
-        connected = await self._connect(hop, job)
-        if not connected:
-            return s._take(self.hop_text)
-        count = 0
-        current: _Job | None = job
-        while current is not None and not s._stopping:
-            if not await self._deliver(hop, current):
-                return s._take(self.hop_text)  # the session broke: a new one for the rest
-            count += 1
-            if count >= PER_CONNECTION:
-                return s._take(self.hop_text)
-            current = s._take(self.hop_text)
-            if current is None:
-                deadline = time.monotonic() + IDLE_REUSE
-                while current is None and time.monotonic() < deadline and not s._stopping:
-                    s.wake()
-                    await asyncio.sleep(0.1)
-                    current = s._take(self.hop_text)
-        return None
-
-    async def _hooked(self, hop: NextHop, job: _Job) -> tuple[NextHop, _Job | None]:
-        """The ``delivery`` hooks: a recipient refused, deferred, or sent elsewhere."""
-        hooks = self.s.hooks
-        if hooks is None or not hooks.has("delivery"):
-            return hop, job
-        keep: list[QueueEntry] = []
-        outcomes: dict[str, _Outcome] = {}
-        moved: list[EntryUpdate] = []
-        for entry in job.entries:
-            ctx = HookContext(
-                stage="delivery",
-                client_ip="",
-                client_port=0,
-                rcpt=entry.recipient,
-                queue_id=entry.queue_id,
-                next_hop=self.hop_text,
-            )
-            reply = await hooks.run(ctx)
-            if reply is not None and reply.code >= 400:
-                state = "bounced" if reply.code >= 500 else "deferred"
-                outcomes[entry.recipient] = _Outcome(state, _reply_dict(reply, "policy"))
-            elif ctx.next_hop and ctx.next_hop != self.hop_text:
-                try:
-                    parse_next_hop(ctx.next_hop)
-                except ValueError:
-                    outcomes[entry.recipient] = _Outcome(
-                        "deferred",
-                        _local(451, "4.3.5", f"bad next hop from a hook: {ctx.next_hop}"),
-                    )
-                    continue
-                self.s._loaded.discard(entry.key)
-                moved.append(
-                    EntryUpdate(
-                        entry.queue_id,
-                        entry.recipient,
-                        "queued",
-                        self.s.clock(),
-                        None,
-                        attempted=False,
-                    )
-                )
-                await asyncio.to_thread(
-                    self.s.queue.set_next_hop, entry.queue_id, entry.recipient, ctx.next_hop
-                )
-            else:
-                keep.append(entry)
-        if outcomes:
-            envelope, raw = await self._message(job.queue_id)
-            await self.s.finish(
-                _Job(job.queue_id, [e for e in job.entries if e.recipient in outcomes]),
-                outcomes,
-                None,
-                envelope,
-                raw,
-            )
-        if moved:
-            await asyncio.to_thread(self.s.queue.record, moved)
-            self.s.wake()
-        return hop, (_Job(job.queue_id, keep) if keep else None)
-
-    async def _message(self, queue_id: str) -> tuple[Envelope | None, bytes | None]:
-        store = self.s.store
-
-        def read() -> tuple[Envelope | None, bytes | None]:
-            stored = store.get(queue_id)
-            if stored is None:
-                return None, None
-            return stored.envelope, store.raw(queue_id)
-
-        try:
-            return await asyncio.to_thread(read)
-        except StoreError:
-            return None, None
-
-    def _tls_mode(self, hop: NextHop, domain: str) -> str:
-        policy = self.s.settings.tls_policy
-        if hop.kind == "lmtp":
-            return "off"
-        level = policy.get(domain) or policy.get(hop.host.lower()) or "may"
-        return _TLS_MODES.get(level, "opportunistic")
-
-    async def _hosts(self, hop: NextHop, job: _Job) -> tuple[list[MailHost], str | None] | None:
-        """The hosts to try and, under MTA-STS enforce, the policy's say; None when the
-        job was decided already (no route)."""
-        s = self.s
-        if hop.kind != "mx":
-            if hop.path is not None:
-                return [MailHost(hop.path, 0, (hop.path,), 0)], None
-            try:
-                addresses = (
-                    await s.resolver.addresses(hop.host) if not _is_ip(hop.host) else [hop.host]
-                )
-            except Exception as exc:
-                await self._fail_all(job, _local(451, "4.4.3", f"DNS: {hop.host}: {exc}"))
-                return None
-            if not addresses:
-                await self._fail_all(
-                    job, _local(550, "5.4.4", f"{hop.host} has no address"), bounce=True
-                )
-                return None
-            return [MailHost(hop.host, 0, tuple(addresses), hop.port)], None
-        try:
-            hosts = await s.router.route(hop.host)
-        except NoRoute as exc:
-            enhanced = "4.4.3" if exc.temporary else "5.1.2"
-            code = 451 if exc.temporary else 550
-            await self._fail_all(job, _local(code, enhanced, str(exc)), bounce=not exc.temporary)
-            return None
-        except Exception as exc:  # DNS trouble defers, never bounces
-            await self._fail_all(job, _local(451, "4.4.3", f"DNS: {hop.host}: {exc}"))
-            return None
-        hosts = self._without_self(hosts)
-        if not hosts:
-            # RFC 5321 section 5.1: we are the best MX for a domain we do not serve.
-            await self._fail_all(
-                job, _local(554, "5.4.6", f"mail for {hop.host} loops back to myself"), bounce=True
-            )
-            return None
-        sts_mode = None
-        if s.mtasts is not None and s.settings.mta_sts:
-            try:
-                policy = await s.mtasts.policy(hop.host)
-            except Exception as exc:
-                policy = None
-                log.warning("MTA-STS %s: %s", hop.host, exc)
-            if policy is not None and policy.mode in ("enforce", "testing"):
-                matching = [h for h in hosts if policy.matches(h.name)]
-                if policy.mode == "testing":
-                    if len(matching) != len(hosts):
-                        log.info(
-                            "MTA-STS testing %s: enforce would skip %s",
-                            hop.host,
-                            ", ".join(h.name for h in hosts if h not in matching),
-                            extra={"event": "mta_sts_testing", "domain": hop.host},
-                        )
-                else:
-                    if not matching:
-                        await self._fail_all(
-                            job,
-                            _local(
-                                451,
-                                "4.7.5",
-                                f"MTA-STS: no MX host of {hop.host} matches its policy",
-                            ),
-                        )
-                        return None
-                    hosts = matching
-                    sts_mode = "enforce"
-        return hosts, sts_mode
-
-    def _without_self(self, hosts: list[MailHost]) -> list[MailHost]:
-        own = self.s.settings.own_addresses
-        name = self.s.settings.hostname.lower()
-        mine = [
-            h.preference
-            for h in hosts
-            if h.name.lower() == name or any((a, h.port) in own for a in h.addresses)
-        ]
-        if not mine:
-            return hosts
-        # RFC 5321 section 5.1: drop ourselves and every MX no better than us.
-        best = min(mine)
-        return [h for h in hosts if h.preference < best]
-
-    async def _connect(self, hop: NextHop, job: _Job) -> bool:
-        """Open a session to the first host that answers; False when none did (job decided)."""
-        s = self.s
-        domain = hop.host if hop.kind == "mx" else job.entries[0].recipient.rpartition("@")[2]
-        found = await self._hosts(hop, job)
-        if found is None:
-            return False
-        hosts, sts = found
-        mode = "verify" if sts == "enforce" else self._tls_mode(hop, domain.lower())
-        last: dict[str, Any] = _local(451, "4.4.1", "no host answered")
-        for host in hosts:
-            for address in host.addresses:
-                where = (
-                    f"{host.name}[unix]"
-                    if hop.path is not None
-                    else f"{host.name}[{address}]:{host.port}"
-                )
-                for tls in [mode, "off"] if mode == "opportunistic" else [mode]:
-                    self.lines = []
-                    client = self._client(hop, host, address, tls)
-                    try:
-                        s.connections_made += 1
-                        await client.connect()
-                        if (
-                            hop.kind == "smtp"
-                            and s.settings.relay_login is not None
-                            and (self.hop_text == s.settings.routing.relay_host)
-                        ):
-                            await client.login(*s.settings.relay_login)
-                    except TLSFailed as exc:
-                        client.close()
-                        last = _reply_dict(exc.reply, where, f"TLS: {exc}")
-                        if last["code"] == 0:
-                            last = _local(451, "4.7.5", f"{where}: TLS: {exc}")
-                        continue  # opportunistic: once more without STARTTLS
-                    except SMTPClientError as exc:
-                        client.close()
-                        last = _reply_dict(exc.reply, where, str(exc))
-                        if last["code"] == 0:
-                            last = _local(451, "4.4.1", f"{where}: {exc}")
-                        elif last["code"] >= 500 and not isinstance(exc, ConnectionFailed):
-                            break  # a 5xx banner: this host refuses us; try the next
-                        break
-                    except (OSError, TimeoutError) as exc:
-                        client.close()
-                        last = _local(451, "4.4.1", f"{where}: {exc or type(exc).__name__}")
-                        break
-                    self.client = client
-                    self.where = where
-                    self.preamble = len(self.lines)
-                    s._down.pop(self.hop_text, None)
-                    return True
-        # RFC 5321 section 4.5.4.1: no host answered: wait before trying again.
-        s._down[self.hop_text] = (s.clock() + min(s.settings.retry_min, 300.0), last)
-        await self._fail_all(job, last)
-        return False
-
-    def _client(self, hop: NextHop, host: MailHost, address: str, tls: str) -> SMTPClient:
-        s = self.s
-        kwargs: dict[str, Any] = {}
-        if hop.kind == "lmtp":
-            kwargs["lmtp"] = True
-        ssl_context = s.settings.ssl_context
-        if tls == "verify" and ssl_context is None:
-            ssl_context = ssl.create_default_context()
-        return SMTPClient(
-            f"unix:{hop.path}" if hop.path is not None else address,
-            host.port,
-            helo_name=s.settings.hostname,
-            tls=tls,  # type: ignore[arg-type]
-            ssl_context=ssl_context,
-            tls_server_name=host.name,
-            timeouts=s.settings.timeouts,
-            transcript=self._say,
-            allow_plaintext_auth=False,
-            **kwargs,
-        )
-
-    async def _fail_all(self, job: _Job, reply: dict[str, Any], *, bounce: bool = False) -> None:
-        """Every recipient of the job (and of the jobs waiting for this hop) gets ``reply``."""
-        s = self.s
-        jobs = [job]
-        if not bounce:
-            waiting = s._ready.pop(self.hop_text, deque())
-            jobs.extend(waiting)
-        for one in jobs:
-            envelope, raw = await self._message(one.queue_id)
-            state = "bounced" if bounce else "deferred"
-            outcomes = {e.recipient: _Outcome(state, dict(reply)) for e in one.entries}
-            attempt = Attempt(
-                one.queue_id,
-                s.clock(),
-                self.hop_text,
-                reply.get("host", ""),
-                {r: o.reply for r, o in outcomes.items()},
-                "\n".join(self.lines),
-            )
-            await s.finish(one, outcomes, attempt, envelope, raw)
-            await s.forget_delivered(one.queue_id, envelope)
-
-    async def _deliver(self, hop: NextHop, job: _Job) -> bool:
-        """One message over the open session; False when the session broke."""
-        s = self.s
-        client = self.client
-        assert client is not None
-        envelope, raw = await self._message(job.queue_id)
-        start = len(self.lines)
-        if envelope is None or raw is None:
-            # Deleted meanwhile (``ehlo messages delete``): nothing left to send.
-            for e in job.entries:
-                s._loaded.discard(e.key)
-            await asyncio.to_thread(self.s.queue.remove, [job.queue_id])
-            return True
-        s.attempts += 1
-        rcpts = [e.recipient for e in job.entries]
-        ext = client.extensions
-        dsn = "DSN" in ext
-        mail_params: dict[str, str | None] = {}
-        rcpt_params: dict[str, dict[str, str | None]] = {}
-        if dsn:
-            # RFC 3461 section 5.2.1: pass the DSN parameters on to a next hop that offers DSN.
-            for key in ("RET", "ENVID"):
-                value = envelope.mail_params.get(key)
-                if value:
-                    mail_params[key] = value
-            for e in job.entries:
-                params: dict[str, str | None] = {}
-                if e.notify:
-                    params["NOTIFY"] = e.notify
-                if e.orcpt:
-                    params["ORCPT"] = e.orcpt
-                if params:
-                    rcpt_params[e.recipient] = params
-        smtputf8 = "SMTPUTF8" in {k.upper() for k in envelope.mail_params}
-        outcomes: dict[str, _Outcome] = {}
-        broke = False
-        try:
-            result = await client.send_message(
-                envelope.mail_from,
-                rcpts,
-                raw,
-                smtputf8=smtputf8 or None,
-                mail_params=mail_params or None,
-                rcpt_params=rcpt_params or None,
-            )
-        except MessageNotSupported as exc:
-            text = str(exc)
-            enhanced = "5.6.7" if "SMTPUTF8" in text else "5.3.4" if "SIZE" in text else "5.6.3"
-            for r in rcpts:
-                outcomes[r] = _Outcome("bounced", _local(554, enhanced, f"{self.where}: {text}"))
-        except SMTPClientError as exc:
-            refused = getattr(exc, "refused", None)
-            if isinstance(refused, Mapping):
-                for r in rcpts:
-                    reply = refused.get(r)
-                    outcomes[r] = self._judge(reply, str(exc))
-            else:
-                for r in rcpts:
-                    outcomes[r] = self._judge(exc.reply, str(exc))
-            broke = isinstance(exc, ConnectionFailed) or not client.connected
-        except (OSError, TimeoutError) as exc:
-            for r in rcpts:
-                outcomes[r] = _Outcome("deferred", _local(451, "4.4.2", f"{self.where}: {exc}"))
-            broke = True
-        else:
-            for r in rcpts:
-                if r in result.refused:
-                    outcomes[r] = self._judge(result.refused[r], "")
-                elif r in result.failed:
-                    outcomes[r] = self._judge(result.failed[r], "")
-                elif r in result.delivered:
-                    reply = result.delivered[r]
-                    action = "delivered" if hop.kind == "lmtp" else (None if dsn else "relayed")
-                    outcomes[r] = _Outcome("delivered", _reply_dict(reply, self.where), action)
-                else:
-                    outcomes[r] = _Outcome("deferred", _local(451, "4.4.2", "no reply"))
-        transcript = "\n".join(self.lines[: self.preamble] + self.lines[start:])
-        attempt = Attempt(
-            job.queue_id,
-            s.clock(),
-            self.hop_text,
-            self.where,
-            {r: o.reply for r, o in outcomes.items()},
-            transcript,
-        )
-        await s.finish(job, outcomes, attempt, envelope, raw)
-        await s.forget_delivered(job.queue_id, envelope)
-        return not broke and client.connected
-
-    def _judge(self, reply: Reply | None, text: str) -> _Outcome:
-        """A refusal's outcome: 5xx bounces, 4xx (or none) defers (RFC 5321 section 4.2.1)."""
-        if reply is None:
-            return _Outcome("deferred", _local(451, "4.4.2", f"{self.where}: {text}"))
-        state = "bounced" if reply.code >= 500 else "deferred"
-        action = "failed" if state == "bounced" else None
-        return _Outcome(state, _reply_dict(reply, self.where), action)
-
-
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
