@@ -31,9 +31,11 @@ from aiosmtpd.smtp import Envelope
 
 from ehlo import Server
 from ehlo.client import (
+    ConnectionFailed,
     OptionNotSupported,
     ServiceRefused,
     SMTPClient,
+    SMTPClientError,
     Timeouts,
 )
 from ehlo.protocol import NEED_DATA, ClientConnection, LocalProtocolError, Reply
@@ -198,11 +200,18 @@ async def test_aiosmtpd_lmtp_delivered_and_failed_split() -> None:
 
 
 class Recording:
-    """A raw loopback ESMTP server that records every command line it reads."""
+    """A raw loopback ESMTP server that records every command line it reads.
 
-    def __init__(self, extensions: list[str], *, lmtp: bool = False) -> None:
+    ``finals``: what it writes after the data instead of one 250, before it
+    hangs up (a server that fails halfway through LMTP's replies).
+    """
+
+    def __init__(
+        self, extensions: list[str], *, lmtp: bool = False, finals: bytes | None = None
+    ) -> None:
         self.extensions = extensions
         self.lmtp = lmtp
+        self.finals = finals
         self.commands: list[str] = []
         self.rcpts = 0
 
@@ -231,6 +240,10 @@ class Recording:
                 await writer.drain()
                 while (await reader.readline()) != b".\r\n":
                     pass
+                if self.finals is not None:
+                    writer.write(self.finals)
+                    await writer.drain()
+                    return
                 writer.write(b"250 2.0.0 queued\r\n")
             elif verb == "QUIT":
                 writer.write(b"221 2.0.0 bye\r\n")
@@ -328,6 +341,30 @@ async def test_lmtp_greets_with_lhlo_and_never_falls_back_to_helo() -> None:
             await client.connect()
     assert recorder.commands[0] == "LHLO client.example"
     assert not any(c.startswith(("HELO", "EHLO")) for c in recorder.commands)
+
+
+@pytest.mark.parametrize(
+    ("after", "error"),
+    [(b"", ConnectionFailed), (b"421 4.3.0 shutting down\r\n", ServiceRefused)],
+    ids=["hangup", "421"],
+)
+async def test_lmtp_failure_halfway_keeps_the_outcomes_already_given(
+    after: bytes, error: type[SMTPClientError]
+) -> None:
+    finals = b"250 2.0.0 <b@x.example> saved\r\n550 5.1.1 <c@x.example> unknown\r\n" + after
+    recorder = Recording(["PIPELINING", "ENHANCEDSTATUSCODES"], lmtp=True, finals=finals)
+    rcpts = ["b@x.example", "c@x.example", "d@x.example"]
+    async with recording_server(recorder) as port:
+        client = SMTPClient(
+            "127.0.0.1", port, lmtp=True, timeouts=TIMEOUTS, helo_name="client.example"
+        )
+        async with client:
+            with pytest.raises(error) as info:
+                await client.send_message("a@example.org", rcpts, b"Subject: x\r\n\r\nx\r\n")
+    # b was delivered and c refused for good: only d's outcome is unknown.
+    assert list(info.value.delivered) == ["b@x.example"]
+    assert list(info.value.failed) == ["c@x.example"]
+    assert info.value.failed["c@x.example"].code == 550
 
 
 # ------------------------------------------------- ehlo's own server

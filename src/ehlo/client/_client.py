@@ -266,6 +266,15 @@ def _dedupe(addresses: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(addresses))
 
 
+def _split(outcomes: Iterable[tuple[str, Reply]]) -> tuple[dict[str, Reply], dict[str, Reply]]:
+    """Recipients and their final replies: those delivered (2xx), those failed."""
+    delivered: dict[str, Reply] = {}
+    failed: dict[str, Reply] = {}
+    for rcpt, reply in outcomes:
+        (delivered if 200 <= reply.code < 300 else failed)[rcpt] = reply
+    return delivered, failed
+
+
 def _param_text(params: Mapping[str, str | None] | None) -> str:
     """ESMTP parameters as they follow a path on MAIL or RCPT (for the transcript)."""
     if not params:
@@ -995,21 +1004,23 @@ class SMTPClient:
             # RFC 2033 section 4.2: after the data, one reply per recipient
             # accepted at RCPT, in the order of the RCPT commands.
             finals = [final]
-            while len(finals) < len(accepted):
-                finals.append(await self._reply())
-            delivered: dict[str, Reply] = {}
-            failed: dict[str, Reply] = {}
-            for rcpt, reply in zip(accepted, finals, strict=True):
-                (delivered if 200 <= reply.code < 300 else failed)[rcpt] = reply
+            try:
+                while len(finals) < len(accepted):
+                    finals.append(await self._reply())
+            except SMTPClientError as exc:
+                # Those answered already are final: delivered must not be sent again.
+                exc.delivered, exc.failed = _split(zip(accepted, finals, strict=False))
+                raise
+            delivered, failed = _split(zip(accepted, finals, strict=True))
             return SendResult(
                 mail_reply, accepted, refused, final, sent, chunked, self.tls, delivered, failed
             )
         if not final.is_positive:
             raise DataRefused(f"{self.peer} refused the message", final)
         # RFC 5321 section 4.1.1.4: one reply after the data for every recipient.
-        delivered = dict.fromkeys(accepted, final)
         return SendResult(
-            mail_reply, accepted, refused, final, sent, chunked, self.tls, delivered
+            mail_reply, accepted, refused, final, sent, chunked, self.tls,
+            dict.fromkeys(accepted, final),
         )
 
     async def _send_data(self, message: Message) -> tuple[Reply, int]:
