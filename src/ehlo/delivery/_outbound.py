@@ -60,7 +60,7 @@ class Session:
         self.preamble = 0  # transcript lines of the session before the first transaction
 
     def _say(self, kind: str, text: str, tls: bool) -> None:
-        mark = {"client": "C", "server": "S"}.get(kind, "*")
+        mark = {"send": "C", "recv": "S"}.get(kind, "*")
         self.lines.append(f"{mark}: {text}")
 
     async def close(self) -> None:
