@@ -370,7 +370,6 @@ class Session:
                 "\n".join(self.lines),
             )
             await s.finish(one, outcomes, attempt, envelope, raw)
-            await s.forget_delivered(one.queue_id, envelope)
 
     async def _deliver(self, hop: NextHop, job: Job) -> bool:
         """One message over the open session; False when the session broke."""
@@ -460,7 +459,6 @@ class Session:
             transcript,
         )
         await s.finish(job, outcomes, attempt, envelope, raw)
-        await s.forget_delivered(job.queue_id, envelope)
         return not broke and client.connected
 
     def _judge(self, reply: Reply | None, text: str) -> Outcome:

@@ -98,6 +98,11 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, tuple[float, dict[str, Any]]] = {}  # next hop -> (until, why)
         self._housekept = 0.0
+        # Outcomes waiting for the writer task (see _write).
+        self._updates: list[EntryUpdate] = []
+        self._attempts: list[Attempt] = []
+        self._forget: set[str] = set()
+        self._writer: asyncio.Task[None] | None = None
         # Counters (for tests and logs).
         self.attempts = 0
         self.connections_made = 0
@@ -136,6 +141,7 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending)
+        await self.drain()
         if self.mtasts is not None:
             with contextlib.suppress(Exception):
                 await self.mtasts.close()
@@ -213,7 +219,6 @@ class Scheduler:
             envelope, raw = await session._message(queue_id)
             outcomes = {e.recipient: Outcome("bounced", dict(reply), "failed") for e in group}
             await self.finish(Job(queue_id, group), outcomes, None, envelope, raw)
-            await self.forget_delivered(queue_id, envelope)
 
     def _dispatch(self) -> None:
         """Start connections for next hops with work, within the limits."""
@@ -348,7 +353,10 @@ class Scheduler:
             elif state == "delivered" and outcome.action and wants(entry.notify, "SUCCESS"):
                 succeeded.append((entry, reply, outcome.action))
             self._log(entry, state, reply, attempt, now)
-        await asyncio.to_thread(self.queue.record, updates, [attempt] if attempt else [])
+        forget = (
+            envelope.queue_id if envelope is not None and envelope.extra.get("handed_on") else None
+        )
+        self._write(updates, attempt, forget)
         if envelope is None or raw is None:
             return
         if failed:
@@ -460,11 +468,54 @@ class Scheduler:
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self.queue.expire_history, now - HISTORY_SECONDS)
 
-    async def forget_delivered(self, queue_id: str, envelope: Envelope | None) -> None:
-        """A message kept only for the queue leaves the store once every entry is final."""
-        if envelope is None or not envelope.extra.get("handed_on"):
-            return
-        done = await asyncio.to_thread(self.queue.finished_messages, [queue_id])
-        if done:
-            with contextlib.suppress(StoreError):
-                await asyncio.to_thread(self.store.delete, done)
+    # --- writing outcomes: many messages per transaction ------------------------------
+
+    def _write(
+        self, updates: list[EntryUpdate], attempt: Attempt | None, forget: str | None
+    ) -> None:
+        """Queue outcomes for the writer task, which records them in batches.
+
+        Outcomes are not awaited: a crash before they are written leaves the
+        entries ``delivering``, delivered again at the next start (at least
+        once). A message kept only for the queue (``handed_on``) leaves the
+        store once its entries are all final.
+        """
+        self._updates.extend(updates)
+        if attempt is not None:
+            self._attempts.append(attempt)
+        if forget is not None:
+            self._forget.add(forget)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._updates or self._attempts or self._forget:
+            updates, self._updates = self._updates, []
+            attempts, self._attempts = self._attempts, []
+            forget, self._forget = self._forget, set()
+            try:
+                await asyncio.to_thread(self._write_batch, updates, attempts, forget)
+            except StoreError as exc:
+                log.error(
+                    "delivery: recording %d outcomes failed: %s",
+                    len(updates),
+                    exc,
+                    extra={"event": "queue_error", "error": str(exc)},
+                )
+                await asyncio.sleep(POLL)
+                self._updates[:0], self._attempts[:0] = updates, attempts
+                self._forget |= forget
+
+    def _write_batch(
+        self, updates: list[EntryUpdate], attempts: list[Attempt], forget: set[str]
+    ) -> None:
+        self.queue.record(updates, attempts)
+        if forget:
+            done = self.queue.finished_messages(forget)
+            if done:
+                self.store.delete(done)
+
+    async def drain(self) -> None:
+        """Wait until every outcome so far is written."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
