@@ -171,6 +171,7 @@ def test_table_builds_the_extensions_in_ehlo_order() -> None:
         "SIZE",
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
+        "DSN",
         "SMTPUTF8",
         "CHUNKING",
     ]
@@ -182,6 +183,7 @@ def test_table_builds_the_extensions_in_ehlo_order() -> None:
         "AUTH",
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
+        "DSN",
         "SMTPUTF8",
         "CHUNKING",
     ]
@@ -195,6 +197,7 @@ _SWITCHES = {
     "auth_mechanisms": "AUTH",
     "enhancedstatuscodes": "ENHANCEDSTATUSCODES",
     "eightbitmime": "8BITMIME",
+    "dsn": "DSN",
     "smtputf8": "SMTPUTF8",
     "chunking": "CHUNKING",
 }

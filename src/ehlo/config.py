@@ -372,6 +372,13 @@ class ServerConfig:
             doc="an Authentication-Results field claiming our name: rename or remove",
         ),
     ] = "rename"
+    # RFC 5321 section 6.3: a message whose header section holds more than
+    # this many Received fields (counting those the client sent, not ours)
+    # is refused at the end of its data with 554 5.4.6, as a likely loop.
+    max_hops: Annotated[
+        int,
+        _Key(_positive_int, doc="Received fields a message may carry; more: 554 5.4.6 (a loop)"),
+    ] = 100
     # NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO (not the one required
     # after STARTTLS) and other commands that move no mail: beyond this many
     # in one session, 421 4.7.0. 0: no limit.
@@ -1098,6 +1105,7 @@ _LIMIT_CHECKS: dict[str, _Key] = {
     "smtputf8": _Key(_bool, doc="offer SMTPUTF8 (RFC 6531)"),
     "eightbitmime": _Key(_bool, doc="offer 8BITMIME (RFC 6152)"),
     "enhancedstatuscodes": _Key(_bool, doc="offer ENHANCEDSTATUSCODES (RFC 2034)"),
+    "dsn": _Key(_bool, doc="offer DSN: RET, ENVID, NOTIFY and ORCPT (RFC 3461)"),
     "auth_plaintext": _Key(_bool, doc="offer AUTH without TLS (passwords in clear text)"),
 }
 _LIMIT_NOT_KEYS = frozenset({"starttls", "auth_mechanisms"})

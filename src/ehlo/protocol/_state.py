@@ -46,7 +46,8 @@ class Transaction:
         self.mail_from = mail_from
         self.params = params
         self.rcpts: list[str] = []
-        self.rcpt_params: list[dict[str, str | None]] = []  # each accepted RCPT's parameters
+        # Each accepted recipient's RCPT parameters, at the same index as in rcpts.
+        self.rcpt_params: list[dict[str, str | None]] = []
         self.smtputf8 = False  # RFC 6531: SMTPUTF8 given on MAIL
         self.body = "7BIT"  # RFC 6152 BODY= value
         self.declared_size: int | None = None  # RFC 1870 SIZE= value

@@ -681,11 +681,14 @@ class Session:
             self.writer = None
             self._store_failed = True
 
-    def _end_headers(self) -> None:
-        """Store what the header filter still holds; note forged fields in the envelope."""
+    def _end_headers(self) -> int:
+        """Store what the header filter still holds; note forged fields in the envelope.
+
+        Returns how many Received fields the client's header section held.
+        """
         headers = self._headers
         if headers is None:
-            return
+            return 0
         self._headers = None
         if self.writer is not None:
             tail = headers.finish()
@@ -693,10 +696,23 @@ class Session:
                 self._write(tail)
         if headers.forged and self.envelope is not None:
             self.envelope.extra["authres_forged"] = headers.forged
+        return headers.received
+
+    def _too_many_hops(self, size: int, hops: int) -> Reply:
+        """Refuse and drop a message that went through too many hops."""
+        envelope = self.envelope
+        self.abort_message()
+        # RFC 5321 section 6.3: a message with too many Received fields is
+        # likely looping; 5.4.6 is "routing loop detected" (RFC 3463).
+        reply = Reply(554, "5.4.6", f"Too many hops ({hops} Received fields): mail loop?")
+        self._log_outcome(envelope, size, reply)
+        return reply
 
     def _data_end(self, event: DataEnd) -> Reply | Awaitable[Reply] | Deferred:
         if event.last:
-            self._end_headers()
+            hops = self._end_headers()
+            if hops > self.ctx.config.max_hops:
+                return self._too_many_hops(event.size, hops)
         if not event.last:
             if self._store_failed:
                 self.abort_message()
