@@ -394,3 +394,22 @@ async def test_mx_pointing_at_ourselves_bounces_as_a_loop(start: Start, dns: DNS
     await until(lambda: states(a, queue_id) == {"bob@loop.test": "bounced"}, what="bounced")
     [entry] = entries(a, queue_id)
     assert entry.last_reply is not None and entry.last_reply["enhanced"] == "5.4.6"
+
+
+async def test_success_notice_for_a_stored_recipient(start: Start, dns: DNSServer) -> None:
+    # RFC 3461 section 4.1: NOTIFY=SUCCESS for a recipient ehlo keeps itself.
+    a = await start("a", A_IP, **relay_options(dns, 25))
+    host, port = a.addresses[0]
+    async with SMTPClient(host, port, timeouts=TIMEOUTS, tls="off") as client:
+        await client.send_message(
+            "alice@a.test", ["bob@a.test", "carol@a.test"], BODY,
+            rcpt_params={"bob@a.test": {"NOTIFY": "SUCCESS", "ORCPT": "rfc822;bob+2Bx@a.test"}},
+        )
+    [notice] = await until(lambda: notices(a), what="the success notice")
+    assert notice["Subject"] == "Successful Mail Delivery Report"
+    [group] = report_fields(notice)
+    assert group["Final-Recipient"] == "rfc822; bob@a.test"
+    assert group["Original-Recipient"] == "rfc822;bob+x@a.test"
+    assert group["Action"] == "delivered" and group["Status"] == "2.0.0"
+    stored = [m for m in a.store.list() if m.envelope.mail_from == "alice@a.test"]
+    assert [m.envelope.rcpt_to for m in stored] == [["bob@a.test", "carol@a.test"]]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from ..extensions.dsn import xtext_decode
 from ..storage import Envelope
 from ..storage.queue import QueueEntry
 from ._model import DeliverySettings
@@ -97,18 +98,15 @@ def build(
 
 
 def _xtext(text: str) -> str:
-    """RFC 3461 section 4: xtext decoded (kept as it is when malformed)."""
-    parts = text.split("+")
-    out = [parts[0]]
-    for part in parts[1:]:
-        try:
-            out.append(chr(int(part[:2], 16)) + part[2:])
-        except ValueError:
-            return text
-    return "".join(out)
+    """RFC 3461 section 4: xtext decoded (as it is when malformed; the server checked it)."""
+    try:
+        return xtext_decode(text)
+    except ValueError:
+        return text
 
 
 def _orcpt(value: str | None) -> str | None:
+    """RFC 3461 section 4.2: ``addr-type;xtext`` with its address decoded."""
     if not value:
         return None
     kind, sep, rest = value.partition(";")

@@ -76,33 +76,42 @@ class Session:
         try:
             hop = parse_next_hop(self.hop_text, s.settings.delivery_port)
         except ValueError as exc:
-            await self._fail_all(
-                job, local_reply(554, "5.4.4", f"bad next hop: {exc}"), bounce=True
-            )
-            return s._take(self.hop_text)
-        hop, hooked = await self._hooked(hop, job)
-        if hooked is None:
-            return s._take(self.hop_text)
-        job = hooked
-        connected = await self._connect(hop, job)
-        if not connected:
+            bad = local_reply(554, "5.4.4", f"bad next hop: {exc}")
+            await self._fail_all(job, bad, bounce=True)
             return s._take(self.hop_text)
         count = 0
         current: Job | None = job
         while current is not None and not s._stopping:
-            if not await self._deliver(hop, current):
-                return s._take(self.hop_text)  # the session broke: a new one for the rest
-            count += 1
-            if count >= PER_CONNECTION:
-                return s._take(self.hop_text)
+            # The delivery hooks, before each attempt (a refusal, a new route).
+            hop, hooked = await self._hooked(hop, current)
+            if hooked is not None:
+                if hop.kind == "local":
+                    await self._stored(hooked)
+                else:
+                    if self.client is None and not await self._connect(hop, hooked):
+                        return s._take(self.hop_text)
+                    if not await self._deliver(hop, hooked):
+                        return s._take(self.hop_text)  # the session broke: a new one
+                    count += 1
+                    if count >= PER_CONNECTION:
+                        return s._take(self.hop_text)
             current = s._take(self.hop_text)
-            if current is None:
+            if current is None and self.client is not None:
                 deadline = time.monotonic() + IDLE_REUSE
                 while current is None and time.monotonic() < deadline and not s._stopping:
                     s.wake()
                     await asyncio.sleep(0.1)
                     current = s._take(self.hop_text)
         return None
+
+    async def _stored(self, job: Job) -> None:
+        """Recipients kept in the store that asked for a success notice (NOTIFY=SUCCESS)."""
+        envelope, raw = await self._message(job.queue_id)
+        reply = local_reply(250, "2.0.0", "delivered to the message store")
+        outcomes = {
+            e.recipient: Outcome("delivered", dict(reply), "delivered") for e in job.entries
+        }
+        await self.s.finish(job, outcomes, None, envelope, raw)
 
     async def _hooked(self, hop: NextHop, job: Job) -> tuple[NextHop, Job | None]:
         """The ``delivery`` hooks: a recipient refused, deferred, or sent elsewhere."""

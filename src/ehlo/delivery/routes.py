@@ -10,7 +10,9 @@ Next hops are written as text, parsed by :func:`parse_next_hop`:
 
 - ``mx:DOMAIN``: the domain's MX hosts by preference (RFC 5321 section 5.1);
 - ``smtp:HOST:PORT``: one host (a smarthost, a static route);
-- ``lmtp:HOST:PORT`` or ``lmtp:unix:/PATH``: an LMTP server (RFC 2033).
+- ``lmtp:HOST:PORT`` or ``lmtp:unix:/PATH``: an LMTP server (RFC 2033);
+- ``local``: kept in the store, queued only for the success notice that
+  ``NOTIFY=SUCCESS`` asks for (RFC 3461 section 4.1).
 
 The rules, in order:
 
@@ -53,12 +55,14 @@ class Decision:
 class NextHop:
     """A parsed next hop."""
 
-    kind: str  # "mx", "smtp" or "lmtp"
+    kind: str  # "mx", "smtp", "lmtp" or "local"
     host: str = ""  # the domain for "mx"
     port: int = 25
     path: str | None = None  # a Unix socket (LMTP)
 
     def __str__(self) -> str:
+        if self.kind == "local":
+            return "local"
         if self.kind == "mx":
             return f"mx:{self.host}"
         if self.path is not None:
@@ -68,6 +72,8 @@ class NextHop:
 
 def parse_next_hop(text: str, delivery_port: int = 25) -> NextHop:
     """``mx:DOMAIN``, ``smtp:HOST:PORT``, ``lmtp:HOST:PORT`` or ``lmtp:unix:/PATH``."""
+    if text == "local":  # kept in the store; queued only for its success notice
+        return NextHop("local")
     kind, sep, rest = text.partition(":")
     if not sep or not rest:
         raise ValueError(f"bad next hop {text!r}")

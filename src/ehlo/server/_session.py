@@ -654,12 +654,13 @@ class Session:
         for index, rcpt in enumerate(tx.rcpts):
             decision = routing.decide(rcpt, authenticated=authenticated, client_ip=self.client_ip)
             kept = kept or decision.store
-            if decision.next_hop is None:
-                continue
             params = tx.rcpt_params[index] if index < len(tx.rcpt_params) else {}
-            envelope.queue.append(
-                QueueItem(rcpt, decision.next_hop, params.get("NOTIFY"), params.get("ORCPT"))
-            )
+            notify = params.get("NOTIFY")
+            hop = decision.next_hop
+            if hop is None and notify is not None and "SUCCESS" in notify.upper():
+                hop = "local"  # RFC 3461 section 4.1: a success notice for a stored copy
+            if hop is not None:
+                envelope.queue.append(QueueItem(rcpt, hop, notify, params.get("ORCPT")))
         if not kept:
             envelope.extra["handed_on"] = True  # removed from the store once delivered
 
