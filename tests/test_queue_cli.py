@@ -26,7 +26,7 @@ import pytest
 
 from ehlo.ids import new_queue_id
 from ehlo.storage import Envelope, open_store
-from ehlo.storage.queue import Attempt, EntryUpdate, QueueItem, SQLiteQueue
+from ehlo.storage.queue import INSERT_QUEUE, Attempt, EntryUpdate, QueueItem, SQLiteQueue
 
 from .dnsserver import DNSServer
 from .helpers import free_port, wait_until
@@ -517,3 +517,67 @@ def test_retry_reaches_a_running_server(tmp_path: Path) -> None:
     finally:
         server.close()
         dns.stop()
+
+
+def test_list_reads_a_page_through_the_created_index(tmp_path: Path) -> None:
+    # A large queue is listed a page at a time: each read of entries walks the
+    # queue_created index (newest first) and stops after the page; the only
+    # read of the whole table is the count per state of the closing line.
+    data = tmp_path / "data"
+    asyncio.run(_commit(data, []))
+    now = time.time()
+    with sqlite3.connect(data / "ehlo.sqlite3") as conn:
+        conn.executemany(
+            INSERT_QUEUE,
+            [
+                QueueItem(f"user{i}@remote.test", HOP).row(f"ID{i:08d}", now - 20000 + i)
+                for i in range(20000)
+            ],
+        )
+        conn.execute("UPDATE queue SET state = 'deferred', next_attempt = ?", (LATER,))
+    # ehlo queue list in a child whose SQLite connections report each statement;
+    # then the plan of each read of the queue table.
+    script = (
+        "import sqlite3, sys\n"
+        "from ehlo.storage import _sqlite_db\n"
+        "from ehlo.cli import main\n"
+        "plain, seen = _sqlite_db.connect, []\n"
+        "def connect(*args, **kwargs):\n"
+        "    conn = plain(*args, **kwargs)\n"
+        "    conn.set_trace_callback(seen.append)\n"
+        "    return conn\n"
+        "_sqlite_db.connect = connect\n"
+        "code = main(sys.argv[2:])\n"
+        "sys.stdout.flush()\n"
+        "probe = sqlite3.connect(sys.argv[1])\n"
+        "for sql in seen:\n"
+        "    if sql.lstrip().upper().startswith('SELECT') and 'FROM queue' in sql:\n"
+        "        plan = ' | '.join(r[-1] for r in probe.execute('EXPLAIN QUERY PLAN ' + sql))\n"
+        "        kind = 'count' if 'count(' in sql else 'page' if 'ORDER BY' in sql else 'id'\n"
+        "        print('PLAN', kind, plan, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    db = str(data / "ehlo.sqlite3")
+    for extra in ((), ("--before", "ID00019000")):
+        command = ["queue", "list", "--limit", "50", *extra, "--data", str(data)]
+        result = subprocess.run(
+            [sys.executable, "-c", script, db, *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout.splitlines()) == 1 + 50 + 1
+        plans = [
+            line.split(" ", 2)[1:]
+            for line in result.stderr.splitlines()
+            if line.startswith("PLAN ")
+        ]
+        assert [kind for kind, _ in plans if kind == "page"], plans
+        for kind, plan in plans:
+            if kind == "page":
+                assert "USING INDEX queue_created" in plan, plans
+            elif kind == "id":
+                assert "USING INDEX sqlite_autoindex_queue_1 (queue_id=?)" in plan, plans
+            else:  # the closing line's count per state
+                assert kind == "count", plans
