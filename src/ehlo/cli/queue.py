@@ -52,16 +52,21 @@ def add_queue_command(commands: Any) -> None:
         "queue",
         help="list, show, retry, hold, release, delete or bounce outbound mail",
         description="The outbound queue: one entry per recipient a message is handed on to"
-        " (relayed, or delivered by LMTP). The actions reach a running server within"
-        " about a second.",
+        " (relayed, or delivered by LMTP), in one of the states queued, deferred (waiting"
+        " for its next attempt), delivering, delivered, bounced or held. Ids are message"
+        " ids: an action on an id applies to each of that message's entries. A running"
+        " server sees what the actions change within about a second.",
     )
     actions = queue.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
 
     listing = actions.add_parser(
         "list",
         help="list queue entries, newest message first",
-        description="List queue entries (one per recipient), newest message first, with a"
-        " count of entries per state at the end.",
+        description="List queue entries (one per recipient), newest message first: id,"
+        " state, attempts so far, next attempt, recipient, next hop and the last reply"
+        " (code, enhanced code, text, remote host); a last line counts the whole queue's"
+        " entries per state. --json and --jsonl give the keys id, recipient, state,"
+        " attempts, next_attempt, last_reply and next_hop.",
     )
     store_options(listing, kinds=("sqlite", "maildir"))
     form = listing.add_mutually_exclusive_group()
@@ -76,8 +81,15 @@ def add_queue_command(commands: Any) -> None:
         f" (default {DEFAULT_LIMIT})",
     )
     size.add_argument("--all", action="store_true", help="every entry selected")
-    listing.add_argument("--before", metavar="ID", help="only messages queued before message ID")
-    listing.add_argument("--state", choices=STATES, help="only entries in this state")
+    listing.add_argument(
+        "--before", metavar="ID", help="only messages queued before message ID (the next page)"
+    )
+    listing.add_argument(
+        "--state",
+        choices=STATES,
+        metavar="STATE",
+        help=f"only entries in STATE: {', '.join(STATES)}",
+    )
     listing.add_argument("--to", metavar="TEXT", help="the recipient contains TEXT")
     listing.set_defaults(func=_list)
 
@@ -89,14 +101,17 @@ def add_queue_command(commands: Any) -> None:
     )
     show.add_argument("id", metavar="ID", help="the message id (queue id)")
     store_options(show, kinds=("sqlite", "maildir"))
-    show.add_argument("--json", action="store_true", help="message, entries and attempts as JSON")
+    show.add_argument(
+        "--json", action="store_true", help="the message, its entries and attempts as JSON"
+    )
     show.set_defaults(func=_show)
 
     retry = actions.add_parser(
         "retry",
         help="try queued and deferred entries again now",
         description="Make the queued and deferred entries of these messages (or of every"
-        " message, --all) due now; the running server tries them within about a second.",
+        " message, --all) due now; the running server takes them up within about a second"
+        " (a next hop that just failed to answer is still given its pause).",
     )
     retry.add_argument("ids", nargs="*", metavar="ID", help="message ids (queue ids)")
     store_options(retry, kinds=("sqlite", "maildir"))
@@ -107,14 +122,15 @@ def add_queue_command(commands: Any) -> None:
         (
             "hold",
             "keep entries from being delivered",
-            "Hold the queued and deferred entries of these messages: they are not delivered"
-            " (and do not expire into a bounce) until released.",
+            "Hold the queued and deferred entries of these messages: the server leaves"
+            " them alone until they are released.",
             _hold,
         ),
         (
             "release",
             "deliver held entries again",
-            "Queue the held entries of these messages again, due now.",
+            "Queue the held entries of these messages again, due now (their attempts are"
+            " kept; the queue lifetime still counts from when the message was queued).",
             _release,
         ),
         (
@@ -128,9 +144,10 @@ def add_queue_command(commands: Any) -> None:
         (
             "bounce",
             "bounce entries, with a notice to the sender",
-            "Have the server bounce the pending entries of these messages now, with a"
-            " failure notice to the sender (5.0.0, cancelled by the administrator). An entry"
-            " being delivered at that moment is left alone.",
+            "Have the server bounce the queued, deferred and held entries of these messages"
+            " now (550 5.0.0, cancelled by the administrator), with a failure notice to the"
+            " sender unless the sender asked for none (NOTIFY). An entry being delivered at"
+            " that moment is left alone.",
             _bounce,
         ),
     ):
