@@ -553,7 +553,8 @@ def test_list_reads_a_page_through_the_created_index(tmp_path: Path) -> None:
         "for sql in seen:\n"
         "    if sql.lstrip().upper().startswith('SELECT') and 'FROM queue' in sql:\n"
         "        plan = ' | '.join(r[-1] for r in probe.execute('EXPLAIN QUERY PLAN ' + sql))\n"
-        "        kind = 'count' if 'count(' in sql else 'page' if 'ORDER BY' in sql else 'id'\n"
+        "        by_id = 'queue_id IN (' in sql or 'ORDER BY' not in sql\n"
+        "        kind = 'count' if 'count(' in sql else 'id' if by_id else 'page'\n"
         "        print('PLAN', kind, plan, file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
@@ -581,3 +582,8 @@ def test_list_reads_a_page_through_the_created_index(tmp_path: Path) -> None:
                 assert "USING INDEX sqlite_autoindex_queue_1 (queue_id=?)" in plan, plans
             else:  # the closing line's count per state
                 assert kind == "count", plans
+    # --all reads page after page (a thousand entries each), never one twice.
+    result = run("queue", "list", "--all", "--jsonl", "--data", str(data))
+    assert result.returncode == 0, result.stderr
+    listed = [json.loads(line)["id"] for line in result.stdout.splitlines()]
+    assert listed == [f"ID{i:08d}" for i in reversed(range(20000))]

@@ -29,7 +29,7 @@ import datetime as dt
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._common import Failure, Parser, count, safe, store_options, text_output, usage
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from ..storage import Store
     from ..storage.queue import Attempt, Queue, QueueEntry
 
+# ``queue list --all`` reads the queue this many entries at a time.
+ALL_PAGE = 1000
 # The keys of each entry ``queue list --json``/``--jsonl`` prints, in order.
 LIST_FIELDS = ("id", "recipient", "state", "attempts", "next_attempt", "last_reply", "next_hop")
 # The states an entry can be in (as ehlo.storage.queue.STATES; kept here so
@@ -254,64 +256,79 @@ def summary_line(counts: dict[str, int]) -> str:
 
 
 def _page(
-    queue: Queue, args: argparse.Namespace, limit: int | None
+    queue: Queue, args: argparse.Namespace, before: str | None, limit: int
 ) -> tuple[list[QueueEntry], bool]:
-    """The entries of one page, and whether older ones follow.
+    """The entries of one page (of the messages older than ``before``), and
+    whether older ones follow.
 
     One entry more than the page is read; when the page would end inside a
     message, the rest of that message's entries join it, so that ``--before``
     the last id shown starts the next page where this one ended.
     """
-    wanted = {"state": args.state, "recipient": args.to, "before": args.before}
-    found = queue.entries(**wanted, limit=None if limit is None else limit + 1)
-    if limit is None or len(found) <= limit:
+    wanted: dict[str, Any] = {"state": args.state, "recipient": args.to}
+    found = queue.entries(**wanted, before=before, limit=limit + 1)
+    if len(found) <= limit:
         return found, False
     page = found[:limit]
     if page and found[limit].queue_id == page[-1].queue_id:
         last = page[-1].queue_id
-        rest = queue.entries(queue_ids=[last], state=args.state, recipient=args.to)
         shown = {entry.key for entry in page}
-        page.extend(entry for entry in rest if entry.key not in shown)
-        more = queue.entries(**wanted | {"before": last}, limit=1)
-        return page, bool(more)
+        page.extend(e for e in queue.entries(**wanted, queue_ids=[last]) if e.key not in shown)
+        return page, bool(queue.entries(**wanted, before=last, limit=1))
     return page, True
 
 
-def _list(args: argparse.Namespace) -> int:
-    from ..storage import StoreError
+def _every(queue: Queue, args: argparse.Namespace) -> Iterator[QueueEntry]:
+    """Every entry selected (``--all``), read a page at a time: memory stays flat."""
+    before = args.before
+    while True:
+        page, more = _page(queue, args, before, ALL_PAGE)
+        yield from page
+        if not more or not page:
+            return
+        before = page[-1].queue_id
 
+
+def _list(args: argparse.Namespace) -> int:
     _store, queue = _open(args)
-    limit = None if args.all else (args.limit if args.limit is not None else DEFAULT_LIMIT)
-    try:
-        entries, more = _page(queue, args, limit)
-    except StoreError as exc:
-        if args.before is not None and "no queued message" in str(exc):
-            raise Failure(f"no queued message with id {args.before!r} (--before)") from None
-        raise
+    if args.before is not None and not queue.entries(queue_ids=[args.before]):
+        raise Failure(f"no queued message with id {args.before!r} (--before)")
+    more = False
+    found: Iterator[QueueEntry]
+    if args.all:
+        found = _every(queue, args)
+    else:
+        limit = args.limit if args.limit is not None else DEFAULT_LIMIT
+        page, more = _page(queue, args, args.before, limit)
+        found = iter(page)
     text_output()
     write = sys.stdout.write
+    shown = 0
+    last = ""
     if args.json:
-        items = [json.dumps(list_json(entry), ensure_ascii=False) for entry in entries]
-        write("[\n" + ",\n".join(items) + "\n]\n" if items else "[]\n")
-        return 0
-    if args.jsonl:
-        for entry in entries:
+        write("[")
+    for entry in found:
+        if args.json:
+            item = json.dumps(list_json(entry), ensure_ascii=False)
+            write(("\n" if not shown else ",\n") + item)
+        elif args.jsonl:
             write(json.dumps(list_json(entry), ensure_ascii=False) + "\n")
-        return 0
-    if entries:
-        write(_line(_HEADER) + "\n")
-        for entry in entries:
+        else:
+            if not shown:
+                write(_line(_HEADER) + "\n")
             write(_text_line(entry) + "\n")
-    else:
-        write("no entries\n")
-    write(summary_line(queue.counts()) + "\n")
-    if more:
-        sys.stdout.flush()
-        print(
-            f"(first {_entries(len(entries))} shown;"
-            f" older ones: --before {entries[-1].queue_id}, or --all)",
-            file=sys.stderr,
-        )
+        shown += 1
+        last = entry.queue_id
+    if args.json:
+        write("\n]\n" if shown else "]\n")
+    elif not args.jsonl:
+        if not shown:
+            write("no entries\n")
+        write(summary_line(queue.counts()) + "\n")
+        if more:
+            sys.stdout.flush()
+            older = f"--before {last}, or --all" if last else "--limit N, or --all"
+            print(f"(first {_entries(shown)} shown; older ones: {older})", file=sys.stderr)
     return 0
 
 
