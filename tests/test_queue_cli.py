@@ -304,6 +304,26 @@ def test_show_prints_envelope_entries_and_every_attempt(filled: Filled) -> None:
     assert "0 attempts" in result.stdout.decode().splitlines()
 
 
+def test_show_a_message_the_store_no_longer_holds(filled: Filled) -> None:
+    queue = SQLiteQueue(filled.db)
+    try:
+        [entry] = queue.entries(queue_ids=[filled.handed_on])
+        reply = {"code": 250, "enhanced": "2.0.0", "text": "ok", "host": "sink.test"}
+        queue.record([EntryUpdate(filled.handed_on, entry.recipient, "delivered", 0.0, reply)])
+    finally:
+        queue.close()
+    result = run("messages", "delete", filled.handed_on, "--data", str(filled.data))
+    assert result.returncode == 0, result.stderr
+    result = queue_cmd(filled, "show", filled.handed_on)  # the history stays
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[:2] == [f"id:          {filled.handed_on}", "message:     no longer in the store"]
+    assert any(line.startswith(filled.handed_on) and " delivered " in line for line in lines)
+    shown = json.loads(queue_cmd(filled, "show", filled.handed_on, "--json").stdout)
+    assert shown["stored"] is False and shown["mail_from"] is None
+    assert shown["entries"][0]["state"] == "delivered"
+
+
 def test_show_unknown_or_local_only_id_is_one_line(filled: Filled) -> None:
     for queue_id in ("NOSUCHID", filled.local):
         result = queue_cmd(filled, "show", queue_id)
