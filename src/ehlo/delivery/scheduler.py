@@ -229,6 +229,9 @@ class Scheduler:
                 del self._ready[hop]
                 continue
             down = self._down.get(hop)
+            if down is not None and any(e.request == "retry" for j in jobs for e in j.entries):
+                del self._down[hop]  # ehlo queue retry: try it now
+                down = None
             if down is not None and down[0] > now and self._connections[hop] == 0:
                 self._spawn(self._defer_down(hop, down))
                 continue

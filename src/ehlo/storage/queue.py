@@ -98,7 +98,9 @@ class QueueEntry:
     last_reply: dict[str, Any] | None = None
     updated: float = 0.0
     delay_notified: bool = False
-    request: str | None = None  # "bounce": asked by ``ehlo queue bounce``
+    # Asked by ``ehlo queue``: "bounce" (bounce now, with a notice) or
+    # "retry" (try now, even a next hop marked down).
+    request: str | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -210,7 +212,8 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     def retry(self, ids: Sequence[str] | None, now: float) -> int:
-        """Make queued/deferred entries due now (``None``: all); how many."""
+        """Make queued/deferred entries due now, even for a next hop marked down
+        (``None``: all); how many."""
 
     @abc.abstractmethod
     def hold(self, ids: Sequence[str]) -> int:
@@ -421,7 +424,8 @@ class SQLiteQueue(Queue):
                 "UPDATE queue SET state = ?, next_attempt = ?,"
                 " last_reply = coalesce(?, last_reply), attempts = attempts + ?, updated = ?,"
                 " delay_notified = coalesce(?, delay_notified),"
-                " request = CASE WHEN ? IN ('delivered', 'bounced') THEN NULL ELSE request END"
+                " request = CASE WHEN ? IN ('delivered', 'bounced') OR request = 'retry'"
+                " THEN NULL ELSE request END"
                 " WHERE queue_id = ? AND recipient = ?",
                 [
                     (
@@ -541,8 +545,13 @@ class SQLiteQueue(Queue):
             return total
 
     def retry(self, ids: Sequence[str] | None, now: float) -> int:
+        # "retry": the scheduler tries now even a next hop it has marked down.
         return self._update(
-            "UPDATE queue SET next_attempt = ? WHERE state IN ('queued', 'deferred')", ids, (now,)
+            "UPDATE queue SET next_attempt = ?,"
+            " request = CASE WHEN request = 'bounce' THEN request ELSE 'retry' END"
+            " WHERE state IN ('queued', 'deferred')",
+            ids,
+            (now,),
         )
 
     def hold(self, ids: Sequence[str]) -> int:
