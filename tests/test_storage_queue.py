@@ -438,6 +438,20 @@ async def test_maildir_due_reads_only_the_files_it_needs(
     await store.close()
 
 
+async def test_maildir_set_next_hop(tmp_path: Path) -> None:
+    store = MaildirStore(tmp_path / "maildir")
+    await store.start()
+    queue_id = await queued(store, "a@example.net", "b@example.net")
+    store.queue.set_next_hop(queue_id, "b@example.net", "smtp:relay.example:2525")
+    store.queue.set_next_hop(queue_id, "nobody@example.net", "smtp:relay.example:2525")
+    again = MaildirQueue(store.path / QUEUE_FOLDER)  # what another process reads
+    assert {e.recipient: e.next_hop for e in again.entries(queue_ids=[queue_id])} == {
+        "a@example.net": "mx:example.net",
+        "b@example.net": "smtp:relay.example:2525",
+    }
+    await store.close()
+
+
 CHILD = textwrap.dedent(
     """
     import sys, time

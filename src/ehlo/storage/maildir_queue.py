@@ -515,6 +515,19 @@ class MaildirQueue(Queue):
 
         self._change(lambda index: [*by_id, *tried], edit, create=True)
 
+    def set_next_hop(self, queue_id: str, recipient: str, next_hop: str) -> None:
+        """Send one entry elsewhere (a ``delivery`` hook's decision)."""
+
+        def edit(_queue_id: str, record: _Record) -> int:
+            count = 0
+            for entry in record.entries:
+                if entry.recipient == recipient and entry.next_hop != next_hop:
+                    entry.next_hop = next_hop
+                    count += 1
+            return count
+
+        self._change(lambda index: [queue_id], edit)
+
     def recover(self) -> int:
         def edit(_queue_id: str, record: _Record) -> int:
             count = 0
