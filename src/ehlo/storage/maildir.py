@@ -396,11 +396,14 @@ class MaildirStore(Store):
         """Create the Maildir's folders (0700) and check those the store writes to."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         private_dir(self.path)
-        for sub in ("tmp", "new", "cur", _SIDECARS, QUEUE_FOLDER):
+        for sub in ("tmp", "new", "cur", _SIDECARS):
             private_dir(self.path / sub)
-        # Where messages, envelopes and queue entries are written (cur/ is the readers').
-        for sub in ("tmp", "new", _SIDECARS, QUEUE_FOLDER):
+        # Where messages and envelopes are written (cur/ is the readers').
+        for sub in ("tmp", "new", _SIDECARS):
             check_writable(self.path / sub)
+        # Then the outbound queue's (a Maildir made before it has none yet).
+        private_dir(self.path / QUEUE_FOLDER)
+        check_writable(self.path / QUEUE_FOLDER)
 
     def _prepare(self) -> None:
         self._folders()
