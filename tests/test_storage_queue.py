@@ -26,7 +26,7 @@ import pytest
 from ehlo.ids import _ALPHABET
 from ehlo.storage import MaildirStore, Retention, SQLiteStore, Store, StoreError, open_store
 from ehlo.storage.maildir_queue import QUEUE_FOLDER, MaildirQueue
-from ehlo.storage.queue import Attempt, EntryUpdate, Queue, QueueItem
+from ehlo.storage.queue import Attempt, EntryUpdate, Queue, QueueItem, SQLiteQueue
 
 from .strace import SYNCS, Call, parse, strace_command
 from .test_storage import deliver, make_envelope
@@ -209,6 +209,20 @@ async def test_entries_order_filters_and_paging(store: Store) -> None:
         before = page[-1].queue_id
     assert pages == [[f"Other{i}@Example.org", f"u{i}@example.net"] for i in (3, 2, 1, 0)]
     assert queue.entries(before=ids[1], state="queued") == queue.entries(queue_ids=[ids[0]])
+    # Read by another process (``ehlo queue list``): the same pages.
+    fresh = SQLiteQueue(queue.path) if isinstance(queue, SQLiteQueue) else MaildirQueue(queue.path)
+    for query in (
+        {"limit": 3},
+        {"limit": 2, "before": ids[2]},
+        {"state": "held"},
+        {"state": "queued", "limit": 1, "before": ids[3]},
+        {"recipient": "U1@", "limit": 1},
+        {"queue_ids": [ids[0], ids[2], "nosuchid"]},
+        {},
+    ):
+        assert fresh.entries(**query) == queue.entries(**query), query  # type: ignore[arg-type]
+    if isinstance(fresh, SQLiteQueue):
+        fresh.close()
     assert queue.entries(queue_ids=[]) == []
     assert queue.entries(queue_ids=["nosuchid"]) == []
     with pytest.raises(StoreError, match="no queued message"):

@@ -145,7 +145,7 @@ class _Committer(threading.Thread):
             return
         queued = any(op.entries for op in batch)
         if not queued:
-            self._commit_batch(batch, queued)
+            _settle(batch, self._commit_batch(batch, queued))
             return
         queue = self.store.queue
         with contextlib.ExitStack() as held:
@@ -157,17 +157,17 @@ class _Committer(threading.Thread):
                     op.writer._discard()
                 _settle(batch, {id(op): _error(op.writer.queue_id, exc) for op in batch})
                 return
-            visible = self._commit_batch(batch, queued)
-        try:
-            if visible:
-                queue.committed(visible)
+            outcomes = self._commit_batch(batch, queued)
+        try:  # before the 250: the queue's readers see what it covers (files read again)
+            queue.committed([op.writer.queue_id for op in batch if op.entries])
         except Exception as exc:  # the messages are durable: only readers may lag
             log.warning(
                 "maildir queue: %s", exc, extra={"event": "queue_commit", "error": str(exc)}
             )
+        _settle(batch, outcomes)
 
-    def _commit_batch(self, batch: list[_Commit], queued: bool) -> dict[str, list[QueueEntry]]:
-        """Make a batch durable and visible; the queue entries of those now visible."""
+    def _commit_batch(self, batch: list[_Commit], queued: bool) -> dict[int, str | BaseException]:
+        """Make a batch durable and visible; the outcome of each commit (by ``id``)."""
         store = self.store
         outcomes: dict[int, str | BaseException] = {}
         ready: list[_Commit] = []
@@ -206,12 +206,7 @@ class _Committer(threading.Thread):
             # durability cannot be promised, so the client is told to retry.
             for op in ready:
                 outcomes.setdefault(id(op), _error(op.writer.queue_id, exc))
-        _settle(batch, outcomes)
-        return {
-            op.writer.queue_id: op.entries
-            for op in batch
-            if op.entries and isinstance(outcomes.get(id(op)), str)
-        }
+        return outcomes
 
 
 def _settle(batch: list[_Commit], outcomes: dict[int, str | BaseException]) -> None:

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..ids import is_queue_id
+from ..ids import _ALPHABET, is_queue_id
 from .base import FILE_MODE, StoreError, create_private, fsync_dir, log
 from .queue import FINAL, PENDING, Attempt, EntryUpdate, Queue, QueueEntry, QueueItem
 
@@ -74,6 +74,9 @@ _SUFFIX = ".json"
 _COUNTER = 8  # bytes of the change counter at the start of the lock file
 _WAITING = ("queued", "deferred")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# A queue id is made at most this long before its message's ``created`` (as
+# ``MaildirStore.list`` assumes of the ids in file names).
+_SLACK = 15 * 60.0
 
 
 @dataclass(slots=True)
@@ -391,16 +394,17 @@ class MaildirQueue(Queue):
         with self._locked(exclusive=False):
             yield
 
-    def committed(self, records: dict[str, list[QueueEntry]]) -> None:
-        """These messages are visible with their entries (written): tell the readers."""
+    def committed(self, ids: Iterable[str]) -> None:
+        """These messages are visible with their entries: tell the readers.
+
+        Their files are read again here: once visible, they may have changed.
+        """
         with self._mutex, self._locked(exclusive=True) as fd:
             if fd is None:
                 return
             try:
                 fresh = self._index is not None and self._counter(fd) == self._seen
-                changed: dict[str, _Record | None] = {
-                    queue_id: _Record(entries) for queue_id, entries in records.items()
-                }
+                changed = {queue_id: self._load(self._file(queue_id)) for queue_id in ids}
                 self._bump(fd, changed, fresh)
             except OSError as exc:
                 raise StoreError(f"maildir queue {self.path}: {exc}") from exc
@@ -554,38 +558,90 @@ class MaildirQueue(Queue):
     ) -> list[QueueEntry]:
         if queue_ids is not None and not queue_ids:
             return []
-        with self._reading() as index:
-            if index is None:
+        if limit is not None and limit <= 0:
+            return []
+        with self._mutex:
+            if self._index is None:  # not built in this process (``ehlo queue``): by names
+                return self._entries_by_name(queue_ids, state, recipient, limit, before)
+            with self._reading() as index:
+                if index is None:
+                    return self._entries_by_name(queue_ids, state, recipient, limit, before)
+                ids = list(index) if queue_ids is None else [q for q in queue_ids if q in index]
+                if state is not None:
+                    ids = [q for q in ids if index[q].states.get(state)]
+                order = sorted(set(ids), key=lambda q: (index[q].created, q), reverse=True)
+                if before is not None:
+                    mark = index.get(before)
+                    if mark is None:
+                        raise StoreError(f"no queued message with id {before!r}")
+                    order = [q for q in order if (index[q].created, q) < (mark.created, before)]
+                found: list[QueueEntry] = []
+                for queue_id in order:
+                    if limit is not None and len(found) >= limit:
+                        break
+                    record = self._load(self._file(queue_id))
+                    if record is not None:
+                        found.extend(_matching(record, state, recipient))
+                return found if limit is None else found[:limit]
+
+    def _entries_by_name(
+        self,
+        queue_ids: Sequence[str] | None,
+        state: str | None,
+        recipient: str | None,
+        limit: int | None,
+        before: str | None,
+    ) -> list[QueueEntry]:
+        """:meth:`entries` without the index: files read newest name first, until the page is full.
+
+        A queue id leads with the time it was made, a little before the
+        message's ``created``: a name more than :data:`_SLACK` older than
+        the last message of a full page cannot belong on it, so a page
+        costs one listing of the folder and the files of about that page.
+        """
+        with self._locked(exclusive=False) as fd:
+            if fd is None:
                 if before is not None:
                     raise StoreError(f"no queued message with id {before!r}")
                 return []
             if queue_ids is not None:
-                ids = [q for q in dict.fromkeys(queue_ids) if q in index]
+                names = [q for q in set(queue_ids) if is_queue_id(q)]
             else:
-                ids = list(index)
-            if state is not None:
-                ids = [q for q in ids if index[q].states.get(state)]
-            order = sorted(ids, key=lambda q: (index[q].created, q), reverse=True)
+                names = [
+                    n[: -len(_SUFFIX)]
+                    for n in os.listdir(self.path)
+                    if n.endswith(_SUFFIX) and is_queue_id(n[: -len(_SUFFIX)])
+                ]
+            names.sort(key=lambda q: (_id_time(q), q), reverse=True)
+            mark: tuple[float, str] | None = None
             if before is not None:
-                mark = index.get(before)
-                if mark is None:
+                record = self._load(self._file(before)) if is_queue_id(before) else None
+                if record is None or not record.entries:
                     raise StoreError(f"no queued message with id {before!r}")
-                order = [q for q in order if (index[q].created, q) < (mark.created, before)]
-            needle = recipient.lower() if recipient is not None else None
-            found: list[QueueEntry] = []
-            for queue_id in order:
-                if limit is not None and len(found) >= limit:
-                    break
+                mark = (min(e.created for e in record.entries), before)
+            pages: list[tuple[tuple[float, str], list[QueueEntry]]] = []
+            count = 0
+            for queue_id in names:
+                stamp = _id_time(queue_id)
+                if mark is not None and stamp > mark[0]:
+                    continue  # made after the mark's message was received: newer
+                if limit is not None and count >= limit:
+                    pages.sort(key=lambda page: page[0], reverse=True)
+                    if stamp + _SLACK < _last_key(pages, limit)[0]:
+                        break
                 record = self._load(self._file(queue_id))
-                if record is None:
+                if record is None or not record.entries:
                     continue
-                found.extend(
-                    e
-                    for e in sorted(record.entries, key=lambda e: e.recipient)
-                    if (state is None or e.state == state)
-                    and (needle is None or needle in e.recipient.lower())
-                )
-            return found if limit is None else found[: max(limit, 0)]
+                key = (min(e.created for e in record.entries), queue_id)
+                if mark is not None and key >= mark:
+                    continue
+                chosen = _matching(record, state, recipient)
+                if chosen:
+                    pages.append((key, chosen))
+                    count += len(chosen)
+        pages.sort(key=lambda page: page[0], reverse=True)
+        found = [entry for _, chosen in pages for entry in chosen]
+        return found if limit is None else found[:limit]
 
     def attempts(self, queue_id: str) -> list[Attempt]:
         if not is_queue_id(queue_id):
@@ -701,6 +757,36 @@ class MaildirQueue(Queue):
             return gone
 
         return self._change(pick, edit)
+
+
+def _matching(record: _Record, state: str | None, recipient: str | None) -> list[QueueEntry]:
+    """A message's entries that pass the filters of :meth:`MaildirQueue.entries`, by recipient."""
+    needle = recipient.lower() if recipient is not None else None
+    return [
+        e
+        for e in sorted(record.entries, key=lambda e: e.recipient)
+        if (state is None or e.state == state) and (needle is None or needle in e.recipient.lower())
+    ]
+
+
+def _last_key(
+    pages: list[tuple[tuple[float, str], list[QueueEntry]]], limit: int
+) -> tuple[float, str]:
+    """The key of the message holding the ``limit``-th entry of sorted ``pages``."""
+    count = 0
+    for key, chosen in pages:
+        count += len(chosen)
+        if count >= limit:
+            return key
+    return pages[-1][0]
+
+
+def _id_time(queue_id: str) -> float:
+    """The time a queue id was made (its leading 48 bits are epoch milliseconds)."""
+    value = 0
+    for char in queue_id:
+        value = value << 5 | _ALPHABET.index(char)
+    return (value >> 32) / 1000
 
 
 def _drop_pending(_queue_id: str, record: _Record) -> int:
