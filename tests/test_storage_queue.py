@@ -452,6 +452,26 @@ async def test_maildir_due_reads_only_the_files_it_needs(
     await store.close()
 
 
+async def test_maildir_listing_without_the_index_survives_wrong_file_times(
+    tmp_path: Path,
+) -> None:
+    # A listing in a fresh process orders files by mtime (the message's
+    # arrival); a file copied without its times must not reorder the list.
+    store = MaildirStore(tmp_path / "maildir")
+    await store.start()
+    t0 = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    ids = [
+        await queued(store, f"u{i}@example.net", at=t0 + dt.timedelta(seconds=i)) for i in range(3)
+    ]
+    folder = store.path / QUEUE_FOLDER
+    assert [e.queue_id for e in MaildirQueue(folder).entries(limit=1)] == [ids[2]]
+    os.utime(folder / f"{ids[0]}.json")  # now: newer than all of them
+    assert [e.queue_id for e in MaildirQueue(folder).entries(limit=1)] == [ids[2]]
+    assert [e.queue_id for e in MaildirQueue(folder).entries(limit=1, before=ids[2])] == [ids[1]]
+    assert [e.queue_id for e in MaildirQueue(folder).entries()] == ids[::-1]
+    await store.close()
+
+
 async def test_maildir_set_next_hop(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path / "maildir")
     await store.start()

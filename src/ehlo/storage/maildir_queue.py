@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..ids import _ALPHABET, is_queue_id
+from ..ids import is_queue_id
 from .base import FILE_MODE, StoreError, create_private, fsync_dir, log
 from .queue import FINAL, PENDING, Attempt, EntryUpdate, Queue, QueueEntry, QueueItem
 
@@ -74,9 +74,8 @@ _SUFFIX = ".json"
 _COUNTER = 8  # bytes of the change counter at the start of the lock file
 _WAITING = ("queued", "deferred")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-# A queue id is made at most this long before its message's ``created`` (as
-# ``MaildirStore.list`` assumes of the ids in file names).
-_SLACK = 15 * 60.0
+# How far a file's mtime (its message's ``created``) may be from the value in it.
+_CLOCK = 0.001
 
 
 @dataclass(slots=True)
@@ -592,53 +591,80 @@ class MaildirQueue(Queue):
         limit: int | None,
         before: str | None,
     ) -> list[QueueEntry]:
-        """:meth:`entries` without the index: files read newest name first, until the page is full.
+        """:meth:`entries` without the index: files read newest first, until the page is full.
 
-        A queue id leads with the time it was made, a little before the
-        message's ``created``: a name more than :data:`_SLACK` older than
-        the last message of a full page cannot belong on it, so a page
-        costs one listing of the folder and the files of about that page.
+        A file's mtime is its message's ``created`` (set when it is written),
+        so a page costs one listing of the folder with a stat per file, and
+        reading about the page's files. A file whose mtime disagrees with
+        its contents (copied without its times) makes this read every file.
         """
         with self._locked(exclusive=False) as fd:
             if fd is None:
                 if before is not None:
                     raise StoreError(f"no queued message with id {before!r}")
                 return []
-            if queue_ids is not None:
-                names = [q for q in set(queue_ids) if is_queue_id(q)]
-            else:
-                names = [
-                    n[: -len(_SUFFIX)]
-                    for n in os.listdir(self.path)
-                    if n.endswith(_SUFFIX) and is_queue_id(n[: -len(_SUFFIX)])
-                ]
-            names.sort(key=lambda q: (_id_time(q), q), reverse=True)
             mark: tuple[float, str] | None = None
             if before is not None:
                 record = self._load(self._file(before)) if is_queue_id(before) else None
                 if record is None or not record.entries:
                     raise StoreError(f"no queued message with id {before!r}")
                 mark = (min(e.created for e in record.entries), before)
-            pages: list[tuple[tuple[float, str], list[QueueEntry]]] = []
-            count = 0
-            for queue_id in names:
-                stamp = _id_time(queue_id)
-                if mark is not None and stamp > mark[0]:
-                    continue  # made after the mark's message was received: newer
-                if limit is not None and count >= limit:
-                    pages.sort(key=lambda page: page[0], reverse=True)
-                    if stamp + _SLACK < _last_key(pages, limit)[0]:
-                        break
-                record = self._load(self._file(queue_id))
-                if record is None or not record.entries:
-                    continue
-                key = (min(e.created for e in record.entries), queue_id)
-                if mark is not None and key >= mark:
-                    continue
-                chosen = _matching(record, state, recipient)
-                if chosen:
-                    pages.append((key, chosen))
-                    count += len(chosen)
+            files = self._by_time(queue_ids)
+            for trusted in (True, False):
+                found = self._page(files, state, recipient, limit, mark, trusted)
+                if found is not None:
+                    return found
+        return []  # pragma: no cover - the second pass always answers
+
+    def _by_time(self, queue_ids: Sequence[str] | None) -> list[tuple[float, str]]:
+        """(mtime, queue id) of the entries files (of ``queue_ids``), newest first."""
+        found: list[tuple[float, str]] = []
+        if queue_ids is not None:
+            for queue_id in set(queue_ids):
+                if is_queue_id(queue_id):
+                    with contextlib.suppress(FileNotFoundError):
+                        found.append((os.stat(self._file(queue_id)).st_mtime_ns / 1e9, queue_id))
+        else:
+            with os.scandir(self.path) as listing:
+                for item in listing:
+                    queue_id = item.name[: -len(_SUFFIX)]
+                    if item.name.endswith(_SUFFIX) and is_queue_id(queue_id):
+                        with contextlib.suppress(FileNotFoundError):
+                            found.append((item.stat().st_mtime_ns / 1e9, queue_id))
+        found.sort(reverse=True)
+        return found
+
+    def _page(
+        self,
+        files: list[tuple[float, str]],
+        state: str | None,
+        recipient: str | None,
+        limit: int | None,
+        mark: tuple[float, str] | None,
+        trusted: bool,
+    ) -> list[QueueEntry] | None:
+        """One pass of :meth:`_entries_by_name` (None: an mtime lied; read them all)."""
+        pages: list[tuple[tuple[float, str], list[QueueEntry]]] = []
+        count = 0
+        for stamp, queue_id in files:
+            if trusted and mark is not None and stamp > mark[0] + _CLOCK:
+                continue  # newer than the mark
+            if trusted and limit is not None and count >= limit:
+                pages.sort(key=lambda page: page[0], reverse=True)
+                if stamp < _last_key(pages, limit)[0] - _CLOCK:
+                    break  # every file from here on is older than the page
+            record = self._load(self._file(queue_id))
+            if record is None or not record.entries:
+                continue
+            key = (min(e.created for e in record.entries), queue_id)
+            if trusted and abs(key[0] - stamp) > _CLOCK:
+                return None
+            if mark is not None and key >= mark:
+                continue
+            chosen = _matching(record, state, recipient)
+            if chosen:
+                pages.append((key, chosen))
+                count += len(chosen)
         pages.sort(key=lambda page: page[0], reverse=True)
         found = [entry for _, chosen in pages for entry in chosen]
         return found if limit is None else found[:limit]
@@ -781,14 +807,6 @@ def _last_key(
     return pages[-1][0]
 
 
-def _id_time(queue_id: str) -> float:
-    """The time a queue id was made (its leading 48 bits are epoch milliseconds)."""
-    value = 0
-    for char in queue_id:
-        value = value << 5 | _ALPHABET.index(char)
-    return (value >> 32) / 1000
-
-
 def _drop_pending(_queue_id: str, record: _Record) -> int:
     """Keep only the finished entries (the history) of a message that is gone."""
     kept = [e for e in record.entries if e.state in FINAL]
@@ -805,6 +823,10 @@ def write_file(path: Path, data: dict[str, Any]) -> None:
     with open(create_private(temp), "wb") as handle:
         handle.write(json.dumps(data, ensure_ascii=False).encode())
         handle.flush()
+        entries = data.get("entries")
+        if entries:  # the mtime is the message's arrival: listings sort by it unread
+            stamp = int(min(entry["created"] for entry in entries) * 1e9)
+            os.utime(handle.fileno(), ns=(stamp, stamp))
         os.fsync(handle.fileno())
     os.replace(temp, path)
 
