@@ -467,7 +467,11 @@ async def test_maildir_listing_without_the_index_survives_wrong_file_times(
     assert [e.queue_id for e in MaildirQueue(folder).entries(limit=1)] == [ids[2]]
     os.utime(folder / f"{ids[0]}.json")  # now: newer than all of them
     assert [e.queue_id for e in MaildirQueue(folder).entries(limit=1)] == [ids[2]]
-    assert [e.queue_id for e in MaildirQueue(folder).entries(limit=1, before=ids[2])] == [ids[1]]
+    assert [e.queue_id for e in MaildirQueue(folder).entries(before=ids[2])] == [ids[1], ids[0]]
+    assert [e.queue_id for e in MaildirQueue(folder).entries(limit=2, before=ids[2])] == [
+        ids[1],
+        ids[0],
+    ]
     assert [e.queue_id for e in MaildirQueue(folder).entries()] == ids[::-1]
     await store.close()
 

@@ -594,9 +594,12 @@ class MaildirQueue(Queue):
         """:meth:`entries` without the index: files read newest first, until the page is full.
 
         A file's mtime is its message's ``created`` (set when it is written),
-        so a page costs one listing of the folder with a stat per file, and
-        reading about the page's files. A file whose mtime disagrees with
-        its contents (copied without its times) makes this read every file.
+        so the first page costs one listing of the folder with a stat per
+        file and reading about the page's files; a page ``before`` a message
+        reads the files newer than it as well. A file copied without its
+        times (a newer mtime) is read sooner than needed, never missed; only
+        an mtime set back by hand can keep a message off the page it belongs
+        on (the scheduler's ``due`` and the updates do not use mtimes).
         """
         with self._locked(exclusive=False) as fd:
             if fd is None:
@@ -609,12 +612,26 @@ class MaildirQueue(Queue):
                 if record is None or not record.entries:
                     raise StoreError(f"no queued message with id {before!r}")
                 mark = (min(e.created for e in record.entries), before)
-            files = self._by_time(queue_ids)
-            for trusted in (True, False):
-                found = self._page(files, state, recipient, limit, mark, trusted)
-                if found is not None:
-                    return found
-        return []  # pragma: no cover - the second pass always answers
+            pages: list[tuple[tuple[float, str], list[QueueEntry]]] = []
+            count = 0
+            for stamp, queue_id in self._by_time(queue_ids):
+                if limit is not None and count >= limit:
+                    pages.sort(key=lambda page: page[0], reverse=True)
+                    if stamp < _last_key(pages, limit)[0] - _CLOCK:
+                        break  # every file from here on is older than the page
+                record = self._load(self._file(queue_id))
+                if record is None or not record.entries:
+                    continue
+                key = (min(e.created for e in record.entries), queue_id)
+                if mark is not None and key >= mark:
+                    continue
+                chosen = _matching(record, state, recipient)
+                if chosen:
+                    pages.append((key, chosen))
+                    count += len(chosen)
+        pages.sort(key=lambda page: page[0], reverse=True)
+        found = [entry for _, chosen in pages for entry in chosen]
+        return found if limit is None else found[:limit]
 
     def _by_time(self, queue_ids: Sequence[str] | None) -> list[tuple[float, str]]:
         """(mtime, queue id) of the entries files (of ``queue_ids``), newest first."""
@@ -633,41 +650,6 @@ class MaildirQueue(Queue):
                             found.append((item.stat().st_mtime_ns / 1e9, queue_id))
         found.sort(reverse=True)
         return found
-
-    def _page(
-        self,
-        files: list[tuple[float, str]],
-        state: str | None,
-        recipient: str | None,
-        limit: int | None,
-        mark: tuple[float, str] | None,
-        trusted: bool,
-    ) -> list[QueueEntry] | None:
-        """One pass of :meth:`_entries_by_name` (None: an mtime lied; read them all)."""
-        pages: list[tuple[tuple[float, str], list[QueueEntry]]] = []
-        count = 0
-        for stamp, queue_id in files:
-            if trusted and mark is not None and stamp > mark[0] + _CLOCK:
-                continue  # newer than the mark
-            if trusted and limit is not None and count >= limit:
-                pages.sort(key=lambda page: page[0], reverse=True)
-                if stamp < _last_key(pages, limit)[0] - _CLOCK:
-                    break  # every file from here on is older than the page
-            record = self._load(self._file(queue_id))
-            if record is None or not record.entries:
-                continue
-            key = (min(e.created for e in record.entries), queue_id)
-            if trusted and abs(key[0] - stamp) > _CLOCK:
-                return None
-            if mark is not None and key >= mark:
-                continue
-            chosen = _matching(record, state, recipient)
-            if chosen:
-                pages.append((key, chosen))
-                count += len(chosen)
-        pages.sort(key=lambda page: page[0], reverse=True)
-        found = [entry for _, chosen in pages for entry in chosen]
-        return found if limit is None else found[:limit]
 
     def attempts(self, queue_id: str) -> list[Attempt]:
         if not is_queue_id(queue_id):
