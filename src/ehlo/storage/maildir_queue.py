@@ -23,9 +23,14 @@ shared from the first entries file of a batch until the batch is in
 commit in flight: there, the pending entries of a message that is in neither
 ``new/`` nor ``cur/`` (a crash between the two renames, or during a delete)
 are dropped, as :meth:`MaildirQueue.drop_pending` does for a deleted message,
-and a file left with nothing is removed. Every update rewrites the files it
-changes the same way (temporary file, fsync, rename) and fsyncs the folder
-once before returning.
+and a file left with nothing is removed. Once the batch is in ``new/``, and
+before its 250, the committer bumps the change counter (below), so every
+reader sees the entries the reply covers. Every update rewrites the files
+it changes the same way (temporary file, fsync, rename) and fsyncs the
+folder once before returning. Attempts live in their message's file, so
+that ``record`` changes entries and attempts at once, as one transaction
+does in the SQLite store; the price is that each update of a message
+rewrites its transcripts too (kept until ``expire_history``).
 
 Costs. Each process keeps an index in memory: per message, its creation
 time, the earliest due time of its queued or deferred entries, its entries
@@ -40,9 +45,13 @@ exclusively. A reader reads those 8 bytes; when they differ from the count
 its own writes left, it lists the folder, stats each file, and re-reads only
 the files whose identity changed. ``due``, ``next_due``, ``counts``,
 ``pending`` and ``finished_messages`` then answer from the index (``due``
-reads the files of the messages it returns); ``entries`` orders messages by
-the index and reads files until its page is full; ``expire_history`` reads
-every file.
+reads the files of the messages it returns); every update reads and
+rewrites only the files it changes. ``entries`` orders messages by the index
+when this process has one; otherwise (``ehlo queue list``) it lists the
+folder, ordering by each file's mtime, which the writer sets to the
+message's ``created``, and reads files only until its page is full.
+``expire_history`` reads every file; the cleanup at start lists ``new/``
+and ``cur/`` when the folder holds entries files, and reads the orphans.
 """
 
 from __future__ import annotations
