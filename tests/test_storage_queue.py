@@ -476,6 +476,23 @@ async def test_maildir_listing_without_the_index_survives_wrong_file_times(
     await store.close()
 
 
+async def test_maildir_queue_files_root_writes_keep_the_folders_owner(tmp_path: Path) -> None:
+    # ``ehlo queue hold`` run as root must not leave files the server cannot read.
+    if os.geteuid() != 0:
+        pytest.skip("only root writes files for another user")
+    store = MaildirStore(tmp_path / "maildir")
+    await store.start()
+    queue_id = await queued(store, "a@example.net")
+    folder = store.path / QUEUE_FOLDER
+    os.chown(folder, 65534, 65534)
+    os.unlink(folder / ".lock")
+    assert MaildirQueue(folder).hold([queue_id]) == 1
+    for name in (f"{queue_id}.json", ".lock"):
+        info = (folder / name).stat()
+        assert (info.st_uid, info.st_gid) == (65534, 65534), name
+    await store.close()
+
+
 async def test_maildir_set_next_hop(tmp_path: Path) -> None:
     store = MaildirStore(tmp_path / "maildir")
     await store.start()

@@ -220,7 +220,11 @@ class MaildirQueue(Queue):
     def _locked(self, exclusive: bool) -> Iterator[int | None]:
         """The lock file's descriptor, flocked; None when the folder does not exist."""
         try:
-            fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, FILE_MODE)
+            try:
+                fd = os.open(self.path / _LOCK, os.O_RDWR | _O_CLOEXEC)
+            except FileNotFoundError:  # made by the store's start; by the first user else
+                fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, FILE_MODE)
+                _keep_owner(self.path, fd)
         except FileNotFoundError:
             yield None
             return
@@ -368,28 +372,31 @@ class MaildirQueue(Queue):
         ``edit`` changes one message's record in place and says how many
         entries it changed; records it leaves as they were are not rewritten.
         """
+        changed: dict[str, _Record | None] = {}
         try:
             self._refresh(fd)  # under the exclusive lock: current from here
             assert self._index is not None
-            changed: dict[str, _Record | None] = {}
             total = 0
-            for queue_id in list(dict.fromkeys(pick(self._index))):
-                if not is_queue_id(queue_id):
-                    continue
-                record = self._load(self._file(queue_id))
-                if record is None:
-                    if not create:
+            try:
+                for queue_id in list(dict.fromkeys(pick(self._index))):
+                    if not is_queue_id(queue_id):
                         continue
-                    record = _Record([])
-                before = (len(record.entries), len(record.attempts))
-                count = edit(queue_id, record)
-                if count or before != (len(record.entries), len(record.attempts)):
-                    self._store(queue_id, record)
-                    changed[queue_id] = record
-                total += count
-            if changed:
-                fsync_dir(self.path)  # the renames are durable when this returns
-                self._bump(fd, changed, fresh=True)
+                    record = self._load(self._file(queue_id))
+                    if record is None:
+                        if not create:
+                            continue
+                        record = _Record([])
+                    before = (len(record.entries), len(record.attempts))
+                    count = edit(queue_id, record)
+                    if count or before != (len(record.entries), len(record.attempts)):
+                        self._store(queue_id, record)
+                        changed[queue_id] = record
+                    total += count
+                if changed:
+                    fsync_dir(self.path)  # the renames are durable when this returns
+            finally:
+                if changed:  # even after a failure part way: readers must look again
+                    self._bump(fd, changed, fresh=True)
             return total
         except OSError as exc:
             raise StoreError(f"maildir queue {self.path}: {exc}") from exc
@@ -806,12 +813,22 @@ def _drop_pending(_queue_id: str, record: _Record) -> int:
     return gone
 
 
+def _keep_owner(folder: Path, fd: int) -> None:
+    """A file root makes (``ehlo queue`` run as root) belongs to the folder's owner, the server."""
+    if sys.platform == "win32" or os.geteuid() != 0:
+        return
+    info = os.stat(folder)
+    if info.st_uid != 0:
+        os.fchown(fd, info.st_uid, info.st_gid)
+
+
 def write_file(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to ``path`` atomically: a temporary file, fsync, rename (not the folder)."""
     temp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         temp.unlink()  # left by a write that failed half way
     with open(create_private(temp), "wb") as handle:
+        _keep_owner(path.parent, handle.fileno())
         handle.write(json.dumps(data, ensure_ascii=False).encode())
         handle.flush()
         entries = data.get("entries")
