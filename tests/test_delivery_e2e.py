@@ -164,10 +164,13 @@ def report_fields(notice: email.message.EmailMessage) -> list[dict[str, str]]:
 # ------------------------------------------------------------------ ehlo to ehlo
 
 
-async def test_relay_network_mail_reaches_b_byte_exact(start: Start, dns: DNSServer) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "maildir"])
+async def test_relay_network_mail_reaches_b_byte_exact(
+    start: Start, dns: DNSServer, store: str
+) -> None:
     b_port = free_port(B_IP)
     b = await start("b", B_IP, b_port, domains=("b.test",), dns_servers=(dns.nameserver,))
-    a = await start("a", A_IP, **relay_options(dns, b_port))
+    a = await start("a", A_IP, store=store, **relay_options(dns, b_port))
     queue_id = await submit(a, "alice@a.test", ["bob@b.test"])
     stored = await until(lambda: b.store.list(), what="the message at B")
     raw_b = b.store.raw(stored[0].envelope.queue_id)

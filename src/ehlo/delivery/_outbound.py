@@ -45,6 +45,8 @@ log = logging.getLogger("ehlo.delivery")
 PER_CONNECTION = 100
 # Seconds an idle connection waits for more mail for its next hop.
 IDLE_REUSE = 2.0
+# Seconds before a message whose body cannot be read yet is looked at again.
+MISSING_BODY_DELAY = 5.0
 _TLS_MODES = {"none": "off", "may": "opportunistic", "encrypt": "encrypt", "verify": "verify"}
 
 
@@ -388,10 +390,20 @@ class Session:
         envelope, raw = await self._message(job.queue_id)
         start = len(self.lines)
         if envelope is None or raw is None:
-            # Deleted meanwhile (``ehlo messages delete``): nothing left to send.
+            # Not readable yet (a Maildir message between its entries file and
+            # new/), or deleted meanwhile (which removes its pending entries):
+            # look again shortly, without counting an attempt.
+            later = s.clock() + MISSING_BODY_DELAY
+            s._write(
+                [
+                    EntryUpdate(e.queue_id, e.recipient, "queued", later, None, attempted=False)
+                    for e in job.entries
+                ],
+                None,
+                None,
+            )
             for e in job.entries:
                 s._loaded.discard(e.key)
-            await asyncio.to_thread(self.s.queue.remove, [job.queue_id])
             return True
         s.attempts += 1
         rcpts = [e.recipient for e in job.entries]

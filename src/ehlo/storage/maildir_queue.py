@@ -526,7 +526,7 @@ class MaildirQueue(Queue):
                 entry.updated = now
                 if u.delay_notified is not None:
                     entry.delay_notified = u.delay_notified
-                if u.state in FINAL:
+                if u.state in FINAL or entry.request == "retry":
                     entry.request = None
                 count += 1
             record.attempts.extend(tried.get(queue_id, ()))
@@ -706,6 +706,8 @@ class MaildirQueue(Queue):
     def retry(self, ids: Sequence[str] | None, now: float) -> int:
         def change(entry: QueueEntry) -> None:
             entry.next_attempt = now
+            if entry.request != "bounce":
+                entry.request = "retry"  # even a next hop marked down
 
         return self._states(ids, _WAITING, change)
 
