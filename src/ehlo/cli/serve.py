@@ -88,7 +88,8 @@ def add_serve_command(commands: Any) -> None:
     serve.add_argument(
         "--lmtp",
         metavar="HOST:PORT|unix:/PATH",
-        help="hand mail for the local domains to this LMTP server (Dovecot...)",
+        help="hand mail for the local domains to this LMTP server (Dovecot...)"
+        " (default: none, they are kept in the store)",
     )
     serve.add_argument(
         "--relay-network",
@@ -98,7 +99,9 @@ def add_serve_command(commands: Any) -> None:
         help="clients that may relay without AUTH, repeatable (default: none)",
     )
     serve.add_argument(
-        "--relay-host", metavar="HOST[:PORT]", help="send relayed mail through this smarthost"
+        "--relay-host",
+        metavar="HOST[:PORT]",
+        help="send relayed mail through this smarthost (default: none, to the MX hosts)",
     )
     serve.add_argument(
         "--delivery-port",
