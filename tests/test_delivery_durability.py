@@ -96,8 +96,10 @@ class CountingSink:
     """An SMTP next hop that counts what it is given (aiosmtpd's handler hooks).
 
     Connections are counted from their EHLO (the controller's own readiness
-    probe says none). ``delay``: seconds between a message's data and its
-    250; ``refuse``: 451 to every RCPT.
+    probe says none). ``delay``: seconds each RCPT waits for its reply (the
+    message is on its way, not yet here) and as long again between the
+    data and its 250 (here, not yet acknowledged); ``refuse``: 451 to every
+    RCPT.
     """
 
     def __init__(self, host: str, port: int, *, delay: float = 0.0, refuse: bool = False) -> None:
@@ -109,6 +111,7 @@ class CountingSink:
         self.connections = 0
         self.open = 0
         self.most_open = 0
+        self.at_rcpt = 0  # sessions waiting for a RCPT reply now
         self.commands: dict[int, list[str]] = {}  # connection number -> MAIL, RSET, DATA
         self._controller = _SinkController(self, host, port)
 
@@ -188,6 +191,14 @@ class CountingSink:
     ) -> str:
         if self.refuse:
             return "451 4.3.2 not now, try again later"
+        if self.delay:
+            with self._lock:
+                self.at_rcpt += 1
+            try:
+                await asyncio.sleep(self.delay)
+            finally:
+                with self._lock:
+                    self.at_rcpt -= 1
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -247,6 +258,35 @@ def queue_rows(data: Path) -> dict[str, tuple[str, int, float]]:
 
 def states(data: Path) -> Counter[str]:
     return Counter(state for state, _, _ in queue_rows(data).values())
+
+
+def submit(host: str, port: int, seqs: range, threads: int = 5) -> dict[str, int]:
+    """One message per X-Seq from alice@a.test (one recipient each), over ``threads``
+    connections at once; queue id -> X-Seq."""
+
+    def send(part: range) -> dict[str, int]:
+        got: dict[str, int] = {}
+        with smtplib.SMTP(host, port, timeout=30.0) as client:
+            client.ehlo("client.a.test")
+            for seq in part:
+                code, reply = client.mail("alice@a.test")
+                assert code == 250, reply
+                code, reply = client.rcpt(f"r{seq}@sink.test")
+                assert code == 250, reply
+                code, reply = client.data(body(seq))
+                assert code == 250, reply
+                found = QUEUED.search(reply)
+                assert found is not None, reply
+                got[found.group(1).decode()] = seq
+        return got
+
+    parts = [seqs[i::threads] for i in range(threads)]
+    ids: dict[str, int] = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for got in pool.map(send, parts):
+            ids.update(got)
+    assert sorted(ids.values()) == list(seqs)
+    return ids
 
 
 # --------------------------------------------------------------- ehlo serve
@@ -323,32 +363,8 @@ class Relay:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
-    def submit(self, seqs: range, threads: int = 5) -> dict[str, int]:
-        """One message per X-Seq (one recipient each), over ``threads`` connections;
-        queue id -> X-Seq."""
-
-        def send(part: range) -> dict[str, int]:
-            got: dict[str, int] = {}
-            with smtplib.SMTP(RELAY_IP, self.port, timeout=30.0) as client:
-                client.ehlo("client.a.test")
-                for seq in part:
-                    client.mail("alice@a.test")
-                    code, reply = client.rcpt(f"r{seq}@sink.test")
-                    assert code == 250, reply
-                    code, reply = client.data(body(seq))
-                    assert code == 250, reply
-                    found = QUEUED.search(reply)
-                    assert found is not None, reply
-                    got[found.group(1).decode()] = seq
-            return got
-
-        parts = [seqs[i::threads] for i in range(threads)]
-        ids: dict[str, int] = {}
-        with ThreadPoolExecutor(threads) as pool:
-            for got in pool.map(send, parts):
-                ids.update(got)
-        assert sorted(ids.values()) == list(seqs)
-        return ids
+    def submit(self, seqs: range) -> dict[str, int]:
+        return submit(RELAY_IP, self.port, seqs)
 
 
 @pytest.fixture
@@ -371,11 +387,15 @@ def test_sigkill_with_deliveries_in_flight_loses_nothing(
     relays: Callable[[DNSServer, CountingSink], Relay],
 ) -> None:
     total = 500
-    sink = counting_sink(delay=0.02)
+    sink = counting_sink(delay=0.01)
     relay = relays(dns, sink).start()
     ids = relay.submit(range(total))
-    # Some delivered, not all: kill everything at once.
-    wait_until(lambda: sink.count() >= 100, "100 messages at the sink", timeout=60.0)
+    # Some delivered, not all, and a message on its way: kill everything at once.
+    wait_until(
+        lambda: sink.count() >= 100 and sink.at_rcpt > 0,
+        "100 messages at the sink and one more on its way",
+        timeout=60.0,
+    )
     relay.kill()
     at_kill = queue_rows(relay.data)
     assert len(at_kill) == total  # every accepted message has its queue entry
@@ -413,7 +433,7 @@ def test_graceful_restart_never_delivers_twice(
     relays: Callable[[DNSServer, CountingSink], Relay],
 ) -> None:
     total = 200
-    sink = counting_sink(delay=0.02)
+    sink = counting_sink(delay=0.01)
     relay = relays(dns, sink).start()
     ids = relay.submit(range(total))
     wait_until(lambda: sink.count() >= 20, "20 messages at the sink", timeout=60.0)
@@ -466,27 +486,6 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
         await server.stop(timeout=1.0)
 
 
-async def send_all(server: Server, seqs: range) -> dict[str, int]:
-    """Messages over one connection (smtplib in a thread); queue id -> X-Seq."""
-    host, port = server.addresses[0]
-
-    def send() -> dict[str, int]:
-        got: dict[str, int] = {}
-        with smtplib.SMTP(host, port, timeout=30.0) as client:
-            client.ehlo("client.a.test")
-            for seq in seqs:
-                assert client.mail("alice@a.test")[0] == 250
-                assert client.rcpt(f"r{seq}@sink.test")[0] == 250
-                code, reply = client.data(body(seq))
-                assert code == 250, reply
-                found = QUEUED.search(reply)
-                assert found is not None
-                got[found.group(1).decode()] = seq
-        return got
-
-    return await asyncio.to_thread(send)
-
-
 def server_rows(server: Server) -> dict[str, tuple[str, int, float]]:
     queue = server.store.queue
     assert queue is not None
@@ -499,7 +498,7 @@ async def test_deferred_mail_resumes_on_schedule_after_restart(
     sink = counting_sink(refuse=True)
     options = relay_options(dns, sink.port, retry_min=6.0, retry_max=6.0)
     a = await start("a", **options)
-    ids = await send_all(a, range(5))
+    ids = await asyncio.to_thread(submit, *a.addresses[0], range(5))
     await until(
         lambda: {s for s, n, _ in server_rows(a).values()} == {"deferred"},
         what="every entry deferred",
@@ -534,9 +533,9 @@ async def test_connections_are_reused_within_the_per_destination_limit(
     start: Start, dns: DNSServer, counting_sink: Callable[..., CountingSink]
 ) -> None:
     total = 200
-    sink = counting_sink(delay=0.005)
+    sink = counting_sink(delay=0.005)  # slower than the senders: the line grows
     a = await start("a", **relay_options(dns, sink.port, delivery_per_destination=2))
-    await send_all(a, range(total))
+    await asyncio.to_thread(submit, *a.addresses[0], range(total))
     await until(
         lambda: {s for s, _, _ in server_rows(a).values()} == {"delivered"},
         timeout=60.0,
