@@ -102,7 +102,7 @@ class Session:
                     s.wake()
                     await asyncio.sleep(0.1)
                     current = s._take(self.hop_text)
-        return None
+        return current  # taken but not started when the scheduler stops
 
     async def _hooked(self, hop: NextHop, job: Job) -> tuple[NextHop, Job | None]:
         """The ``delivery`` hooks: a recipient refused, deferred, or sent elsewhere."""
