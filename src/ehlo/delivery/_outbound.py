@@ -104,7 +104,7 @@ class Session:
                     s.wake()
                     await asyncio.sleep(0.1)
                     current = s._take(self.hop_text)
-        return None
+        return current  # taken but not started when the scheduler stops
 
     async def _stored(self, job: Job) -> None:
         """Recipients kept in the store that asked for a success notice (NOTIFY=SUCCESS)."""

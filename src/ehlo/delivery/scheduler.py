@@ -287,6 +287,8 @@ class Scheduler:
                     job = await session.run(job)
                 finally:
                     await session.close()
+            if job is not None:  # taken, not started: stop() queues it again
+                self._ready[hop_text].appendleft(job)
         except Exception as exc:
             log.exception("delivery to %s failed: %s", hop_text, exc)
         finally:
