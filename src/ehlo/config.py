@@ -605,6 +605,7 @@ class ServerConfig:
             delay_warning=self.delay_warning,
             tls_policy=dict(self.tls_policy),
             mta_sts=self.mta_sts,
+            mta_sts_port=self.mta_sts_port,
             timeouts=timeouts,
             relay_login=login,
             own_addresses=frozenset(own_addresses),

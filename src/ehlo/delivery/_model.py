@@ -29,6 +29,7 @@ class DeliverySettings:
     delay_warning: float = 4 * 3600.0
     tls_policy: Mapping[str, str] = dataclasses.field(default_factory=dict)
     mta_sts: bool = True
+    mta_sts_port: int = 443
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
     relay_login: tuple[str, str] | None = None  # at the smarthost
     # Where this server listens: a next hop here for a domain that is not

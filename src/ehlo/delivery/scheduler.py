@@ -69,25 +69,29 @@ class Scheduler:
         self,
         store: Store,
         settings: DeliverySettings,
-        resolver: Resolver,
+        resolver: Resolver | Callable[[], Resolver],
         *,
         hooks: Hooks | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         mtasts: MTASTS | None = None,
     ) -> None:
+        """``resolver``: the resolver, or how to make it when the first name is
+        looked up (a server that relays nothing never makes one). ``mtasts``:
+        the MTA-STS fetcher; by default one is made when a policy is first
+        asked for, if ``settings.mta_sts``."""
         queue = store.queue
         if queue is None:
             raise StoreError(f"the {store.name} store keeps no outbound queue")
         self.store = store
         self.queue: Queue = queue
         self.settings = settings
-        self.resolver = resolver
+        self._resolver = resolver
         self.hooks = hooks
         self.clock = clock
         self._rng = rng if rng is not None else random.Random()
-        self.router = Router(resolver, port=settings.delivery_port, rng=self._rng)
-        self.mtasts = mtasts
+        self._router: Router | None = None
+        self._mtasts = mtasts
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -106,6 +110,32 @@ class Scheduler:
         # Counters (for tests and logs).
         self.attempts = 0
         self.connections_made = 0
+
+    @property
+    def resolver(self) -> Resolver:
+        found = self._resolver
+        if not isinstance(found, Resolver):
+            found = self._resolver = found()
+        return found
+
+    @property
+    def router(self) -> Router:
+        """MX routing (RFC 5321 section 5.1) on ``delivery_port``, made on first use."""
+        if self._router is None:
+            port = self.settings.delivery_port
+            self._router = Router(self.resolver, port=port, rng=self._rng)
+        return self._router
+
+    @property
+    def mtasts(self) -> MTASTS | None:
+        """The MTA-STS fetcher (None when ``mta_sts`` is off), made on first use."""
+        if self._mtasts is None and self.settings.mta_sts:
+            self._mtasts = MTASTS(
+                self.resolver,
+                port=self.settings.mta_sts_port,
+                ssl_context=self.settings.ssl_context,
+            )
+        return self._mtasts
 
     # --- life cycle --------------------------------------------------------------
 
@@ -142,9 +172,9 @@ class Scheduler:
             if pending:
                 await asyncio.wait(pending)
         await self.drain()
-        if self.mtasts is not None:
+        if self._mtasts is not None:
             with contextlib.suppress(Exception):
-                await self.mtasts.close()
+                await self._mtasts.close()
         # Loaded but never started: queued again, without an attempt counted.
         left = [e for jobs in self._ready.values() for job in jobs for e in job.entries]
         self._ready.clear()

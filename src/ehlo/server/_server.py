@@ -613,16 +613,9 @@ class Server:
             )
             return
         settings = self.config.delivery_settings(own_addresses=self.addresses)
-        mtasts = None
-        if self.config.mta_sts:
-            from ..delivery.mtasts import MTASTS
-
-            mtasts = MTASTS(
-                ctx.resolver, port=self.config.mta_sts_port, ssl_context=settings.ssl_context
-            )
         scheduler = Scheduler(
-            ctx.store, settings, ctx.resolver, hooks=self._hooks,
-            clock=self._clock or time.time, mtasts=mtasts,
+            ctx.store, settings, lambda: ctx.resolver, hooks=self._hooks,
+            clock=self._clock or time.time,
         )
         await scheduler.start()
         self.scheduler = ctx.scheduler = scheduler
