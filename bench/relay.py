@@ -223,7 +223,7 @@ def ehlo_config(path: Path, extra: str = "") -> Path:
 
 
 def ehlo_relay_argv(
-    port: int, data: Path, config: Path, sink_port: int, workers: int | None
+    port: int, data: Path, config: Path, sink_port: int, workers: int | None, dns: str
 ) -> list[str]:
     cmd = [
         *EHLO, "serve",
@@ -238,6 +238,9 @@ def ehlo_relay_argv(
         "--domain", DOMAIN,
         "--relay-network", "127.0.0.0/8",
         "--relay-host", f"{HOST}:{sink_port}",
+        # Nothing is looked up (the next hops are addresses), but the resolver
+        # is made at start: the loopback DNS server, never the machine's.
+        "--dns-server", dns,
     ]  # fmt: skip
     if workers is not None:
         cmd += ["--workers", str(workers)]
@@ -359,13 +362,13 @@ class Postfix:
 class Ehlo:
     """``ehlo serve`` relaying every recipient from 127.0.0.0/8 to ``sink_port``."""
 
-    def __init__(self, workdir: Path, sink_port: int, workers: int | None) -> None:
+    def __init__(self, workdir: Path, sink_port: int, workers: int | None, dns: str) -> None:
         self.port = _run.free_port()
         self.data = workdir / "ehlo-relay"
         self.data.mkdir()
         config = ehlo_config(workdir / "ehlo-relay.toml")
         self.log = workdir / "ehlo-relay.log"
-        self.argv = ehlo_relay_argv(self.port, self.data, config, sink_port, workers)
+        self.argv = ehlo_relay_argv(self.port, self.data, config, sink_port, workers, dns)
         self.proc = start(self.argv, self.log)
         try:
             wait_port(self.port, self.proc, "ehlo serve")
@@ -490,7 +493,7 @@ def run_r1(opts: argparse.Namespace, workdir: Path, say: Callable[[str], None]) 
         try:
             say(f"R1 {label}: {opts.messages:,} messages to the sink on port {sink.port}")
             server = (
-                Ehlo(workdir, sink.port, opts.ehlo_workers)
+                Ehlo(workdir, sink.port, opts.ehlo_workers, opts.dns_server)
                 if key == "ehlo"
                 else Postfix(workdir, sink.port)
             )
@@ -659,7 +662,7 @@ def scheduler_rss(
     log = workdir / f"{name}.log"
     # The next hop is the one stored with each entry (a port nothing listens on);
     # --relay-host only makes routing not catch-all, so the scheduler runs.
-    argv = ehlo_relay_argv(port, data, config, _run.free_port(), opts.ehlo_workers)
+    argv = ehlo_relay_argv(port, data, config, _run.free_port(), opts.ehlo_workers, opts.dns_server)
     before = queue_counts(data)
     proc = start(argv, log)
     samples: list[int] = []
@@ -738,7 +741,7 @@ def run_r2(opts: argparse.Namespace, workdir: Path, say: Callable[[str], None]) 
 # Where R1's delivery time goes: the scheduler alone, in this process, under cProfile
 
 
-def profile_delivery(total: int, workdir: Path, say: Callable[[str], None]) -> str:
+def profile_delivery(total: int, workdir: Path, dns: str, say: Callable[[str], None]) -> str:
     """Deliver ``total`` queued messages to a sink with cProfile on; the top functions.
 
     The queue is filled first (``queued``, next hop the sink), then the
@@ -759,7 +762,7 @@ def profile_delivery(total: int, workdir: Path, say: Callable[[str], None]) -> s
         config = ServerConfig(
             listen=(Listen(HOST, 0),), data_dir=data, store="sqlite", domains=(DOMAIN,),
             relay_networks=("127.0.0.0/8",), relay_host=f"{HOST}:{sink.port}", mta_sts=False,
-            greeting=GreetingConfig(policy="off"), reverse_dns=False,
+            greeting=GreetingConfig(policy="off"), reverse_dns=False, dns_servers=(dns,),
         )  # fmt: skip
 
         spent: dict[str, list[float]] = {}
@@ -794,14 +797,20 @@ def profile_delivery(total: int, workdir: Path, say: Callable[[str], None]) -> s
                 await server.stop(timeout=5.0)
 
         profile = cProfile.Profile()
+        cpu_before = _run._self_cpu()
         seconds = profile.runcall(asyncio.run, deliver())
+        cpu = _run._self_cpu() - cpu_before
     finally:
         sink.stop()
     text = io.StringIO()
     stats = pstats.Stats(profile, stream=text)
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(40)
-    say(f"profile: {total:,} messages delivered in {seconds:.1f}s ({total / seconds:,.0f} msg/s)")
+    say(
+        f"profile: {total:,} messages delivered in {seconds:.1f}s ({total / seconds:,.0f} msg/s),"
+        f" {cpu / total * 1000:.2f} ms of CPU per message (this process, its threads included,"
+        " under cProfile)"
+    )
     lines = ["calls made in threads (wall time):"]
     for name, times in sorted(spent.items(), key=lambda item: -sum(item[1])):
         lines.append(
@@ -981,7 +990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.profile_delivery:
         workdir = Path(tempfile.mkdtemp(prefix="ehlo-bench-relay-"))
         try:
-            print(profile_delivery(opts.profile_delivery, workdir, say))
+            with _run.loopback_dns() as dns:
+                print(profile_delivery(opts.profile_delivery, workdir, dns.nameserver, say))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return 0
@@ -1002,7 +1012,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"warning: load average {report['loadavg_start'][0]:.2f}: figures will be noisy")
     workdir = Path(tempfile.mkdtemp(prefix="ehlo-bench-relay-"))
     workdir.chmod(0o755)  # Postfix's daemons (as postfix) walk into their folder
-    failed = False
+    stack = contextlib.ExitStack()
+    try:
+        opts.dns_server = stack.enter_context(_run.loopback_dns()).nameserver
+    except Exception as exc:  # dnspython missing, port trouble
+        print(f"bench/relay.py: the loopback DNS server: {exc}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 1
     try:
         if "R1" in opts.row_list:
             missing = [t for t in ("smtp-source", "smtp-sink", "postfix")
@@ -1018,6 +1034,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("interrupted")
         return 130
     finally:
+        stack.close()
         if opts.keep_data:
             say(f"data and logs kept in {workdir}")
         else:
