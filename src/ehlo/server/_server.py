@@ -186,6 +186,10 @@ class ServerContext:
         # server without them (--helo-policy off --no-reverse-dns) stays small.
         self._resolver: Resolver | None = None
         self.verifier: GreetingVerifier | None = None
+        if config.reverse_dns:
+            # Now, not on the first connection: importing dnspython there
+            # would stall every session of this event loop.
+            from .. import dns  # noqa: F401
         if config.greeting.active:
             from ..greeting import GreetingVerifier
 
@@ -329,19 +333,22 @@ class ServerContext:
             self._resolver = Resolver(list(config.dns_servers) or None, timeout=config.dns_timeout)
         return self._resolver
 
-    def reverse_name(self, ip: str) -> asyncio.Future[str | None]:
-        """A future of the client's forward-confirmed reverse name (or None).
+    def reverse_name(self, ip: str) -> str | asyncio.Future[str | None] | None:
+        """The client's forward-confirmed reverse name (or None), or a future of it.
 
-        Answers come from the resolver's TTL cache; a loopback client needs no
-        lookup and no task.
+        A loopback client, and one whose answers are all in the resolver's
+        TTL cache (shared by every connection of this process), get the name
+        at once: no query and no task. Otherwise one lookup task; concurrent
+        ones for the same address share their queries.
         """
-        from ..dns import loopback_name
+        from ..dns import loopback_name, peek_reverse_name
 
         known = loopback_name(ip)
         if known is not None:
-            fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-            fut.set_result(known)
-            return fut
+            return known
+        cached, name = peek_reverse_name(self.resolver, ip)
+        if cached:
+            return name
         return asyncio.ensure_future(self._lookup(ip))
 
     def add_our_addresses(self, addresses: Iterable[str]) -> None:

@@ -196,7 +196,11 @@ class Session:
         verifier = self.ctx.verifier
         if verifier is not None and verifier.applies_to(self.client_ip):
             return  # the iprev check finds (and confirms) the name; asking twice is waste
-        self._rdns = self.ctx.reverse_name(self.client_ip)
+        found = self.ctx.reverse_name(self.client_ip)
+        if isinstance(found, asyncio.Future):
+            self._rdns = found  # a lookup: the first message waits for it, once
+        else:
+            self.client_name = found  # known already: messages wait for nothing
 
     def banner(self) -> Reply | Awaitable[Reply]:
         """The 220 greeting, or a refusal decided by connect hooks."""
@@ -558,15 +562,25 @@ class Session:
         self._open_message(None)
 
     async def _await_rdns(self) -> None:
-        if self._rdns is None:
+        fut = self._rdns
+        if fut is None:
             return
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout)
+            await asyncio.wait_for(asyncio.shield(fut), self.ctx.config.reverse_dns_timeout)
         self._collect_rdns()
+        if self._rdns is fut:
+            # Waited reverse_dns_timeout: the name stays unknown, and later
+            # messages of the session do not wait again.
+            self._rdns = None
+            fut.cancel()
 
     def _collect_rdns(self) -> None:
+        """Take the name once the lookup is done; the session then holds no future."""
         fut = self._rdns
-        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+        if fut is None or not fut.done():
+            return
+        self._rdns = None
+        if not fut.cancelled() and fut.exception() is None:
             self.client_name = fut.result()
 
     def _open_message(self, reply: Reply | None) -> Reply:

@@ -421,6 +421,9 @@ class Supervisor:
         # Each worker may hold every connection: raise the file-descriptor limit
         # (or warn that it is too low) once here; the workers inherit the answer.
         connection_capacity(config.max_connections)
+        if config.reverse_dns or config.greeting.active:
+            # Imported once here, its pages shared by every forked worker.
+            from .. import dns  # noqa: F401
         try:
             if user is not None:
                 _give_up_root(config, user)  # before any worker exists
