@@ -31,7 +31,7 @@ from ..client._errors import (
 from ..client.routing import MailHost
 from ..policy import HookContext
 from ..protocol import Reply
-from ..storage import Envelope, StoreError
+from ..storage import Envelope
 from ..storage.queue import Attempt, EntryUpdate, QueueEntry
 from ._model import Job, Outcome, local_reply, reply_dict
 from .routes import NextHop, parse_next_hop
@@ -176,18 +176,7 @@ class Session:
         return hop, (Job(job.queue_id, keep) if keep else None)
 
     async def _message(self, queue_id: str) -> tuple[Envelope | None, bytes | None]:
-        store = self.s.store
-
-        def read() -> tuple[Envelope | None, bytes | None]:
-            stored = store.get(queue_id)
-            if stored is None:
-                return None, None
-            return stored.envelope, store.raw(queue_id)
-
-        try:
-            return await asyncio.to_thread(read)
-        except StoreError:
-            return None, None
+        return await self.s.read_message(queue_id)
 
     def _tls_mode(self, hop: NextHop, domain: str) -> str:
         policy = self.s.settings.tls_policy
@@ -388,6 +377,7 @@ class Session:
         client = self.client
         assert client is not None
         envelope, raw = await self._message(job.queue_id)
+        s.prefetch(self.hop_text)  # the next message is read while this one is sent
         start = len(self.lines)
         if envelope is None or raw is None:
             # Not readable yet (a Maildir message between its entries file and

@@ -58,6 +58,8 @@ WINDOW = 2000
 # Seconds between two looks at the queue when nothing is known to be due
 # (``ehlo queue retry`` and new mail need no signal).
 POLL = 1.0
+# Seconds a turn waits after a wake-up, so that one turn loads the mail of that while.
+TURN_GAP = 0.02
 # Seconds between housekeeping passes.
 HOUSEKEEPING = 60.0
 
@@ -102,6 +104,9 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._down: dict[str, tuple[float, dict[str, Any]]] = {}  # next hop -> (until, why)
         self._housekept = 0.0
+        self._full = False  # the window holds WINDOW entries
+        # Messages being read ahead (queue id -> the read).
+        self._prefetched: dict[str, asyncio.Future[tuple[Envelope | None, bytes | None]]] = {}
         # Outcomes waiting for the writer task (see _write).
         self._updates: list[EntryUpdate] = []
         self._attempts: list[Attempt] = []
@@ -171,6 +176,9 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending)
+        for read in self._prefetched.values():
+            read.cancel()
+        self._prefetched.clear()
         await self.drain()
         if self._mtasts is not None:
             with contextlib.suppress(Exception):
@@ -195,34 +203,39 @@ class Scheduler:
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                await self._turn()
+                full = await self._turn()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the scheduler must outlive any one failure
                 log.error("delivery: %s", exc, extra={"event": "delivery_error", "error": str(exc)})
                 await asyncio.sleep(POLL)
                 continue
-            wait = POLL
-            with contextlib.suppress(StoreError):
-                nxt = await asyncio.to_thread(self.queue.next_due)
-                if nxt is not None:
-                    wait = max(0.0, min(POLL, nxt - self.clock()))
+            wait = POLL  # a full window: woken when half of it is done
+            if not full:
+                with contextlib.suppress(StoreError):
+                    nxt = await asyncio.to_thread(self.queue.next_due)
+                    if nxt is not None:
+                        wait = max(0.0, min(POLL, nxt - self.clock()))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+            # The mail of a short while in one turn, not one turn per message.
+            await asyncio.sleep(TURN_GAP)
 
-    async def _turn(self) -> None:
+    async def _turn(self) -> bool:
+        """Load what is due into the window and start connections; True when it is full."""
         now = self.clock()
         if now - self._housekept >= HOUSEKEEPING:
             self._housekept = now
             await self._housekeeping(now)
         room = WINDOW - len(self._loaded)
         if room <= 0:
-            return
-        due = await asyncio.to_thread(self.queue.due, now, room + len(self._loaded))
+            self._full = True
+            return True
+        due = await asyncio.to_thread(self.queue.due, now, room)
         due = [e for e in due if e.key not in self._loaded]
         if not due:
-            return
+            return False
         await asyncio.to_thread(self.queue.claim, due)
         asked = [e for e in due if e.request == "bounce"]
         if asked:
@@ -237,6 +250,8 @@ class Scheduler:
                 self._ready[entry.next_hop].append(job)
             job.entries.append(entry)
         self._dispatch()
+        self._full = len(self._loaded) >= WINDOW
+        return self._full
 
     async def _bounce_asked(self, entries: Sequence[QueueEntry]) -> None:
         """``ehlo queue bounce``: these recipients fail now, with a notice to the sender."""
@@ -291,6 +306,9 @@ class Scheduler:
         jobs = self._ready.pop(hop, deque())
         updates = []
         for job in jobs:
+            read = self._prefetched.pop(job.queue_id, None)
+            if read is not None:
+                read.cancel()
             for e in job.entries:
                 self._loaded.discard(e.key)
                 updates.append(
@@ -327,6 +345,39 @@ class Scheduler:
             if not self._stopping:
                 self._dispatch()
 
+    # --- reading messages ------------------------------------------------------------
+
+    async def read_message(self, queue_id: str) -> tuple[Envelope | None, bytes | None]:
+        """A message's envelope and bytes (read ahead when ``prefetch`` started it)."""
+        task = self._prefetched.pop(queue_id, None)
+        if task is None:
+            task = asyncio.ensure_future(asyncio.to_thread(self._read, queue_id))
+        try:
+            return await task
+        except StoreError as exc:
+            log.warning(
+                "%s: cannot read the message: %s",
+                queue_id,
+                exc,
+                extra={"event": "queue_error", "queue_id": queue_id, "error": str(exc)},
+            )
+            return None, None
+
+    def prefetch(self, hop: str) -> None:
+        """Start reading the next message waiting for ``hop``."""
+        jobs = self._ready.get(hop)
+        if not jobs or len(self._prefetched) >= self.settings.concurrency:
+            return
+        queue_id = jobs[0].queue_id
+        if queue_id not in self._prefetched:
+            self._prefetched[queue_id] = asyncio.ensure_future(
+                asyncio.to_thread(self._read, queue_id)
+            )
+
+    def _read(self, queue_id: str) -> tuple[Envelope | None, bytes | None]:
+        found = self.store.read(queue_id)
+        return (None, None) if found is None else (found[0].envelope, found[1])
+
     # --- outcomes ----------------------------------------------------------------
 
     def backoff(self, attempts: int) -> float:
@@ -351,6 +402,11 @@ class Scheduler:
         for entry in job.entries:
             outcome = outcomes.get(entry.recipient)
             self._loaded.discard(entry.key)
+        if self._full and len(self._loaded) <= WINDOW // 2:
+            self._full = False
+            self.wake()  # room in the window: load more
+        for entry in job.entries:
+            outcome = outcomes.get(entry.recipient)
             if outcome is None:
                 continue
             state, reply = outcome.state, outcome.reply
@@ -544,11 +600,9 @@ class Scheduler:
     def _write_batch(
         self, updates: list[EntryUpdate], attempts: list[Attempt], forget: set[str]
     ) -> None:
-        self.queue.record(updates, attempts)
-        if forget:
-            done = self.queue.finished_messages(forget)
-            if done:
-                self.store.delete(done)
+        done = self.queue.record_and_forget(updates, attempts, forget)
+        if done:
+            self.store.delete(done)
 
     async def drain(self) -> None:
         """Wait until every outcome so far is written."""

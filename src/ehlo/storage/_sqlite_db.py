@@ -266,6 +266,7 @@ def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
             uri=True,
             isolation_level=None,
             timeout=BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,  # a long-lived one serves a thread pool, under a lock
         )
     else:
         conn = sqlite3.connect(

@@ -521,6 +521,14 @@ class Store(abc.ABC):
     def raw(self, queue_id: str) -> bytes | None:
         """The stored bytes of one message (Received header first), or None."""
 
+    def read(self, queue_id: str) -> tuple[StoredMessage, bytes] | None:
+        """One message's envelope and bytes at once (what delivery reads), or None."""
+        stored = self.get(queue_id)
+        if stored is None:
+            return None
+        data = self.raw(queue_id)
+        return None if data is None else (stored, data)
+
 
 def page_bounds(ids: Sequence[str], query: Query) -> tuple[int, int]:
     """The slice of ``ids`` (newest first) between ``query.before`` and ``query.after``.

@@ -186,6 +186,15 @@ class Queue(abc.ABC):
     def record(self, updates: Sequence[EntryUpdate], attempts: Sequence[Attempt] = ()) -> None:
         """Apply updates and keep attempts, in one transaction."""
 
+    def record_and_forget(
+        self, updates: Sequence[EntryUpdate], attempts: Sequence[Attempt], forget: Iterable[str]
+    ) -> list[str]:
+        """``record``, then the ids among ``forget`` (messages kept only for the queue)
+        whose entries are all final: the caller removes them from the store. A queue
+        that lives in the store's own database removes them itself and answers []."""
+        self.record(updates, attempts)
+        return self.finished_messages(forget)
+
     @abc.abstractmethod
     def set_next_hop(self, queue_id: str, recipient: str, next_hop: str) -> None:
         """Send one entry elsewhere (a ``delivery`` hook's decision)."""
@@ -342,7 +351,10 @@ class SQLiteQueue(Queue):
                 private_database(self.path)
                 conn = connect(self.path, read_only=False)
                 conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
+                # Queue updates survive a killed process once committed (WAL); an
+                # outcome lost to a power cut only means an entry is tried again
+                # (at least once), so they skip the fsync the messages pay.
+                conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA cache_size=-2048")
                 open_schema(conn)
             except (sqlite3.Error, OSError) as exc:
@@ -416,40 +428,46 @@ class SQLiteQueue(Queue):
     def record(self, updates: Sequence[EntryUpdate], attempts: Sequence[Attempt] = ()) -> None:
         if not updates and not attempts:
             return
+        with self._write() as conn:
+            self._apply(conn, updates, attempts)
+
+    @staticmethod
+    def _apply(
+        conn: sqlite3.Connection, updates: Sequence[EntryUpdate], attempts: Sequence[Attempt]
+    ) -> None:
         import time
 
         now = time.time()
-        with self._write() as conn:
-            conn.executemany(
-                "UPDATE queue SET state = ?, next_attempt = ?,"
-                " last_reply = coalesce(?, last_reply), attempts = attempts + ?, updated = ?,"
-                " delay_notified = coalesce(?, delay_notified),"
-                " request = CASE WHEN ? IN ('delivered', 'bounced') OR request = 'retry'"
-                " THEN NULL ELSE request END"
-                " WHERE queue_id = ? AND recipient = ?",
-                [
-                    (
-                        u.state,
-                        u.next_attempt,
-                        json.dumps(u.last_reply) if u.last_reply is not None else None,
-                        1 if u.attempted else 0,
-                        now,
-                        None if u.delay_notified is None else int(u.delay_notified),
-                        u.state,
-                        u.queue_id,
-                        u.recipient,
-                    )
-                    for u in updates
-                ],
-            )
-            conn.executemany(
-                "INSERT INTO attempts (queue_id, at, next_hop, host, results, transcript)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (a.queue_id, a.at, a.next_hop, a.host, json.dumps(a.results), a.transcript)
-                    for a in attempts
-                ],
-            )
+        conn.executemany(
+            "UPDATE queue SET state = ?, next_attempt = ?,"
+            " last_reply = coalesce(?, last_reply), attempts = attempts + ?, updated = ?,"
+            " delay_notified = coalesce(?, delay_notified),"
+            " request = CASE WHEN ? IN ('delivered', 'bounced') OR request = 'retry'"
+            " THEN NULL ELSE request END"
+            " WHERE queue_id = ? AND recipient = ?",
+            [
+                (
+                    u.state,
+                    u.next_attempt,
+                    json.dumps(u.last_reply) if u.last_reply is not None else None,
+                    1 if u.attempted else 0,
+                    now,
+                    None if u.delay_notified is None else int(u.delay_notified),
+                    u.state,
+                    u.queue_id,
+                    u.recipient,
+                )
+                for u in updates
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO attempts (queue_id, at, next_hop, host, results, transcript)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (a.queue_id, a.at, a.next_hop, a.host, json.dumps(a.results), a.transcript)
+                for a in attempts
+            ],
+        )
 
     def set_next_hop(self, queue_id: str, recipient: str, next_hop: str) -> None:
         with self._write() as conn:
@@ -457,6 +475,44 @@ class SQLiteQueue(Queue):
                 "UPDATE queue SET next_hop = ? WHERE queue_id = ? AND recipient = ?",
                 (next_hop, queue_id, recipient),
             )
+
+    def record_and_forget(
+        self, updates: Sequence[EntryUpdate], attempts: Sequence[Attempt], forget: Iterable[str]
+    ) -> list[str]:
+        """One transaction (one WAL write, no fsync) records the outcomes and removes
+        the messages kept only for the queue once their entries are all final; their
+        body files, if any, go after it."""
+        wanted = list(dict.fromkeys(forget))
+        if not wanted:
+            self.record(updates, attempts)
+            return []
+        gone: list[str] = []
+        with self._write() as conn:
+            self._apply(conn, updates, attempts)
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                marks = _marks(part)
+                done = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT queue_id FROM queue WHERE queue_id IN ({marks})"
+                        f" GROUP BY queue_id HAVING sum(state IN {_PENDING_SQL}) = 0",
+                        part,
+                    )
+                ]
+                if not done:
+                    continue
+                marks = _marks(done)
+                for table in ("chunks", "search", "messages"):
+                    conn.execute(f"DELETE FROM {table} WHERE queue_id IN ({marks})", done)
+                gone.extend(done)
+        from ._sqlite_db import body_dir
+
+        bodies = body_dir(self.path)
+        for queue_id in gone:  # a body larger than one chunk is a file of its own
+            with contextlib.suppress(OSError):
+                os.unlink(bodies / queue_id)
+        return []
 
     def recover(self) -> int:
         if not self.path.exists():

@@ -348,6 +348,9 @@ class SQLiteStore(Store):
         self._rw: sqlite3.Connection | None = None
         self._rw_lock = threading.Lock()
         self._queue: SQLiteQueue | None = None
+        # The read connection of ``read`` (delivery), made on first use.
+        self._ro: sqlite3.Connection | None = None
+        self._ro_lock = threading.Lock()
 
     @property
     def backlog_bytes(self) -> int:
@@ -557,7 +560,17 @@ class SQLiteStore(Store):
             self._rw = conn
         return conn
 
+    def _connection_ready(self) -> None:
+        """The schema made current once (by the read-write connection)."""
+        with self._rw_lock:
+            self._connection()
+
     def _close_rw(self) -> None:
+        with self._ro_lock:
+            ro, self._ro = self._ro, None
+            if ro is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    ro.close()
         with self._rw_lock:
             conn, self._rw = self._rw, None
             if conn is not None:
@@ -682,6 +695,39 @@ class SQLiteStore(Store):
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         return len(self.delete(ids[: limit * 2]))
+
+    def read(self, queue_id: str) -> tuple[StoredMessage, bytes] | None:
+        """The envelope and bytes in one snapshot of a long-lived read connection (no
+        connection opened per message: the delivery scheduler reads every message; and
+        not the deletes' connection, whose fsyncs it would wait for)."""
+        with self._ro_lock:
+            try:
+                conn = self._ro
+                if conn is None:
+                    self._connection_ready()
+                    conn = self._ro = connect(self.path, read_only=True)
+                conn.execute("BEGIN")
+                try:
+                    row = conn.execute(
+                        f"SELECT {COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
+                    ).fetchone()
+                    chunks = conn.execute(
+                        "SELECT data FROM chunks WHERE queue_id = ? ORDER BY seq", (queue_id,)
+                    ).fetchall()
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        if row is None:
+            return None
+        stored = _message(row)
+        data = b"".join(data for (data,) in chunks)
+        if not data and stored.size:
+            try:  # a body larger than one chunk is in its file
+                data = (self.bodies / queue_id).read_bytes()
+            except OSError as exc:
+                raise StoreError(f"message {queue_id}: body file: {exc}") from exc
+        return stored, data
 
     def raw(self, queue_id: str) -> bytes | None:
         with self._reader() as conn:
