@@ -658,9 +658,7 @@ async def test_lmtp_one_delivered_one_bounced_with_a_notice(start: Start, dns: D
     )
     controller.start()
     try:
-        a = await start(
-            "a", A_IP, **relay_options(dns, 25, lmtp=f"lmtp:{SINK_IP}:{controller.port}")
-        )
+        a = await start("a", A_IP, **relay_options(dns, 25, lmtp=f"{SINK_IP}:{controller.port}"))
         queue_id = await submit(a, "alice@a.test", ["bob@a.test", "carol@a.test"])
         await until(
             lambda: states(a, queue_id) == {"bob@a.test": "delivered", "carol@a.test": "bounced"},
@@ -676,6 +674,19 @@ async def test_lmtp_one_delivered_one_bounced_with_a_notice(start: Start, dns: D
         assert "mailbox unavailable" in group["Diagnostic-Code"]
     finally:
         controller.stop()
+
+
+async def test_a_smarthost_given_as_host_port_to_the_library(
+    start: Start, dns: DNSServer, hops: list[Hop]
+) -> None:
+    h = await hop(hops)
+    # HOST:PORT as in the configuration file, in a ServerConfig built directly.
+    a = await start("a", A_IP, **relay_options(dns, 25, relay_host=f"{SINK_IP}:{h.port}"))
+    queue_id = await submit(a, "alice@a.test", ["bob@nowhere.test"])
+    await until(lambda: states(a, queue_id) == {"bob@nowhere.test": "delivered"}, what="relayed")
+    assert only_entry(a, queue_id).next_hop == f"smtp:{SINK_IP}:{h.port}"
+    [message] = h.messages
+    assert message.endswith(BODY.replace(b"\r\n.", b"\r\n..") + b".\r\n")
 
 
 # ------------------------------------------------------------------------------ AUTH
