@@ -232,9 +232,10 @@ async def submit_dsn(
 class Hop:
     """A small SMTP server on SINK_IP that misbehaves on cue and records what it gets.
 
-    ``mode``: ``ok``; ``silent`` (accepts, never says a word); ``garbage`` (an
-    HTTP answer instead of a banner); ``stall_data`` (answers up to RCPT,
-    then nothing); ``close_mid_data`` (hangs up after the first line of data).
+    ``mode``: ``ok``; ``refuse_rcpt`` (550 to every RCPT); ``silent``
+    (accepts, never says a word); ``garbage`` (an HTTP answer instead of a
+    banner); ``stall_data`` (answers up to RCPT, then nothing);
+    ``close_mid_data`` (hangs up after the first line of data).
     """
 
     def __init__(self, mode: str = "ok", extensions: tuple[str, ...] = ("PIPELINING",)) -> None:
@@ -297,6 +298,11 @@ class Hop:
                         for i, x in enumerate(lines)
                     ).encode()
                 )
+            elif verb == "RCPT" and self.mode == "refuse_rcpt":
+                writer.write(b"550 5.1.1 no such user here\r\n")
+            elif verb == "DATA" and self.mode == "refuse_rcpt":
+                # RFC 2920 section 3.1: DATA after no accepted recipient fails.
+                writer.write(b"554 5.5.1 no valid recipients\r\n")
             elif verb in ("HELO", "MAIL", "RCPT", "RSET", "NOOP"):
                 writer.write(b"250 2.0.0 OK\r\n")
             elif verb == "DATA":
@@ -787,17 +793,19 @@ async def test_notify_success_to_a_hop_with_dsn_is_passed_on_without_a_notice(
     params = set(rcpt.split()[2:])
     assert params == {"NOTIFY=SUCCESS", "ORCPT=rfc822;bob@sink.test"}, rcpt
     assert len(h.messages) == 1
-    await asyncio.sleep(0.2)  # a notice would be stored with the outcome
+    # A's session is over (QUIT comes after the outcomes and their notices).
+    await until(lambda: "QUIT" in h.lines, what="QUIT")
     assert notices(a) == []
 
 
-async def test_notify_never_never_notifies(start: Start, dns: DNSServer, sink: Any) -> None:
-    port = free_port(SINK_IP)
-    sink(port, "-f", "rcpt")
-    a = await start("a", A_IP, **relay_options(dns, port))
+async def test_notify_never_never_notifies(start: Start, dns: DNSServer, hops: list[Hop]) -> None:
+    h = await hop(hops, "refuse_rcpt")
+    a = await start("a", A_IP, **relay_options(dns, h.port))
     queue_id = await submit_dsn(a, "alice@a.test", ["bob@sink.test"], notify="NEVER")
-    await settled(a, queue_id, "bounced")
-    await asyncio.sleep(0.2)
+    entry = await settled(a, queue_id, "bounced")
+    assert entry.last_reply is not None and entry.last_reply["code"] == 550
+    # A's session is over (QUIT comes after the outcomes and their notices).
+    await until(lambda: "QUIT" in h.lines, what="QUIT")
     assert notices(a) == []
 
 
