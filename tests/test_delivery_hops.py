@@ -312,7 +312,7 @@ class Hop:
                 writer.write(b"354 go ahead\r\n")
                 await writer.drain()
                 data = bytearray()
-                while not data.endswith(b"\r\n.\r\n"):
+                while data != b".\r\n" and not data.endswith(b"\r\n.\r\n"):
                     chunk = await reader.readline()
                     if not chunk:
                         return
