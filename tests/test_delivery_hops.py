@@ -602,15 +602,17 @@ async def test_mta_sts_testing_delivers_and_logs_what_enforce_would_do(
 # ------------------------------------------------------------------------------ LMTP
 
 
+@pytest.mark.parametrize("over", ["tcp", "unix"])
 async def test_lmtp_to_dovecot_lands_in_the_maildir_and_leaves_the_store(
-    start: Start, dns: DNSServer, dovecot: Dovecot
+    start: Start, dns: DNSServer, dovecot: Dovecot, over: str
 ) -> None:
-    a = await start("a", A_IP, **relay_options(dns, 25, lmtp=f"lmtp:{dovecot.host}:{dovecot.port}"))
+    where = f"{dovecot.host}:{dovecot.port}" if over == "tcp" else f"unix:{dovecot.socket_path}"
+    a = await start("a", A_IP, **relay_options(dns, 25, lmtp=f"lmtp:{where}"))
     queue_id = await submit(a, "alice@a.test", ["bob@a.test"])
-    await until(
-        lambda: states(a, queue_id) == {"bob@a.test": "delivered"},
-        what=lambda: f"delivered; {entries(a, queue_id)} {dovecot.log}",
-    )
+    await until(lambda: states(a, queue_id) == {"bob@a.test": "delivered"}, what="delivered")
+    attempt = attempt_of(a, queue_id)
+    assert ("[unix]" in attempt.host) == (over == "unix"), attempt.host
+    assert "C: LHLO mx.a.test" in attempt.transcript
     [message] = dovecot.messages("bob")
     assert message.endswith(BODY)
     assert f"id {queue_id}".encode() in message  # A's Received field
