@@ -877,8 +877,15 @@ async def test_a_notice_to_a_remote_sender_is_relayed_from_null(
     # At A the notice went through the queue, to c.test's MX.
     queue = a.store.queue
     assert queue is not None
-    relayed = [e for e in queue.entries() if e.recipient == "alice@c.test"]
-    assert [(e.next_hop, e.state) for e in relayed] == [("mx:c.test", "delivered")]
+    relayed = await until(
+        lambda: [
+            (e.next_hop, e.state)
+            for e in queue.entries()
+            if e.recipient == "alice@c.test" and e.state != "delivering"
+        ],
+        what="the notice's entry settled",
+    )
+    assert relayed == [("mx:c.test", "delivered")]
 
 
 # ----------------------------------------------------------------- the delivery hook
