@@ -672,11 +672,15 @@ async def test_lmtp_one_delivered_one_bounced_with_a_notice(start: Start, dns: D
             lambda: states(a, queue_id) == {"bob@a.test": "delivered", "carol@a.test": "bounced"},
             what="one delivered, one bounced",
         )
-        [envelope] = handler.envelopes
-        assert envelope.rcpt_tos == ["bob@a.test", "carol@a.test"]
-        # The notice is for a local sender: kept in A's store.
-        [notice] = await until(lambda: notices(a), what="the notice")
-        [group] = report_fields(notice)
+        # The notice is for a local sender: handed to the mailbox server too.
+        original, to_sender = await until(
+            lambda: handler.envelopes if len(handler.envelopes) >= 2 else None, what="the notice"
+        )
+        assert original.rcpt_tos == ["bob@a.test", "carol@a.test"]
+        assert (to_sender.mail_from, to_sender.rcpt_tos) == ("<>", ["alice@a.test"])
+        notice = email.message_from_bytes(to_sender.original_content, policy=email.policy.default)
+        assert notice["Auto-Submitted"] == "auto-replied"
+        [group] = report_fields(notice)  # type: ignore[arg-type]
         assert group["Final-Recipient"] == "rfc822; carol@a.test"
         assert group["Action"] == "failed" and group["Status"] == "5.1.1"
         assert "mailbox unavailable" in group["Diagnostic-Code"]
