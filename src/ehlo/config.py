@@ -627,14 +627,16 @@ class ServerConfig:
         """The routing rules (``ehlo.delivery.routes``) these settings describe."""
         from .delivery.routes import Routing
 
+        # Next hops as the configuration file writes them ("HOST:PORT"), also
+        # when ServerConfig is built directly (the library): as next hops.
         return Routing(
             domains=frozenset(d.lower().rstrip(".") for d in self.domains),
             submission=self.submission,
-            lmtp=self.lmtp,
+            lmtp=_lmtp("lmtp", self.lmtp),
             keep_local=self.keep_local,
             relay_networks=tuple(ipaddress.ip_network(n) for n in self.relay_networks),
-            relay_host=self.relay_host,
-            routes=dict(self.routes),
+            relay_host=_relay_host("relay_host", self.relay_host),
+            routes=dict(_routes("routes", self.routes)),
         )
 
 
