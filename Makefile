@@ -46,10 +46,10 @@ define make_venv
 	fi
 endef
 
-.PHONY: help setup run test test-deps lint fmt bench fuzz clean distclean
+.PHONY: help setup run test test-deps lint fmt bench bench-relay fuzz clean distclean
 
 help:
-	@echo "targets: setup run test test-deps lint fmt bench fuzz clean distclean"
+	@echo "targets: setup run test test-deps lint fmt bench bench-relay fuzz clean distclean"
 	@echo "  make run ARGS='--listen 127.0.0.1:2526'   make test PYTEST_ARGS='-k tls -x'"
 
 setup: $(STAMP)
@@ -90,12 +90,19 @@ fmt: setup
 	$(BIN)/ruff format src tests
 
 # QUICK=1: about 10x fewer messages (under 2 minutes); BENCH_ARGS=... goes to bench/run.py,
-# MESSAGES_ARGS=... to bench/messages.py (`ehlo messages` on a store of 100,000 messages).
+# MESSAGES_ARGS=... to bench/messages.py (`ehlo messages` on a store of 100,000 messages),
+# RELAY_ARGS=... to bench/relay.py (R1 relaying against Postfix, R2 a queue at rest),
+# which `make bench-relay` runs alone.
 MESSAGES_ARGS ?=
+RELAY_ARGS ?=
 bench: setup
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 	$(BIN)/python bench/messages.py $(if $(QUICK),--quick) $(MESSAGES_ARGS)
+	$(BIN)/python bench/relay.py $(if $(QUICK),--quick) $(RELAY_ARGS)
+
+bench-relay: setup
+	$(BIN)/python bench/relay.py $(if $(QUICK),--quick) $(RELAY_ARGS)
 
 # Long fuzzing run of the protocol core (a few minutes); failing inputs are saved
 # as tests/fuzz/corpus/<target>/crash-*.bin. FUZZ_ARGS='--target server --seconds 600'.

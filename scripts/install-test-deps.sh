@@ -6,14 +6,16 @@
 # fincore (which pages of a file are cached), and strace (the durability tests
 # read the order of the server's syncs and replies from it), and systemd for
 # systemd-analyze (the tests verify contrib/ehlo.service; installing the
-# package starts nothing where systemd is not running). Postfix is
+# package starts nothing where systemd is not running), and dovecot-core with
+# dovecot-lmtpd (a real LMTP server the tests run in the foreground with a
+# configuration of their own). Postfix is
 # installed with "No configuration" and is never left running: no mail daemon
-# on port 25; nor is haproxy left running as a service.
+# on port 25; nor are haproxy and dovecot left running as services.
 set -euo pipefail
 
 # Debian packages; usable() below also checks the commands they must provide.
 PACKAGES=(swaks openssl postfix haproxy util-linux-extra strace libnet-ssleay-perl libio-socket-inet6-perl
-    libauthen-sasl-perl systemd)
+    libauthen-sasl-perl systemd dovecot-core dovecot-lmtpd)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 log() { echo "install-test-deps: $*" >&2; }
@@ -30,6 +32,8 @@ usable() {
         util-linux-extra) command -v fincore >/dev/null 2>&1 ;;
         strace) command -v strace >/dev/null 2>&1 ;;
         systemd) command -v systemd-analyze >/dev/null 2>&1 ;;
+        dovecot-core) command -v dovecot >/dev/null 2>&1 ;;
+        dovecot-lmtpd) [ -x /usr/lib/dovecot/lmtp ] ;;
         *) true ;;
     esac
 }
@@ -70,6 +74,8 @@ postfix_was_installed=false
 installed postfix && postfix_was_installed=true
 haproxy_was_installed=false
 installed haproxy && haproxy_was_installed=true
+dovecot_was_installed=false
+installed dovecot-core && dovecot_was_installed=true
 
 # Keep package scripts from starting daemons while we install (Debian's
 # policy-rc.d convention, honoured by invoke-rc.d and deb-systemd-invoke).
@@ -122,6 +128,11 @@ if [ "$haproxy_was_installed" = false ] && installed haproxy; then
     disable_service haproxy
 fi
 
+# Dovecot as well: the tests run `dovecot -c FILE -F` with their own configuration.
+if [ "$dovecot_was_installed" = false ] && installed dovecot-core; then
+    disable_service dovecot
+fi
+
 for pkg in "${PACKAGES[@]}"; do
     if ! installed "$pkg" || ! usable "$pkg"; then
         log "$pkg is still missing after the install"
@@ -131,4 +142,4 @@ done
 if port25_listening; then
     log "warning: something listens on port 25; the tests do not need it"
 fi
-log "done: swaks, openssl, smtp-sink, smtp-source, haproxy, fincore, strace and systemd-analyze are installed"
+log "done: swaks, openssl, smtp-sink, smtp-source, haproxy, fincore, strace, systemd-analyze and dovecot (LMTP) are installed"

@@ -25,6 +25,7 @@ import pytest
 from ehlo import Server
 
 from .dnsguard.sitecustomize import GUARD_LOG_ENV, install
+from .dovecot import Dovecot, dovecot_available, run_dovecot
 from .helpers import (
     SERVE_WITHOUT_DNS,
     ThreadedServer,
@@ -173,3 +174,11 @@ async def clients() -> AsyncIterator[list[Any]]:
     yield opened
     for client in opened:
         client.close()
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    """A real Dovecot LMTP server on loopback and a Unix socket (see ``tests/dovecot.py``)."""
+    require(dovecot_available(), "dovecot and dovecot-lmtpd are not installed (make test-deps)")
+    with run_dovecot() as server:
+        yield server

@@ -3,16 +3,23 @@
 The figures themselves are for ``make bench`` (never asserted here); this
 checks the runner's wiring: ehlo as shipped and its one-worker row, every
 row measured, the W5 ratio computed, the JSON written; and the same of
-``bench/messages.py`` (``ehlo messages`` on a generated store) on a tiny store.
+``bench/messages.py`` (``ehlo messages`` on a generated store) on a tiny store,
+and of ``bench/relay.py`` (R1 relaying through ehlo and a private Postfix to
+smtp-sink, R2 a queue at rest): its Postfix configuration passes ``postfix
+check``, smtp-sink's counters and the generated queue read back right.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -104,3 +111,112 @@ def test_messages_bench_measures_each_command_and_judges_the_targets(tmp_path: P
         assert f"[{verdict}] {target['target']}: {figure}" in result.stdout
     assert page_target["target"] == "list --limit 50 < 0.5 s"
     assert all_target["target"] == "list --all --jsonl peak RSS < 80 MiB"
+
+
+# --------------------------------------------------------------------------- bench/relay.py
+
+
+@pytest.fixture(scope="module")
+def relay() -> ModuleType:
+    """bench/relay.py as a module (it imports bench/run.py and bench/messages.py)."""
+    spec = importlib.util.spec_from_file_location("ehlo_bench_relay", ROOT / "bench" / "relay.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relay_bench_reads_smtp_sink_counters(relay: ModuleType) -> None:
+    # smtp-sink -c rewrites one line ended by CR; the bench reads the file's
+    # tail, which may begin in the middle of a record.
+    out = b"ss=0 quit=0 mesg=1\rsess=3 quit=3 mesg=12\rsess=4 quit=4 mesg=13\r"
+    assert relay.parse_counts(out) == (4, 13)
+    assert relay.parse_counts(b"=3 mesg=12\rsess=10 quit=9 mesg=200") == (10, 200)
+    assert relay.parse_counts(b"") == (0, 0)
+
+
+def test_relay_bench_queue_is_deferred_due_and_readable_by_the_store(
+    relay: ModuleType, tmp_path: Path
+) -> None:
+    from ehlo.storage.queue import SQLiteQueue
+
+    relay.fill_queue(tmp_path, 30, "smtp:127.0.0.1:1")
+    queue = SQLiteQueue(tmp_path / "ehlo.sqlite3")
+    try:
+        listed = queue.entries(limit=50)
+        assert len(listed) == 30
+        assert {(e.state, e.attempts, e.next_hop) for e in listed} == {
+            ("deferred", 1, "smtp:127.0.0.1:1")
+        }
+        assert all(e.last_reply and e.last_reply["code"] == 421 for e in listed)
+        # Every entry is due now: the scheduler would take all of them up.
+        assert len(queue.due(time.time(), 100)) == 30
+    finally:
+        queue.close()
+    assert relay.queue_counts(tmp_path) == {"deferred": 30, "due": 30}
+
+
+def test_relay_bench_postfix_config_passes_postfix_check(
+    relay: ModuleType, tmp_path: Path
+) -> None:
+    postfix = shutil.which("postfix", path=SBIN)
+    require(postfix is not None, "postfix is missing (make test-deps)")
+    assert postfix is not None
+    folder = tmp_path / "postfix"
+    relay.write_postfix_config(folder, 40025, 40026)
+    env = {"PATH": f"/usr/bin:/bin:{SBIN}"}
+    check = subprocess.run([postfix, "-c", str(folder), "check"],
+                           capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert "fatal" not in check.stderr, check.stderr
+
+    def postconf(*args: str) -> str:
+        out = subprocess.run(["postconf", "-c", str(folder), *args],
+                             capture_output=True, text=True, timeout=30, env=env)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert postconf("-h", "relayhost").strip() == "[127.0.0.1]:40026"
+    assert postconf("-h", "mynetworks").strip() == "127.0.0.0/8"
+    assert postconf("-h", "queue_directory").strip() == str(folder / "queue")
+    services = [line.split() for line in postconf("-M").splitlines()]
+    inet = [s for s in services if s[1] == "inet"]
+    # One listener, smtpd on the port asked for; no service chrooted.
+    assert [(s[0], s[7]) for s in inet] == [("127.0.0.1:40025", "smtpd")]
+    assert {s[4] for s in services} == {"n"}
+
+
+@pytest.mark.external
+def test_relay_bench_runs_r1_and_r2_and_writes_json(tmp_path: Path) -> None:
+    for name in ("smtp-source", "smtp-sink", "postfix"):
+        require(shutil.which(name, path=SBIN) is not None, f"{name} is missing (make test-deps)")
+    # Tiny: the wiring, not the figures (those are for make bench).
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "relay.py"), "--messages", "60", "--queue", "80",
+         "--runs", "1", "--rss-seconds", "1", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report: dict[str, Any] = json.loads((tmp_path / "relay-latest.json").read_text())
+    r1, r2 = report["results"]["R1"], report["results"]["R2"]
+    for key in ("ehlo", "postfix"):
+        row = r1[key]
+        assert row["status"] == "ok", row
+        # Every message reached the sink, over at least one connection.
+        assert row["received"] == 60 and row["sink_connections"] >= 1
+        assert row["msg_s"] > 0 and row["cpu_s_per_1k"] > 0
+    assert "--relay-host" in r1["ehlo"]["argv"] and "--relay-network" in r1["ehlo"]["argv"]
+    assert r2["list"]["status"] == "ok" and r2["list"]["seconds"]["median"] > 0
+    assert r2["serve_small"]["entries"] == 80 and r2["serve_large"]["entries"] == 80
+    # The scheduler took the due entries up: deferred again, the next hop refusing.
+    assert r2["serve_large"]["handled"] > 0
+    # The verdicts follow from the figures.
+    ratio, per10, page, growth = report["targets"]
+    assert ratio["value"] == pytest.approx(r1["ehlo"]["msg_s"] / r1["postfix"]["msg_s"])
+    assert ratio["pass"] is (ratio["value"] >= 2.0)
+    assert per10["pass"] is (r1["ehlo"]["connections_per_10"] < 1.0)
+    assert page["pass"] is (r2["list"]["seconds"]["median"] < 0.5)
+    assert growth["pass"] is (growth["value"] <= 1.25)
+    for target in report["targets"]:
+        verdict = "PASS" if target["pass"] else "FAIL"
+        assert f"[{verdict}] {target['target']}" in result.stdout

@@ -61,6 +61,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "greeting_delay": ("1", 1.0),
     "pipelining_violation": ('"reject"', "reject"),
     "authres_forged": ('"remove"', "remove"),
+    "max_hops": ("30", 30),
     "max_junk_commands": ("0", 0),
     "max_session_time": ("60", 60.0),
     "workers": ("2", 2),
@@ -75,6 +76,26 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "dns_timeout": ("1", 1.0),
     "reverse_dns": ("false", False),
     "reverse_dns_timeout": ("0.5", 0.5),
+    "lmtp": ('"127.0.0.1:24"', "lmtp:127.0.0.1:24"),
+    "keep_local": ("true", True),
+    "relay_networks": ('["192.0.2.0/24"]', ("192.0.2.0/24",)),
+    "relay_host": ('"smart.example.org:587"', "smtp:smart.example.org:587"),
+    "relay_auth_user": ('"relay"', "relay"),
+    "relay_password_file": ('"/etc/ehlo/relay.pw"', Path("/etc/ehlo/relay.pw")),
+    "routes": ('{ "example.net" = "lmtp:unix:/run/lmtp" }', {"example.net": "lmtp:unix:/run/lmtp"}),
+    "delivery_port": ("2526", 2526),
+    "tls_policy": ('{ "example.net" = "verify" }', {"example.net": "verify"}),
+    "mta_sts": ("false", False),
+    "mta_sts_port": ("8443", 8443),
+    "delivery_ca_file": ('"/etc/ehlo/ca.pem"', Path("/etc/ehlo/ca.pem")),
+    "delivery_concurrency": ("5", 5),
+    "delivery_per_destination": ("2", 2),
+    "retry_min": ("60", 60.0),
+    "retry_max": ("600", 600.0),
+    "max_queue_lifetime": ("86400", 86400.0),
+    "delay_warning": ("0", 0.0),
+    "delivery_timeout_scale": ("0.5", 0.5),
+    "delivery_connect_timeout": ("5", 5.0),
     "log_format": ('"json"', "json"),
     "log_level": ('"debug"', "DEBUG"),
     "limits.max_message_size": ("1024", 1024),
@@ -89,6 +110,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "limits.smtputf8": ("false", False),
     "limits.eightbitmime": ("false", False),
     "limits.enhancedstatuscodes": ("false", False),
+    "limits.dsn": ("false", False),
     "limits.auth_plaintext": ("true", True),
     "greeting.policy": ('"strict"', "strict"),
     "greeting.stage": ('"mail"', "mail"),
@@ -174,14 +196,20 @@ def test_key_tables_are_built_from_field_marks() -> None:
 
 def test_paths_in_a_file_resolve_by_their_field_mark(tmp_path: Path) -> None:
     relative = {k for k, (_, key) in module._SERVER_KEYS.items() if key.files is not None}
-    assert relative == {"data_dir", "tls_cert", "tls_key", "sni_certificates"}
+    assert relative == {
+        "data_dir", "tls_cert", "tls_key", "sni_certificates", "relay_password_file",
+        "delivery_ca_file",
+    }
     path = write(
         tmp_path,
         'data_dir = "d"\ntls_cert = "c.pem"\ntls_key = "/abs/k.pem"\n'
-        'sni_certificates = [["s.pem", "s.key"]]\n',
+        'sni_certificates = [["s.pem", "s.key"]]\nrelay_password_file = "pw"\n'
+        'delivery_ca_file = "ca.pem"\n',
     )
     config = load_config(path, {"data_dir": "cli"})
     assert config.data_dir == Path("cli")  # the command line's is not the file's
     assert config.tls_cert == tmp_path / "c.pem"
     assert config.tls_key == Path("/abs/k.pem")
     assert config.sni_certificates == ((tmp_path / "s.pem", tmp_path / "s.key"),)
+    assert config.relay_password_file == tmp_path / "pw"
+    assert config.delivery_ca_file == tmp_path / "ca.pem"

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from ehlo.dns import DEFAULT_CACHE, DNSCache, DNSTempError, Resolver, reverse_name
+from ehlo.dns import (
+    DEFAULT_CACHE,
+    DNSCache,
+    DNSTempError,
+    Resolver,
+    peek_reverse_name,
+    reverse_name,
+)
 from ehlo.dns import resolver as resolver_module
 
 from .dnsserver import DNSServer
@@ -320,6 +327,34 @@ async def test_loopback_is_localhost_without_query(
     resolver = make_resolver(server, clock)
     assert await reverse_name(resolver, ip, 2.0) == "localhost"
     assert server.queries == []
+
+
+async def test_peek_reverse_name_from_the_cache_alone(server: DNSServer, clock: FakeClock) -> None:
+    resolver = make_resolver(server, clock)
+    ips = [MAIL_V4, MAIL_V6, TWO_NAMES_V4, FORGED_V4, "203.0.113.9"]
+    # Nothing cached: a lookup is needed, and peeking asks nothing.
+    for ip in ips:
+        assert peek_reverse_name(resolver, ip) == (False, None)
+    assert server.queries == []
+    # Once reverse_name has looked, the cache alone gives its answer.
+    for ip in ips:
+        expected = await reverse_name(resolver, ip, 2.0)
+        asked = len(server.queries)
+        assert peek_reverse_name(resolver, ip) == (True, expected), ip
+        assert len(server.queries) == asked
+    assert peek_reverse_name(resolver, f"::ffff:{MAIL_V4}") == (True, "mail.example.test")
+    # Loopback and malformed addresses need no cache.
+    assert peek_reverse_name(resolver, "127.0.0.1") == (True, "localhost")
+    assert peek_reverse_name(resolver, "garbage") == (True, None)
+    # A name whose own answer is not cached: a lookup, not a guess.
+    resolver.cache.clear()
+    await resolver.ptr(MAIL_V4)
+    assert peek_reverse_name(resolver, MAIL_V4) == (False, None)
+    # The answers expire with their TTL (300 s here): a lookup again.
+    await reverse_name(resolver, MAIL_V4, 2.0)
+    assert peek_reverse_name(resolver, MAIL_V4) == (True, "mail.example.test")
+    clock.advance(301)
+    assert peek_reverse_name(resolver, MAIL_V4) == (False, None)
 
 
 # ------------------------------------------------------------------ configuration

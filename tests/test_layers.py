@@ -171,6 +171,7 @@ def test_table_builds_the_extensions_in_ehlo_order() -> None:
         "SIZE",
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
+        "DSN",
         "SMTPUTF8",
         "CHUNKING",
     ]
@@ -182,6 +183,7 @@ def test_table_builds_the_extensions_in_ehlo_order() -> None:
         "AUTH",
         "ENHANCEDSTATUSCODES",
         "8BITMIME",
+        "DSN",
         "SMTPUTF8",
         "CHUNKING",
     ]
@@ -195,6 +197,7 @@ _SWITCHES = {
     "auth_mechanisms": "AUTH",
     "enhancedstatuscodes": "ENHANCEDSTATUSCODES",
     "eightbitmime": "8BITMIME",
+    "dsn": "DSN",
     "smtputf8": "SMTPUTF8",
     "chunking": "CHUNKING",
 }
@@ -311,6 +314,23 @@ def test_public_names_load_their_modules_on_first_use() -> None:
         "    pass\n"
         "else:\n"
         "    raise AssertionError('no AttributeError')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_aiohttp_is_loaded_only_when_a_policy_is_fetched() -> None:
+    # ehlo.delivery.mtasts fetches MTA-STS policies with aiohttp: importing ehlo,
+    # the command line, the server or the MTA-STS module itself must not load it.
+    script = (
+        "import sys, ehlo, ehlo.cli, ehlo.cli.serve, ehlo.server, ehlo.delivery.mtasts\n"
+        "assert ehlo.Server.__module__ == 'ehlo.server._server'\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'yarl'))\n"
+        "assert not loaded, loaded\n"
+        "import ehlo.delivery._mtasts_fetch\n"
+        "assert 'aiohttp' in sys.modules\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60

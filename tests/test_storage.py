@@ -889,7 +889,7 @@ async def test_sqlite_writer_process_reports_an_unusable_database(tmp_path: Path
 
 
 def _row(envelope: Envelope, size: int) -> tuple[object, ...]:
-    """A messages row as the store builds it (COLUMNS order, then the search row)."""
+    """A messages row as the store builds it (COLUMNS order, the search row, the queue rows)."""
     received_at = envelope.received_at.isoformat()
     return (
         envelope.queue_id, received_at, envelope.client_ip,
@@ -899,6 +899,7 @@ def _row(envelope: Envelope, size: int) -> tuple[object, ...]:
             envelope.queue_id, received_at, envelope.mail_from, [], None, envelope.greeting,
             False, {},
         ),
+        (),
     )  # fmt: skip
 
 

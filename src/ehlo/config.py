@@ -14,7 +14,7 @@ import difflib
 import ipaddress
 import json
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,6 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from .protocol import ProtocolLimits as ProtocolLimits
 
 if TYPE_CHECKING:
+    import ssl
+
+    from .delivery.routes import Routing
+    from .delivery.scheduler import DeliverySettings
     from .greeting import GreetingPolicy
 
 from typing import Annotated, get_type_hints
@@ -368,6 +372,13 @@ class ServerConfig:
             doc="an Authentication-Results field claiming our name: rename or remove",
         ),
     ] = "rename"
+    # RFC 5321 section 6.3: a message whose header section holds more than
+    # this many Received fields (counting those the client sent, not ours)
+    # is refused at the end of its data with 554 5.4.6, as a likely loop.
+    max_hops: Annotated[
+        int,
+        _Key(_positive_int, doc="Received fields a message may carry; more: 554 5.4.6 (a loop)"),
+    ] = 100
     # NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO (not the one required
     # after STARTTLS) and other commands that move no mail: beyond this many
     # in one session, 421 4.7.0. 0: no limit.
@@ -457,6 +468,97 @@ class ServerConfig:
         str | None,
         _Key(_user, doc="started as root: bind, then run every process as this user"),
     ] = None
+    # Delivery (``ehlo.delivery``). With local ``domains`` or ``submission``,
+    # recipients outside the local domains are relayed for authenticated
+    # sessions and relay_networks clients (550 5.7.1 for everyone else);
+    # without either, ehlo keeps every recipient and relays nothing.
+    lmtp: Annotated[
+        str | None,
+        _Key(_lmtp, doc="hand local recipients to this LMTP server: HOST:PORT or unix:/PATH"),
+    ] = None
+    keep_local: Annotated[
+        bool, _Key(_bool, doc="with lmtp: keep a copy of local mail in the store too")
+    ] = False
+    relay_networks: Annotated[
+        tuple[str, ...],
+        _Key(_networks, doc="client networks (CIDR) that may relay without AUTH; default none"),
+    ] = ()
+    relay_host: Annotated[
+        str | None,
+        _Key(_relay_host, doc="smarthost HOST[:PORT] for relayed mail; unset: the MX hosts"),
+    ] = None
+    relay_auth_user: Annotated[
+        str | None,
+        _Key(_optional_text, doc="user name for AUTH at the smarthost (see relay_password_file)"),
+    ] = None
+    relay_password_file: Annotated[
+        Path | None,
+        _Key(
+            _optional_path, files=_relative_path,
+            doc="file whose first line is the smarthost password",
+        ),
+    ] = None
+    # Static routes: recipient domain -> "HOST[:PORT]" or "lmtp:HOST:PORT"
+    # (or "lmtp:unix:/PATH"), over the MX hosts and the smarthost.
+    routes: Annotated[
+        Mapping[str, str],
+        _Key(_routes, doc='[routes] "example.org" = "HOST:PORT" or "lmtp:HOST:PORT"'),
+    ] = dataclasses.field(default_factory=dict)
+    delivery_port: Annotated[
+        int,
+        _Key(_port, doc="port of the MX hosts ehlo delivers to (25; other ports for tests)"),
+    ] = 25
+    # Outbound TLS per recipient domain, after Postfix's levels: none, may
+    # (opportunistic STARTTLS, the default), encrypt (STARTTLS required, any
+    # certificate), verify (STARTTLS with a certificate that verifies).
+    tls_policy: Annotated[
+        Mapping[str, str],
+        _Key(_tls_policy, doc='[tls_policy] "example.org" = "none" | "may" | "encrypt" | "verify"'),
+    ] = dataclasses.field(default_factory=dict)
+    mta_sts: Annotated[
+        bool, _Key(_bool, doc="honour the MTA-STS policies of recipient domains (RFC 8461)")
+    ] = True
+    mta_sts_port: Annotated[
+        int, _Key(_port, doc="HTTPS port of MTA-STS policy hosts (443; other ports for tests)")
+    ] = 443
+    # CA certificates outbound TLS "verify" (and MTA-STS) trusts; unset: the system's.
+    delivery_ca_file: Annotated[
+        Path | None,
+        _Key(
+            _optional_path, files=_relative_path,
+            doc="CA certificates (PEM) outbound verify trusts; unset: the system's",
+        ),
+    ] = None
+    delivery_concurrency: Annotated[
+        int, _Key(_positive_int, doc="outbound connections at once, in all")
+    ] = 20
+    delivery_per_destination: Annotated[
+        int, _Key(_positive_int, doc="outbound connections at once to one next hop")
+    ] = 4
+    # RFC 5321 section 4.5.4.1: retry after at least 30 minutes, give up
+    # after at least 4-5 days; the delay grows from retry_min to retry_max.
+    retry_min: Annotated[
+        float, _Key(_positive_seconds, doc="seconds before the first retry of a deferred recipient")
+    ] = 300.0
+    retry_max: Annotated[
+        float, _Key(_positive_seconds, doc="longest delay between two retries, in seconds")
+    ] = 4000.0
+    max_queue_lifetime: Annotated[
+        float, _Key(_positive_seconds, doc="seconds a recipient may stay queued before it bounces")
+    ] = 5 * 86400.0
+    delay_warning: Annotated[
+        float,
+        _Key(_seconds_or_zero, doc="seconds queued before a delay notice (NOTIFY=DELAY); 0: none"),
+    ] = 4 * 3600.0
+    # RFC 5321 section 4.5.3.2: the client's timeouts (its minimums) scaled
+    # by this factor (1.0); the TCP connect has its own.
+    delivery_timeout_scale: Annotated[
+        float,
+        _Key(_positive_float, doc="factor on the RFC 5321 outbound timeouts (1: 5 min a command)"),
+    ] = 1.0
+    delivery_connect_timeout: Annotated[
+        float, _Key(_positive_seconds, doc="seconds an outbound TCP connection may take")
+    ] = 30.0
     log_format: Annotated[
         LogFormat, _Key(_choice("text", "json"), doc="log lines on stderr: text or json")
     ] = "text"
@@ -467,6 +569,75 @@ class ServerConfig:
             doc="least severe level logged: DEBUG, INFO, WARNING, ERROR or CRITICAL",
         ),
     ] = "INFO"
+
+
+    def delivery_settings(self, own_addresses: Iterable[tuple[str, int]] = ()) -> DeliverySettings:
+        """What the delivery scheduler (``ehlo.delivery.scheduler``) needs of these settings."""
+        from .client import Timeouts
+        from .delivery.scheduler import DeliverySettings
+
+        scale = self.delivery_timeout_scale
+        base = Timeouts()
+        timeouts = Timeouts(
+            **{
+                f.name: getattr(base, f.name) * scale
+                for f in dataclasses.fields(Timeouts)
+                if f.name != "connect"
+            },
+            connect=self.delivery_connect_timeout,
+        )
+        login = None
+        if self.relay_auth_user is not None and self.relay_password_file is not None:
+            try:
+                text = Path(self.relay_password_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"relay_password_file: {exc.strerror or exc}") from None
+            login = (self.relay_auth_user, text.splitlines()[0] if text else "")
+        return DeliverySettings(
+            hostname=self.hostname,
+            routing=self.routing(),
+            delivery_port=self.delivery_port,
+            concurrency=self.delivery_concurrency,
+            per_destination=self.delivery_per_destination,
+            retry_min=self.retry_min,
+            retry_max=max(self.retry_max, self.retry_min),
+            max_lifetime=self.max_queue_lifetime,
+            delay_warning=self.delay_warning,
+            tls_policy=dict(self.tls_policy),
+            mta_sts=self.mta_sts,
+            mta_sts_port=self.mta_sts_port,
+            timeouts=timeouts,
+            relay_login=login,
+            own_addresses=frozenset(own_addresses),
+            ssl_context=self.delivery_ssl_context(),
+        )
+
+    def delivery_ssl_context(self) -> ssl.SSLContext:
+        """The context outbound TLS verifies with (``delivery_ca_file``, else the system's CAs)."""
+        import ssl
+
+        try:
+            return ssl.create_default_context(
+                cafile=str(self.delivery_ca_file) if self.delivery_ca_file else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"delivery_ca_file: {exc}") from None
+
+    def routing(self) -> Routing:
+        """The routing rules (``ehlo.delivery.routes``) these settings describe."""
+        from .delivery.routes import Routing
+
+        # Next hops as the configuration file writes them ("HOST:PORT"), also
+        # when ServerConfig is built directly (the library): as next hops.
+        return Routing(
+            domains=frozenset(d.lower().rstrip(".") for d in self.domains),
+            submission=self.submission,
+            lmtp=_lmtp("lmtp", self.lmtp),
+            keep_local=self.keep_local,
+            relay_networks=tuple(ipaddress.ip_network(n) for n in self.relay_networks),
+            relay_host=_relay_host("relay_host", self.relay_host),
+            routes=dict(_routes("routes", self.routes)),
+        )
 
 
 # --------------------------------------------------------------------------
@@ -690,6 +861,91 @@ def _dns_servers(label: str, value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(_nameserver(label, item, expected) for item in value))
 
 
+def _optional_text(label: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip() and value.isprintable():
+        return value.strip()
+    raise _fail(label, "a non-empty string", value)
+
+
+def _positive_float(label: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+        raise _fail(label, "a number > 0", value)
+    return float(value)
+
+
+def _port(label: str, value: Any) -> int:
+    return _int(label, value, minimum=1, maximum=65535)
+
+
+def _lmtp(label: str, value: Any) -> str | None:
+    from .delivery.routes import normalise_route
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().removeprefix("lmtp:")
+        try:
+            return normalise_route(f"lmtp:{text}")
+        except ValueError:
+            pass
+    raise _fail(label, "HOST:PORT or unix:/PATH of an LMTP server", value)
+
+
+def _relay_host(label: str, value: Any) -> str | None:
+    from .delivery.routes import normalise_route
+
+    if value is None:
+        return None
+    if isinstance(value, str) and not value.strip().startswith("lmtp:"):
+        try:
+            return normalise_route(value)
+        except ValueError:
+            pass
+    raise _fail(label, "HOST[:PORT] of a smarthost", value)
+
+
+def _route_domain(label: str, key: Any) -> str:
+    if not isinstance(key, str):
+        raise _fail(label, "a domain name", key)
+    return _domain_name(label, key, "a domain name such as example.org").lower()
+
+
+def _routes(label: str, value: Any) -> Mapping[str, str]:
+    from .delivery.routes import normalise_route
+
+    if not isinstance(value, Mapping):
+        raise _fail(label, 'a table such as { "example.org" = "mx.example.org:25" }', value)
+    out: dict[str, str] = {}
+    for key, target in value.items():
+        domain = _route_domain(label, key)
+        try:
+            if not isinstance(target, str):
+                raise ValueError
+            out[domain] = normalise_route(target)
+        except ValueError:
+            raise _fail(
+                f"{label} {key!r}", "HOST[:PORT], lmtp:HOST:PORT or lmtp:unix:/PATH", target
+            ) from None
+    return out
+
+
+_TLS_LEVELS = ("none", "may", "encrypt", "verify")
+
+
+def _tls_policy(label: str, value: Any) -> Mapping[str, str]:
+    if not isinstance(value, Mapping):
+        raise _fail(label, 'a table such as { "example.org" = "verify" }', value)
+    out: dict[str, str] = {}
+    for key, level in value.items():
+        domain = _route_domain(label, key)
+        if level not in _TLS_LEVELS:
+            raise _fail(f"{label} {key!r}", "one of none, may, encrypt, verify", level)
+        out[domain] = level
+    return out
+
+
 def _networks(label: str, value: Any) -> tuple[str, ...]:
     expected = 'a list of networks such as ["10.0.0.0/8", "2001:db8::/32"]'
     if isinstance(value, str):
@@ -852,6 +1108,7 @@ _LIMIT_CHECKS: dict[str, _Key] = {
     "smtputf8": _Key(_bool, doc="offer SMTPUTF8 (RFC 6531)"),
     "eightbitmime": _Key(_bool, doc="offer 8BITMIME (RFC 6152)"),
     "enhancedstatuscodes": _Key(_bool, doc="offer ENHANCEDSTATUSCODES (RFC 2034)"),
+    "dsn": _Key(_bool, doc="offer DSN: RET, ENVID, NOTIFY and ORCPT (RFC 3461)"),
     "auth_plaintext": _Key(_bool, doc="offer AUTH without TLS (passwords in clear text)"),
 }
 _LIMIT_NOT_KEYS = frozenset({"starttls", "auth_mechanisms"})

@@ -5,7 +5,8 @@ its own module and registers its parser here: ``serve`` (:mod:`.serve`:
 options to configuration, then :func:`ehlo.server.supervisor.serve`),
 ``check-helo`` (:mod:`.check_helo`: what the greeting checks make of a
 HELO/EHLO name, exit 0 whatever the verdict), ``messages list/show``
-(:mod:`.messages`: what a store holds), ``config defaults/check``
+(:mod:`.messages`: what a store holds), ``queue list/show/retry/...``
+(:mod:`.queue`: the outbound queue), ``config defaults/check``
 (:mod:`.config`: every configuration key with its default and meaning, or
 the settings a file makes); ``users`` is registered by
 :mod:`ehlo.auth.cli`, ``send`` and ``probe`` by :mod:`ehlo.client.cli`.
@@ -38,6 +39,7 @@ from ._common import Failure, Parser, usage
 from .check_helo import add_check_helo_command
 from .config import add_config_command
 from .messages import add_messages_command, message_json
+from .queue import add_queue_command
 from .serve import add_serve_command
 
 __all__ = ["Failure", "build_parser", "main", "message_json"]
@@ -45,7 +47,7 @@ __all__ = ["Failure", "build_parser", "main", "message_json"]
 PROG = "ehlo"
 
 # Commands that need neither the client nor the user database.
-_SERVER_COMMANDS = frozenset({"serve", "check-helo", "messages", "config"})
+_SERVER_COMMANDS = frozenset({"serve", "check-helo", "messages", "queue", "config"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -65,6 +67,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_serve_command(commands)
     add_check_helo_command(commands)
     add_messages_command(commands)
+    add_queue_command(commands)
     add_config_command(commands)
     if command is None or command in ("send", "probe"):
         from ..client.cli import add_client_commands
@@ -76,7 +79,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         add_users_command(commands, config_data_dir=_config_data_dir)
     parser.set_defaults(
         func=lambda _args: usage(
-            parser, "choose a command: serve, check-helo, messages, config, users, send, probe"
+            parser,
+            "choose a command: serve, check-helo, messages, queue, config, users, send, probe",
         )
     )
     return parser

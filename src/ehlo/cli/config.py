@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,11 @@ def toml_value(value: Any, *, absolute: bool = False) -> str | None:
     if isinstance(value, (tuple, list)):
         items = (toml_value(item, absolute=absolute) for item in value)
         return "[" + ", ".join(item for item in items if item is not None) + "]"
+    if isinstance(value, Mapping):  # an inline table ([routes], [tls_policy])
+        pairs = (
+            f"{toml_string(str(k))} = {toml_value(v, absolute=absolute)}" for k, v in value.items()
+        )
+        return "{" + ", ".join(pairs) + "}"
     raise TypeError(f"no TOML form for {type(value).__name__}")
 
 

@@ -37,6 +37,10 @@ _SERVE_LABELS = {
     "store": "--store",
     "hostname": "--hostname",
     "domains": "--domain",
+    "lmtp": "--lmtp",
+    "relay_networks": "--relay-network",
+    "relay_host": "--relay-host",
+    "delivery_port": "--delivery-port",
     "limits.max_message_size": "--max-size",
     "limits.max_recipients": "--max-recipients",
     "tls_cert": "--tls-cert",
@@ -77,7 +81,33 @@ def add_serve_command(commands: Any) -> None:
         action="append",
         dest="domains",
         metavar="D",
-        help="accept mail only for this domain, repeatable (default: any)",
+        help="a local domain, repeatable: mail for other domains is relayed for"
+        " authenticated users and --relay-network clients, refused (550) to others"
+        " (default: no domain: every recipient is kept, nothing is relayed)",
+    )
+    serve.add_argument(
+        "--lmtp",
+        metavar="HOST:PORT|unix:/PATH",
+        help="hand mail for the local domains to this LMTP server (Dovecot...)"
+        " (default: none, they are kept in the store)",
+    )
+    serve.add_argument(
+        "--relay-network",
+        action="append",
+        dest="relay_networks",
+        metavar="CIDR",
+        help="clients that may relay without AUTH, repeatable (default: none)",
+    )
+    serve.add_argument(
+        "--relay-host",
+        metavar="HOST[:PORT]",
+        help="send relayed mail through this smarthost (default: none, to the MX hosts)",
+    )
+    serve.add_argument(
+        "--delivery-port",
+        type=int,
+        metavar="N",
+        help="port of the MX hosts mail is relayed to (default: 25)",
     )
     serve.add_argument("--hostname", metavar="NAME", help="our name in banner and Received")
     serve.add_argument(
@@ -165,6 +195,10 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         "store": args.store,
         "hostname": args.hostname,
         "domains": args.domains,
+        "lmtp": args.lmtp,
+        "relay_networks": args.relay_networks,
+        "relay_host": args.relay_host,
+        "delivery_port": args.delivery_port,
         "limits.max_message_size": args.max_size,
         "limits.max_recipients": args.max_recipients,
         "tls_cert": args.tls_cert,

@@ -1,15 +1,18 @@
 """The asyncio SMTP client over the sans-IO :class:`~ehlo.protocol.ClientConnection`.
 
-This module owns the client's I/O: the TCP connection (an ``asyncio.Protocol``
-with write flow control), implicit TLS and the STARTTLS upgrade under a TLS
+This module owns the client's I/O: the TCP or Unix-socket connection (an
+``asyncio.Protocol`` with write flow control), implicit TLS and the STARTTLS upgrade under a TLS
 policy (:data:`TLS_MODES`: opportunistic TLS encrypts without
 authenticating, RFC 7435; ``verify`` fails on an untrusted certificate), the
 timeouts of RFC 5321 section 4.5.3.2, SASL authentication (PLAIN, LOGIN,
 SCRAM-SHA-256: its messages come from ``_scram``), and
 :meth:`SMTPClient.send_message`: one mail transaction with per-recipient
-results, PIPELINING, SIZE, BODY=8BITMIME, SMTPUTF8 and BDAT, streaming the
-body (cut into chunks by ``_body``) from bytes, a file or an iterator with
-flat memory. TLS details come from ``_certinfo``.
+results, PIPELINING, SIZE, BODY=8BITMIME, SMTPUTF8, BDAT and the caller's DSN
+parameters (RFC 3461), streaming the body (cut into chunks by ``_body``) from
+bytes, a file or an iterator with flat memory. TLS details come from
+``_certinfo``. With ``lmtp=True`` the same session speaks LMTP (RFC 2033):
+LHLO, and one final reply per recipient after the data, so that each
+recipient ends in :attr:`SendResult.delivered` or :attr:`SendResult.failed`.
 
 What the message needs is checked before MAIL is sent: a server that does
 not offer SMTPUTF8, 8BITMIME or a large enough SIZE gets no transaction at
@@ -28,7 +31,7 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal, Protocol, cast
 
 from ..protocol import (
@@ -101,6 +104,11 @@ TLS_VERIFIED: frozenset[str] = frozenset({"verify", "required", "implicit", "off
 _MAX_UNPARSED = 1 << 20
 # SASL mechanisms, most preferred first.
 _MECHANISMS = ("SCRAM-SHA-256", "PLAIN", "LOGIN")
+# A host of this form names a Unix-domain socket (``unix:/run/dovecot/lmtp``).
+UNIX_PREFIX = "unix:"
+# RFC 3461 section 4: the parameters of the DSN extension, on MAIL and on RCPT.
+_DSN_MAIL_PARAMS = frozenset({"RET", "ENVID"})
+_DSN_RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
 
 class Transcript(Protocol):
@@ -131,7 +139,14 @@ class Timeouts:
 
 @dataclasses.dataclass(slots=True)
 class SendResult:
-    """The outcome of one transaction: the MAIL reply, each recipient's, the final reply."""
+    """The outcome of one transaction: the MAIL reply, each recipient's, the final reply.
+
+    ``accepted`` and ``refused`` hold the replies to RCPT. ``delivered`` and
+    ``failed`` hold the final outcome of each recipient accepted at RCPT: in
+    SMTP the one reply after the data (``reply``) for all of them; in LMTP
+    (RFC 2033 section 4.2) each recipient's own reply after the data, and
+    ``reply`` is the first of them.
+    """
 
     mail: Reply
     accepted: dict[str, Reply]
@@ -140,6 +155,8 @@ class SendResult:
     size: int  # octets of the message as given (before CRLF and dot-stuffing)
     chunked: bool  # sent with BDAT
     tls: TLSInfo | None = None  # the session's TLS, if any
+    delivered: dict[str, Reply] = dataclasses.field(default_factory=dict)  # final 2xx
+    failed: dict[str, Reply] = dataclasses.field(default_factory=dict)  # final 4xx/5xx (LMTP)
 
 
 def client_ssl_context(*, verify: bool = True, cafile: str | None = None) -> ssl.SSLContext:
@@ -249,6 +266,22 @@ def _dedupe(addresses: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(addresses))
 
 
+def _split(outcomes: Iterable[tuple[str, Reply]]) -> tuple[dict[str, Reply], dict[str, Reply]]:
+    """Recipients and their final replies: those delivered (2xx), those failed."""
+    delivered: dict[str, Reply] = {}
+    failed: dict[str, Reply] = {}
+    for rcpt, reply in outcomes:
+        (delivered if 200 <= reply.code < 300 else failed)[rcpt] = reply
+    return delivered, failed
+
+
+def _param_text(params: Mapping[str, str | None] | None) -> str:
+    """ESMTP parameters as they follow a path on MAIL or RCPT (for the transcript)."""
+    if not params:
+        return ""
+    return "".join(f" {k}" if v is None else f" {k}={v}" for k, v in params.items())
+
+
 # ------------------------------------------------------------------- client
 
 
@@ -268,6 +301,12 @@ class SMTPClient:
     BDAT when offered, True requires it, False never uses it.
     ``pipelining=False`` never pipelines. ``helo_only`` greets with HELO.
     ``allow_plaintext_auth`` lets PLAIN and LOGIN run without TLS.
+
+    ``lmtp=True`` speaks LMTP (RFC 2033) to a mailbox server: LHLO instead
+    of EHLO (no HELO fallback), and one reply per recipient after the data.
+    A ``host`` of the form ``unix:/path`` connects to that Unix-domain socket
+    (``port`` and ``source_address`` are then unused, and a verifying TLS
+    mode needs ``tls_server_name``).
     """
 
     def __init__(
@@ -287,11 +326,21 @@ class SMTPClient:
         allow_plaintext_auth: bool = False,
         transcript: Transcript | None = None,
         chunk_size: int = 1 << 20,
+        lmtp: bool = False,
     ) -> None:
         if tls not in TLS_MODES:
             raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}")
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
+        self.socket_path: str | None = None
+        if host.startswith(UNIX_PREFIX):
+            self.socket_path = host[len(UNIX_PREFIX) :]
+            if not self.socket_path:
+                raise ValueError("a unix: host needs a socket path")
+            if tls in TLS_VERIFIED and tls != "off" and not tls_server_name:
+                raise ValueError(f"tls={tls} over a Unix socket needs tls_server_name")
+        if lmtp and helo_only:
+            raise ValueError("LMTP greets with LHLO only (helo_only does not apply)")
         self.host = host
         self.port = port
         self.helo_name = helo_name
@@ -306,8 +355,9 @@ class SMTPClient:
         self.helo_only = helo_only
         self.allow_plaintext_auth = allow_plaintext_auth
         self.chunk_size = chunk_size
+        self.lmtp = lmtp
         self._transcript = transcript
-        self.conn = ClientConnection(tls_active=tls == "implicit")
+        self.conn = ClientConnection(tls_active=tls == "implicit", lmtp=lmtp)
         self.tls: TLSInfo | None = None
         self.greeting: Reply | None = None
         self._proto: _Protocol | None = None
@@ -316,6 +366,8 @@ class SMTPClient:
 
     @property
     def peer(self) -> str:
+        if self.socket_path is not None:
+            return self.host
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -447,6 +499,12 @@ class SMTPClient:
             self._unverified = client_ssl_context(verify=False)
         return self._unverified
 
+    def _server_name(self) -> str | None:
+        """The name TLS checks the certificate against (a Unix socket has none of its own)."""
+        if self.tls_server_name:
+            return self.tls_server_name
+        return None if self.socket_path is not None else self.host
+
     def _tls_info(
         self, transport: asyncio.BaseTransport, context: ssl.SSLContext
     ) -> TLSInfo | None:
@@ -454,7 +512,7 @@ class SMTPClient:
             transport.get_extra_info("ssl_object"),
             verified=context.verify_mode != ssl.CERT_NONE,
             trust=self._context(),
-            server_name=self.tls_server_name or self.host,
+            server_name=self._server_name(),
         )
 
     async def open(self) -> Reply:
@@ -471,15 +529,24 @@ class SMTPClient:
         context = self._handshake_context() if implicit else None
         try:
             async with asyncio.timeout(limit):
-                transport, proto = await loop.create_connection(
-                    lambda: _Protocol(self.conn),
-                    self.host,
-                    self.port,
-                    ssl=context,
-                    server_hostname=(self.tls_server_name or self.host) if implicit else None,
-                    ssl_handshake_timeout=self.timeouts.tls if implicit else None,
-                    local_addr=local,
-                )
+                if self.socket_path is not None:
+                    transport, proto = await loop.create_unix_connection(
+                        lambda: _Protocol(self.conn),
+                        self.socket_path,
+                        ssl=context,
+                        server_hostname=self._server_name() if implicit else None,
+                        ssl_handshake_timeout=self.timeouts.tls if implicit else None,
+                    )
+                else:
+                    transport, proto = await loop.create_connection(
+                        lambda: _Protocol(self.conn),
+                        self.host,
+                        self.port,
+                        ssl=context,
+                        server_hostname=self._server_name() if implicit else None,
+                        ssl_handshake_timeout=self.timeouts.tls if implicit else None,
+                        local_addr=local,
+                    )
         except TimeoutError:
             raise ConnectionFailed(f"timeout connecting to {self.peer}") from None
         except ssl.SSLCertVerificationError as exc:
@@ -550,6 +617,12 @@ class SMTPClient:
         self._greet_call(self.conn.helo, name)
         return await self._command(f"HELO {name}")
 
+    async def lhlo(self) -> Reply:
+        """Send LHLO (an LMTP session, RFC 2033 section 4.1) and return the reply."""
+        name = self._local_name()
+        self._greet_call(self.conn.lhlo, name)
+        return await self._command(f"LHLO {name}")
+
     def _greet_call(self, send: Callable[[str], None], name: str) -> None:
         try:
             send(name)
@@ -557,8 +630,13 @@ class SMTPClient:
             raise ValueError(str(exc)) from None
 
     async def greet(self) -> Reply:
-        """EHLO, falling back to HELO on 500/502; or HELO alone with ``helo_only``."""
-        if self.helo_only:
+        """EHLO, falling back to HELO on 500/502; or HELO alone with ``helo_only``.
+
+        In LMTP, LHLO alone: RFC 2033 section 4.1 has no fallback.
+        """
+        if self.lmtp:
+            reply = await self.lhlo()
+        elif self.helo_only:
             reply = await self.helo()
         else:
             reply = await self.ehlo()
@@ -594,7 +672,7 @@ class SMTPClient:
                 proto,
                 context,
                 server_side=False,
-                server_hostname=self.tls_server_name or self.host,
+                server_hostname=self._server_name(),
                 ssl_handshake_timeout=self.timeouts.tls,
             )
         except ssl.SSLCertVerificationError as exc:
@@ -619,10 +697,11 @@ class SMTPClient:
                 f"{self.peer} sent {self.conn.discarded_after_starttls} octets after its 220"
                 " to STARTTLS (response injection?)"
             )
-        reply = await self.ehlo()
+        reply = await (self.lhlo() if self.lmtp else self.ehlo())
         if reply.code != 250:
             await self._quit_quietly()
-            raise ServiceRefused(f"{self.peer} refused EHLO after STARTTLS", reply)
+            verb = "LHLO" if self.lmtp else "EHLO"
+            raise ServiceRefused(f"{self.peer} refused {verb} after STARTTLS", reply)
         self.greeting = reply
         return reply
 
@@ -748,6 +827,8 @@ class SMTPClient:
         size: int | None = None,
         eight_bit: bool | None = None,
         smtputf8: bool | None = None,
+        mail_params: Mapping[str, str | None] | None = None,
+        rcpt_params: Mapping[str, Mapping[str, str | None]] | None = None,
     ) -> SendResult:
         """One mail transaction; returns per-recipient results.
 
@@ -755,14 +836,21 @@ class SMTPClient:
         ``smtputf8``: UTF-8 addresses or headers) are found by reading the
         message once when it is bytes or a seekable file; for an iterator
         they default to unknown size, 7-bit, and UTF-8 only for addresses.
+        ``mail_params`` are more MAIL parameters (``RET``, ``ENVID``) and
+        ``rcpt_params`` more RCPT parameters per recipient (``NOTIFY``,
+        ``ORCPT``), values already encoded (xtext); each needs the extension
+        that defines it, and the DSN ones a server that offers DSN
+        (:class:`OptionNotSupported` otherwise).
         Raises :class:`SenderRefused`, :class:`RecipientsRefused` (every
         recipient refused), :class:`DataRefused`, :class:`MessageNotSupported`
         or :class:`ConnectionFailed`; after a refusal the session is reset
-        with RSET and stays usable.
+        with RSET and stays usable. In LMTP a refusal after the data does not
+        raise: that recipient is in :attr:`SendResult.failed`.
         """
         rcpts = _dedupe(recipients)
         if not rcpts:
             raise ValueError("no recipients")
+        self._check_params(rcpts, mail_params, rcpt_params)
         scan = scan_message(message, self.chunk_size)
         if scan is not None:
             size = scan.size if size is None else size
@@ -779,11 +867,38 @@ class SMTPClient:
             params["BODY"] = "8BITMIME"  # RFC 6152 section 3
         if smtputf8:
             params["SMTPUTF8"] = None  # RFC 6531 section 3.4
+        for key, value in (mail_params or {}).items():
+            if key.upper() in params:
+                raise ValueError(f"MAIL parameter {key} is set by send_message itself")
+            params[key] = value
         pipelined = self.use_pipelining and self.conn.pipelining
         try:
-            return await self._transaction(sender, rcpts, params, message, pipelined, chunked)
+            return await self._transaction(
+                sender, rcpts, params, rcpt_params or {}, message, pipelined, chunked
+            )
         except LocalProtocolError as exc:
             raise ValueError(str(exc)) from None
+
+    def _check_params(
+        self,
+        rcpts: list[str],
+        mail_params: Mapping[str, str | None] | None,
+        rcpt_params: Mapping[str, Mapping[str, str | None]] | None,
+    ) -> None:
+        """Refuse, before any transaction, DSN parameters to a server without DSN."""
+        unknown = [r for r in rcpt_params or {} if r not in rcpts]
+        if unknown:
+            raise ValueError(f"rcpt_params names <{unknown[0]}>, which is not a recipient")
+        used = sorted(
+            {k.upper() for k in mail_params or {}} & _DSN_MAIL_PARAMS
+            | {k.upper() for p in (rcpt_params or {}).values() for k in p} & _DSN_RCPT_PARAMS
+        )
+        if used and not (self.conn.esmtp and "DSN" in self.conn.extensions):
+            # RFC 3461 section 4: the DSN parameters go only to a server that
+            # offers DSN in its EHLO reply.
+            raise OptionNotSupported(
+                f"{' and '.join(used)} need DSN (RFC 3461) and {self.peer} does not offer it"
+            )
 
     def _check_message(
         self, scan: BodyScan | None, size: int | None, eight_bit: bool, smtputf8: bool
@@ -823,6 +938,7 @@ class SMTPClient:
         sender: str,
         rcpts: list[str],
         params: dict[str, str | None],
+        rcpt_params: Mapping[str, Mapping[str, str | None]],
         message: Message,
         pipelined: bool,
         chunked: bool,
@@ -830,17 +946,15 @@ class SMTPClient:
         conn = self.conn
         accepted: dict[str, Reply] = {}
         refused: dict[str, Reply] = {}
-        mail_line = f"MAIL FROM:<{sender}>" + "".join(
-            f" {k}" if v is None else f" {k}={v}" for k, v in params.items()
-        )
+        mail_line = f"MAIL FROM:<{sender}>{_param_text(params)}"
         data_reply: Reply | None = None
         if pipelined:
             # RFC 2920 section 3.1: MAIL, every RCPT and DATA in one write.
             conn.mail(sender, params)
             self._sent(mail_line)
             for rcpt in rcpts:
-                conn.rcpt(rcpt)
-                self._sent(f"RCPT TO:<{rcpt}>")
+                conn.rcpt(rcpt, rcpt_params.get(rcpt))
+                self._sent(f"RCPT TO:<{rcpt}>{_param_text(rcpt_params.get(rcpt))}")
             if not chunked:
                 conn.data()
                 self._sent("DATA")
@@ -867,8 +981,10 @@ class SMTPClient:
                 await self._reset()
                 raise SenderRefused(f"{self.peer} refused the sender <{sender}>", mail_reply)
             for rcpt in rcpts:
-                conn.rcpt(rcpt)
-                reply = await self._command(f"RCPT TO:<{rcpt}>")
+                conn.rcpt(rcpt, rcpt_params.get(rcpt))
+                reply = await self._command(
+                    f"RCPT TO:<{rcpt}>{_param_text(rcpt_params.get(rcpt))}"
+                )
                 (accepted if reply.code in (250, 251) else refused)[rcpt] = reply
             if not accepted:
                 await self._reset()
@@ -884,9 +1000,28 @@ class SMTPClient:
                 await self._reset()
                 raise DataRefused(f"{self.peer} refused DATA", data_reply)
             final, sent = await self._send_data(message)
+        if self.lmtp:
+            # RFC 2033 section 4.2: after the data, one reply per recipient
+            # accepted at RCPT, in the order of the RCPT commands.
+            finals = [final]
+            try:
+                while len(finals) < len(accepted):
+                    finals.append(await self._reply())
+            except SMTPClientError as exc:
+                # Those answered already are final: delivered must not be sent again.
+                exc.delivered, exc.failed = _split(zip(accepted, finals, strict=False))
+                raise
+            delivered, failed = _split(zip(accepted, finals, strict=True))
+            return SendResult(
+                mail_reply, accepted, refused, final, sent, chunked, self.tls, delivered, failed
+            )
         if not final.is_positive:
             raise DataRefused(f"{self.peer} refused the message", final)
-        return SendResult(mail_reply, accepted, refused, final, sent, chunked, self.tls)
+        # RFC 5321 section 4.1.1.4: one reply after the data for every recipient.
+        return SendResult(
+            mail_reply, accepted, refused, final, sent, chunked, self.tls,
+            dict.fromkeys(accepted, final),
+        )
 
     async def _send_data(self, message: Message) -> tuple[Reply, int]:
         sent = 0

@@ -5,12 +5,15 @@ Every exception the client raises for a failed delivery is an
 failure (``None`` when there was none: a refused connection, a timeout, a
 check made before sending). ``temporary`` tells whether trying again later
 (or at another MX) may succeed: 4xx replies and connection trouble are
-temporary, 5xx replies are not (RFC 5321 section 4.2.1).
+temporary, 5xx replies are not (RFC 5321 section 4.2.1). In LMTP a failure
+among the replies after the data leaves the recipients answered before it
+in ``delivered`` and ``failed``: those outcomes are final.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from ..protocol import Reply
 
@@ -31,6 +34,11 @@ __all__ = [
 
 class SMTPClientError(Exception):
     """Base class: a delivery step failed. ``reply`` is the deciding reply, if any."""
+
+    # LMTP (RFC 2033 section 4.2): recipients whose own reply after the data
+    # came before this failure; empty otherwise.
+    delivered: Mapping[str, Reply] = MappingProxyType({})
+    failed: Mapping[str, Reply] = MappingProxyType({})
 
     def __init__(
         self, message: str, reply: Reply | None = None, *, temporary: bool | None = None

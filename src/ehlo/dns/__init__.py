@@ -12,8 +12,9 @@ from .resolver import (
     Lookup,
     Resolver,
     loopback_name,
+    peek_reverse_name,
     reverse_name,
 )
 
 __all__ = ["DEFAULT_CACHE", "DNSCache", "DNSTempError", "Lookup", "Resolver",
-           "loopback_name", "reverse_name"]
+           "loopback_name", "peek_reverse_name", "reverse_name"]

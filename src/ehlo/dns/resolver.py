@@ -4,7 +4,8 @@
 with plain lists of strings, maps every temporary failure (timeout, SERVFAIL
 or REFUSED from every server, no usable server) to ``DNSTempError`` and keeps
 answers, positive and negative, in a ``DNSCache`` for as long as their TTL
-allows. ``reverse_name`` gives a client's forward-confirmed reverse name.
+allows. ``reverse_name`` gives a client's forward-confirmed reverse name;
+``peek_reverse_name`` gives it from the cache alone, without a query or a task.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "Lookup",
     "Resolver",
     "loopback_name",
+    "peek_reverse_name",
     "reverse_name",
 ]
 
@@ -436,3 +438,32 @@ async def reverse_name(resolver: Resolver, ip: str, timeout: float) -> str | Non
         if any(ipaddress.ip_address(value) == address for value in result):
             return name
     return None
+
+
+def peek_reverse_name(resolver: Resolver, ip: str) -> tuple[bool, str | None]:
+    """``reverse_name`` from the cache alone: ``(True, name or None)``, or ``(False, None)``.
+
+    True when every answer ``reverse_name`` would use is cached (or none is
+    needed: loopback, a malformed address), so the name is known at once;
+    False when a lookup is needed. Never queries and never awaits: the cost
+    of a client whose answers are cached is a few dictionary lookups.
+    """
+    address = _address(ip)
+    if address is None:
+        return True, None
+    if address.is_loopback:
+        return True, "localhost"  # RFC 6761 section 6.3
+    names = resolver.peek_ptr(str(address))
+    if names is None:
+        return False, None
+    text = str(address)
+    rdtype = "A" if address.version == 4 else "AAAA"
+    # The first PTR name, in order, whose addresses include the client's (as
+    # ``reverse_name`` decides); an uncached answer before it means a lookup.
+    for name in names[:MAX_PTR_NAMES]:
+        found = resolver.peek(name, rdtype)
+        if found is None:
+            return False, None
+        if text in found.values:
+            return True, name
+    return True, None

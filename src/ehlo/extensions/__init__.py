@@ -18,6 +18,7 @@ from collections.abc import Callable
 from ..protocol import Extension, ProtocolLimits, SessionFacts
 from .auth import AuthExtension
 from .chunking import Chunking
+from .dsn import Dsn
 from .eightbitmime import EightBitMime
 from .enhancedstatuscodes import EnhancedStatusCodes
 from .pipelining import Pipelining
@@ -30,6 +31,7 @@ __all__ = [
     "AuthExtension",
     "BuildContext",
     "Chunking",
+    "Dsn",
     "EightBitMime",
     "EnhancedStatusCodes",
     "Extension",
@@ -66,6 +68,7 @@ EXTENSIONS: tuple[tuple[Switch, Factory], ...] = (
     ),
     (lambda lim: lim.enhancedstatuscodes, lambda lim, ctx: EnhancedStatusCodes()),
     (lambda lim: lim.eightbitmime, lambda lim, ctx: EightBitMime()),
+    (lambda lim: lim.dsn, lambda lim, ctx: Dsn()),
     (lambda lim: lim.smtputf8, lambda lim, ctx: SmtpUtf8()),
     (lambda lim: lim.chunking, lambda lim, ctx: Chunking()),
 )

@@ -10,8 +10,9 @@ from typing import Literal
 
 from ..protocol import Reply
 
-Stage = Literal["connect", "helo", "mail", "rcpt", "data"]
-STAGES: tuple[Stage, ...] = ("connect", "helo", "mail", "rcpt", "data")
+# "delivery" runs in the delivery scheduler, before each attempt for a recipient.
+Stage = Literal["connect", "helo", "mail", "rcpt", "data", "delivery"]
+STAGES: tuple[Stage, ...] = ("connect", "helo", "mail", "rcpt", "data", "delivery")
 
 log = logging.getLogger("ehlo.policy")
 
@@ -22,6 +23,7 @@ _REJECT = {
     "mail": Reply(550, "5.7.1", "Sender refused by policy"),
     "rcpt": Reply(550, "5.7.1", "Recipient refused by policy"),
     "data": Reply(550, "5.7.1", "Message refused by policy"),
+    "delivery": Reply(550, "5.7.1", "Delivery refused by policy"),
 }
 _DEFER = {
     "connect": Reply(421, "4.7.0", "Service temporarily unavailable, try again later"),
@@ -29,6 +31,7 @@ _DEFER = {
     "mail": Reply(450, "4.7.1", "Sender deferred by policy, try again later"),
     "rcpt": Reply(450, "4.7.1", "Recipient deferred by policy, try again later"),
     "data": Reply(451, "4.7.1", "Message deferred by policy, try again later"),
+    "delivery": Reply(451, "4.7.1", "Delivery deferred by policy"),
 }
 _HOOK_FAILED = Reply(451, "4.3.0", "Temporary policy failure, try again later")
 _HOOK_FAILED_CONNECT = Reply(421, "4.3.0", "Temporary policy failure, try again later")
@@ -97,6 +100,9 @@ class HookContext:
     rcpt_to: list[str] = dataclasses.field(default_factory=list)  # accepted so far
     queue_id: str | None = None  # data stage
     size: int | None = None  # data stage: octets received
+    # Delivery stage: where the recipient (``rcpt``) is about to go; a hook
+    # may change it ("mx:DOMAIN", "smtp:HOST:PORT", "lmtp:HOST:PORT").
+    next_hop: str | None = None
 
 
 Hook = Callable[[HookContext], Awaitable[Verdict | None]]

@@ -28,6 +28,10 @@ breaks the protocol raises :class:`RemoteProtocolError`):
 - STARTTLS: bytes that arrive after the 220 and before the handshake are
   discarded, and everything learned before TLS is forgotten (RFC 3207
   section 4.2).
+- LMTP (RFC 2033, ``lmtp=True``): the greeting is LHLO, never EHLO or HELO
+  (section 4.1), and the end of the data (or ``BDAT ... LAST``) is answered
+  with one reply per accepted recipient, in RCPT order (section 4.2): the
+  first such reply puts the others in :attr:`ClientConnection.awaiting`.
 
 State advances on the reply received, not on the command sent: a 250 to
 EHLO greets, a 354 to DATA opens the body, a 220 to STARTTLS waits for
@@ -63,7 +67,7 @@ MAX_AUTH_LINE = 12288
 # RFC 2920 section 3.1: these end a pipelined group; nothing may follow them
 # before their reply. Everything else sent here (MAIL, RCPT, RSET, BDAT) may.
 _GROUP_END = frozenset(
-    {"EHLO", "HELO", "DATA", "DATA-END", "BDAT-LAST", "NOOP", "QUIT", "STARTTLS", "AUTH",
+    {"EHLO", "HELO", "LHLO", "DATA", "DATA-END", "BDAT-LAST", "NOOP", "QUIT", "STARTTLS", "AUTH",
      "VRFY", "BANNER"}
 )
 
@@ -178,7 +182,9 @@ class ServerExtensions(Mapping[str, tuple[str, ...]]):
 class _Transaction:
     """What the client has sent of one mail transaction, updated by replies."""
 
-    __slots__ = ("body", "data_open", "failed", "mail", "rcpts_ok", "rcpts_pending", "utf8")
+    __slots__ = (
+        "body", "data_open", "failed", "finals_due", "mail", "rcpts_ok", "rcpts_pending", "utf8",
+    )
 
     def __init__(self, utf8: bool) -> None:
         self.mail: bool | None = None  # None: MAIL awaits its reply
@@ -188,6 +194,7 @@ class _Transaction:
         self.data_open = False  # 354 received, end of data not yet sent
         self.failed = False  # MAIL refused, or a BDAT chunk refused
         self.utf8 = utf8
+        self.finals_due: int | None = None  # LMTP: replies after the data still due
 
 
 class _BodyWriter:
@@ -242,13 +249,15 @@ class ClientConnection:
     """One SMTP client session as a pure state machine (see the module docstring).
 
     ``tls_active`` is true for implicit TLS (RFC 8314): STARTTLS is then
-    refused. ``max_line_length`` and ``max_lines`` bound each reply.
+    refused. ``lmtp`` speaks LMTP (RFC 2033) instead of SMTP.
+    ``max_line_length`` and ``max_lines`` bound each reply.
     """
 
     def __init__(
         self,
         *,
         tls_active: bool = False,
+        lmtp: bool = False,
         max_line_length: int = DEFAULT_MAX_REPLY_LINE,
         max_lines: int = DEFAULT_MAX_REPLY_LINES,
     ) -> None:
@@ -261,7 +270,8 @@ class ClientConnection:
         self.max_lines = max_lines
         self.state = ClientState.BANNER
         self.tls_active = tls_active
-        self.esmtp = False  # greeted with EHLO (and answered 250)
+        self.lmtp = lmtp
+        self.esmtp = False  # greeted with EHLO or LHLO (and answered 250)
         self.extensions = ServerExtensions()
         self.authenticated = False
         self.banner: Reply | None = None
@@ -370,8 +380,15 @@ class ClientConnection:
         """``HELO name``: a plain SMTP session without extensions."""
         self._greeting("HELO", name)
 
+    def lhlo(self, name: str) -> None:
+        """``LHLO name``: the LMTP greeting (RFC 2033 section 4.1), with extensions as EHLO."""
+        self._greeting("LHLO", name)
+
     def _greeting(self, verb: str, name: str) -> None:
         self._begin(verb)
+        if self.lmtp != (verb == "LHLO"):
+            # RFC 2033 section 4.1: LMTP greets with LHLO only, SMTP never does.
+            raise _local(f"{verb} in an {'LMTP' if self.lmtp else 'SMTP'} session")
         # RFC 5321 section 4.1.1.1: "EHLO" SP ( Domain / address-literal ).
         if not name.isascii() or not (is_domain(name) or is_address_literal(name)):
             raise _local(f"{verb} needs a domain name or address literal, got {name!r}")
@@ -722,10 +739,10 @@ class ClientConnection:
                 self.state = ClientState.REFUSED
             else:
                 self.state = ClientState.CLOSED
-        elif verb in ("EHLO", "HELO"):
+        elif verb in ("EHLO", "HELO", "LHLO"):
             if ok:
                 self.state = ClientState.GREETED
-                self.esmtp = verb == "EHLO"
+                self.esmtp = verb != "HELO"
                 self.extensions = (
                     ServerExtensions.from_reply(reply) if self.esmtp else ServerExtensions()
                 )
@@ -747,6 +764,15 @@ class ClientConnection:
                 else:
                     tx.body = None  # DATA refused: the transaction is still open
         elif verb in ("DATA-END", "BDAT-LAST"):
+            if self.lmtp and tx is not None:
+                if tx.finals_due is None:
+                    # RFC 2033 section 4.2: one reply per recipient accepted at
+                    # RCPT (all of them are known by now), in RCPT order.
+                    tx.finals_due = tx.rcpts_ok
+                    self._awaiting.extendleft([verb] * (tx.rcpts_ok - 1))
+                tx.finals_due -= 1
+                if tx.finals_due > 0:
+                    return
             # RFC 5321 section 4.1.1.4: the end of data ends the transaction either way.
             self._tx = None
         elif verb == "BDAT":

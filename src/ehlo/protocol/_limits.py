@@ -41,6 +41,8 @@ class ProtocolLimits:
     smtputf8: bool = True
     eightbitmime: bool = True
     enhancedstatuscodes: bool = True
+    # DSN (RFC 3461): RET and ENVID on MAIL, NOTIFY and ORCPT on RCPT.
+    dsn: bool = True
     # Offer STARTTLS (the transport must be able to start TLS).
     starttls: bool = False
     # SASL mechanisms offered by AUTH (RFC 4954); empty: no AUTH. The server

@@ -315,6 +315,7 @@ class ServerConnection:
             if positive:
                 assert isinstance(pending, Rcpt) and self.transaction is not None
                 self.transaction.rcpts.append(pending.address)
+                self.transaction.rcpt_params.append(pending.params)
                 self.state = State.RCPT
         elif kind is Data:
             if code == 354:

@@ -39,13 +39,15 @@ class State(enum.Enum):
 class Transaction:
     """The envelope being built by MAIL and RCPT, and its body progress."""
 
-    __slots__ = ("body", "chunked", "declared_size", "mail_from", "params", "rcpts", "size",
-                 "smtputf8")
+    __slots__ = ("body", "chunked", "declared_size", "mail_from", "params", "rcpt_params", "rcpts",
+                 "size", "smtputf8")
 
     def __init__(self, mail_from: str, params: dict[str, str | None]) -> None:
         self.mail_from = mail_from
         self.params = params
         self.rcpts: list[str] = []
+        # Each accepted recipient's RCPT parameters, at the same index as in rcpts.
+        self.rcpt_params: list[dict[str, str | None]] = []
         self.smtputf8 = False  # RFC 6531: SMTPUTF8 given on MAIL
         self.body = "7BIT"  # RFC 6152 BODY= value
         self.declared_size: int | None = None  # RFC 1870 SIZE= value

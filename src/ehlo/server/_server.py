@@ -22,7 +22,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,7 @@ from .abuse import (
 
 if TYPE_CHECKING:
     from ..auth import UserStore
+    from ..delivery.scheduler import Scheduler
     from ..dns import Resolver
     from ..greeting import GreetingVerifier
     from .proxy import ProxyInfo
@@ -135,7 +136,10 @@ class ServerContext:
         self.extensions: tuple[Extension, ...] = build_extensions(
             self.config.limits, (lambda: len(users) > 0) if users is not None else None
         )
-        self.domains = frozenset(d.lower().rstrip(".") for d in config.domains)
+        # Where each recipient goes (kept, handed on, refused): ehlo.delivery.routes.
+        self.routing = config.routing()
+        # The delivery scheduler when this process runs it (woken by new mail).
+        self.scheduler: Scheduler | None = None
         # Every name this server answers as: Authentication-Results fields a
         # client sends with one of them as authserv-id are forged (RFC 8601 section 5).
         self.authserv_ids = frozenset(
@@ -182,6 +186,10 @@ class ServerContext:
         # server without them (--helo-policy off --no-reverse-dns) stays small.
         self._resolver: Resolver | None = None
         self.verifier: GreetingVerifier | None = None
+        if config.reverse_dns:
+            # Now, not on the first connection: importing dnspython there
+            # would stall every session of this event loop.
+            from .. import dns  # noqa: F401
         if config.greeting.active:
             from ..greeting import GreetingVerifier
 
@@ -325,19 +333,22 @@ class ServerContext:
             self._resolver = Resolver(list(config.dns_servers) or None, timeout=config.dns_timeout)
         return self._resolver
 
-    def reverse_name(self, ip: str) -> asyncio.Future[str | None]:
-        """A future of the client's forward-confirmed reverse name (or None).
+    def reverse_name(self, ip: str) -> str | asyncio.Future[str | None] | None:
+        """The client's forward-confirmed reverse name (or None), or a future of it.
 
-        Answers come from the resolver's TTL cache; a loopback client needs no
-        lookup and no task.
+        A loopback client, and one whose answers are all in the resolver's
+        TTL cache (shared by every connection of this process), get the name
+        at once: no query and no task. Otherwise one lookup task; concurrent
+        ones for the same address share their queries.
         """
-        from ..dns import loopback_name
+        from ..dns import loopback_name, peek_reverse_name
 
         known = loopback_name(ip)
         if known is not None:
-            fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-            fut.set_result(known)
-            return fut
+            return known
+        cached, name = peek_reverse_name(self.resolver, ip)
+        if cached:
+            return name
         return asyncio.ensure_future(self._lookup(ip))
 
     def add_our_addresses(self, addresses: Iterable[str]) -> None:
@@ -507,8 +518,15 @@ class Server:
         sockets: Iterable[socket.socket] | None = None,
         shared_counters: SharedCounters | None = None,
         tls: TLSContexts | None = None,
+        delivery: bool | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
+        # The delivery scheduler: None runs it when the routing hands mail on
+        # (ehlo serve runs it in one worker only); ``clock`` is its clock.
+        self._delivery = delivery
+        self._clock = clock
+        self.scheduler: Scheduler | None = None
         # TLS contexts loaded already (``ehlo serve`` reads keys before it
         # gives up root); None: loaded by start().
         self._tls = tls
@@ -576,6 +594,8 @@ class Server:
                 await store.close()
             raise
         ctx.add_our_addresses(host for host, _ in self.addresses)
+        if self._delivery is not False and not ctx.routing.catch_all:
+            await self._start_delivery(ctx)
         # A worker's start is its supervisor's to log (once for the server).
         level = logging.DEBUG if ctx.shared_counts is not None else logging.INFO
         if tls is not None and tls.names():
@@ -589,6 +609,23 @@ class Server:
                 port,
                 extra={"event": "listening", "host": host, "port": port},
             )
+
+    async def _start_delivery(self, ctx: ServerContext) -> None:
+        """Start the scheduler that hands queued mail on (ehlo.delivery)."""
+        from ..delivery.scheduler import Scheduler
+
+        if ctx.store.queue is None:
+            log.warning(
+                "the %s store keeps no outbound queue: relayed mail is refused", ctx.store.name
+            )
+            return
+        settings = self.config.delivery_settings(own_addresses=self.addresses)
+        scheduler = Scheduler(
+            ctx.store, settings, lambda: ctx.resolver, hooks=self._hooks,
+            clock=self._clock or time.time,
+        )
+        await scheduler.start()
+        self.scheduler = ctx.scheduler = scheduler
 
     async def _listen(self, ctx: ServerContext, listen: Listen, sock: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
@@ -705,6 +742,9 @@ class Server:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = ctx.scheduler = None
         if self._owns_store:
             await ctx.store.close()
         ctx.close()

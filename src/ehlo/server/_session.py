@@ -41,10 +41,12 @@ from ..protocol import (
     Rset,
     ServerConnection,
     StartTls,
+    Transaction,
     Vrfy,
 )
 from ..storage import Envelope, MessageWriter, StoreError
 from ..storage.base import JSONText
+from ..storage.queue import QueueItem
 from ._hashing import VerifierBusy
 from .abuse import client_key
 from .authres_filter import AuthResFilter
@@ -194,7 +196,11 @@ class Session:
         verifier = self.ctx.verifier
         if verifier is not None and verifier.applies_to(self.client_ip):
             return  # the iprev check finds (and confirms) the name; asking twice is waste
-        self._rdns = self.ctx.reverse_name(self.client_ip)
+        found = self.ctx.reverse_name(self.client_ip)
+        if isinstance(found, asyncio.Future):
+            self._rdns = found  # a lookup: the first message waits for it, once
+        else:
+            self.client_name = found  # known already: messages wait for nothing
 
     def banner(self) -> Reply | Awaitable[Reply]:
         """The 220 greeting, or a refusal decided by connect hooks."""
@@ -505,14 +511,14 @@ class Session:
         return reply
 
     def _rcpt(self, event: Rcpt) -> Reply | Awaitable[Reply]:
-        domains = self.ctx.domains
         address = event.address
-        if domains and self.auth_user is None:
-            local, _, domain = address.rpartition("@")
-            # RFC 5321 section 4.5.1: postmaster must always be accepted.
-            is_postmaster = (local or address).lower() == "postmaster"
-            if not is_postmaster and domain.lower().rstrip(".") not in domains:
-                return Reply(550, "5.7.1", f"Relaying denied: <{address}> is not a local domain")
+        routing = self.ctx.routing
+        if not routing.catch_all:
+            decision = routing.decide(
+                address, authenticated=self.auth_user is not None, client_ip=self.client_ip
+            )
+            if decision.refusal is not None:
+                return decision.refusal  # no open relay
         reply = Reply(250, "2.1.5", f"Recipient <{address}> OK")
         enforce = self._enforcing("rcpt")
         if self.ctx.hooks.has("rcpt") or enforce:
@@ -556,15 +562,25 @@ class Session:
         self._open_message(None)
 
     async def _await_rdns(self) -> None:
-        if self._rdns is None:
+        fut = self._rdns
+        if fut is None:
             return
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._rdns), self.ctx.config.reverse_dns_timeout)
+            await asyncio.wait_for(asyncio.shield(fut), self.ctx.config.reverse_dns_timeout)
         self._collect_rdns()
+        if self._rdns is fut:
+            # Waited reverse_dns_timeout: the name stays unknown, and later
+            # messages of the session do not wait again.
+            self._rdns = None
+            fut.cancel()
 
     def _collect_rdns(self) -> None:
+        """Take the name once the lookup is done; the session then holds no future."""
         fut = self._rdns
-        if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+        if fut is None or not fut.done():
+            return
+        self._rdns = None
+        if not fut.cancelled() and fut.exception() is None:
             self.client_name = fut.result()
 
     def _open_message(self, reply: Reply | None) -> Reply:
@@ -595,6 +611,8 @@ class Session:
         )
         if self.auth_user is not None:
             envelope.extra["auth"] = {"user": self.auth_user, "mechanism": self.auth_mechanism}
+        if not self.ctx.routing.catch_all:
+            self._route(envelope, tx)
         if self.violations:
             envelope.extra["violations"] = list(dict.fromkeys(self.violations))
         if report is not None:
@@ -642,6 +660,24 @@ class Session:
             return _STORE_FAILED
         return reply if reply is not None else _OK
 
+    def _route(self, envelope: Envelope, tx: Transaction) -> None:
+        """The recipients to hand on, decided again as at RCPT (the rules are pure)."""
+        routing = self.ctx.routing
+        authenticated = self.auth_user is not None
+        kept = False
+        for index, rcpt in enumerate(tx.rcpts):
+            decision = routing.decide(rcpt, authenticated=authenticated, client_ip=self.client_ip)
+            kept = kept or decision.store
+            params = tx.rcpt_params[index] if index < len(tx.rcpt_params) else {}
+            notify = params.get("NOTIFY")
+            hop = decision.next_hop
+            if hop is None and notify is not None and "SUCCESS" in notify.upper():
+                hop = "local"  # RFC 3461 section 4.1: a success notice for a stored copy
+            if hop is not None:
+                envelope.queue.append(QueueItem(rcpt, hop, notify, params.get("ORCPT")))
+        if not kept:
+            envelope.extra["handed_on"] = True  # removed from the store once delivered
+
     def _write(self, data: bytes) -> None:
         writer = self.writer
         if writer is None:
@@ -660,11 +696,14 @@ class Session:
             self.writer = None
             self._store_failed = True
 
-    def _end_headers(self) -> None:
-        """Store what the header filter still holds; note forged fields in the envelope."""
+    def _end_headers(self) -> int:
+        """Store what the header filter still holds; note forged fields in the envelope.
+
+        Returns how many Received fields the client's header section held.
+        """
         headers = self._headers
         if headers is None:
-            return
+            return 0
         self._headers = None
         if self.writer is not None:
             tail = headers.finish()
@@ -672,10 +711,23 @@ class Session:
                 self._write(tail)
         if headers.forged and self.envelope is not None:
             self.envelope.extra["authres_forged"] = headers.forged
+        return headers.received
+
+    def _too_many_hops(self, size: int, hops: int) -> Reply:
+        """Refuse and drop a message that went through too many hops."""
+        envelope = self.envelope
+        self.abort_message()
+        # RFC 5321 section 6.3: a message with too many Received fields is
+        # likely looping; 5.4.6 is "routing loop detected" (RFC 3463).
+        reply = Reply(554, "5.4.6", f"Too many hops ({hops} Received fields): mail loop?")
+        self._log_outcome(envelope, size, reply)
+        return reply
 
     def _data_end(self, event: DataEnd) -> Reply | Awaitable[Reply] | Deferred:
         if event.last:
-            self._end_headers()
+            hops = self._end_headers()
+            if hops > self.ctx.config.max_hops:
+                return self._too_many_hops(event.size, hops)
         if not event.last:
             if self._store_failed:
                 self.abort_message()
@@ -739,6 +791,8 @@ class Session:
         self.writer = None
         self.envelope = None
         self.messages += 1
+        if envelope.queue and self.ctx.scheduler is not None:
+            self.ctx.scheduler.wake()  # mail to hand on
         self._junk = 0
         reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}")
         self._log_outcome(envelope, size, reply)

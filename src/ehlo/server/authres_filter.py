@@ -10,6 +10,10 @@ Only the message's header section is looked at: everything up to the first
 empty line, at most :data:`HEADER_SCAN_LIMIT` octets of it. The filter holds
 the header section back until its end is seen, rewrites it, and from then on
 passes the body through untouched, so large messages still stream.
+
+While it holds the header section, the filter also counts its ``Received``
+fields (``received``), which the session checks against ``max_hops``
+(RFC 5321 section 6.3) without another pass over the message.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ _RENAMED = b"X-Original-Authentication-Results"
 # name, at the start of a line, in any letter case.
 _FIELD = re.compile(rb"(?im)^authentication-results[ \t]*:")
 _NAME = b"authentication-results"
+# A Received field name (RFC 5322 section 3.6.7), found in the lower-cased
+# header section: at its start, or after a line break. (A literal search on
+# lower-cased octets is several times faster than a case-insensitive one.)
+_RECEIVED_FIRST = re.compile(rb"received[ \t]*:")
+_RECEIVED = re.compile(rb"\nreceived[ \t]*:")
 # RFC 2045 section 5.1: tspecials end a token.
 _TSPECIALS = frozenset('()<>@,;:\\"/[]?=')
 
@@ -101,6 +110,12 @@ def _header_end(buf: bytes | bytearray, start: int) -> int:
     return end + 1 if end >= 0 else -1
 
 
+def _count_received(head: bytes | bytearray) -> int:
+    """How many Received fields the header section ``head`` holds."""
+    low = head.lower()
+    return len(_RECEIVED.findall(low)) + (_RECEIVED_FIRST.match(low) is not None)
+
+
 def _normal(name: str) -> str:
     return name.lower().rstrip(".")
 
@@ -110,10 +125,11 @@ class AuthResFilter:
 
     ``feed`` returns the octets to store now (empty while the header section
     is still being collected); ``finish`` returns what is left at the end of
-    the message. ``forged`` counts the fields renamed or removed.
+    the message. ``forged`` counts the fields renamed or removed;
+    ``received`` the Received fields of the header section, once passed on.
     """
 
-    __slots__ = ("_buf", "_done", "_ids", "_remove", "_searched", "forged")
+    __slots__ = ("_buf", "_done", "_ids", "_remove", "_searched", "forged", "received")
 
     def __init__(self, our_ids: frozenset[str], *, remove: bool = False) -> None:
         self._ids = frozenset(_normal(name) for name in our_ids)
@@ -122,6 +138,7 @@ class AuthResFilter:
         self._done = False
         self._searched = 0
         self.forged = 0
+        self.received = 0
 
     @property
     def done(self) -> bool:
@@ -137,6 +154,7 @@ class AuthResFilter:
             end = _header_end(data, 0)
             if end >= 0:
                 self._done = True
+                self.received = _count_received(data[:end])
                 if not self._ids or _FIELD.search(data, 0, end) is None:
                     return data  # nothing to rewrite: no copy
                 return self._rewrite(data[:end], False) + data[end:]
@@ -163,6 +181,7 @@ class AuthResFilter:
         rest = bytes(self._buf[end:])
         self._buf = bytearray()
         self._done = True
+        self.received = _count_received(head)
         return self._rewrite(head, last_open) + rest
 
     def _rewrite(self, head: bytes, last_open: bool) -> bytes:

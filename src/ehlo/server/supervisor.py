@@ -212,6 +212,10 @@ def _give_up_root(config: ServerConfig, user: RunAs) -> None:
         extra.append("ehlo.greeting")
     if config.greeting.active or config.reverse_dns:
         extra.append("ehlo.dns")
+    if not config.routing().catch_all:  # the delivery scheduler and its client
+        extra += ["ehlo.dns", "ehlo.delivery", "ehlo.client"]
+        if config.mta_sts:
+            extra += ["aiohttp", "yarl", "multidict"]
     preload(*extra)
     try:
         drop_privileges(user)
@@ -227,6 +231,7 @@ async def run_server(
     *,
     hooks: HooksArg = None,
     tls: TLSContexts | None = None,
+    delivery: bool = True,
 ) -> int:
     """Serve in the running event loop until SIGTERM or SIGINT (graceful stop); return 0.
 
@@ -240,7 +245,11 @@ async def run_server(
     # A supervisor's worker (it shares the counts) logs its start and stop at DEBUG.
     level = logging.INFO if counts is None else logging.DEBUG
     loop = asyncio.get_running_loop()
-    server = Server(config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls)
+    # ``delivery``: whether this process runs the delivery scheduler (one does).
+    server = Server(
+        config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls,
+        delivery=None if delivery else False,
+    )
     stopping = asyncio.Event()
     signals: list[float] = []
 
@@ -412,6 +421,9 @@ class Supervisor:
         # Each worker may hold every connection: raise the file-descriptor limit
         # (or warn that it is too low) once here; the workers inherit the answer.
         connection_capacity(config.max_connections)
+        if config.reverse_dns or config.greeting.active:
+            # Imported once here, its pages shared by every forked worker.
+            from .. import dns  # noqa: F401
         try:
             if user is not None:
                 _give_up_root(config, user)  # before any worker exists
@@ -540,6 +552,7 @@ class Supervisor:
                         self._counts,
                         hooks=self._hooks,
                         tls=self._tls,
+                        delivery=index == 0,  # one scheduler for all workers
                     )
                 )
         except StartError as exc:  # e.g. the store cannot be opened: one line

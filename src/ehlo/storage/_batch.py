@@ -50,6 +50,7 @@ from ._sqlite_db import (
     INSERT_MESSAGE,
     INSERT_SEARCH,
     PAGE_SIZE,
+    ROW_QUEUE,
     ROW_QUEUE_ID,
     ROW_SEARCH,
     ROW_SIZE,
@@ -64,6 +65,7 @@ from ._sqlite_db import (
     spooled_body,
 )
 from .base import StoreError, StoreStats, check_writable, fsync_dir, private_dir
+from .queue import INSERT_QUEUE
 
 if HAVE_FLOCK:
     import fcntl
@@ -341,6 +343,9 @@ class BatchWriter:
             conn.executemany("INSERT INTO chunks (queue_id, seq, data) VALUES (?, ?, ?)", chunks)
             conn.executemany(INSERT_MESSAGE, [op.row[:ROW_SEARCH] for op in batch])
             conn.executemany(INSERT_SEARCH, [op.row[ROW_SEARCH] for op in batch])
+            queued = [row for op in batch for row in op.row[ROW_QUEUE]]
+            if queued:  # the outbound entries, in the message's own transaction
+                conn.executemany(INSERT_QUEUE, queued)
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
             return None
@@ -370,6 +375,9 @@ class BatchWriter:
         conn.execute(INSERT_MESSAGE, op.row[:ROW_SEARCH])
         conn.execute("DELETE FROM search WHERE queue_id = ?", (queue_id,))  # none, or a stray
         conn.execute(INSERT_SEARCH, op.row[ROW_SEARCH])
+        if op.row[ROW_QUEUE]:
+            conn.execute("DELETE FROM queue WHERE queue_id = ?", (queue_id,))  # none, or strays
+            conn.executemany(INSERT_QUEUE, op.row[ROW_QUEUE])
         return queue_id
 
     def _place_body(self, spool: str, queue_id: str, size: int) -> str | None:

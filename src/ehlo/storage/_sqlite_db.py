@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from ..ids import new_queue_id
 from .base import create_private, private_dir
+from .queue import QUEUE_SCHEMA
 
 # Whether lock files can be held with flock (not on Windows).
 HAVE_FLOCK = sys.platform != "win32"
@@ -65,7 +66,7 @@ CREATE TABLE IF NOT EXISTS pending (
     queue_id TEXT PRIMARY KEY,
     owner    TEXT NOT NULL
 );
-"""
+""" + QUEUE_SCHEMA
 
 # The search table: one narrow row per message with what ``messages list``
 # filters on, case-folded, so that a filtered page scans these rows (newest
@@ -94,10 +95,12 @@ COLUMNS = (
 )
 INSERT_MESSAGE = f"INSERT INTO messages ({COLUMNS}) VALUES ({', '.join('?' * 16)})"
 # Where a row's fields are (the row is a tuple in COLUMNS order, followed by
-# the message's ``search`` row as one more item: see :func:`search_row`).
+# the message's ``search`` row as one more item: see :func:`search_row`, then
+# its ``queue`` rows, a list, empty when nothing is to be handed on).
 ROW_QUEUE_ID = 0
 ROW_SIZE = 13
 ROW_SEARCH = 16
+ROW_QUEUE = 17
 
 
 # Rows the upgrade reads from ``messages`` at a time.
@@ -263,6 +266,7 @@ def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
             uri=True,
             isolation_level=None,
             timeout=BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=False,  # a long-lived one serves a thread pool, under a lock
         )
     else:
         conn = sqlite3.connect(

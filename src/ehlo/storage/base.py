@@ -36,9 +36,12 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._query import Query, Retention
+
+if TYPE_CHECKING:
+    from .queue import Queue, QueueItem
 
 # Messages deleted in one transaction (or one folder sync): retention runs
 # while sessions commit, so each batch holds the write lock only briefly.
@@ -94,6 +97,9 @@ class Envelope:
     # Octets of the message as the client sent it (after dot-unstuffing),
     # set by the session at the end of the data; None when not known.
     size_received: int | None = None
+    # The recipients to hand on (relay, LMTP): the store queues them in the
+    # message's own commit. Kept by the queue, not in the envelope's JSON.
+    queue: list[QueueItem] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The envelope as JSON-ready data (the keys of ``messages --json``)."""
@@ -431,6 +437,11 @@ class Store(abc.ABC):
     def begin(self, envelope: Envelope) -> MessageWriter:
         """Start a message. The envelope may still be completed before commit."""
 
+    @property
+    def queue(self) -> Queue | None:
+        """The outbound queue this store keeps (None: it cannot queue mail)."""
+        return None
+
     @abc.abstractmethod
     def list(self, limit: int | None = None) -> Sequence[StoredMessage]:
         """Committed messages, newest first. Synchronous: used by the CLI."""
@@ -509,6 +520,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def raw(self, queue_id: str) -> bytes | None:
         """The stored bytes of one message (Received header first), or None."""
+
+    def read(self, queue_id: str) -> tuple[StoredMessage, bytes] | None:
+        """One message's envelope and bytes at once (what delivery reads), or None."""
+        stored = self.get(queue_id)
+        if stored is None:
+            return None
+        data = self.raw(queue_id)
+        return None if data is None else (stored, data)
 
 
 def page_bounds(ids: Sequence[str], query: Query) -> tuple[int, int]:

@@ -60,9 +60,12 @@ from .base import (
     create_private,
     extract_subject,
     fsync_dir,
+    log,
     page_bounds,
     private_dir,
 )
+from .maildir_queue import QUEUE_FOLDER, MaildirQueue, entries_file, new_entries, write_file
+from .queue import QueueEntry
 
 __all__ = ["MaildirStore", "MaildirWriter"]
 
@@ -101,6 +104,7 @@ class _Commit:
     sidecar: bytes
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[str]
+    entries: list[QueueEntry]  # its outbound queue entries (none: nothing to hand on)
 
 
 @dataclass(slots=True)
@@ -139,6 +143,31 @@ class _Committer(threading.Thread):
     def _commit(self, batch: list[_Commit]) -> None:
         if not batch:
             return
+        queued = any(op.entries for op in batch)
+        if not queued:
+            _settle(batch, self._commit_batch(batch, queued))
+            return
+        queue = self.store.queue
+        with contextlib.ExitStack() as held:
+            try:
+                # Shared with other committers; the cleanup at start waits for it.
+                held.enter_context(queue.committing())
+            except Exception as exc:
+                for op in batch:
+                    op.writer._discard()
+                _settle(batch, {id(op): _error(op.writer.queue_id, exc) for op in batch})
+                return
+            outcomes = self._commit_batch(batch, queued)
+        try:  # before the 250: the queue's readers see what it covers (files read again)
+            queue.committed([op.writer.queue_id for op in batch if op.entries])
+        except Exception as exc:  # the messages are durable: only readers may lag
+            log.warning(
+                "maildir queue: %s", exc, extra={"event": "queue_commit", "error": str(exc)}
+            )
+        _settle(batch, outcomes)
+
+    def _commit_batch(self, batch: list[_Commit], queued: bool) -> dict[int, str | BaseException]:
+        """Make a batch durable and visible; the outcome of each commit (by ``id``)."""
         store = self.store
         outcomes: dict[int, str | BaseException] = {}
         ready: list[_Commit] = []
@@ -155,6 +184,8 @@ class _Committer(threading.Thread):
         try:
             if ready:
                 fsync_dir(store.path / _SIDECARS)
+                if queued:  # the entries are durable before their message is visible
+                    fsync_dir(store.path / QUEUE_FOLDER)
             moved: list[_Commit] = []
             for op in ready:
                 try:
@@ -175,19 +206,24 @@ class _Committer(threading.Thread):
             # durability cannot be promised, so the client is told to retry.
             for op in ready:
                 outcomes.setdefault(id(op), _error(op.writer.queue_id, exc))
-        by_loop: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[str], str | BaseException]]
-        ] = {}
-        for op in batch:
-            by_loop.setdefault(op.loop, []).append((op.future, outcomes[id(op)]))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, items)
+        return outcomes
+
+
+def _settle(batch: list[_Commit], outcomes: dict[int, str | BaseException]) -> None:
+    """Hand each commit of a batch its outcome, on its own event loop."""
+    by_loop: dict[
+        asyncio.AbstractEventLoop, list[tuple[asyncio.Future[str], str | BaseException]]
+    ] = {}
+    for op in batch:
+        by_loop.setdefault(op.loop, []).append((op.future, outcomes[id(op)]))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+            loop.call_soon_threadsafe(_resolve, items)
 
 
 def _make_durable(op: _Commit) -> BaseException | None:
     try:
-        op.writer._make_durable(op.sidecar)
+        op.writer._make_durable(op.sidecar, op.entries)
     except Exception as exc:
         return exc
     return None
@@ -253,6 +289,10 @@ class MaildirWriter(MessageWriter):
         record = self._envelope.to_json()
         record.update(size=self._size, subject=self._head.subject(), file=self.name)
         sidecar = json.dumps(record, ensure_ascii=False, default=str).encode()
+        env = self._envelope
+        entries = (
+            new_entries(self.queue_id, env.queue, env.received_at.timestamp()) if env.queue else []
+        )
         try:
             self._file.flush()
         except OSError as exc:
@@ -261,14 +301,14 @@ class MaildirWriter(MessageWriter):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._state = "committing"
-        committer.ops.put(_Commit(self, sidecar, loop, future))
+        committer.ops.put(_Commit(self, sidecar, loop, future, entries))
         try:
             return await future
         finally:
             self._state = "done"
 
-    def _make_durable(self, sidecar: bytes) -> None:
-        """Committer thread: fsync the message, write and fsync its sidecar."""
+    def _make_durable(self, sidecar: bytes, entries: list[QueueEntry]) -> None:
+        """Committer thread: fsync the message, write and fsync its sidecar and entries."""
         try:
             os.fsync(self._file.fileno())
         finally:
@@ -282,12 +322,20 @@ class MaildirWriter(MessageWriter):
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, folder / f"{self.queue_id}.json")
+        if entries:
+            queue_file = self._store.path / QUEUE_FOLDER / f"{self.queue_id}.json"
+            write_file(queue_file, entries_file(entries))
 
     def _discard(self) -> None:
         """Committer thread: remove what a failed commit left behind."""
         with contextlib.suppress(OSError):
             self._file.close()
-        for path in (self._tmp, self._store.path / _SIDECARS / f"{self.queue_id}.json"):
+        store = self._store.path
+        for path in (
+            self._tmp,
+            store / _SIDECARS / f"{self.queue_id}.json",
+            store / QUEUE_FOLDER / f"{self.queue_id}.json",
+        ):
             with contextlib.suppress(OSError):
                 path.unlink()
 
@@ -319,6 +367,7 @@ class MaildirStore(Store):
         self.host = _host_part()
         self.stats = StoreStats()
         self._committer: _Committer | None = None
+        self._queue: MaildirQueue | None = None
 
     async def start(self) -> None:
         if self._committer is not None:
@@ -347,9 +396,14 @@ class MaildirStore(Store):
         # Where messages and envelopes are written (cur/ is the readers').
         for sub in ("tmp", "new", _SIDECARS):
             check_writable(self.path / sub)
+        # Then the outbound queue's (a Maildir made before it has none yet).
+        private_dir(self.path / QUEUE_FOLDER)
+        check_writable(self.path / QUEUE_FOLDER)
 
     def _prepare(self) -> None:
         self._folders()
+        # Entries whose message never became visible (a crash between the two).
+        self.queue.clean(lambda: {queue_id for queue_id, _ in self._files()})
         cutoff = time.time() - _STALE_SECONDS
         stale: list[Path] = []
         for folder in (self.path / "tmp", self.path / _SIDECARS):
@@ -384,6 +438,14 @@ class MaildirStore(Store):
         if not is_queue_id(envelope.queue_id):
             raise StoreError(f"maildir: bad queue id {envelope.queue_id!r}")
         return MaildirWriter(self, envelope)
+
+    @property
+    def queue(self) -> MaildirQueue:
+        """The outbound queue, in the Maildir's ``ehlo-queue/`` folder."""
+        found = self._queue
+        if found is None:
+            found = self._queue = MaildirQueue(self.path / QUEUE_FOLDER)
+        return found
 
     # --- reads ---------------------------------------------------------------
 
@@ -528,6 +590,10 @@ class MaildirStore(Store):
         for folder in touched:  # the removals are durable when this returns
             with contextlib.suppress(OSError):
                 fsync_dir(folder)
+        # A deleted message is not handed on; what was done stays in the history.
+        # After the message: a crash between the two leaves entries that start drops.
+        if gone:
+            self.queue.drop_pending(gone)
         return gone
 
     def delete_matching(self, query: Query) -> int:
@@ -535,16 +601,22 @@ class MaildirStore(Store):
         return len(self.delete(ids))
 
     def prune(self, retention: Retention, limit: int = DELETE_BATCH) -> int:
-        """Remove at most ``limit`` of the oldest messages beyond ``retention``."""
+        """Remove at most ``limit`` of the oldest messages beyond ``retention``.
+
+        A message still in the outbound queue is kept until it is handed on.
+        """
         if not retention.active:
             return 0
         files = sorted(self._files(), key=_file_time)  # oldest first, by name
+        held = self.queue.pending(queue_id for queue_id, _ in files) if files else set()
+        free = [item for item in files if item[0] not in held]
         doomed: list[str] = []
         if retention.keep_messages > 0:
-            doomed = [queue_id for queue_id, _ in files[: len(files) - retention.keep_messages]]
+            excess = len(files) - retention.keep_messages
+            doomed = [queue_id for queue_id, _ in free[: max(excess, 0)]]
         if retention.keep_days > 0:
             cutoff = time.time() - retention.keep_days * 86400
-            old = [item[0] for item in files if _file_time(item)[0] < cutoff]
+            old = [item[0] for item in free if _file_time(item)[0] < cutoff]
             if len(old) > len(doomed):
                 doomed = old
         return len(self.delete(doomed[:limit]))

@@ -110,6 +110,7 @@ from .base import (
     fsync_dir,
     private_dir,
 )
+from .queue import SQLiteQueue
 
 if HAVE_FLOCK:
     import fcntl
@@ -255,6 +256,7 @@ class SQLiteWriter(MessageWriter):
             body, self._buffer = self._buffer, bytearray()  # handed over whole: no copy
         env = self._envelope
         received_at = _utc_text(env.received_at)
+        queued_at = env.received_at.timestamp()
         subject = self._head.subject()
         row = (
             env.queue_id,
@@ -283,6 +285,7 @@ class SQLiteWriter(MessageWriter):
                 bool(env.tls),
                 env.extra,
             ),
+            [item.row(env.queue_id, queued_at) for item in env.queue] if env.queue else (),
         )
         self._state = "done"
         # Nothing reaches the writer before this point, so an abort never has
@@ -344,6 +347,10 @@ class SQLiteStore(Store):
         # The read-write connection of deletes (the CLI, retention), made on first use.
         self._rw: sqlite3.Connection | None = None
         self._rw_lock = threading.Lock()
+        self._queue: SQLiteQueue | None = None
+        # The read connection of ``read`` (delivery), made on first use.
+        self._ro: sqlite3.Connection | None = None
+        self._ro_lock = threading.Lock()
 
     @property
     def backlog_bytes(self) -> int:
@@ -418,6 +425,8 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         await self._stop_retention()
         self._close_rw()
+        if self._queue is not None:
+            self._queue.close()
         writer = self._writer
         if writer is None:
             return
@@ -455,6 +464,14 @@ class SQLiteStore(Store):
     def begin(self, envelope: Envelope) -> SQLiteWriter:
         self._writer_or_error()
         return SQLiteWriter(self, envelope)
+
+    @property
+    def queue(self) -> SQLiteQueue:
+        """The outbound queue, in this database's ``queue`` and ``attempts`` tables."""
+        found = self._queue
+        if found is None:
+            found = self._queue = SQLiteQueue(self.path)
+        return found
 
     # --- reads: short-lived read-only connections -------------------------------
 
@@ -543,7 +560,17 @@ class SQLiteStore(Store):
             self._rw = conn
         return conn
 
+    def _connection_ready(self) -> None:
+        """The schema made current once (by the read-write connection)."""
+        with self._rw_lock:
+            self._connection()
+
     def _close_rw(self) -> None:
+        with self._ro_lock:
+            ro, self._ro = self._ro, None
+            if ro is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    ro.close()
         with self._rw_lock:
             conn, self._rw = self._rw, None
             if conn is not None:
@@ -590,6 +617,12 @@ class SQLiteStore(Store):
                         ]
                         for table in ("chunks", "search", "messages"):
                             conn.execute(f"DELETE FROM {table} WHERE queue_id IN ({marks})", ids)
+                        # A deleted message is not handed on; what was done stays in the history.
+                        conn.execute(
+                            f"DELETE FROM queue WHERE queue_id IN ({marks})"
+                            " AND state NOT IN ('delivered', 'bounced')",
+                            ids,
+                        )
                         conn.execute("COMMIT")  # synchronous=FULL: durable from here
                     except BaseException:
                         with contextlib.suppress(sqlite3.Error):
@@ -625,7 +658,10 @@ class SQLiteStore(Store):
                 return deleted
 
     def prune(self, retention: Retention, limit: int = DELETE_BATCH) -> int:
-        """Delete at most ``limit`` of the oldest messages beyond ``retention``."""
+        """Delete at most ``limit`` of the oldest messages beyond ``retention``.
+
+        A message still in the outbound queue is kept until it is handed on.
+        """
         if not retention.active or not self.path.exists():
             return 0
         with self._rw_lock:
@@ -638,6 +674,7 @@ class SQLiteStore(Store):
                         row[0]
                         for row in conn.execute(
                             "SELECT queue_id FROM search WHERE received_at < ?"
+                            f" AND queue_id NOT IN ({_QUEUED})"
                             " ORDER BY received_at, queue_id LIMIT ?",
                             (_utc_text(cutoff), limit),
                         )
@@ -650,6 +687,7 @@ class SQLiteStore(Store):
                             row[0]
                             for row in conn.execute(
                                 "SELECT queue_id FROM search"
+                                f" WHERE queue_id NOT IN ({_QUEUED})"
                                 " ORDER BY received_at, queue_id LIMIT ?",
                                 (excess,),
                             )
@@ -657,6 +695,39 @@ class SQLiteStore(Store):
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
         return len(self.delete(ids[: limit * 2]))
+
+    def read(self, queue_id: str) -> tuple[StoredMessage, bytes] | None:
+        """The envelope and bytes in one snapshot of a long-lived read connection (no
+        connection opened per message: the delivery scheduler reads every message; and
+        not the deletes' connection, whose fsyncs it would wait for)."""
+        with self._ro_lock:
+            try:
+                conn = self._ro
+                if conn is None:
+                    self._connection_ready()
+                    conn = self._ro = connect(self.path, read_only=True)
+                conn.execute("BEGIN")
+                try:
+                    row = conn.execute(
+                        f"SELECT {COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
+                    ).fetchone()
+                    chunks = conn.execute(
+                        "SELECT data FROM chunks WHERE queue_id = ? ORDER BY seq", (queue_id,)
+                    ).fetchall()
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+        if row is None:
+            return None
+        stored = _message(row)
+        data = b"".join(data for (data,) in chunks)
+        if not data and stored.size:
+            try:  # a body larger than one chunk is in its file
+                data = (self.bodies / queue_id).read_bytes()
+            except OSError as exc:
+                raise StoreError(f"message {queue_id}: body file: {exc}") from exc
+        return stored, data
 
     def raw(self, queue_id: str) -> bytes | None:
         with self._reader() as conn:
@@ -677,6 +748,12 @@ class SQLiteStore(Store):
             return (self.bodies / queue_id).read_bytes()
         except OSError as exc:
             raise StoreError(f"message {queue_id}: body file: {exc}") from exc
+
+
+# The messages retention must keep: those with recipients still to hand on.
+_QUEUED = (
+    "SELECT queue_id FROM queue WHERE state IN ('queued', 'deferred', 'delivering', 'held')"
+)
 
 
 def _message(row: tuple[Any, ...]) -> StoredMessage:
