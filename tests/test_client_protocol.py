@@ -447,7 +447,7 @@ def test_sequencing_misuse() -> None:
 
 
 def test_parameter_and_address_checks() -> None:
-    link = greeted(Driver(ProtocolLimits(smtputf8=False, chunking=False)))
+    link = greeted(Driver(ProtocolLimits(smtputf8=False, chunking=False, dsn=False)))
     client = link.client
     with pytest.raises(LocalProtocolError, match="SMTPUTF8"):
         client.mail("a@example.org", {"SMTPUTF8": None})
