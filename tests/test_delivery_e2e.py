@@ -83,9 +83,9 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
                   **overrides: Any) -> Server:
         from ehlo import Listen
 
+        overrides.setdefault("mta_sts", False)  # MTA-STS off unless asked for
         config = make_config(
-            tmp_path / name, listen=(Listen(ip, port),), hostname=f"mx.{name}.test",
-            mta_sts=False, **overrides,
+            tmp_path / name, listen=(Listen(ip, port),), hostname=f"mx.{name}.test", **overrides
         )
         server = Server(config, clock=clock, hooks=hooks)
         await server.start()
