@@ -22,7 +22,6 @@ import email
 import email.policy
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -39,7 +38,7 @@ from ehlo.client import SMTPClient, Timeouts
 from ehlo.storage.queue import QueueEntry
 
 from .dnsserver import DNSServer
-from .helpers import free_port, make_config, tool, wait_until
+from .helpers import free_port, greets, make_config, tool, wait_until
 
 A_IP, B_IP, SINK_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 TIMEOUTS = Timeouts.uniform(10.0)
@@ -83,9 +82,9 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
                   **overrides: Any) -> Server:
         from ehlo import Listen
 
+        overrides.setdefault("mta_sts", False)  # MTA-STS off unless asked for
         config = make_config(
-            tmp_path / name, listen=(Listen(ip, port),), hostname=f"mx.{name}.test",
-            mta_sts=False, **overrides,
+            tmp_path / name, listen=(Listen(ip, port),), hostname=f"mx.{name}.test", **overrides
         )
         server = Server(config, clock=clock, hooks=hooks)
         await server.start()
@@ -281,15 +280,7 @@ def sink() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Path]]]:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         started.append(proc)
 
-        def ready() -> bool:
-            try:
-                with socket.create_connection((SINK_IP, port), timeout=1.0) as sock:
-                    sock.settimeout(2.0)
-                    return sock.recv(64).startswith(b"220")
-            except OSError:
-                return False
-
-        wait_until(ready, timeout=10.0, what="smtp-sink")
+        wait_until(lambda: greets(port, SINK_IP), timeout=10.0, what="smtp-sink")
         return proc, dump
 
     yield run

@@ -53,7 +53,7 @@ from ehlo.storage.queue import QueueEntry, QueueItem
 from . import test_delivery_e2e as e2e
 from .dnsserver import DNSServer
 from .dovecot import Dovecot
-from .helpers import client_tls, free_port, make_config
+from .helpers import client_tls, free_port
 from .test_auth_limits import users_data
 
 A_IP, B_IP, SINK_IP, OTHER_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
@@ -118,31 +118,8 @@ def b_cert(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
     return {**paths, "ca": ca_file}
 
 
-@pytest.fixture
-async def start(tmp_path: Path) -> AsyncIterator[Start]:
-    """Servers by name on their loopback address (MTA-STS off unless asked for)."""
-    servers: list[Server] = []
-
-    async def run(
-        name: str, ip: str, port: int = 0, *, clock: Any = None, hooks: Any = None, **config: Any
-    ) -> Server:
-        from ehlo import Listen
-
-        config.setdefault("mta_sts", False)
-        server = Server(
-            make_config(
-                tmp_path / name, listen=(Listen(ip, port),), hostname=f"mx.{name}.test", **config
-            ),
-            clock=clock,
-            hooks=hooks,
-        )
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield run
-    for server in servers:
-        await server.stop(timeout=1.0)
+# Servers by name on their loopback address (MTA-STS off unless asked for).
+start = e2e.start
 
 
 async def start_b(start: Start, dns: DNSServer, **config: Any) -> tuple[Server, int]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -183,3 +184,43 @@ def text_output() -> None:
     if hasattr(sys.stdout, "reconfigure"):
         with contextlib.suppress(ValueError, OSError):
             sys.stdout.reconfigure(errors="replace")
+
+
+class Listing:
+    """The rows of a ``list`` command, written as they come: a JSON array (``--json``),
+    JSON lines (``--jsonl``) or a text table under ``header``."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        header: str,
+        to_json: Callable[[Any], Any],
+        to_text: Callable[[Any], str],
+    ) -> None:
+        text_output()
+        self.mode = "json" if args.json else "jsonl" if args.jsonl else "text"
+        self.header, self.to_json, self.to_text = header, to_json, to_text
+        self.shown = 0
+        self.write = sys.stdout.write
+        if self.mode == "json":
+            self.write("[")
+
+    def add(self, row: Any) -> None:
+        if self.mode == "text":
+            if not self.shown:
+                self.write(self.header + "\n")
+            self.write(self.to_text(row) + "\n")
+        else:
+            item = json.dumps(self.to_json(row), ensure_ascii=False)
+            if self.mode == "jsonl":
+                self.write(item + "\n")
+            else:
+                self.write(("\n" if not self.shown else ",\n") + item)
+        self.shown += 1
+
+    def end(self, nothing: str) -> None:
+        """Close the array; ``nothing`` is the text written when no row was."""
+        if self.mode == "json":
+            self.write("\n]\n" if self.shown else "]\n")
+        elif self.mode == "text" and not self.shown:
+            self.write(nothing + "\n")

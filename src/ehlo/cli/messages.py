@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import load_config, read_config_file
-from ._common import Failure, Parser, count, safe, store_options, text_output, usage
+from ._common import Failure, Listing, Parser, count, safe, store_options, text_output, usage
 
 if TYPE_CHECKING:
     from ..storage import Query, Store, StoredMessage
@@ -286,35 +286,22 @@ def _list(args: argparse.Namespace) -> int:
         # The page just newer than ``after``: the extra one is the newest, at the front.
         page = list(found)
         found = iter(page[1:] if len(page) > limit else page)
-    text_output()
-    write = sys.stdout.write
-    shown = 0
+    listing = Listing(args, _line(_HEADER), list_json, _text_line)
     last = ""
     more = False
-    if args.json:
-        write("[")
     for message in found:
-        if limit is not None and shown >= limit:
+        if limit is not None and listing.shown >= limit:
             more = True
             break
-        if args.json:
-            item = json.dumps(list_json(message), ensure_ascii=False)
-            write(("\n" if not shown else ",\n") + item)
-        elif args.jsonl:
-            write(json.dumps(list_json(message), ensure_ascii=False) + "\n")
-        else:
-            if not shown:
-                write(_line(_HEADER) + "\n")
-            write(_text_line(message) + "\n")
-        shown += 1
+        listing.add(message)
         last = message.envelope.queue_id
-    if args.json:
-        write("\n]\n" if shown else "]\n")
-    elif not args.jsonl and not shown:
-        write("no messages\n")
-    if more and not args.json and not args.jsonl:
+    listing.end("no messages")
+    if more and listing.mode == "text":
         sys.stdout.flush()
-        print(f"(first {shown} shown; older ones: --before {last}, or --all)", file=sys.stderr)
+        print(
+            f"(first {listing.shown} shown; older ones: --before {last}, or --all)",
+            file=sys.stderr,
+        )
     return 0
 
 

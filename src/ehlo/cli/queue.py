@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._common import Failure, Parser, count, safe, store_options, text_output, usage
+from ._common import Failure, Listing, Parser, count, safe, store_options, text_output, usage
 from .messages import DEFAULT_LIMIT, _open_store
 
 if TYPE_CHECKING:
@@ -301,34 +301,19 @@ def _list(args: argparse.Namespace) -> int:
         limit = args.limit if args.limit is not None else DEFAULT_LIMIT
         page, more = _page(queue, args, args.before, limit)
         found = iter(page)
-    text_output()
-    write = sys.stdout.write
-    shown = 0
+    listing = Listing(args, _line(_HEADER), list_json, _text_line)
     last = ""
-    if args.json:
-        write("[")
     for entry in found:
-        if args.json:
-            item = json.dumps(list_json(entry), ensure_ascii=False)
-            write(("\n" if not shown else ",\n") + item)
-        elif args.jsonl:
-            write(json.dumps(list_json(entry), ensure_ascii=False) + "\n")
-        else:
-            if not shown:
-                write(_line(_HEADER) + "\n")
-            write(_text_line(entry) + "\n")
-        shown += 1
+        listing.add(entry)
         last = entry.queue_id
-    if args.json:
-        write("\n]\n" if shown else "]\n")
-    elif not args.jsonl:
-        if not shown:
-            write("no entries\n")
-        write(summary_line(queue.counts()) + "\n")
+    listing.end("no entries")
+    if listing.mode == "text":
+        sys.stdout.write(summary_line(queue.counts()) + "\n")
         if more:
             sys.stdout.flush()
             older = f"--before {last}, or --all" if last else "--limit N, or --all"
-            print(f"(first {_entries(shown)} shown; older ones: {older})", file=sys.stderr)
+            shown = _entries(listing.shown)
+            print(f"(first {shown} shown; older ones: {older})", file=sys.stderr)
     return 0
 
 

@@ -276,6 +276,38 @@ def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
     return conn
 
 
+def open_read_write(path: Path, *, synchronous: str, cache_kib: int) -> sqlite3.Connection:
+    """A read-write connection to the database at ``path`` (created 0600), in WAL mode,
+    its schema made current. ``synchronous``: "FULL" (a commit is durable when it
+    returns) or "NORMAL" (it survives a killed process, not a power cut)."""
+    private_database(path)
+    conn = connect(path, read_only=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        conn.execute(f"PRAGMA cache_size=-{cache_kib}")
+        open_schema(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextlib.contextmanager
+def write_turn(path: Path) -> Iterator[None]:
+    """Take the lock the writers of ``--workers`` take around their transactions."""
+    lock = path.with_name(path.name + ".writelock")
+    if not HAVE_FLOCK or not lock.exists():
+        yield
+        return
+    fd = os.open(lock, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 # --- owner locks: which store instances are alive -----------------------------
 
 

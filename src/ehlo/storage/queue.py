@@ -345,18 +345,13 @@ class SQLiteQueue(Queue):
     def _connection(self) -> sqlite3.Connection:
         conn = self._conn
         if conn is None:
-            from ._sqlite_db import connect, open_schema, private_database
+            from ._sqlite_db import open_read_write
 
             try:
-                private_database(self.path)
-                conn = connect(self.path, read_only=False)
-                conn.execute("PRAGMA journal_mode=WAL")
                 # Queue updates survive a killed process once committed (WAL); an
                 # outcome lost to a power cut only means an entry is tried again
                 # (at least once), so they skip the fsync the messages pay.
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA cache_size=-2048")
-                open_schema(conn)
+                conn = open_read_write(self.path, synchronous="NORMAL", cache_kib=2048)
             except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
             self._conn = conn
@@ -373,29 +368,22 @@ class SQLiteQueue(Queue):
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken in turn with the store's writers."""
-        with self._lock:
-            conn = self._connection()
-            lock = self.path.with_name(self.path.name + ".writelock")
-            fd = None
-            try:
-                if os.name == "posix" and lock.exists():
-                    import fcntl
+        from ._sqlite_db import write_turn
 
-                    fd = os.open(lock, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                    raise
+        with self._lock:
+            try:
+                conn = self._connection()
+                with write_turn(self.path):
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield conn
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
+                        raise
             except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
-            finally:
-                if fd is not None:
-                    os.close(fd)
 
     # --- the scheduler ------------------------------------------------------------
 

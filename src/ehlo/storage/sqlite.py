@@ -83,7 +83,6 @@ from ._backend import WriterBackend
 from ._query import Query, Retention
 from ._sqlite_db import (
     COLUMNS,
-    HAVE_FLOCK,
     SCHEMA_VERSION,
     SPOOL,
     OwnerLock,
@@ -91,10 +90,10 @@ from ._sqlite_db import (
     connect,
     fold,
     locks_dir,
-    open_schema,
-    private_database,
+    open_read_write,
     search_row,
     spooled_body,
+    write_turn,
 )
 from .base import (
     DELETE_BATCH,
@@ -111,9 +110,6 @@ from .base import (
     private_dir,
 )
 from .queue import SQLiteQueue
-
-if HAVE_FLOCK:
-    import fcntl
 
 __all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter", "body_dir", "spooled_body"]
 
@@ -548,13 +544,8 @@ class SQLiteStore(Store):
         conn = self._rw
         if conn is None:
             try:
-                private_database(self.path)
-                conn = connect(self.path, read_only=False)
-                conn.execute("PRAGMA journal_mode=WAL")
                 # A delete is durable when it returns.
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA cache_size=-1024")
-                open_schema(conn)
+                conn = open_read_write(self.path, synchronous="FULL", cache_kib=1024)
             except (sqlite3.Error, OSError) as exc:
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
             self._rw = conn
@@ -577,19 +568,9 @@ class SQLiteStore(Store):
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
 
-    @contextlib.contextmanager
-    def _write_turn(self) -> Iterator[None]:
+    def _write_turn(self) -> contextlib.AbstractContextManager[None]:
         """Take the lock the writers of ``--workers`` take around their transactions."""
-        path = self.path.with_name(self.path.name + ".writelock")
-        if not HAVE_FLOCK or not path.exists():
-            yield
-            return
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+        return write_turn(self.path)
 
     def delete(self, ids: Iterable[str]) -> Sequence[str]:
         """Delete messages (rows, chunks and body files) for good; the ids that were there."""
