@@ -57,6 +57,7 @@ and ``cur/`` when the folder holds entries files, and reads the orphans.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -106,21 +107,7 @@ class _Record:
 
 
 def _entry_json(entry: QueueEntry) -> dict[str, Any]:
-    return {
-        "queue_id": entry.queue_id,
-        "recipient": entry.recipient,
-        "next_hop": entry.next_hop,
-        "state": entry.state,
-        "attempts": entry.attempts,
-        "next_attempt": entry.next_attempt,
-        "created": entry.created,
-        "notify": entry.notify,
-        "orcpt": entry.orcpt,
-        "last_reply": entry.last_reply,
-        "updated": entry.updated,
-        "delay_notified": entry.delay_notified,
-        "request": entry.request,
-    }
+    return dataclasses.asdict(entry)
 
 
 def _entry_from(data: dict[str, Any]) -> QueueEntry:
@@ -143,14 +130,7 @@ def _entry_from(data: dict[str, Any]) -> QueueEntry:
 
 
 def _attempt_json(attempt: Attempt) -> dict[str, Any]:
-    return {
-        "queue_id": attempt.queue_id,
-        "at": attempt.at,
-        "next_hop": attempt.next_hop,
-        "host": attempt.host,
-        "results": attempt.results,
-        "transcript": attempt.transcript,
-    }
+    return dataclasses.asdict(attempt)
 
 
 def _attempt_from(data: dict[str, Any]) -> Attempt:
