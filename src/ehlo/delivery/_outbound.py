@@ -308,12 +308,12 @@ class Session:
                             last = local_reply(451, "4.7.5", f"{where}: TLS: {exc}")
                         continue  # opportunistic: once more without STARTTLS
                     except SMTPClientError as exc:
+                        # Refused or unreachable (a 4xx or 5xx banner, EHLO or AUTH):
+                        # the next address or host (RFC 5321 section 5.1).
                         client.close()
                         last = reply_dict(exc.reply, where, str(exc))
                         if last["code"] == 0:
                             last = local_reply(451, "4.4.1", f"{where}: {exc}")
-                        elif last["code"] >= 500 and not isinstance(exc, ConnectionFailed):
-                            break  # a 5xx banner: this host refuses us; try the next
                         break
                     except (OSError, TimeoutError) as exc:
                         client.close()
