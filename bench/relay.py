@@ -58,6 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import messages as _messages  # bench/messages.py: the timed command runner
+import postfix as _postfix  # bench/postfix.py: the private Postfix instance
 import run as _run  # bench/run.py: processes, CPU, RSS
 
 ROOT = _run.ROOT
@@ -66,7 +67,6 @@ HOST = _run.HOST
 MIB = _run.MIB
 EHLO = _messages.EHLO
 SBIN_PATH = _run.SBIN_PATH
-POSTFIX_MASTER_CF = Path("/etc/postfix/master.cf")
 
 # The targets.
 R1_RATIO = 2.0  # ehlo msg/s >= 2x Postfix's
@@ -84,21 +84,6 @@ STALL_SECONDS = 60.0
 
 # ---------------------------------------------------------------------------
 # Processes
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds of a process tree, each process's reaped children included.
-
-    bench/run.py's ``cpu_seconds`` adds the reaped children of the root only;
-    Postfix's master reaps smtpd, cleanup and smtp processes that end during a
-    run, so here every process in the tree adds its own.
-    """
-    total = 0
-    for pid in _run.tree_pids(root):
-        fields = _run._stat_fields(pid)
-        if fields is not None:
-            total += sum(int(fields[i]) for i in (11, 12, 13, 14))
-    return total / _run.CLK_TCK
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
@@ -204,7 +189,7 @@ class Sink:
             return 0, 0
 
     def cpu(self) -> float:
-        return tree_cpu(self.proc.pid)
+        return _run.tree_cpu(self.proc.pid)
 
     def stop(self) -> None:
         stop_group(self.proc)
@@ -247,99 +232,15 @@ def ehlo_relay_argv(
     return cmd
 
 
-def postfix_main_cf(folder: Path, sink_port: int) -> str:
-    """main.cf of a private Postfix that relays everything from loopback to the sink."""
-    return "\n".join(
-        [
-            "compatibility_level = 3.6",
-            f"queue_directory = {folder / 'queue'}",
-            f"data_directory = {folder / 'data'}",
-            "mail_owner = postfix",
-            "setgid_group = postdrop",
-            "inet_interfaces = 127.0.0.1",
-            "inet_protocols = ipv4",
-            "myhostname = postfix.bench.local",
-            f"mydomain = {DOMAIN}",
-            f"mydestination = {DOMAIN}",
-            "mynetworks = 127.0.0.0/8",
-            "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination",
-            f"relayhost = [{HOST}]:{sink_port}",
-            "alias_maps =",
-            "alias_database =",
-            "local_recipient_maps =",
-            "smtpd_client_connection_rate_limit = 0",
-            "smtpd_client_connection_count_limit = 0",
-            "smtpd_client_message_rate_limit = 0",
-            "smtpd_client_recipient_rate_limit = 0",
-            "smtp_tls_security_level = none",
-            "smtpd_tls_security_level = none",
-            "smtp_dns_support_level = disabled",
-            "disable_dns_lookups = yes",
-            "smtpd_peername_lookup = no",
-            "biff = no",
-            "maillog_file = /dev/stdout",
-            "",
-        ]
-    )
-
-
-def postfix_master_cf(template: str, smtp_port: int) -> str:
-    """master.cf from Debian's: the ``smtp inet`` service on ``smtp_port``, nothing chrooted."""
-    out = []
-    for line in template.splitlines():
-        fields = line.split()
-        if line[:1].isspace() or line.startswith("#") or len(fields) < 8:
-            out.append(line)
-            continue
-        name, kind = fields[0], fields[1]
-        if kind == "inet" and name != "smtp":
-            continue  # submission, smtps...: not wanted
-        if kind == "inet":
-            fields[0] = f"{HOST}:{smtp_port}"
-        fields[4] = "n"  # chroot: n (the queue folder is our own)
-        out.append("  ".join(fields[:8]) + ("  " + " ".join(fields[8:]) if fields[8:] else ""))
-    return "\n".join(out) + "\n"
-
-
-def write_postfix_config(folder: Path, smtp_port: int, sink_port: int) -> None:
-    """A private Postfix instance's folder: main.cf, master.cf, queue and data folders."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "main.cf").write_text(postfix_main_cf(folder, sink_port))
-    (folder / "master.cf").write_text(postfix_master_cf(POSTFIX_MASTER_CF.read_text(), smtp_port))
-    for sub in ("queue", "data"):
-        (folder / sub).mkdir(exist_ok=True)
-    if os.geteuid() == 0:
-        # The master takes its lock in data_directory as the mail owner.
-        shutil.chown(folder / "data", user="postfix")
-
-
-def postfix_command(
-    folder: Path, *args: str, timeout: float = 60.0
-) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("postfix", path=SBIN_PATH) or "/usr/sbin/postfix"
-    return subprocess.run(
-        [binary, "-c", str(folder), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PATH": SBIN_PATH},
-        check=False,
-    )
-
-
 class Postfix:
-    """A private Postfix instance (``postfix -c DIR start-fg``) relaying to ``sink_port``."""
+    """A private Postfix instance (bench/postfix.py) relaying to ``sink_port``."""
 
     def __init__(self, workdir: Path, sink_port: int) -> None:
         self.port = _run.free_port()
         self.folder = workdir / "postfix"
-        write_postfix_config(self.folder, self.port, sink_port)
-        checked = postfix_command(self.folder, "check")
-        if checked.returncode != 0:
-            raise RuntimeError(f"postfix check: {(checked.stderr or checked.stdout).strip()}")
+        argv = _postfix.prepare(self.folder, self.port, relay_port=sink_port)
         self.log = workdir / "postfix.log"
-        binary = shutil.which("postfix", path=SBIN_PATH) or "/usr/sbin/postfix"
-        self.proc = start([binary, "-c", str(self.folder), "start-fg"], self.log)
+        self.proc = start(argv, self.log)
         try:
             wait_port(self.port, self.proc, "postfix")
         except RuntimeError as exc:
@@ -351,11 +252,7 @@ class Postfix:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                postfix_command(self.folder, "stop", timeout=30)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=30)
+        _postfix.stop(self.folder, self.proc)
         stop_group(self.proc)
 
 
@@ -401,7 +298,7 @@ def relay_run(
 ) -> dict[str, Any]:
     """Send ``messages`` through ``server`` and wait until ``sink`` counted them all."""
     sessions_before, mesg_before = sink.counts()
-    cpu_before = tree_cpu(server.pid)
+    cpu_before = _run.tree_cpu(server.pid)
     sink_cpu_before = sink.cpu()
     system_before, steal_before = _run.system_cpu()
     began = time.perf_counter()
@@ -441,7 +338,7 @@ def relay_run(
         if source.poll() is None:
             source.kill()
         source.wait()
-    cpu = tree_cpu(server.pid) - cpu_before
+    cpu = _run.tree_cpu(server.pid) - cpu_before
     system_after, steal_after = _run.system_cpu()
     sink_cpu = sink.cpu() - sink_cpu_before
     seconds = done - began
