@@ -709,6 +709,31 @@ async def test_an_authenticated_client_relays_and_an_anonymous_one_does_not(
     assert len(b.store.list()) == 1
 
 
+@pytest.mark.parametrize("password", ["pw", "wrong"])
+async def test_a_smarthost_is_given_the_relay_login(
+    start: Start, dns: DNSServer, tmp_path: Path, password: str
+) -> None:
+    # relay_auth_user with relay_password_file: AUTH at the smarthost (after
+    # STARTTLS); a refused login defers, it never bounces.
+    users_data(tmp_path, "b")  # B's data folder: tmp_path / "b"
+    b, port = await start_b(start, dns)
+    secret = tmp_path / "relay.pw"
+    secret.write_text(password + "\n")
+    a = await start(
+        "a", A_IP, **relay_options(dns, port), relay_host=f"{B_IP}:{port}",
+        relay_auth_user="alice", relay_password_file=secret,
+    )
+    queue_id = await submit(a, "alice@a.test", ["bob@b.test"])
+    if password == "pw":
+        stored = await until(lambda: b.store.list(), what="the message at B")
+        assert stored[0].envelope.extra["auth"]["user"] == "alice"
+        await until(lambda: states(a, queue_id) == {"bob@b.test": "delivered"}, what="sent")
+    else:
+        entry = await settled(a, queue_id, "deferred")
+        assert entry.last_reply is not None and entry.last_reply["code"] == 535
+        assert b.store.list() == []
+
+
 # ------------------------------------------------------------ bounces by capability
 
 
