@@ -358,7 +358,10 @@ class Session:
             waiting = s._ready.pop(self.hop_text, deque())
             jobs.extend(waiting)
         for one in jobs:
-            envelope, raw = await self._message(one.queue_id)
+            envelope: Envelope | None = None
+            raw: bytes | None = None
+            if bounce or s.deferral_needs_message(one.entries):
+                envelope, raw = await self._message(one.queue_id)
             state = "bounced" if bounce else "deferred"
             outcomes = {e.recipient: Outcome(state, dict(reply)) for e in one.entries}
             attempt = Attempt(

@@ -398,7 +398,6 @@ class Scheduler:
         now = self.clock()
         updates: list[EntryUpdate] = []
         failed, delayed, succeeded = [], [], []
-        s = self.settings
         for entry in job.entries:
             outcome = outcomes.get(entry.recipient)
             self._loaded.discard(entry.key)
@@ -413,19 +412,14 @@ class Scheduler:
             next_attempt = now
             delay_notified = None
             if state == "deferred":
-                if now - entry.created >= s.max_lifetime:
+                if self._expired(entry, now):
                     # RFC 5321 section 4.5.4.1: give up after the queue lifetime.
                     state = "bounced"
                     reply = {**reply, "expired": True}
                     outcome.action = "failed"
                 else:
                     next_attempt = now + self.backoff(entry.attempts + 1)
-                    if (
-                        s.delay_warning > 0
-                        and not entry.delay_notified
-                        and now - entry.created >= s.delay_warning
-                        and wants(entry.notify, "DELAY")
-                    ):
+                    if self._delay_due(entry, now):
                         delayed.append((entry, reply, next_attempt))
                         delay_notified = True
             updates.append(
@@ -456,6 +450,25 @@ class Scheduler:
             await self.notify(envelope, raw, "delayed", delayed)
         if succeeded:
             await self.notify(envelope, raw, "success", [(e, r, a) for e, r, a in succeeded])
+
+    def _expired(self, entry: QueueEntry, now: float) -> bool:
+        return now - entry.created >= self.settings.max_lifetime
+
+    def _delay_due(self, entry: QueueEntry, now: float) -> bool:
+        """A delay notice is due (once, after ``delay_warning``, if NOTIFY allows)."""
+        warning = self.settings.delay_warning
+        return (
+            warning > 0
+            and not entry.delay_notified
+            and now - entry.created >= warning
+            and wants(entry.notify, "DELAY")
+        )
+
+    def deferral_needs_message(self, entries: Sequence[QueueEntry]) -> bool:
+        """Whether deferring ``entries`` now may send a notice (expiry, a delay notice),
+        for which the message must be read; a plain deferral needs only the entries."""
+        now = self.clock()
+        return any(self._expired(e, now) or self._delay_due(e, now) for e in entries)
 
     def _log(
         self,
