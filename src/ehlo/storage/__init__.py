@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ._query import Query, Retention
 from .base import (
+    LIST_FIELDS,
     Envelope,
     MessageWriter,
     Store,
@@ -16,12 +17,15 @@ from .base import (
     StoreStats,
     create_private,
     ensure_data_dir,
+    list_json,
+    message_json,
 )
 from .maildir import MaildirStore
 from .null import NullStore
 from .sqlite import SQLiteStore
 
 __all__ = [
+    "LIST_FIELDS",
     "Envelope",
     "MaildirStore",
     "MessageWriter",
@@ -34,6 +38,8 @@ __all__ = [
     "StoreStats",
     "StoredMessage",
     "ensure_data_dir",
+    "list_json",
+    "message_json",
     "open_store",
     "sqlite_path",
     "stored_kind",
