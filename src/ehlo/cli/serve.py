@@ -181,7 +181,13 @@ def add_serve_command(commands: Any) -> None:
         help="web UI and HTTP API address (default: 127.0.0.1:8025; when that is busy,"
         " one warning and no web UI); beyond loopback it needs --http-auth or --http-insecure",
     )
-    serve.add_argument("--no-http", action="store_true", help="no web UI and HTTP API")
+    serve.add_argument(
+        "--no-http",
+        action="store_const",
+        dest="http",
+        const="",
+        help="no web UI and HTTP API (the last of --http and --no-http counts)",
+    )
     serve.add_argument(
         "--http-auth",
         action="store_true",
@@ -229,7 +235,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         "proxy_trusted": args.proxy_trusted,
         "log_format": args.log_format,
         "log_level": args.log_level,
-        "http": args.http,
+        "http": args.http or None,
     }
     if args.tls_cert or args.tls_key:
         overrides["tls"] = True
@@ -246,9 +252,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
             overrides[key] = True
     if args.no_auth:
         overrides["auth"] = False
-    if args.no_http:
-        if args.http:
-            raise ConfigError("--no-http cannot be combined with --http")
+    if args.http == "":  # --no-http
         overrides["http_enabled"] = False
     if args.http_auth:
         overrides["http_auth"] = True
