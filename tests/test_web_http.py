@@ -391,3 +391,44 @@ async def test_beyond_loopback_is_refused_by_the_embedded_server_too(tmp_path: P
     with pytest.raises(ValueError, match="reachable beyond loopback"):
         await server.start()
     assert server.http is None
+
+
+async def test_a_good_login_is_hashed_once_then_remembered(tmp_path: Path) -> None:
+    from ehlo.auth import UserStore
+    from ehlo.storage import open_store
+    from ehlo.web import WebContext
+    from ehlo.web._service import HTTPService
+
+    class Counted(UserStore):
+        checks = 0
+
+        def verify(self, name: str, password: str) -> bool:
+            Counted.checks += 1
+            return super().verify(name, password)
+
+    users = Counted(tmp_path / "data")
+    assert users.add("alice", "s3cret")
+    store = open_store("sqlite", tmp_path / "data")
+    await store.start()
+    service = HTTPService(WebContext(store=store, users=users), host="127.0.0.1", port=0)
+    await service.start()
+    try:
+        api = f"{service.url}api/v1/openapi.json"
+        right = {"Authorization": aiohttp.encode_basic_auth("alice", "s3cret")}
+        wrong = {"Authorization": aiohttp.encode_basic_auth("alice", "nope")}
+        async with aiohttp.ClientSession() as http:
+            for _ in range(5):
+                async with http.get(api, headers=right) as response:
+                    assert response.status == 200
+            assert Counted.checks == 1
+            for _ in range(2):  # a wrong password is checked every time
+                async with http.get(api, headers=wrong) as response:
+                    assert response.status == 401
+            assert Counted.checks == 3
+            for header in ("Basic", "Basic !!!", "Bearer x", "Basic " + "YWxpY2U="):
+                async with http.get(api, headers={"Authorization": header}) as response:
+                    assert response.status == 401, header
+            assert Counted.checks == 3  # malformed: refused without a hash
+    finally:
+        await service.stop()
+        await store.close()
