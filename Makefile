@@ -1,7 +1,8 @@
 # Developer entry points: setup, run, test, lint, fmt, bench, clean.
 #
 #   make setup        .venv with the package (editable) and the test tools
-#   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data);
+#   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data, the web UI
+#                     on http://127.0.0.1:8025/: its URL is logged at start);
 #                     on a fresh clone it installs the runtime dependencies only
 #   make test         ruff, mypy, lint-imports and pytest (PYTEST_ARGS=... passed to pytest)
 #   make test-deps    the Debian packages the tests drive (swaks, openssl, postfix tools, haproxy)

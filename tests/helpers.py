@@ -449,9 +449,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # ``ehlo serve`` options for a subprocess that must not look anything up: no
-# reverse DNS, no greeting checks. Put first, so that a test's own
-# ``--helo-policy ... --dns-server`` (the loopback DNS server) still wins.
-SERVE_WITHOUT_DNS = ("--no-reverse-dns", "--helo-policy", "off")
+# reverse DNS, no greeting checks; and no web UI (its default address,
+# 127.0.0.1:8025, is one for the whole machine). Put first, so that a test's
+# own ``--helo-policy ... --dns-server`` or ``--http HOST:PORT`` still wins.
+SERVE_WITHOUT_DNS = ("--no-reverse-dns", "--helo-policy", "off", "--no-http")
 
 
 def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:

@@ -93,6 +93,10 @@ class Listen:
         return cls(host or "0.0.0.0", port, **flags)
 
 
+# The web UI and API's address when the ``http`` key is unset.
+HTTP_DEFAULT = Listen("127.0.0.1", 8025)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Key:
     """How a configuration field is loaded (in ``Annotated`` on the field).
@@ -468,6 +472,26 @@ class ServerConfig:
         str | None,
         _Key(_user, doc="started as root: bind, then run every process as this user"),
     ] = None
+    # The web UI and HTTP API (``ehlo.web``), served by one process. Unset:
+    # 127.0.0.1:8025 (HTTP_DEFAULT), and when that address is busy (a second
+    # server on one machine) one warning and SMTP serves without HTTP; an
+    # address set here or with --http that cannot be bound stops the start.
+    http: Annotated[
+        Listen | None,
+        _Key(_http, doc="web UI and API address HOST:PORT; unset: 127.0.0.1:8025, skipped if busy"),
+    ] = None
+    http_enabled: Annotated[
+        bool, _Key(_bool, doc="serve the web UI and API (false: --no-http)")
+    ] = True
+    # Bound beyond loopback, the server refuses to start unless http_auth
+    # (HTTPS with the server's certificate, HTTP Basic against the users
+    # file) or http_insecure (plain HTTP, no login: the operator knows) is set.
+    http_auth: Annotated[
+        bool, _Key(_bool, doc="web UI over HTTPS with HTTP Basic against the users file")
+    ] = False
+    http_insecure: Annotated[
+        bool, _Key(_bool, doc="allow the web UI beyond loopback without http_auth (no login)")
+    ] = False
     # Delivery (``ehlo.delivery``). With local ``domains`` or ``submission``,
     # recipients outside the local domains are relayed for authenticated
     # sessions and relay_networks clients (550 5.7.1 for everyone else);
@@ -570,6 +594,11 @@ class ServerConfig:
         ),
     ] = "INFO"
 
+
+    @property
+    def http_address(self) -> Listen:
+        """Where the web UI and API listen: ``http``, or :data:`HTTP_DEFAULT` when unset."""
+        return self.http if self.http is not None else HTTP_DEFAULT
 
     def delivery_settings(self, own_addresses: Iterable[tuple[str, int]] = ()) -> DeliverySettings:
         """What the delivery scheduler (``ehlo.delivery.scheduler``) needs of these settings."""
@@ -840,6 +869,27 @@ def _listen(label: str, value: Any) -> tuple[Listen, ...]:
         else:
             raise _fail(label, 'a list of addresses such as ["127.0.0.1:2525"]', value)
     return tuple(dict.fromkeys(out))
+
+
+def http_exposed(host: str) -> bool:
+    """Whether a web address ``host`` is reachable from beyond this machine (not loopback)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def _http(label: str, value: Any) -> Listen | None:
+    if value is None or isinstance(value, Listen):
+        return value
+    if not isinstance(value, str):
+        raise _fail(label, 'an address such as "127.0.0.1:8025"', value)
+    found = Listen.parse(value, option=label)
+    if found.tls or found.proxy:
+        raise ConfigError(f"{label}: listener options are not for the web address, got {value!r}")
+    return found
 
 
 def _nameserver(label: str, text: str, expected: str) -> str:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ..delivery.scheduler import Scheduler
     from ..dns import Resolver
     from ..greeting import GreetingVerifier
+    from ..web._service import HTTPService
     from .proxy import ProxyInfo
     from .tls import TLSContexts
 
@@ -498,6 +499,17 @@ class _ProxyListener:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def http_exposure_error(host: str, port: int) -> str:
+    """The one line refusing a web UI beyond loopback without a login or a waiver."""
+    from .._net import format_hostport
+
+    return (
+        f"web UI on {format_hostport(host, port)} is reachable beyond loopback: add"
+        " --http-auth (HTTPS and a login from the users file) or --http-insecure"
+        " (http_auth / http_insecure in the config file)"
+    )
+
+
 def _client(info: ProxyInfo, peer: str) -> str:
     return info.source[0] if info.source is not None else peer
 
@@ -520,8 +532,15 @@ class Server:
         tls: TLSContexts | None = None,
         delivery: bool | None = None,
         clock: Callable[[], float] | None = None,
+        http: Listen | tuple[str, int] | socket.socket | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
+        # The web UI and API (ehlo.web) in this loop: an address, a bound
+        # socket (ehlo serve binds it first), or None (no HTTP). With
+        # ``config.http_auth``: HTTPS with the server's certificate and HTTP
+        # Basic against the users file.
+        self._http_spec = http
+        self.http: HTTPService | None = None
         # The delivery scheduler: None runs it when the routing hands mail on
         # (ehlo serve runs it in one worker only); ``clock`` is its clock.
         self._delivery = delivery
@@ -596,6 +615,12 @@ class Server:
         ctx.add_our_addresses(host for host, _ in self.addresses)
         if self._delivery is not False and not ctx.routing.catch_all:
             await self._start_delivery(ctx)
+        if self._http_spec is not None:
+            try:
+                await self._start_http(ctx, self._http_spec)
+            except BaseException:
+                await self.stop(timeout=0)
+                raise
         # A worker's start is its supervisor's to log (once for the server).
         level = logging.DEBUG if ctx.shared_counts is not None else logging.INFO
         if tls is not None and tls.names():
@@ -626,6 +651,48 @@ class Server:
         )
         await scheduler.start()
         self.scheduler = ctx.scheduler = scheduler
+
+    async def _start_http(
+        self, ctx: ServerContext, spec: Listen | tuple[str, int] | socket.socket
+    ) -> None:
+        """Serve the web UI and API (``ehlo.web``) in this event loop."""
+        from ..config import http_exposed
+        from ..web import WebContext
+        from ..web._service import HTTPService
+
+        config = self.config
+        sock = spec if isinstance(spec, socket.socket) else None
+        if isinstance(spec, Listen):
+            host, port = spec.host, spec.port
+        elif isinstance(spec, tuple):
+            host, port = spec
+        else:
+            host, port = str(spec.getsockname()[0]), int(spec.getsockname()[1])
+        if http_exposed(host) and not (config.http_auth or config.http_insecure):
+            raise ValueError(http_exposure_error(host, port))
+        users = None
+        ssl_context = None
+        if config.http_auth:
+            from ..auth import UserStore
+
+            ssl_context = ctx.ssl_context
+            if ssl_context is None:
+                raise ValueError("--http-auth needs TLS for HTTPS (remove --no-tls)")
+            users = ctx.users if ctx.users is not None else UserStore(Path(config.data_dir))
+            if len(users) == 0:
+                log.warning(
+                    "web UI with --http-auth but no users: nobody can log in"
+                    " (add one with `ehlo users add NAME`)"
+                )
+        service = HTTPService(
+            WebContext(store=ctx.store, users=users),
+            sock=sock, host=host, port=port, ssl_context=ssl_context,
+        )
+        await service.start()
+        self.http = service
+        log.info(
+            "web UI and API on %s", service.url, extra={"event": "http", "url": service.url}
+        )
 
     async def _listen(self, ctx: ServerContext, listen: Listen, sock: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
@@ -719,6 +786,9 @@ class Server:
         deadline = self.config.shutdown_timeout if timeout is None else timeout
         ctx.draining = True
         ctx.verifiers.close()  # logins waiting for a password check: 454 now
+        http, self.http = self.http, None
+        if http is not None:
+            await http.stop()
         for server in self._servers:
             server.close()
         for proto in list(ctx.connections):

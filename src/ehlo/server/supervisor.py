@@ -134,14 +134,16 @@ def serve(
     # root and needs a SQLite writer process: that one must be started
     # before (it is the supervisor's).
     if count == 1 and (user is None or not _shared_writer(config)):
-        sockets, tls = _prepare(config, user)
+        sockets, tls, http = _prepare(config, user)
         try:
             if user is not None:
                 _give_up_root(config, user)
             with asyncio.Runner(loop_factory=loop_factory) as runner:
-                return runner.run(run_server(config, loop_name, sockets, hooks=hooks, tls=tls))
+                return runner.run(
+                    run_server(config, loop_name, sockets, hooks=hooks, tls=tls, http=http)
+                )
         finally:
-            for sock in sockets:
+            for sock in [*sockets, *([http] if http is not None else [])]:
                 sock.close()
     supervisor = Supervisor(
         config, count, hooks=hooks, loop_factory=loop_factory, loop_name=loop_name
@@ -168,13 +170,14 @@ def _user(config: ServerConfig) -> RunAs | None:
 
 def _prepare(
     config: ServerConfig, user: RunAs | None, *, preflight: bool = False
-) -> tuple[list[socket.socket], TLSContexts | None]:
+) -> tuple[list[socket.socket], TLSContexts | None, socket.socket | None]:
     """Bind every listener, then make the data folder and TLS pair and read the keys.
 
     The binds come first: a port in use writes nothing (no self-signed
     pair). With ``user``, the data folder is made the user's and the files
     in it are made with the user's ids; the keys are read as root.
     ``preflight``: check the store's folders too (before forking workers).
+    Also answers the web UI's socket (:func:`_bind_http`), or None.
     """
     from .tls import TLSConfigError, ensure_self_signed
 
@@ -182,6 +185,14 @@ def _prepare(
         sockets = bind_listeners(config.listen)
     except ListenError as exc:
         raise StartError(str(exc)) from None
+    try:
+        http = _bind_http(config)
+    except StartError:
+        for sock in sockets:
+            sock.close()
+        raise
+    if http is not None:
+        sockets.append(http)  # closed with the listeners below if what follows fails
     try:
         data_dir = Path(config.data_dir)
         if user is not None:
@@ -202,7 +213,43 @@ def _prepare(
             " unprivileged user once the listeners are bound",
             extra={"event": "root"},
         )
-    return sockets, tls
+    if http is not None:
+        sockets.pop()
+    return sockets, tls, http
+
+
+def _bind_http(config: ServerConfig) -> socket.socket | None:
+    """The web UI's listening socket, bound now (before any worker is forked); or None.
+
+    None with ``http_enabled`` off, and when the default address (``http``
+    unset) cannot be bound: one warning, and SMTP serves without the web
+    UI (a second server on one machine). An address the operator gave
+    that cannot be bound, a web address beyond loopback without
+    ``http_auth`` or ``http_insecure``, and ``http_auth`` without TLS are
+    a :class:`StartError`.
+    """
+    from ..config import http_exposed
+    from ._server import http_exposure_error
+
+    if not config.http_enabled:
+        return None
+    address = config.http_address
+    if http_exposed(address.host) and not (config.http_auth or config.http_insecure):
+        raise StartError(http_exposure_error(address.host, address.port))
+    if config.http_auth and not config.tls:
+        raise StartError("--http-auth needs TLS for HTTPS: it cannot be combined with --no-tls")
+    try:
+        return bind_listeners([address], backlog=128)[0]
+    except ListenError as exc:
+        if config.http is not None:
+            raise StartError(f"web UI: {exc}") from None
+        log.warning(
+            "web UI and API not started: %s (choose another address with --http HOST:PORT,"
+            " or --no-http)",
+            exc,
+            extra={"event": "http_unavailable", "error": str(exc)},
+        )
+        return None
 
 
 def _give_up_root(config: ServerConfig, user: RunAs) -> None:
@@ -216,6 +263,8 @@ def _give_up_root(config: ServerConfig, user: RunAs) -> None:
         extra += ["ehlo.dns", "ehlo.delivery", "ehlo.client"]
         if config.mta_sts:
             extra += ["aiohttp", "yarl", "multidict"]
+    if config.http_enabled:  # the web UI (worker 0)
+        extra += ["ehlo.web", "aiohttp", "yarl", "multidict"]
     preload(*extra)
     try:
         drop_privileges(user)
@@ -232,12 +281,14 @@ async def run_server(
     hooks: HooksArg = None,
     tls: TLSContexts | None = None,
     delivery: bool = True,
+    http: socket.socket | None = None,
 ) -> int:
     """Serve in the running event loop until SIGTERM or SIGINT (graceful stop); return 0.
 
     The one server process of :func:`serve`, or one worker of a
     :class:`Supervisor` (over its ``sockets``, sharing ``counts``; ``tls``:
-    contexts loaded already, else loaded at start).
+    contexts loaded already, else loaded at start; ``http``: the web UI's
+    socket when this process serves it).
     Raises :class:`StartError` when the server cannot start.
     """
     from .tls import TLSConfigError
@@ -248,7 +299,7 @@ async def run_server(
     # ``delivery``: whether this process runs the delivery scheduler (one does).
     server = Server(
         config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls,
-        delivery=None if delivery else False,
+        delivery=None if delivery else False, http=http,
     )
     stopping = asyncio.Event()
     signals: list[float] = []
@@ -384,6 +435,8 @@ class Supervisor:
         self._loop_factory = loop_factory
         self._loop_name = loop_name
         self._sockets: list[socket.socket] = []
+        # The web UI's socket, served by worker 0 (a restarted worker 0 too).
+        self._http: socket.socket | None = None
         self._tls: TLSContexts | None = None
         self._writer: _SharedWriter | None = None
         self._counts: SharedCounters | None = None
@@ -403,7 +456,7 @@ class Supervisor:
         # The listeners, then the data folder (0700 when made here), the
         # store's folders, certificates (a self-signed pair made) once here,
         # so that a problem is one error line, not one per worker.
-        self._sockets, self._tls = _prepare(config, user, preflight=True)
+        self._sockets, self._tls, self._http = _prepare(config, user, preflight=True)
         if _shared_writer(config):
             # One SQLite writer for every worker: their messages share batches
             # and fsyncs, and no worker waits for another's write lock.
@@ -512,6 +565,8 @@ class Supervisor:
     def _close_sockets(self) -> None:
         for sock in self._sockets:
             sock.close()
+        if self._http is not None:
+            self._http.close()
 
     def _spawn(self, index: int) -> None:
         if self._counts is not None:
@@ -542,6 +597,9 @@ class Supervisor:
             config = dataclasses.replace(config, sqlite_writer_address=self._writer.address)
         if self._counts is not None:
             self._counts.bind(index)
+        http = self._http if index == 0 else None
+        if self._http is not None and index != 0:
+            self._http.close()  # worker 0 serves it
         try:
             with asyncio.Runner(loop_factory=self._loop_factory) as runner:
                 return runner.run(
@@ -553,6 +611,7 @@ class Supervisor:
                         hooks=self._hooks,
                         tls=self._tls,
                         delivery=index == 0,  # one scheduler for all workers
+                        http=http,  # one web UI for all workers
                     )
                 )
         except StartError as exc:  # e.g. the store cannot be opened: one line

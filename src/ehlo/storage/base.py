@@ -570,6 +570,22 @@ class Store(abc.ABC):
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    def newer(self, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
+        """What was committed since ``mark``, oldest first, and the mark of now.
+
+        The cheap question of "what is new" that a reader asks over and over
+        (the web API's live events), whichever process wrote the messages.
+        ``mark`` is opaque: None (the first call) answers no message, only
+        the mark to ask with next; a mark made by another store counts as
+        None. This default compares the ids :meth:`list` gives with those
+        of the mark; the backends answer from an index or a folder listing.
+        """
+        messages = self.list()
+        ids = frozenset(m.envelope.queue_id for m in messages)
+        if not isinstance(mark, frozenset):
+            return [], ids
+        return [m for m in reversed(messages) if m.envelope.queue_id not in mark], ids
+
     @abc.abstractmethod
     def get(self, queue_id: str) -> StoredMessage | None:
         """One committed message's envelope and size, or None."""

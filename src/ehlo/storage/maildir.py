@@ -533,6 +533,20 @@ class MaildirStore(Store):
         found.sort(key=lambda m: (_utc(m.envelope.received_at), m.envelope.queue_id), reverse=True)
         return found if limit is None else found[: max(limit, 0)]
 
+    def newer(self, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
+        """Messages in new/ or cur/ that the mark's listing did not hold (names only)."""
+        files = dict(self._files())
+        ids = frozenset(files)
+        if not isinstance(mark, frozenset):
+            return [], ids
+        found = []
+        for queue_id, path in sorted(
+            ((i, p) for i, p in files.items() if i not in mark), key=_file_time
+        ):
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                found.append(self._stored(queue_id, path, self._sidecar(queue_id)))
+        return found, ids
+
     def search(self, query: Query) -> Iterator[StoredMessage]:
         """The selected messages, newest first by their names' time, read one at a time.
 

@@ -347,6 +347,9 @@ class SQLiteStore(Store):
         # The read connection of ``read`` (delivery), made on first use.
         self._ro: sqlite3.Connection | None = None
         self._ro_lock = threading.Lock()
+        # The read connection of ``newer`` (the web API's live events), made on first use.
+        self._mark_conn: sqlite3.Connection | None = None
+        self._mark_lock = threading.Lock()
 
     @property
     def backlog_bytes(self) -> int:
@@ -421,6 +424,8 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         await self._stop_retention()
         self._close_rw()
+        with self._mark_lock:
+            self._close_mark()
         if self._queue is not None:
             self._queue.close()
         writer = self._writer
@@ -526,6 +531,82 @@ class SQLiteStore(Store):
                 return
             for row in cursor:
                 yield _message(row)
+
+    # --- what is new: one long-lived read connection ------------------------------
+
+    def newer(self, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
+        """Messages committed since ``mark`` (by rowid of the search table), oldest first.
+
+        ``PRAGMA data_version`` on a connection kept open tells, without
+        reading a row, whether any other connection (any worker's writer)
+        committed since the last call: then the answer is at once. Otherwise
+        the new rows are those above the newest row of the mark that is
+        still there. SQLite gives a new row the largest rowid plus one, so
+        after the newest rows are deleted their rowids are given again: the
+        mark keeps the (rowid, id) pairs of the newest :data:`_MARK_WINDOW`
+        rows, and only a row that is still the same message counts as old.
+        (Should every one of those rows be deleted between two calls while
+        older ones stay, a message written in that moment below them is not
+        seen; a store holding no more than the window is always exact.)
+        """
+        with self._mark_lock:
+            try:
+                return self._newer(mark)
+            except sqlite3.Error as exc:
+                self._close_mark()
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    def _newer(self, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
+        if not self.path.exists():
+            return [], _RowMark(-1, (), True)
+        conn = self._mark_conn
+        if conn is None:
+            conn = self._mark_conn = connect(self.path, read_only=True)
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        if isinstance(mark, _RowMark) and mark.version == version:
+            return [], mark
+        conn.execute("BEGIN")
+        try:
+            if conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'search'"
+            ).fetchone() is None:
+                return [], _RowMark(version, (), True)
+            top = conn.execute(
+                "SELECT rowid, queue_id FROM search ORDER BY rowid DESC LIMIT ?",
+                (_MARK_WINDOW + 1,),
+            ).fetchall()
+            now = _RowMark(
+                version, tuple((int(r), str(q)) for r, q in top[:_MARK_WINDOW]),
+                len(top) <= _MARK_WINDOW,
+            )
+            if not isinstance(mark, _RowMark):
+                return [], now
+            old = set(mark.top)
+            low = 0 if mark.complete or not mark.top else mark.top[-1][0]
+            rows = conn.execute(
+                "SELECT rowid, queue_id FROM search WHERE rowid >= ? ORDER BY rowid", (low,)
+            ).fetchall()
+            kept = [int(r) for r, q in rows if (int(r), str(q)) in old]
+            floor = max(kept) if kept else low - 1
+            ids = [str(q) for r, q in rows if int(r) > floor and (int(r), str(q)) not in old]
+            found: dict[str, StoredMessage] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                for row in conn.execute(
+                    f"SELECT {COLUMNS} FROM messages WHERE queue_id IN ({marks})", chunk
+                ):
+                    message = _message(row)
+                    found[message.envelope.queue_id] = message
+            return [found[i] for i in ids if i in found], now
+        finally:
+            conn.execute("COMMIT")
+
+    def _close_mark(self) -> None:
+        conn, self._mark_conn = self._mark_conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     def get(self, queue_id: str) -> StoredMessage | None:
         found = self._query(f"SELECT {COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,))
@@ -735,6 +816,19 @@ class SQLiteStore(Store):
 _QUEUED = (
     "SELECT queue_id FROM queue WHERE state IN ('queued', 'deferred', 'delivering', 'held')"
 )
+
+
+# Rows of the search table, the newest, whose (rowid, id) a mark of ``newer`` keeps.
+_MARK_WINDOW = 64
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RowMark:
+    """Where ``newer`` stopped: the database's data_version and its newest rows."""
+
+    version: int
+    top: tuple[tuple[int, str], ...]  # (rowid, queue_id), newest first
+    complete: bool  # ``top`` held every row
 
 
 def _message(row: tuple[Any, ...]) -> StoredMessage:

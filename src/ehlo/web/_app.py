@@ -73,11 +73,21 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def build_app(ctx: WebContext, *, middlewares: list[Any] | None = None) -> web.Application:
-    """The application over ``ctx``."""
-    from . import live, messages, metrics, page, sessions
+    """The application over ``ctx``.
 
-    app = web.Application(middlewares=[*(middlewares or []), errors])
+    Before the handlers: the origin check and, when ``ctx.users`` is set,
+    the HTTP Basic login (``_guard``); every response gets the security
+    headers. The live hub (``live.hub(app)``) starts and stops with the app.
+    """
+    from . import _guard, _service, live, messages, metrics, page, sessions
+
+    guards: list[Any] = [_guard.same_origin]
+    if ctx.users is not None:
+        guards.append(_guard.login(ctx.users))
+    app = web.Application(middlewares=[*guards, *(middlewares or []), errors])
+    app.on_response_prepare.append(_guard.security_headers)
     app[CONTEXT] = ctx
+    _service.add_routes(app)
     for module in (messages, live, sessions, metrics, page):
         module.add_routes(app)
     return app
