@@ -27,7 +27,9 @@ test suite in an environment with ehlo gets two fixtures and a marker.
 Defaults: no TLS, no reverse DNS, and the greeting checks at the ``record``
 preset with the checks that need DNS turned off, so a message still carries
 the local checks' results (``greeting_checks``) and no lookup leaves the
-machine.
+machine: the resolver is not even configured from the system's
+resolv.conf, it is given 127.0.0.1 port 9, where nothing answers. A test
+that turns DNS checks on gives ``dns_servers`` of its own DNS server.
 
 ``wait_for`` does not poll: the server calls back when the store has
 committed a message (``Server(on_stored=...)``, before the client's 250),
@@ -74,6 +76,10 @@ __all__ = [
 # What a criterion of wait_for may be: a whole value, or a pattern searched in it.
 Criterion = str | re.Pattern[str] | None
 
+# The resolver's only nameserver unless a test names its own: the discard
+# port of loopback, where nothing answers. The default checks never ask it;
+# it keeps the machine's resolver (resolv.conf) out of the test server.
+_NO_DNS = "127.0.0.1:9"
 # Seconds a server may take to start or stop (the machine may be busy).
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 30.0
@@ -92,7 +98,7 @@ class ReceivedMessage:
     greeting_name: str  # the name the client gave with it
     greeting_checks: Any  # the greeting checks' results, as ``messages show --json`` has them
     tls: dict[str, str] | None  # {"version": ..., "cipher": ...} after STARTTLS, else None
-    auth: str | None  # the authenticated user, else None
+    auth: str | None  # the user the session authenticated as (AUTH), else None
     received_at: _dt.datetime  # when the server took it (UTC)
     raw: bytes = dataclasses.field(repr=False)  # the stored bytes, ehlo's Received header first
     message: EmailMessage = dataclasses.field(repr=False)  # ``raw`` parsed (email.policy.default)
@@ -101,6 +107,7 @@ class ReceivedMessage:
     def from_store(cls, stored: StoredMessage, raw: bytes) -> ReceivedMessage:
         env = stored.envelope
         data = env.to_json()
+        auth = data.get("auth")  # {"user": ..., "mechanism": ...}
         message = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         return cls(
@@ -111,7 +118,7 @@ class ReceivedMessage:
             greeting_name=env.greeting_name,
             greeting_checks=data.get("greeting_checks"),
             tls=dict(env.tls) if env.tls else None,
-            auth=data.get("auth"),
+            auth=auth.get("user") if isinstance(auth, dict) else None,
             received_at=env.received_at,
             raw=raw,
             message=message,
@@ -125,12 +132,15 @@ class ReceivedMessage:
 
     @property
     def text(self) -> str | None:
-        """The plain-text body (the first text/plain part), decoded; None when there is none."""
+        """The plain-text body (the first text/plain part) decoded, lines ending in "\\n".
+
+        None when there is no text/plain part.
+        """
         body = self.message.get_body(preferencelist=("plain",))
         if body is None:
             return None
         content = body.get_content()
-        return content if isinstance(content, str) else None
+        return content.replace("\r\n", "\n") if isinstance(content, str) else None
 
 
 def _matches(value: str, wanted: str | re.Pattern[str], *, fold: bool) -> bool:
@@ -190,6 +200,7 @@ def server_config(
         "store": "sqlite",
         "sqlite_writer": "thread",  # no writer process per test
         "reverse_dns": False,
+        "dns_servers": [_NO_DNS],
         "greeting.policy": "record",
         **{f"greeting.checks.{spec.name}": "off" for spec in SPECS if spec.dns},
         "tls": tls,
