@@ -81,6 +81,7 @@ def test_smtp_server_with_smtplib_wait_for_clear_and_timeout(pytester: pytest.Py
         + f"""
 import re
 import threading
+import time
 
 PORTS = {str(ports)!r}
 
@@ -120,10 +121,13 @@ def test_each_wait_returns_the_next_message(smtp_server):
 def test_waits_for_mail_sent_later(smtp_server):
     sender = threading.Timer(0.3, send, (smtp_server,), {{"subject": "late"}})
     sender.start()
+    started = time.monotonic()
     try:
         assert smtp_server.wait_for(subject="late", timeout=60).subject == "late"
     finally:
         sender.join()
+    # Woken by the commit, not found by a last look when the time ran out.
+    assert time.monotonic() - started < 30
 
 
 def test_clear(smtp_server):
@@ -254,10 +258,13 @@ async def send(server, subject):
 @pytest.mark.asyncio
 async def test_wait_for(async_smtp_server):
     assert async_smtp_server.messages == []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     waiter = asyncio.ensure_future(async_smtp_server.wait_for(to="b@example.com", timeout=60))
     await asyncio.sleep(0)  # waiting before the message is sent
     await send(async_smtp_server, "async hello")
     got = await waiter
+    assert loop.time() - started < 30  # woken by the commit, not by the timeout
     assert (got.subject, got.greeting_name) == ("async hello", "async.example")
     async_smtp_server.clear()
     assert async_smtp_server.messages == []
