@@ -321,3 +321,12 @@ async def test_on_stored_tells_of_each_commit_before_the_250(
             assert seen[-1] == (reply.rsplit(" ", 1)[1], True)
         assert len(server.store.list()) == 2
     assert "on_stored failed" in caplog.text and "a broken callback" in caplog.text
+
+
+def test_the_readme_example_passes(pytester: pytest.Pytester) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Testing your application\n", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "smtp_server.wait_for(to=" in example and len(example.splitlines()) <= 12
+    result = run(pytester, example)
+    result.assert_outcomes(passed=1)
