@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ..delivery.scheduler import Scheduler
     from ..dns import Resolver
     from ..greeting import GreetingVerifier
+    from ..storage import Envelope
     from ..web._service import HTTPService
     from .proxy import ProxyInfo
     from .tls import TLSContexts
@@ -141,6 +142,8 @@ class ServerContext:
         self.routing = config.routing()
         # The delivery scheduler when this process runs it (woken by new mail).
         self.scheduler: Scheduler | None = None
+        # The embedding program's notice of each message committed (Server's on_stored).
+        self.on_stored: Callable[[Envelope], None] | None = None
         # Every name this server answers as: Authentication-Results fields a
         # client sends with one of them as authserv-id are forged (RFC 8601 section 5).
         self.authserv_ids = frozenset(
@@ -519,7 +522,14 @@ def _handshake_timeout(ctx: ServerContext) -> float:
 
 
 class Server:
-    """An ESMTP server; use ``await start()`` / ``await stop()`` or ``async with``."""
+    """An ESMTP server; use ``await start()`` / ``await stop()`` or ``async with``.
+
+    ``on_stored``: called with the envelope of each message once the store
+    has committed it (its ``queue_id`` is the store's id, so the message can
+    be read back at once), on the server's event loop, before the client
+    gets its 250; it must not block. An exception it raises is logged and
+    changes nothing for the session. ``ehlo.testing`` waits on it.
+    """
 
     def __init__(
         self,
@@ -533,8 +543,10 @@ class Server:
         delivery: bool | None = None,
         clock: Callable[[], float] | None = None,
         http: Listen | tuple[str, int] | socket.socket | None = None,
+        on_stored: Callable[[Envelope], None] | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
+        self._on_stored = on_stored
         # The web UI and API (ehlo.web) in this loop: an address, a bound
         # socket (ehlo serve binds it first), or None (no HTTP). With
         # ``config.http_auth``: HTTPS with the server's certificate and HTTP
@@ -597,6 +609,7 @@ class Server:
             ctx = ServerContext(
                 config, store, self._hooks, tls, _open_users(config), self._shared_counters
             )
+            ctx.on_stored = self._on_stored
             self.ctx = ctx
             sockets: list[socket.socket | None] = (
                 list(self._sockets) if self._sockets is not None else [None] * len(config.listen)

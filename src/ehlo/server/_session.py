@@ -793,10 +793,20 @@ class Session:
         self.messages += 1
         if envelope.queue and self.ctx.scheduler is not None:
             self.ctx.scheduler.wake()  # mail to hand on
+        if self.ctx.on_stored is not None:
+            self._notify_stored(envelope)
         self._junk = 0
         reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}")
         self._log_outcome(envelope, size, reply)
         return reply
+
+    def _notify_stored(self, envelope: Envelope) -> None:
+        """Tell the embedding program (``Server(on_stored=...)``) of a committed message."""
+        assert self.ctx.on_stored is not None
+        try:
+            self.ctx.on_stored(envelope)
+        except Exception:  # the message is safe: its 250 must still go out
+            log.exception("on_stored failed session=%s %s", self.session_id, envelope.queue_id)
 
     async def _finish(self, size: int) -> Reply:
         """The policy's word on the message (greeting verdict, data hooks), then the commit."""
