@@ -58,6 +58,10 @@ class StoreError(Exception):
     """
 
 
+class NoSuchMessage(StoreError):
+    """A query's paging bound (``before``/``after``) names no stored message."""
+
+
 class JSONText(str):
     """A value of ``Envelope.extra`` that is JSON text already (a report
     serialised once and stored as it is for every message it applies to)."""
@@ -161,6 +165,9 @@ class StoredMessage:
     envelope: Envelope
     size: int  # octets stored, ehlo's Received (and Authentication-Results) header included
     subject: str | None
+    # Whether a part is given as an attachment (``_query.has_attachment``),
+    # None when not known (a message stored before it was recorded).
+    attachments: bool | None = None
 
     @property
     def size_received(self) -> int | None:
@@ -570,6 +577,10 @@ class Store(abc.ABC):
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    def count(self) -> int:
+        """How many messages the store holds."""
+        return len(self.list())
+
     @abc.abstractmethod
     def get(self, queue_id: str) -> StoredMessage | None:
         """One committed message's envelope and size, or None."""
@@ -599,7 +610,7 @@ def page_bounds(ids: Sequence[str], query: Query) -> tuple[int, int]:
         try:
             where = ids.index(bound)
         except ValueError:
-            raise StoreError(f"no message with id {bound!r}") from None
+            raise NoSuchMessage(f"no message with id {bound!r}") from None
         if after:
             end = min(end, where)
         else:
