@@ -43,6 +43,9 @@ class WebContext:
     metrics: Callable[[], bytes] | None = None
     # Wall clock (tests inject their own).
     clock: Callable[[], float] = time.time
+    # Called with the ids of messages the API deleted (the live events' hook;
+    # None: nobody follows).
+    on_deleted: Callable[[list[str]], None] | None = None
 
 
 CONTEXT: web.AppKey[WebContext] = web.AppKey("ehlo_web_context", WebContext)
