@@ -207,16 +207,18 @@ def part_bytes(node: Message) -> bytes:
 
 
 def part_text(node: Message) -> str:
-    """The content of a text part as text, in its charset (UTF-8 when unknown)."""
+    """The content of a text part as text, in its charset (UTF-8 when unknown),
+    its line ends as ``\n``."""
     data = part_bytes(node)
     try:
         charset = node.get_content_charset() or "utf-8"
     except Exception:
         charset = "utf-8"
     try:
-        return data.decode(charset, "replace")
+        text = data.decode(charset, "replace")
     except LookupError:  # a charset Python does not know
-        return data.decode("utf-8", "replace")
+        text = data.decode("utf-8", "replace")
+    return text.replace("\r\n", "\n")
 
 
 def first(found: list[Part], content_type: str) -> Part | None:
