@@ -101,9 +101,7 @@ def rich_message() -> email.message.EmailMessage:
     msg.add_alternative('<p>The <b>HTML</b> text.</p><img src="cid:logo@x">', subtype="html")
     html_part = msg.get_payload()[1]
     html_part.add_related(b"\x89PNG\r\n\x1a\nfake", "image", "png", cid="<logo@x>")
-    msg.add_attachment(
-        b"%PDF-1.4 binary \x00\xff", "application", "pdf", filename="rapport ü.pdf"
-    )
+    msg.add_attachment(b"%PDF-1.4 binary \x00\xff", "application", "pdf", filename="rapport ü.pdf")
     return msg
 
 
@@ -249,8 +247,9 @@ async def test_html_is_sanitised(smtp: ThreadedServer) -> None:
             csp = response.headers["Content-Security-Policy"]
             assert response.headers["X-Content-Type-Options"] == "nosniff"
             html = await response.text()
-        for directive in ("default-src 'none'", "style-src 'unsafe-inline'", "img-src data:", "sandbox"):
+        for directive in ("default-src 'none'", "style-src 'unsafe-inline'", "img-src data:"):
             assert directive in csp
+        assert "sandbox" in csp
         assert "http" not in csp and "script-src" not in csp
         lowered = html.lower()
         for banned in (
@@ -299,8 +298,13 @@ async def test_text_endpoint(smtp: ThreadedServer) -> None:
 async def test_transcript_lines(tmp_path: Path) -> None:
     store = open_store("sqlite", tmp_path / "data", writer="thread")
     await store.start()
-    lines = [[0.0, "*", "connect 127.0.0.1:4000"], [0.0012345, "S", "220 mx ESMTP"],
-             [0.01, "C", "EHLO client.example"], [0.02, "S", "250-mx"], [0.02, "S", "250 SIZE"]]  # fmt: skip
+    lines = [
+        [0.0, "*", "connect 127.0.0.1:4000"],
+        [0.0012345, "S", "220 mx ESMTP"],
+        [0.01, "C", "EHLO client.example"],
+        [0.02, "S", "250-mx"],
+        [0.02, "S", "250 SIZE"],
+    ]
     try:
         for transcript in (lines, json.dumps(lines)):
             writer = store.begin(_envelope(extra={"transcript": transcript}))
@@ -342,7 +346,7 @@ def _envelope(**changes: Any) -> Envelope:
 async def test_broken_mime_never_fails(smtp: ThreadedServer) -> None:
     broken = (
         b"Subject: =?unknown-charset?B?!!!?=\r\nFrom: =?utf-8?q?bad=ZZ?= <a@b>\r\n"
-        b"To: \xff\xfe raw octets\r\nContent-Type: multipart/mixed; boundary=\"nope\"\r\n\r\n"
+        b'To: \xff\xfe raw octets\r\nContent-Type: multipart/mixed; boundary="nope"\r\n\r\n'
         b"--wrong\r\nContent-Type: text/plain; charset=x-unknown\r\n"
         b"Content-Transfer-Encoding: base64\r\n\r\n%%% not base64 %%%\r\n"
     )
