@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import json
 import sqlite3
@@ -90,49 +91,47 @@ MESSAGES: list[tuple[dict[str, Any], bytes]] = [
     ),
 ]  # fmt: skip
 
-# Each query and the messages it selects, newest first.
+# Each query and the messages it selects, newest first. A query of one term
+# is also tried negated ("-" before it), which selects the other messages.
 CASES = [
-    ("", [4, 3, 2, 1, 0]),
     ("from:alice", [2, 0]),
-    ("-from:alice", [4, 3, 1]),
     ("to:dave", [3, 1]),
-    ("-to:dave", [4, 2, 0]),
     ("subject:report", [1]),
-    ("-subject:report", [4, 3, 2, 0]),
     ("helo:mx.a", [2, 0]),
-    ("-helo:mx.a", [4, 3, 1]),
     ("greeting:helo", [4, 1]),
-    ("-greeting:HELO", [3, 2, 0]),
-    ("greeting:ehlo", [3, 2, 0]),
+    ("greeting:EHLO", [3, 2, 0]),
     ("check:forward_match=fail", [2, 1]),
-    ("-check:forward_match=fail", [4, 3, 0]),
     ("check:forward_match=PASS", [0]),
     ("tls:yes", [3, 0]),
-    ("-tls:yes", [4, 2, 1]),
     ("tls:no", [4, 2, 1]),
     ("auth:mallory", [3]),
-    ("-auth:mallory", [4, 2, 1, 0]),
     ("auth:mall", []),
     ("after:2026-03-03", [4, 3, 2]),
-    ("-after:2026-03-03", [1, 0]),
     ("before:2026-03-03", [1, 0]),
-    ("-before:2026-03-03", [4, 3, 2]),
     ("after:2026-03-02T12:00:00+02:00", [4, 3, 2]),
     ("has:attachment", [4, 1]),
-    ("-has:attachment", [3, 2, 0]),
     ("banana", [2]),
     ("épicée", [2]),
-    ("-banana", [4, 3, 1, 0]),
     ("invoice", [3, 1]),
-    ("-invoice", [4, 2, 0]),
     ('"hello world"', [0]),
-    ('-"hello world"', [4, 3, 2, 1]),
     ("hello world", [0]),
     ("from:alice -tls:yes", [2]),
+    ("-from:alice -to:bob", [1]),
     ("to:bob -greeting:helo has:attachment", []),
     ("to:bob -auth:alice -invoice", [4]),
     ('subject:"m1 report" invoice', [1]),
 ]
+ALL = [4, 3, 2, 1, 0]
+
+
+def with_negations() -> list[tuple[str, list[int]]]:
+    """CASES, and each query of one term negated with the other messages."""
+    out = []
+    for q, expected in CASES:
+        out.append((q, expected))
+        if " " not in q or (q[0] == q[-1] == '"' and q.count('"') == 2):
+            out.append(("-" + q, [i for i in ALL if i not in expected]))
+    return out
 
 
 def envelope(i: int) -> Envelope:
@@ -187,30 +186,37 @@ def numbers(store: Store, query: Query) -> list[int]:
     return [by_id[m.envelope.queue_id] for m in store.search(query)]
 
 
-@pytest.mark.parametrize(("q", "expected"), CASES, ids=[case[0] or "(all)" for case in CASES])
+@pytest.mark.parametrize(("q", "expected"), CASES, ids=[q for q, _ in CASES])
 async def test_both_stores_agree(stores: dict[str, Store], q: str, expected: list[int]) -> None:
-    query = parse_query(q)
-    assert numbers(stores["sqlite"], query) == expected
-    assert numbers(stores["maildir"], query) == expected
-    # The same with a limit and paging (words are tested after the SQL).
-    if len(expected) >= 2:
-        first = Query(**{**_fields(query), "limit": 1})
-        assert numbers(stores["sqlite"], first) == expected[:1]
-        assert numbers(stores["maildir"], first) == expected[:1]
-        rest = Query(**{**_fields(query), "before": envelope(expected[0]).queue_id})
-        assert numbers(stores["sqlite"], rest) == expected[1:]
-        assert numbers(stores["maildir"], rest) == expected[1:]
+    # The query as written, and negated when it is one term.
+    for text, selected in with_negations()[_position(q) : _position(q) + 2]:
+        if text not in (q, "-" + q):
+            break
+        query = parse_query(text)
+        assert numbers(stores["sqlite"], query) == selected, text
+        assert numbers(stores["maildir"], query) == selected, text
+        # The same with a limit and paging (words are tested after the SQL).
+        if len(selected) >= 2:
+            first = dataclasses.replace(query, limit=1)
+            assert numbers(stores["sqlite"], first) == selected[:1]
+            assert numbers(stores["maildir"], first) == selected[:1]
+            rest = dataclasses.replace(query, before=envelope(selected[0]).queue_id)
+            assert numbers(stores["sqlite"], rest) == selected[1:]
+            assert numbers(stores["maildir"], rest) == selected[1:]
+            newer = dataclasses.replace(query, after=envelope(selected[-1]).queue_id, limit=1)
+            assert numbers(stores["sqlite"], newer) == selected[-2:-1]
+            assert numbers(stores["maildir"], newer) == selected[-2:-1]
 
 
-def _fields(query: Query) -> dict[str, Any]:
-    return {name: getattr(query, name) for name in Query.__dataclass_fields__}
+def _position(q: str) -> int:
+    return [text for text, _ in with_negations()].index(q)
 
 
 async def test_the_api_searches_the_same(stores: dict[str, Store]) -> None:
     by_id = {envelope(i).queue_id: i for i in range(len(MESSAGES))}
     for kind in ("sqlite", "maildir"):
         async with api(stores[kind]) as session:
-            for q, expected in CASES:
+            for q, expected in with_negations():
                 page = await get_json(session, f"{API}/messages?q={urllib.parse.quote(q)}")
                 assert [by_id[item["id"]] for item in page["messages"]] == expected, (kind, q)
                 assert page["total"] == len(MESSAGES)
