@@ -89,6 +89,33 @@ class Query:
         """True when :meth:`matches` may read the body (words, here or excluded)."""
         return bool(self.words) or any(sub.needs_body for sub in self.exclude)
 
+    @property
+    def plain_words(self) -> bool:
+        """True when the body is needed only for words: those of this query and
+        of excluded sub-queries that are words alone (what ``q=`` makes)."""
+        return all(
+            not sub.needs_body or sub == Query(words=sub.words) for sub in self.exclude
+        )
+
+    def words_match(self, subject: str, body: Callable[[], str]) -> bool:
+        """The words' part of :meth:`matches` alone (for a query with
+        :attr:`plain_words`): ``subject`` case-folded, ``body`` as there."""
+        text: list[str] = []
+
+        def found(word: str) -> bool:
+            needle = _fold(word)
+            if needle in subject:
+                return True
+            if not text:
+                text.append(body())
+            return needle in text[0]
+
+        if not all(found(word) for word in self.words):
+            return False
+        return not any(
+            sub.words and all(found(word) for word in sub.words) for sub in self.exclude
+        )
+
     def matches(self, message: StoredMessage, body: Callable[[], str] | None = None) -> bool:
         """Whether ``message`` passes the filters (paging and the limit aside).
 
@@ -167,9 +194,12 @@ def body_text(data: bytes) -> str:
     base64 or quoted-printable, the decoded text of the ``text/*`` parts as
     well. Never raises: broken MIME gives what could be read.
     """
-    end = _header_end(data)
+    end = _body_start(data)
+    encoded = _ENCODED.search(data) is not None
+    if not encoded and data.isascii():
+        return data[end:].lower().decode("ascii")  # what casefold gives for ASCII
     text = data[end:].decode("utf-8", "replace")
-    if _ENCODED.search(data) is not None:
+    if encoded:
         pieces = [text]
         try:
             parsed = email.message_from_bytes(data, policy=email.policy.compat32)
@@ -189,45 +219,104 @@ def body_text(data: bytes) -> str:
     return _fold(text)
 
 
-def _header_end(data: bytes) -> int:
-    """Where the body starts (after the blank line ending the header section)."""
-    ends = [i + n for i, n in ((data.find(b"\r\n\r\n"), 4), (data.find(b"\n\n"), 2)) if i >= 0]
-    return min(ends) if ends else len(data)
+def _header_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Where the body starts (after the blank line ending the header section),
+    looking from ``start``; -1 when the header section has not ended."""
+    if start == 0 and data[:1] == b"\n":
+        return 1  # no header section at all
+    if start == 0 and data[:2] == b"\r\n":
+        return 2
+    crlf = data.find(b"\n\r\n", start)
+    bare = data.find(b"\n\n", start, crlf + 3 if crlf >= 0 else len(data))
+    if bare >= 0:
+        return bare + 2
+    return crlf + 3 if crlf >= 0 else -1
 
 
-# A part (or the message) given as an attachment: its Content-Disposition
-# field at the start of a line (folded or not) says "attachment".
+def _body_start(data: bytes | bytearray) -> int:
+    end = _header_end(data)
+    return end if end >= 0 else len(data)
+
+
+# What has an attachment: the message given as one (its own Content-Disposition
+# says "attachment"), or, when it is a multipart, a part whose Content-Disposition
+# field (at the start of a line, folded or not) says so.
 _ATTACHMENT = re.compile(rb"(?im)^content-disposition:[ \t]*(?:\r?\n[ \t]+)?attachment\b")
+_MULTIPART = re.compile(rb"(?im)^content-type:[ \t]*(?:\r?\n[ \t]+)?multipart/")
 # What every such field holds, looked for first (a plain search, no regex).
 _MARKERS = (b"ttachment", b"TTACHMENT")
+_MULTIPART_MARKERS = (b"ultipart", b"ULTIPART")
 # Bytes of one piece kept to find a field split between two writes.
 _OVERLAP = 64
+# A header section is looked at up to this many octets.
+_HEAD_LIMIT = 64 * 1024
 
 
-def has_attachment(data: bytes | bytearray) -> bool:
-    """Whether the message ``data`` has a part with ``Content-Disposition: attachment``."""
-    if not any(marker in data for marker in _MARKERS):
+def _field(pattern: re.Pattern[bytes], markers: tuple[bytes, ...], data: bytes) -> bool:
+    if not any(marker in data for marker in markers):
         return False
-    return _ATTACHMENT.search(data) is not None
+    return pattern.search(data) is not None
+
+
+def has_attachment(data: bytes | bytearray, head: bytes | None = None) -> bool:
+    """Whether the message ``data`` is, or (a multipart) has a part given as, an attachment.
+
+    Only the header section is searched unless it says multipart: a plain
+    message (most mail) costs a look at its header fields. ``head``: the
+    header section when the caller has it already (a writer's
+    :class:`~ehlo.storage.base.HeaderSniffer`), ``data`` starting with it.
+    """
+    if head is None:
+        end = _header_end(data[:_HEAD_LIMIT])
+        end = end if end >= 0 else min(len(data), _HEAD_LIMIT)
+        head = bytes(data[:end])
+    else:
+        end = len(head)
+    # Plain searches first (this runs for every message stored).
+    if (b"ttachment" in head or b"TTACHMENT" in head) and _ATTACHMENT.search(head):
+        return True
+    if not (b"ultipart" in head or b"ULTIPART" in head) or not _MULTIPART.search(head):
+        return False
+    return _field(_ATTACHMENT, _MARKERS, bytes(data[end:]))
 
 
 class AttachmentSniffer:
     """:func:`has_attachment` over a message given in pieces (what a writer sees).
 
-    Costs one plain search of each piece for the word; the regular
-    expression runs only where the word is.
+    Keeps the header section until it ends; then, for a multipart only, one
+    plain search of each piece for the word (the regular expression runs
+    only where it is).
     """
 
-    __slots__ = ("_tail", "found")
+    __slots__ = ("_head", "_scan", "_tail", "found")
 
     def __init__(self) -> None:
-        self._tail: bytes | None = None  # the end of what was fed (None: nothing yet)
+        self._head = bytearray()
+        self._scan: bool | None = None  # None: in the header section; False: nothing more
+        self._tail: bytes | None = None  # the end of the body fed (None: none yet)
         self.found = False
 
     def feed(self, data: bytes | bytearray) -> None:
         """Look at the next bytes of the message."""
-        if self.found or not data:
+        if self.found or self._scan is False or not data:
             return
+        if self._scan is None:
+            head = self._head
+            start = max(0, len(head) - 3)
+            head += data
+            end = _header_end(head, start)
+            if end < 0:
+                if len(head) < _HEAD_LIMIT:
+                    return
+                end = len(head)
+            section, data = bytes(head[:end]), bytes(head[end:])
+            self._head = bytearray()
+            if _field(_ATTACHMENT, _MARKERS, section):
+                self.found = True
+                return
+            self._scan = _field(_MULTIPART, _MULTIPART_MARKERS, section)
+            if not self._scan or not data:
+                return
         tail = self._tail or b""
         edge = tail + bytes(data[:_OVERLAP])
         if any(marker in data or marker in edge for marker in _MARKERS):

@@ -374,6 +374,11 @@ class HeaderSniffer:
         elif len(head) >= HEADER_SCAN_LIMIT:
             self.done = True
 
+    @property
+    def head(self) -> bytes:
+        """The header section seen so far (up to the line ending the last field)."""
+        return bytes(self._head)
+
     def subject(self) -> str | None:
         """The decoded Subject seen so far, or None."""
         return extract_subject(bytes(self._head))

@@ -265,7 +265,7 @@ class SQLiteWriter(MessageWriter):
         if self._attach is not None:
             attachments = self._attach.found
         else:
-            attachments = body is not None and has_attachment(body)
+            attachments = body is not None and has_attachment(body, self._head.head)
         row = (
             env.queue_id,
             received_at,
@@ -546,37 +546,66 @@ class SQLiteStore(Store):
 
     def _search_words(self, conn: sqlite3.Connection, query: Query) -> Iterator[StoredMessage]:
         """A query with words of the body: the other filters in SQL, then each
-        candidate's subject and body in turn (newest first) until the page is full."""
+        candidate's subject and body in turn (newest first) until the page is full.
+
+        A candidate's envelope is read only once its words match (``q=`` makes
+        such queries); any other query is tested whole on each candidate.
+        """
         # The page just newer than ``after`` is read upwards, then turned round.
         reverse = query.limit is not None and query.after is not None and query.before is None
-        sql, params, _ = _select(conn, dataclasses.replace(query, limit=None), oldest_first=reverse)
+        light = query.plain_words
+        sql, params, _ = _select(
+            conn,
+            dataclasses.replace(query, limit=None),
+            oldest_first=reverse,
+            ids_only=light,
+            with_body=True,
+        )
+        picked: list[StoredMessage] = []
+        for row in conn.execute(sql, params):
+            if query.limit is not None and len(picked) >= query.limit:
+                break
+            queue_id, subject, size, data = row[0], row[-3], row[-2], row[-1]
+            text = functools.partial(self._body_text, conn, queue_id, size, data)
+            if light:
+                if not query.words_match(subject, text):
+                    continue
+                found = conn.execute(
+                    f"SELECT {_M_COLUMNS}, s.attachments FROM search s CROSS JOIN messages m"
+                    " ON m.queue_id = s.queue_id WHERE s.queue_id = ?",
+                    (queue_id,),
+                ).fetchone()
+                if found is None:
+                    continue
+                message = _message(found)
+            else:
+                message = _message(row)
+                if not query.matches(message, text):
+                    continue
+            if not reverse:
+                yield message
+            picked.append(message)
+        if reverse:
+            yield from picked[::-1]
 
-        def body(queue_id: str, size: int) -> str:
+    def _body_text(
+        self, conn: sqlite3.Connection, queue_id: str, size: int, first: bytes | None
+    ) -> str:
+        """The searchable text of a body: its one chunk, or its chunks, or its file."""
+        data = bytes(first) if first is not None else b""
+        if len(data) != size:
             data = b"".join(
                 bytes(chunk)
                 for (chunk,) in conn.execute(
                     "SELECT data FROM chunks WHERE queue_id = ? ORDER BY seq", (queue_id,)
                 )
             )
-            if not data and size:
-                try:
-                    data = (self.bodies / queue_id).read_bytes()
-                except OSError:
-                    return ""
-            return body_text(data)
-
-        picked: list[StoredMessage] = []
-        for row in conn.execute(sql, params):
-            if query.limit is not None and len(picked) >= query.limit:
-                break
-            message = _message(row)
-            text = functools.partial(body, message.envelope.queue_id, message.size)
-            if query.matches(message, text):
-                if not reverse:
-                    yield message
-                picked.append(message)
-        if reverse:
-            yield from picked[::-1]
+        if not data and size:
+            try:
+                data = (self.bodies / queue_id).read_bytes()
+            except OSError:
+                return ""
+        return body_text(data)
 
     def count(self) -> int:
         """How many messages the store holds (its search rows, by their index)."""
@@ -834,10 +863,16 @@ _M_COLUMNS = ", ".join(f"m.{name.strip()}" for name in COLUMNS.split(","))
 
 
 def _select(
-    conn: sqlite3.Connection, query: Query, *, oldest_first: bool = False, ids_only: bool = False
+    conn: sqlite3.Connection,
+    query: Query,
+    *,
+    oldest_first: bool = False,
+    ids_only: bool = False,
+    with_body: bool = False,
 ) -> tuple[str, list[Any], bool]:
     """The SQL of a query over the search table: its text, parameters, and
-    whether its rows come oldest first and must be reversed."""
+    whether its rows come oldest first and must be reversed. ``with_body``:
+    each row ends with the case-folded subject, the size and the first chunk."""
     where, params = _conditions(query)
     for bound, op in ((query.before, "<"), (query.after, ">")):
         if bound is None:
@@ -858,11 +893,18 @@ def _select(
     ascending = oldest_first or reverse
     order = "ASC" if ascending else "DESC"
     columns = "s.queue_id" if ids_only else f"{_M_COLUMNS}, s.attachments"
+    joins = "" if ids_only else " CROSS JOIN messages m ON m.queue_id = s.queue_id"
+    if with_body:
+        columns += ", s.subject, m.size, c.data"
+        joins = (
+            " CROSS JOIN messages m ON m.queue_id = s.queue_id"
+            " LEFT JOIN chunks c ON c.queue_id = s.queue_id AND c.seq = 0"
+        )
     # CROSS JOIN: the search rows are scanned (newest first, by their index)
     # and each match looks its message up by key.
     sql = (
         f"SELECT {columns} FROM search s"
-        + ("" if ids_only else " CROSS JOIN messages m ON m.queue_id = s.queue_id")
+        + joins
         + (f" WHERE {' AND '.join(where)}" if where else "")
         + f" ORDER BY s.received_at {order}, s.queue_id {order}"
     )
