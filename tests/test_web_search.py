@@ -328,3 +328,32 @@ def test_a_negated_sub_query_with_words_and_fields(stores: dict[str, Store]) -> 
     query = Query(words=("see",), exclude=(Query(words=("attached",), greeting="EHLO"),))
     assert numbers(stores["sqlite"], query) == [3, 1]
     assert numbers(stores["maildir"], query) == [3, 1]
+
+
+async def test_large_bodies_are_searched_too(tmp_path: Path) -> None:
+    # Larger than one SQLite chunk (a body file of its own): the attachment
+    # is found in the pieces as they are written, the word read from the file.
+    filler = b"filler line of a long text part\r\n" * 12_000  # about 400 KiB
+    large = (
+        b"Subject: large\r\nContent-Type: multipart/mixed; boundary=L\r\n\r\n"
+        b"--L\r\nContent-Type: text/plain\r\n\r\n" + filler + b"needle at the end\r\n"
+        b"--L\r\nContent-Type: text/csv\r\nContent-Disposition: attachment;"
+        b" filename=big.csv\r\n\r\na,b\r\n--L--\r\n"
+    )
+    small = b"Subject: small\r\n\r\nno needle here? yes: needle\r\n"
+    plain_large = b"Subject: plain large\r\n\r\n" + filler
+    for kind in ("sqlite", "maildir"):
+        store = open_store(kind, tmp_path / kind, writer="thread")
+        await store.start()
+        try:
+            for n, data in enumerate((large, small, plain_large)):
+                writer = store.begin(envelope(n))
+                for start in range(0, len(data), 65536):
+                    writer.write(data[start : start + 65536])
+                await writer.commit()
+        finally:
+            await store.close()
+        assert numbers(store, parse_query("has:attachment")) == [0], kind
+        assert numbers(store, parse_query("needle")) == [1, 0], kind
+        assert numbers(store, parse_query('"needle at the end"')) == [0], kind
+        assert numbers(store, parse_query("filler -has:attachment")) == [2], kind
