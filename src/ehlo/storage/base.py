@@ -58,6 +58,10 @@ class StoreError(Exception):
     """
 
 
+class NoSuchMessage(StoreError):
+    """A query's paging bound (``before``/``after``) names no stored message."""
+
+
 class JSONText(str):
     """A value of ``Envelope.extra`` that is JSON text already (a report
     serialised once and stored as it is for every message it applies to)."""
@@ -161,6 +165,9 @@ class StoredMessage:
     envelope: Envelope
     size: int  # octets stored, ehlo's Received (and Authentication-Results) header included
     subject: str | None
+    # Whether a part is given as an attachment (``_query.has_attachment``),
+    # None when not known (a message stored before it was recorded).
+    attachments: bool | None = None
 
     @property
     def size_received(self) -> int | None:
@@ -366,6 +373,11 @@ class HeaderSniffer:
             self.done = True
         elif len(head) >= HEADER_SCAN_LIMIT:
             self.done = True
+
+    @property
+    def head(self) -> bytes:
+        """The header section seen so far (up to the line ending the last field)."""
+        return bytes(self._head)
 
     def subject(self) -> str | None:
         """The decoded Subject seen so far, or None."""
@@ -586,6 +598,10 @@ class Store(abc.ABC):
             return [], ids
         return [m for m in reversed(messages) if m.envelope.queue_id not in mark], ids
 
+    def count(self) -> int:
+        """How many messages the store holds."""
+        return len(self.list())
+
     @abc.abstractmethod
     def get(self, queue_id: str) -> StoredMessage | None:
         """One committed message's envelope and size, or None."""
@@ -615,7 +631,7 @@ def page_bounds(ids: Sequence[str], query: Query) -> tuple[int, int]:
         try:
             where = ids.index(bound)
         except ValueError:
-            raise StoreError(f"no message with id {bound!r}") from None
+            raise NoSuchMessage(f"no message with id {bound!r}") from None
         if after:
             end = min(end, where)
         else:

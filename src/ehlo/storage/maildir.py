@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import queue
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..ids import _ALPHABET, is_queue_id
-from ._query import Query, Retention
+from ._query import AttachmentSniffer, Query, Retention, body_text
 from .base import (
     DELETE_BATCH,
     HEADER_SCAN_LIMIT,
@@ -256,6 +257,7 @@ class MaildirWriter(MessageWriter):
         self.name = f"{int(time.time())}.{envelope.queue_id}.{store.host}"
         self._tmp = store.path / "tmp" / self.name
         self._head = HeaderSniffer()
+        self._attach = AttachmentSniffer()
         self._size = 0
         self._state = "open"  # "open", "committing", "done"
         try:
@@ -275,6 +277,7 @@ class MaildirWriter(MessageWriter):
         self._size += len(data)
         if not self._head.done:
             self._head.feed(data)
+        self._attach.feed(data)
         try:
             self._file.write(data)
         except OSError as exc:
@@ -287,7 +290,12 @@ class MaildirWriter(MessageWriter):
         if committer is None:
             raise StoreError(f"maildir store {self._store.path} is not open")
         record = self._envelope.to_json()
-        record.update(size=self._size, subject=self._head.subject(), file=self.name)
+        record.update(
+            size=self._size,
+            subject=self._head.subject(),
+            file=self.name,
+            attachments=self._attach.found,
+        )
         sidecar = json.dumps(record, ensure_ascii=False, default=str).encode()
         env = self._envelope
         entries = (
@@ -486,10 +494,12 @@ class MaildirStore(Store):
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 envelope = Envelope.from_json(record)
                 size = record.get("size")
+                attachments = record.get("attachments")
                 return StoredMessage(
                     envelope=envelope,
                     size=int(size) if size is not None else path.stat().st_size,
                     subject=record.get("subject"),
+                    attachments=attachments if isinstance(attachments, bool) else None,
                 )
         return self._from_file(queue_id, path)
 
@@ -575,9 +585,14 @@ class MaildirStore(Store):
                 message = self._stored(queue_id, path, self._sidecar(queue_id))
             except FileNotFoundError:  # moved or deleted meanwhile
                 continue
-            if query.matches(message):
+            body = functools.partial(_body_text, path) if query.needs_body else None
+            if query.matches(message, body):
                 count += 1
                 yield message
+
+    def count(self) -> int:
+        """How many messages the store holds (the files of new/ and cur/)."""
+        return sum(1 for _ in self._files())
 
     def delete(self, ids: Iterable[str]) -> Sequence[str]:
         """Remove the message files and their envelopes; the ids that were there."""
@@ -656,6 +671,14 @@ class MaildirStore(Store):
             return None
         except OSError as exc:
             raise StoreError(f"maildir: message {queue_id}: {exc}") from exc
+
+
+def _body_text(path: Path) -> str:
+    """The searchable text of the message in ``path`` ("" when it is gone)."""
+    try:
+        return body_text(path.read_bytes())
+    except OSError:
+        return ""
 
 
 def _id_of(name: str) -> str:

@@ -71,6 +71,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import sqlite3
@@ -80,7 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from ._backend import WriterBackend
-from ._query import Query, Retention
+from ._query import AttachmentSniffer, Query, Retention, body_text, has_attachment
 from ._sqlite_db import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -101,6 +102,7 @@ from .base import (
     HeaderSniffer,
     JSONText,
     MessageWriter,
+    NoSuchMessage,
     Store,
     StoredMessage,
     StoreError,
@@ -155,7 +157,7 @@ class SQLiteWriter(MessageWriter):
     """One message being streamed into an :class:`SQLiteStore`."""
 
     __slots__ = (
-        "_buffer", "_envelope", "_fd", "_head", "_size", "_state", "_store"
+        "_attach", "_buffer", "_envelope", "_fd", "_head", "_size", "_state", "_store"
     )
 
     def __init__(self, store: SQLiteStore, envelope: Envelope) -> None:
@@ -165,6 +167,9 @@ class SQLiteWriter(MessageWriter):
         self._head = HeaderSniffer()
         self._size = 0
         self._fd: int | None = None  # the body file, once the body outgrew CHUNK_SIZE
+        # Looks for an attachment in what goes to the body file (a body of
+        # one chunk is looked at once, at commit).
+        self._attach: AttachmentSniffer | None = None
         self._state = "open"  # "open", then "done" once committed or aborted
 
     @property
@@ -215,6 +220,9 @@ class SQLiteWriter(MessageWriter):
         """Write to the body file (the page cache; the writer syncs it at commit)."""
         fd = self._fd
         assert fd is not None
+        if self._attach is None:
+            self._attach = AttachmentSniffer()
+        self._attach.feed(data)
         view = memoryview(data)
         try:
             while view:
@@ -254,6 +262,10 @@ class SQLiteWriter(MessageWriter):
         received_at = _utc_text(env.received_at)
         queued_at = env.received_at.timestamp()
         subject = self._head.subject()
+        if self._attach is not None:
+            attachments = self._attach.found
+        else:
+            attachments = body is not None and has_attachment(body, self._head.head)
         row = (
             env.queue_id,
             received_at,
@@ -280,6 +292,8 @@ class SQLiteWriter(MessageWriter):
                 env.greeting,
                 bool(env.tls),
                 env.extra,
+                env.greeting_name,
+                attachments,
             ),
             [item.row(env.queue_id, queued_at) for item in env.queue] if env.queue else (),
         )
@@ -522,7 +536,10 @@ class SQLiteStore(Store):
         with self._reader() as conn:
             if conn is None:
                 if query.before is not None or query.after is not None:
-                    raise StoreError(f"no message with id {query.before or query.after!r}")
+                    raise NoSuchMessage(f"no message with id {query.before or query.after!r}")
+                return
+            if query.needs_body:
+                yield from self._search_words(conn, query)
                 return
             sql, params, reverse = _select(conn, query)
             cursor = conn.execute(sql, params)
@@ -608,8 +625,82 @@ class SQLiteStore(Store):
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
+    def _search_words(self, conn: sqlite3.Connection, query: Query) -> Iterator[StoredMessage]:
+        """A query with words of the body: the other filters in SQL, then each
+        candidate's subject and body in turn (newest first) until the page is full.
+
+        A candidate's envelope is read only once its words match (``q=`` makes
+        such queries); any other query is tested whole on each candidate.
+        """
+        # The page just newer than ``after`` is read upwards, then turned round.
+        reverse = query.limit is not None and query.after is not None and query.before is None
+        light = query.plain_words
+        sql, params, _ = _select(
+            conn,
+            dataclasses.replace(query, limit=None),
+            oldest_first=reverse,
+            ids_only=light,
+            with_body=True,
+        )
+        picked: list[StoredMessage] = []
+        for row in conn.execute(sql, params):
+            if query.limit is not None and len(picked) >= query.limit:
+                break
+            queue_id, subject, size, data = row[0], row[-3], row[-2], row[-1]
+            text = functools.partial(self._body_text, conn, queue_id, size, data)
+            if light:
+                if not query.words_match(subject, text):
+                    continue
+                found = conn.execute(
+                    f"SELECT {_M_COLUMNS}, s.attachments FROM search s CROSS JOIN messages m"
+                    " ON m.queue_id = s.queue_id WHERE s.queue_id = ?",
+                    (queue_id,),
+                ).fetchone()
+                if found is None:
+                    continue
+                message = _message(found)
+            else:
+                message = _message(row)
+                if not query.matches(message, text):
+                    continue
+            if not reverse:
+                yield message
+            picked.append(message)
+        if reverse:
+            yield from picked[::-1]
+
+    def _body_text(
+        self, conn: sqlite3.Connection, queue_id: str, size: int, first: bytes | None
+    ) -> str:
+        """The searchable text of a body: its one chunk, or its chunks, or its file."""
+        data = bytes(first) if first is not None else b""
+        if len(data) != size:
+            data = b"".join(
+                bytes(chunk)
+                for (chunk,) in conn.execute(
+                    "SELECT data FROM chunks WHERE queue_id = ? ORDER BY seq", (queue_id,)
+                )
+            )
+        if not data and size:
+            try:
+                data = (self.bodies / queue_id).read_bytes()
+            except OSError:
+                return ""
+        return body_text(data)
+
+    def count(self) -> int:
+        """How many messages the store holds (its search rows, by their index)."""
+        with self._reader() as conn:
+            if conn is None:
+                return 0
+            return int(conn.execute("SELECT count(*) FROM search").fetchone()[0])
+
     def get(self, queue_id: str) -> StoredMessage | None:
-        found = self._query(f"SELECT {COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,))
+        found = self._query(
+            f"SELECT {_M_COLUMNS}, s.attachments FROM messages m"
+            " LEFT JOIN search s ON s.queue_id = m.queue_id WHERE m.queue_id = ?",
+            (queue_id,),
+        )
         return found[0] if found else None
 
     def _query(self, query: str, params: tuple[Any, ...]) -> Sequence[StoredMessage]:
@@ -703,6 +794,8 @@ class SQLiteStore(Store):
         return found
 
     def delete_matching(self, query: Query) -> int:
+        if query.needs_body:  # words are tested in Python: select first, then delete
+            return super().delete_matching(query)
         deleted = 0
         query = dataclasses.replace(query, limit=DELETE_BATCH)
         while True:
@@ -851,23 +944,83 @@ def _message(row: tuple[Any, ...]) -> StoredMessage:
         )
     except (TypeError, ValueError) as exc:
         raise StoreError(f"message {row[0]}: bad envelope row: {exc}") from exc
-    return StoredMessage(envelope=envelope, size=int(row[13]), subject=row[14])
+    attachments = row[16] if len(row) > 16 else None
+    return StoredMessage(
+        envelope=envelope,
+        size=int(row[13]),
+        subject=row[14],
+        attachments=None if attachments is None else bool(attachments),
+    )
 
 
 _M_COLUMNS = ", ".join(f"m.{name.strip()}" for name in COLUMNS.split(","))
 
 
 def _select(
-    conn: sqlite3.Connection, query: Query, *, oldest_first: bool = False, ids_only: bool = False
+    conn: sqlite3.Connection,
+    query: Query,
+    *,
+    oldest_first: bool = False,
+    ids_only: bool = False,
+    with_body: bool = False,
 ) -> tuple[str, list[Any], bool]:
     """The SQL of a query over the search table: its text, parameters, and
-    whether its rows come oldest first and must be reversed."""
+    whether its rows come oldest first and must be reversed. ``with_body``:
+    each row ends with the case-folded subject, the size and the first chunk."""
+    where, params = _conditions(query)
+    for bound, op in ((query.before, "<"), (query.after, ">")):
+        if bound is None:
+            continue
+        found = conn.execute(
+            "SELECT received_at, queue_id FROM search WHERE queue_id = ?", (bound,)
+        ).fetchone()
+        if found is None:
+            raise NoSuchMessage(f"no message with id {bound!r}")
+        where.append(f"(s.received_at, s.queue_id) {op} (?, ?)")
+        params += list(found)
+    reverse = (
+        not oldest_first
+        and query.limit is not None
+        and query.after is not None
+        and query.before is None
+    )
+    ascending = oldest_first or reverse
+    order = "ASC" if ascending else "DESC"
+    columns = "s.queue_id" if ids_only else f"{_M_COLUMNS}, s.attachments"
+    joins = "" if ids_only else " CROSS JOIN messages m ON m.queue_id = s.queue_id"
+    if with_body:
+        columns += ", s.subject, m.size, c.data"
+        joins = (
+            " CROSS JOIN messages m ON m.queue_id = s.queue_id"
+            " LEFT JOIN chunks c ON c.queue_id = s.queue_id AND c.seq = 0"
+        )
+    # CROSS JOIN: the search rows are scanned (newest first, by their index)
+    # and each match looks its message up by key.
+    sql = (
+        f"SELECT {columns} FROM search s"
+        + joins
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + f" ORDER BY s.received_at {order}, s.queue_id {order}"
+    )
+    if query.limit is not None:
+        sql += " LIMIT ?"
+        params.append(max(query.limit, 0))
+    return sql, params, reverse
+
+
+def _conditions(query: Query) -> tuple[list[str], list[Any]]:
+    """The SQL conditions (all must hold) of a query's filters, and their parameters.
+
+    Words of the body are not among them (the caller tests them in Python);
+    an excluded sub-query is ``NOT`` of its conditions, NULL counting as false.
+    """
     where: list[str] = []
     params: list[Any] = []
     for needle, column in (
         (query.mail_from, "mail_from"),
         (query.rcpt_to, "rcpt_to"),
         (query.subject, "subject"),
+        (query.helo, "helo"),
     ):
         if needle is not None:
             where.append(f"instr(s.{column}, ?) > 0")
@@ -890,34 +1043,12 @@ def _select(
     for name, result in query.checks:
         where.append("instr(s.checks, ?) > 0")
         params.append(fold(f"\n{name}={result}\n"))
-    for bound, op in ((query.before, "<"), (query.after, ">")):
-        if bound is None:
-            continue
-        found = conn.execute(
-            "SELECT received_at, queue_id FROM search WHERE queue_id = ?", (bound,)
-        ).fetchone()
-        if found is None:
-            raise StoreError(f"no message with id {bound!r}")
-        where.append(f"(s.received_at, s.queue_id) {op} (?, ?)")
-        params += list(found)
-    reverse = (
-        not oldest_first
-        and query.limit is not None
-        and query.after is not None
-        and query.before is None
-    )
-    ascending = oldest_first or reverse
-    order = "ASC" if ascending else "DESC"
-    columns = "s.queue_id" if ids_only else _M_COLUMNS
-    # CROSS JOIN: the search rows are scanned (newest first, by their index)
-    # and each match looks its message up by key.
-    sql = (
-        f"SELECT {columns} FROM search s"
-        + ("" if ids_only else " CROSS JOIN messages m ON m.queue_id = s.queue_id")
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + f" ORDER BY s.received_at {order}, s.queue_id {order}"
-    )
-    if query.limit is not None:
-        sql += " LIMIT ?"
-        params.append(max(query.limit, 0))
-    return sql, params, reverse
+    if query.attachments is not None:
+        where.append("s.attachments = 1" if query.attachments else "coalesce(s.attachments, 0) = 0")
+    for sub in query.exclude:
+        if sub.needs_body:
+            continue  # tested in Python, with the words
+        conditions, values = _conditions(sub)
+        where.append(f"NOT coalesce(({' AND '.join(conditions) or '1'}), 0)")
+        params += values
+    return where, params
