@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from ehlo.storage import Envelope, Store, list_json, open_store
-from ehlo.web import WebContext, build_app
+from ehlo.web import WebContext, build_app, live
 
 from .conftest import ThreadedServer, make_config
 from .messages_data import generate
@@ -37,7 +37,8 @@ API = "/api/v1"
 @contextlib.asynccontextmanager
 async def api(store: Store, **context: Any) -> AsyncIterator[aiohttp.ClientSession]:
     """The web app over ``store`` on 127.0.0.1 port 0, and a client session for it."""
-    runner = web.AppRunner(build_app(WebContext(store=store, **context)))
+    app = build_app(WebContext(store=store, **context))
+    runner = web.AppRunner(app)
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -45,6 +46,7 @@ async def api(store: Store, **context: Any) -> AsyncIterator[aiohttp.ClientSessi
         port = runner.addresses[0][1]
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", timeout=timeout) as session:
+            session.web_app = app  # type: ignore[attr-defined]  # the live hub of deletions
             yield session
     finally:
         await runner.cleanup()
@@ -483,9 +485,8 @@ async def test_delete_one_by_query_and_all(smtp: ThreadedServer) -> None:
         b"Subject: last\r\n\r\nx\r\n",
     )
     store = reader(smtp)
-    told: list[list[str]] = []
     last, drop2, drop1, keep = store.list()
-    async with api(store, on_deleted=told.append) as session:
+    async with api(store) as session:
         async with session.delete(f"{API}/messages/{last.envelope.queue_id}") as response:
             assert response.status == 200
             assert await response.json() == {"deleted": 1}
@@ -501,6 +502,12 @@ async def test_delete_one_by_query_and_all(smtp: ThreadedServer) -> None:
         assert store.list() == []
         async with session.delete(f"{API}/messages") as response:
             assert await response.json() == {"deleted": 0}
+        # The live events were told of each deletion, and of nothing else.
+        told = [
+            event.data["ids"]
+            for event in live.hub(session.web_app).since(0)  # type: ignore[attr-defined]
+            if event.name == "message.deleted"
+        ]
     assert told[0] == [last.envelope.queue_id]
     assert sorted(told[1]) == sorted([drop1.envelope.queue_id, drop2.envelope.queue_id])
     assert told[2] == [keep.envelope.queue_id]
