@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any
 
 from ._backend import WriterBackend
+from ._overview import TOP_NAMES, Overview
 from ._query import Query, Retention
 from ._sqlite_db import (
     COLUMNS,
@@ -530,6 +531,50 @@ class SQLiteStore(Store):
     def get(self, queue_id: str) -> StoredMessage | None:
         found = self._query(f"SELECT {COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,))
         return found[0] if found else None
+
+    def overview(self, since: _dt.datetime) -> Overview:
+        """The overview in SQL: grouped counts over the window's rows, from one snapshot.
+
+        Each count is one indexed range of ``received_at`` grouped in
+        SQLite; Python sees only the groups (minutes, check results, names),
+        so the work is the window's rows, never every message.
+        """
+        found = Overview()
+        with self._reader() as conn:
+            if conn is None:
+                return found
+            start = _utc_text(since)
+            window = "FROM search WHERE received_at >= ?"
+            # The text is fixed-width UTC: its first 16 characters are the minute.
+            for minute, count in conn.execute(
+                f"SELECT substr(received_at, 1, 16), count(*) {window} GROUP BY 1", (start,)
+            ):
+                found.per_minute[minute] = count
+                found.total += count
+            for verb, count in conn.execute(
+                f"SELECT greeting, count(*) {window} GROUP BY 1", (start,)
+            ):
+                found.greetings[verb] = count
+            for tls, count in conn.execute(f"SELECT tls, count(*) {window} GROUP BY 1", (start,)):
+                found.tls["yes" if tls else "no"] += count
+            # The checks column is "\nname=result\n..." (folded): one group per
+            # combination of results, which a window holds few of.
+            for text, count in conn.execute(
+                f"SELECT checks, count(*) {window} GROUP BY 1", (start,)
+            ):
+                for pair in text.split("\n"):
+                    name, sep, result = pair.partition("=")
+                    if sep:
+                        found.add_check(name, result, count)
+            found.top_names = [
+                (name, count)
+                for name, count in conn.execute(
+                    "SELECT lower(greeting_name) AS name, count(*) AS n FROM messages"
+                    " WHERE received_at >= ? GROUP BY name ORDER BY n DESC, name LIMIT ?",
+                    (start, TOP_NAMES),
+                )
+            ]
+        return found
 
     def _query(self, query: str, params: tuple[Any, ...]) -> Sequence[StoredMessage]:
         with self._reader() as conn:

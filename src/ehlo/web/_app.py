@@ -5,7 +5,7 @@
 (:class:`~ehlo.web._errors.ApiError` and any other exception become the
 JSON error shape; an unknown path under ``/api/`` is a JSON 404), then the
 routes of each module (``messages``, ``live``, ``sessions``, ``metrics``,
-``page``), each adding its own with ``add_routes(app)``.
+``overview``, ``page``), each adding its own with ``add_routes(app)``.
 """
 
 from __future__ import annotations
@@ -74,10 +74,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def build_app(ctx: WebContext, *, middlewares: list[Any] | None = None) -> web.Application:
     """The application over ``ctx``."""
-    from . import live, messages, metrics, page, sessions
+    from . import live, messages, metrics, overview, page, sessions
 
     app = web.Application(middlewares=[*(middlewares or []), errors])
     app[CONTEXT] = ctx
-    for module in (messages, live, sessions, metrics, page):
+    for module in (messages, live, sessions, metrics, overview, page):
         module.add_routes(app)
     return app
