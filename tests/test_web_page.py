@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -115,7 +115,11 @@ def send(
 
 
 def until(driver: WebDriver, condition: Callable[[WebDriver], Any], timeout: float = WAIT) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
+    # The list is drawn anew as it changes: an element may go stale under a check.
+    wait = WebDriverWait(
+        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+    )
+    return wait.until(condition)
 
 
 def open_page(driver: WebDriver, site: WebServer, hash_: str = "#/") -> None:
@@ -131,7 +135,8 @@ def items(driver: WebDriver) -> list[WebElement]:
 
 
 def subjects(driver: WebDriver) -> list[str]:
-    return [item.find_element(By.CLASS_NAME, "subject").text for item in items(driver)]
+    script = "return [...document.querySelectorAll('#messages .subject')].map(e => e.textContent)"
+    return list(driver.execute_script(script))
 
 
 def counts(driver: WebDriver) -> str:
@@ -149,7 +154,8 @@ def chosen(driver: WebDriver, name: str) -> bool:
 
 
 def tab(driver: WebDriver, name: str) -> WebElement:
-    """Select tab ``name`` and wait until its panel is filled."""
+    """Select tab ``name`` (once the message is shown) and wait until its panel is filled."""
+    until(driver, lambda d: d.find_elements(By.ID, f"tab-{name}"))
     driver.find_element(By.ID, f"tab-{name}").click()
     until(driver, lambda d: chosen(d, name))
     panel = driver.find_element(By.ID, "panel")
@@ -249,9 +255,9 @@ def test_new_message_appears_live_and_each_tab_shows_it(
     assert "alice@example.org" in item.text and "bob@example.net" in item.text
     save_artifact(driver, tmp_path, "list")
 
+    message_id = item.get_attribute("data-id")
     item.click()
     until(driver, lambda d: d.find_elements(By.ID, "panel"))
-    message_id = item.get_attribute("data-id")
     assert driver.current_url.endswith(f"#/messages/{message_id}")
     until(driver, lambda d: counts(d) == "1 message, 0 unread")
     assert "unread" not in (items(driver)[0].get_attribute("class") or "")
@@ -490,6 +496,7 @@ def test_search_read_marks_and_delete_all(browser: WebDriver, site: WebServer) -
     until(driver, lambda d: counts(d) == "2 messages, 1 unread")
     # Read marks survive a reload (they are kept in localStorage).
     driver.get(f"{site.url}/#/")
+    driver.refresh()
     until(driver, lambda d: len(items(d)) == 2)
     until(driver, lambda d: counts(d) == "2 messages, 1 unread")
     unread = driver.find_elements(By.CSS_SELECTOR, "#messages .item.unread .subject")
@@ -517,18 +524,28 @@ def test_overview_page_charts(browser: WebDriver, site: WebServer, tmp_path: Pat
     send(site, "by EHLO")
     send(site, "by HELO", helo=True)
     driver.get(f"{site.url}/#/overview")
-    pane = driver.find_element(By.ID, "overview-pane")
+
+    def drawn(d: WebDriver) -> dict[str, Any] | None:
+        """What the overview shows, read at once (it is drawn anew as mail comes)."""
+        shown: dict[str, Any] = d.execute_script(
+            """const pane = document.getElementById("overview-pane");
+            const all = (css) => [...pane.querySelectorAll(css)].map((e) => e.textContent);
+            return {text: pane.textContent, bars: all("svg.bars rect.bar").length,
+                    legend: all(".legend .chip"), names: all(".top-names tr")};"""
+        )
+        done = shown["bars"] == 60 and "2 in the last 60 minutes" in shown["text"]
+        return shown if done else None
+
     try:
-        until(driver, lambda d: len(pane.find_elements(By.CSS_SELECTOR, "svg.bars rect.bar")) == 60)
+        shown = until(driver, drawn)
     except TimeoutException:
-        pytest.fail(f"no chart of 60 minutes; the pane shows: {pane.text!r}")
-    assert "2 in the last 60 minutes" in pane.text
-    legend = [chip.text for chip in pane.find_elements(By.CSS_SELECTOR, ".legend .chip")]
+        pane = driver.find_element(By.ID, "overview-pane")
+        pytest.fail(f"no chart of 2 messages over 60 minutes; the pane shows: {pane.text!r}")
+    legend = shown["legend"]
     assert "EHLO 1 (50%)" in legend and "HELO 1 (50%)" in legend
     assert "plain 2 (100%)" in legend
-    assert "forward_match" in pane.text and "pass 2 (100%)" in legend
-    names = pane.find_element(By.CSS_SELECTOR, ".top-names").text
-    assert CLIENT_NAME in names and "2" in names
+    assert "forward_match" in shown["text"] and "pass 2 (100%)" in legend
+    assert shown["names"] == [f"{CLIENT_NAME}2"]
     assert driver.find_element(By.ID, "nav-overview").get_attribute("aria-current") == "page"
     save_artifact(driver, tmp_path, "overview")
     # Esc goes back to the list.

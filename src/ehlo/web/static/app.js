@@ -532,12 +532,17 @@ async function loadOverview() {
   try {
     const data = await getJSON("/overview", { minutes: overviewMinutes });
     if (currentRoute().name !== "overview") return;
-    const select = el("select", { id: "overview-minutes", "aria-label": "Window", onchange: (event) => {
-      overviewMinutes = Number(event.target.value);
-      loadOverview();
-    } }, [15, 60, 360, 1440].map((minutes) => el("option", { value: minutes, selected: minutes === overviewMinutes,
-      text: minutes < 60 ? `last ${minutes} minutes` : minutes === 60 ? "last hour" : `last ${minutes / 60} hours` })));
-    pane.replaceChildren(el("div", { class: "overview-head" }, el("h2", { text: "Overview" }), select), renderOverview(data));
+    if (!$("overview-minutes")) {
+      // The heading and its window stay; only the charts are drawn again.
+      const select = el("select", { id: "overview-minutes", "aria-label": "Window", onchange: (event) => {
+        overviewMinutes = Number(event.target.value);
+        loadOverview();
+      } }, [15, 60, 360, 1440].map((minutes) => el("option", { value: minutes, selected: minutes === overviewMinutes,
+        text: minutes < 60 ? `last ${minutes} minutes` : minutes === 60 ? "last hour" : `last ${minutes / 60} hours` })));
+      pane.replaceChildren(el("div", { class: "overview-head" }, el("h2", { text: "Overview" }), select),
+        el("div", { id: "overview-charts" }));
+    }
+    $("overview-charts").replaceChildren(renderOverview(data));
   } catch (error) {
     pane.replaceChildren(el("p", { class: "error", text: `Cannot load the overview: ${error.message}` }));
   }
