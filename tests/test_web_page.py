@@ -301,7 +301,7 @@ def test_new_message_appears_live_and_each_tab_shows_it(
     assert chip.text == "pass" and "r-pass" in (chip.get_attribute("class") or "")
     assert CLIENT_IP in forward.text  # the DNS answer behind the pass
     greeting_line = smtp.find_element(By.CSS_SELECTOR, ".transcript tr.t-greeting")
-    assert greeting_line.text.endswith(f"EHLO {CLIENT_NAME}")
+    assert greeting_line.text.lower().endswith(f"ehlo {CLIENT_NAME}")  # as smtplib wrote it
     offered = [e.text for e in smtp.find_elements(By.CSS_SELECTOR, ".chip.ext")]
     assert "PIPELINING" in offered
     save_artifact(driver, tmp_path, "message-smtp")
@@ -379,7 +379,8 @@ def _hostile(driver: WebDriver, site: WebServer, counter: HitCounter) -> None:
     assert driver.execute_script("return typeof window.pwned") == "undefined"
     driver.switch_to.default_content()
     assert driver.execute_script("return typeof window.pwned") == "undefined"
-    assert set(counter.hits) == {"/img"}, dict(counter.hits)
+    # Images in CSS are images too (they may load now); never a stylesheet or a refresh.
+    assert set(counter.hits) <= {"/img", "/css", "/inline-css"}, dict(counter.hits)
 
 
 # --- a phone's width ------------------------------------------------------------------------
