@@ -4,7 +4,7 @@
 
 import { ApiError, API, getJSON, getText, messageURL, remove } from "./api.js";
 import { renderOverview } from "./charts.js";
-import { chip, clear, el, size, when } from "./dom.js";
+import { chip, clear, el, lockIcon, size, when } from "./dom.js";
 import { renderSmtp } from "./smtp.js";
 
 const PAGE = 50;
@@ -126,7 +126,7 @@ function renderItem(item) {
   el("div", { class: "subject", text: item.subject || "(no subject)" }),
   el("div", { class: "row3" },
     el("span", { class: `badge greeting-${verb === "HELO" ? "helo" : "ehlo"}`, text: verb || "?", title: `${verb} ${item.greeting_name || ""}` }),
-    item.tls ? el("span", { class: "lock", text: "🔒", title: `TLS ${item.tls.version || ""} ${item.tls.cipher || ""}`.trim(), "aria-label": "TLS" }) : null,
+    item.tls ? lockIcon(`TLS ${item.tls.version || ""} ${item.tls.cipher || ""}`.trim()) : null,
     el("span", { class: "verdict", title: verdictTitle, "aria-label": verdictTitle }),
     el("span", { class: "to", text: rcpts.length ? `to ${rcpts.join(", ")}` : "" }),
     el("span", { class: "size", text: size(item.size) })));

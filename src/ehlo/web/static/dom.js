@@ -71,3 +71,12 @@ export function resultClass(result) {
 export function chip(text, cls, title) {
   return el("span", { class: `chip ${cls || ""}`.trim(), title: title || null, text });
 }
+
+// A padlock (drawn, so that it needs no emoji font).
+export function lockIcon(title) {
+  const icon = svg("svg", { viewBox: "0 0 12 14", width: 10, height: 12, class: "lock-icon", role: "img", "aria-label": title || "TLS" },
+    svg("path", { d: "M3 6V4a3 3 0 0 1 6 0v2", fill: "none", "stroke-width": 1.6 }),
+    svg("rect", { x: 1, y: 6, width: 10, height: 7.5, rx: 1.5 }));
+  if (title) icon.prepend(svg("title", { text: title }));
+  return icon;
+}

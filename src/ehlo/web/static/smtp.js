@@ -2,7 +2,7 @@
 // TLS and AUTH, the greeting checks with the DNS answers behind them, and the
 // transcript of the session, line by line.
 
-import { chip, el, resultClass } from "./dom.js";
+import { chip, el, lockIcon, resultClass } from "./dom.js";
 
 const GREETING = /^(HELO|EHLO)\s+(\S.*)?$/i;
 
@@ -117,7 +117,7 @@ export function renderSmtp(message) {
     factRow("Client", el("code", { text: `${message.client_ip || ""}${message.client_port ? ` port ${message.client_port}` : ""}` })),
     factRow("Verdict", verdictChip(message.greeting_verdict)),
     factRow("TLS", tls
-      ? el("span", { class: "tls-on" }, "🔒 ", el("code", { text: [tls.version, tls.cipher].filter(Boolean).join(" ") }))
+      ? el("span", { class: "tls-on" }, lockIcon("TLS"), " ", el("code", { text: [tls.version, tls.cipher].filter(Boolean).join(" ") }))
       : el("span", { class: "muted", text: "none (plain text)" })),
     factRow("AUTH", auth && auth.user
       ? el("span", {}, el("code", { text: auth.mechanism || "" }), " as ", el("strong", { text: auth.user }))
