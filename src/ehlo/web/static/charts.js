@@ -5,28 +5,26 @@ import { chip, el, resultClass, svg } from "./dom.js";
 const RESULT_ORDER = ["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"];
 
 function barChart(perMinute) {
-  const width = 600;
-  const height = 160;
-  const pad = 24;
+  // Bars in a stretched SVG (its height fixed by the stylesheet); the labels
+  // are text around it, so that they keep their size at any width.
   const max = Math.max(1, ...perMinute.map(([, count]) => count));
-  const step = (width - pad) / Math.max(1, perMinute.length);
-  const chart = svg("svg", { viewBox: `0 0 ${width} ${height + 18}`, class: "chart bars", role: "img",
-    "aria-label": "Messages per minute" });
-  chart.append(svg("text", { x: 0, y: 12, class: "axis", text: String(max) }));
-  chart.append(svg("line", { x1: pad, y1: height, x2: width, y2: height, class: "axis-line" }));
+  const n = Math.max(1, perMinute.length);
+  const chart = svg("svg", { viewBox: `0 0 ${n} 100`, preserveAspectRatio: "none", class: "chart bars", role: "img",
+    "aria-label": `Messages per minute, at most ${max}` });
+  const label = (iso) => new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
   perMinute.forEach(([minute, count], i) => {
-    const h = Math.round((count / max) * (height - 16));
-    const bar = svg("rect", { x: pad + i * step + 0.5, y: height - h, width: Math.max(1, step - 1), height: h, class: "bar" });
-    bar.append(svg("title", { text: `${new Date(minute).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })}: ${count}` }));
+    const h = (count / max) * 100;
+    const bar = svg("rect", { x: i + 0.1, y: 100 - h, width: 0.8, height: h, class: "bar" });
+    bar.append(svg("title", { text: `${label(minute)}: ${count}` }));
     chart.append(bar);
   });
-  if (perMinute.length) {
-    const label = (iso) => new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-    chart.append(svg("text", { x: pad, y: height + 14, class: "axis", text: label(perMinute[0][0]) }));
-    chart.append(svg("text", { x: width, y: height + 14, class: "axis", "text-anchor": "end",
-      text: label(perMinute[perMinute.length - 1][0]) }));
-  }
-  return chart;
+  return el("div", { class: "bars-chart" },
+    el("div", { class: "axis", text: `${max} per minute at most` }),
+    chart,
+    perMinute.length
+      ? el("div", { class: "axis ends" }, el("span", { text: label(perMinute[0][0]) }),
+        el("span", { text: label(perMinute[perMinute.length - 1][0]) }))
+      : null);
 }
 
 // One horizontal bar split into shares, with a legend.
@@ -90,7 +88,7 @@ export function renderOverview(data) {
     el("section", { class: "card" },
       el("h3", { text: "Top client names" }),
       topNames(data.top_names || [])),
-    el("section", { class: "card wide" },
+    el("section", { class: "card wide checks-card" },
       el("h3", { text: "Greeting checks" }),
       checks.length
         ? checks.map(([name, results]) => shareBar(name, checkShares(results)))
