@@ -121,10 +121,14 @@ def save_artifact(driver: WebDriver, folder: Path, name: str) -> Path:
 
 
 class WebServer:
-    """An ehlo server and the web app over its store, in one thread and event loop."""
+    """An ehlo server and the web app over its store, in one thread and event loop.
 
-    def __init__(self, config: ServerConfig) -> None:
+    ``middlewares`` go before the app's own (a test may hide an endpoint).
+    """
+
+    def __init__(self, config: ServerConfig, middlewares: list[Any] | None = None) -> None:
         self.smtp = ThreadedServer(config)
+        self.middlewares = middlewares or []
         self._runner: web.AppRunner | None = None
         self.web_port = 0
 
@@ -135,7 +139,7 @@ class WebServer:
 
     async def _start_web(self) -> None:
         assert self.smtp.server is not None
-        app = build_app(WebContext(store=self.smtp.server.store))
+        app = build_app(WebContext(store=self.smtp.server.store), middlewares=self.middlewares)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

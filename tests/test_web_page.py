@@ -19,12 +19,13 @@ import re
 import smtplib
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -32,6 +33,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.wait import WebDriverWait
 
+from ehlo import ServerConfig
 from ehlo.config import GreetingConfig
 from ehlo.web.page import CSP
 
@@ -50,28 +52,42 @@ CLIENT_NAME = zone.match_name(N)
 HOSTNAME = "mx.ehlo.test"
 # Seconds a page may take to show what the API holds (a loaded machine).
 WAIT = 30.0
+# What the app's handlers are, for a middleware.
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The issue's bound: a new message appears in the open page within 2 s of its 250.
 LIVE = 2.0
 ATTACHMENT = b"day,count\n2026-12-07,42\n"
 
 
-@pytest.fixture
-def site(tmp_path: Path, greeting_dns: DNSServer) -> Iterator[WebServer]:
-    """A server whose greeting checks ask the test zone, and the web app over its store."""
-    config = make_config(
+def site_config(tmp_path: Path, dns: DNSServer) -> ServerConfig:
+    """A server config whose greeting checks ask the test zone."""
+    return make_config(
         tmp_path / "data",
-        dns_servers=(greeting_dns.nameserver,),
+        dns_servers=(dns.nameserver,),
         dns_timeout=zone.DNS_TIMEOUT,
         hostname=HOSTNAME,
         # Recorded, never refused; "syntax" enforced so that every check has
         # run before the message is stored, whatever the timing.
         greeting=GreetingConfig(policy="record", checks={"syntax": "reject"}),
     )
-    server = WebServer(config).start()
+
+
+@pytest.fixture
+def site(tmp_path: Path, greeting_dns: DNSServer) -> Iterator[WebServer]:
+    """A server whose greeting checks ask the test zone, and the web app over its store."""
+    server = WebServer(site_config(tmp_path, greeting_dns)).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@web.middleware
+async def no_events(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The app as a server without live events would be: /api/v1/events is not found."""
+    if request.path == "/api/v1/events":
+        return web.json_response({"error": {"status": 404, "message": "not found"}}, status=404)
+    return await handler(request)
 
 
 def require_api(site: WebServer, *, live: bool = False) -> None:
@@ -311,6 +327,30 @@ def test_new_message_appears_live_and_each_tab_shows_it(
     until(driver, lambda d: mode(d) == "list")
     driver.forward()
     until(driver, lambda d: d.find_elements(By.ID, "panel"))
+
+
+def test_without_live_events_the_list_polls(
+    browser: WebDriver, tmp_path: Path, greeting_dns: DNSServer
+) -> None:
+    server = WebServer(site_config(tmp_path, greeting_dns), middlewares=[no_events]).start()
+    try:
+        require_api(server)
+        driver = browser
+        open_page(driver, server)
+        until(driver, lambda d: d.find_element(By.ID, "live").text == "○ polling")
+        driver.execute_script("window.notReloaded = true")
+        send(server, "Polled in")
+        # The list asks again every 3 s while there are no events.
+        until(driver, lambda d: subjects(d) == ["Polled in"])
+        assert driver.execute_script("return window.notReloaded") is True
+        assert counts(driver) == "1 message, 1 unread"
+        # Deleted elsewhere (here: through the API): gone from the list too.
+        request = urllib.request.Request(f"{server.url}/api/v1/messages", method="DELETE")
+        with urllib.request.urlopen(request, timeout=WAIT) as answer:
+            assert answer.status == 200
+        until(driver, lambda d: subjects(d) == [] and counts(d) == "0 messages, 0 unread")
+    finally:
+        server.stop()
 
 
 def test_hostile_html_runs_nothing_and_fetches_nothing(
