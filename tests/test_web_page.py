@@ -90,9 +90,11 @@ async def no_events(request: web.Request, handler: Handler) -> web.StreamRespons
     return await handler(request)
 
 
-def require_api(site: WebServer, *, live: bool = False) -> None:
-    """Skip (fail under CI) when this tree does not serve the message API (or live events)."""
+def require_api(site: WebServer, *, live: bool = False, sessions: bool = False) -> None:
+    """Skip (fail under CI) when this tree does not serve the message API (or the others)."""
     require(site.api_status("/messages") == 200, "the message API (GET /api/v1/messages)")
+    if sessions:
+        require(site.api_status("/sessions") == 200, "the session log (GET /api/v1/sessions)")
     if live:
         require(site.api_status("/wait?timeout=0") != 404, "the live API (/api/v1/events)")
 
@@ -224,7 +226,8 @@ def test_page_and_assets_served_under_a_strict_policy(site: WebServer) -> None:
         seen.add(path)
         text = fetch(site.url + path).decode()
         queue += [f"/static/{name}" for name in re.findall(r'from "\./([\w.-]+)"', text)]
-    assert {"/static/dom.js", "/static/smtp.js", "/static/charts.js", "/static/api.js"} <= seen
+    modules = ("dom", "smtp", "charts", "api", "sessions")
+    assert {f"/static/{name}.js" for name in modules} <= seen
     types = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
     for path in sorted(seen | set(assets)):
         request = urllib.request.Request(site.url + path)
@@ -592,3 +595,48 @@ def test_overview_page_charts(browser: WebDriver, site: WebServer, tmp_path: Pat
     # Esc goes back to the list.
     driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     until(driver, lambda d: mode(d) == "list")
+
+
+# --- the sessions -----------------------------------------------------------------------------
+
+
+def test_sessions_with_and_without_a_message(browser: WebDriver, site: WebServer) -> None:
+    require_api(site, sessions=True)
+    driver = browser
+    send(site, "in a session")
+    with smtplib.SMTP(
+        "127.0.0.1",
+        site.smtp_port,
+        local_hostname=CLIENT_NAME,
+        source_address=(CLIENT_IP, 0),
+        timeout=WAIT,
+    ) as client:
+        client.ehlo()
+        client.noop()
+    until(driver, lambda d: len(site.api("/sessions")["sessions"]) == 2)
+    open_page(driver, site, "#/sessions")
+    rows = until(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#sessions-pane tr.session"))
+    assert len(rows) == 2
+    assert driver.find_element(By.ID, "nav-sessions").get_attribute("aria-current") == "page"
+    empty = rows[0]  # the newest
+    assert CLIENT_NAME in empty.text and "EHLO" in empty.text and "221" in empty.text
+    until(
+        driver,
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#sessions-pane tr.session")[0].click() or True,
+    )
+    detail = driver.find_element(By.ID, "session-detail")
+    until(driver, lambda d: "No message was stored" in detail.text)
+    assert detail.find_element(By.CSS_SELECTOR, ".greeting-name").text == CLIENT_NAME
+    lines = detail.find_elements(By.CSS_SELECTOR, ".transcript tr.t-c .t-text")
+    assert [e.text.upper() for e in lines[-2:]] == ["NOOP", "QUIT"]  # as smtplib wrote them
+    forward = detail.find_element(By.CSS_SELECTOR, 'tr[data-check="forward_match"] .chip')
+    assert forward.text == "pass"
+    # The other session stored the message: its link opens the message's SMTP tab.
+    # (The table is drawn anew as it changes: a click on a stale row is tried again.)
+    until(
+        driver,
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#sessions-pane tr.session")[1].click() or True,
+    )
+    until(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#session-detail a").click() or True)
+    until(driver, lambda d: mode(d) == "message" and chosen(d, "smtp"))
+    assert driver.find_element(By.CSS_SELECTOR, ".view-subject").text == "in a session"

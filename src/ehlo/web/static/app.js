@@ -5,6 +5,7 @@
 import { ApiError, API, getJSON, getText, messageURL, remove } from "./api.js";
 import { renderOverview } from "./charts.js";
 import { chip, clear, el, lockIcon, size, when } from "./dom.js";
+import { sessionsView } from "./sessions.js";
 import { renderSmtp } from "./smtp.js";
 
 const PAGE = 50;
@@ -30,6 +31,7 @@ const state = {
   total: 0,
   q: "",
   selected: null, // id of the highlighted list item
+  chosen: false, // whether the reader moved the highlight (else it follows the newest)
   open: null, // the message shown: its JSON
   tab: null,
   live: false,
@@ -158,7 +160,9 @@ async function loadList() {
     state.items = data.messages || [];
     state.next = data.next || null;
     state.total = data.total ?? state.items.length;
-    if (!state.items.some((item) => item.id === state.selected)) state.selected = state.items[0] ? state.items[0].id : null;
+    if (!state.chosen || !state.items.some((item) => item.id === state.selected)) {
+      state.selected = state.items[0] ? state.items[0].id : null;
+    }
     renderList();
   } catch (error) {
     if (token !== state.listToken) return;
@@ -229,6 +233,7 @@ function setLive(live) {
     pollTimer = setInterval(() => {
       refreshTop();
       if (currentRoute().name === "overview") loadOverview();
+      sessionsSoon();
     }, POLL_MS);
   }
 }
@@ -236,6 +241,7 @@ function setLive(live) {
 function onNew(item) {
   if (!item || !item.id) return;
   overviewSoon();
+  sessionsSoon();
   if (state.items.some((known) => known.id === item.id)) return;
   if (state.q) {
     refreshSoon(); // only the server knows whether it matches the search
@@ -243,7 +249,7 @@ function onNew(item) {
   }
   state.items.unshift(item);
   state.total += 1;
-  if (!state.selected) state.selected = item.id;
+  if (!state.selected || !state.chosen) state.selected = item.id;
   renderList();
 }
 
@@ -384,6 +390,7 @@ async function openMessage(id, tab) {
   if (token !== state.token) return;
   state.open = message;
   state.selected = id;
+  state.chosen = true;
   markRead(id);
   renderList();
   renderMessage(message);
@@ -548,6 +555,15 @@ async function loadOverview() {
   }
 }
 
+let sessions = null; // the sessions view while it is shown
+let sessionsTimer = null;
+
+function sessionsSoon() {
+  if (currentRoute().name !== "sessions" || !sessions) return;
+  clearTimeout(sessionsTimer);
+  sessionsTimer = setTimeout(sessions.refresh, 1000);
+}
+
 function overviewSoon() {
   if (currentRoute().name !== "overview") return;
   clearTimeout(overviewTimer);
@@ -559,6 +575,7 @@ function overviewSoon() {
 function currentRoute() {
   const parts = location.hash.replace(/^#\/?/, "").split("/").map((part) => decodeURIComponent(part));
   if (parts[0] === "overview") return { name: "overview" };
+  if (parts[0] === "sessions") return { name: "sessions" };
   if (parts[0] === "messages" && parts[1]) return { name: "message", id: parts[1], tab: parts[2] || null };
   return { name: "list" };
 }
@@ -578,13 +595,18 @@ function go(hash, replace = false) {
 function route() {
   const current = currentRoute();
   document.body.dataset.mode = current.name;
-  $("nav-messages").setAttribute("aria-current", current.name === "overview" ? "false" : "page");
+  const elsewhere = current.name === "overview" || current.name === "sessions";
+  $("nav-messages").setAttribute("aria-current", elsewhere ? "false" : "page");
   $("nav-overview").setAttribute("aria-current", current.name === "overview" ? "page" : "false");
+  $("nav-sessions").setAttribute("aria-current", current.name === "sessions" ? "page" : "false");
   $("overview-pane").hidden = current.name !== "overview";
-  $("list-pane").hidden = current.name === "overview";
-  $("view-pane").hidden = current.name === "overview";
+  $("sessions-pane").hidden = current.name !== "sessions";
+  $("list-pane").hidden = elsewhere;
+  $("view-pane").hidden = elsewhere;
   if (current.name === "overview") {
     loadOverview();
+  } else if (current.name === "sessions") {
+    sessions = sessionsView($("sessions-pane"), () => currentRoute().name === "sessions");
   } else if (current.name === "message") {
     openMessage(current.id, current.tab);
   } else {
@@ -599,11 +621,17 @@ function route() {
 
 // --- keys ------------------------------------------------------------------------------------
 
+function listShown() {
+  const name = currentRoute().name;
+  return name === "list" || name === "message";
+}
+
 function move(step) {
   if (!state.items.length) return;
   let at = state.items.findIndex((item) => item.id === state.selected);
   at = at < 0 ? 0 : Math.max(0, Math.min(state.items.length - 1, at + step));
   state.selected = state.items[at].id;
+  state.chosen = true;
   if (state.open) {
     go(`#/messages/${encodeURIComponent(state.selected)}`);
   } else {
@@ -636,25 +664,25 @@ function onKey(event) {
       break;
     case "j":
     case "ArrowDown":
-      if (currentRoute().name === "overview") return;
+      if (!listShown()) return;
       event.preventDefault();
       move(1);
       break;
     case "k":
     case "ArrowUp":
-      if (currentRoute().name === "overview") return;
+      if (!listShown()) return;
       event.preventDefault();
       move(-1);
       break;
     case "Enter":
-      if (onControl || !state.selected || currentRoute().name === "overview") return;
+      if (onControl || !state.selected || !listShown()) return;
       event.preventDefault();
       go(`#/messages/${encodeURIComponent(state.selected)}`);
       break;
     case "d":
     case "Delete": {
       const id = state.open ? state.open.id : state.selected;
-      if (!id || currentRoute().name === "overview") return;
+      if (!id || !listShown()) return;
       event.preventDefault();
       deleteOne(id);
       break;

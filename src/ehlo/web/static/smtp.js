@@ -67,7 +67,7 @@ function evidenceList(evidence) {
 
 export function checksTable(checks) {
   const entries = Object.entries(checks || {});
-  if (!entries.length) return el("p", { class: "muted", text: "No greeting checks were run for this message." });
+  if (!entries.length) return el("p", { class: "muted", text: "No greeting checks were run." });
   const body = el("tbody");
   for (const [name, entry] of entries) {
     const result = (entry && entry.result) || "none";
@@ -120,7 +120,7 @@ export function renderSmtp(message) {
       ? el("span", { class: "tls-on" }, lockIcon("TLS"), " ", el("code", { text: [tls.version, tls.cipher].filter(Boolean).join(" ") }))
       : el("span", { class: "muted", text: "none (plain text)" })),
     factRow("AUTH", auth && auth.user
-      ? el("span", {}, el("code", { text: auth.mechanism || "" }), " as ", el("strong", { text: auth.user }))
+      ? el("span", {}, auth.mechanism ? [el("code", { text: auth.mechanism }), " as "] : null, el("strong", { text: auth.user }))
       : el("span", { class: "muted", text: "none" })),
   );
   if (offered.length) {
@@ -135,6 +135,6 @@ export function renderSmtp(message) {
   ];
   parts.push(transcript && transcript.length
     ? transcriptTable(transcript)
-    : el("p", { class: "muted", text: "No transcript was recorded for this message." }));
+    : el("p", { class: "muted", text: "No transcript was recorded." }));
   return el("div", { class: "smtp" }, parts);
 }
