@@ -6,6 +6,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from ._overview import Overview
 from ._query import Query, Retention
 from .base import (
     LIST_FIELDS,
@@ -30,6 +31,7 @@ __all__ = [
     "MaildirStore",
     "MessageWriter",
     "NullStore",
+    "Overview",
     "Query",
     "Retention",
     "SQLiteStore",

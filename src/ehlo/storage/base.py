@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._overview import Overview, overview_of
 from ._query import Query, Retention
 
 if TYPE_CHECKING:
@@ -521,6 +522,13 @@ class Store(abc.ABC):
         This default filters :meth:`list`; the backends stream instead.
         """
         yield from page(list(self.list()), query)
+
+    def overview(self, since: _dt.datetime) -> Overview:
+        """What was received at or after ``since``, counted (see :class:`Overview`).
+
+        This default counts the messages ``search`` selects; SQLite counts in SQL.
+        """
+        return overview_of(self.search(Query(since=since)), since)
 
     def delete(self, ids: Iterable[str]) -> Sequence[str]:
         """Delete messages for good (their bodies too); the ids that were there."""

@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from ._backend import WriterBackend
+from ._overview import TOP_NAMES, Overview
 from ._query import AttachmentSniffer, Query, Retention, body_text, has_attachment
 from ._sqlite_db import (
     COLUMNS,
@@ -702,6 +703,55 @@ class SQLiteStore(Store):
             (queue_id,),
         )
         return found[0] if found else None
+
+    def overview(self, since: _dt.datetime) -> Overview:
+        """The overview in SQL: grouped counts over the window's rows, from one snapshot.
+
+        The minutes come from the ``received_at`` index alone; the rest is
+        one grouped pass over the window's ``search`` rows and one over its
+        ``messages`` rows (the client names). Python sees only the groups.
+        A window holding most of the store is read as a plain scan of the
+        table, which is cheaper than a lookup per index entry.
+        """
+        found = Overview()
+        with self._reader() as conn:
+            if conn is None:
+                return found
+            start = _utc_text(since)
+            # The text is fixed-width UTC: its first 16 characters are the minute.
+            for minute, count in conn.execute(
+                "SELECT substr(received_at, 1, 16), count(*) FROM search"
+                " WHERE received_at >= ? GROUP BY 1",
+                (start,),
+            ):
+                found.per_minute[minute] = count
+                found.total += count
+            if not found.total:
+                return found
+            stored = conn.execute("SELECT count(*) FROM search").fetchone()[0]
+            scan = " NOT INDEXED" if found.total * 2 > stored else ""
+            for verb, tls, checks, count in conn.execute(
+                f"SELECT greeting, tls, checks, count(*) FROM search{scan}"
+                " WHERE received_at >= ? GROUP BY 1, 2, 3",
+                (start,),
+            ):
+                found.greetings[verb] = found.greetings.get(verb, 0) + count
+                found.tls["yes" if tls else "no"] += count
+                # "\nname=result\n..." (folded): one group per combination of results.
+                for pair in checks.split("\n"):
+                    name, sep, result = pair.partition("=")
+                    if sep:
+                        found.add_check(name, result, count)
+            found.top_names = [
+                (name, count)
+                for name, count in conn.execute(
+                    "SELECT lower(greeting_name) AS name, count(*) AS n"
+                    f" FROM messages{scan} WHERE received_at >= ?"
+                    " GROUP BY name ORDER BY n DESC, name LIMIT ?",
+                    (start, TOP_NAMES),
+                )
+            ]
+        return found
 
     def _query(self, query: str, params: tuple[Any, ...]) -> Sequence[StoredMessage]:
         with self._reader() as conn:

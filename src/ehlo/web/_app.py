@@ -4,8 +4,8 @@
 ``CONTEXT``. :func:`build_app` makes the application: the error middleware
 (:class:`~ehlo.web._errors.ApiError` and any other exception become the
 JSON error shape; an unknown path under ``/api/`` is a JSON 404), then the
-routes of each module (``messages``, ``live``, ``sessions``, ``metrics``,
-``page``), each adding its own with ``add_routes(app)``.
+routes of each module (``messages``, ``live``, ``sessions``, ``metrics``, ``overview``,
+``overview``, ``page``), each adding its own with ``add_routes(app)``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def build_app(ctx: WebContext, *, middlewares: list[Any] | None = None) -> web.A
     the HTTP Basic login (``_guard``); every response gets the security
     headers. The live hub (``live.hub(app)``) starts and stops with the app.
     """
-    from . import _guard, _service, live, messages, metrics, page, sessions
+    from . import _guard, _service, live, messages, metrics, overview, page, sessions
 
     guards: list[Any] = [_guard.same_origin]
     if ctx.users is not None:
@@ -88,6 +88,6 @@ def build_app(ctx: WebContext, *, middlewares: list[Any] | None = None) -> web.A
     app.on_response_prepare.append(_guard.security_headers)
     app[CONTEXT] = ctx
     _service.add_routes(app)
-    for module in (messages, live, sessions, metrics, page):
+    for module in (messages, live, sessions, metrics, overview, page):
         module.add_routes(app)
     return app
