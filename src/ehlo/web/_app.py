@@ -4,8 +4,9 @@
 ``CONTEXT``. :func:`build_app` makes the application: the error middleware
 (:class:`~ehlo.web._errors.ApiError` and any other exception become the
 JSON error shape; an unknown path under ``/api/`` is a JSON 404), then the
-routes of each module (``messages``, ``live``, ``sessions``, ``metrics``, ``overview``,
-``overview``, ``page``), each adding its own with ``add_routes(app)``.
+routes of the service (``/healthz``, the OpenAPI document) and of each
+module (``messages``, ``live``, ``sessions``, ``metrics``, ``overview``,
+``page``), each adding its own with ``add_routes(app)``.
 """
 
 from __future__ import annotations
