@@ -85,8 +85,25 @@ CREATE TABLE IF NOT EXISTS search (
 );
 CREATE INDEX IF NOT EXISTS search_received_at ON search (received_at, queue_id);
 """
-# PRAGMA user_version: 0 before the search table and ``size_received``, 1 with them.
-SCHEMA_VERSION = 1
+# The session log: one row per ended session (``record`` is its JSON), the
+# newest ``session_log_max`` kept; ``seq`` orders them.
+SESSIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    seq        INTEGER PRIMARY KEY,
+    id         TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at   TEXT NOT NULL,
+    client_ip  TEXT NOT NULL,
+    record     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_id ON sessions (id);
+"""
+INSERT_SESSION = (
+    "INSERT INTO sessions (id, started_at, ended_at, client_ip, record) VALUES (?, ?, ?, ?, ?)"
+)
+# PRAGMA user_version: 0 before the search table and ``size_received``, 1 with
+# them, 2 with the sessions table.
+SCHEMA_VERSION = 2
 INSERT_SEARCH = "INSERT INTO search VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 COLUMNS = (
@@ -173,11 +190,22 @@ def upgrade(conn: sqlite3.Connection) -> None:
     """Bring the database to :data:`SCHEMA_VERSION`, in the caller's write transaction.
 
     Version 1 adds ``messages.size_received`` and fills the ``search`` table
-    from the rows already stored (a thousand at a time).
+    from the rows already stored (a thousand at a time); version 2 adds the
+    ``sessions`` table. Nothing stored is changed or dropped.
     """
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version >= SCHEMA_VERSION:
         return
+    if version < 1:
+        _upgrade_search(conn)
+    for statement in SESSIONS_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _upgrade_search(conn: sqlite3.Connection) -> None:
+    """Version 1: ``messages.size_received`` and the ``search`` table, filled."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     if "size_received" not in columns:
         conn.execute("ALTER TABLE messages ADD COLUMN size_received INTEGER")
@@ -214,7 +242,6 @@ def upgrade(conn: sqlite3.Connection) -> None:
                 )
             )
         conn.executemany(INSERT_SEARCH.replace("INSERT", "INSERT OR IGNORE", 1), found)
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 def open_schema(conn: sqlite3.Connection) -> None:
