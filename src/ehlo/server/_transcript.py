@@ -137,4 +137,3 @@ def _render(lines: list[Line]) -> str:
     if not lines:
         return ""
     return _encode(_lines(lines))[1:-1]
-
