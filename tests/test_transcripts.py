@@ -456,3 +456,23 @@ async def test_api_sessions(start: Start, clients: list[Client], api: Any) -> No
                 assert r.status == status, params
                 body = await r.json()
             assert body["error"]["status"] == status and body["error"]["message"], body
+
+
+def test_config_keys_and_serve_flag(tmp_path: Path) -> None:
+    from ehlo.cli import build_parser
+    from ehlo.cli.serve import _serve_config
+    from ehlo.config import ConfigError, load_config
+
+    defaults = load_config(None)
+    assert defaults.transcripts is True and defaults.session_log_max == 10_000
+    path = tmp_path / "ehlo.toml"
+    path.write_text("transcripts = false\nsession_log_max = 0\n")
+    loaded = load_config(path)
+    assert loaded.transcripts is False and loaded.session_log_max == 0
+    path.write_text("session_log_max = -1\n")
+    with pytest.raises(ConfigError, match="session_log_max"):
+        load_config(path)
+    args = build_parser().parse_args(["serve", "--no-transcripts", "--data", str(tmp_path)])
+    assert _serve_config(args).transcripts is False
+    args = build_parser().parse_args(["serve", "--data", str(tmp_path)])
+    assert _serve_config(args).transcripts is True
