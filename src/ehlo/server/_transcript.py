@@ -28,6 +28,9 @@ MAX_BYTES = 64 * 1024
 # The prologue is the lines outside transactions; its own bound.
 MAX_PROLOGUE_LINES = 100
 _TRUNCATED = "transcript truncated"
+# Client lines (their first four letters) that end a transaction's lines.
+_SESSION_VERBS = frozenset({"EHLO", "HELO", "STAR", "AUTH"})
+_monotonic = time.monotonic
 
 # A line as recorded: seconds since connect, "C" / "S" / "*", the text (or
 # a rendered reply, bytes, which may hold several lines).
@@ -69,26 +72,28 @@ class Transcript:
         self.session = _Part(MAX_LINES)
         self.prologue = _Part(MAX_PROLOGUE_LINES)
         self.tx: _Part | None = None  # the current transaction's lines, from its MAIL
-        self.last_reply: bytes | None = None
+        self.last_reply: bytes | str | None = None
         self._prologue_json: str | None = None  # the prologue rendered, while it holds
 
     def record(self, direction: str, text: str | bytes) -> None:
         """One line (the protocol core's :data:`~ehlo.protocol._server.Recorder`)."""
-        line = (time.monotonic() - self._start, direction, text)
-        self.session.add(line)
+        line = (_monotonic() - self._start, direction, text)
+        session = self.session
+        if not session.full:
+            session.add(line)
         if direction == "C":
             verb = text[:4].upper()
             if verb == "MAIL":
                 self.tx = _Part(MAX_LINES - MAX_PROLOGUE_LINES)
-            elif verb in ("EHLO", "HELO", "STAR", "AUTH"):
+            elif verb in _SESSION_VERBS:
                 self.tx = None  # outside transactions again
         elif direction == "S":
-            assert isinstance(text, bytes)
             self.last_reply = text
         tx = self.tx
         if tx is not None:
-            tx.add(line)
-        else:
+            if not tx.full:
+                tx.add(line)
+        elif not self.prologue.full:
             self.prologue.add(line)
             self._prologue_json = None
 
@@ -117,7 +122,9 @@ class Transcript:
         reply = self.last_reply
         if not reply:
             return "closed"
-        return reply.decode("utf-8", "replace").rstrip("\r\n").rsplit("\r\n", 1)[-1]
+        if isinstance(reply, bytes):
+            reply = reply.decode("utf-8", "replace")
+        return reply.rstrip("\r\n").rsplit("\r\n", 1)[-1]
 
 
 def _lines(lines: list[Line]) -> list[list[Any]]:
