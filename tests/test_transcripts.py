@@ -80,6 +80,67 @@ async def sessions(store: Store, count: int, limit: int = 100) -> list[dict[str,
     return found
 
 
+# ------------------------------------------------------------ the protocol core
+
+DIALOGUE = (
+    b"EHLO client.example\r\n"
+    b"AUTH PLAIN c2VjcmV0\r\n"
+    b"AUTH LOGIN\r\nc2VjcmV0\r\n"
+    b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+    b"Subject: x\r\n\r\n" + BODY_MARK.encode() + b"\r\n.\r\n"
+    b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+    b"BDAT 7 LAST\r\nsecret!"
+    b"BOGUS \xff\r\n"
+    b"QUIT\r\n"
+)
+
+
+def recorded(split: int) -> list[tuple[str, str | bytes]]:
+    from .test_protocol_auth import AuthDriver, auth_limits
+
+    driver = AuthDriver(auth_limits(auth_plaintext=True))
+    lines: list[tuple[str, str | bytes]] = []
+    driver.conn.recorder = lambda direction, text: lines.append((direction, text))
+    driver.feed_split(DIALOGUE, split)
+    return lines
+
+
+def test_the_core_records_lines_and_elides_data_and_secrets() -> None:
+    lines = recorded(len(DIALOGUE))
+    client = [text for d, text in lines if d == "C"]
+    assert client == [
+        "EHLO client.example",
+        "AUTH PLAIN",
+        "AUTH LOGIN",
+        "MAIL FROM:<a@example.org>",
+        "RCPT TO:<b@example.net>",
+        "DATA",
+        "MAIL FROM:<a@example.org>",
+        "RCPT TO:<b@example.net>",
+        "BDAT 7 LAST",
+        "BOGUS \\xff",
+        "QUIT",
+    ]
+    events = [text for d, text in lines if d == "*"]
+    body = len(b"Subject: x\r\n\r\n" + BODY_MARK.encode() + b"\r\n")
+    assert events == [
+        "AUTH secret elided",
+        "AUTH secret elided",
+        f"message data elided: {body} octets",
+        "message data elided: 7 octets",
+    ]
+    replies = [text for d, text in lines if d == "S"]
+    assert all(isinstance(r, bytes) for r in replies)
+    assert replies[0].startswith(b"250-test\r\n") and replies[-1] == b"221 2.0.0 bye\r\n"
+    assert b"".join(replies).count(b"\r\n") > len(replies)  # the EHLO reply: many lines
+    assert any(r.startswith(b"500 ") for r in replies)  # the core's own replies too
+    everything = repr(lines)
+    assert "c2VjcmV0" not in everything and "secret!" not in everything
+    assert BODY_MARK not in everything
+    # However the bytes arrive, the same lines in the same order.
+    assert recorded(1) == lines and recorded(7) == lines
+
+
 # ------------------------------------------------------------ what is recorded
 
 
