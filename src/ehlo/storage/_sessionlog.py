@@ -44,13 +44,14 @@ class SessionFile:
         self.lock_path = self.path.with_suffix(".lock")
         self._ops: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False
         self._since_trim = 0
 
     # --- writing (a thread) ----------------------------------------------------------
 
     def add(self, record: dict[str, Any], keep: int) -> None:
         """Queue one record (from the event loop: no I/O here)."""
-        if keep <= 0:
+        if keep <= 0 or self._closed:
             return
         if self._thread is None:
             self._thread = threading.Thread(
@@ -61,6 +62,7 @@ class SessionFile:
 
     def close(self) -> None:
         """Write what is queued, then stop the thread (blocking: call it in a thread)."""
+        self._closed = True
         thread, self._thread = self._thread, None
         if thread is None:
             return

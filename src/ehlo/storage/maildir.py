@@ -384,6 +384,7 @@ class MaildirStore(Store):
         committer = _Committer(self)
         committer.start()
         self._committer = committer
+        self._sessions = SessionFile(self._sessions.path)  # a store started again logs again
         self._start_retention()
 
     def preflight(self) -> None:
