@@ -72,6 +72,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "http_insecure": ("true", True),
     "keep_messages": ("500", 500),
     "keep_days": ("1.5", 1.5),
+    "transcripts": ("false", False),
+    "session_log_max": ("0", 0),
     "sqlite_writer": ('"thread"', "thread"),
     "command_timeout": ("301", 301.0),
     "data_timeout": ("181", 181.0),

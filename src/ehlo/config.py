@@ -426,6 +426,21 @@ class ServerConfig:
     keep_days: Annotated[
         float, _Key(_days_or_zero, doc="delete messages older than this many days; 0: never")
     ] = 0.0
+    # Record each session's dialogue (client lines and replies, timed from
+    # connect; message data and AUTH secrets elided): each stored message
+    # keeps its session's greeting, TLS and AUTH lines and its own
+    # transaction, and the session log each session's whole transcript.
+    transcripts: Annotated[
+        bool,
+        _Key(_bool, doc="record each session's dialogue with its messages and in the session log"),
+    ] = True
+    # The session log: ended sessions (with or without a message, refused
+    # ones too) with their transcripts and greeting verdicts; the newest this
+    # many are kept (a table of the SQLite store, a JSON-lines file beside a
+    # Maildir). 0: no session log.
+    session_log_max: Annotated[
+        int, _Key(_count_or_zero, doc="sessions the session log keeps, the newest; 0: none")
+    ] = 10_000
     # RFC 5321 section 4.5.3.2.7: at least 5 minutes awaiting a command.
     command_timeout: Annotated[
         float,

@@ -11,8 +11,10 @@ text line per message, a JSON array (``--json``) or one JSON object per
 line (``--jsonl``), with the fields :data:`LIST_FIELDS`. ``show`` prints
 the envelope and the message (control characters escaped), ``--raw`` the
 exact stored bytes, ``--json`` the whole envelope (greeting checks
-included). ``delete`` removes messages for good, by id, ``--all``,
-``--before DATE`` or the list filters.
+included); ``--transcript`` adds the session's transcript (``+0.012 C EHLO
+x`` lines after the summary; the ``transcript`` key with ``--json``).
+``delete`` removes messages for good, by id, ``--all``, ``--before DATE``
+or the list filters.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import load_config, read_config_file
 from ..storage import list_json, message_json
+from ..storage.base import TRANSCRIPT, transcript_json
 from ._common import Failure, Listing, Parser, count, safe, store_options, text_output, usage
 
 if TYPE_CHECKING:
@@ -73,6 +76,11 @@ def add_messages_command(commands: Any) -> None:
     form = show.add_mutually_exclusive_group()
     form.add_argument("--raw", action="store_true", help="the exact stored bytes")
     form.add_argument("--json", action="store_true", help="the envelope as JSON")
+    show.add_argument(
+        "--transcript",
+        action="store_true",
+        help="the session's transcript too (with --json: the transcript key)",
+    )
     show.set_defaults(func=_show)
 
     delete = actions.add_parser(
@@ -306,10 +314,18 @@ def _show(args: argparse.Namespace) -> int:
         return 0
     text_output()
     if args.json:
-        print(json.dumps(message_json(message), indent=2, ensure_ascii=False))
+        data = message_json(message, transcript=args.transcript)
+        print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0
     text = raw.decode("utf-8", "replace").replace("\r\n", "\n")
     print(_summary(message))
+    if args.transcript:
+        print()
+        lines = transcript_json(message.envelope.extra.get(TRANSCRIPT))
+        if lines is None:
+            print("(no transcript recorded)")
+        for line in lines or ():
+            print(safe(f"+{line['t']:.3f} {line['dir']} {line['text']}"))
     print()
     sys.stdout.write(safe(text, lines=True))
     if text and not text.endswith("\n"):

@@ -199,6 +199,11 @@ def add_serve_command(commands: Any) -> None:
         action="store_true",
         help="allow the web UI beyond loopback without --http-auth (anyone may read the mail)",
     )
+    serve.add_argument(
+        "--no-transcripts",
+        action="store_true",
+        help="do not record the sessions' dialogues (transcripts)",
+    )
     greeting_options(serve, stage=True)
     serve.add_argument("--log-format", choices=("text", "json"), help="log lines on stderr")
     serve.add_argument(
@@ -243,6 +248,8 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         overrides["tls"] = False
     if args.no_reverse_dns:
         overrides["reverse_dns"] = False
+    if args.no_transcripts:
+        overrides["transcripts"] = False
     for flag, key in (
         ("require_tls", "require_tls"),
         ("submission", "submission"),

@@ -4,6 +4,13 @@ A session never touches the socket. For each command event it returns a
 :class:`Reply` at once when nothing needs waiting for, or an awaitable that
 produces the reply (policy hooks, reverse DNS, the store's commit). The
 transport sends that reply through the protocol core, which advances state.
+
+With ``transcripts`` on, the session holds the
+:class:`~ehlo.server._transcript.Transcript` its connection's core records
+into: each message stored keeps the prologue and its own transaction
+(``extra["transcript"]``), and when the session ends its record
+(transcript, verdicts, messages) goes to the store's session log
+(``session_log_max``).
 """
 
 from __future__ import annotations
@@ -45,9 +52,10 @@ from ..protocol import (
     Vrfy,
 )
 from ..storage import Envelope, MessageWriter, StoreError
-from ..storage.base import JSONText
+from ..storage.base import TRANSCRIPT, JSONText
 from ..storage.queue import QueueItem
 from ._hashing import VerifierBusy
+from ._transcript import Transcript
 from .abuse import client_key
 from .authres_filter import AuthResFilter
 from .received import protocol_keyword, received_header
@@ -92,6 +100,8 @@ _AUTH_ACCOUNT_LOCKED = Reply(
     "Temporary authentication failure: too many failed attempts for this account, try again later",
 )
 _TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands that move no mail, closing connection")
+# A session's record in the session log names at most this many of its messages.
+_MAX_LOGGED_IDS = 1000
 _HELP = Reply(
     214,
     "2.0.0",
@@ -109,9 +119,11 @@ class Session:
         "_checks",
         "_checks_input",
         "_dns_budget",
+        "_greeted",
         "_greeting_names",
         "_headers",
         "_junk",
+        "_last_refusal",
         "_log_fields",
         "_logged",
         "_rdns",
@@ -127,12 +139,14 @@ class Session:
         "ctx",
         "decision",
         "envelope",
+        "message_ids",
         "messages",
         "peer",
         "report",
         "session_id",
         "started",
         "tls",
+        "transcript",
         "violations",
         "writer",
     )
@@ -186,6 +200,14 @@ class Session:
         self.auth_mechanism: str | None = None
         self._junk = 0
         self.violations: list[str] = []  # each kind once: bounded however the client behaves
+        # The session's dialogue, recorded by the protocol core as it goes.
+        self.transcript: Transcript | None = None
+        if ctx.config.transcripts:
+            self.transcript = Transcript(self.started)
+            conn.recorder = self.transcript.record
+        self.message_ids: list[str] = []  # stored in this session (the session log's)
+        self._greeted: Helo | Ehlo | None = None  # the latest HELO/EHLO, answered or not
+        self._last_refusal: Reply | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -216,6 +238,11 @@ class Session:
     def tls_started(self, info: dict[str, str]) -> None:
         """The handshake after STARTTLS completed."""
         self.tls = info
+        if self.transcript is not None:
+            self.transcript.event(
+                f"TLS started {info.get('version', '?')} {info.get('cipher', '?')}",
+                session_level=True,
+            )
         self.auth_user = self.auth_mechanism = None
         self.abort_message()
         log.info(
@@ -239,6 +266,11 @@ class Session:
         if self.writer is not None:
             self.abort_message()
             reason += ", message in progress dropped"
+        if self.transcript is not None:
+            self.transcript.event(f"close: {reason}", session_level=True)
+        keep = self.ctx.config.session_log_max
+        if keep > 0:
+            self.ctx.store.log_session(self._record(), keep)
         if not log.isEnabledFor(logging.INFO):
             return
         log.info(
@@ -257,6 +289,39 @@ class Session:
                 "reason": reason,
             },
         )
+
+    def _record(self) -> dict[str, Any]:
+        """The session as the session log keeps it (``GET /api/v1/sessions``)."""
+        now = time.time()
+        started = now - (time.monotonic() - self.started)
+        conn = self.conn
+        greeting, name = conn.greeting, conn.greeting_name
+        if greeting is None and self._greeted is not None:
+            greeting, name = self._greeted.verb, self._greeted.name  # refused, or before TLS
+        report = self._collect_report()
+        decision = self.decision
+        transcript = self.transcript
+        if transcript is not None:
+            outcome = transcript.outcome()
+        else:
+            refusal = self._last_refusal
+            outcome = str(refusal).splitlines()[-1] if refusal is not None else "closed"
+        return {
+            "id": self.session_id,
+            "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+            "ended_at": datetime.fromtimestamp(now, UTC).isoformat(),
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "greeting": greeting,
+            "greeting_name": name,
+            "tls": dict(self.tls) if self.tls else None,
+            "auth": self.auth_user,
+            "messages": list(self.message_ids),
+            "outcome": outcome,
+            "greeting_verdict": decision.to_json() if decision is not None else None,
+            "greeting_checks": report.to_json() if report is not None else None,
+            "transcript": transcript.session_lines() if transcript is not None else None,
+        }
 
     def note_violation(self, kind: str, detail: str, action: str) -> bool:
         """Record a protocol violation under ``action`` (record, reject or off).
@@ -339,6 +404,7 @@ class Session:
         # RFC 3207 section 4.2 requires after TLS is the first of its state.
         if self.conn.greeting is not None and self._junk_limit():
             return _TOO_MANY_JUNK
+        self._greeted = event
         self.abort_message()
         hostname = self.ctx.config.hostname
         # "<hostname> Hello <name> [<ip>]"; the address once when the name is
@@ -755,6 +821,10 @@ class Session:
         assert envelope is not None and writer is not None
         # Stored and logged: what the client sent, and ``size``, what is stored.
         envelope.size_received, size = size, writer.size if writer.size is not None else size
+        if self.transcript is not None:
+            # The greeting, TLS and AUTH lines and this transaction's, up to
+            # the end of its data (the 250 follows the commit).
+            envelope.extra[TRANSCRIPT] = JSONText(self.transcript.message_json())
         try:
             # RFC 5321 section 6.1: answer 250 only once the message is safe.
             future = writer.start_commit()
@@ -791,6 +861,8 @@ class Session:
         self.writer = None
         self.envelope = None
         self.messages += 1
+        if len(self.message_ids) < _MAX_LOGGED_IDS:
+            self.message_ids.append(queue_id)
         if envelope.queue and self.ctx.scheduler is not None:
             self.ctx.scheduler.wake()  # mail to hand on
         if self.ctx.on_stored is not None:
@@ -909,6 +981,7 @@ class Session:
         wrote its own line for a refusal (the message line, AUTH's) marks the
         reply in ``_logged``, so that each refusal is logged once.
         """
+        self._last_refusal = reply
         logged, self._logged = self._logged, None
         if reply is logged:
             return

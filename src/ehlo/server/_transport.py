@@ -145,6 +145,10 @@ class SMTPServerProtocol(asyncio.Protocol):
             return
         session = Session(self.ctx, self.conn, ip, int(peer[1]))
         self.session = session
+        if session.transcript is not None:
+            session.transcript.event(
+                f"connect from {ip} port {peer[1]}" + (f" via {via}" if via else "")
+            )
         fields: dict[str, Any] = {
             "event": "connect",
             "session": session.session_id,
@@ -181,6 +185,11 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.conn.tls_active = True
         session.tls = info
         fields.update(info)
+        if session.transcript is not None:
+            session.transcript.event(
+                f"TLS started {info.get('version', '?')} {info.get('cipher', '?')}"
+                " (implicit TLS)"
+            )
 
     def _greet(self) -> None:
         """Send the banner (or run the connect hooks that decide it)."""
@@ -572,9 +581,11 @@ class SMTPServerProtocol(asyncio.Protocol):
         if self._closed or self.transport is None:
             return
         self._close_reason = reason
-        data = self.conn.data_to_send() + reply.render(
-            self.conn.enhanced if enhanced is None else enhanced
-        )
+        goodbye = reply.render(self.conn.enhanced if enhanced is None else enhanced)
+        data = self.conn.data_to_send() + goodbye
+        session = self.session
+        if session is not None and session.transcript is not None:
+            session.transcript.record("S", goodbye)  # sent past the protocol core
         self._closed = True
         self.conn.receive_eof()
         self.transport.write(data)

@@ -88,9 +88,26 @@ CREATE TABLE IF NOT EXISTS search (
 );
 CREATE INDEX IF NOT EXISTS search_received_at ON search (received_at, queue_id);
 """
+# The session log: one row per ended session (``record`` is its JSON), the
+# newest ``session_log_max`` kept; ``seq`` orders them.
+SESSIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    seq        INTEGER PRIMARY KEY,
+    id         TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at   TEXT NOT NULL,
+    client_ip  TEXT NOT NULL,
+    record     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_id ON sessions (id);
+"""
+INSERT_SESSION = (
+    "INSERT INTO sessions (id, started_at, ended_at, client_ip, record) VALUES (?, ?, ?, ?, ?)"
+)
 # PRAGMA user_version: 0 before the search table and ``size_received``, 1 with
 # them, 2 with the search table's ``helo`` (the greeting name, case-folded) and
-# ``attachments`` (1 when a part is an attachment, 0 when none; NULL: unknown).
+# ``attachments`` (1 when a part is an attachment, 0 when none; NULL: unknown)
+# and the ``sessions`` table.
 SCHEMA_VERSION = 2
 SEARCH_COLUMNS = (
     "queue_id, received_at, mail_from, rcpt_to, subject, greeting, tls, auth, checks, helo,"
@@ -189,11 +206,22 @@ def upgrade(conn: sqlite3.Connection) -> None:
     Version 1 adds ``messages.size_received`` and fills the ``search`` table
     from the rows already stored (a thousand at a time). Version 2 adds the
     search table's ``helo`` and ``attachments`` and fills its rows again
-    (reading each body once to look for an attachment).
+    (reading each body once to look for an attachment), and the ``sessions``
+    table. Nothing stored is changed or dropped.
     """
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version >= SCHEMA_VERSION:
         return
+    _upgrade_search(conn)
+    for statement in SESSIONS_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _upgrade_search(conn: sqlite3.Connection) -> None:
+    """``messages.size_received`` and the ``search`` table with ``helo`` and
+    ``attachments`` (versions 1 and 2), its rows filled again."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     if "size_received" not in columns:
         conn.execute("ALTER TABLE messages ADD COLUMN size_received INTEGER")
@@ -240,7 +268,6 @@ def upgrade(conn: sqlite3.Connection) -> None:
                 )
             )
         conn.executemany(INSERT_SEARCH.replace("INSERT", "INSERT OR REPLACE", 1), found)
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 def _bodies_of(conn: sqlite3.Connection) -> Path | None:

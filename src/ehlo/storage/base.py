@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 DELETE_BATCH = 200
 # Seconds between retention passes while serving.
 RETENTION_INTERVAL = 1.0
+# Sessions a session log keeps unless told otherwise (``session_log_max``).
+SESSION_LOG_MAX = 10_000
 
 
 class StoreError(Exception):
@@ -80,6 +82,10 @@ def _plain(value: Any) -> Any:
 
 # Keys of ``Envelope.extra`` shown at the top level of ``to_json``.
 PROMOTED_EXTRA = ("greeting_checks", "greeting_verdict", "auth", "violations", "authres_forged")
+# The key of ``Envelope.extra`` holding the session's transcript as the
+# message keeps it: ``[[t, dir, text], ...]`` (seconds since connect; "C",
+# "S" or "*"), JSON text. Left out of ``to_json`` unless asked for.
+TRANSCRIPT = "transcript"
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,8 +112,13 @@ class Envelope:
     # message's own commit. Kept by the queue, not in the envelope's JSON.
     queue: list[QueueItem] = dataclasses.field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        """The envelope as JSON-ready data (the keys of ``messages --json``)."""
+    def to_json(self, *, transcript: bool = False) -> dict[str, Any]:
+        """The envelope as JSON-ready data (the keys of ``messages --json``).
+
+        ``transcript``: keep the session transcript in ``extra`` (what a
+        store writes); left out otherwise, a list would grow too big with it.
+        """
+        skip = PROMOTED_EXTRA if transcript else (*PROMOTED_EXTRA, TRANSCRIPT)
         return {
             "id": self.queue_id,
             "received_at": self.received_at.isoformat(),
@@ -127,7 +138,7 @@ class Envelope:
             **(
                 {"extra": rest}
                 if (
-                    rest := {k: _plain(v) for k, v in self.extra.items() if k not in PROMOTED_EXTRA}
+                    rest := {k: _plain(v) for k, v in self.extra.items() if k not in skip}
                 )
                 else {}
             ),
@@ -209,13 +220,43 @@ LIST_FIELDS = (
 )
 
 
-def message_json(message: StoredMessage) -> dict[str, Any]:
+def message_json(message: StoredMessage, *, transcript: bool = False) -> dict[str, Any]:
     """A stored message as ``messages show --json`` prints it: the fields of
-    ``list --json`` and the rest of the envelope (greeting checks included)."""
+    ``list --json`` and the rest of the envelope (greeting checks included).
+
+    ``transcript``: add ``"transcript"``, the session's lines as
+    :func:`transcript_json` gives them (None when none was recorded).
+    """
     data = list_json(message)
     for key, value in message.envelope.to_json().items():
         data.setdefault(key, value)  # greeting_checks, violations, authres_forged, extra
+    if transcript:
+        data["transcript"] = transcript_json(message.envelope.extra.get(TRANSCRIPT))
     return data
+
+
+def transcript_json(stored: Any) -> list[dict[str, Any]] | None:
+    """A stored transcript (``[[t, dir, text], ...]``, or its JSON text) as the API
+    shows it: ``[{"t": 0.012, "dir": "C", "text": "EHLO x"}, ...]``; None when
+    there is none. Malformed items are left out."""
+    if stored is None:
+        return None
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            return None
+    if not isinstance(stored, list):
+        return None
+    return [
+        {"t": item[0], "dir": item[1], "text": item[2]}
+        for item in stored
+        if isinstance(item, list)
+        and len(item) == 3
+        and isinstance(item[0], int | float)
+        and item[1] in ("C", "S", "*")
+        and isinstance(item[2], str)
+    ]
 
 
 def list_json(message: StoredMessage) -> dict[str, Any]:
@@ -506,6 +547,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def begin(self, envelope: Envelope) -> MessageWriter:
         """Start a message. The envelope may still be completed before commit."""
+
+    # --- the session log ---------------------------------------------------------------
+
+    def log_session(self, record: dict[str, Any], keep: int = SESSION_LOG_MAX) -> None:  # noqa: B027
+        """Keep one ended session's record (fire and forget, never blocking).
+
+        ``record`` is JSON-ready and has at least ``id``, ``started_at``,
+        ``ended_at`` (ISO text) and ``client_ip``. The store keeps the
+        newest ``keep`` records; writing happens off the event loop, with
+        the store's other writes. This default keeps nothing.
+        """
+
+    def sessions(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
+        """Logged sessions, newest first: at most ``limit``, older than the one
+        whose id is ``before``. Raises StoreError for a ``before`` it does not hold."""
+        if before is not None:
+            raise StoreError(f"no session with id {before!r}")
+        return []
 
     @property
     def queue(self) -> Queue | None:

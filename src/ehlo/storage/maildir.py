@@ -3,7 +3,9 @@
 This module owns one Maildir folder (``data_dir/maildir``): its ``tmp/``,
 ``new/`` and ``cur/`` subfolders, and the envelope sidecars in
 ``ehlo-envelopes/`` (one ``<queue_id>.json`` per message: ``Envelope.to_json()`` plus ``size``,
-``subject`` and the message's ``file`` name).
+``subject`` and the message's ``file`` name). Its session log is
+``ehlo-sessions.jsonl`` beside the Maildir, in the data folder
+(:mod:`ehlo.storage._sessionlog`).
 
 Delivery follows the Maildir protocol: a message is written to
 ``tmp/<time>.<queue_id>.<host>`` (buffered, from the event loop thread, no
@@ -47,9 +49,11 @@ from typing import IO, Any
 
 from ..ids import _ALPHABET, is_queue_id
 from ._query import AttachmentSniffer, Query, Retention, body_text
+from ._sessionlog import SessionFile
 from .base import (
     DELETE_BATCH,
     HEADER_SCAN_LIMIT,
+    SESSION_LOG_MAX,
     Envelope,
     HeaderSniffer,
     MessageWriter,
@@ -289,7 +293,7 @@ class MaildirWriter(MessageWriter):
         committer = self._store._committer
         if committer is None:
             raise StoreError(f"maildir store {self._store.path} is not open")
-        record = self._envelope.to_json()
+        record = self._envelope.to_json(transcript=True)
         record.update(
             size=self._size,
             subject=self._head.subject(),
@@ -376,6 +380,7 @@ class MaildirStore(Store):
         self.stats = StoreStats()
         self._committer: _Committer | None = None
         self._queue: MaildirQueue | None = None
+        self._sessions = SessionFile(self.path.parent / "ehlo-sessions.jsonl")
 
     async def start(self) -> None:
         if self._committer is not None:
@@ -387,6 +392,7 @@ class MaildirStore(Store):
         committer = _Committer(self)
         committer.start()
         self._committer = committer
+        self._sessions = SessionFile(self._sessions.path)  # a store started again logs again
         self._start_retention()
 
     def preflight(self) -> None:
@@ -431,6 +437,7 @@ class MaildirStore(Store):
 
     async def close(self) -> None:
         await self._stop_retention()
+        await asyncio.to_thread(self._sessions.close)
         committer = self._committer
         if committer is None:
             return
@@ -439,6 +446,13 @@ class MaildirStore(Store):
         committer.ops.put(stop)
         await asyncio.wrap_future(stop.done)
         await asyncio.to_thread(committer.join)
+
+    def log_session(self, record: dict[str, Any], keep: int = SESSION_LOG_MAX) -> None:
+        if self._committer is not None:
+            self._sessions.add(record, keep)
+
+    def sessions(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
+        return self._sessions.sessions(limit, before)
 
     def begin(self, envelope: Envelope) -> MaildirWriter:
         if self._committer is None:

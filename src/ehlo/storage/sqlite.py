@@ -20,6 +20,7 @@ Layout::
     messages(queue_id PRIMARY KEY, received_at, client_ip, ..., size, subject)
     chunks(queue_id, seq, data BLOB)      -- a body of at most 256 KiB, one row
     pending(queue_id PRIMARY KEY, owner)  -- earlier versions' chunks written ahead of their row
+    sessions(seq PRIMARY KEY, id, ..., record)  -- the session log, newest session_log_max
     ehlo.sqlite3.bodies/<queue_id>        -- a larger body, in a file of its own
     ehlo.sqlite3.bodies/.spool/<owner>/   -- bodies being received by one store
 
@@ -41,6 +42,10 @@ future of the batch. Concurrent sessions thus share
 fsyncs (group commit); ``stats.commits`` counts the COMMITs, ``stats.messages``
 the messages. A message's row and its chunk are written in the same
 transaction: a message is there whole, or not at all.
+
+The session log. :meth:`SQLiteStore.log_session` hands an ended session's
+row to the same writer (no answer awaited); it is written with the batch it
+arrives in, and the table trimmed there to the newest ``keep`` rows.
 
 Backpressure. :attr:`SQLiteStore.backlog_bytes` is the number of body bytes
 queued for the writer and not yet executed. The network layer stops
@@ -99,6 +104,7 @@ from ._sqlite_db import (
 )
 from .base import (
     DELETE_BATCH,
+    SESSION_LOG_MAX,
     Envelope,
     HeaderSniffer,
     JSONText,
@@ -480,6 +486,42 @@ class SQLiteStore(Store):
     def begin(self, envelope: Envelope) -> SQLiteWriter:
         self._writer_or_error()
         return SQLiteWriter(self, envelope)
+
+    def log_session(self, record: dict[str, Any], keep: int = SESSION_LOG_MAX) -> None:
+        writer = self._writer
+        if writer is None or writer.broken is not None or keep <= 0:
+            return
+        row = (
+            str(record["id"]),
+            str(record["started_at"]),
+            str(record["ended_at"]),
+            str(record["client_ip"]),
+            _encode(record),
+        )
+        writer.log(row, keep)
+
+    def sessions(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
+        with self._reader() as conn:
+            if conn is None:
+                return super().sessions(limit, before)
+            try:
+                if before is None:
+                    cursor = conn.execute(
+                        "SELECT record FROM sessions ORDER BY seq DESC LIMIT ?", (max(limit, 0),)
+                    )
+                else:
+                    found = conn.execute(
+                        "SELECT max(seq) FROM sessions WHERE id = ?", (before,)
+                    ).fetchone()
+                    if found is None or found[0] is None:
+                        raise StoreError(f"no session with id {before!r}")
+                    cursor = conn.execute(
+                        "SELECT record FROM sessions WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                        (found[0], max(limit, 0)),
+                    )
+                return [json.loads(record) for (record,) in cursor]
+            except (sqlite3.Error, ValueError) as exc:
+                raise StoreError(f"sqlite store {self.path}: sessions: {exc}") from exc
 
     @property
     def queue(self) -> SQLiteQueue:
