@@ -149,7 +149,13 @@ async def test_list_and_detail(smtp: ThreadedServer) -> None:
         assert parts[6]["size"] == len(b"%PDF-1.4 binary \x00\xff")
         assert detail["text"] == "The plain text.\n"
         assert detail["has_html"] is True
-        assert detail["transcript"] is None
+        # The session's dialogue up to this message's data, the body elided.
+        lines = detail["transcript"]
+        assert lines[0]["dir"] == "*" and lines[0]["text"].startswith("connect from 127.0.0.1")
+        client = [line["text"].upper() for line in lines if line["dir"] == "C"]
+        assert any(text.startswith("MAIL FROM:") for text in client)
+        assert any(line["text"].startswith("message data elided:") for line in lines)
+        assert "The plain text." not in json.dumps(lines)
         assert "greeting_checks" not in detail or isinstance(detail["greeting_checks"], dict)
 
         plain = await get_json(session, f"{API}/messages/{second['id']}")
