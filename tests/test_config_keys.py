@@ -65,6 +65,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "max_junk_commands": ("0", 0),
     "max_session_time": ("60", 60.0),
     "workers": ("2", 2),
+    "metrics": ("false", False),
     "user": ('"ehlo"', "ehlo"),
     "keep_messages": ("500", 500),
     "keep_days": ("1.5", 1.5),

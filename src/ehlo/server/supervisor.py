@@ -45,6 +45,12 @@ The abuse limits hold for the whole server: the workers count open
 connections, connection rates and AUTH failures in memory they share
 (:class:`~ehlo.server.abuse.SharedCounters`; a restarted worker's open
 connections start at zero).
+
+The Prometheus metrics are summed over the workers: the supervisor makes
+``metrics/`` in the data folder afresh (mode 0700) and names it in
+``PROMETHEUS_MULTIPROC_DIR`` before forking; each worker counts in files of
+its own there, and the counts of a worker that ended stay in the sums
+(``ehlo.server._metrics``).
 """
 
 from __future__ import annotations
@@ -216,6 +222,8 @@ def _give_up_root(config: ServerConfig, user: RunAs) -> None:
         extra += ["ehlo.dns", "ehlo.delivery", "ehlo.client"]
         if config.mta_sts:
             extra += ["aiohttp", "yarl", "multidict"]
+    if config.metrics:
+        extra.append("prometheus_client")
     preload(*extra)
     try:
         drop_privileges(user)
@@ -232,12 +240,14 @@ async def run_server(
     hooks: HooksArg = None,
     tls: TLSContexts | None = None,
     delivery: bool = True,
+    metrics_dir: Path | None = None,
 ) -> int:
     """Serve in the running event loop until SIGTERM or SIGINT (graceful stop); return 0.
 
     The one server process of :func:`serve`, or one worker of a
-    :class:`Supervisor` (over its ``sockets``, sharing ``counts``; ``tls``:
-    contexts loaded already, else loaded at start).
+    :class:`Supervisor` (over its ``sockets``, sharing ``counts`` and the
+    metrics folder ``metrics_dir``; ``tls``: contexts loaded already, else
+    loaded at start).
     Raises :class:`StartError` when the server cannot start.
     """
     from .tls import TLSConfigError
@@ -248,7 +258,7 @@ async def run_server(
     # ``delivery``: whether this process runs the delivery scheduler (one does).
     server = Server(
         config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls,
-        delivery=None if delivery else False,
+        delivery=None if delivery else False, metrics_dir=metrics_dir,
     )
     stopping = asyncio.Event()
     signals: list[float] = []
@@ -387,6 +397,8 @@ class Supervisor:
         self._tls: TLSContexts | None = None
         self._writer: _SharedWriter | None = None
         self._counts: SharedCounters | None = None
+        # The workers' Prometheus counters, summed at /metrics (ehlo.server._metrics).
+        self._metrics_dir: Path | None = None
         self._children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
         self._recycling: set[int] = set()  # workers told to drain, to be started again
         self._stopping = False
@@ -425,12 +437,25 @@ class Supervisor:
             # Imported once here, its pages shared by every forked worker.
             from .. import dns  # noqa: F401
         try:
+            if config.metrics:
+                self._metrics_dir = self._prepare_metrics(user)
             if user is not None:
                 _give_up_root(config, user)  # before any worker exists
             return self._supervise()
         finally:
             if self._writer is not None:
                 self._writer.stop(config.shutdown_timeout + 30)
+
+    def _prepare_metrics(self, user: RunAs | None) -> Path:
+        """The workers' metrics folder, fresh for this run (the sums start at zero)."""
+        from ._metrics import prepare_directory
+
+        try:
+            with as_user(user):
+                return prepare_directory(Path(self.config.data_dir) / "metrics")
+        except OSError as exc:
+            self._close_sockets()
+            raise _start_error(exc, self.config) from None
 
     # -- the supervising loop
 
@@ -474,6 +499,10 @@ class Supervisor:
                 self._forward(signal.SIGTERM, None)
             return
         index, started = self._children.pop(pid)
+        if self._metrics_dir is not None:
+            from ._metrics import process_dead
+
+            process_dead(pid, self._metrics_dir)
         if self._stopping:
             self._failed = self._failed or code != 0
             return
@@ -553,6 +582,7 @@ class Supervisor:
                         hooks=self._hooks,
                         tls=self._tls,
                         delivery=index == 0,  # one scheduler for all workers
+                        metrics_dir=self._metrics_dir,
                     )
                 )
         except StartError as exc:  # e.g. the store cannot be opened: one line
