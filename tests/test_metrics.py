@@ -12,6 +12,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import json
 import os
 import signal
 import smtplib
@@ -285,6 +286,32 @@ async def test_refused_connections_evictions_and_a_message_too_large(
     assert value(samples, "ehlo_connections_total") == 2
 
 
+async def test_a_failed_tls_handshake_and_a_timeout_are_counted(
+    start: Callable[..., Awaitable[Server]], scrape: Scrape
+) -> None:
+    server = await start(command_timeout=0.5)
+    client = await Client.connect(server)
+    try:
+        await client.ehlo()
+        assert (await client.cmd("STARTTLS")).code == 220
+        client.send(b"this is no TLS ClientHello\r\n" * 4)
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(client.reader.read(), 20.0) == b""
+    finally:
+        client.close()
+    # A client that says nothing after its greeting: 421 after command_timeout.
+    silent = await Client.connect(server)
+    try:
+        await silent.ehlo()
+        assert (await silent.reply(timeout=20.0)).code == 421
+    finally:
+        silent.close()
+    samples = await scrape(server)
+    assert total(samples, "ehlo_tls_handshakes_total", result="failed") == 1
+    assert total(samples, "ehlo_tls_handshakes_total", result="ok") == 0
+    assert value(samples, "ehlo_limits_hit_total", limit="command_timeout") == 1
+
+
 async def test_greeting_check_results_are_counted_by_check_and_result(
     tmp_path: Path, greeting_dns: DNSServer, scrape: Scrape
 ) -> None:
@@ -368,12 +395,17 @@ def _live_workers(supervisor: int) -> list[int]:
     return pids
 
 
+def _metrics_folder(log: Path) -> Path | None:
+    """The workers' multiprocess folder, as the supervisor logs it (JSON, DEBUG)."""
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == "metrics_dir":
+            return Path(json.loads(line)["path"])
+    return None
+
+
 def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
     port = free_port()
     data = tmp_path / "data"
-    folder = data / "metrics"
-    folder.mkdir(parents=True)
-    (folder / "left-from-an-earlier-run").write_text("stale")
     log = tmp_path / "serve.log"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
@@ -381,6 +413,7 @@ def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
                 sys.executable, "-m", "ehlo", "serve",
                 "--listen", f"127.0.0.1:{port}", "--data", str(data), "--hostname", "mx.test",
                 "--no-tls", *SERVE_WITHOUT_DNS, "--workers", "2",
+                "--log-format", "json", "--log-level", "debug",
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
@@ -389,9 +422,11 @@ def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
         wait_until(lambda: len(_live_workers(proc.pid)) == 2, "two workers to run")
         workers_seen = time.monotonic()
         workers = set(_live_workers(proc.pid))
-        # The folder is made afresh at each start.
-        assert not (folder / "left-from-an-earlier-run").exists()
+        # One private folder for both, made for this run.
+        folder = _metrics_folder(log)
+        assert folder is not None, log.read_text()
         assert folder.stat().st_mode & 0o777 == 0o700
+        assert folder.name.startswith("ehlo-metrics-")
         sent = 1  # the banner check above was a connection too
 
         def deliver(i: int) -> None:
@@ -438,6 +473,32 @@ def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
-    # After the stop the folder still holds the run's counts.
-    samples = parse(exposition(folder).decode())
-    assert value(samples, "ehlo_messages_accepted_total") == messages
+    # Gone with the server.
+    assert not folder.exists()
+
+
+def test_no_metrics_gives_the_workers_no_folder(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "ehlo", "serve",
+                "--listen", f"127.0.0.1:{port}", "--data", str(data), "--hostname", "mx.test",
+                "--no-tls", *SERVE_WITHOUT_DNS, "--workers", "2", "--no-metrics",
+                "--log-format", "json", "--log-level", "debug",
+            ],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+    try:
+        wait_for_banner(port, proc, log)
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="w.client.test") as smtp:
+            smtp.sendmail("a@example.org", ["b@example.net"], BODY)
+        assert _metrics_folder(log) is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)

@@ -13,9 +13,10 @@ Two ways to keep them:
   ``Metrics`` has a registry of its own, so several servers in one process
   (a test suite) never share or clash; its exposition is that registry.
 - Several processes (``ehlo serve --workers N``): prometheus_client's
-  multiprocess mode. The supervisor makes a fresh folder
-  (:func:`prepare_directory`, ``metrics/`` in the data folder, mode 0700)
-  and sets ``PROMETHEUS_MULTIPROC_DIR`` before it forks; each worker's
+  multiprocess mode. The supervisor makes a private folder
+  (:func:`prepare_directory`: a temporary folder, in memory on ``/dev/shm``
+  when there is one, mode 0700, removed when the server stops) and sets
+  ``PROMETHEUS_MULTIPROC_DIR`` before it forks; each worker's
   counters live in memory-mapped files of that folder named by its pid; the
   exposition (:func:`exposition`, in whichever process serves HTTP) sums
   every file, those of workers that died or were restarted included; the
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +50,7 @@ __all__ = [
     "exposition",
     "prepare_directory",
     "process_dead",
+    "remove_directory",
 ]
 
 # The environment variable prometheus_client's multiprocess mode reads.
@@ -279,19 +282,26 @@ def exposition(directory: str | os.PathLike[str]) -> bytes:
     return generate_latest(registry)
 
 
-def prepare_directory(path: Path) -> Path:
-    """Make ``path`` a fresh, empty multiprocess folder (mode 0700) and name it in the environment.
+def prepare_directory() -> Path:
+    """A new, empty multiprocess folder (mode 0700), named in the environment.
 
-    Counts of an earlier run are removed; the processes forked afterwards
-    inherit ``PROMETHEUS_MULTIPROC_DIR``.
+    A private temporary folder, in memory when the machine has ``/dev/shm``
+    (the counters are written at every message: no disk should see them,
+    and nothing is kept across runs); the processes forked afterwards
+    inherit ``PROMETHEUS_MULTIPROC_DIR``. :func:`remove_directory` removes it.
     """
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-    path.mkdir(mode=0o700)
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="ehlo-metrics-", dir=base))
     os.environ[ENV] = str(path)
     return path
+
+
+def remove_directory(path: Path) -> None:
+    """Remove a folder of :func:`prepare_directory` (the server has stopped)."""
+    if os.environ.get(ENV) == str(path):
+        del os.environ[ENV]
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def process_dead(pid: int, directory: str | os.PathLike[str]) -> None:

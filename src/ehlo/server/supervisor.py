@@ -47,9 +47,10 @@ connections, connection rates and AUTH failures in memory they share
 connections start at zero).
 
 The Prometheus metrics are summed over the workers: the supervisor makes
-``metrics/`` in the data folder afresh (mode 0700) and names it in
-``PROMETHEUS_MULTIPROC_DIR`` before forking; each worker counts in files of
-its own there, and the counts of a worker that ended stay in the sums
+a private temporary folder (on ``/dev/shm`` when there is one, mode 0700)
+and names it in ``PROMETHEUS_MULTIPROC_DIR`` before forking; each worker
+counts in files of its own there, the counts of a worker that ended stay in
+the sums, and the folder is removed when the server stops
 (``ehlo.server._metrics``).
 """
 
@@ -445,17 +446,26 @@ class Supervisor:
         finally:
             if self._writer is not None:
                 self._writer.stop(config.shutdown_timeout + 30)
+            if self._metrics_dir is not None:
+                from ._metrics import remove_directory
+
+                remove_directory(self._metrics_dir)
 
     def _prepare_metrics(self, user: RunAs | None) -> Path:
-        """The workers' metrics folder, fresh for this run (the sums start at zero)."""
+        """The workers' metrics folder, new for this run (the sums start at zero)."""
         from ._metrics import prepare_directory
 
         try:
-            with as_user(user):
-                return prepare_directory(Path(self.config.data_dir) / "metrics")
+            with as_user(user):  # the workers' own, once root is given up
+                path = prepare_directory()
         except OSError as exc:
             self._close_sockets()
-            raise _start_error(exc, self.config) from None
+            raise StartError(f"cannot make the metrics folder: {exc.strerror or exc}") from None
+        log.debug(
+            "metrics of the workers in %s", path,
+            extra={"event": "metrics_dir", "path": str(path)},
+        )
+        return path
 
     # -- the supervising loop
 
