@@ -288,7 +288,9 @@ def prepare_directory() -> Path:
     A private temporary folder, in memory when the machine has ``/dev/shm``
     (the counters are written at every message: no disk should see them,
     and nothing is kept across runs); the processes forked afterwards
-    inherit ``PROMETHEUS_MULTIPROC_DIR``. :func:`remove_directory` removes it.
+    inherit ``PROMETHEUS_MULTIPROC_DIR``. :func:`remove_directory` removes it;
+    a supervisor killed outright (SIGKILL) leaves it behind, 64 KiB per
+    file, two files per worker.
     """
     shm = Path("/dev/shm")
     base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
