@@ -65,6 +65,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "max_junk_commands": ("0", 0),
     "max_session_time": ("60", 60.0),
     "workers": ("2", 2),
+    "metrics": ("false", False),
     "user": ('"ehlo"', "ehlo"),
     "http": ('"127.0.0.1:9025"', Listen("127.0.0.1", 9025)),
     "http_enabled": ("false", False),

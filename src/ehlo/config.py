@@ -402,6 +402,12 @@ class ServerConfig:
     workers: Annotated[
         int, _Key(_count_or_zero, doc="server processes sharing the listeners; 0: one per CPU core")
     ] = 0
+    # Prometheus counters of connections, sessions, messages, refusals,
+    # TLS, AUTH, greeting checks, commit latency and limits, summed over the
+    # workers, served at /metrics (ehlo.server._metrics); false: none kept.
+    metrics: Annotated[
+        bool, _Key(_bool, doc="keep Prometheus metrics (summed over workers) for /metrics")
+    ] = True
     # Where the SQLite store's writer runs: "process" (a child process, away
     # from the event loop's GIL; with several workers, one for all of them)
     # or "thread" (a thread of each server process: no child process).

@@ -204,6 +204,11 @@ def add_serve_command(commands: Any) -> None:
         action="store_true",
         help="do not record the sessions' dialogues (transcripts)",
     )
+    serve.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="keep no Prometheus metrics (GET /metrics answers 404)",
+    )
     greeting_options(serve, stage=True)
     serve.add_argument("--log-format", choices=("text", "json"), help="log lines on stderr")
     serve.add_argument(
@@ -250,6 +255,8 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         overrides["reverse_dns"] = False
     if args.no_transcripts:
         overrides["transcripts"] = False
+    if args.no_metrics:
+        overrides["metrics"] = False
     for flag, key in (
         ("require_tls", "require_tls"),
         ("submission", "submission"),

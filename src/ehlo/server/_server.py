@@ -3,8 +3,9 @@
 ``Server(config, store=..., hooks=...)`` is the library entry point; ``ehlo
 serve`` is a thin wrapper around it. The server owns what all sessions share
 (configuration, store, hooks, TLS certificates, users, reverse-DNS lookups,
-connection counts and abuse counters) in a :class:`ServerContext`, the
-listeners (plain, implicit TLS, PROXY protocol), and a sweeper that enforces
+connection counts and abuse counters, the Prometheus metrics) in a
+:class:`ServerContext`, the listeners (plain, implicit TLS, PROXY
+protocol), and a sweeper that enforces
 timeouts for every connection at once instead of one timer per connection.
 It also owns the connection slots: the file-descriptor limit they need,
 stress mode (shorter idle timeouts past a high-water mark) and, at the
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import resource
 import socket
 import ssl
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from ..greeting import GreetingVerifier
     from ..storage import Envelope
     from ..web._service import HTTPService
+    from ._metrics import Metrics
     from .proxy import ProxyInfo
     from .tls import TLSContexts
 
@@ -116,9 +119,12 @@ class ServerContext:
         tls: TLSContexts | None,
         users: UserStore | None = None,
         shared: SharedCounters | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        # The Prometheus counters the sessions move (None: not counted).
+        self.metrics = metrics
         # Open connections of every worker process (``ehlo serve --workers``).
         self.shared_counts = shared.connections if shared is not None else None
         self.hooks = hooks
@@ -206,7 +212,10 @@ class ServerContext:
     def admit(self, proto: SMTPServerProtocol) -> Reply | None:
         """Count a new connection, or the 421 that refuses it."""
         config = self.config
+        metrics = self.metrics
         if self.draining:
+            if metrics is not None:
+                metrics.refused["shutdown"].inc()
             return Reply(421, "4.3.2", "Service shutting down, try again later")
         # With several workers, the limits hold for the whole server.
         shared = self.shared_counts
@@ -216,17 +225,20 @@ class ServerContext:
             # A worker can only close its own connections: with none idle, refuse.
             victim = self.idlest()
             if victim is None:
+                self._limit_refusal("max_connections")
                 return Reply(421, "4.7.0", "Too many connections, try again later")
         # The per-address limits count an IPv6 client by its /64 (abuse.client_key).
         ip = proto.client_key
         count = self.per_ip.get(ip, 0)
         if proto.client_ip not in self.exempt:
             if (count if shared is None else shared.count(ip)) >= config.max_connections_per_ip:
+                self._limit_refusal("max_connections_per_ip")
                 return Reply(
                     421, "4.7.0", "Too many connections from your address, try again later"
                 )
             rate = config.max_connection_rate
             if rate and self.connection_rate.hit(ip, time.monotonic()) > rate:
+                self._limit_refusal("max_connection_rate")
                 return Reply(
                     421,
                     "4.7.0",
@@ -239,7 +251,16 @@ class ServerContext:
         if shared is not None:
             shared.add(ip)
         self.check_stress(total + (victim is None))
+        if metrics is not None:
+            metrics.connections.inc()
         return None
+
+    def _limit_refusal(self, limit: str) -> None:
+        """Count a connection refused at ``limit``."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.refused[limit].inc()
+            metrics.limits[limit].inc()
 
     def idlest(self) -> SMTPServerProtocol | None:
         """The connection idle longest outside a transaction, or None."""
@@ -255,6 +276,8 @@ class ServerContext:
         """Close ``proto`` with 421 4.4.2 to make room for a client from ``newcomer``."""
         idle_for = time.monotonic() - proto.last_activity
         self.evictions += 1
+        if self.metrics is not None:
+            self.metrics.evictions.inc()
         log.info(
             "evicted %s (idle %.1fs) to admit %s", proto.client_ip, idle_for, newcomer,
             extra={"event": "evicted", "client_ip": proto.client_ip, "idle": round(idle_for, 1),
@@ -453,6 +476,8 @@ class _ProxyListener:
                 self.listen,
                 extra={"event": "proxy_refused", "client_ip": peer},
             )
+            if ctx.metrics is not None:
+                ctx.metrics.refused["proxy_untrusted"].inc()
             conn.close()
             return
         try:
@@ -464,6 +489,8 @@ class _ProxyListener:
                 exc,
                 extra={"event": "proxy_error", "client_ip": peer},
             )
+            if ctx.metrics is not None:
+                ctx.metrics.refused["proxy_header"].inc()
             conn.close()
             return
         except asyncio.CancelledError:
@@ -544,6 +571,7 @@ class Server:
         clock: Callable[[], float] | None = None,
         http: Listen | tuple[str, int] | socket.socket | None = None,
         on_stored: Callable[[Envelope], None] | None = None,
+        metrics_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
         self._on_stored = on_stored
@@ -572,6 +600,14 @@ class Server:
         self._owns_store = store is None
         self.ctx: ServerContext | None = None
         self._stopped = asyncio.Event()
+        # The Prometheus counters (config ``metrics``): this server's own,
+        # or, with ``metrics_dir`` (``ehlo serve --workers N``), files in that
+        # folder summed with the other workers' (ehlo.server._metrics).
+        self.metrics: Metrics | None = None
+        if self.config.metrics:
+            from ._metrics import Metrics
+
+            self.metrics = Metrics(metrics_dir)
 
     @property
     def store(self) -> Store:
@@ -607,7 +643,8 @@ class Server:
         try:
             tls = self._tls if self._tls is not None else tls_contexts_for(config)
             ctx = ServerContext(
-                config, store, self._hooks, tls, _open_users(config), self._shared_counters
+                config, store, self._hooks, tls, _open_users(config), self._shared_counters,
+                self.metrics,
             )
             ctx.on_stored = self._on_stored
             self.ctx = ctx
@@ -698,7 +735,12 @@ class Server:
                     " (add one with `ehlo users add NAME`)"
                 )
         service = HTTPService(
-            WebContext(store=ctx.store, users=users),
+            WebContext(
+                store=ctx.store,
+                users=users,
+                # Worker 0 renders the sum over every worker's counts.
+                metrics=self.metrics.exposition if self.metrics is not None else None,
+            ),
             sock=sock, host=host, port=port, ssl_context=ssl_context,
         )
         await service.start()

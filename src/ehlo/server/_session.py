@@ -139,6 +139,7 @@ class Session:
         "ctx",
         "decision",
         "envelope",
+        "first_greeting",
         "message_ids",
         "messages",
         "peer",
@@ -182,6 +183,8 @@ class Session:
         self._dns_budget: CappedResolver | None = None
         self.decision: Decision | None = None
         self.started = time.monotonic()
+        # HELO or EHLO: the session's first greeting (None before it).
+        self.first_greeting: str | None = None
         self.messages = 0
         self.peer = f"{client_ip}:{client_port}"
         # One id on every log line of the session: two sessions from one
@@ -417,6 +420,10 @@ class Session:
             reply = Reply(250, None, [first, *self.conn.extension_lines()])
         else:
             reply = Reply(250, None, first)
+        if self.first_greeting is None:
+            self.first_greeting = event.verb
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.sessions[event.verb].inc()
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "greeting session=%s %s %s %s",
@@ -472,7 +479,10 @@ class Session:
         """The checks of the latest greeting, from a kept report or a new run."""
         greeting, self._checks_input = self._checks_input, None
         assert greeting is not None
-        return await verifier.verify(greeting, self._dns_budget)
+        report = await verifier.verify(greeting, self._dns_budget)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.checks({name: r.result for name, r in report.results.items()})
+        return report
 
     def _drop_checks(self) -> bool:
         """Cancel the checks under way (their lookups end with them); True if some were."""
@@ -786,6 +796,8 @@ class Session:
         # RFC 5321 section 6.3: a message with too many Received fields is
         # likely looping; 5.4.6 is "routing loop detected" (RFC 3463).
         reply = Reply(554, "5.4.6", f"Too many hops ({hops} Received fields): mail loop?")
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.limit("max_hops")
         self._log_outcome(envelope, size, reply)
         return reply
 
@@ -825,20 +837,25 @@ class Session:
             # The greeting, TLS and AUTH lines and this transaction's, up to
             # the end of its data (the 250 follows the commit).
             envelope.extra[TRANSCRIPT] = JSONText(self.transcript.message_json())
+        started = time.monotonic()
         try:
             # RFC 5321 section 6.1: answer 250 only once the message is safe.
             future = writer.start_commit()
         except StoreError as exc:
-            return self._committed(envelope, size, exc)
+            return self._committed(envelope, size, started, exc)
         except BaseException:
             writer.abort()
             raise
         if future.done() and not future.cancelled():
-            return self._committed(envelope, size, future)  # nothing to wait for
-        return Deferred(future, functools.partial(self._committed, envelope, size))
+            return self._committed(envelope, size, started, future)  # nothing to wait for
+        return Deferred(future, functools.partial(self._committed, envelope, size, started))
 
     def _committed(
-        self, envelope: Envelope, size: int, outcome: asyncio.Future[str] | StoreError
+        self,
+        envelope: Envelope,
+        size: int,
+        started: float,
+        outcome: asyncio.Future[str] | StoreError,
     ) -> Reply:
         """The reply to a finished commit (its future, or the error that stopped it).
 
@@ -863,6 +880,11 @@ class Session:
         self.messages += 1
         if len(self.message_ids) < _MAX_LOGGED_IDS:
             self.message_ids.append(queue_id)
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.messages.inc()
+            metrics.octets.inc(envelope.size_received or 0)
+            metrics.commit_seconds.observe(time.monotonic() - started)
         if envelope.queue and self.ctx.scheduler is not None:
             self.ctx.scheduler.wake()  # mail to hand on
         if self.ctx.on_stored is not None:
@@ -965,6 +987,16 @@ class Session:
         )
 
     def _fault(self, event: Fault) -> None:
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.fault(event.verb, event.reply.code)
+            limit = _FAULT_LIMITS.get(event.reason)
+            if limit is None and event.verb == "MAIL" and event.reply.code == 552:
+                limit = "max_message_size"  # RFC 1870 section 6.1: a SIZE over the limit
+            if limit is not None:
+                metrics.limit(limit)
+            if event.closing:
+                metrics.limit("max_errors")
         if event.aborted:
             envelope = self.envelope
             self.abort_message()
@@ -982,6 +1014,11 @@ class Session:
         reply in ``_logged``, so that each refusal is logged once.
         """
         self._last_refusal = reply
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            stage = _STAGES.get(type(event)) if event is not None else "connect"
+            if stage is not None:
+                metrics.refusal(stage, reply.code)
         logged, self._logged = self._logged, None
         if reply is logged:
             return
@@ -1025,7 +1062,11 @@ class Session:
         """Count a command that moves no mail; True beyond the limit (Postfix's junk limit)."""
         self._junk += 1
         limit = self.ctx.config.max_junk_commands
-        return limit > 0 and self._junk > limit
+        if limit > 0 and self._junk > limit:
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.limit("max_junk_commands")
+            return True
+        return False
 
     def _rset(self, event: Rset) -> Reply:
         self.abort_message()
@@ -1046,6 +1087,7 @@ class Session:
         from ..auth import new_mechanism
 
         if self.ctx.auth_guard.locked(self.client_key, time.monotonic()):
+            self._count_auth(event.mechanism, "locked", "max_auth_failures")
             return _AUTH_LOCKED
         mechanism = new_mechanism(event.mechanism)
         if mechanism is None or self.ctx.users is None:
@@ -1067,6 +1109,8 @@ class Session:
             return Reply(334, None, base64.b64encode(result.data).decode("ascii"))
         mechanism, self._sasl = self._sasl, None
         if isinstance(result, SaslFailure):
+            if mechanism is not None:
+                self._count_auth(mechanism.name, "aborted")
             return Reply(result.code, result.enhanced, result.text)
         assert isinstance(result, Credentials) and mechanism is not None
         return self._login(result, mechanism.name)
@@ -1090,6 +1134,7 @@ class Session:
                 extra={**fields, "outcome": "account_locked"},
             )
             self._logged = _AUTH_ACCOUNT_LOCKED
+            self._count_auth(mechanism, "locked", "max_auth_failures_per_user")
             return _AUTH_ACCOUNT_LOCKED
         # RFC 4616 section 2: an authorization identity other than the
         # user's own is refused (ehlo has no proxy authorization).
@@ -1107,6 +1152,7 @@ class Session:
                 extra={**fields, "outcome": "busy"},
             )
             self._logged = _AUTH_BUSY
+            self._count_auth(mechanism, "busy", "max_auth_queue")
             return _AUTH_BUSY
         if ok:
             self.auth_user, self.auth_mechanism = name, mechanism
@@ -1118,6 +1164,7 @@ class Session:
                 mechanism,
                 extra={**fields, "outcome": "ok"},
             )
+            self._count_auth(mechanism, "success")
             return _AUTH_OK
         now = time.monotonic()
         delay, locked = ctx.auth_guard.failed(self.client_key, now)
@@ -1130,7 +1177,10 @@ class Session:
             mechanism,
             extra={**fields, "outcome": "locked" if locked else "failed"},
         )
+        self._count_auth(mechanism, "failure", "max_auth_failures" if locked else None)
         if ctx.account_guard.failed(name, now):
+            if ctx.metrics is not None:
+                ctx.metrics.limit("max_auth_failures_per_user")
             guard = ctx.account_guard
             log.warning(
                 "user %s locked out of AUTH: %d failed attempts within %gs session=%s",
@@ -1144,6 +1194,15 @@ class Session:
         await asyncio.sleep(delay)
         refusal = self._logged = _AUTH_LOCKED if locked else _AUTH_FAILED  # logged above
         return refusal
+
+    def _count_auth(self, mechanism: str, result: str, limit: str | None = None) -> None:
+        """Count an AUTH exchange's end (ehlo.server._metrics), and the limit it reached."""
+        metrics = self.ctx.metrics
+        if metrics is None:
+            return
+        metrics.auth(mechanism, result)
+        if limit is not None:
+            metrics.limit(limit)
 
     def _quit(self, event: Quit) -> Reply:
         self.abort_message()
@@ -1171,6 +1230,17 @@ class Deferred:
         self.future = future
         self.then = then
 
+
+# The stage whose refusals a command's reply counts under (ehlo.server._metrics).
+_STAGES: dict[type, str] = {Mail: "mail", Rcpt: "rcpt", Data: "data", Bdat: "data", DataEnd: "data"}
+# The limit a fault of the protocol core reached, by its reason.
+_FAULT_LIMITS = {
+    "message too large": "max_message_size",
+    "too many recipients": "max_recipients",
+    "command line too long": "max_command_line",
+    "AUTH response too long": "max_command_line",
+    "text line too long": "max_text_line",
+}
 
 _Handler = Callable[[Session, Any], Reply | Awaitable[Reply | None] | Deferred | None]
 _DISPATCH: dict[type[Event], _Handler] = {

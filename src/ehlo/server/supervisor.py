@@ -45,6 +45,13 @@ The abuse limits hold for the whole server: the workers count open
 connections, connection rates and AUTH failures in memory they share
 (:class:`~ehlo.server.abuse.SharedCounters`; a restarted worker's open
 connections start at zero).
+
+The Prometheus metrics are summed over the workers: the supervisor makes
+a private temporary folder (on ``/dev/shm`` when there is one, mode 0700)
+and names it in ``PROMETHEUS_MULTIPROC_DIR`` before forking; each worker
+counts in files of its own there, the counts of a worker that ended stay in
+the sums, and the folder is removed when the server stops
+(``ehlo.server._metrics``).
 """
 
 from __future__ import annotations
@@ -265,6 +272,8 @@ def _give_up_root(config: ServerConfig, user: RunAs) -> None:
             extra += ["aiohttp", "yarl", "multidict"]
     if config.http_enabled:  # the web UI (worker 0)
         extra += ["ehlo.web", "aiohttp", "yarl", "multidict"]
+    if config.metrics:
+        extra.append("prometheus_client")
     preload(*extra)
     try:
         drop_privileges(user)
@@ -282,13 +291,14 @@ async def run_server(
     tls: TLSContexts | None = None,
     delivery: bool = True,
     http: socket.socket | None = None,
+    metrics_dir: Path | None = None,
 ) -> int:
     """Serve in the running event loop until SIGTERM or SIGINT (graceful stop); return 0.
 
     The one server process of :func:`serve`, or one worker of a
-    :class:`Supervisor` (over its ``sockets``, sharing ``counts``; ``tls``:
-    contexts loaded already, else loaded at start; ``http``: the web UI's
-    socket when this process serves it).
+    :class:`Supervisor` (over its ``sockets``, sharing ``counts`` and the
+    metrics folder ``metrics_dir``; ``tls``: contexts loaded already, else
+    loaded at start; ``http``: the web UI's socket when this process serves it).
     Raises :class:`StartError` when the server cannot start.
     """
     from .tls import TLSConfigError
@@ -299,7 +309,7 @@ async def run_server(
     # ``delivery``: whether this process runs the delivery scheduler (one does).
     server = Server(
         config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls,
-        delivery=None if delivery else False, http=http,
+        delivery=None if delivery else False, http=http, metrics_dir=metrics_dir,
     )
     stopping = asyncio.Event()
     signals: list[float] = []
@@ -440,6 +450,8 @@ class Supervisor:
         self._tls: TLSContexts | None = None
         self._writer: _SharedWriter | None = None
         self._counts: SharedCounters | None = None
+        # The workers' Prometheus counters, summed at /metrics (ehlo.server._metrics).
+        self._metrics_dir: Path | None = None
         self._children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
         self._recycling: set[int] = set()  # workers told to drain, to be started again
         self._stopping = False
@@ -478,12 +490,34 @@ class Supervisor:
             # Imported once here, its pages shared by every forked worker.
             from .. import dns  # noqa: F401
         try:
+            if config.metrics:
+                self._metrics_dir = self._prepare_metrics(user)
             if user is not None:
                 _give_up_root(config, user)  # before any worker exists
             return self._supervise()
         finally:
             if self._writer is not None:
                 self._writer.stop(config.shutdown_timeout + 30)
+            if self._metrics_dir is not None:
+                from ._metrics import remove_directory
+
+                remove_directory(self._metrics_dir)
+
+    def _prepare_metrics(self, user: RunAs | None) -> Path:
+        """The workers' metrics folder, new for this run (the sums start at zero)."""
+        from ._metrics import prepare_directory
+
+        try:
+            with as_user(user):  # the workers' own, once root is given up
+                path = prepare_directory()
+        except OSError as exc:
+            self._close_sockets()
+            raise StartError(f"cannot make the metrics folder: {exc.strerror or exc}") from None
+        log.debug(
+            "metrics of the workers in %s", path,
+            extra={"event": "metrics_dir", "path": str(path)},
+        )
+        return path
 
     # -- the supervising loop
 
@@ -527,6 +561,10 @@ class Supervisor:
                 self._forward(signal.SIGTERM, None)
             return
         index, started = self._children.pop(pid)
+        if self._metrics_dir is not None:
+            from ._metrics import process_dead
+
+            process_dead(pid, self._metrics_dir)
         if self._stopping:
             self._failed = self._failed or code != 0
             return
@@ -612,6 +650,7 @@ class Supervisor:
                         tls=self._tls,
                         delivery=index == 0,  # one scheduler for all workers
                         http=http,  # one web UI for all workers
+                        metrics_dir=self._metrics_dir,
                     )
                 )
         except StartError as exc:  # e.g. the store cannot be opened: one line
