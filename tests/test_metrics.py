@@ -19,6 +19,7 @@ import smtplib
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -403,8 +404,17 @@ def _metrics_folder(log: Path) -> Path | None:
     return None
 
 
+def _over_http(http_port: int) -> Samples:
+    """GET /metrics of the web UI (served by worker 0), parsed."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return parse(answer.read().decode())
+
+
 def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
     port = free_port()
+    http_port = free_port()
     data = tmp_path / "data"
     log = tmp_path / "serve.log"
     with open(log, "wb") as stderr:
@@ -413,6 +423,7 @@ def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
                 sys.executable, "-m", "ehlo", "serve",
                 "--listen", f"127.0.0.1:{port}", "--data", str(data), "--hostname", "mx.test",
                 "--no-tls", *SERVE_WITHOUT_DNS, "--workers", "2",
+                "--http", f"127.0.0.1:{http_port}",
                 "--log-format", "json", "--log-level", "debug",
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
@@ -450,6 +461,10 @@ def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
         assert value(samples, "ehlo_sessions_total", greeting="EHLO") == messages
         assert value(samples, "ehlo_received_bytes_total") == messages * len(BODY)
         assert value(samples, "ehlo_store_commit_seconds_count") == messages
+        # The web UI (one worker) answers the same sums over HTTP.
+        served = _over_http(http_port)
+        for name in ("ehlo_connections_total", "ehlo_messages_accepted_total"):
+            assert value(served, name) == value(samples, name), name
 
         # A worker killed outright is started again (the supervisor restarts
         # one that ran for 2 s or more); its counts stay in the sums.
@@ -467,6 +482,7 @@ def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
         samples = parse(exposition(folder).decode())
         assert value(samples, "ehlo_connections_total") == sent
         assert value(samples, "ehlo_messages_accepted_total") == messages
+        assert value(_over_http(http_port), "ehlo_messages_accepted_total") == messages
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()
     finally:
