@@ -343,6 +343,34 @@ async def test_events_in_order_and_resumed_after_last_event_id(
         assert (await stream.next())["data"]["subject"] == "three"
 
 
+async def test_events_while_nobody_listened_come_whole_on_resume(
+    web: WebServer, http: aiohttp.ClientSession
+) -> None:
+    # Nobody listens: the server notes only the new messages' ids.
+    async with events(http, web.url) as stream:
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(web.send, "seen")
+        first = await stream.next()
+    for subject in ("unheard one", "unheard two", "deleted unheard"):
+        await asyncio.to_thread(web.send, subject)
+    listed = await (await http.get(f"{web.url}/api/v1/messages")).json()
+    assert listed["messages"][0]["subject"] == "deleted unheard"
+    await asyncio.sleep(1.2)  # past the slow poll: the hub numbered them unread
+    gone = listed["messages"][0]["id"]
+    async with http.delete(f"{web.url}/api/v1/messages/{gone}") as response:
+        assert response.status == 200
+    # Resumed: each message read whole now, the deleted one's arrival left
+    # out and its deletion told.
+    async with events(http, web.url, **{"Last-Event-ID": first["id"]}) as stream:
+        later = [await stream.next() for _ in range(3)]
+    assert [e["event"] for e in later] == ["message.new", "message.new", "message.deleted"]
+    assert [e["data"]["subject"] for e in later[:2]] == ["unheard one", "unheard two"]
+    assert all(e["data"]["rcpt_to"] == ["bob@example.net"] for e in later[:2])
+    assert later[2]["data"] == {"ids": [gone]}
+    seqs = [int(first["id"])] + [int(e["id"]) for e in later]
+    assert seqs == sorted(seqs) and seqs[3] - seqs[2] == 2  # the deleted one's number skipped
+
+
 async def test_events_from_an_unknown_point_start_with_a_reset(
     web: WebServer, http: aiohttp.ClientSession
 ) -> None:

@@ -665,6 +665,13 @@ class Store(abc.ABC):
             return [], ids
         return [m for m in reversed(messages) if m.envelope.queue_id not in mark], ids
 
+    def newer_ids(self, mark: object | None) -> tuple[Sequence[str], object]:
+        """:meth:`newer`'s ids only, with the same marks: what a reader asks
+        while nobody waits for the messages themselves (it reads them later,
+        by id, if someone comes to ask). This default reads them all."""
+        messages, mark = self.newer(mark)
+        return [m.envelope.queue_id for m in messages], mark
+
     def count(self) -> int:
         """How many messages the store holds."""
         return len(self.list())

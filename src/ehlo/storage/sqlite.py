@@ -611,26 +611,58 @@ class SQLiteStore(Store):
         """
         with self._mark_lock:
             try:
-                return self._newer(mark)
+                ids, now, conn = self._newer(mark)
+                return self._messages_of(conn, ids), now
             except sqlite3.Error as exc:
                 self._close_mark()
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
 
-    def _newer(self, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
+    def newer_ids(self, mark: object | None) -> tuple[Sequence[str], object]:
+        """:meth:`newer` without reading the messages' rows: the search rows' ids."""
+        with self._mark_lock:
+            try:
+                ids, now, _ = self._newer(mark)
+                return ids, now
+            except sqlite3.Error as exc:
+                self._close_mark()
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _messages_of(
+        conn: sqlite3.Connection | None, ids: Sequence[str]
+    ) -> Sequence[StoredMessage]:
+        """The messages of ``ids`` still there, in that order."""
+        if conn is None or not ids:
+            return []
+        found: dict[str, StoredMessage] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for row in conn.execute(
+                f"SELECT {COLUMNS} FROM messages WHERE queue_id IN ({marks})", chunk
+            ):
+                message = _message(row)
+                found[message.envelope.queue_id] = message
+        return [found[i] for i in ids if i in found]
+
+    def _newer(
+        self, mark: object | None
+    ) -> tuple[Sequence[str], object, sqlite3.Connection | None]:
+        """The new rows' ids, the mark of now, and the connection to read them with."""
         if not self.path.exists():
-            return [], _RowMark(-1, (), True)
+            return [], _RowMark(-1, (), True), None
         conn = self._mark_conn
         if conn is None:
             conn = self._mark_conn = connect(self.path, read_only=True)
         version = int(conn.execute("PRAGMA data_version").fetchone()[0])
         if isinstance(mark, _RowMark) and mark.version == version:
-            return [], mark
+            return [], mark, conn
         conn.execute("BEGIN")
         try:
             if conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'search'"
             ).fetchone() is None:
-                return [], _RowMark(version, (), True)
+                return [], _RowMark(version, (), True), conn
             top = conn.execute(
                 "SELECT rowid, queue_id FROM search ORDER BY rowid DESC LIMIT ?",
                 (_MARK_WINDOW + 1,),
@@ -640,7 +672,7 @@ class SQLiteStore(Store):
                 len(top) <= _MARK_WINDOW,
             )
             if not isinstance(mark, _RowMark):
-                return [], now
+                return [], now, conn
             old = set(mark.top)
             low = 0 if mark.complete or not mark.top else mark.top[-1][0]
             rows = conn.execute(
@@ -649,16 +681,7 @@ class SQLiteStore(Store):
             kept = [int(r) for r, q in rows if (int(r), str(q)) in old]
             floor = max(kept) if kept else low - 1
             ids = [str(q) for r, q in rows if int(r) > floor and (int(r), str(q)) not in old]
-            found: dict[str, StoredMessage] = {}
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ", ".join("?" * len(chunk))
-                for row in conn.execute(
-                    f"SELECT {COLUMNS} FROM messages WHERE queue_id IN ({marks})", chunk
-                ):
-                    message = _message(row)
-                    found[message.envelope.queue_id] = message
-            return [found[i] for i in ids if i in found], now
+            return ids, now, conn
         finally:
             conn.execute("COMMIT")
 

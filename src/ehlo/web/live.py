@@ -60,14 +60,19 @@ WAIT_DEFAULT = 30.0
 WAIT_MAX = 300.0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class Event:
-    """One published event: its sequence number, name and JSON data."""
+    """One published event: its sequence number, name and JSON data.
+
+    A ``message.new`` seen while nobody listened holds only its message's
+    id (``data`` None) until :meth:`LiveHub.fill` reads the message.
+    """
 
     seq: int
     name: str  # message.new, message.deleted, queue.changed
     data: Any
     message: StoredMessage | None = None  # the new message (message.new)
+    queue_id: str | None = None  # the new message's id (message.new)
 
 
 class LiveHub:
@@ -134,16 +139,42 @@ class LiveHub:
                 await asyncio.sleep(self.slow)
 
     async def sync(self) -> None:
-        """Ask the store what is new now and publish it (one question at a time)."""
+        """Ask the store what is new now and publish it (one question at a time).
+
+        While nobody listens or waits only the new ids are read (a busy
+        server's worker 0 does not parse every message it stores); the
+        messages are read by :meth:`fill` if a client later asks for them.
+        """
         async with self._poll_lock:
-            mark = self._mark
-            new, self._mark = await asyncio.to_thread(self.store.newer, mark)
-            if mark is None:
-                return
-            for message in new:
-                self._append("message.new", list_json(message), message)
-            if new:
+            mark, before = self._mark, self.seq
+            if self._listeners:
+                messages, self._mark = await asyncio.to_thread(self.store.newer, mark)
+                if mark is not None:
+                    for message in messages:
+                        self._append("message.new", list_json(message), message)
+            else:
+                ids, self._mark = await asyncio.to_thread(self.store.newer_ids, mark)
+                if mark is not None:
+                    for queue_id in ids:
+                        self._append("message.new", None, queue_id=queue_id)
+            if self.seq != before:
                 self._publish_wakeup()
+
+    async def fill(self, events: list[Event]) -> list[Event]:
+        """``events`` with the messages of those that hold only an id read from
+        the store; a message deleted since then drops its event."""
+        missing = [e for e in events if e.name == "message.new" and e.data is None]
+        if missing:
+            store = self.store
+
+            def read() -> None:
+                for event in missing:
+                    message = store.get(event.queue_id or "")
+                    if message is not None:
+                        event.message, event.data = message, list_json(message)
+
+            await asyncio.to_thread(read)
+        return [e for e in events if e.name != "message.new" or e.data is not None]
 
     async def _check_queue(self) -> None:
         now = self._clock()
@@ -171,9 +202,17 @@ class LiveHub:
             self._append("message.deleted", {"ids": list(ids)})
             self._publish_wakeup()
 
-    def _append(self, name: str, data: Any, message: StoredMessage | None = None) -> None:
+    def _append(
+        self,
+        name: str,
+        data: Any,
+        message: StoredMessage | None = None,
+        queue_id: str | None = None,
+    ) -> None:
         self.seq += 1
-        self.events.append(Event(self.seq, name, data, message))
+        if message is not None:
+            queue_id = message.envelope.queue_id
+        self.events.append(Event(self.seq, name, data, message, queue_id))
 
     def _publish_wakeup(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -286,9 +325,11 @@ async def events(request: web.Request) -> web.StreamResponse:
             await response.write(f"id: {after}\nevent: reset\ndata: {data}\n\n".encode())
         async with live.listening():
             while not live.closed:
-                for event in live.since(after):
+                pending = live.since(after)
+                for event in await live.fill(pending):
                     await response.write(_frame(event))
-                    after = event.seq
+                if pending:
+                    after = pending[-1].seq
                 quiet = not await live.changed(HEARTBEAT)
                 if quiet and not live.closed and not live.since(after):
                     await response.write(b": heartbeat\n\n")
@@ -359,8 +400,10 @@ async def wait(request: web.Request) -> web.Response:
     deadline = asyncio.get_running_loop().time() + timeout
     async with live.listening():
         while True:
-            for event in live.since(after):
-                after = event.seq
+            pending = live.since(after)
+            if pending:
+                after = pending[-1].seq
+            for event in await live.fill(pending):
                 message = event.message
                 if message is None or not query.matches(message):
                     continue
