@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["ApiError", "error_response", "json_response"]
+__all__ = ["ApiError", "error_response", "json_response", "query_number"]
 
 
 class ApiError(Exception):
@@ -22,6 +22,24 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def query_number(
+    request: web.Request, name: str, default: float, low: float, high: float, *, whole: bool = True
+) -> float:
+    """The query parameter ``name`` as a number from ``low`` to ``high``
+    (``default`` when absent or empty); a 400 naming it otherwise."""
+    text = request.query.get(name, "").strip()
+    if not text:
+        return default
+    kind = "a whole number" if whole else "a number"
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        raise ApiError(400, f"{name}: expected {kind}, got {text!r}") from None
+    if not low <= value <= high:  # NaN too
+        raise ApiError(400, f"{name}: expected {kind} from {low:g} to {high:g}, got {text!r}")
+    return value
 
 
 def error_response(status: int, message: str) -> web.Response:

@@ -38,7 +38,7 @@ from aiohttp import web
 
 from ..storage import Query, Store, StoredMessage, StoreError, list_json
 from ._app import API, CONTEXT, context
-from ._errors import ApiError, json_response
+from ._errors import ApiError, json_response, query_number
 from .search import parse_query
 
 __all__ = ["LIVE", "Event", "LiveHub", "add_routes", "hub"]
@@ -343,18 +343,6 @@ async def events(request: web.Request) -> web.StreamResponse:
 # -- GET /api/v1/wait
 
 
-def _timeout(text: str | None) -> float:
-    if text is None or not text.strip():
-        return WAIT_DEFAULT
-    try:
-        value = float(text)
-    except ValueError:
-        raise ApiError(400, f"timeout: expected seconds, got {text!r}") from None
-    if not 0 <= value <= WAIT_MAX:
-        raise ApiError(400, f"timeout: expected seconds from 0 to {WAIT_MAX:g}, got {text!r}")
-    return value
-
-
 def _moment(text: str) -> _dt.datetime:
     try:
         moment = _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -377,7 +365,7 @@ async def wait(request: web.Request) -> web.Response:
         query = parse_query(request.query.get("q", ""))
     except ValueError as exc:
         raise ApiError(400, f"q: {exc}") from None
-    timeout = _timeout(request.query.get("timeout"))
+    timeout = query_number(request, "timeout", WAIT_DEFAULT, 0, WAIT_MAX, whole=False)
     point = request.query.get("after", "").strip()
     since: _dt.datetime | None = None
     if point.isdigit():

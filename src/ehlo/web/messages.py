@@ -35,7 +35,7 @@ from ..storage import Query, StoredMessage, list_json, message_json
 from ..storage.base import NoSuchMessage, StoreError
 from . import _mime, live
 from ._app import API, context
-from ._errors import ApiError, json_response
+from ._errors import ApiError, json_response, query_number
 from .search import parse_query
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "add_routes", "list_item", "transcript_lines"]
@@ -80,19 +80,6 @@ def _query(request: web.Request) -> Query:
         raise ApiError(400, f"q: {exc}") from None
 
 
-def _limit(request: web.Request) -> int:
-    text = request.query.get("limit")
-    if text is None:
-        return DEFAULT_LIMIT
-    try:
-        limit = int(text)
-    except ValueError:
-        raise ApiError(400, f"limit: expected a whole number, got {text!r}") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise ApiError(400, f"limit: expected 1 to {MAX_LIMIT}, got {limit}")
-    return limit
-
-
 def _message_id(request: web.Request) -> str:
     """The ``{id}`` of the path, checked (400 when it cannot be a message id)."""
     queue_id = request.match_info["id"]
@@ -105,7 +92,7 @@ async def list_messages(request: web.Request) -> web.Response:
     """``GET /messages``: a page, newest first."""
     store = context(request).store
     query = _query(request)
-    limit = _limit(request)
+    limit = int(query_number(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT))
     before = request.query.get("before")
     if before is not None and not is_queue_id(before):
         raise ApiError(400, f"before: malformed cursor {before!r}")

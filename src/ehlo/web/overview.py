@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..storage import Overview
 from ._app import API, context
-from ._errors import ApiError, json_response
+from ._errors import json_response, query_number
 
 __all__ = ["DEFAULT_MINUTES", "MAX_MINUTES", "add_routes", "overview_json"]
 
@@ -34,22 +34,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{API}/overview", overview)
 
 
-def _minutes(request: web.Request) -> int:
-    text = request.query.get("minutes", "")
-    if not text:
-        return DEFAULT_MINUTES
-    try:
-        minutes = int(text)
-    except ValueError:
-        raise ApiError(400, f"minutes must be a whole number, not {text!r}") from None
-    if not 1 <= minutes <= MAX_MINUTES:
-        raise ApiError(400, f"minutes must be between 1 and {MAX_MINUTES}, not {minutes}")
-    return minutes
-
-
 async def overview(request: web.Request) -> web.Response:
     """The counts over the last ``minutes`` (default 60, whole minutes, the current one last)."""
-    minutes = _minutes(request)
+    minutes = int(query_number(request, "minutes", DEFAULT_MINUTES, 1, MAX_MINUTES))
     ctx = context(request)
     now = _dt.datetime.fromtimestamp(ctx.clock(), _dt.UTC)
     since = now.replace(second=0, microsecond=0) - _dt.timedelta(minutes=minutes - 1)

@@ -19,7 +19,7 @@ from aiohttp import web
 from ..storage import StoreError
 from ..storage.base import transcript_json
 from ._app import API, context
-from ._errors import ApiError, json_response
+from ._errors import ApiError, json_response, query_number
 
 __all__ = ["add_routes"]
 
@@ -32,18 +32,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(f"{API}/sessions", list_sessions)
 
 
-def _limit(text: str | None) -> int:
-    if text is None or text == "":
-        return DEFAULT_LIMIT
-    try:
-        value = int(text)
-    except ValueError:
-        raise ApiError(400, f"limit: expected a whole number, got {text!r}") from None
-    if not 1 <= value <= MAX_LIMIT:
-        raise ApiError(400, f"limit: expected 1 to {MAX_LIMIT}, got {value}")
-    return value
-
-
 def _session(record: dict[str, Any]) -> dict[str, Any]:
     """A logged record as the API shows it: the transcript's lines as objects."""
     shown = dict(record)
@@ -53,7 +41,7 @@ def _session(record: dict[str, Any]) -> dict[str, Any]:
 
 async def list_sessions(request: web.Request) -> web.Response:
     """``{"sessions": [SESSION...], "next": CURSOR|null}``."""
-    limit = _limit(request.query.get("limit"))
+    limit = int(query_number(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT))
     before = request.query.get("before") or None
     store = context(request).store
     try:
