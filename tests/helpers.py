@@ -454,6 +454,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 SERVE_WITHOUT_DNS = ("--no-reverse-dns", "--helo-policy", "off")
 
 
+# ``make_config`` overrides for a server with the SQLite writer ``ehlo serve``
+# runs by default: a process of its own.
+PRODUCTION_WRITER: dict[str, Any] = {"sqlite_writer": "process"}
+
+
 def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
     """A test config: loopback port 0, data in ``data_dir``, no DNS lookups, overrides."""
     limits = overrides.pop("limits", None)
@@ -472,6 +477,14 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
     # unless a test asks (many tests open many connections quickly).
     overrides.setdefault("limits_exempt", ())
     overrides.setdefault("max_connection_rate", 0)
+    # The SQLite writer in a thread of this process unless a test asks for
+    # "process" (the default of ``ehlo serve``): a writer process is a Python
+    # start-up (about half a second) for each server, and most tests here are
+    # about the protocol, not where the commits run. The writer process keeps
+    # its own tests (tests/test_storage.py's store fixture, its death and its
+    # signals), every ``ehlo serve`` subprocess of the suite uses it, and the
+    # modules about what a 250 means ask for it (PRODUCTION_WRITER).
+    overrides.setdefault("sqlite_writer", "thread")
     return ServerConfig(
         listen=overrides.pop("listen", (Listen("127.0.0.1", 0),)),
         data_dir=data_dir,
