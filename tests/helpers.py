@@ -86,6 +86,23 @@ def child_pids(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def process_age(pid: int) -> float:
+    """Seconds since process ``pid`` started, as the kernel counts them (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, starttime
+    since_boot = float(Path("/proc/uptime").read_text().split()[0])
+    return since_boot - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def sleep_until_older_than(pids: list[int], seconds: float) -> None:
+    """Sleep until every process of ``pids`` has run ``seconds`` (a time span under test).
+
+    Counted from each process's start, not from when a test first saw it: a
+    process that took long to come up waits only what is left.
+    """
+    time.sleep(max(0.0, seconds - min(process_age(pid) for pid in pids)))
+
+
 def greets(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server on ``port`` accepts a connection and sends a 220 banner."""
     try:
