@@ -108,6 +108,16 @@ _WRITER_MIN_UPTIME = 3.0
 # A second SIGTERM/SIGINT closes every connection at once, unless it comes
 # this soon after the first (seconds).
 _REPEAT_SIGNAL = 1.0
+# SIGTERM/SIGINT that reached a worker before its event loop handled them.
+_EARLY_SIGNALS: list[int] = []
+
+
+def _early_stop(signum: int, frame: object) -> None:
+    """A worker's handler until its loop takes over: keep the first stop, act on a second."""
+    if _EARLY_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    _EARLY_SIGNALS.append(signum)
 
 
 class StartError(Exception):
@@ -351,6 +361,9 @@ async def run_server(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
+    if _EARLY_SIGNALS:  # a worker told to stop while it was starting
+        on_signal(_EARLY_SIGNALS.pop(0))
+        _EARLY_SIGNALS.clear()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
         installed.append(signal.SIGHUP)
@@ -611,8 +624,10 @@ class Supervisor:
             self._counts.reset(index)
         pid = os.fork()
         if pid == 0:  # the worker
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # A stop that comes while the worker starts is kept for its loop
+            # (run_server), so that it still stops cleanly; a second one ends it.
+            signal.signal(signal.SIGTERM, _early_stop)
+            signal.signal(signal.SIGINT, _early_stop)
             # Until the worker's loop handles SIGHUP (reload), it must not kill it.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             stop_with_parent(self._pid)

@@ -73,8 +73,14 @@ class HTTPService:
     async def start(self) -> None:
         """Listen and serve. OSError when ``host``:``port`` cannot be bound."""
         sock = self._sock if self._sock is not None else bind(self._host, self._port)
+        # handler_cancellation: a client that goes away ends its event
+        # stream or wait at once (it stops counting as a listener).
         runner = web.AppRunner(
-            self.app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            handler_cancellation=True,
         )
         await runner.setup()
         try:
