@@ -285,6 +285,10 @@ def _give_up_root(config: ServerConfig, user: RunAs) -> None:
     if config.metrics:
         extra.append("prometheus_client")
     preload(*extra)
+    if config.http_enabled:
+        from ..web import read_package_data
+
+        read_package_data()
     try:
         drop_privileges(user)
     except OSError as exc:

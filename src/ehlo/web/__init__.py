@@ -12,4 +12,15 @@ from __future__ import annotations
 
 from ._app import WebContext, build_app
 
-__all__ = ["WebContext", "build_app"]
+__all__ = ["WebContext", "build_app", "read_package_data"]
+
+
+def read_package_data() -> None:
+    """Read the page's files and the OpenAPI document now, once: a server
+    that gives up root before it serves (``--user``) may not be allowed to
+    read the Python installation afterwards."""
+    from ._service import openapi_document
+    from .page import load_assets
+
+    load_assets()
+    openapi_document()

@@ -13,6 +13,7 @@ document (``openapi.json``, package data) at ``/api/v1/openapi.json``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -120,12 +121,12 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
-_OPENAPI: bytes | None = None
+@functools.cache
+def openapi_document() -> bytes:
+    """``openapi.json`` of the package, read once (while root can: see ``read_package_data``)."""
+    return resources.files("ehlo.web").joinpath("openapi.json").read_bytes()
 
 
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI 3.1 document of the API."""
-    global _OPENAPI
-    if _OPENAPI is None:
-        _OPENAPI = resources.files("ehlo.web").joinpath("openapi.json").read_bytes()
-    return web.Response(body=_OPENAPI, content_type="application/json", charset="utf-8")
+    return web.Response(body=openapi_document(), content_type="application/json", charset="utf-8")

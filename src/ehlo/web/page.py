@@ -18,6 +18,7 @@ own: see ``messages``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import re
@@ -70,8 +71,9 @@ class Asset:
         return web.Response(body=self.body, headers={**headers, "Content-Type": self.content_type})
 
 
+@functools.cache
 def load_assets() -> dict[str, Asset]:
-    """The files of ``static/`` that the page serves, by name."""
+    """The files of ``static/`` that the page serves, by name (read once)."""
     folder = importlib.resources.files(__package__ or "ehlo.web") / "static"
     found = {}
     for entry in folder.iterdir():
