@@ -1,7 +1,8 @@
 # Developer entry points: setup, run, test, lint, fmt, bench, clean.
 #
 #   make setup        .venv with the package (editable) and the test tools
-#   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data);
+#   make run ARGS=... start the server (127.0.0.1:2525, data in ./ehlo-data, the web UI
+#                     on http://127.0.0.1:8025/: its URL is logged at start);
 #                     on a fresh clone it installs the runtime dependencies only
 #   make test         ruff, mypy, lint-imports and pytest (PYTEST_ARGS=... passed to pytest)
 #   make test-deps    the Debian packages the tests drive (swaks, openssl, postfix tools, haproxy)
@@ -92,13 +93,16 @@ fmt: setup
 # QUICK=1: about 10x fewer messages (under 2 minutes); BENCH_ARGS=... goes to bench/run.py,
 # MESSAGES_ARGS=... to bench/messages.py (`ehlo messages` on a store of 100,000 messages),
 # RELAY_ARGS=... to bench/relay.py (R1 relaying against Postfix, R2 a queue at rest),
-# which `make bench-relay` runs alone.
+# which `make bench-relay` runs alone, WEB_ARGS=... to bench/web.py (the HTTP API on
+# 100,000 messages: a page, a search, wait).
 MESSAGES_ARGS ?=
 RELAY_ARGS ?=
+WEB_ARGS ?=
 bench: setup
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 	$(BIN)/python bench/messages.py $(if $(QUICK),--quick) $(MESSAGES_ARGS)
+	$(BIN)/python bench/web.py $(if $(QUICK),--quick) $(WEB_ARGS)
 	$(BIN)/python bench/relay.py $(if $(QUICK),--quick) $(RELAY_ARGS)
 
 bench-relay: setup

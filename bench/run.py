@@ -793,7 +793,8 @@ def ehlo_features() -> dict[str, bool]:
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         text = ""
-    return {flag: f"--{flag}" in text for flag in ("helo-policy", "dns-server", "workers")}
+    flags = ("helo-policy", "dns-server", "workers", "no-transcripts")
+    return {flag: f"--{flag}" in text for flag in flags}
 
 
 def ehlo_spec(
@@ -807,6 +808,7 @@ def ehlo_spec(
     greeting_dns: Callable[[], str] | None = None,
     log_level: str = "WARNING",
     workers: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> ServerSpec:
     def argv(port: int, data: Path) -> list[str]:
         config = data.parent / f"{data.name}.toml"
@@ -834,11 +836,13 @@ def ehlo_spec(
             cmd += ["--workers", str(workers)]  # this row is about one process
         elif opts.ehlo_workers is not None:
             cmd += ["--workers", str(opts.ehlo_workers)]
-        return cmd + list(opts.ehlo_arg)
+        return cmd + list(extra) + list(opts.ehlo_arg)
 
     def check() -> str | None:
         if not EHLO.exists():
             return f"{EHLO} missing (make setup)"
+        if "--no-transcripts" in extra and not features["no-transcripts"]:
+            return "`ehlo serve` has no --no-transcripts yet"
         if opts.ehlo_workers is not None and not features["workers"]:
             return "--ehlo-workers given but `ehlo serve` has no --workers"
         if greeting_dns is not None and not (features["helo-policy"] and features["dns-server"]):
@@ -1073,6 +1077,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio_target("discard: W2 null >= 1.3x node smtp-server", "W2", "msg_s", "node", 1.3,
                  base="ehlo-null")  # fmt: skip
     ratio_target("W3 >= 1.2x node smtp-server (MB/s)", "W3", "mb_s", "node", 1.2)
+    ratio_target("W2 transcripts on >= 90% of off", "W2", "msg_s", "ehlo-sqlite-notx", 0.9)
     rss = _median(results, "W3", "ehlo-sqlite", "peak_rss_process_mib")
     out.append(
         {
@@ -1283,7 +1288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--servers",
-        default="ehlo-sqlite,ehlo-null,ehlo-sqlite-1w,postfix,aiosmtpd,node,smtp-sink,"
+        default="ehlo-sqlite,ehlo-null,ehlo-sqlite-1w,ehlo-sqlite-notx,postfix,aiosmtpd,node,smtp-sink,"
         "ehlo-greeting",
         help="comma-separated servers to run (default: all)",
     )
@@ -1387,6 +1392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   tuple(w for w in ("W1", "W2", "W3") if w in wanted), opts, features, workers=1),
         *[dataclasses.replace(s, workloads=tuple(w for w in s.workloads if w in wanted))
           for s in reference_specs(opts)],
+        # What recording each session's transcript costs (W2 on >= 90% of off).
+        ehlo_spec("ehlo-sqlite-notx", "ehlo sqlite, no transcripts", "sqlite",
+                  tuple(w for w in ("W2",) if w in wanted), opts, features,
+                  extra=("--no-transcripts",)),
         ehlo_spec("ehlo-greeting", "ehlo sqlite+greeting", "sqlite",
                   ("W1",) if "W6" in wanted else (), opts, features,
                   greeting_dns=lambda: dns_holder["server"].nameserver),

@@ -8,14 +8,15 @@
 # systemd-analyze (the tests verify contrib/ehlo.service; installing the
 # package starts nothing where systemd is not running), and dovecot-core with
 # dovecot-lmtpd (a real LMTP server the tests run in the foreground with a
-# configuration of their own). Postfix is
+# configuration of their own), and chromium with chromium-driver (the web
+# page's tests drive a headless browser through selenium). Postfix is
 # installed with "No configuration" and is never left running: no mail daemon
 # on port 25; nor are haproxy and dovecot left running as services.
 set -euo pipefail
 
 # Debian packages; usable() below also checks the commands they must provide.
 PACKAGES=(swaks openssl postfix haproxy util-linux-extra strace libnet-ssleay-perl libio-socket-inet6-perl
-    libauthen-sasl-perl systemd dovecot-core dovecot-lmtpd)
+    libauthen-sasl-perl systemd dovecot-core dovecot-lmtpd chromium chromium-driver)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 log() { echo "install-test-deps: $*" >&2; }
@@ -34,6 +35,8 @@ usable() {
         systemd) command -v systemd-analyze >/dev/null 2>&1 ;;
         dovecot-core) command -v dovecot >/dev/null 2>&1 ;;
         dovecot-lmtpd) [ -x /usr/lib/dovecot/lmtp ] ;;
+        chromium) command -v chromium >/dev/null 2>&1 ;;
+        chromium-driver) command -v chromedriver >/dev/null 2>&1 ;;
         *) true ;;
     esac
 }

@@ -86,6 +86,23 @@ def child_pids(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def process_age(pid: int) -> float:
+    """Seconds since process ``pid`` started, as the kernel counts them (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, starttime
+    since_boot = float(Path("/proc/uptime").read_text().split()[0])
+    return since_boot - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def sleep_until_older_than(pids: list[int], seconds: float) -> None:
+    """Sleep until every process of ``pids`` has run ``seconds`` (a time span under test).
+
+    Counted from each process's start, not from when a test first saw it: a
+    process that took long to come up waits only what is left.
+    """
+    time.sleep(max(0.0, seconds - min(process_age(pid) for pid in pids)))
+
+
 def greets(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server on ``port`` accepts a connection and sends a 220 banner."""
     try:
@@ -449,9 +466,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # ``ehlo serve`` options for a subprocess that must not look anything up: no
-# reverse DNS, no greeting checks. Put first, so that a test's own
-# ``--helo-policy ... --dns-server`` (the loopback DNS server) still wins.
-SERVE_WITHOUT_DNS = ("--no-reverse-dns", "--helo-policy", "off")
+# reverse DNS, no greeting checks; and no web UI (its default address,
+# 127.0.0.1:8025, is one for the whole machine). Put first, so that a test's
+# own ``--helo-policy ... --dns-server`` or ``--http HOST:PORT`` still wins.
+SERVE_WITHOUT_DNS = ("--no-reverse-dns", "--helo-policy", "off", "--no-http")
+
+
+# ``make_config`` overrides for a server with the SQLite writer ``ehlo serve``
+# runs by default: a process of its own.
+PRODUCTION_WRITER: dict[str, Any] = {"sqlite_writer": "process"}
 
 
 def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
@@ -472,6 +495,14 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
     # unless a test asks (many tests open many connections quickly).
     overrides.setdefault("limits_exempt", ())
     overrides.setdefault("max_connection_rate", 0)
+    # The SQLite writer in a thread of this process unless a test asks for
+    # "process" (the default of ``ehlo serve``): a writer process is a Python
+    # start-up (about half a second) for each server, and most tests here are
+    # about the protocol, not where the commits run. The writer process keeps
+    # its own tests (tests/test_storage.py's store fixture, its death and its
+    # signals), every ``ehlo serve`` subprocess of the suite uses it, and the
+    # modules about what a 250 means ask for it (PRODUCTION_WRITER).
+    overrides.setdefault("sqlite_writer", "thread")
     return ServerConfig(
         listen=overrides.pop("listen", (Listen("127.0.0.1", 0),)),
         data_dir=data_dir,

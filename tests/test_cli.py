@@ -28,7 +28,7 @@ import pytest
 
 import ehlo
 
-from .helpers import SERVE_WITHOUT_DNS, free_port
+from .helpers import SERVE_WITHOUT_DNS, free_port, sleep_until_older_than
 from .trace import split_trace
 
 TIMEOUT = 15.0  # seconds for any single wait
@@ -653,7 +653,7 @@ def test_workers_share_one_sqlite_writer_that_survives_a_dead_worker(tmp_path: P
     with serving(tmp_path, "--no-tls", "--workers", "2", "--helo-policy", "off") as server:
         writer, workers = _writer_and_workers(server)
         children = [writer, *workers]
-        time.sleep(2.5)  # past the supervisor's crash-loop guard
+        sleep_until_older_than(workers, 2.5)  # past the supervisor's crash-loop guard
         # A message half sent, its body already in a file...
         client = server.smtp()
         start_message(client, "never finished")
@@ -776,7 +776,7 @@ def test_a_dead_shared_writer_is_replaced_and_the_workers_restarted(tmp_path: Pa
         children = [writer, *workers]
         with server.smtp() as client:
             client.sendmail("a@example.org", ["b@example.net"], b"Subject: before\r\n\r\nx\r\n")
-        time.sleep(3.2)  # past the crash-loop guard (see the next test)
+        sleep_until_older_than([writer], 3.2)  # past the crash-loop guard (see the next test)
         os.kill(writer, signal.SIGKILL)
         # Until the new writer and workers are up, mail gets a 4xx or no
         # connection; then it is taken again.

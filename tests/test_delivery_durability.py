@@ -48,7 +48,7 @@ from aiosmtpd.smtp import Envelope as AioEnvelope
 from ehlo import Listen, Server
 
 from .dnsserver import DNSServer
-from .helpers import SERVE_WITHOUT_DNS, free_port, make_config, wait_until
+from .helpers import PRODUCTION_WRITER, SERVE_WITHOUT_DNS, free_port, make_config, wait_until
 from .test_delivery_e2e import relay_options, until, zone
 
 pytestmark = pytest.mark.timeout(110)
@@ -479,7 +479,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             listen=(Listen(RELAY_IP, 0),),
             hostname="mx.a.test",
             mta_sts=False,
-            **overrides,
+            **{**PRODUCTION_WRITER, **overrides},  # the queue as ``ehlo serve`` writes it
         )
         server = Server(config)
         await server.start()

@@ -34,6 +34,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,11 +225,13 @@ def test_user_with_dns_and_greeting_checks(shared_tmp: Path) -> None:
         DNSServer.reverse("127.0.0.1"): {"PTR": ["client.example.test."]},
         "client.example.test": {"A": ["127.0.0.1"]},
     }
+    http = free_port()
     with DNSServer(zone) as dns:
         server = Serve(
             shared_tmp / "serve.log",
             "--listen", f"127.0.0.1:{port}", "--data", str(data), "--user", "nobody",
             "--workers", "2", "--dns-server", dns.nameserver, "--helo-policy", "record",
+            "--http", f"127.0.0.1:{http}",
             dns=True,
         )  # fmt: skip
         try:
@@ -237,6 +240,11 @@ def test_user_with_dns_and_greeting_checks(shared_tmp: Path) -> None:
                 "127.0.0.1", port, local_hostname="client.example.test", timeout=TIMEOUT
             ) as client:
                 client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+            # The web UI's files were read as root: the page and the OpenAPI
+            # document are served by a worker that runs as nobody.
+            for path, wanted in (("/", b"<!doctype html"), ("/api/v1/openapi.json", b"openapi")):
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=30) as page:
+                    assert wanted in page.read().lower(), path
             server.proc.terminate()
             assert server.wait_exit() == 0, server.stderr()
         finally:

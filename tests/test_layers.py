@@ -45,11 +45,17 @@ PROTOCOL = SRC / "protocol"
 # anything else), and only then runs the package's __init__. The command line
 # sits above the package's public surface (it reads ehlo.__version__), which
 # therefore never imports it: it is imported the ordinary way, __init__ first.
+# The children run one per CPU at a time (each still alone in its own process).
 _EACH_MODULE_FIRST = """
 import importlib, importlib.util, os, sys, traceback
 for name in sys.argv[1:]:
     importlib.import_module(name)
+running = 0
 for name in sys.argv[1:]:
+    if running == len(os.sched_getaffinity(0)):
+        os.wait()
+        running -= 1
+    running += 1
     pid = os.fork()
     if pid == 0:
         for key in [k for k in sys.modules if k == "ehlo" or k.startswith("ehlo.")]:
@@ -68,7 +74,8 @@ for name in sys.argv[1:]:
             print(name + ": " + traceback.format_exc().strip().splitlines()[-1], flush=True)
             os._exit(1)
         os._exit(0)
-    os.waitpid(pid, 0)
+for _ in range(running):
+    os.wait()
 """
 
 

@@ -44,6 +44,7 @@ from .helpers import (
     read_line,
     read_until_closed,
     require,
+    sleep_until_older_than,
     wait_for_banner,
     wait_until,
 )
@@ -457,7 +458,7 @@ def test_total_limit_holds_across_workers_and_a_restarted_worker_starts_at_zero(
     server = serve("--workers", "2", "--store", "null", total=4)
     workers = _worker_pids(server, 2)
     # The supervisor's crash-loop guard is a span of time: only a wait gets past it.
-    time.sleep(2.5)
+    sleep_until_older_than(workers, 2.5)
     socks = []
     try:
         answers = []

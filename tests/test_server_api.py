@@ -10,12 +10,18 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from ehlo import HookContext, Hooks, Reply, Server, Verdict
+from ehlo import HookContext, Hooks, Reply, Server, ServerConfig, Verdict
 from ehlo.server.received import protocol_keyword, received_header
 from ehlo.storage import Envelope, MessageWriter, NullStore, StoreError, open_store
 
+from . import helpers
 from .dnsserver import DNSServer
-from .helpers import Client, ipv6_loopback, make_config, require
+from .helpers import PRODUCTION_WRITER, Client, ipv6_loopback, require
+
+
+def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
+    """This module's servers commit as ``ehlo serve`` does: what a 250 waits for is its subject."""
+    return helpers.make_config(data_dir, **{**PRODUCTION_WRITER, **overrides})
 
 
 async def smtp(port: int, *lines: str) -> list[str]:

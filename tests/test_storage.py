@@ -42,7 +42,7 @@ from ehlo.storage import (
     open_store,
 )
 from ehlo.storage._batch import BatchWriter, Commit
-from ehlo.storage._sqlite_db import search_row
+from ehlo.storage._sqlite_db import SCHEMA_VERSION, search_row
 from ehlo.storage._sqlite_process import WriterProcess
 from ehlo.storage.base import HeaderSniffer, JSONText, extract_subject
 from ehlo.storage.sqlite import CHUNK_SIZE
@@ -1072,7 +1072,9 @@ async def test_an_older_database_is_upgraded_in_place(tmp_path: Path, opened_by:
     expected = 4 if opened_by == "writer" else 3
     assert len(list(store.search(Query()))) == expected
     with sqlite3.connect(path) as check:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == 1
+        # Version 2: the search table's helo and attachments, the session log's table.
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert check.execute("SELECT count(*) FROM search").fetchone()[0] == expected
+        assert check.execute("SELECT count(*) FROM sessions").fetchone()[0] == 0
     assert store.delete(["06H000000000000A"]) == ["06H000000000000A"]
     assert subjects(subject="subject") == ["Subject 2", "Subject 1"]

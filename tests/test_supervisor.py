@@ -91,3 +91,21 @@ def test_serve_runs_two_workers_from_python(tmp_path: Path) -> None:
     assert sorted(item["subject"] for item in listed) == [f"from python {i}" for i in range(4)]
     by_subject = sorted(listed, key=lambda item: str(item["subject"]))
     assert [item["rcpt_to"] for item in by_subject] == [[f"b{i}@example.net"] for i in range(4)]
+
+
+def test_a_stop_that_reached_a_starting_worker_stops_it_cleanly(tmp_path: Path) -> None:
+    """SIGTERM before a worker's loop handles signals (right after ``ready``
+    from the supervisor) is kept, and the worker starts, then stops with 0."""
+    import asyncio
+
+    from ehlo.server import supervisor
+
+    from .helpers import make_config
+
+    config = make_config(tmp_path / "data", http_enabled=False)
+    supervisor._early_stop(signal.SIGTERM, None)  # what the worker's first handler keeps
+    try:
+        code = asyncio.run(asyncio.wait_for(supervisor.run_server(config, "test"), 60))
+    finally:
+        supervisor._EARLY_SIGNALS.clear()
+    assert code == 0

@@ -93,6 +93,10 @@ class Listen:
         return cls(host or "0.0.0.0", port, **flags)
 
 
+# The web UI and API's address when the ``http`` key is unset.
+HTTP_DEFAULT = Listen("127.0.0.1", 8025)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Key:
     """How a configuration field is loaded (in ``Annotated`` on the field).
@@ -398,6 +402,12 @@ class ServerConfig:
     workers: Annotated[
         int, _Key(_count_or_zero, doc="server processes sharing the listeners; 0: one per CPU core")
     ] = 0
+    # Prometheus counters of connections, sessions, messages, refusals,
+    # TLS, AUTH, greeting checks, commit latency and limits, summed over the
+    # workers, served at /metrics (ehlo.server._metrics); false: none kept.
+    metrics: Annotated[
+        bool, _Key(_bool, doc="keep Prometheus metrics (summed over workers) for /metrics")
+    ] = True
     # Where the SQLite store's writer runs: "process" (a child process, away
     # from the event loop's GIL; with several workers, one for all of them)
     # or "thread" (a thread of each server process: no child process).
@@ -422,6 +432,21 @@ class ServerConfig:
     keep_days: Annotated[
         float, _Key(_days_or_zero, doc="delete messages older than this many days; 0: never")
     ] = 0.0
+    # Record each session's dialogue (client lines and replies, timed from
+    # connect; message data and AUTH secrets elided): each stored message
+    # keeps its session's greeting, TLS and AUTH lines and its own
+    # transaction, and the session log each session's whole transcript.
+    transcripts: Annotated[
+        bool,
+        _Key(_bool, doc="record each session's dialogue with its messages and in the session log"),
+    ] = True
+    # The session log: ended sessions (with or without a message, refused
+    # ones too) with their transcripts and greeting verdicts; the newest this
+    # many are kept (a table of the SQLite store, a JSON-lines file beside a
+    # Maildir). 0: no session log.
+    session_log_max: Annotated[
+        int, _Key(_count_or_zero, doc="sessions the session log keeps, the newest; 0: none")
+    ] = 10_000
     # RFC 5321 section 4.5.3.2.7: at least 5 minutes awaiting a command.
     command_timeout: Annotated[
         float,
@@ -468,6 +493,26 @@ class ServerConfig:
         str | None,
         _Key(_user, doc="started as root: bind, then run every process as this user"),
     ] = None
+    # The web UI and HTTP API (``ehlo.web``), served by one process. Unset:
+    # 127.0.0.1:8025 (HTTP_DEFAULT), and when that address is busy (a second
+    # server on one machine) one warning and SMTP serves without HTTP; an
+    # address set here or with --http that cannot be bound stops the start.
+    http: Annotated[
+        Listen | None,
+        _Key(_http, doc="web UI and API address HOST:PORT; unset: 127.0.0.1:8025, skipped if busy"),
+    ] = None
+    http_enabled: Annotated[
+        bool, _Key(_bool, doc="serve the web UI and API (false: --no-http)")
+    ] = True
+    # Bound beyond loopback, the server refuses to start unless http_auth
+    # (HTTPS with the server's certificate, HTTP Basic against the users
+    # file) or http_insecure (plain HTTP, no login: the operator knows) is set.
+    http_auth: Annotated[
+        bool, _Key(_bool, doc="web UI over HTTPS with HTTP Basic against the users file")
+    ] = False
+    http_insecure: Annotated[
+        bool, _Key(_bool, doc="allow the web UI beyond loopback without http_auth (no login)")
+    ] = False
     # Delivery (``ehlo.delivery``). With local ``domains`` or ``submission``,
     # recipients outside the local domains are relayed for authenticated
     # sessions and relay_networks clients (550 5.7.1 for everyone else);
@@ -570,6 +615,11 @@ class ServerConfig:
         ),
     ] = "INFO"
 
+
+    @property
+    def http_address(self) -> Listen:
+        """Where the web UI and API listen: ``http``, or :data:`HTTP_DEFAULT` when unset."""
+        return self.http if self.http is not None else HTTP_DEFAULT
 
     def delivery_settings(self, own_addresses: Iterable[tuple[str, int]] = ()) -> DeliverySettings:
         """What the delivery scheduler (``ehlo.delivery.scheduler``) needs of these settings."""
@@ -840,6 +890,27 @@ def _listen(label: str, value: Any) -> tuple[Listen, ...]:
         else:
             raise _fail(label, 'a list of addresses such as ["127.0.0.1:2525"]', value)
     return tuple(dict.fromkeys(out))
+
+
+def http_exposed(host: str) -> bool:
+    """Whether a web address ``host`` is reachable from beyond this machine (not loopback)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def _http(label: str, value: Any) -> Listen | None:
+    if value is None or isinstance(value, Listen):
+        return value
+    if not isinstance(value, str):
+        raise _fail(label, 'an address such as "127.0.0.1:8025"', value)
+    found = Listen.parse(value, option=label)
+    if found.tls or found.proxy:
+        raise ConfigError(f"{label}: listener options are not for the web address, got {value!r}")
+    return found
 
 
 def _nameserver(label: str, text: str, expected: str) -> str:

@@ -34,11 +34,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import ConfigError, load_config
-from ..storage import StoreError
+from ..storage import StoreError, message_json
 from ._common import Failure, Parser, usage
 from .check_helo import add_check_helo_command
 from .config import add_config_command
-from .messages import add_messages_command, message_json
+from .messages import add_messages_command
 from .queue import add_queue_command
 from .serve import add_serve_command
 

@@ -11,8 +11,10 @@ text line per message, a JSON array (``--json``) or one JSON object per
 line (``--jsonl``), with the fields :data:`LIST_FIELDS`. ``show`` prints
 the envelope and the message (control characters escaped), ``--raw`` the
 exact stored bytes, ``--json`` the whole envelope (greeting checks
-included). ``delete`` removes messages for good, by id, ``--all``,
-``--before DATE`` or the list filters.
+included); ``--transcript`` adds the session's transcript (``+0.012 C EHLO
+x`` lines after the summary; the ``transcript`` key with ``--json``).
+``delete`` removes messages for good, by id, ``--all``, ``--before DATE``
+or the list filters.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import load_config, read_config_file
+from ..storage import list_json, message_json
+from ..storage.base import TRANSCRIPT, transcript_json
 from ._common import Failure, Listing, Parser, count, safe, store_options, text_output, usage
 
 if TYPE_CHECKING:
@@ -35,26 +39,6 @@ if TYPE_CHECKING:
 
 # ``messages list`` shows this many messages unless told otherwise.
 DEFAULT_LIMIT = 20
-# The keys of each message ``messages list --json``/``--jsonl`` prints, in order.
-LIST_FIELDS = (
-    "id",
-    "received_at",
-    "client_ip",
-    "client_port",
-    "greeting",
-    "greeting_name",
-    "mail_from",
-    "mail_params",
-    "rcpt_to",
-    "tls",
-    "protocol",
-    "server_name",
-    "auth",
-    "greeting_verdict",
-    "size",
-    "size_received",
-    "subject",
-)
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -92,6 +76,11 @@ def add_messages_command(commands: Any) -> None:
     form = show.add_mutually_exclusive_group()
     form.add_argument("--raw", action="store_true", help="the exact stored bytes")
     form.add_argument("--json", action="store_true", help="the envelope as JSON")
+    show.add_argument(
+        "--transcript",
+        action="store_true",
+        help="the session's transcript too (with --json: the transcript key)",
+    )
     show.set_defaults(func=_show)
 
     delete = actions.add_parser(
@@ -196,41 +185,6 @@ def _open_store(args: argparse.Namespace) -> Store:
     if kind == "null":
         raise Failure("the null store keeps no messages (choose --store sqlite or maildir)")
     return open_store(kind, data)
-
-
-def message_json(message: StoredMessage) -> dict[str, Any]:
-    """A stored message as ``messages show --json`` prints it: the fields of
-    ``list --json`` and the rest of the envelope (greeting checks included)."""
-    data = list_json(message)
-    for key, value in message.envelope.to_json().items():
-        data.setdefault(key, value)  # greeting_checks, violations, authres_forged, extra
-    return data
-
-
-def list_json(message: StoredMessage) -> dict[str, Any]:
-    """A stored message as ``messages list --json`` prints it: :data:`LIST_FIELDS`."""
-    env = message.envelope
-    extra = env.extra
-    verdict = extra.get("greeting_verdict")
-    return {
-        "id": env.queue_id,
-        "received_at": env.received_at.isoformat(),
-        "client_ip": env.client_ip,
-        "client_port": env.client_port,
-        "greeting": env.greeting,
-        "greeting_name": env.greeting_name,
-        "mail_from": env.mail_from,
-        "mail_params": dict(env.mail_params),
-        "rcpt_to": list(env.rcpt_to),
-        "tls": dict(env.tls) if env.tls else None,
-        "protocol": env.protocol,
-        "server_name": env.server_name,
-        "auth": extra.get("auth"),
-        "greeting_verdict": json.loads(verdict) if isinstance(verdict, str) else verdict,
-        "size": message.size,
-        "size_received": message.size_received,
-        "subject": message.subject,
-    }
 
 
 def _clip(text: str, width: int) -> str:
@@ -360,10 +314,18 @@ def _show(args: argparse.Namespace) -> int:
         return 0
     text_output()
     if args.json:
-        print(json.dumps(message_json(message), indent=2, ensure_ascii=False))
+        data = message_json(message, transcript=args.transcript)
+        print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0
     text = raw.decode("utf-8", "replace").replace("\r\n", "\n")
     print(_summary(message))
+    if args.transcript:
+        print()
+        lines = transcript_json(message.envelope.extra.get(TRANSCRIPT))
+        if lines is None:
+            print("(no transcript recorded)")
+        for line in lines or ():
+            print(safe(f"+{line['t']:.3f} {line['dir']} {line['text']}"))
     print()
     sys.stdout.write(safe(text, lines=True))
     if text and not text.endswith("\n"):

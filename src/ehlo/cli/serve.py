@@ -52,6 +52,7 @@ _SERVE_LABELS = {
     "proxy_trusted": "--proxy-trusted",
     "log_format": "--log-format",
     "log_level": "--log-level",
+    "http": "--http",
 }
 
 
@@ -174,6 +175,40 @@ def add_serve_command(commands: Any) -> None:
         action="store_true",
         help="do not look up client names for the Received header",
     )
+    serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="web UI and HTTP API address (default: 127.0.0.1:8025; when that is busy,"
+        " one warning and no web UI); beyond loopback it needs --http-auth or --http-insecure",
+    )
+    serve.add_argument(
+        "--no-http",
+        action="store_const",
+        dest="http",
+        const="",
+        help="no web UI and HTTP API (the last of --http and --no-http counts)",
+    )
+    serve.add_argument(
+        "--http-auth",
+        action="store_true",
+        help="web UI over HTTPS (the server's certificate) with HTTP Basic against the"
+        " users file (ehlo users add)",
+    )
+    serve.add_argument(
+        "--http-insecure",
+        action="store_true",
+        help="allow the web UI beyond loopback without --http-auth (anyone may read the mail)",
+    )
+    serve.add_argument(
+        "--no-transcripts",
+        action="store_true",
+        help="do not record the sessions' dialogues (transcripts)",
+    )
+    serve.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="keep no Prometheus metrics (GET /metrics answers 404)",
+    )
     greeting_options(serve, stage=True)
     serve.add_argument("--log-format", choices=("text", "json"), help="log lines on stderr")
     serve.add_argument(
@@ -210,6 +245,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         "proxy_trusted": args.proxy_trusted,
         "log_format": args.log_format,
         "log_level": args.log_level,
+        "http": args.http or None,
     }
     if args.tls_cert or args.tls_key:
         overrides["tls"] = True
@@ -217,6 +253,10 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
         overrides["tls"] = False
     if args.no_reverse_dns:
         overrides["reverse_dns"] = False
+    if args.no_transcripts:
+        overrides["transcripts"] = False
+    if args.no_metrics:
+        overrides["metrics"] = False
     for flag, key in (
         ("require_tls", "require_tls"),
         ("submission", "submission"),
@@ -226,6 +266,12 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
             overrides[key] = True
     if args.no_auth:
         overrides["auth"] = False
+    if args.http == "":  # --no-http
+        overrides["http_enabled"] = False
+    if args.http_auth:
+        overrides["http_auth"] = True
+    if args.http_insecure:
+        overrides["http_insecure"] = True
     greeting, labels = greeting_overrides(args)
     overrides.update(greeting)
     config = load_config(args.config, overrides, labels={**_SERVE_LABELS, **labels})

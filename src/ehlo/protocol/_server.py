@@ -10,11 +10,17 @@ commands wait in the buffer, so replies always leave in order.
 The connection answers protocol faults itself (500, 501, 502, 503, 555,
 lines too long, bodies too large, too many errors) and reports each as a
 :class:`Fault` event. Everything else is the session's decision.
+
+A :data:`Recorder` set as :attr:`ServerConnection.recorder` is told every
+command line read (``"C"``) and every reply queued (``"S"``, the rendered
+bytes), in order, with message bodies and AUTH secrets replaced by events
+(``"*"``): the core is where lines are told apart from data. It keeps no
+clock; the recorder stamps the lines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._errors import LocalProtocolError
 from ._events import (
@@ -92,6 +98,22 @@ _AUTH_SYNTAX = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 _AUTH_TWICE = Reply(503, "5.5.1", "Already authenticated")
 _AUTH_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
 _AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+
+
+# Told each line of the dialogue: ("C", command line), ("S", rendered reply
+# bytes, one or more lines) or ("*", an event: elided data, an AUTH secret).
+Recorder = Callable[[str, str | bytes], None]
+_SECRET = "AUTH secret elided"
+
+
+def _elided(size: int) -> str:
+    return f"message data elided: {size} octets"
+
+
+def _shown_line(raw: bytes) -> str:
+    """A command line that could not be read, as text (control octets escaped)."""
+    text = raw[:1024].decode("utf-8", "backslashreplace")
+    return text.replace("\r", "\\r").replace("\x00", "\\x00")
 
 
 _PLAIN_FACTS = SessionFacts(tls_active=False)
@@ -181,6 +203,7 @@ class ServerConnection:
         "greeting_name",
         "limits",
         "pipelining_violation",
+        "recorder",
         "state",
         "tls_active",
         "transaction",
@@ -207,6 +230,7 @@ class ServerConnection:
         # must end a group); None while the client behaves.
         self.pipelining_violation: str | None = None
         self.discarded_after_starttls = 0  # octets dropped after 220 to STARTTLS
+        self.recorder: Recorder | None = None  # told the dialogue's lines (a transcript)
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._pending: Command | None = None
@@ -278,7 +302,10 @@ class ServerConnection:
         if pending is None:
             if state is not State.START:
                 raise LocalProtocolError("no command awaits a reply")
-            self._out.append(reply.render(False))
+            data = reply.render(False)
+            self._out.append(data)
+            if self.recorder is not None:
+                self.recorder("S", data)
             if reply.code == 220:
                 self.state = State.CONNECTED
             elif reply.code == 554:
@@ -289,7 +316,10 @@ class ServerConnection:
             return
         self._pending = None
         is_greeting = type(pending) is Ehlo or type(pending) is Helo
-        self._out.append(reply.render(self._enhanced and not is_greeting))
+        data = reply.render(self._enhanced and not is_greeting)
+        self._out.append(data)
+        if self.recorder is not None:
+            self.recorder("S", data)
         code = reply.code
         if code == 421:
             # RFC 5321 section 3.8: 421 closes the transmission channel.
@@ -348,8 +378,14 @@ class ServerConnection:
             self._buf.clear()
             self.state = State.TLS_PENDING
         if self.errors >= self.limits.max_errors > 0 and self.state is not State.CLOSED:
-            self._out.append(_TOO_MANY_ERRORS.render(self._enhanced))
+            self._emit(_TOO_MANY_ERRORS.render(self._enhanced))
             self.state = State.CLOSED
+
+    def _emit(self, data: bytes) -> None:
+        """Queue a reply the connection sends by itself (and record it)."""
+        self._out.append(data)
+        if self.recorder is not None:
+            self.recorder("S", data)
 
     # ------------------------------------------------------------------- input
 
@@ -411,12 +447,12 @@ class ServerConnection:
     def _fault(
         self, reply: Reply, reason: str, verb: str = "", aborted: bool = False, size: int = 0
     ) -> Fault:
-        self._out.append(reply.render(self._enhanced))
+        self._emit(reply.render(self._enhanced))
         if reply.code >= 500:
             self.errors += 1
         closing = False
         if self.errors >= self.limits.max_errors > 0:
-            self._out.append(_TOO_MANY_ERRORS.render(self._enhanced))
+            self._emit(_TOO_MANY_ERRORS.render(self._enhanced))
             self.state = State.CLOSED
             closing = True
         return Fault(reply, reason, verb, aborted, closing, size)
@@ -434,6 +470,8 @@ class ServerConnection:
             if len(buf) >= allowed:
                 # RFC 5321 section 4.5.3.1.4: the line cannot fit; answer now
                 # and drop the rest of it as it arrives.
+                if self.recorder is not None:
+                    self.recorder("*", f"command line too long: {len(buf)} octets and more")
                 buf.clear()
                 self._discard_line = True
                 return self._fault(_LINE_TOO_LONG, "command line too long")
@@ -443,8 +481,12 @@ class ServerConnection:
             raw = raw[:-1]
         length = len(raw) + 2
         if length > allowed:
+            if self.recorder is not None:
+                self.recorder("*", f"command line too long: {length} octets")
             return self._fault(_LINE_TOO_LONG, "command line too long")
         if b"\r" in raw or b"\x00" in raw:
+            if self.recorder is not None:
+                self.recorder("C", _shown_line(raw))
             return self._fault(_BAD_CHARS, "CR or NUL inside a command line")
         try:
             line = raw.decode("ascii")
@@ -452,9 +494,19 @@ class ServerConnection:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
+                if self.recorder is not None:
+                    self.recorder("C", _shown_line(raw))
                 return self._fault(_BAD_UTF8, "invalid UTF-8 in a command line")
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
+        if self.recorder is not None:
+            if verb == "AUTH" and " " in arg.strip(" \t"):
+                # The initial response is a secret (RFC 4954 section 4): the
+                # mechanism is kept, the response elided.
+                self.recorder("C", f"{verb} {arg.split(' ', 1)[0]}")
+                self.recorder("*", _SECRET)
+            else:
+                self.recorder("C", line)
         if length > limit and verb not in ("MAIL", "RCPT", "AUTH"):
             return self._fault(_LINE_TOO_LONG, "command line too long", verb)
         refusal = sequence_error(verb, self.state)
@@ -610,6 +662,8 @@ class ServerConnection:
         except SyntaxProblem as problem:
             return self._fault(problem.reply, "syntax error", "BDAT")
         # RFC 3030 section 2: the chunk is read and discarded even when refused.
+        if self.recorder is not None:
+            self.recorder("*", _elided(size))
         self._bdat_refusal = refusal
         self._bdat_return = self.state
         self._bdat_remaining = size
@@ -632,6 +686,8 @@ class ServerConnection:
         self._bdat_remaining = size
         self._bdat_last = last
         self.state = State.BDAT
+        if self.recorder is not None:
+            self.recorder("*", _elided(size))
         return Bdat(size, last, first)
 
     def _on_rset(self, arg: str) -> Event:
@@ -701,6 +757,8 @@ class ServerConnection:
         if len(raw) + 2 > _AUTH_LINE:
             self.state = State.GREETED
             return self._fault(_LINE_TOO_LONG, "AUTH response too long", "AUTH")
+        if self.recorder is not None:
+            self.recorder("*", _SECRET)
         # Base64 and "*" are ASCII; anything else fails decoding in the mechanism.
         self._pending = AuthResponse(raw.decode("ascii", "replace").strip(" \t"))
         return self._pending
@@ -854,6 +912,8 @@ class ServerConnection:
         self._data_ended = False
         tx = self.transaction
         assert tx is not None
+        if self.recorder is not None:
+            self.recorder("*", _elided(tx.size))
         if self._body_error is not None:
             error = self._body_error
             self._body_error = None

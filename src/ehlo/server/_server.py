@@ -3,8 +3,9 @@
 ``Server(config, store=..., hooks=...)`` is the library entry point; ``ehlo
 serve`` is a thin wrapper around it. The server owns what all sessions share
 (configuration, store, hooks, TLS certificates, users, reverse-DNS lookups,
-connection counts and abuse counters) in a :class:`ServerContext`, the
-listeners (plain, implicit TLS, PROXY protocol), and a sweeper that enforces
+connection counts and abuse counters, the Prometheus metrics) in a
+:class:`ServerContext`, the listeners (plain, implicit TLS, PROXY
+protocol), and a sweeper that enforces
 timeouts for every connection at once instead of one timer per connection.
 It also owns the connection slots: the file-descriptor limit they need,
 stress mode (shorter idle timeouts past a high-water mark) and, at the
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import resource
 import socket
 import ssl
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
     from ..delivery.scheduler import Scheduler
     from ..dns import Resolver
     from ..greeting import GreetingVerifier
+    from ..storage import Envelope
+    from ..web._service import HTTPService
+    from ._metrics import Metrics
     from .proxy import ProxyInfo
     from .tls import TLSContexts
 
@@ -114,9 +119,12 @@ class ServerContext:
         tls: TLSContexts | None,
         users: UserStore | None = None,
         shared: SharedCounters | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        # The Prometheus counters the sessions move (None: not counted).
+        self.metrics = metrics
         # Open connections of every worker process (``ehlo serve --workers``).
         self.shared_counts = shared.connections if shared is not None else None
         self.hooks = hooks
@@ -140,6 +148,8 @@ class ServerContext:
         self.routing = config.routing()
         # The delivery scheduler when this process runs it (woken by new mail).
         self.scheduler: Scheduler | None = None
+        # The embedding program's notice of each message committed (Server's on_stored).
+        self.on_stored: Callable[[Envelope], None] | None = None
         # Every name this server answers as: Authentication-Results fields a
         # client sends with one of them as authserv-id are forged (RFC 8601 section 5).
         self.authserv_ids = frozenset(
@@ -202,7 +212,10 @@ class ServerContext:
     def admit(self, proto: SMTPServerProtocol) -> Reply | None:
         """Count a new connection, or the 421 that refuses it."""
         config = self.config
+        metrics = self.metrics
         if self.draining:
+            if metrics is not None:
+                metrics.refused["shutdown"].inc()
             return Reply(421, "4.3.2", "Service shutting down, try again later")
         # With several workers, the limits hold for the whole server.
         shared = self.shared_counts
@@ -212,17 +225,20 @@ class ServerContext:
             # A worker can only close its own connections: with none idle, refuse.
             victim = self.idlest()
             if victim is None:
+                self._limit_refusal("max_connections")
                 return Reply(421, "4.7.0", "Too many connections, try again later")
         # The per-address limits count an IPv6 client by its /64 (abuse.client_key).
         ip = proto.client_key
         count = self.per_ip.get(ip, 0)
         if proto.client_ip not in self.exempt:
             if (count if shared is None else shared.count(ip)) >= config.max_connections_per_ip:
+                self._limit_refusal("max_connections_per_ip")
                 return Reply(
                     421, "4.7.0", "Too many connections from your address, try again later"
                 )
             rate = config.max_connection_rate
             if rate and self.connection_rate.hit(ip, time.monotonic()) > rate:
+                self._limit_refusal("max_connection_rate")
                 return Reply(
                     421,
                     "4.7.0",
@@ -235,7 +251,16 @@ class ServerContext:
         if shared is not None:
             shared.add(ip)
         self.check_stress(total + (victim is None))
+        if metrics is not None:
+            metrics.connections.inc()
         return None
+
+    def _limit_refusal(self, limit: str) -> None:
+        """Count a connection refused at ``limit``."""
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.refused[limit].inc()
+            metrics.limits[limit].inc()
 
     def idlest(self) -> SMTPServerProtocol | None:
         """The connection idle longest outside a transaction, or None."""
@@ -251,6 +276,8 @@ class ServerContext:
         """Close ``proto`` with 421 4.4.2 to make room for a client from ``newcomer``."""
         idle_for = time.monotonic() - proto.last_activity
         self.evictions += 1
+        if self.metrics is not None:
+            self.metrics.evictions.inc()
         log.info(
             "evicted %s (idle %.1fs) to admit %s", proto.client_ip, idle_for, newcomer,
             extra={"event": "evicted", "client_ip": proto.client_ip, "idle": round(idle_for, 1),
@@ -449,6 +476,8 @@ class _ProxyListener:
                 self.listen,
                 extra={"event": "proxy_refused", "client_ip": peer},
             )
+            if ctx.metrics is not None:
+                ctx.metrics.refused["proxy_untrusted"].inc()
             conn.close()
             return
         try:
@@ -460,6 +489,8 @@ class _ProxyListener:
                 exc,
                 extra={"event": "proxy_error", "client_ip": peer},
             )
+            if ctx.metrics is not None:
+                ctx.metrics.refused["proxy_header"].inc()
             conn.close()
             return
         except asyncio.CancelledError:
@@ -498,6 +529,17 @@ class _ProxyListener:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def http_exposure_error(host: str, port: int) -> str:
+    """The one line refusing a web UI beyond loopback without a login or a waiver."""
+    from .._net import format_hostport
+
+    return (
+        f"web UI on {format_hostport(host, port)} is reachable beyond loopback: add"
+        " --http-auth (HTTPS and a login from the users file) or --http-insecure"
+        " (http_auth / http_insecure in the config file)"
+    )
+
+
 def _client(info: ProxyInfo, peer: str) -> str:
     return info.source[0] if info.source is not None else peer
 
@@ -507,7 +549,14 @@ def _handshake_timeout(ctx: ServerContext) -> float:
 
 
 class Server:
-    """An ESMTP server; use ``await start()`` / ``await stop()`` or ``async with``."""
+    """An ESMTP server; use ``await start()`` / ``await stop()`` or ``async with``.
+
+    ``on_stored``: called with the envelope of each message once the store
+    has committed it (its ``queue_id`` is the store's id, so the message can
+    be read back at once), on the server's event loop, before the client
+    gets its 250; it must not block. An exception it raises is logged and
+    changes nothing for the session. ``ehlo.testing`` waits on it.
+    """
 
     def __init__(
         self,
@@ -520,8 +569,18 @@ class Server:
         tls: TLSContexts | None = None,
         delivery: bool | None = None,
         clock: Callable[[], float] | None = None,
+        http: Listen | tuple[str, int] | socket.socket | None = None,
+        on_stored: Callable[[Envelope], None] | None = None,
+        metrics_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
+        self._on_stored = on_stored
+        # The web UI and API (ehlo.web) in this loop: an address, a bound
+        # socket (ehlo serve binds it first), or None (no HTTP). With
+        # ``config.http_auth``: HTTPS with the server's certificate and HTTP
+        # Basic against the users file.
+        self._http_spec = http
+        self.http: HTTPService | None = None
         # The delivery scheduler: None runs it when the routing hands mail on
         # (ehlo serve runs it in one worker only); ``clock`` is its clock.
         self._delivery = delivery
@@ -541,6 +600,14 @@ class Server:
         self._owns_store = store is None
         self.ctx: ServerContext | None = None
         self._stopped = asyncio.Event()
+        # The Prometheus counters (config ``metrics``): this server's own,
+        # or, with ``metrics_dir`` (``ehlo serve --workers N``), files in that
+        # folder summed with the other workers' (ehlo.server._metrics).
+        self.metrics: Metrics | None = None
+        if self.config.metrics:
+            from ._metrics import Metrics
+
+            self.metrics = Metrics(metrics_dir)
 
     @property
     def store(self) -> Store:
@@ -576,8 +643,10 @@ class Server:
         try:
             tls = self._tls if self._tls is not None else tls_contexts_for(config)
             ctx = ServerContext(
-                config, store, self._hooks, tls, _open_users(config), self._shared_counters
+                config, store, self._hooks, tls, _open_users(config), self._shared_counters,
+                self.metrics,
             )
+            ctx.on_stored = self._on_stored
             self.ctx = ctx
             sockets: list[socket.socket | None] = (
                 list(self._sockets) if self._sockets is not None else [None] * len(config.listen)
@@ -596,6 +665,12 @@ class Server:
         ctx.add_our_addresses(host for host, _ in self.addresses)
         if self._delivery is not False and not ctx.routing.catch_all:
             await self._start_delivery(ctx)
+        if self._http_spec is not None:
+            try:
+                await self._start_http(ctx, self._http_spec)
+            except BaseException:
+                await self.stop(timeout=0)
+                raise
         # A worker's start is its supervisor's to log (once for the server).
         level = logging.DEBUG if ctx.shared_counts is not None else logging.INFO
         if tls is not None and tls.names():
@@ -626,6 +701,53 @@ class Server:
         )
         await scheduler.start()
         self.scheduler = ctx.scheduler = scheduler
+
+    async def _start_http(
+        self, ctx: ServerContext, spec: Listen | tuple[str, int] | socket.socket
+    ) -> None:
+        """Serve the web UI and API (``ehlo.web``) in this event loop."""
+        from ..config import http_exposed
+        from ..web import WebContext
+        from ..web._service import HTTPService
+
+        config = self.config
+        sock = spec if isinstance(spec, socket.socket) else None
+        if isinstance(spec, Listen):
+            host, port = spec.host, spec.port
+        elif isinstance(spec, tuple):
+            host, port = spec
+        else:
+            host, port = str(spec.getsockname()[0]), int(spec.getsockname()[1])
+        if http_exposed(host) and not (config.http_auth or config.http_insecure):
+            raise ValueError(http_exposure_error(host, port))
+        users = None
+        ssl_context = None
+        if config.http_auth:
+            from ..auth import UserStore
+
+            ssl_context = ctx.ssl_context
+            if ssl_context is None:
+                raise ValueError("--http-auth needs TLS for HTTPS (remove --no-tls)")
+            users = ctx.users if ctx.users is not None else UserStore(Path(config.data_dir))
+            if len(users) == 0:
+                log.warning(
+                    "web UI with --http-auth but no users: nobody can log in"
+                    " (add one with `ehlo users add NAME`)"
+                )
+        service = HTTPService(
+            WebContext(
+                store=ctx.store,
+                users=users,
+                # Worker 0 renders the sum over every worker's counts.
+                metrics=self.metrics.exposition if self.metrics is not None else None,
+            ),
+            sock=sock, host=host, port=port, ssl_context=ssl_context,
+        )
+        await service.start()
+        self.http = service
+        log.info(
+            "web UI and API on %s", service.url, extra={"event": "http", "url": service.url}
+        )
 
     async def _listen(self, ctx: ServerContext, listen: Listen, sock: socket.socket | None) -> None:
         loop = asyncio.get_running_loop()
@@ -719,6 +841,9 @@ class Server:
         deadline = self.config.shutdown_timeout if timeout is None else timeout
         ctx.draining = True
         ctx.verifiers.close()  # logins waiting for a password check: 454 now
+        http, self.http = self.http, None
+        if http is not None:
+            await http.stop()
         for server in self._servers:
             server.close()
         for proto in list(ctx.connections):

@@ -4,6 +4,13 @@ A session never touches the socket. For each command event it returns a
 :class:`Reply` at once when nothing needs waiting for, or an awaitable that
 produces the reply (policy hooks, reverse DNS, the store's commit). The
 transport sends that reply through the protocol core, which advances state.
+
+With ``transcripts`` on, the session holds the
+:class:`~ehlo.server._transcript.Transcript` its connection's core records
+into: each message stored keeps the prologue and its own transaction
+(``extra["transcript"]``), and when the session ends its record
+(transcript, verdicts, messages) goes to the store's session log
+(``session_log_max``).
 """
 
 from __future__ import annotations
@@ -45,9 +52,10 @@ from ..protocol import (
     Vrfy,
 )
 from ..storage import Envelope, MessageWriter, StoreError
-from ..storage.base import JSONText
+from ..storage.base import TRANSCRIPT, JSONText
 from ..storage.queue import QueueItem
 from ._hashing import VerifierBusy
+from ._transcript import Transcript
 from .abuse import client_key
 from .authres_filter import AuthResFilter
 from .received import protocol_keyword, received_header
@@ -92,6 +100,8 @@ _AUTH_ACCOUNT_LOCKED = Reply(
     "Temporary authentication failure: too many failed attempts for this account, try again later",
 )
 _TOO_MANY_JUNK = Reply(421, "4.7.0", "Too many commands that move no mail, closing connection")
+# A session's record in the session log names at most this many of its messages.
+_MAX_LOGGED_IDS = 1000
 _HELP = Reply(
     214,
     "2.0.0",
@@ -109,9 +119,11 @@ class Session:
         "_checks",
         "_checks_input",
         "_dns_budget",
+        "_greeted",
         "_greeting_names",
         "_headers",
         "_junk",
+        "_last_refusal",
         "_log_fields",
         "_logged",
         "_rdns",
@@ -127,12 +139,15 @@ class Session:
         "ctx",
         "decision",
         "envelope",
+        "first_greeting",
+        "message_ids",
         "messages",
         "peer",
         "report",
         "session_id",
         "started",
         "tls",
+        "transcript",
         "violations",
         "writer",
     )
@@ -168,6 +183,8 @@ class Session:
         self._dns_budget: CappedResolver | None = None
         self.decision: Decision | None = None
         self.started = time.monotonic()
+        # HELO or EHLO: the session's first greeting (None before it).
+        self.first_greeting: str | None = None
         self.messages = 0
         self.peer = f"{client_ip}:{client_port}"
         # One id on every log line of the session: two sessions from one
@@ -186,6 +203,14 @@ class Session:
         self.auth_mechanism: str | None = None
         self._junk = 0
         self.violations: list[str] = []  # each kind once: bounded however the client behaves
+        # The session's dialogue, recorded by the protocol core as it goes.
+        self.transcript: Transcript | None = None
+        if ctx.config.transcripts:
+            self.transcript = Transcript(self.started)
+            conn.recorder = self.transcript.record
+        self.message_ids: list[str] = []  # stored in this session (the session log's)
+        self._greeted: Helo | Ehlo | None = None  # the latest HELO/EHLO, answered or not
+        self._last_refusal: Reply | None = None
 
     # ------------------------------------------------------------- lifecycle
 
@@ -216,6 +241,11 @@ class Session:
     def tls_started(self, info: dict[str, str]) -> None:
         """The handshake after STARTTLS completed."""
         self.tls = info
+        if self.transcript is not None:
+            self.transcript.event(
+                f"TLS started {info.get('version', '?')} {info.get('cipher', '?')}",
+                session_level=True,
+            )
         self.auth_user = self.auth_mechanism = None
         self.abort_message()
         log.info(
@@ -239,6 +269,11 @@ class Session:
         if self.writer is not None:
             self.abort_message()
             reason += ", message in progress dropped"
+        if self.transcript is not None:
+            self.transcript.event(f"close: {reason}", session_level=True)
+        keep = self.ctx.config.session_log_max
+        if keep > 0:
+            self.ctx.store.log_session(self._record(), keep)
         if not log.isEnabledFor(logging.INFO):
             return
         log.info(
@@ -257,6 +292,39 @@ class Session:
                 "reason": reason,
             },
         )
+
+    def _record(self) -> dict[str, Any]:
+        """The session as the session log keeps it (``GET /api/v1/sessions``)."""
+        now = time.time()
+        started = now - (time.monotonic() - self.started)
+        conn = self.conn
+        greeting, name = conn.greeting, conn.greeting_name
+        if greeting is None and self._greeted is not None:
+            greeting, name = self._greeted.verb, self._greeted.name  # refused, or before TLS
+        report = self._collect_report()
+        decision = self.decision
+        transcript = self.transcript
+        if transcript is not None:
+            outcome = transcript.outcome()
+        else:
+            refusal = self._last_refusal
+            outcome = str(refusal).splitlines()[-1] if refusal is not None else "closed"
+        return {
+            "id": self.session_id,
+            "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+            "ended_at": datetime.fromtimestamp(now, UTC).isoformat(),
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "greeting": greeting,
+            "greeting_name": name,
+            "tls": dict(self.tls) if self.tls else None,
+            "auth": self.auth_user,
+            "messages": list(self.message_ids),
+            "outcome": outcome,
+            "greeting_verdict": decision.to_json() if decision is not None else None,
+            "greeting_checks": report.to_json() if report is not None else None,
+            "transcript": transcript.session_lines() if transcript is not None else None,
+        }
 
     def note_violation(self, kind: str, detail: str, action: str) -> bool:
         """Record a protocol violation under ``action`` (record, reject or off).
@@ -339,6 +407,7 @@ class Session:
         # RFC 3207 section 4.2 requires after TLS is the first of its state.
         if self.conn.greeting is not None and self._junk_limit():
             return _TOO_MANY_JUNK
+        self._greeted = event
         self.abort_message()
         hostname = self.ctx.config.hostname
         # "<hostname> Hello <name> [<ip>]"; the address once when the name is
@@ -351,6 +420,10 @@ class Session:
             reply = Reply(250, None, [first, *self.conn.extension_lines()])
         else:
             reply = Reply(250, None, first)
+        if self.first_greeting is None:
+            self.first_greeting = event.verb
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.sessions[event.verb].inc()
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "greeting session=%s %s %s %s",
@@ -406,7 +479,10 @@ class Session:
         """The checks of the latest greeting, from a kept report or a new run."""
         greeting, self._checks_input = self._checks_input, None
         assert greeting is not None
-        return await verifier.verify(greeting, self._dns_budget)
+        report = await verifier.verify(greeting, self._dns_budget)
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.checks({name: r.result for name, r in report.results.items()})
+        return report
 
     def _drop_checks(self) -> bool:
         """Cancel the checks under way (their lookups end with them); True if some were."""
@@ -720,6 +796,8 @@ class Session:
         # RFC 5321 section 6.3: a message with too many Received fields is
         # likely looping; 5.4.6 is "routing loop detected" (RFC 3463).
         reply = Reply(554, "5.4.6", f"Too many hops ({hops} Received fields): mail loop?")
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.limit("max_hops")
         self._log_outcome(envelope, size, reply)
         return reply
 
@@ -755,20 +833,29 @@ class Session:
         assert envelope is not None and writer is not None
         # Stored and logged: what the client sent, and ``size``, what is stored.
         envelope.size_received, size = size, writer.size if writer.size is not None else size
+        if self.transcript is not None:
+            # The greeting, TLS and AUTH lines and this transaction's, up to
+            # the end of its data (the 250 follows the commit).
+            envelope.extra[TRANSCRIPT] = JSONText(self.transcript.message_json())
+        started = time.monotonic()
         try:
             # RFC 5321 section 6.1: answer 250 only once the message is safe.
             future = writer.start_commit()
         except StoreError as exc:
-            return self._committed(envelope, size, exc)
+            return self._committed(envelope, size, started, exc)
         except BaseException:
             writer.abort()
             raise
         if future.done() and not future.cancelled():
-            return self._committed(envelope, size, future)  # nothing to wait for
-        return Deferred(future, functools.partial(self._committed, envelope, size))
+            return self._committed(envelope, size, started, future)  # nothing to wait for
+        return Deferred(future, functools.partial(self._committed, envelope, size, started))
 
     def _committed(
-        self, envelope: Envelope, size: int, outcome: asyncio.Future[str] | StoreError
+        self,
+        envelope: Envelope,
+        size: int,
+        started: float,
+        outcome: asyncio.Future[str] | StoreError,
     ) -> Reply:
         """The reply to a finished commit (its future, or the error that stopped it).
 
@@ -791,12 +878,29 @@ class Session:
         self.writer = None
         self.envelope = None
         self.messages += 1
+        if len(self.message_ids) < _MAX_LOGGED_IDS:
+            self.message_ids.append(queue_id)
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.messages.inc()
+            metrics.octets.inc(envelope.size_received or 0)
+            metrics.commit_seconds.observe(time.monotonic() - started)
         if envelope.queue and self.ctx.scheduler is not None:
             self.ctx.scheduler.wake()  # mail to hand on
+        if self.ctx.on_stored is not None:
+            self._notify_stored(envelope)
         self._junk = 0
         reply = Reply(250, "2.0.0", f"OK: queued as {queue_id}")
         self._log_outcome(envelope, size, reply)
         return reply
+
+    def _notify_stored(self, envelope: Envelope) -> None:
+        """Tell the embedding program (``Server(on_stored=...)``) of a committed message."""
+        assert self.ctx.on_stored is not None
+        try:
+            self.ctx.on_stored(envelope)
+        except Exception:  # the message is safe: its 250 must still go out
+            log.exception("on_stored failed session=%s %s", self.session_id, envelope.queue_id)
 
     async def _finish(self, size: int) -> Reply:
         """The policy's word on the message (greeting verdict, data hooks), then the commit."""
@@ -883,6 +987,16 @@ class Session:
         )
 
     def _fault(self, event: Fault) -> None:
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            metrics.fault(event.verb, event.reply.code)
+            limit = _FAULT_LIMITS.get(event.reason)
+            if limit is None and event.verb == "MAIL" and event.reply.code == 552:
+                limit = "max_message_size"  # RFC 1870 section 6.1: a SIZE over the limit
+            if limit is not None:
+                metrics.limit(limit)
+            if event.closing:
+                metrics.limit("max_errors")
         if event.aborted:
             envelope = self.envelope
             self.abort_message()
@@ -899,6 +1013,12 @@ class Session:
         wrote its own line for a refusal (the message line, AUTH's) marks the
         reply in ``_logged``, so that each refusal is logged once.
         """
+        self._last_refusal = reply
+        metrics = self.ctx.metrics
+        if metrics is not None:
+            stage = _STAGES.get(type(event)) if event is not None else "connect"
+            if stage is not None:
+                metrics.refusal(stage, reply.code)
         logged, self._logged = self._logged, None
         if reply is logged:
             return
@@ -942,7 +1062,11 @@ class Session:
         """Count a command that moves no mail; True beyond the limit (Postfix's junk limit)."""
         self._junk += 1
         limit = self.ctx.config.max_junk_commands
-        return limit > 0 and self._junk > limit
+        if limit > 0 and self._junk > limit:
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.limit("max_junk_commands")
+            return True
+        return False
 
     def _rset(self, event: Rset) -> Reply:
         self.abort_message()
@@ -963,6 +1087,7 @@ class Session:
         from ..auth import new_mechanism
 
         if self.ctx.auth_guard.locked(self.client_key, time.monotonic()):
+            self._count_auth(event.mechanism, "locked", "max_auth_failures")
             return _AUTH_LOCKED
         mechanism = new_mechanism(event.mechanism)
         if mechanism is None or self.ctx.users is None:
@@ -984,6 +1109,8 @@ class Session:
             return Reply(334, None, base64.b64encode(result.data).decode("ascii"))
         mechanism, self._sasl = self._sasl, None
         if isinstance(result, SaslFailure):
+            if mechanism is not None:
+                self._count_auth(mechanism.name, "aborted")
             return Reply(result.code, result.enhanced, result.text)
         assert isinstance(result, Credentials) and mechanism is not None
         return self._login(result, mechanism.name)
@@ -1007,6 +1134,7 @@ class Session:
                 extra={**fields, "outcome": "account_locked"},
             )
             self._logged = _AUTH_ACCOUNT_LOCKED
+            self._count_auth(mechanism, "locked", "max_auth_failures_per_user")
             return _AUTH_ACCOUNT_LOCKED
         # RFC 4616 section 2: an authorization identity other than the
         # user's own is refused (ehlo has no proxy authorization).
@@ -1024,6 +1152,7 @@ class Session:
                 extra={**fields, "outcome": "busy"},
             )
             self._logged = _AUTH_BUSY
+            self._count_auth(mechanism, "busy", "max_auth_queue")
             return _AUTH_BUSY
         if ok:
             self.auth_user, self.auth_mechanism = name, mechanism
@@ -1035,6 +1164,7 @@ class Session:
                 mechanism,
                 extra={**fields, "outcome": "ok"},
             )
+            self._count_auth(mechanism, "success")
             return _AUTH_OK
         now = time.monotonic()
         delay, locked = ctx.auth_guard.failed(self.client_key, now)
@@ -1047,7 +1177,10 @@ class Session:
             mechanism,
             extra={**fields, "outcome": "locked" if locked else "failed"},
         )
+        self._count_auth(mechanism, "failure", "max_auth_failures" if locked else None)
         if ctx.account_guard.failed(name, now):
+            if ctx.metrics is not None:
+                ctx.metrics.limit("max_auth_failures_per_user")
             guard = ctx.account_guard
             log.warning(
                 "user %s locked out of AUTH: %d failed attempts within %gs session=%s",
@@ -1061,6 +1194,15 @@ class Session:
         await asyncio.sleep(delay)
         refusal = self._logged = _AUTH_LOCKED if locked else _AUTH_FAILED  # logged above
         return refusal
+
+    def _count_auth(self, mechanism: str, result: str, limit: str | None = None) -> None:
+        """Count an AUTH exchange's end (ehlo.server._metrics), and the limit it reached."""
+        metrics = self.ctx.metrics
+        if metrics is None:
+            return
+        metrics.auth(mechanism, result)
+        if limit is not None:
+            metrics.limit(limit)
 
     def _quit(self, event: Quit) -> Reply:
         self.abort_message()
@@ -1088,6 +1230,17 @@ class Deferred:
         self.future = future
         self.then = then
 
+
+# The stage whose refusals a command's reply counts under (ehlo.server._metrics).
+_STAGES: dict[type, str] = {Mail: "mail", Rcpt: "rcpt", Data: "data", Bdat: "data", DataEnd: "data"}
+# The limit a fault of the protocol core reached, by its reason.
+_FAULT_LIMITS = {
+    "message too large": "max_message_size",
+    "too many recipients": "max_recipients",
+    "command line too long": "max_command_line",
+    "AUTH response too long": "max_command_line",
+    "text line too long": "max_text_line",
+}
 
 _Handler = Callable[[Session, Any], Reply | Awaitable[Reply | None] | Deferred | None]
 _DISPATCH: dict[type[Event], _Handler] = {

@@ -145,6 +145,10 @@ class SMTPServerProtocol(asyncio.Protocol):
             return
         session = Session(self.ctx, self.conn, ip, int(peer[1]))
         self.session = session
+        if session.transcript is not None:
+            session.transcript.event(
+                f"connect from {ip} port {peer[1]}" + (f" via {via}" if via else "")
+            )
         fields: dict[str, Any] = {
             "event": "connect",
             "session": session.session_id,
@@ -181,6 +185,13 @@ class SMTPServerProtocol(asyncio.Protocol):
         self.conn.tls_active = True
         session.tls = info
         fields.update(info)
+        if session.transcript is not None:
+            session.transcript.event(
+                f"TLS started {info.get('version', '?')} {info.get('cipher', '?')}"
+                " (implicit TLS)"
+            )
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.tls_ok(info.get("version"))
 
     def _greet(self) -> None:
         """Send the banner (or run the connect hooks that decide it)."""
@@ -478,6 +489,8 @@ class SMTPServerProtocol(asyncio.Protocol):
             raise
         except Exception as exc:
             self._close_reason = f"TLS handshake failed: {exc}"
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.tls_failed.inc()
             self._busy = False
             self._task = None
             self._closed = True
@@ -493,6 +506,8 @@ class SMTPServerProtocol(asyncio.Protocol):
 
         ssl_object = tls_transport.get_extra_info("ssl_object")
         info = describe(ssl_object) if ssl_object is not None else {}
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.tls_ok(info.get("version"))
         self.conn.tls_started()
         early, self._tls_early = self._tls_early, None
         if self.session is not None:
@@ -542,13 +557,28 @@ class SMTPServerProtocol(asyncio.Protocol):
 
     def close_for_timeout(self) -> None:
         """RFC 5321 section 4.5.3.2: give up on a silent client with 421."""
+        metrics = self.ctx.metrics
         if time.monotonic() - self.started > self.ctx.config.max_session_time:
+            if metrics is not None:
+                metrics.limit("max_session_time")
             if self._task is not None and not self._task.done():
                 self._task.cancel()
             self._busy = False
             self._say_goodbye(_SESSION_TOO_LONG, "session time limit")
             return
+        if metrics is not None:
+            metrics.limit(self._timeout_limit())
         self._say_goodbye(_TIMEOUT, "timeout (stress mode)" if self.ctx.stress else "timeout")
+
+    def _timeout_limit(self) -> str:
+        """The configuration key of the timeout that ran out (see ``timeout_due``)."""
+        state = self.conn.state
+        if state is State.DATA or state is State.BDAT:
+            return "data_timeout"
+        config = self.ctx.config
+        if self.ctx.stress and self.evictable and config.stress_timeout < config.command_timeout:
+            return "stress_timeout"
+        return "command_timeout"
 
     def evict(self, reply: Reply) -> None:
         """Close this idle connection so that another client gets its slot."""
@@ -572,9 +602,11 @@ class SMTPServerProtocol(asyncio.Protocol):
         if self._closed or self.transport is None:
             return
         self._close_reason = reason
-        data = self.conn.data_to_send() + reply.render(
-            self.conn.enhanced if enhanced is None else enhanced
-        )
+        goodbye = reply.render(self.conn.enhanced if enhanced is None else enhanced)
+        data = self.conn.data_to_send() + goodbye
+        session = self.session
+        if session is not None and session.transcript is not None:
+            session.transcript.record("S", goodbye)  # sent past the protocol core
         self._closed = True
         self.conn.receive_eof()
         self.transport.write(data)

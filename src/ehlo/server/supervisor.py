@@ -45,6 +45,13 @@ The abuse limits hold for the whole server: the workers count open
 connections, connection rates and AUTH failures in memory they share
 (:class:`~ehlo.server.abuse.SharedCounters`; a restarted worker's open
 connections start at zero).
+
+The Prometheus metrics are summed over the workers: the supervisor makes
+a private temporary folder (on ``/dev/shm`` when there is one, mode 0700)
+and names it in ``PROMETHEUS_MULTIPROC_DIR`` before forking; each worker
+counts in files of its own there, the counts of a worker that ended stay in
+the sums, and the folder is removed when the server stops
+(``ehlo.server._metrics``).
 """
 
 from __future__ import annotations
@@ -101,6 +108,16 @@ _WRITER_MIN_UPTIME = 3.0
 # A second SIGTERM/SIGINT closes every connection at once, unless it comes
 # this soon after the first (seconds).
 _REPEAT_SIGNAL = 1.0
+# SIGTERM/SIGINT that reached a worker before its event loop handled them.
+_EARLY_SIGNALS: list[int] = []
+
+
+def _early_stop(signum: int, frame: object) -> None:
+    """A worker's handler until its loop takes over: keep the first stop, act on a second."""
+    if _EARLY_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    _EARLY_SIGNALS.append(signum)
 
 
 class StartError(Exception):
@@ -134,14 +151,16 @@ def serve(
     # root and needs a SQLite writer process: that one must be started
     # before (it is the supervisor's).
     if count == 1 and (user is None or not _shared_writer(config)):
-        sockets, tls = _prepare(config, user)
+        sockets, tls, http = _prepare(config, user)
         try:
             if user is not None:
                 _give_up_root(config, user)
             with asyncio.Runner(loop_factory=loop_factory) as runner:
-                return runner.run(run_server(config, loop_name, sockets, hooks=hooks, tls=tls))
+                return runner.run(
+                    run_server(config, loop_name, sockets, hooks=hooks, tls=tls, http=http)
+                )
         finally:
-            for sock in sockets:
+            for sock in [*sockets, *([http] if http is not None else [])]:
                 sock.close()
     supervisor = Supervisor(
         config, count, hooks=hooks, loop_factory=loop_factory, loop_name=loop_name
@@ -168,13 +187,14 @@ def _user(config: ServerConfig) -> RunAs | None:
 
 def _prepare(
     config: ServerConfig, user: RunAs | None, *, preflight: bool = False
-) -> tuple[list[socket.socket], TLSContexts | None]:
+) -> tuple[list[socket.socket], TLSContexts | None, socket.socket | None]:
     """Bind every listener, then make the data folder and TLS pair and read the keys.
 
     The binds come first: a port in use writes nothing (no self-signed
     pair). With ``user``, the data folder is made the user's and the files
     in it are made with the user's ids; the keys are read as root.
     ``preflight``: check the store's folders too (before forking workers).
+    Also answers the web UI's socket (:func:`_bind_http`), or None.
     """
     from .tls import TLSConfigError, ensure_self_signed
 
@@ -182,6 +202,14 @@ def _prepare(
         sockets = bind_listeners(config.listen)
     except ListenError as exc:
         raise StartError(str(exc)) from None
+    try:
+        http = _bind_http(config)
+    except StartError:
+        for sock in sockets:
+            sock.close()
+        raise
+    if http is not None:
+        sockets.append(http)  # closed with the listeners below if what follows fails
     try:
         data_dir = Path(config.data_dir)
         if user is not None:
@@ -202,7 +230,43 @@ def _prepare(
             " unprivileged user once the listeners are bound",
             extra={"event": "root"},
         )
-    return sockets, tls
+    if http is not None:
+        sockets.pop()
+    return sockets, tls, http
+
+
+def _bind_http(config: ServerConfig) -> socket.socket | None:
+    """The web UI's listening socket, bound now (before any worker is forked); or None.
+
+    None with ``http_enabled`` off, and when the default address (``http``
+    unset) cannot be bound: one warning, and SMTP serves without the web
+    UI (a second server on one machine). An address the operator gave
+    that cannot be bound, a web address beyond loopback without
+    ``http_auth`` or ``http_insecure``, and ``http_auth`` without TLS are
+    a :class:`StartError`.
+    """
+    from ..config import http_exposed
+    from ._server import http_exposure_error
+
+    if not config.http_enabled:
+        return None
+    address = config.http_address
+    if http_exposed(address.host) and not (config.http_auth or config.http_insecure):
+        raise StartError(http_exposure_error(address.host, address.port))
+    if config.http_auth and not config.tls:
+        raise StartError("--http-auth needs TLS for HTTPS: it cannot be combined with --no-tls")
+    try:
+        return bind_listeners([address], backlog=128)[0]
+    except ListenError as exc:
+        if config.http is not None:
+            raise StartError(f"web UI: {exc}") from None
+        log.warning(
+            "web UI and API not started: %s (choose another address with --http HOST:PORT,"
+            " or --no-http)",
+            exc,
+            extra={"event": "http_unavailable", "error": str(exc)},
+        )
+        return None
 
 
 def _give_up_root(config: ServerConfig, user: RunAs) -> None:
@@ -216,7 +280,15 @@ def _give_up_root(config: ServerConfig, user: RunAs) -> None:
         extra += ["ehlo.dns", "ehlo.delivery", "ehlo.client"]
         if config.mta_sts:
             extra += ["aiohttp", "yarl", "multidict"]
+    if config.http_enabled:  # the web UI (worker 0)
+        extra += ["ehlo.web", "aiohttp", "yarl", "multidict"]
+    if config.metrics:
+        extra.append("prometheus_client")
     preload(*extra)
+    if config.http_enabled:
+        from ..web import read_package_data
+
+        read_package_data()
     try:
         drop_privileges(user)
     except OSError as exc:
@@ -232,12 +304,15 @@ async def run_server(
     hooks: HooksArg = None,
     tls: TLSContexts | None = None,
     delivery: bool = True,
+    http: socket.socket | None = None,
+    metrics_dir: Path | None = None,
 ) -> int:
     """Serve in the running event loop until SIGTERM or SIGINT (graceful stop); return 0.
 
     The one server process of :func:`serve`, or one worker of a
-    :class:`Supervisor` (over its ``sockets``, sharing ``counts``; ``tls``:
-    contexts loaded already, else loaded at start).
+    :class:`Supervisor` (over its ``sockets``, sharing ``counts`` and the
+    metrics folder ``metrics_dir``; ``tls``: contexts loaded already, else
+    loaded at start; ``http``: the web UI's socket when this process serves it).
     Raises :class:`StartError` when the server cannot start.
     """
     from .tls import TLSConfigError
@@ -248,7 +323,7 @@ async def run_server(
     # ``delivery``: whether this process runs the delivery scheduler (one does).
     server = Server(
         config, sockets=sockets, shared_counters=counts, hooks=hooks, tls=tls,
-        delivery=None if delivery else False,
+        delivery=None if delivery else False, http=http, metrics_dir=metrics_dir,
     )
     stopping = asyncio.Event()
     signals: list[float] = []
@@ -290,6 +365,9 @@ async def run_server(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
+    if _EARLY_SIGNALS:  # a worker told to stop while it was starting
+        on_signal(_EARLY_SIGNALS.pop(0))
+        _EARLY_SIGNALS.clear()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
         installed.append(signal.SIGHUP)
@@ -384,9 +462,13 @@ class Supervisor:
         self._loop_factory = loop_factory
         self._loop_name = loop_name
         self._sockets: list[socket.socket] = []
+        # The web UI's socket, served by worker 0 (a restarted worker 0 too).
+        self._http: socket.socket | None = None
         self._tls: TLSContexts | None = None
         self._writer: _SharedWriter | None = None
         self._counts: SharedCounters | None = None
+        # The workers' Prometheus counters, summed at /metrics (ehlo.server._metrics).
+        self._metrics_dir: Path | None = None
         self._children: dict[int, tuple[int, float]] = {}  # pid -> (index, started)
         self._recycling: set[int] = set()  # workers told to drain, to be started again
         self._stopping = False
@@ -403,7 +485,7 @@ class Supervisor:
         # The listeners, then the data folder (0700 when made here), the
         # store's folders, certificates (a self-signed pair made) once here,
         # so that a problem is one error line, not one per worker.
-        self._sockets, self._tls = _prepare(config, user, preflight=True)
+        self._sockets, self._tls, self._http = _prepare(config, user, preflight=True)
         if _shared_writer(config):
             # One SQLite writer for every worker: their messages share batches
             # and fsyncs, and no worker waits for another's write lock.
@@ -425,12 +507,34 @@ class Supervisor:
             # Imported once here, its pages shared by every forked worker.
             from .. import dns  # noqa: F401
         try:
+            if config.metrics:
+                self._metrics_dir = self._prepare_metrics(user)
             if user is not None:
                 _give_up_root(config, user)  # before any worker exists
             return self._supervise()
         finally:
             if self._writer is not None:
                 self._writer.stop(config.shutdown_timeout + 30)
+            if self._metrics_dir is not None:
+                from ._metrics import remove_directory
+
+                remove_directory(self._metrics_dir)
+
+    def _prepare_metrics(self, user: RunAs | None) -> Path:
+        """The workers' metrics folder, new for this run (the sums start at zero)."""
+        from ._metrics import prepare_directory
+
+        try:
+            with as_user(user):  # the workers' own, once root is given up
+                path = prepare_directory()
+        except OSError as exc:
+            self._close_sockets()
+            raise StartError(f"cannot make the metrics folder: {exc.strerror or exc}") from None
+        log.debug(
+            "metrics of the workers in %s", path,
+            extra={"event": "metrics_dir", "path": str(path)},
+        )
+        return path
 
     # -- the supervising loop
 
@@ -474,6 +578,10 @@ class Supervisor:
                 self._forward(signal.SIGTERM, None)
             return
         index, started = self._children.pop(pid)
+        if self._metrics_dir is not None:
+            from ._metrics import process_dead
+
+            process_dead(pid, self._metrics_dir)
         if self._stopping:
             self._failed = self._failed or code != 0
             return
@@ -512,14 +620,18 @@ class Supervisor:
     def _close_sockets(self) -> None:
         for sock in self._sockets:
             sock.close()
+        if self._http is not None:
+            self._http.close()
 
     def _spawn(self, index: int) -> None:
         if self._counts is not None:
             self._counts.reset(index)
         pid = os.fork()
         if pid == 0:  # the worker
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # A stop that comes while the worker starts is kept for its loop
+            # (run_server), so that it still stops cleanly; a second one ends it.
+            signal.signal(signal.SIGTERM, _early_stop)
+            signal.signal(signal.SIGINT, _early_stop)
             # Until the worker's loop handles SIGHUP (reload), it must not kill it.
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             stop_with_parent(self._pid)
@@ -542,6 +654,9 @@ class Supervisor:
             config = dataclasses.replace(config, sqlite_writer_address=self._writer.address)
         if self._counts is not None:
             self._counts.bind(index)
+        http = self._http if index == 0 else None
+        if self._http is not None and index != 0:
+            self._http.close()  # worker 0 serves it
         try:
             with asyncio.Runner(loop_factory=self._loop_factory) as runner:
                 return runner.run(
@@ -553,6 +668,8 @@ class Supervisor:
                         hooks=self._hooks,
                         tls=self._tls,
                         delivery=index == 0,  # one scheduler for all workers
+                        http=http,  # one web UI for all workers
+                        metrics_dir=self._metrics_dir,
                     )
                 )
         except StartError as exc:  # e.g. the store cannot be opened: one line

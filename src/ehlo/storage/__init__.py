@@ -6,8 +6,10 @@ import contextlib
 import os
 from pathlib import Path
 
+from ._overview import Overview
 from ._query import Query, Retention
 from .base import (
+    LIST_FIELDS,
     Envelope,
     MessageWriter,
     Store,
@@ -16,16 +18,20 @@ from .base import (
     StoreStats,
     create_private,
     ensure_data_dir,
+    list_json,
+    message_json,
 )
 from .maildir import MaildirStore
 from .null import NullStore
 from .sqlite import SQLiteStore
 
 __all__ = [
+    "LIST_FIELDS",
     "Envelope",
     "MaildirStore",
     "MessageWriter",
     "NullStore",
+    "Overview",
     "Query",
     "Retention",
     "SQLiteStore",
@@ -34,6 +40,8 @@ __all__ = [
     "StoreStats",
     "StoredMessage",
     "ensure_data_dir",
+    "list_json",
+    "message_json",
     "open_store",
     "sqlite_path",
     "stored_kind",

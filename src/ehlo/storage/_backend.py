@@ -26,6 +26,8 @@ What a backend must provide (a PostgreSQL writer follows the same seam):
   so nobody waits forever).
 - ``broken``: None, or why no message can be written any more (the writer
   died); waiting and later commits then fail with a ``StoreError``.
+- ``log(row, keep)``: queue one ended session for the session log (no
+  answer, never blocking); the writer keeps the newest ``keep``.
 - ``owner``: the writer's owner token (its lock file's name).
 - ``stop()``: execute everything queued, then let go of the database.
 """
@@ -64,6 +66,10 @@ class WriterBackend(Protocol):
         self, row: tuple[Any, ...], body: bytes | bytearray | None, spool: str | None
     ) -> asyncio.Future[str]:
         """Queue a whole message; its future is settled once it is durable (or failed)."""
+        ...
+
+    def log(self, row: tuple[Any, ...], keep: int) -> None:
+        """Queue an ended session's row for the session log (fire and forget)."""
         ...
 
     def drained(self, low: int) -> asyncio.Future[None]:

@@ -24,6 +24,11 @@ Each :class:`Commit` carries a ``tag``, the host's way back to whoever waits
 for it (a future, a reference number, a connection and a number); the
 writer never looks at it.
 
+Ended sessions for the session log (:class:`LoggedSession`) travel the same
+way, without an answer: they are written in the transaction of the batch
+they arrive with (a batch of sessions alone is one transaction too), and
+the ``sessions`` table is trimmed to its size there.
+
 Durability order, per batch: each spooled body is synced (its size checked)
 and linked under its final name, the bodies folder is synced once, and only
 then is the ``COMMIT`` that makes the rows visible issued; the outcomes are
@@ -49,6 +54,7 @@ from ._sqlite_db import (
     HAVE_FLOCK,
     INSERT_MESSAGE,
     INSERT_SEARCH,
+    INSERT_SESSION,
     PAGE_SIZE,
     ROW_QUEUE,
     ROW_QUEUE_ID,
@@ -70,7 +76,15 @@ from .queue import INSERT_QUEUE
 if HAVE_FLOCK:
     import fcntl
 
-__all__ = ["BATCH_MAX_BYTES", "BATCH_MAX_OPS", "BatchWriter", "Commit", "OpSource", "Outcome"]
+__all__ = [
+    "BATCH_MAX_BYTES",
+    "BATCH_MAX_OPS",
+    "BatchWriter",
+    "Commit",
+    "LoggedSession",
+    "OpSource",
+    "Outcome",
+]
 
 # One transaction takes at most this much queued work, so a stream of large
 # bodies cannot postpone the COMMIT that waiting sessions need.
@@ -92,18 +106,28 @@ class Commit(Generic[T]):
     tag: T  # how the host answers whoever waits for this message
 
 
+@dataclass(slots=True)
+class LoggedSession:
+    """An ended session for the session log; nobody waits for it."""
+
+    row: tuple[Any, ...]  # (id, started_at, ended_at, client_ip, record JSON text)
+    keep: int  # the newest this many sessions are kept (session_log_max)
+
+
 # A message's outcome: its queue id, or why it was not stored.
 Outcome = str | StoreError
+# What a host hands the writer.
+Op = Commit[T] | LoggedSession
 
 
 class OpSource(Protocol[T]):
-    """Where a host's operations come from: commits, and None to stop."""
+    """Where a host's operations come from: commits, sessions, and None to stop."""
 
-    def get(self) -> Commit[T] | None:
+    def get(self) -> Op[T] | None:
         """The next operation, waiting for one."""
         ...
 
-    def get_nowait(self) -> Commit[T] | None:
+    def get_nowait(self) -> Op[T] | None:
         """The next operation if one is waiting; raises :class:`queue.Empty` if not."""
         ...
 
@@ -269,36 +293,48 @@ class BatchWriter:
         while True:
             op = source.get()
             batch: list[Commit[T]] = []
+            sessions: list[LoggedSession] = []
             size = 0
             while op is not None:
-                batch.append(op)
-                if op.body is not None:
-                    size += len(op.body)
-                if len(batch) >= BATCH_MAX_OPS or size >= BATCH_MAX_BYTES:
+                if type(op) is LoggedSession:
+                    sessions.append(op)
+                else:
+                    assert isinstance(op, Commit)
+                    batch.append(op)
+                    if op.body is not None:
+                        size += len(op.body)
+                if len(batch) + len(sessions) >= BATCH_MAX_OPS or size >= BATCH_MAX_BYTES:
                     break
                 try:
                     op = source.get_nowait()
                 except queue.Empty:
                     break
-            if batch:
-                settle(self.execute(batch))
+            if batch or sessions:
+                outcomes = self.execute(batch, sessions)
+                if outcomes:
+                    settle(outcomes)
             if op is None:
                 return
 
-    def execute(self, batch: list[Commit[T]]) -> list[tuple[Commit[T], Outcome]]:
-        """Write a batch of messages in ONE transaction; each one's outcome, in order."""
+    def execute(
+        self, batch: list[Commit[T]], sessions: list[LoggedSession] | None = None
+    ) -> list[tuple[Commit[T], Outcome]]:
+        """Write a batch of messages (and logged sessions) in ONE transaction; each
+        message's outcome, in order."""
         conn = self._conn
         assert conn is not None
+        sessions = sessions or []
         body_bytes = sum(len(op.body) for op in batch if op.body is not None)
         if self._write_lock is not None:
             fcntl.flock(self._write_lock, fcntl.LOCK_EX)  # released below, after COMMIT
         try:
             outcomes = None
             if all(op.spool is None for op in batch):
-                outcomes = self._write_batch(conn, batch)
+                outcomes = self._write_batch(conn, batch, sessions)
             if outcomes is None:
                 conn.execute("BEGIN IMMEDIATE")
                 outcomes = [(op, self._insert_message(conn, op)) for op in batch]
+                _log_sessions(conn, sessions)
                 if self._linked:
                     # The new files' names, before the rows that point at them.
                     fsync_dir(self.bodies)
@@ -306,7 +342,8 @@ class BatchWriter:
                 for spooled, _ in self._linked:  # the final name stays
                     with contextlib.suppress(OSError):
                         spooled.unlink()
-            self.stats.commits += 1
+            if batch:
+                self.stats.commits += 1
             self.stats.messages += sum(1 for _, out in outcomes if isinstance(out, str))
         except Exception as exc:  # sqlite3.Error, OSError, MemoryError...
             with contextlib.suppress(sqlite3.Error):
@@ -327,7 +364,7 @@ class BatchWriter:
 
     @staticmethod
     def _write_batch(
-        conn: sqlite3.Connection, batch: list[Commit[T]]
+        conn: sqlite3.Connection, batch: list[Commit[T]], sessions: list[LoggedSession]
     ) -> list[tuple[Commit[T], Outcome]] | None:
         """Messages with their bodies in the batch (the common case), in four statements.
 
@@ -346,6 +383,7 @@ class BatchWriter:
             queued = [row for op in batch for row in op.row[ROW_QUEUE]]
             if queued:  # the outbound entries, in the message's own transaction
                 conn.executemany(INSERT_QUEUE, queued)
+            _log_sessions(conn, sessions)
         except sqlite3.IntegrityError:
             conn.execute("ROLLBACK")
             return None
@@ -416,3 +454,15 @@ class BatchWriter:
             return problem
         self._linked.append((spooled, final))
         return None
+
+
+def _log_sessions(conn: sqlite3.Connection, sessions: list[LoggedSession]) -> None:
+    """Insert ended sessions, then trim the log to its size (in the caller's transaction)."""
+    if not sessions:
+        return
+    conn.executemany(INSERT_SESSION, [op.row for op in sessions])
+    keep = sessions[-1].keep
+    # seq is the rowid: the oldest rows beyond ``keep`` go by one range delete.
+    conn.execute(
+        "DELETE FROM sessions WHERE seq <= (SELECT max(seq) FROM sessions) - ?", (max(keep, 0),)
+    )

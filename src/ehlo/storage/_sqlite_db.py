@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..ids import new_queue_id
+from ._query import has_attachment
 from .base import create_private, private_dir
 from .queue import QUEUE_SCHEMA
 
@@ -81,13 +82,38 @@ CREATE TABLE IF NOT EXISTS search (
     greeting    TEXT NOT NULL,
     tls         INTEGER NOT NULL,
     auth        TEXT,
-    checks      TEXT NOT NULL
+    checks      TEXT NOT NULL,
+    helo        TEXT NOT NULL DEFAULT '',
+    attachments INTEGER
 );
 CREATE INDEX IF NOT EXISTS search_received_at ON search (received_at, queue_id);
 """
-# PRAGMA user_version: 0 before the search table and ``size_received``, 1 with them.
-SCHEMA_VERSION = 1
-INSERT_SEARCH = "INSERT INTO search VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# The session log: one row per ended session (``record`` is its JSON), the
+# newest ``session_log_max`` kept; ``seq`` orders them.
+SESSIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    seq        INTEGER PRIMARY KEY,
+    id         TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at   TEXT NOT NULL,
+    client_ip  TEXT NOT NULL,
+    record     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_id ON sessions (id);
+"""
+INSERT_SESSION = (
+    "INSERT INTO sessions (id, started_at, ended_at, client_ip, record) VALUES (?, ?, ?, ?, ?)"
+)
+# PRAGMA user_version: 0 before the search table and ``size_received``, 1 with
+# them, 2 with the search table's ``helo`` (the greeting name, case-folded) and
+# ``attachments`` (1 when a part is an attachment, 0 when none; NULL: unknown)
+# and the ``sessions`` table.
+SCHEMA_VERSION = 2
+SEARCH_COLUMNS = (
+    "queue_id, received_at, mail_from, rcpt_to, subject, greeting, tls, auth, checks, helo,"
+    " attachments"
+)
+INSERT_SEARCH = f"INSERT INTO search ({SEARCH_COLUMNS}) VALUES ({', '.join('?' * 11)})"
 
 COLUMNS = (
     "queue_id, received_at, client_ip, client_port, greeting, greeting_name, mail_from,"
@@ -151,8 +177,11 @@ def search_row(
     greeting: str,
     tls: bool,
     extra: dict[str, Any],
+    helo: str = "",
+    attachments: bool | None = None,
 ) -> tuple[Any, ...]:
-    """A message's row of the ``search`` table (``received_at`` as the messages row has it)."""
+    """A message's row of the ``search`` table (``received_at`` as the messages row has it;
+    ``helo`` the greeting name; ``attachments`` whether a part is one, None: not known)."""
     auth = extra.get("auth")
     user = auth.get("user") if isinstance(auth, dict) else None
     report = extra.get("greeting_checks")
@@ -166,6 +195,8 @@ def search_row(
         1 if tls else 0,
         fold(user) if isinstance(user, str) else None,
         checks_text(report),
+        fold(helo),
+        None if attachments is None else int(attachments),
     )
 
 
@@ -173,29 +204,50 @@ def upgrade(conn: sqlite3.Connection) -> None:
     """Bring the database to :data:`SCHEMA_VERSION`, in the caller's write transaction.
 
     Version 1 adds ``messages.size_received`` and fills the ``search`` table
-    from the rows already stored (a thousand at a time).
+    from the rows already stored (a thousand at a time). Version 2 adds the
+    search table's ``helo`` and ``attachments`` and fills its rows again
+    (reading each body once to look for an attachment), and the ``sessions``
+    table. Nothing stored is changed or dropped.
     """
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version >= SCHEMA_VERSION:
         return
+    _upgrade_search(conn)
+    for statement in SESSIONS_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _upgrade_search(conn: sqlite3.Connection) -> None:
+    """``messages.size_received`` and the ``search`` table with ``helo`` and
+    ``attachments`` (versions 1 and 2), its rows filled again."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     if "size_received" not in columns:
         conn.execute("ALTER TABLE messages ADD COLUMN size_received INTEGER")
     for statement in SEARCH_SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
+    searched = {row[1] for row in conn.execute("PRAGMA table_info(search)")}
+    if "helo" not in searched:
+        conn.execute("ALTER TABLE search ADD COLUMN helo TEXT NOT NULL DEFAULT ''")
+    if "attachments" not in searched:
+        conn.execute("ALTER TABLE search ADD COLUMN attachments INTEGER")
+    bodies = _bodies_of(conn)
     last = 0
     while True:
         rows = conn.execute(
             "SELECT rowid, queue_id, received_at, mail_from, rcpt_to, subject, greeting, tls,"
-            " extra FROM messages WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            " extra, greeting_name, size FROM messages WHERE rowid > ? ORDER BY rowid LIMIT ?",
             (last, _UPGRADE_BATCH),
         ).fetchall()
         if not rows:
             break
         last = rows[-1][0]
         found = []
-        for _, queue_id, received_at, mail_from, rcpts, subject, greeting, tls, extra in rows:
+        for row in rows:
+            _, queue_id, received_at, mail_from, rcpts, subject, greeting, tls, extra = row[:9]
+            greeting_name, size = row[9], row[10]
             try:
                 recipients = json.loads(rcpts)
                 fields = json.loads(extra)
@@ -211,10 +263,39 @@ def upgrade(conn: sqlite3.Connection) -> None:
                     greeting,
                     bool(tls),
                     fields if isinstance(fields, dict) else {},
+                    greeting_name,
+                    _stored_attachments(conn, bodies, queue_id, size),
                 )
             )
-        conn.executemany(INSERT_SEARCH.replace("INSERT", "INSERT OR IGNORE", 1), found)
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.executemany(INSERT_SEARCH.replace("INSERT", "INSERT OR REPLACE", 1), found)
+
+
+def _bodies_of(conn: sqlite3.Connection) -> Path | None:
+    """The body files' folder of the database ``conn`` has open (None: in memory)."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return body_dir(Path(file))
+    return None
+
+
+def _stored_attachments(
+    conn: sqlite3.Connection, bodies: Path | None, queue_id: str, size: int
+) -> bool | None:
+    """Whether a stored message has an attachment (None: its body cannot be read)."""
+    data = b"".join(
+        bytes(chunk)
+        for (chunk,) in conn.execute(
+            "SELECT data FROM chunks WHERE queue_id = ? ORDER BY seq", (queue_id,)
+        )
+    )
+    if not data and size:
+        if bodies is None:
+            return None
+        try:
+            data = (bodies / queue_id).read_bytes()
+        except OSError:
+            return None
+    return has_attachment(data)
 
 
 def open_schema(conn: sqlite3.Connection) -> None:

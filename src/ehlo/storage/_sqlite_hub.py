@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from . import _wire
-from ._batch import BatchWriter, Commit, Outcome
+from ._batch import BatchWriter, Commit, LoggedSession, Op, Outcome
 
 __all__ = ["hub_main"]
 
@@ -89,7 +89,7 @@ class _Hub:
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, None)
         self.selector.register(control, selectors.EVENT_READ, "control")
-        self.ready: collections.deque[Commit[_Tag]] = collections.deque()
+        self.ready: collections.deque[Op[_Tag]] = collections.deque()
         self.links: list[_Link] = []
         self.control_open = True
         # Spool folders of workers that died, to remove once their lock is
@@ -98,7 +98,7 @@ class _Hub:
         # Every link reads through it (see _wire.BlockingReader's scratch).
         self.scratch = memoryview(bytearray(_wire.READ_SIZE))
 
-    def get(self) -> Commit[_Tag] | None:
+    def get(self) -> Op[_Tag] | None:
         while not self.ready:
             if not self.control_open and not self.links:
                 return None
@@ -112,7 +112,7 @@ class _Hub:
                 ]
         return self.ready.popleft()
 
-    def get_nowait(self) -> Commit[_Tag] | None:
+    def get_nowait(self) -> Op[_Tag] | None:
         if not self.ready:
             self._poll(0)
         if not self.ready:
@@ -151,6 +151,8 @@ class _Hub:
                 _, row, ref, spool, _ = message
                 link.inflight += 1
                 self.ready.append(Commit(row, body, spool, (link, ref)))
+            elif kind == "session":
+                self.ready.append(LoggedSession(message[1], message[2]))
             elif kind == "spool":
                 link.spool = message[1]
             else:  # stop: answered once what it sent before is executed

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from . import _wire
-from ._batch import BatchWriter, Commit, Outcome
+from ._batch import BatchWriter, Commit, LoggedSession, Op, Outcome
 from .base import StoreError, StoreStats
 
 __all__ = ["WriterProcess", "child_main", "start_hub"]
@@ -72,19 +72,21 @@ class _Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.reader = _wire.BlockingReader(sock)
 
-    def _op(self, received: _wire.Received) -> Commit[int] | None:
+    def _op(self, received: _wire.Received) -> Op[int] | None:
         message, body = received
+        if message[0] == "session":
+            return LoggedSession(message[1], message[2])
         if message[0] != "commit":
             return None  # stop (or the socket's end)
         # The reference travels where the thread keeps its future.
         return Commit(message[1], body, message[3], message[2])
 
-    def get(self) -> Commit[int] | None:
+    def get(self) -> Op[int] | None:
         received = self.reader.read(block=True)
         assert received is not None
         return self._op(received)  # None at the socket's end: finish what was read, then stop
 
-    def get_nowait(self) -> Commit[int] | None:
+    def get_nowait(self) -> Op[int] | None:
         received = self.reader.read(block=False)
         if received is None:
             raise queue.Empty
@@ -257,6 +259,10 @@ class WriterProcess(asyncio.Protocol):
         self._commits[ref] = future
         self._send(_wire.commit(row, ref, spool, len(body) if body else 0), body)
         return future
+
+    def log(self, row: tuple[Any, ...], keep: int) -> None:
+        if self._transport is not None and self.broken is None:
+            self._send(_wire.frame(("session", row, keep)))
 
     def _send(self, frame: list[bytes], body: bytes | bytearray | None = None) -> None:
         """Queue a frame and its body; what one turn of the loop queues leaves in one write."""

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ._batch import BatchWriter, Commit, Outcome
+from ._batch import BatchWriter, Commit, LoggedSession, Outcome
 from .base import StoreError, StoreStats
 
 __all__ = ["ThreadWriter"]
@@ -52,8 +52,10 @@ class ThreadWriter:
         self.broken: str | None = None
         # Body bytes queued (by the event loop) / executed (by the thread).
         self.queued_bytes = 0
-        # The thread's operations: commits, and None to stop.
-        self._ops: queue.SimpleQueue[Commit[_Waiter] | None] = queue.SimpleQueue()
+        # The thread's operations: commits, logged sessions, and None to stop.
+        self._ops: queue.SimpleQueue[Commit[_Waiter] | LoggedSession | None] = (
+            queue.SimpleQueue()
+        )
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._run, name=f"ehlo-sqlite-{path.name}", daemon=True
@@ -92,6 +94,10 @@ class ThreadWriter:
             self.queued_bytes += len(body)
         self._ops.put(Commit(row, body, spool, (loop, future)))
         return future
+
+    def log(self, row: tuple[Any, ...], keep: int) -> None:
+        if self.broken is None:
+            self._ops.put(LoggedSession(row, keep))
 
     def drained(self, low: int) -> asyncio.Future[None]:
         """A future settled (on the caller's loop) once the backlog is at most ``low``."""

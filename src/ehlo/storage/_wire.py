@@ -13,6 +13,8 @@ so it is not copied into one), its length in the frame. The messages:
 store to writer
     ``("commit", row, ref, spool, body_length)`` then ``body_length``
     octets: one whole message (``ref`` numbers it for the answer);
+    ``("session", row, keep)``: an ended session for the session log (no
+    answer), the newest ``keep`` kept;
     ``("spool", name)``: the store's spool folder, which the hub removes if
     the connection ends without a stop (its worker died);
     ``("stop",)``: answer what came before, then close.

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._overview import Overview, overview_of
 from ._query import Query, Retention
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 DELETE_BATCH = 200
 # Seconds between retention passes while serving.
 RETENTION_INTERVAL = 1.0
+# Sessions a session log keeps unless told otherwise (``session_log_max``).
+SESSION_LOG_MAX = 10_000
 
 
 class StoreError(Exception):
@@ -56,6 +59,10 @@ class StoreError(Exception):
     The session answers 451 4.3.0 to the client: the message is not lost,
     the client keeps it and retries later.
     """
+
+
+class NoSuchMessage(StoreError):
+    """A query's paging bound (``before``/``after``) names no stored message."""
 
 
 class JSONText(str):
@@ -75,6 +82,10 @@ def _plain(value: Any) -> Any:
 
 # Keys of ``Envelope.extra`` shown at the top level of ``to_json``.
 PROMOTED_EXTRA = ("greeting_checks", "greeting_verdict", "auth", "violations", "authres_forged")
+# The key of ``Envelope.extra`` holding the session's transcript as the
+# message keeps it: ``[[t, dir, text], ...]`` (seconds since connect; "C",
+# "S" or "*"), JSON text. Left out of ``to_json`` unless asked for.
+TRANSCRIPT = "transcript"
 
 
 @dataclasses.dataclass(slots=True)
@@ -101,8 +112,13 @@ class Envelope:
     # message's own commit. Kept by the queue, not in the envelope's JSON.
     queue: list[QueueItem] = dataclasses.field(default_factory=list)
 
-    def to_json(self) -> dict[str, Any]:
-        """The envelope as JSON-ready data (the keys of ``messages --json``)."""
+    def to_json(self, *, transcript: bool = False) -> dict[str, Any]:
+        """The envelope as JSON-ready data (the keys of ``messages --json``).
+
+        ``transcript``: keep the session transcript in ``extra`` (what a
+        store writes); left out otherwise, a list would grow too big with it.
+        """
+        skip = PROMOTED_EXTRA if transcript else (*PROMOTED_EXTRA, TRANSCRIPT)
         return {
             "id": self.queue_id,
             "received_at": self.received_at.isoformat(),
@@ -122,7 +138,7 @@ class Envelope:
             **(
                 {"extra": rest}
                 if (
-                    rest := {k: _plain(v) for k, v in self.extra.items() if k not in PROMOTED_EXTRA}
+                    rest := {k: _plain(v) for k, v in self.extra.items() if k not in skip}
                 )
                 else {}
             ),
@@ -161,6 +177,9 @@ class StoredMessage:
     envelope: Envelope
     size: int  # octets stored, ehlo's Received (and Authentication-Results) header included
     subject: str | None
+    # Whether a part is given as an attachment (``_query.has_attachment``),
+    # None when not known (a message stored before it was recorded).
+    attachments: bool | None = None
 
     @property
     def size_received(self) -> int | None:
@@ -177,6 +196,93 @@ class StoreStats:
     commits: int = 0
     # Messages committed (made durable and visible).
     messages: int = 0
+
+
+# The keys of each message ``messages list --json`` prints and the API lists, in order.
+LIST_FIELDS = (
+    "id",
+    "received_at",
+    "client_ip",
+    "client_port",
+    "greeting",
+    "greeting_name",
+    "mail_from",
+    "mail_params",
+    "rcpt_to",
+    "tls",
+    "protocol",
+    "server_name",
+    "auth",
+    "greeting_verdict",
+    "size",
+    "size_received",
+    "subject",
+)
+
+
+def message_json(message: StoredMessage, *, transcript: bool = False) -> dict[str, Any]:
+    """A stored message as ``messages show --json`` prints it: the fields of
+    ``list --json`` and the rest of the envelope (greeting checks included).
+
+    ``transcript``: add ``"transcript"``, the session's lines as
+    :func:`transcript_json` gives them (None when none was recorded).
+    """
+    data = list_json(message)
+    for key, value in message.envelope.to_json().items():
+        data.setdefault(key, value)  # greeting_checks, violations, authres_forged, extra
+    if transcript:
+        data["transcript"] = transcript_json(message.envelope.extra.get(TRANSCRIPT))
+    return data
+
+
+def transcript_json(stored: Any) -> list[dict[str, Any]] | None:
+    """A stored transcript (``[[t, dir, text], ...]``, or its JSON text) as the API
+    shows it: ``[{"t": 0.012, "dir": "C", "text": "EHLO x"}, ...]``; None when
+    there is none. Malformed items are left out."""
+    if stored is None:
+        return None
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            return None
+    if not isinstance(stored, list):
+        return None
+    return [
+        {"t": item[0], "dir": item[1], "text": item[2]}
+        for item in stored
+        if isinstance(item, list)
+        and len(item) == 3
+        and isinstance(item[0], int | float)
+        and item[1] in ("C", "S", "*")
+        and isinstance(item[2], str)
+    ]
+
+
+def list_json(message: StoredMessage) -> dict[str, Any]:
+    """A stored message as ``messages list --json`` prints it: :data:`LIST_FIELDS`."""
+    env = message.envelope
+    extra = env.extra
+    verdict = extra.get("greeting_verdict")
+    return {
+        "id": env.queue_id,
+        "received_at": env.received_at.isoformat(),
+        "client_ip": env.client_ip,
+        "client_port": env.client_port,
+        "greeting": env.greeting,
+        "greeting_name": env.greeting_name,
+        "mail_from": env.mail_from,
+        "mail_params": dict(env.mail_params),
+        "rcpt_to": list(env.rcpt_to),
+        "tls": dict(env.tls) if env.tls else None,
+        "protocol": env.protocol,
+        "server_name": env.server_name,
+        "auth": extra.get("auth"),
+        "greeting_verdict": json.loads(verdict) if isinstance(verdict, str) else verdict,
+        "size": message.size,
+        "size_received": message.size_received,
+        "subject": message.subject,
+    }
 
 
 log = logging.getLogger(__name__)
@@ -310,6 +416,11 @@ class HeaderSniffer:
         elif len(head) >= HEADER_SCAN_LIMIT:
             self.done = True
 
+    @property
+    def head(self) -> bytes:
+        """The header section seen so far (up to the line ending the last field)."""
+        return bytes(self._head)
+
     def subject(self) -> str | None:
         """The decoded Subject seen so far, or None."""
         return extract_subject(bytes(self._head))
@@ -437,6 +548,24 @@ class Store(abc.ABC):
     def begin(self, envelope: Envelope) -> MessageWriter:
         """Start a message. The envelope may still be completed before commit."""
 
+    # --- the session log ---------------------------------------------------------------
+
+    def log_session(self, record: dict[str, Any], keep: int = SESSION_LOG_MAX) -> None:  # noqa: B027
+        """Keep one ended session's record (fire and forget, never blocking).
+
+        ``record`` is JSON-ready and has at least ``id``, ``started_at``,
+        ``ended_at`` (ISO text) and ``client_ip``. The store keeps the
+        newest ``keep`` records; writing happens off the event loop, with
+        the store's other writes. This default keeps nothing.
+        """
+
+    def sessions(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
+        """Logged sessions, newest first: at most ``limit``, older than the one
+        whose id is ``before``. Raises StoreError for a ``before`` it does not hold."""
+        if before is not None:
+            raise StoreError(f"no session with id {before!r}")
+        return []
+
     @property
     def queue(self) -> Queue | None:
         """The outbound queue this store keeps (None: it cannot queue mail)."""
@@ -452,6 +581,13 @@ class Store(abc.ABC):
         This default filters :meth:`list`; the backends stream instead.
         """
         yield from page(list(self.list()), query)
+
+    def overview(self, since: _dt.datetime) -> Overview:
+        """What was received at or after ``since``, counted (see :class:`Overview`).
+
+        This default counts the messages ``search`` selects; SQLite counts in SQL.
+        """
+        return overview_of(self.search(Query(since=since)), since)
 
     def delete(self, ids: Iterable[str]) -> Sequence[str]:
         """Delete messages for good (their bodies too); the ids that were there."""
@@ -513,6 +649,33 @@ class Store(abc.ABC):
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
+    def newer(self, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
+        """What was committed since ``mark``, oldest first, and the mark of now.
+
+        The cheap question of "what is new" that a reader asks over and over
+        (the web API's live events), whichever process wrote the messages.
+        ``mark`` is opaque: None (the first call) answers no message, only
+        the mark to ask with next; a mark made by another store counts as
+        None. This default compares the ids :meth:`list` gives with those
+        of the mark; the backends answer from an index or a folder listing.
+        """
+        messages = self.list()
+        ids = frozenset(m.envelope.queue_id for m in messages)
+        if not isinstance(mark, frozenset):
+            return [], ids
+        return [m for m in reversed(messages) if m.envelope.queue_id not in mark], ids
+
+    def newer_ids(self, mark: object | None) -> tuple[Sequence[str], object]:
+        """:meth:`newer`'s ids only, with the same marks: what a reader asks
+        while nobody waits for the messages themselves (it reads them later,
+        by id, if someone comes to ask). This default reads them all."""
+        messages, mark = self.newer(mark)
+        return [m.envelope.queue_id for m in messages], mark
+
+    def count(self) -> int:
+        """How many messages the store holds."""
+        return len(self.list())
+
     @abc.abstractmethod
     def get(self, queue_id: str) -> StoredMessage | None:
         """One committed message's envelope and size, or None."""
@@ -542,7 +705,7 @@ def page_bounds(ids: Sequence[str], query: Query) -> tuple[int, int]:
         try:
             where = ids.index(bound)
         except ValueError:
-            raise StoreError(f"no message with id {bound!r}") from None
+            raise NoSuchMessage(f"no message with id {bound!r}") from None
         if after:
             end = min(end, where)
         else:

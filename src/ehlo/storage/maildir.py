@@ -3,7 +3,9 @@
 This module owns one Maildir folder (``data_dir/maildir``): its ``tmp/``,
 ``new/`` and ``cur/`` subfolders, and the envelope sidecars in
 ``ehlo-envelopes/`` (one ``<queue_id>.json`` per message: ``Envelope.to_json()`` plus ``size``,
-``subject`` and the message's ``file`` name).
+``subject`` and the message's ``file`` name). Its session log is
+``ehlo-sessions.jsonl`` beside the Maildir, in the data folder
+(:mod:`ehlo.storage._sessionlog`).
 
 Delivery follows the Maildir protocol: a message is written to
 ``tmp/<time>.<queue_id>.<host>`` (buffered, from the event loop thread, no
@@ -33,6 +35,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import queue
@@ -45,10 +48,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..ids import _ALPHABET, is_queue_id
-from ._query import Query, Retention
+from ._query import AttachmentSniffer, Query, Retention, body_text
+from ._sessionlog import SessionFile
 from .base import (
     DELETE_BATCH,
     HEADER_SCAN_LIMIT,
+    SESSION_LOG_MAX,
     Envelope,
     HeaderSniffer,
     MessageWriter,
@@ -256,6 +261,7 @@ class MaildirWriter(MessageWriter):
         self.name = f"{int(time.time())}.{envelope.queue_id}.{store.host}"
         self._tmp = store.path / "tmp" / self.name
         self._head = HeaderSniffer()
+        self._attach = AttachmentSniffer()
         self._size = 0
         self._state = "open"  # "open", "committing", "done"
         try:
@@ -275,6 +281,7 @@ class MaildirWriter(MessageWriter):
         self._size += len(data)
         if not self._head.done:
             self._head.feed(data)
+        self._attach.feed(data)
         try:
             self._file.write(data)
         except OSError as exc:
@@ -286,8 +293,13 @@ class MaildirWriter(MessageWriter):
         committer = self._store._committer
         if committer is None:
             raise StoreError(f"maildir store {self._store.path} is not open")
-        record = self._envelope.to_json()
-        record.update(size=self._size, subject=self._head.subject(), file=self.name)
+        record = self._envelope.to_json(transcript=True)
+        record.update(
+            size=self._size,
+            subject=self._head.subject(),
+            file=self.name,
+            attachments=self._attach.found,
+        )
         sidecar = json.dumps(record, ensure_ascii=False, default=str).encode()
         env = self._envelope
         entries = (
@@ -368,6 +380,7 @@ class MaildirStore(Store):
         self.stats = StoreStats()
         self._committer: _Committer | None = None
         self._queue: MaildirQueue | None = None
+        self._sessions = SessionFile(self.path.parent / "ehlo-sessions.jsonl")
 
     async def start(self) -> None:
         if self._committer is not None:
@@ -379,6 +392,7 @@ class MaildirStore(Store):
         committer = _Committer(self)
         committer.start()
         self._committer = committer
+        self._sessions = SessionFile(self._sessions.path)  # a store started again logs again
         self._start_retention()
 
     def preflight(self) -> None:
@@ -423,6 +437,7 @@ class MaildirStore(Store):
 
     async def close(self) -> None:
         await self._stop_retention()
+        await asyncio.to_thread(self._sessions.close)
         committer = self._committer
         if committer is None:
             return
@@ -431,6 +446,13 @@ class MaildirStore(Store):
         committer.ops.put(stop)
         await asyncio.wrap_future(stop.done)
         await asyncio.to_thread(committer.join)
+
+    def log_session(self, record: dict[str, Any], keep: int = SESSION_LOG_MAX) -> None:
+        if self._committer is not None:
+            self._sessions.add(record, keep)
+
+    def sessions(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
+        return self._sessions.sessions(limit, before)
 
     def begin(self, envelope: Envelope) -> MaildirWriter:
         if self._committer is None:
@@ -486,10 +508,12 @@ class MaildirStore(Store):
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 envelope = Envelope.from_json(record)
                 size = record.get("size")
+                attachments = record.get("attachments")
                 return StoredMessage(
                     envelope=envelope,
                     size=int(size) if size is not None else path.stat().st_size,
                     subject=record.get("subject"),
+                    attachments=attachments if isinstance(attachments, bool) else None,
                 )
         return self._from_file(queue_id, path)
 
@@ -533,6 +557,20 @@ class MaildirStore(Store):
         found.sort(key=lambda m: (_utc(m.envelope.received_at), m.envelope.queue_id), reverse=True)
         return found if limit is None else found[: max(limit, 0)]
 
+    def newer(self, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
+        """Messages in new/ or cur/ that the mark's listing did not hold (names only)."""
+        files = dict(self._files())
+        ids = frozenset(files)
+        if not isinstance(mark, frozenset):
+            return [], ids
+        found = []
+        for queue_id, path in sorted(
+            ((i, p) for i, p in files.items() if i not in mark), key=_file_time
+        ):
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+                found.append(self._stored(queue_id, path, self._sidecar(queue_id)))
+        return found, ids
+
     def search(self, query: Query) -> Iterator[StoredMessage]:
         """The selected messages, newest first by their names' time, read one at a time.
 
@@ -561,9 +599,14 @@ class MaildirStore(Store):
                 message = self._stored(queue_id, path, self._sidecar(queue_id))
             except FileNotFoundError:  # moved or deleted meanwhile
                 continue
-            if query.matches(message):
+            body = functools.partial(_body_text, path) if query.needs_body else None
+            if query.matches(message, body):
                 count += 1
                 yield message
+
+    def count(self) -> int:
+        """How many messages the store holds (the files of new/ and cur/)."""
+        return sum(1 for _ in self._files())
 
     def delete(self, ids: Iterable[str]) -> Sequence[str]:
         """Remove the message files and their envelopes; the ids that were there."""
@@ -642,6 +685,14 @@ class MaildirStore(Store):
             return None
         except OSError as exc:
             raise StoreError(f"maildir: message {queue_id}: {exc}") from exc
+
+
+def _body_text(path: Path) -> str:
+    """The searchable text of the message in ``path`` ("" when it is gone)."""
+    try:
+        return body_text(path.read_bytes())
+    except OSError:
+        return ""
 
 
 def _id_of(name: str) -> str:

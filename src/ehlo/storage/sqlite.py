@@ -20,6 +20,7 @@ Layout::
     messages(queue_id PRIMARY KEY, received_at, client_ip, ..., size, subject)
     chunks(queue_id, seq, data BLOB)      -- a body of at most 256 KiB, one row
     pending(queue_id PRIMARY KEY, owner)  -- earlier versions' chunks written ahead of their row
+    sessions(seq PRIMARY KEY, id, ..., record)  -- the session log, newest session_log_max
     ehlo.sqlite3.bodies/<queue_id>        -- a larger body, in a file of its own
     ehlo.sqlite3.bodies/.spool/<owner>/   -- bodies being received by one store
 
@@ -41,6 +42,10 @@ future of the batch. Concurrent sessions thus share
 fsyncs (group commit); ``stats.commits`` counts the COMMITs, ``stats.messages``
 the messages. A message's row and its chunk are written in the same
 transaction: a message is there whole, or not at all.
+
+The session log. :meth:`SQLiteStore.log_session` hands an ended session's
+row to the same writer (no answer awaited); it is written with the batch it
+arrives in, and the table trimmed there to the newest ``keep`` rows.
 
 Backpressure. :attr:`SQLiteStore.backlog_bytes` is the number of body bytes
 queued for the writer and not yet executed. The network layer stops
@@ -71,6 +76,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 import sqlite3
@@ -80,7 +86,8 @@ from pathlib import Path
 from typing import Any
 
 from ._backend import WriterBackend
-from ._query import Query, Retention
+from ._overview import TOP_NAMES, Overview
+from ._query import AttachmentSniffer, Query, Retention, body_text, has_attachment
 from ._sqlite_db import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -97,10 +104,12 @@ from ._sqlite_db import (
 )
 from .base import (
     DELETE_BATCH,
+    SESSION_LOG_MAX,
     Envelope,
     HeaderSniffer,
     JSONText,
     MessageWriter,
+    NoSuchMessage,
     Store,
     StoredMessage,
     StoreError,
@@ -155,7 +164,7 @@ class SQLiteWriter(MessageWriter):
     """One message being streamed into an :class:`SQLiteStore`."""
 
     __slots__ = (
-        "_buffer", "_envelope", "_fd", "_head", "_size", "_state", "_store"
+        "_attach", "_buffer", "_envelope", "_fd", "_head", "_size", "_state", "_store"
     )
 
     def __init__(self, store: SQLiteStore, envelope: Envelope) -> None:
@@ -165,6 +174,9 @@ class SQLiteWriter(MessageWriter):
         self._head = HeaderSniffer()
         self._size = 0
         self._fd: int | None = None  # the body file, once the body outgrew CHUNK_SIZE
+        # Looks for an attachment in what goes to the body file (a body of
+        # one chunk is looked at once, at commit).
+        self._attach: AttachmentSniffer | None = None
         self._state = "open"  # "open", then "done" once committed or aborted
 
     @property
@@ -215,6 +227,9 @@ class SQLiteWriter(MessageWriter):
         """Write to the body file (the page cache; the writer syncs it at commit)."""
         fd = self._fd
         assert fd is not None
+        if self._attach is None:
+            self._attach = AttachmentSniffer()
+        self._attach.feed(data)
         view = memoryview(data)
         try:
             while view:
@@ -254,6 +269,10 @@ class SQLiteWriter(MessageWriter):
         received_at = _utc_text(env.received_at)
         queued_at = env.received_at.timestamp()
         subject = self._head.subject()
+        if self._attach is not None:
+            attachments = self._attach.found
+        else:
+            attachments = body is not None and has_attachment(body, self._head.head)
         row = (
             env.queue_id,
             received_at,
@@ -280,6 +299,8 @@ class SQLiteWriter(MessageWriter):
                 env.greeting,
                 bool(env.tls),
                 env.extra,
+                env.greeting_name,
+                attachments,
             ),
             [item.row(env.queue_id, queued_at) for item in env.queue] if env.queue else (),
         )
@@ -347,6 +368,9 @@ class SQLiteStore(Store):
         # The read connection of ``read`` (delivery), made on first use.
         self._ro: sqlite3.Connection | None = None
         self._ro_lock = threading.Lock()
+        # The read connection of ``newer`` (the web API's live events), made on first use.
+        self._mark_conn: sqlite3.Connection | None = None
+        self._mark_lock = threading.Lock()
 
     @property
     def backlog_bytes(self) -> int:
@@ -421,6 +445,8 @@ class SQLiteStore(Store):
     async def close(self) -> None:
         await self._stop_retention()
         self._close_rw()
+        with self._mark_lock:
+            self._close_mark()
         if self._queue is not None:
             self._queue.close()
         writer = self._writer
@@ -460,6 +486,42 @@ class SQLiteStore(Store):
     def begin(self, envelope: Envelope) -> SQLiteWriter:
         self._writer_or_error()
         return SQLiteWriter(self, envelope)
+
+    def log_session(self, record: dict[str, Any], keep: int = SESSION_LOG_MAX) -> None:
+        writer = self._writer
+        if writer is None or writer.broken is not None or keep <= 0:
+            return
+        row = (
+            str(record["id"]),
+            str(record["started_at"]),
+            str(record["ended_at"]),
+            str(record["client_ip"]),
+            _encode(record),
+        )
+        writer.log(row, keep)
+
+    def sessions(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
+        with self._reader() as conn:
+            if conn is None:
+                return super().sessions(limit, before)
+            try:
+                if before is None:
+                    cursor = conn.execute(
+                        "SELECT record FROM sessions ORDER BY seq DESC LIMIT ?", (max(limit, 0),)
+                    )
+                else:
+                    found = conn.execute(
+                        "SELECT max(seq) FROM sessions WHERE id = ?", (before,)
+                    ).fetchone()
+                    if found is None or found[0] is None:
+                        raise StoreError(f"no session with id {before!r}")
+                    cursor = conn.execute(
+                        "SELECT record FROM sessions WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+                        (found[0], max(limit, 0)),
+                    )
+                return [json.loads(record) for (record,) in cursor]
+            except (sqlite3.Error, ValueError) as exc:
+                raise StoreError(f"sqlite store {self.path}: sessions: {exc}") from exc
 
     @property
     def queue(self) -> SQLiteQueue:
@@ -517,7 +579,10 @@ class SQLiteStore(Store):
         with self._reader() as conn:
             if conn is None:
                 if query.before is not None or query.after is not None:
-                    raise StoreError(f"no message with id {query.before or query.after!r}")
+                    raise NoSuchMessage(f"no message with id {query.before or query.after!r}")
+                return
+            if query.needs_body:
+                yield from self._search_words(conn, query)
                 return
             sql, params, reverse = _select(conn, query)
             cursor = conn.execute(sql, params)
@@ -527,9 +592,231 @@ class SQLiteStore(Store):
             for row in cursor:
                 yield _message(row)
 
+    # --- what is new: one long-lived read connection ------------------------------
+
+    def newer(self, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
+        """Messages committed since ``mark`` (by rowid of the search table), oldest first.
+
+        ``PRAGMA data_version`` on a connection kept open tells, without
+        reading a row, whether any other connection (any worker's writer)
+        committed since the last call: then the answer is at once. Otherwise
+        the new rows are those above the newest row of the mark that is
+        still there. SQLite gives a new row the largest rowid plus one, so
+        after the newest rows are deleted their rowids are given again: the
+        mark keeps the (rowid, id) pairs of the newest :data:`_MARK_WINDOW`
+        rows, and only a row that is still the same message counts as old.
+        (Should every one of those rows be deleted between two calls while
+        older ones stay, a message written in that moment below them is not
+        seen; a store holding no more than the window is always exact.)
+        """
+        with self._mark_lock:
+            try:
+                ids, now, conn = self._newer(mark)
+                return self._messages_of(conn, ids), now
+            except sqlite3.Error as exc:
+                self._close_mark()
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    def newer_ids(self, mark: object | None) -> tuple[Sequence[str], object]:
+        """:meth:`newer` without reading the messages' rows: the search rows' ids."""
+        with self._mark_lock:
+            try:
+                ids, now, _ = self._newer(mark)
+                return ids, now
+            except sqlite3.Error as exc:
+                self._close_mark()
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _messages_of(
+        conn: sqlite3.Connection | None, ids: Sequence[str]
+    ) -> Sequence[StoredMessage]:
+        """The messages of ``ids`` still there, in that order."""
+        if conn is None or not ids:
+            return []
+        found: dict[str, StoredMessage] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for row in conn.execute(
+                f"SELECT {COLUMNS} FROM messages WHERE queue_id IN ({marks})", chunk
+            ):
+                message = _message(row)
+                found[message.envelope.queue_id] = message
+        return [found[i] for i in ids if i in found]
+
+    def _newer(
+        self, mark: object | None
+    ) -> tuple[Sequence[str], object, sqlite3.Connection | None]:
+        """The new rows' ids, the mark of now, and the connection to read them with."""
+        if not self.path.exists():
+            return [], _RowMark(-1, (), True), None
+        conn = self._mark_conn
+        if conn is None:
+            conn = self._mark_conn = connect(self.path, read_only=True)
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        if isinstance(mark, _RowMark) and mark.version == version:
+            return [], mark, conn
+        conn.execute("BEGIN")
+        try:
+            if conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'search'"
+            ).fetchone() is None:
+                return [], _RowMark(version, (), True), conn
+            top = conn.execute(
+                "SELECT rowid, queue_id FROM search ORDER BY rowid DESC LIMIT ?",
+                (_MARK_WINDOW + 1,),
+            ).fetchall()
+            now = _RowMark(
+                version, tuple((int(r), str(q)) for r, q in top[:_MARK_WINDOW]),
+                len(top) <= _MARK_WINDOW,
+            )
+            if not isinstance(mark, _RowMark):
+                return [], now, conn
+            old = set(mark.top)
+            low = 0 if mark.complete or not mark.top else mark.top[-1][0]
+            rows = conn.execute(
+                "SELECT rowid, queue_id FROM search WHERE rowid >= ? ORDER BY rowid", (low,)
+            ).fetchall()
+            kept = [int(r) for r, q in rows if (int(r), str(q)) in old]
+            floor = max(kept) if kept else low - 1
+            ids = [str(q) for r, q in rows if int(r) > floor and (int(r), str(q)) not in old]
+            return ids, now, conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _close_mark(self) -> None:
+        conn, self._mark_conn = self._mark_conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _search_words(self, conn: sqlite3.Connection, query: Query) -> Iterator[StoredMessage]:
+        """A query with words of the body: the other filters in SQL, then each
+        candidate's subject and body in turn (newest first) until the page is full.
+
+        A candidate's envelope is read only once its words match (``q=`` makes
+        such queries); any other query is tested whole on each candidate.
+        """
+        # The page just newer than ``after`` is read upwards, then turned round.
+        reverse = query.limit is not None and query.after is not None and query.before is None
+        light = query.plain_words
+        sql, params, _ = _select(
+            conn,
+            dataclasses.replace(query, limit=None),
+            oldest_first=reverse,
+            ids_only=light,
+            with_body=True,
+        )
+        picked: list[StoredMessage] = []
+        for row in conn.execute(sql, params):
+            if query.limit is not None and len(picked) >= query.limit:
+                break
+            queue_id, subject, size, data = row[0], row[-3], row[-2], row[-1]
+            text = functools.partial(self._body_text, conn, queue_id, size, data)
+            if light:
+                if not query.words_match(subject, text):
+                    continue
+                found = conn.execute(
+                    f"SELECT {_M_COLUMNS}, s.attachments FROM search s CROSS JOIN messages m"
+                    " ON m.queue_id = s.queue_id WHERE s.queue_id = ?",
+                    (queue_id,),
+                ).fetchone()
+                if found is None:
+                    continue
+                message = _message(found)
+            else:
+                message = _message(row)
+                if not query.matches(message, text):
+                    continue
+            if not reverse:
+                yield message
+            picked.append(message)
+        if reverse:
+            yield from picked[::-1]
+
+    def _body_text(
+        self, conn: sqlite3.Connection, queue_id: str, size: int, first: bytes | None
+    ) -> str:
+        """The searchable text of a body: its one chunk, or its chunks, or its file."""
+        data = bytes(first) if first is not None else b""
+        if len(data) != size:
+            data = b"".join(
+                bytes(chunk)
+                for (chunk,) in conn.execute(
+                    "SELECT data FROM chunks WHERE queue_id = ? ORDER BY seq", (queue_id,)
+                )
+            )
+        if not data and size:
+            try:
+                data = (self.bodies / queue_id).read_bytes()
+            except OSError:
+                return ""
+        return body_text(data)
+
+    def count(self) -> int:
+        """How many messages the store holds (its search rows, by their index)."""
+        with self._reader() as conn:
+            if conn is None:
+                return 0
+            return int(conn.execute("SELECT count(*) FROM search").fetchone()[0])
+
     def get(self, queue_id: str) -> StoredMessage | None:
-        found = self._query(f"SELECT {COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,))
+        found = self._query(
+            f"SELECT {_M_COLUMNS}, s.attachments FROM messages m"
+            " LEFT JOIN search s ON s.queue_id = m.queue_id WHERE m.queue_id = ?",
+            (queue_id,),
+        )
         return found[0] if found else None
+
+    def overview(self, since: _dt.datetime) -> Overview:
+        """The overview in SQL: grouped counts over the window's rows, from one snapshot.
+
+        The minutes come from the ``received_at`` index alone; the rest is
+        one grouped pass over the window's ``search`` rows and one over its
+        ``messages`` rows (the client names). Python sees only the groups.
+        A window holding most of the store is read as a plain scan of the
+        table, which is cheaper than a lookup per index entry.
+        """
+        found = Overview()
+        with self._reader() as conn:
+            if conn is None:
+                return found
+            start = _utc_text(since)
+            # The text is fixed-width UTC: its first 16 characters are the minute.
+            for minute, count in conn.execute(
+                "SELECT substr(received_at, 1, 16), count(*) FROM search"
+                " WHERE received_at >= ? GROUP BY 1",
+                (start,),
+            ):
+                found.per_minute[minute] = count
+                found.total += count
+            if not found.total:
+                return found
+            stored = conn.execute("SELECT count(*) FROM search").fetchone()[0]
+            scan = " NOT INDEXED" if found.total * 2 > stored else ""
+            for verb, tls, checks, count in conn.execute(
+                f"SELECT greeting, tls, checks, count(*) FROM search{scan}"
+                " WHERE received_at >= ? GROUP BY 1, 2, 3",
+                (start,),
+            ):
+                found.greetings[verb] = found.greetings.get(verb, 0) + count
+                found.tls["yes" if tls else "no"] += count
+                # "\nname=result\n..." (folded): one group per combination of results.
+                for pair in checks.split("\n"):
+                    name, sep, result = pair.partition("=")
+                    if sep:
+                        found.add_check(name, result, count)
+            found.top_names = [
+                (name, count)
+                for name, count in conn.execute(
+                    "SELECT lower(greeting_name) AS name, count(*) AS n"
+                    f" FROM messages{scan} WHERE received_at >= ?"
+                    " GROUP BY name ORDER BY n DESC, name LIMIT ?",
+                    (start, TOP_NAMES),
+                )
+            ]
+        return found
 
     def _query(self, query: str, params: tuple[Any, ...]) -> Sequence[StoredMessage]:
         with self._reader() as conn:
@@ -622,6 +909,8 @@ class SQLiteStore(Store):
         return found
 
     def delete_matching(self, query: Query) -> int:
+        if query.needs_body:  # words are tested in Python: select first, then delete
+            return super().delete_matching(query)
         deleted = 0
         query = dataclasses.replace(query, limit=DELETE_BATCH)
         while True:
@@ -737,6 +1026,19 @@ _QUEUED = (
 )
 
 
+# Rows of the search table, the newest, whose (rowid, id) a mark of ``newer`` keeps.
+_MARK_WINDOW = 64
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RowMark:
+    """Where ``newer`` stopped: the database's data_version and its newest rows."""
+
+    version: int
+    top: tuple[tuple[int, str], ...]  # (rowid, queue_id), newest first
+    complete: bool  # ``top`` held every row
+
+
 def _message(row: tuple[Any, ...]) -> StoredMessage:
     try:
         envelope = Envelope(
@@ -757,23 +1059,83 @@ def _message(row: tuple[Any, ...]) -> StoredMessage:
         )
     except (TypeError, ValueError) as exc:
         raise StoreError(f"message {row[0]}: bad envelope row: {exc}") from exc
-    return StoredMessage(envelope=envelope, size=int(row[13]), subject=row[14])
+    attachments = row[16] if len(row) > 16 else None
+    return StoredMessage(
+        envelope=envelope,
+        size=int(row[13]),
+        subject=row[14],
+        attachments=None if attachments is None else bool(attachments),
+    )
 
 
 _M_COLUMNS = ", ".join(f"m.{name.strip()}" for name in COLUMNS.split(","))
 
 
 def _select(
-    conn: sqlite3.Connection, query: Query, *, oldest_first: bool = False, ids_only: bool = False
+    conn: sqlite3.Connection,
+    query: Query,
+    *,
+    oldest_first: bool = False,
+    ids_only: bool = False,
+    with_body: bool = False,
 ) -> tuple[str, list[Any], bool]:
     """The SQL of a query over the search table: its text, parameters, and
-    whether its rows come oldest first and must be reversed."""
+    whether its rows come oldest first and must be reversed. ``with_body``:
+    each row ends with the case-folded subject, the size and the first chunk."""
+    where, params = _conditions(query)
+    for bound, op in ((query.before, "<"), (query.after, ">")):
+        if bound is None:
+            continue
+        found = conn.execute(
+            "SELECT received_at, queue_id FROM search WHERE queue_id = ?", (bound,)
+        ).fetchone()
+        if found is None:
+            raise NoSuchMessage(f"no message with id {bound!r}")
+        where.append(f"(s.received_at, s.queue_id) {op} (?, ?)")
+        params += list(found)
+    reverse = (
+        not oldest_first
+        and query.limit is not None
+        and query.after is not None
+        and query.before is None
+    )
+    ascending = oldest_first or reverse
+    order = "ASC" if ascending else "DESC"
+    columns = "s.queue_id" if ids_only else f"{_M_COLUMNS}, s.attachments"
+    joins = "" if ids_only else " CROSS JOIN messages m ON m.queue_id = s.queue_id"
+    if with_body:
+        columns += ", s.subject, m.size, c.data"
+        joins = (
+            " CROSS JOIN messages m ON m.queue_id = s.queue_id"
+            " LEFT JOIN chunks c ON c.queue_id = s.queue_id AND c.seq = 0"
+        )
+    # CROSS JOIN: the search rows are scanned (newest first, by their index)
+    # and each match looks its message up by key.
+    sql = (
+        f"SELECT {columns} FROM search s"
+        + joins
+        + (f" WHERE {' AND '.join(where)}" if where else "")
+        + f" ORDER BY s.received_at {order}, s.queue_id {order}"
+    )
+    if query.limit is not None:
+        sql += " LIMIT ?"
+        params.append(max(query.limit, 0))
+    return sql, params, reverse
+
+
+def _conditions(query: Query) -> tuple[list[str], list[Any]]:
+    """The SQL conditions (all must hold) of a query's filters, and their parameters.
+
+    Words of the body are not among them (the caller tests them in Python);
+    an excluded sub-query is ``NOT`` of its conditions, NULL counting as false.
+    """
     where: list[str] = []
     params: list[Any] = []
     for needle, column in (
         (query.mail_from, "mail_from"),
         (query.rcpt_to, "rcpt_to"),
         (query.subject, "subject"),
+        (query.helo, "helo"),
     ):
         if needle is not None:
             where.append(f"instr(s.{column}, ?) > 0")
@@ -796,34 +1158,12 @@ def _select(
     for name, result in query.checks:
         where.append("instr(s.checks, ?) > 0")
         params.append(fold(f"\n{name}={result}\n"))
-    for bound, op in ((query.before, "<"), (query.after, ">")):
-        if bound is None:
-            continue
-        found = conn.execute(
-            "SELECT received_at, queue_id FROM search WHERE queue_id = ?", (bound,)
-        ).fetchone()
-        if found is None:
-            raise StoreError(f"no message with id {bound!r}")
-        where.append(f"(s.received_at, s.queue_id) {op} (?, ?)")
-        params += list(found)
-    reverse = (
-        not oldest_first
-        and query.limit is not None
-        and query.after is not None
-        and query.before is None
-    )
-    ascending = oldest_first or reverse
-    order = "ASC" if ascending else "DESC"
-    columns = "s.queue_id" if ids_only else _M_COLUMNS
-    # CROSS JOIN: the search rows are scanned (newest first, by their index)
-    # and each match looks its message up by key.
-    sql = (
-        f"SELECT {columns} FROM search s"
-        + ("" if ids_only else " CROSS JOIN messages m ON m.queue_id = s.queue_id")
-        + (f" WHERE {' AND '.join(where)}" if where else "")
-        + f" ORDER BY s.received_at {order}, s.queue_id {order}"
-    )
-    if query.limit is not None:
-        sql += " LIMIT ?"
-        params.append(max(query.limit, 0))
-    return sql, params, reverse
+    if query.attachments is not None:
+        where.append("s.attachments = 1" if query.attachments else "coalesce(s.attachments, 0) = 0")
+    for sub in query.exclude:
+        if sub.needs_body:
+            continue  # tested in Python, with the words
+        conditions, values = _conditions(sub)
+        where.append(f"NOT coalesce(({' AND '.join(conditions) or '1'}), 0)")
+        params += values
+    return where, params
