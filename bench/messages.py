@@ -302,14 +302,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["loadavg_end"] = os.getloadavg()
     report["elapsed_seconds"] = time.monotonic() - started
     print(render(report))
+    save(report, opts, started_at, "messages")
+    return 1 if failed else 0
+
+
+def save(
+    report: dict[str, Any], opts: argparse.Namespace, started_at: dt.datetime, name: str
+) -> None:
+    """``report`` as NAME-<UTC timestamp>[-quick].json and NAME-latest.json in ``opts.output``."""
     opts.output.mkdir(parents=True, exist_ok=True)
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
-    path = opts.output / f"messages-{stamp}{'-quick' if opts.quick else ''}.json"
+    path = opts.output / f"{name}-{stamp}{'-quick' if opts.quick else ''}.json"
     text = json.dumps(report, indent=2, default=str) + "\n"
     path.write_text(text)
-    (opts.output / "messages-latest.json").write_text(text)
+    (opts.output / f"{name}-latest.json").write_text(text)
     print(f"results: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-    return 1 if failed else 0
 
 
 def _measure_show(

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -45,7 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from messages import EHLO, RESULTS, ROOT, _git_commit, _messages_data, stored_count
+from messages import EHLO, RESULTS, _git_commit, _messages_data, save, stored_count
 
 # The targets (issue 18): medians, in seconds.
 PAGE_SECONDS = 0.050
@@ -269,13 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["loadavg_end"] = os.getloadavg()
     report["elapsed_seconds"] = time.monotonic() - started
     print(render(report))
-    opts.output.mkdir(parents=True, exist_ok=True)
-    stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
-    path = opts.output / f"web-{stamp}{'-quick' if opts.quick else ''}.json"
-    text = json.dumps(report, indent=2, default=str) + "\n"
-    path.write_text(text)
-    (opts.output / "web-latest.json").write_text(text)
-    print(f"results: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    save(report, opts, started_at, "web")
     return 0
 
 

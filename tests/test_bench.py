@@ -116,6 +116,34 @@ def test_messages_bench_measures_each_command_and_judges_the_targets(tmp_path: P
     assert all_target["target"] == "list --all --jsonl peak RSS < 80 MiB"
 
 
+def test_web_bench_asks_the_api_and_judges_the_targets(tmp_path: Path) -> None:
+    # A small store: the wiring, not the figures (those are for make bench).
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "web.py"), "--quick", "--messages", "2000",
+         "--runs", "2", "--waits", "2", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = tmp_path.glob("web-*-quick.json")
+    report = json.loads(path.read_text())
+    assert (tmp_path / "web-latest.json").read_text() == path.read_text()
+    assert report["messages"] == 2000
+    rows = report["results"]
+    assert list(rows) == ["page", "search_rare", "search_common", "wait"]
+    for key, row in rows.items():
+        assert row["runs"] == 2, key
+        assert 0 <= row["min_s"] <= row["median_s"] <= row["max_s"], key
+    # The verdicts follow from the medians.
+    for target, (key, limit) in zip(
+        report["targets"],
+        (("page", 0.05), ("search_rare", 0.2), ("search_common", 0.2), ("wait", 0.05)),
+        strict=True,
+    ):
+        assert target["met"] is (rows[key]["median_s"] < limit), target
+        verdict = "PASS" if target["met"] else "FAIL"
+        assert f"{verdict}  {target['target']}: {target['value_ms']} ms" in result.stdout
+
+
 # --------------------------------------------------------------------------- bench/relay.py
 
 
