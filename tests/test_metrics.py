@@ -412,22 +412,28 @@ def _over_http(http_port: int) -> Samples:
         return parse(answer.read().decode())
 
 
-def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
-    port = free_port()
-    http_port = free_port()
-    data = tmp_path / "data"
+def _serve_two_workers(
+    tmp_path: Path, port: int, *extra: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``ehlo serve --workers 2`` on ``port`` with ``extra`` flags; the process and its log."""
     log = tmp_path / "serve.log"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
             [
                 sys.executable, "-m", "ehlo", "serve",
-                "--listen", f"127.0.0.1:{port}", "--data", str(data), "--hostname", "mx.test",
-                "--no-tls", *SERVE_WITHOUT_DNS, "--workers", "2",
-                "--http", f"127.0.0.1:{http_port}",
-                "--log-format", "json", "--log-level", "debug",
+                "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "data"),
+                "--hostname", "mx.test", "--no-tls", *SERVE_WITHOUT_DNS, "--workers", "2",
+                *extra, "--log-format", "json", "--log-level", "debug",
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
+    return proc, log
+
+
+def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
+    port = free_port()
+    http_port = free_port()
+    proc, log = _serve_two_workers(tmp_path, port, "--http", f"127.0.0.1:{http_port}")
     try:
         wait_for_banner(port, proc, log)
         wait_until(lambda: len(_live_workers(proc.pid)) == 2, "two workers to run")
@@ -495,18 +501,7 @@ def test_metrics_are_summed_over_two_workers(tmp_path: Path) -> None:
 
 def test_no_metrics_gives_the_workers_no_folder(tmp_path: Path) -> None:
     port = free_port()
-    data = tmp_path / "data"
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as stderr:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "ehlo", "serve",
-                "--listen", f"127.0.0.1:{port}", "--data", str(data), "--hostname", "mx.test",
-                "--no-tls", *SERVE_WITHOUT_DNS, "--workers", "2", "--no-metrics",
-                "--log-format", "json", "--log-level", "debug",
-            ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
+    proc, log = _serve_two_workers(tmp_path, port, "--no-metrics")
     try:
         wait_for_banner(port, proc, log)
         with smtplib.SMTP("127.0.0.1", port, local_hostname="w.client.test") as smtp:
