@@ -57,14 +57,14 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(make_venv)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[test,postgresql]'
 	@echo '$(CURDIR)' > $(RUN_STAMP)
 	@echo '$(CURDIR)' > $@
 
 # Runtime dependencies only: the venv of a server, without the test tools.
 $(RUN_STAMP): pyproject.toml $(CONSTRAINTS)
 	$(make_venv)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[postgresql]'
 	@echo '$(CURDIR)' > $@
 
 run: $(RUN_STAMP)

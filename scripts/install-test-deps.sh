@@ -9,14 +9,16 @@
 # package starts nothing where systemd is not running), and dovecot-core with
 # dovecot-lmtpd (a real LMTP server the tests run in the foreground with a
 # configuration of their own), and chromium with chromium-driver (the web
-# page's tests drive a headless browser through selenium). Postfix is
-# installed with "No configuration" and is never left running: no mail daemon
-# on port 25; nor are haproxy and dovecot left running as services.
+# page's tests drive a headless browser through selenium), and postgresql
+# (the tests run throwaway clusters with initdb and pg_ctl in a temporary
+# folder). Postfix is installed with "No configuration" and is never left
+# running: no mail daemon on port 25; nor are haproxy, dovecot and
+# postgresql left running as services.
 set -euo pipefail
 
 # Debian packages; usable() below also checks the commands they must provide.
 PACKAGES=(swaks openssl postfix haproxy util-linux-extra strace libnet-ssleay-perl libio-socket-inet6-perl
-    libauthen-sasl-perl systemd dovecot-core dovecot-lmtpd chromium chromium-driver)
+    libauthen-sasl-perl systemd dovecot-core dovecot-lmtpd chromium chromium-driver postgresql)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 log() { echo "install-test-deps: $*" >&2; }
@@ -37,6 +39,7 @@ usable() {
         dovecot-lmtpd) [ -x /usr/lib/dovecot/lmtp ] ;;
         chromium) command -v chromium >/dev/null 2>&1 ;;
         chromium-driver) command -v chromedriver >/dev/null 2>&1 ;;
+        postgresql) compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null ;;
         *) true ;;
     esac
 }
@@ -79,6 +82,8 @@ haproxy_was_installed=false
 installed haproxy && haproxy_was_installed=true
 dovecot_was_installed=false
 installed dovecot-core && dovecot_was_installed=true
+postgresql_was_installed=false
+installed postgresql && postgresql_was_installed=true
 
 # Keep package scripts from starting daemons while we install (Debian's
 # policy-rc.d convention, honoured by invoke-rc.d and deb-systemd-invoke).
@@ -134,6 +139,11 @@ fi
 # Dovecot as well: the tests run `dovecot -c FILE -F` with their own configuration.
 if [ "$dovecot_was_installed" = false ] && installed dovecot-core; then
     disable_service dovecot
+fi
+
+# PostgreSQL too: the tests start their own clusters as an unprivileged user.
+if [ "$postgresql_was_installed" = false ] && installed postgresql; then
+    disable_service postgresql
 fi
 
 for pkg in "${PACKAGES[@]}"; do

@@ -34,6 +34,7 @@ from .helpers import (
     make_config,
     require,
 )
+from .pgserver import PgCluster, PgError, pg_bin
 
 __all__ = [
     "SERVE_WITHOUT_DNS",
@@ -182,3 +183,25 @@ def dovecot() -> Iterator[Dovecot]:
     require(dovecot_available(), "dovecot and dovecot-lmtpd are not installed (make test-deps)")
     with run_dovecot() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL for the session (``tests/pgserver.py``), started on first use."""
+    require(pg_bin() is not None, "PostgreSQL is not installed (make test-deps)")
+    cluster = PgCluster()
+    try:
+        cluster.init().start()
+    except PgError:
+        cluster.destroy()
+        raise
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A libpq URL of an empty database of this test's own (on the Unix socket)."""
+    if not pg_cluster.running:  # a test before this one stopped it and failed
+        pg_cluster.start()
+    return pg_cluster.url(pg_cluster.create_database())

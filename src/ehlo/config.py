@@ -32,7 +32,7 @@ from typing import Annotated, get_type_hints
 
 from ._net import format_hostport, is_hostname, parse_hostport
 
-StoreKind = Literal["sqlite", "maildir", "null"]
+StoreKind = Literal["sqlite", "maildir", "null", "postgresql"]
 LogFormat = Literal["text", "json"]
 
 
@@ -197,10 +197,20 @@ class ServerConfig:
     store: Annotated[
         StoreKind,
         _Key(
-            _choice("sqlite", "maildir", "null"),
-            doc="storage backend: sqlite, maildir or null (discard)",
+            _choice("sqlite", "maildir", "null", "postgresql"),
+            doc="storage backend: sqlite, maildir, null (discard) or postgresql (database_url)",
         ),
     ] = "sqlite"
+    # The PostgreSQL store's database (store = "postgresql"): a libpq URL
+    # or key=value string without a password; libpq finds that where it
+    # always does (PGPASSWORD, ~/.pgpass or PGPASSFILE, a service file).
+    database_url: Annotated[
+        str | None,
+        _Key(
+            _database_url,
+            doc="the PostgreSQL store's database: postgresql://USER@HOST/DB (no password in it)",
+        ),
+    ] = None
     hostname: Annotated[
         str,
         _Key(_hostname, doc="our host name: in the banner, the EHLO reply and Received headers"),
@@ -604,6 +614,13 @@ class ServerConfig:
     delivery_connect_timeout: Annotated[
         float, _Key(_positive_seconds, doc="seconds an outbound TCP connection may take")
     ] = 30.0
+    # A node's claim on the recipients it is delivering (PostgreSQL: several
+    # nodes share one queue): renewed while the delivery lasts; a node that
+    # died leaves its claims to the others once this has passed.
+    delivery_lease: Annotated[
+        float,
+        _Key(_positive_seconds, doc="seconds a node's claim on a delivery lasts unless renewed"),
+    ] = 300.0
     log_format: Annotated[
         LogFormat, _Key(_choice("text", "json"), doc="log lines on stderr: text or json")
     ] = "text"
@@ -930,6 +947,19 @@ def _dns_servers(label: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise _fail(label, expected, value)
     return tuple(dict.fromkeys(_nameserver(label, item, expected) for item in value))
+
+
+def _database_url(label: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    from .storage._pg_conn import check_database_url  # only the text: no driver imported
+
+    if not isinstance(value, str):
+        raise _fail(label, "a PostgreSQL URL such as postgresql://ehlo@db.example/ehlo", value)
+    try:
+        return check_database_url(value)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
 
 
 def _optional_text(label: str, value: Any) -> str | None:
@@ -1362,6 +1392,11 @@ def load_config(
         other = (labels or {}).get(missing, missing) if label.startswith("-") else missing
         raise ConfigError(f"{label}: {other} must be given too (a certificate needs its key)")
 
+    if values.get("store") == "postgresql" and not values.get("database_url"):
+        raise ConfigError(
+            f"{names['store']}: the postgresql store needs database_url"
+            " (or --store postgresql://USER@HOST/DB)"
+        )
     limits = ProtocolLimits(**_fields(values, _LIMITS))
     greeting = _greeting_config(values, names)
     return ServerConfig(limits=limits, greeting=greeting, **_fields(values))

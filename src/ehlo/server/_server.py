@@ -638,6 +638,7 @@ class Server:
                 writer=config.sqlite_writer,
                 writer_address=config.sqlite_writer_address,
                 retention=Retention(config.keep_messages, config.keep_days),
+                database_url=config.database_url,
             )
         await store.start()
         try:

@@ -216,7 +216,9 @@ def _prepare(
             prepare_data_dir(data_dir, user)
         with as_user(user):
             if preflight:
-                open_store(config.store, data_dir, shared=True).preflight()
+                open_store(
+                    config.store, data_dir, shared=True, database_url=config.database_url
+                ).preflight()
             if user is not None and config.tls and config.tls_cert is None:
                 ensure_self_signed(data_dir, config.hostname)  # the user's files
         tls = tls_contexts_for(config)  # keys only root may read: read now

@@ -65,8 +65,9 @@ def open_store(
     writer: str = "process",
     writer_address: str | None = None,
     retention: Retention | None = None,
+    database_url: str | None = None,
 ) -> Store:
-    """The store of ``kind`` ("sqlite", "maildir" or "null") under ``data_dir``.
+    """The store of ``kind`` ("sqlite", "maildir", "null" or "postgresql") under ``data_dir``.
 
     Creates ``data_dir`` when needed (mode 0700; see :func:`ensure_data_dir`);
     the store still has to be started.
@@ -74,17 +75,27 @@ def open_store(
     ``writer`` ("process" or "thread") and ``writer_address`` (the writer
     several processes share): SQLite only, see :class:`SQLiteStore`.
     ``retention``: what the store keeps while serving (None: everything).
+    ``database_url``: the PostgreSQL store's database (``kind`` "postgresql",
+    whose data live there: ``data_dir`` keeps only the node's own files).
 
     The data folder records the kind of store it holds (its ``store``
     file); a folder that holds the other kind is refused with a
     :class:`StoreError` naming it.
     """
-    if kind not in ("sqlite", "maildir", "null"):
-        raise ValueError(f"unknown store kind {kind!r} (expected sqlite, maildir or null)")
+    if kind not in ("sqlite", "maildir", "null", "postgresql"):
+        raise ValueError(
+            f"unknown store kind {kind!r} (expected sqlite, maildir, null or postgresql)"
+        )
     data_dir = Path(data_dir)
     ensure_data_dir(data_dir)
     if kind == "null":
         return NullStore()
+    if kind == "postgresql":
+        if not database_url:
+            raise StoreError("the postgresql store needs a database URL (database_url)")
+        from .postgres import PostgresStore
+
+        return PostgresStore(database_url, retention=retention)
     held = stored_kind(data_dir)
     if held is not None and held != kind:
         raise StoreError(

@@ -34,7 +34,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -570,6 +570,15 @@ class Store(abc.ABC):
     def queue(self) -> Queue | None:
         """The outbound queue this store keeps (None: it cannot queue mail)."""
         return None
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:  # noqa: B027
+        """Call ``callback(topic)`` in the running loop when another process may
+        have changed the store: ``"messages"`` (stored or deleted) or ``"queue"``.
+
+        A hint to look again sooner, nothing more: a listener still polls,
+        since a hint can be lost. This default never calls (the store's
+        readers poll). Call it from the loop, after ``start``.
+        """
 
     @abc.abstractmethod
     def list(self, limit: int | None = None) -> Sequence[StoredMessage]:

@@ -182,6 +182,30 @@ class Queue(abc.ABC):
     def claim(self, entries: Sequence[QueueEntry]) -> None:
         """Mark entries ``delivering`` (an attempt is under way)."""
 
+    def take(self, now: float, limit: int) -> list[QueueEntry]:
+        """Claim up to ``limit`` due entries for this node: ``due`` then ``claim``.
+
+        A queue several nodes share does both in one short transaction, so
+        that no two nodes take one entry, and holds each taken entry under a
+        lease (:meth:`renew`) that another node may take over once expired.
+        """
+        entries = self.due(now, limit)
+        if entries:
+            self.claim(entries)
+        return entries
+
+    def renew(self, entries: Sequence[QueueEntry]) -> int:
+        """Extend this node's leases on entries it is delivering; how many it still holds.
+
+        A queue of one node has no leases: it holds them all.
+        """
+        return len(entries)
+
+    def housekeeper(self) -> bool:
+        """Whether this node may do the queue's housekeeping now (expiry, notices
+        of old entries, retention): one node at a time when several share it."""
+        return True
+
     @abc.abstractmethod
     def record(self, updates: Sequence[EntryUpdate], attempts: Sequence[Attempt] = ()) -> None:
         """Apply updates and keep attempts, in one transaction."""
