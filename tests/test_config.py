@@ -293,7 +293,27 @@ def test_unknown_override_key() -> None:
         ),
         (
             'store = "mbox"\n',
-            'config key store: expected one of "sqlite", "maildir", "null", got "mbox"',
+            'config key store: expected one of "sqlite", "maildir", "null", "postgresql",'
+            ' got "mbox"',
+        ),
+        (
+            'store = "postgresql"\n',
+            "config key store: the postgresql store needs database_url"
+            " (or --store postgresql://USER@HOST/DB)",
+        ),
+        (
+            'store = "postgresql"\ndatabase_url = "postgresql://ehlo:s3cret@db.example/ehlo"\n',
+            "config key database_url: the URL holds a password: put it in ~/.pgpass,"
+            " PGPASSFILE or PGPASSWORD instead",
+        ),
+        (
+            'database_url = "host=db.example password=s3cret"\n',
+            "config key database_url: the conninfo holds a password: put it in ~/.pgpass,"
+            " PGPASSFILE or PGPASSWORD instead",
+        ),
+        (
+            'database_url = "mysql://db.example/ehlo"\n',
+            "config key database_url: expected a postgresql:// URL, got scheme 'mysql'",
         ),
         (
             'log_format = "xml"\n',

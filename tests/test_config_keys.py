@@ -103,6 +103,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "delay_warning": ("0", 0.0),
     "delivery_timeout_scale": ("0.5", 0.5),
     "delivery_connect_timeout": ("5", 5.0),
+    "delivery_lease": ("30", 30.0),
+    "database_url": ('"postgresql://ehlo@db.example/ehlo"', "postgresql://ehlo@db.example/ehlo"),
     "log_format": ('"json"', "json"),
     "log_level": ('"debug"', "DEBUG"),
     "limits.max_message_size": ("1024", 1024),
