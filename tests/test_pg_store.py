@@ -48,6 +48,7 @@ REMOTE = "carol@remote.test"
 class Node:
     srv: ThreadedServer
     url: str
+    data: Path
 
     @property
     def store(self) -> PostgresStore:
@@ -76,10 +77,11 @@ def node(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
     if not pg_cluster.running:
         pg_cluster.start()
     url = pg_cluster.url(pg_cluster.create_database())
-    srv = ThreadedServer(_config(tmp_path_factory.mktemp("pgnode") / "data", url), delivery=False)
+    data = tmp_path_factory.mktemp("pgnode") / "data"
+    srv = ThreadedServer(_config(data, url), delivery=False)
     srv.start()
     try:
-        yield Node(srv, url)
+        yield Node(srv, url, data)
     finally:
         srv.stop()
 
@@ -301,6 +303,9 @@ def test_large_body_as_chunk_rows_never_held_whole(node: Node, size: int) -> Non
             skip = max(0, skip - len(data))
     assert digest.hexdigest() == sent_digest
     assert rows(node.url, "SELECT count(*) FROM staged") == [(0,)]
+    # The body waited in an unnamed file of the node's private spool folder.
+    spool = node.data / "spool"
+    assert spool.stat().st_mode & 0o777 == 0o700 and list(spool.iterdir()) == []
 
 
 # ------------------------------------------------------------------------- outages
