@@ -303,6 +303,8 @@ def test_large_body_as_chunk_rows_never_held_whole(node: Node, size: int) -> Non
             skip = max(0, skip - len(data))
     assert digest.hexdigest() == sent_digest
     assert rows(node.url, "SELECT count(*) FROM staged") == [(0,)]
+    # Nothing of it counts as backlog (bytes not yet in the database) any more.
+    assert node.srv.call(lambda: node.store.backlog_bytes) == 0
     # The body waited in an unnamed file of the node's private spool folder.
     spool = node.data / "spool"
     assert spool.stat().st_mode & 0o777 == 0o700 and list(spool.iterdir()) == []
