@@ -125,12 +125,13 @@ def _body(conn: Any, queue_id: str, size: int) -> bytes:
     """
     if not size:
         return b""
-    pieces = [
-        data
-        for (data,) in conn.cursor(binary=True).stream(
-            "SELECT data FROM chunks WHERE queue_id = %s ORDER BY seq", (queue_id,)
-        )
-    ]
+    with conn.cursor(binary=True) as cursor:  # bytea as it is stored, not as hex text
+        pieces = [
+            data
+            for (data,) in cursor.stream(
+                "SELECT data FROM chunks WHERE queue_id = %s ORDER BY seq", (queue_id,)
+            )
+        ]
     found = sum(len(piece) for piece in pieces)
     if found != size:
         raise StoreError(f"message {queue_id}: body: {found} octets stored, expected {size}")
