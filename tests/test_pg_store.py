@@ -319,7 +319,7 @@ def test_database_outage_451_one_log_line_and_recovery(
     srv = ThreadedServer(_config(tmp_path / "data", pg_url), delivery=False).start()
     try:
         queued_id(send(srv.port, b"Subject: before\r\n\r\nbefore\r\n"))
-        caplog.set_level(logging.INFO, logger="ehlo.storage")
+        caplog.set_level(logging.INFO)
         pg_cluster.stop("immediate")
         try:
             for n in range(3):
@@ -328,6 +328,9 @@ def test_database_outage_451_one_log_line_and_recovery(
                 assert (code, text.split(" ", 1)[0]) == (451, "4.3.0"), (code, text)
             down = [r for r in caplog.records if getattr(r, "event", "") == "database_down"]
             assert len(down) == 1, [r.getMessage() for r in down]
+            # One line per outage, not one error line per refused message.
+            errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+            assert errors == [down[0].getMessage()]
         finally:
             pg_cluster.start()
         # Back without a restart of the node: the next message is stored.

@@ -51,7 +51,7 @@ from ..protocol import (
     Transaction,
     Vrfy,
 )
-from ..storage import Envelope, MessageWriter, StoreError
+from ..storage import Envelope, MessageWriter, StoreError, StoreUnavailable
 from ..storage.base import TRANSCRIPT, JSONText
 from ..storage.queue import QueueItem
 from ._hashing import VerifierBusy
@@ -869,8 +869,10 @@ class Session:
                 raise StoreError("the store cancelled the commit")
             queue_id = outcome.result()
         except StoreError as exc:
-            log.error("commit failed session=%s %s: %s", self.session_id, envelope.queue_id, exc,
-                      extra={**self._log_fields, "event": "store_error"})
+            # An outage is logged once by the store, not once per message.
+            level = logging.DEBUG if isinstance(exc, StoreUnavailable) else logging.ERROR
+            log.log(level, "commit failed session=%s %s: %s", self.session_id, envelope.queue_id,
+                    exc, extra={**self._log_fields, "event": "store_error"})
             self.writer = None
             self.abort_message()
             self._log_outcome(envelope, size, _STORE_FAILED)

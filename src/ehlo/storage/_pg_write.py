@@ -79,7 +79,7 @@ from ._pg_conn import (
 from ._pg_rows import INSERT_MESSAGE, message_values
 from ._pg_schema import CHANNEL_MESSAGES, CHANNEL_QUEUE, CHUNK_SIZE
 from ._query import AttachmentSniffer, has_attachment
-from .base import Envelope, HeaderSniffer, MessageWriter, StoreError, StoreStats
+from .base import Envelope, HeaderSniffer, MessageWriter, StoreError, StoreStats, StoreUnavailable
 
 if TYPE_CHECKING:
     import psycopg
@@ -413,6 +413,7 @@ class Committer:
 
         if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
             self.db.outage.failed(exc)
+            return StoreUnavailable(f"postgresql: {one_line(exc)}")
         return StoreError(f"postgresql: {one_line(exc)}")
 
     # --- staging a large body ----------------------------------------------------------

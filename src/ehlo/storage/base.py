@@ -61,6 +61,14 @@ class StoreError(Exception):
     """
 
 
+class StoreUnavailable(StoreError):
+    """The store's database is away (an outage it logged once, when it began).
+
+    The server answers the message 451 like any StoreError but does not
+    log an error line per message: one per outage is enough.
+    """
+
+
 class NoSuchMessage(StoreError):
     """A query's paging bound (``before``/``after``) names no stored message."""
 
