@@ -275,3 +275,18 @@ def test_database_down_connections_and_cached_users_go_on(
         timeout=60,
         poll=0.5,
     )
+
+
+def test_users_command_errors_are_one_line(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # A database without the schema: what to run, not a driver's traceback.
+    assert main(["users", "list", "--store", pg_url]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ehlo: error: ") and "ehlo db migrate" in err, err
+    assert len(err.splitlines()) == 1
+    # A password on the command line is refused before anything connects.
+    with_password = pg_url.replace("ehlo@", "ehlo:secret@")
+    assert main(["users", "list", "--store", with_password]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "password" in err and "secret" not in err and len(err.splitlines()) == 1, err
+    assert main(["users", "list", "--store", "ftp://x", "--json"]) == 2
+    assert "expected a postgresql:// URL" in capsys.readouterr().err
