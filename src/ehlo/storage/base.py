@@ -581,7 +581,7 @@ class Store(abc.ABC):
 
     def add_listener(self, callback: Callable[[str], None]) -> None:  # noqa: B027
         """Call ``callback(topic)`` in the running loop when another process may
-        have changed the store: ``"messages"`` (stored or deleted) or ``"queue"``.
+        have changed the store: ``"messages"`` (stored or deleted), ``"queue"`` or ``"users"``.
 
         A hint to look again sooner, nothing more: a listener still polls,
         since a hint can be lost. This default never calls (the store's
