@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -621,3 +621,60 @@ async def _listen(url: str) -> Any:
 async def _forward(conn: Any, store: _Store) -> None:
     async for _ in conn.notifies():
         store.hint("queue")
+
+
+class _SlowReader:
+    """A next hop's reader that takes ``delay`` seconds over the end of each message."""
+
+    def __init__(self, reader: asyncio.StreamReader, delay: float) -> None:
+        self.reader = reader
+        self.delay = delay
+
+    async def readline(self) -> bytes:
+        line = await self.reader.readline()
+        if line == b".\r\n":
+            await asyncio.sleep(self.delay)
+        return line
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self.reader.read(n)
+
+
+class _SlowHop(Hop):
+    """A next hop that answers the end of the data after 2.5 seconds."""
+
+    async def _dialogue(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await super()._dialogue(cast(asyncio.StreamReader, _SlowReader(reader, 2.5)), writer)
+
+
+async def test_a_slow_delivery_keeps_its_lease(
+    db: Database, pg_url: str, nodes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "ehlo.storage")
+    sink = await _SlowHop().start()
+    other = nodes("b", lease=60.0)
+    envelopes: dict[str, Envelope] = {}
+    envelope = make_envelope(
+        rcpt_to=["u@sink.test"], queue=[QueueItem("u@sink.test", f"smtp:{SINK_IP}:{sink.port}")]
+    )
+    envelopes[envelope.queue_id] = envelope
+    try:
+        # A lease of 1 s, renewed every third of it, outlives a delivery of 2.5 s.
+        async with schedulers(pg_url, envelopes, "a", lease=1.0):
+            commit(db, envelope, BODY)
+            for _ in range(600):
+                if other.counts() != {"queued": 1}:
+                    break
+                await asyncio.sleep(0.02)
+            assert other.counts() == {"delivering": 1}  # A took it
+            for _ in range(600):
+                if other.counts() == {"delivered": 1}:
+                    break
+                # Another node looking meanwhile finds nothing to take.
+                assert other.take(time.time() + 1, 10) == []
+                await asyncio.sleep(0.1)
+            assert other.counts() == {"delivered": 1}
+        assert len(sink.messages) == 1
+        assert events(caplog, "queue_lease_taken_over") == []
+    finally:
+        await sink.stop()
