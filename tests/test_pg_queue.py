@@ -394,7 +394,7 @@ def test_an_expired_lease_passes_to_another_node_whose_outcome_alone_counts(
     db: Database, nodes: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "ehlo.storage")
-    a, b = nodes("a", lease=1.0), nodes("b", lease=60.0)
+    a, b = nodes("a", lease=2.0), nodes("b", lease=60.0)
     queue_id = insert(db, "x@example.net", "y@example.net")
     now = time.time()
     held = a.take(now + 1, 10)
@@ -431,17 +431,25 @@ def test_an_expired_lease_passes_to_another_node_whose_outcome_alone_counts(
     assert len(events(caplog, "queue_lease_lost")) == 2
 
 
-def test_renewing_keeps_the_lease(db: Database, nodes: Any) -> None:
-    a, b = nodes("a", lease=1.0), nodes("b")
+def test_renewing_keeps_the_lease(
+    db: Database, nodes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "ehlo.storage")
+    a, b = nodes("a", lease=2.0), nodes("b")
     insert(db, "x@example.net")
     held = a.take(time.time() + 1, 10)
     assert len(held) == 1
-    deadline = time.monotonic() + 2.5  # over twice the lease
+    deadline = time.monotonic() + 3.0  # longer than the lease
     while time.monotonic() < deadline:
         assert a.renew(held) == 1
         assert b.take(time.time() + 1, 10) == []
-        time.sleep(0.3)
+        time.sleep(0.4)
     assert scalar(db, "SELECT lease_token FROM queue") == a.token
+    # Not renewed in time, A's own lease is A's to take again: no takeover.
+    again: list[Any] = []
+    wait(lambda: again.extend(a.take(time.time() + 1, 10)) or again, "A to take it again")
+    assert [e.key for e in again] == [e.key for e in held]
+    assert events(caplog, "queue_lease_taken_over") == []
 
 
 def test_recover_leaves_live_leases_alone(db: Database, nodes: Any) -> None:
@@ -484,7 +492,7 @@ def test_changes_that_make_entries_due_notify_the_other_nodes(db: Database, node
         listener.execute(f"LISTEN {CHANNEL_QUEUE}")
 
         def heard() -> int:
-            return sum(1 for _ in listener.notifies(timeout=0.3, stop_after=10))
+            return sum(1 for _ in listener.notifies(timeout=0.2, stop_after=10))
 
         assert queue.hold([a]) == 1 and heard() == 0  # nothing became due
         assert queue.release([a], time.time()) == 1 and heard() == 1
@@ -641,10 +649,10 @@ class _SlowReader:
 
 
 class _SlowHop(Hop):
-    """A next hop that answers the end of the data after 2.5 seconds."""
+    """A next hop that answers the end of the data after 3.5 seconds."""
 
     async def _dialogue(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await super()._dialogue(cast(asyncio.StreamReader, _SlowReader(reader, 2.5)), writer)
+        await super()._dialogue(cast(asyncio.StreamReader, _SlowReader(reader, 3.5)), writer)
 
 
 async def test_a_slow_delivery_keeps_its_lease(
@@ -659,8 +667,8 @@ async def test_a_slow_delivery_keeps_its_lease(
     )
     envelopes[envelope.queue_id] = envelope
     try:
-        # A lease of 1 s, renewed every third of it, outlives a delivery of 2.5 s.
-        async with schedulers(pg_url, envelopes, "a", lease=1.0):
+        # A lease of 2 s, renewed every third of it, outlives a delivery of 3.5 s.
+        async with schedulers(pg_url, envelopes, "a", lease=2.0):
             commit(db, envelope, BODY)
             for _ in range(600):
                 if other.counts() != {"queued": 1}:
