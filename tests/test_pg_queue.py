@@ -559,29 +559,34 @@ async def schedulers(
 async def test_two_schedulers_deliver_each_message_once(db: Database, pg_url: str) -> None:
     sink = await Hop().start()
     envelopes: dict[str, Envelope] = {}
+
+    def queued(numbers: range) -> None:
+        for i in numbers:
+            envelope = make_envelope(
+                rcpt_to=[f"u{i}@sink.test"],
+                queue=[QueueItem(f"u{i}@sink.test", f"smtp:{SINK_IP}:{sink.port}")],
+            )
+            envelopes[envelope.queue_id] = envelope
+            commit(db, envelope, BODY)
+
     try:
+        queued(range(30))  # due when both start: both look at once
         async with schedulers(pg_url, envelopes, "a", "b") as pair:
-            for i in range(40):
-                envelope = make_envelope(
-                    rcpt_to=[f"u{i}@sink.test"],
-                    queue=[QueueItem(f"u{i}@sink.test", f"smtp:{SINK_IP}:{sink.port}")],
-                )
-                envelopes[envelope.queue_id] = envelope
-                commit(db, envelope, BODY)
+            queued(range(30, 60))  # and while they run
             queue = pair[0][0].queue
             for _ in range(600):
-                if queue.counts() == {"delivered": 40}:
+                if queue.counts() == {"delivered": 60}:
                     break
                 await asyncio.sleep(0.05)
-            assert queue.counts() == {"delivered": 40}
+            assert queue.counts() == {"delivered": 60}
             rcpts = [line for line in sink.lines if line.upper().startswith("RCPT")]
-            assert sorted(rcpts) == sorted(f"RCPT TO:<u{i}@sink.test>" for i in range(40))
-            assert len(sink.messages) == 40
+            assert sorted(rcpts) == sorted(f"RCPT TO:<u{i}@sink.test>" for i in range(60))
+            assert len(sink.messages) == 60
             with db.connection() as conn:
                 by_node = dict(
                     conn.execute("SELECT node, count(*) FROM attempts GROUP BY node").fetchall()
                 )
-            assert sum(by_node.values()) == 40
+            assert sum(by_node.values()) == 60
     finally:
         await sink.stop()
 
@@ -675,13 +680,23 @@ async def test_a_slow_delivery_keeps_its_lease(
                     break
                 await asyncio.sleep(0.02)
             assert other.counts() == {"delivering": 1}  # A took it
+            ends: list[float] = []
             for _ in range(600):
                 if other.counts() == {"delivered": 1}:
                     break
                 # Another node looking meanwhile finds nothing to take.
                 assert other.take(time.time() + 1, 10) == []
+                with db.connection() as conn:
+                    row = conn.execute(
+                        "SELECT lease_until, extract(epoch from clock_timestamp())::float8"
+                        " FROM queue WHERE state = 'delivering'"
+                    ).fetchone()
+                if row is not None:
+                    assert row[0] - row[1] <= 2.0  # delivery_lease's lease, not a default
+                    ends.append(row[0])
                 await asyncio.sleep(0.1)
             assert other.counts() == {"delivered": 1}
+        assert len(set(ends)) >= 3, "renewed while delivering"
         assert len(sink.messages) == 1
         assert events(caplog, "queue_lease_taken_over") == []
     finally:
