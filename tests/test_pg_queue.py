@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -701,3 +702,63 @@ async def test_a_slow_delivery_keeps_its_lease(
         assert events(caplog, "queue_lease_taken_over") == []
     finally:
         await sink.stop()
+
+
+# ------------------------------------------------------------ two servers on one database
+
+
+async def test_two_servers_relay_each_message_once(
+    db: Database, pg_url: str, tmp_path: Path
+) -> None:
+    from ehlo import Listen, Server
+    from ehlo.client import SMTPClient
+
+    from .helpers import make_config
+    from .test_delivery_e2e import TIMEOUTS
+
+    sink = await Hop().start()
+    servers: list[Server] = []
+    try:
+        for name, ip in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+            config = make_config(
+                tmp_path / name,
+                listen=(Listen(ip, 0),),
+                hostname=f"mx.{name}.test",
+                store="postgresql",
+                database_url=pg_url,
+                tls=False,
+                mta_sts=False,
+                domains=("a.test",),
+                relay_networks=("127.0.0.1/32",),
+                relay_host=f"{SINK_IP}:{sink.port}",
+            )
+            server = Server(config)
+            await server.start()
+            servers.append(server)
+        for i in range(20):  # each server takes half of them
+            host, port = servers[i % 2].addresses[0]
+            async with SMTPClient(host, port, timeouts=TIMEOUTS, tls="off") as client:
+                await client.send_message("alice@a.test", [f"u{i}@sink.test"], BODY)
+        queue = servers[0].store.queue
+        assert queue is not None
+        for _ in range(600):
+            if queue.counts() == {"delivered": 20}:
+                break
+            await asyncio.sleep(0.05)
+        assert queue.counts() == {"delivered": 20}
+        rcpts = [line for line in sink.lines if line.upper().startswith("RCPT")]
+        assert sorted(rcpts) == sorted(f"RCPT TO:<u{i}@sink.test>" for i in range(20))
+        # Handed on, not kept: the messages and their bodies left with the last outcome.
+        assert scalar(db, "SELECT count(*) FROM messages") == 0
+        assert scalar(db, "SELECT count(*) FROM chunks") == 0
+    finally:
+        for server in servers:
+            await server.stop(timeout=1.0)
+        await sink.stop()
+    # Each store's close let its housekeeping lock go.
+    held = scalar(
+        db,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database ="
+        " (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    assert held == 0
