@@ -714,3 +714,44 @@ async def test_two_servers_relay_each_message_once(
         " (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     assert held == 0
+
+
+async def test_a_database_away_is_one_log_line_of_the_scheduler(
+    db: Database,
+    pg_url: str,
+    nodes: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(scheduler_module, "POLL", 0.05)
+    caplog.set_level(logging.INFO, "ehlo.delivery")
+    sink = await Hop().start()
+    failures: list[float] = []
+
+    def away(now: float, limit: int) -> list[Any]:
+        failures.append(now)
+        raise StoreError("postgresql: connection refused")
+
+    try:
+        async with schedulers(pg_url, "a") as [(store, _)]:
+            queue = store.queue
+            for outage in range(2):
+                monkeypatch.setattr(queue, "take", away)
+                failures.clear()
+                for _ in range(400):
+                    if len(failures) >= 5:
+                        break
+                    await asyncio.sleep(0.02)
+                assert len(failures) >= 5
+                # Every turn failed; the log says so once per outage.
+                assert len(events(caplog, "delivery_error")) == outage + 1
+                monkeypatch.undo()
+                monkeypatch.setattr(scheduler_module, "POLL", 0.05)
+                relayed(db, f"u{outage}@sink.test", sink.port)  # served once it is back
+                for _ in range(400):
+                    if len(sink.messages) == outage + 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert len(sink.messages) == outage + 1
+    finally:
+        await sink.stop()
