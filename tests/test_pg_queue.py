@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -394,7 +394,7 @@ def test_an_expired_lease_passes_to_another_node_whose_outcome_alone_counts(
     db: Database, nodes: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "ehlo.storage")
-    a, b = nodes("a", lease=1.0), nodes("b", lease=60.0)
+    a, b = nodes("a", lease=2.0), nodes("b", lease=60.0)
     queue_id = insert(db, "x@example.net", "y@example.net")
     now = time.time()
     held = a.take(now + 1, 10)
@@ -431,17 +431,25 @@ def test_an_expired_lease_passes_to_another_node_whose_outcome_alone_counts(
     assert len(events(caplog, "queue_lease_lost")) == 2
 
 
-def test_renewing_keeps_the_lease(db: Database, nodes: Any) -> None:
-    a, b = nodes("a", lease=1.0), nodes("b")
+def test_renewing_keeps_the_lease(
+    db: Database, nodes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "ehlo.storage")
+    a, b = nodes("a", lease=2.0), nodes("b")
     insert(db, "x@example.net")
     held = a.take(time.time() + 1, 10)
     assert len(held) == 1
-    deadline = time.monotonic() + 2.5  # over twice the lease
+    deadline = time.monotonic() + 3.0  # longer than the lease
     while time.monotonic() < deadline:
         assert a.renew(held) == 1
         assert b.take(time.time() + 1, 10) == []
-        time.sleep(0.3)
+        time.sleep(0.4)
     assert scalar(db, "SELECT lease_token FROM queue") == a.token
+    # Not renewed in time, A's own lease is A's to take again: no takeover.
+    again: list[Any] = []
+    wait(lambda: again.extend(a.take(time.time() + 1, 10)) or again, "A to take it again")
+    assert [e.key for e in again] == [e.key for e in held]
+    assert events(caplog, "queue_lease_taken_over") == []
 
 
 def test_recover_leaves_live_leases_alone(db: Database, nodes: Any) -> None:
@@ -484,7 +492,7 @@ def test_changes_that_make_entries_due_notify_the_other_nodes(db: Database, node
         listener.execute(f"LISTEN {CHANNEL_QUEUE}")
 
         def heard() -> int:
-            return sum(1 for _ in listener.notifies(timeout=0.3, stop_after=10))
+            return sum(1 for _ in listener.notifies(timeout=0.2, stop_after=10))
 
         assert queue.hold([a]) == 1 and heard() == 0  # nothing became due
         assert queue.release([a], time.time()) == 1 and heard() == 1
@@ -621,3 +629,60 @@ async def _listen(url: str) -> Any:
 async def _forward(conn: Any, store: _Store) -> None:
     async for _ in conn.notifies():
         store.hint("queue")
+
+
+class _SlowReader:
+    """A next hop's reader that takes ``delay`` seconds over the end of each message."""
+
+    def __init__(self, reader: asyncio.StreamReader, delay: float) -> None:
+        self.reader = reader
+        self.delay = delay
+
+    async def readline(self) -> bytes:
+        line = await self.reader.readline()
+        if line == b".\r\n":
+            await asyncio.sleep(self.delay)
+        return line
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self.reader.read(n)
+
+
+class _SlowHop(Hop):
+    """A next hop that answers the end of the data after 3.5 seconds."""
+
+    async def _dialogue(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await super()._dialogue(cast(asyncio.StreamReader, _SlowReader(reader, 3.5)), writer)
+
+
+async def test_a_slow_delivery_keeps_its_lease(
+    db: Database, pg_url: str, nodes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "ehlo.storage")
+    sink = await _SlowHop().start()
+    other = nodes("b", lease=60.0)
+    envelopes: dict[str, Envelope] = {}
+    envelope = make_envelope(
+        rcpt_to=["u@sink.test"], queue=[QueueItem("u@sink.test", f"smtp:{SINK_IP}:{sink.port}")]
+    )
+    envelopes[envelope.queue_id] = envelope
+    try:
+        # A lease of 2 s, renewed every third of it, outlives a delivery of 3.5 s.
+        async with schedulers(pg_url, envelopes, "a", lease=2.0):
+            commit(db, envelope, BODY)
+            for _ in range(600):
+                if other.counts() != {"queued": 1}:
+                    break
+                await asyncio.sleep(0.02)
+            assert other.counts() == {"delivering": 1}  # A took it
+            for _ in range(600):
+                if other.counts() == {"delivered": 1}:
+                    break
+                # Another node looking meanwhile finds nothing to take.
+                assert other.take(time.time() + 1, 10) == []
+                await asyncio.sleep(0.1)
+            assert other.counts() == {"delivered": 1}
+        assert len(sink.messages) == 1
+        assert events(caplog, "queue_lease_taken_over") == []
+    finally:
+        await sink.stop()

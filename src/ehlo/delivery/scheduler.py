@@ -181,7 +181,8 @@ class Scheduler:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking work; deliveries under way get ``grace`` seconds, then are cut.
 
-        A cut delivery stays ``delivering`` and is made again at the next start.
+        A cut delivery stays ``delivering`` and is made again at the next start
+        (on a shared queue, by whichever node takes it once its lease expired).
         """
         self._stopping = True
         self._wake.set()

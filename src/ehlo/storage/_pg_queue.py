@@ -153,22 +153,23 @@ class PostgresQueue(Queue):
             rows = conn.execute(
                 "UPDATE queue q SET state = 'delivering', lease_token = %s,"
                 f" lease_until = {_DB_NOW} + %s"
-                " FROM (SELECT queue_id, recipient, state FROM queue"
+                " FROM (SELECT queue_id, recipient, state, lease_token FROM queue"
                 " WHERE (state IN ('queued', 'deferred') AND next_attempt <= %s)"
                 " OR (state = 'delivering'"
                 f" AND (lease_until IS NULL OR lease_until < {_DB_NOW}))"
                 " ORDER BY next_attempt LIMIT %s FOR UPDATE SKIP LOCKED) old"
                 " WHERE q.queue_id = old.queue_id AND q.recipient = old.recipient"
-                f" RETURNING {_QUEUE_COLUMNS_Q}, old.state",
+                f" RETURNING {_QUEUE_COLUMNS_Q}, old.state, old.lease_token",
                 (self.token, self.lease, now, limit),
             ).fetchall()
         entries: list[QueueEntry] = []
         taken_over = 0
         for row in rows:
             entry = _entry(row)
-            before = row[-1]
+            before, holder = row[-2], row[-1]
             if before == "delivering":
-                taken_over += 1
+                # This node's own lease, run out before a renewal, is not a takeover.
+                taken_over += holder != self.token
                 before = "queued"
             entry.state = before
             entries.append(entry)
