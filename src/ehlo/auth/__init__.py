@@ -20,7 +20,7 @@ from .sasl import (
     decode_response,
     new_mechanism,
 )
-from .users import UserError, UserStore, check_password, hash_password, saslprep
+from .users import UserError, UserStore, UserTable, check_password, hash_password, saslprep
 
 __all__ = [
     "MECHANISMS",
@@ -30,6 +30,7 @@ __all__ = [
     "ServerMechanism",
     "UserError",
     "UserStore",
+    "UserTable",
     "check_password",
     "decode_response",
     "hash_password",

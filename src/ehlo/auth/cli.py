@@ -4,16 +4,21 @@ This module owns the ``users`` subcommand (its argparse definitions,
 registered into the main ``ehlo`` parser by :func:`add_users_command`),
 reading a new password and the messages and exit codes:
 
-* ``ehlo users add NAME [--data DIR | --config FILE]``: the password is
-  asked twice on the terminal, or read from the first line of stdin when
-  stdin is not a terminal; it is never taken from the command line;
-* ``ehlo users remove NAME [--data DIR | --config FILE]``;
-* ``ehlo users list [--data DIR | --config FILE] [--json]``.
+* ``ehlo users add NAME [--data DIR | --config FILE | --store URL]``: the
+  password is asked twice on the terminal, or read from the first line of
+  stdin when stdin is not a terminal; it is never taken from the command
+  line;
+* ``ehlo users remove NAME [--data DIR | --config FILE | --store URL]``;
+* ``ehlo users list [--data DIR | --config FILE | --store URL] [--json]``.
 
 The users file is in the data folder: ``--data``, else the ``data_dir`` of
 the ``--config`` file (read by the function the ``ehlo`` command gives
 :func:`add_users_command`, as this package sits below the configuration),
-else ``./ehlo-data``.
+else ``./ehlo-data``. The users of nodes sharing a PostgreSQL database are
+in its ``users`` table instead: ``--store postgresql://...``, or a
+``--config`` file with ``store = "postgresql"``; the ``ehlo`` command gives
+the function that opens that table (``users_table``), as this package does
+not know the stores.
 
 Exit status 0 on success, 1 for a failure (one line ``ehlo: error: ...``
 on stderr, never a traceback), 2 for a usage error.
@@ -29,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .users import UserError, UserStore, check_name
+from .users import UserError, UserStore, UserTable, check_name
 
 __all__ = ["DEFAULT_DATA_DIR", "add_users_command", "run_users"]
 
@@ -66,17 +71,36 @@ def _data_option(parser: argparse.ArgumentParser) -> None:
         f" (default: data_dir of --config, else ./{DEFAULT_DATA_DIR})",
     )
     parser.add_argument(
-        "--config", metavar="FILE", type=Path, help="TOML configuration file (its data_dir)"
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help="TOML configuration file (its data_dir, or its database with store = \"postgresql\")",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="the users table of a PostgreSQL database (postgresql://USER@HOST/DB,"
+        " no password: libpq finds it) instead of the users file",
     )
 
 
+# Opens the users table that ``--store`` or ``--config`` names: (store, config) -> table,
+# or None when the users are in the file.
+TableOpener = Callable[[str | None, Path | None], UserTable | None]
+
+
 def add_users_command(
-    subparsers: Any, *, config_data_dir: Callable[[Path], Path] | None = None
+    subparsers: Any,
+    *,
+    config_data_dir: Callable[[Path], Path] | None = None,
+    users_table: TableOpener | None = None,
 ) -> None:
     """Register ``users`` (``add``, ``remove``, ``list``) on the ``ehlo`` parser's subparsers.
 
     ``config_data_dir`` reads the data folder of a ``--config`` file (its
     errors reach the caller); without it, ``--config`` is refused.
+    ``users_table`` opens the database table ``--store`` or ``--config``
+    names (None: the users file); without it, ``--store`` is refused.
     """
     users = subparsers.add_parser(
         "users",
@@ -107,7 +131,11 @@ def add_users_command(
     listing.add_argument("--json", action="store_true", help="a JSON array of names")
 
     users.set_defaults(
-        func=run_users, action=None, users_parser=users, config_data_dir=config_data_dir
+        func=run_users,
+        action=None,
+        users_parser=users,
+        config_data_dir=config_data_dir,
+        users_table=users_table,
     )
 
 
@@ -122,13 +150,35 @@ def run_users(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     data: Path | None = args.data
     config: Path | None = getattr(args, "config", None)
-    if data is None and config is not None:
+    url: str | None = getattr(args, "store", None)
+    table: UserTable | None = None
+    open_table: TableOpener | None = getattr(args, "users_table", None)
+    if url is not None and open_table is None:
+        _error("--store is not available here: give the data folder with --data")
+        return EXIT_USAGE
+    if url is not None and data is not None:
+        _error("--store and --data name two places for the users: give one")
+        return EXIT_USAGE
+    if open_table is not None and (url is not None or (config is not None and data is None)):
+        table = open_table(url, config)
+    if table is None and data is None and config is not None:
         read_data_dir: Callable[[Path], Path] | None = getattr(args, "config_data_dir", None)
         if read_data_dir is None:
             _error("--config is not available here: give the data folder with --data")
             return EXIT_USAGE
         data = read_data_dir(config)
-    store = UserStore(data if data is not None else Path(DEFAULT_DATA_DIR))
+    store = (
+        UserStore(table=table)
+        if table is not None
+        else UserStore(data if data is not None else Path(DEFAULT_DATA_DIR))
+    )
+    try:
+        return _run(store, args, action)
+    finally:
+        store.close()
+
+
+def _run(store: UserStore, args: argparse.Namespace, action: str) -> int:
     try:
         if action == "add":
             password = _read_password(args.name)
@@ -138,7 +188,7 @@ def run_users(args: argparse.Namespace) -> int:
                 print(f"password of {args.name} changed")
         elif action == "remove":
             if not store.remove(args.name):
-                raise UserError(f"no user named {args.name} in {store.path}")
+                raise UserError(f"no user named {args.name} in {store.where}")
             print(f"user {args.name} removed")
         else:
             names = store.names()
@@ -147,7 +197,7 @@ def run_users(args: argparse.Namespace) -> int:
             elif names:
                 print("\n".join(names))
             else:
-                print(f"no users in {store.path}")
+                print(f"no users in {store.where}")
     except (UserError, OSError) as exc:
         _error(str(exc))
         return EXIT_ERROR

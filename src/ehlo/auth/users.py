@@ -21,6 +21,16 @@ file when it changed (so ``ehlo users add`` takes effect without a
 restart), never raises, and spends one Argon2id verification whether or
 not the user exists.
 
+The users may live elsewhere than the file: ``UserStore(table=...)`` keeps
+them in a :class:`UserTable` (``load``, ``put``, ``delete``; the PostgreSQL
+store's ``users`` table, which several servers share). Its rows are cached
+in memory: :meth:`UserStore.verify` never asks the table itself beyond
+that cache's refresh, which the quiet readers do at most once every
+``refresh_after`` seconds (one second by default) or which the owner does
+(``refresh_after=None``: a server refreshes in the background, so that no
+login waits on the database, and keeps logging users in from the cache
+while the database is away).
+
 The PHC strings are the standard ones (``$argon2id$v=19$m=...,t=...,p=...``,
 unpadded base64 salt and tag), so files written by earlier versions, which
 hashed with ``cryptography``'s Argon2id, still verify.
@@ -37,9 +47,10 @@ import re
 import secrets
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..saslprep import saslprep as _saslprep
 
@@ -54,6 +65,7 @@ __all__ = [
     "ARGON2_TAG_BYTES",
     "UserError",
     "UserStore",
+    "UserTable",
     "check_name",
     "check_password",
     "hash_password",
@@ -90,6 +102,27 @@ _HEADER = "# ehlo users: one name:argon2id-phc-string per line (edit with `ehlo 
 
 class UserError(ValueError):
     """A refused name or password, or an unreadable users file: a one-line message."""
+
+
+class UserTable(Protocol):
+    """Users kept outside the file (a database table several servers share).
+
+    Each method is one short transaction; a failure raises an exception
+    whose text is one line (:class:`UserStore` reports it as a
+    :class:`UserError`).
+    """
+
+    def load(self) -> dict[str, str]:
+        """Every user's Argon2id PHC string by name."""
+        ...
+
+    def put(self, name: str, phc: str) -> bool:
+        """Add ``name`` or replace their PHC string; True if the user is new."""
+        ...
+
+    def delete(self, name: str) -> bool:
+        """Remove ``name``; False if there was no such user."""
+        ...
 
 
 # --------------------------------------------------------------------------
@@ -246,40 +279,68 @@ def _line_name(raw: str) -> str | None:
 _StatKey = tuple[int, int, int, int, int]
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _stat_key(st: os.stat_result) -> _StatKey:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class UserStore:
-    """The users of SMTP AUTH, kept in ``data_dir / "users"``.
+    """The users of SMTP AUTH, kept in ``data_dir / "users"`` or in a :class:`UserTable`.
 
-    Reads are cached and re-done only when the file's inode, size or times
-    change. Safe to use from several threads; several processes may write
-    the file at once (they take turns on an ``fcntl`` lock).
+    Reads are cached: the file is read again only when its inode, size or
+    times change; a table at most every ``refresh_after`` seconds by the
+    quiet readers (``len``, ``in``, :meth:`verify`), never by them with
+    ``refresh_after=None`` (after the first read: the owner calls
+    :meth:`refresh`), and at every :meth:`refresh` or :meth:`names`. Safe to
+    use from several threads; several processes may write the file at once
+    (they take turns on an ``fcntl`` lock).
     """
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        table: UserTable | None = None,
+        refresh_after: float | None = 1.0,
+    ) -> None:
+        if (data_dir is None) == (table is None):
+            raise TypeError("UserStore needs either a data folder or a table")
+        self.table = table
+        self.data_dir = Path(data_dir) if data_dir is not None else Path()
         self.path = self.data_dir / USERS_FILE
+        # Where the users are, as messages name it.
+        self.where = str(table) if table is not None else str(self.path)
+        self.refresh_after = refresh_after
         self._lock_path = self.data_dir / LOCK_FILE
         self._users: dict[str, str] = {}
         self._key: _StatKey | None = None
         self._loaded = False
+        # When the table was last read or tried (time.monotonic()).
+        self._tried_at: float | None = None
         self._refresh_lock = threading.Lock()
 
     def __repr__(self) -> str:
+        if self.table is not None:
+            return f"UserStore(table={self.table!r})"
         return f"UserStore({str(self.data_dir)!r})"
 
     # ------------------------------------------------------------ reading
 
     def refresh(self) -> None:
-        """Re-read the file if it changed since the last read (a ``stat`` otherwise).
+        """Re-read the file if it changed since the last read (a ``stat`` otherwise),
+        or the table.
 
         A missing file (or data folder) means no users. Raises
-        :class:`UserError` when the file exists but cannot be read; the
-        users read before are kept then.
+        :class:`UserError` when the file exists but cannot be read, or the
+        table cannot be; the users read before are kept then.
         """
         with self._refresh_lock:
+            if self.table is not None:
+                self._load_table(self.table)
+                return
             try:
                 st = os.stat(self.path)
             except FileNotFoundError:
@@ -299,14 +360,49 @@ class UserStore:
                 raise UserError(f"cannot read {self.path}: {exc.strerror or exc}") from None
             self._users, self._key, self._loaded = _parse(text, self.path), key, True
 
-    def _refresh_quietly(self) -> None:
+    def _load_table(self, table: UserTable) -> None:
+        """Read the table (the refresh lock held)."""
+        self._tried_at = time.monotonic()
         try:
-            self.refresh()
+            rows = table.load()
+        except Exception as exc:  # the table's own error, one line
+            raise UserError(f"cannot read {self.where}: {_one_line(exc)}") from None
+        users: dict[str, str] = {}
+        for name, phc in rows.items():
+            if is_valid_name(name) and _PHC.fullmatch(phc) is not None:
+                users[name] = phc
+            else:
+                log.warning(
+                    "%s: user %r has no valid name:argon2id-phc-string, skipped",
+                    self.where,
+                    name,
+                    extra={"event": "users_table_malformed"},
+                )
+        self._users, self._loaded = users, True
+
+    def _table_due(self) -> bool:
+        """Whether a quiet reader should read the table now."""
+        tried = self._tried_at
+        if tried is None:
+            return True
+        after = self.refresh_after
+        return after is not None and time.monotonic() - tried >= after
+
+    def _refresh_quietly(self) -> None:
+        if self.table is not None and not self._table_due():
+            return
+        try:
+            if self.table is None:
+                self.refresh()
+            else:
+                with self._refresh_lock:
+                    if self._table_due():  # not done meanwhile by another thread
+                        self._load_table(self.table)
         except UserError as exc:
             log.warning(
                 "%s (keeping the users read before)",
                 exc,
-                extra={"event": "users_file_unreadable", "path": str(self.path)},
+                extra={"event": "users_file_unreadable", "path": self.where},
             )
 
     def names(self) -> list[str]:
@@ -353,6 +449,11 @@ class UserStore:
                 " AUTH PLAIN could not send it"
             )
         phc = hash_password(password)  # before taking the lock: it takes a while
+        if self.table is not None:
+            new = self._table_write(lambda table: table.put(name, phc))
+            with self._refresh_lock:
+                self._users = {**self._users, name: phc}
+            return new
         entry = f"{name}:{phc}\n"
         try:
             self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -387,6 +488,11 @@ class UserStore:
         cannot be written.
         """
         check_name(name)
+        if self.table is not None:
+            removed = self._table_write(lambda table: table.delete(name))
+            with self._refresh_lock:
+                self._users = {n: p for n, p in self._users.items() if n != name}
+            return removed
         if not self.data_dir.exists():
             return False
         with self._locked():
@@ -396,6 +502,20 @@ class UserStore:
                 return False
             self._write(out)
         return True
+
+    def _table_write(self, change: Callable[[UserTable], bool]) -> bool:
+        """Run one change on the table; its error as a :class:`UserError`."""
+        assert self.table is not None
+        try:
+            return change(self.table)
+        except Exception as exc:  # the table's own error, one line
+            raise UserError(f"cannot write {self.where}: {_one_line(exc)}") from None
+
+    def close(self) -> None:
+        """Close the table's connections, if it has any (nothing for the file)."""
+        close = getattr(self.table, "close", None)
+        if callable(close):
+            close()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -33,6 +33,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..config import ConfigError, load_config
@@ -44,6 +45,9 @@ from .db import add_db_command
 from .messages import add_messages_command
 from .queue import add_queue_command
 from .serve import add_serve_command
+
+if TYPE_CHECKING:
+    from ..auth import UserTable
 
 __all__ = ["Failure", "build_parser", "main", "message_json"]
 
@@ -80,7 +84,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     if command is None or command == "users":
         from ..auth.cli import add_users_command
 
-        add_users_command(commands, config_data_dir=_config_data_dir)
+        add_users_command(
+            commands, config_data_dir=_config_data_dir, users_table=_users_table
+        )
     parser.set_defaults(
         func=lambda _args: usage(
             parser,
@@ -94,6 +100,38 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _config_data_dir(path: Path) -> Path:
     """The data folder a configuration file names (``ehlo users --config``)."""
     return load_config(path).data_dir
+
+
+def _users_table(store: str | None, config: Path | None) -> UserTable | None:
+    """The PostgreSQL users table ``ehlo users --store URL`` or ``--config FILE`` names.
+
+    None when the users are in the data folder's file (``--store`` naming a
+    file store, or a configuration whose store is not ``postgresql``).
+    """
+    from ..storage._pg_conn import check_database_url, is_database_url
+
+    url: str | None = None
+    if store is not None:
+        if store in ("sqlite", "maildir", "null"):
+            return None  # the users file of the data folder
+        if not is_database_url(store):
+            raise ConfigError(
+                f"--store: expected a postgresql:// URL (or sqlite, maildir), got {store!r}"
+            )
+        try:
+            url = check_database_url(store)
+        except ValueError as exc:
+            raise ConfigError(f"--store: {exc}") from None
+    elif config is not None:
+        settings = load_config(config)
+        if settings.store != "postgresql" or not settings.database_url:
+            return None
+        url = settings.database_url
+    if url is None:
+        return None
+    from ..storage.postgres import PostgresStore
+
+    return PostgresStore(url).users()
 
 
 # --------------------------------------------------------------------------

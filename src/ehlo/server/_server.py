@@ -33,14 +33,15 @@ from ..extensions import Extension, build_extensions
 from ..policy import Hook, Hooks
 from ..protocol import Reply
 from ..storage import Retention, Store, open_store
+from ._cluster import Cluster
 from ._hashing import VerifierPool
 from ._transport import SMTPServerProtocol
 from .abuse import (
     AccountGuard,
     AuthGuard,
+    EventCounter,
     Networks,
     SharedCounters,
-    SharedWindowCounter,
     WindowCounter,
 )
 
@@ -120,6 +121,7 @@ class ServerContext:
         users: UserStore | None = None,
         shared: SharedCounters | None = None,
         metrics: Metrics | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -174,19 +176,39 @@ class ServerContext:
         self.per_ip: dict[str, int] = {}
         self.exempt = Networks(config.limits_exempt)
         self.proxy_trusted = Networks(config.proxy_trusted)
-        self.connection_rate: WindowCounter | SharedWindowCounter = (
+        self.connection_rate: EventCounter = (
             shared.connection_rate if shared is not None else WindowCounter(60.0)
         )
+        ip_failures: EventCounter = (
+            shared.auth_failures if shared is not None else WindowCounter(config.auth_lockout)
+        )
+        account_failures: EventCounter = (
+            shared.account_failures
+            if shared is not None
+            else WindowCounter(config.auth_user_lockout)
+        )
+        # Nodes on one PostgreSQL database add up their counts (ehlo.server._cluster).
+        self.cluster = cluster
+        if cluster is not None:
+            self.connection_rate = cluster.counter(
+                "connection_rate", self.connection_rate, config.max_connection_rate
+            )
+            ip_failures = cluster.counter(
+                "auth_ip", ip_failures, config.max_auth_failures, lock=True
+            )
+            account_failures = cluster.counter(
+                "auth_user", account_failures, config.max_auth_failures_per_user, lock=True
+            )
         self.auth_guard = AuthGuard(
             config.max_auth_failures,
             config.auth_lockout,
             config.auth_failure_delay,
-            shared.auth_failures if shared is not None else None,
+            ip_failures,
         )
         self.account_guard = AccountGuard(
             config.max_auth_failures_per_user,
             config.auth_user_lockout,
-            shared.account_failures if shared is not None else None,
+            account_failures,
         )
         self.verifiers = VerifierPool(
             _HASH_WORKERS, config.max_auth_queue, config.auth_queue_timeout
@@ -412,13 +434,17 @@ def tls_contexts_for(config: ServerConfig) -> TLSContexts | None:
     return TLSContexts((cert, key), config.sni_certificates)
 
 
-def _open_users(config: ServerConfig) -> UserStore | None:
-    """The user database (AUTH is offered whenever it holds a user)."""
+def _open_users(config: ServerConfig, cluster: Cluster | None = None) -> UserStore | None:
+    """The user database (AUTH is offered whenever it holds a user).
+
+    The users file of the data folder, or the users table the nodes on one
+    PostgreSQL database share (``cluster``).
+    """
     if not config.auth:
         return None
     from ..auth import UserStore
 
-    users = UserStore(Path(config.data_dir))
+    users = cluster.open_users() if cluster is not None else UserStore(Path(config.data_dir))
     if len(users) == 0 and config.submission:
         log.warning(
             "submission mode without users: nobody can authenticate"
@@ -641,11 +667,13 @@ class Server:
                 database_url=config.database_url,
             )
         await store.start()
+        cluster: Cluster | None = None
         try:
             tls = self._tls if self._tls is not None else tls_contexts_for(config)
+            cluster = Cluster.open(config, store)
             ctx = ServerContext(
-                config, store, self._hooks, tls, _open_users(config), self._shared_counters,
-                self.metrics,
+                config, store, self._hooks, tls, _open_users(config, cluster),
+                self._shared_counters, self.metrics, cluster,
             )
             ctx.on_stored = self._on_stored
             self.ctx = ctx
@@ -660,9 +688,13 @@ class Server:
         except BaseException:
             for server in self._servers:
                 server.close()
+            if cluster is not None:
+                await cluster.close()
             if self._owns_store:
                 await store.close()
             raise
+        if cluster is not None:
+            await cluster.start()
         ctx.add_our_addresses(host for host, _ in self.addresses)
         if self._delivery is not False and not ctx.routing.catch_all:
             await self._start_delivery(ctx)
@@ -806,7 +838,9 @@ class Server:
                 )
             else:
                 log.info("TLS certificates reloaded", extra={"event": "reloaded"})
-        if ctx.users is not None:
+        if ctx.cluster is not None:
+            ctx.cluster.wake_users()  # read in the background: the database may be slow
+        elif ctx.users is not None:
             ctx.users.refresh()
 
     async def _sweep(self) -> None:
@@ -871,6 +905,8 @@ class Server:
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = ctx.scheduler = None
+        if ctx.cluster is not None:
+            await ctx.cluster.close()
         if self._owns_store:
             await ctx.store.close()
         ctx.close()

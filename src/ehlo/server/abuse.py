@@ -6,8 +6,12 @@ attempts per account, by a digest of the user name, so memory stays
 proportional to the clients seen within one window; the server's sweeper
 prunes them. :class:`SharedCounters` holds the counts of several worker
 processes (open connections, connection rates, AUTH failures) in memory they
-share, so that the limits hold for the whole server. Nothing here does I/O
-or sleeps: the server and sessions ask and act.
+share, so that the limits hold for the whole server. :class:`ClusterCounter`
+adds the counts of the other nodes on one PostgreSQL database: it answers
+from memory, what this node counted plus what the others had counted at
+the last exchange (``ehlo.server._cluster`` runs the exchanges, about
+every half second, off the event loop). Nothing here does I/O or sleeps:
+the server and sessions ask and act.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import ipaddress
 import mmap
 import zlib
 from collections.abc import Iterable
+from typing import Protocol
 
 from .._cache import TTLCache
 
@@ -104,6 +109,18 @@ class WindowCounter:
         return len(self._counts)
 
 
+class EventCounter(Protocol):
+    """What the limits ask of a counter of events per key in a window."""
+
+    window: float
+
+    def hit(self, key: str, now: float) -> int: ...
+
+    def count(self, key: str, now: float) -> int: ...
+
+    def prune(self, now: float) -> None: ...
+
+
 class AuthGuard:
     """Failed AUTH attempts per client IP: growing delays, then a lockout.
 
@@ -118,7 +135,7 @@ class AuthGuard:
         max_failures: int,
         lockout: float,
         delay: float,
-        failures: WindowCounter | SharedWindowCounter | None = None,
+        failures: EventCounter | None = None,
     ) -> None:
         self.max_failures = max_failures
         self.delay = delay
@@ -152,7 +169,7 @@ class AccountGuard:
         self,
         max_failures: int,
         window: float,
-        failures: WindowCounter | SharedWindowCounter | None = None,
+        failures: EventCounter | None = None,
     ) -> None:
         self.max_failures = max_failures
         self.window = window
@@ -351,3 +368,110 @@ class SharedCounters:
         crash must not reset an abuser's count.
         """
         self.connections.reset(index)
+
+
+# A cluster counter's window is cut into this many slots in the database;
+# the sum over the last ones is a sliding window, the same on every node.
+CLUSTER_SLOTS = 6
+# Keys whose new events one process keeps for the next exchange, at most
+# (an outage must not grow them without bound; the local count still holds).
+_MAX_PENDING = 10_000
+
+
+class ClusterCounter:
+    """A local counter plus the other nodes' counts of the same ``kind``.
+
+    Wraps this node's counter (a :class:`WindowCounter`, or the workers'
+    :class:`SharedWindowCounter`) and answers at once, from memory: the
+    larger of the local count and the cluster's total as last read back
+    plus this process's events since. Each exchange (:meth:`take`, then
+    :meth:`settle` with what the database answered, or :meth:`restore`
+    when it could not be reached) hands on the events counted meanwhile.
+    With ``lock``, the event that reaches ``limit`` locks the key for one
+    ``window`` on every node (an AUTH lockout), whatever their own counts.
+    A database that cannot be reached changes nothing here: the local
+    counts keep their limits, and the events wait for the next exchange.
+    """
+
+    def __init__(self, kind: str, local: EventCounter, limit: int, *, lock: bool = False) -> None:
+        if local.window <= 0 or limit < 1:
+            raise ValueError("a cluster counter needs a window and a limit")
+        self.kind = kind
+        self.local = local
+        self.window = local.window
+        self.limit = limit
+        self.lock = lock
+        self._pending: dict[str, int] = {}  # events not handed on yet
+        self._sending: dict[str, int] = {}  # events in the exchange under way
+        self._totals: dict[str, int] = {}  # the cluster's, at the last exchange
+        self._totals_at = 0.0
+        self._locks: dict[str, float] = {}  # key -> end (the caller's clock)
+        self._new_locks: dict[str, float] = {}  # key -> seconds, to write
+
+    @property
+    def slot_seconds(self) -> float:
+        return self.window / CLUSTER_SLOTS
+
+    @property
+    def near(self) -> int:
+        """Totals the exchange reads back for keys this node has not counted itself."""
+        return max(1, self.limit // 2)
+
+    def hit(self, key: str, now: float) -> int:
+        """Count one event for ``key``; the number in the window, all nodes, this one included."""
+        local = self.local.hit(key, now)
+        pending = self._pending
+        if key in pending or len(pending) < _MAX_PENDING:
+            pending[key] = pending.get(key, 0) + 1
+        total = self._total(key, now, local)
+        if self.lock and total >= self.limit and self._locks.get(key, 0.0) <= now:
+            self._locks[key] = now + self.window
+            self._new_locks[key] = self.window
+        return total
+
+    def count(self, key: str, now: float) -> int:
+        """Events of ``key`` in the window, on every node (as far as known)."""
+        return self._total(key, now, self.local.count(key, now))
+
+    def _total(self, key: str, now: float, local: int) -> int:
+        shared = self._totals.get(key, 0) + self._sending.get(key, 0) + self._pending.get(key, 0)
+        total = max(local, shared)
+        if self.lock and self._locks.get(key, 0.0) > now:
+            total = max(total, self.limit)
+        return total
+
+    def prune(self, now: float) -> None:
+        """Forget ended windows and locks; totals too old to trust."""
+        self.local.prune(now)
+        for key in [k for k, end in self._locks.items() if end <= now]:
+            del self._locks[key]
+        if self._totals and now - self._totals_at >= self.window:
+            self._totals = {}
+
+    # ------------------------------------------------------------ exchanges
+
+    def take(self) -> tuple[dict[str, int], dict[str, float]]:
+        """The events and locks to hand on now (kept aside until settled or restored)."""
+        self._sending, self._pending = self._pending, {}
+        locks, self._new_locks = self._new_locks, {}
+        return self._sending, locks
+
+    def settle(self, totals: dict[str, int], locks: dict[str, float], now: float) -> None:
+        """The exchange went through: the cluster's ``totals`` (they include what was
+        sent) and the ``locks`` in force (seconds left), read at ``now``."""
+        self._sending = {}
+        self._totals, self._totals_at = totals, now
+        for key, left in locks.items():
+            end = now + left
+            if self._locks.get(key, 0.0) < end:
+                self._locks[key] = end
+
+    def restore(self, locks: dict[str, float]) -> None:
+        """The exchange failed: its events and ``locks`` go with the next one."""
+        sending, self._sending = self._sending, {}
+        pending = self._pending
+        for key, n in sending.items():
+            if key in pending or len(pending) < _MAX_PENDING:
+                pending[key] = pending.get(key, 0) + n
+        for key, seconds in locks.items():
+            self._new_locks.setdefault(key, seconds)

@@ -12,7 +12,11 @@ messages, the outbound queue, the users and the abuse counters:
   session log, deletes and retention), synchronous, on the pooled
   connections;
 - ``_pg_listen``: ``LISTEN`` for the hints other nodes send with ``NOTIFY``;
-- ``_pg_queue``: the outbound queue with leases (``FOR UPDATE SKIP LOCKED``).
+- ``_pg_queue``: the outbound queue with leases (``FOR UPDATE SKIP LOCKED``);
+- ``_pg_users``: the AUTH users (``ehlo.auth.UserStore`` reads them through
+  :meth:`PostgresStore.users`);
+- ``_pg_abuse``: the abuse counters and lockouts the nodes add up
+  (:meth:`PostgresStore.abuse`, used by ``ehlo.server.abuse``).
 
 The schema is created or migrated by ``start`` (and ``ehlo db migrate``),
 never destructively.
@@ -31,8 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import _pg_read as reads
 from ._overview import Overview
+from ._pg_abuse import PostgresAbuse
 from ._pg_conn import Database, node_name, one_line, require_driver
 from ._pg_schema import CHANNEL_MESSAGES, CHANNEL_QUEUE, migrate
+from ._pg_users import PostgresUsers
 from ._query import Query, Retention
 from .base import (
     DELETE_BATCH,
@@ -99,6 +105,7 @@ class PostgresStore(Store):
         self._committer: Committer | None = None
         self._listener: Listener | None = None
         self._orphans_due = 0.0  # when housekeeping next looks for orphaned bodies
+        self._users: PostgresUsers | None = None
 
     # --- life cycle and writing (_pg_write) ----------------------------------------------
 
@@ -225,6 +232,18 @@ class PostgresStore(Store):
 
             self._queue = PostgresQueue(self.db, self.node)
         return self._queue
+
+    # --- what the nodes share besides mail (_pg_users, _pg_abuse) -------------------------
+
+    def users(self) -> PostgresUsers:
+        """The AUTH users' table, on this store's connections."""
+        if self._users is None:
+            self._users = PostgresUsers(self.db)
+        return self._users
+
+    def abuse(self) -> PostgresAbuse:
+        """The shared abuse counters, on this store's connections."""
+        return PostgresAbuse(self.db)
 
     # --- reads (_pg_read) -------------------------------------------------------------
 
