@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -35,6 +36,8 @@ from .helpers import SERVE_WITHOUT_DNS, child_pids, free_port, greets, wait_unti
 
 __all__ = ["Load", "Node", "Outcome", "message"]
 
+# A worker's "ready" line (logged at DEBUG): its number.
+_WORKER_READY = re.compile(r" ready on .*, worker (\d+), store: ")
 START_TIMEOUT = 60.0  # seconds a node may take to greet (a loaded machine)
 STOP_TIMEOUT = 30.0
 # Seconds one SMTP reply may take: a commit waits for a database that may be
@@ -66,6 +69,7 @@ class Node:
         workers: int = 2,
     ) -> None:
         self.name = name
+        self.hostname = f"{name}.cluster.test"  # its banner's, Received's and EHLO's name
         self.data = folder / name
         self.port = free_port()  # the PROXY protocol listener, behind HAProxy
         self.direct_port = free_port()  # a plain listener, straight to this node
@@ -79,9 +83,11 @@ class Node:
             "--listen", f"127.0.0.1:{self.port},proxy",
             "--listen", f"127.0.0.1:{self.direct_port}",
             "--data", str(self.data), *store, "--config", str(self.config),
-            "--hostname", f"{name}.cluster.test", "--workers", str(workers),
-            *SERVE_WITHOUT_DNS, *http_args, *args,
+            "--hostname", self.hostname, "--workers", str(workers),
+            # DEBUG: each worker logs its own "ready" line once it has started.
+            "--log-level", "DEBUG", *SERVE_WITHOUT_DNS, *http_args, *args,
         ]  # fmt: skip
+        self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -103,15 +109,17 @@ class Node:
         return self
 
     def wait_ready(self) -> None:
-        """Wait until the node greets on its plain listener (and its web UI listens)."""
+        """Wait until every worker has started (its store open, its scheduler and web UI
+        running) and the node greets on its plain listener."""
         proc = self.proc
         assert proc is not None
 
         def ready() -> bool:
             assert proc.poll() is None, f"node {self.name} exited: {self.log_text()}"
-            if not greets(self.direct_port):
+            started = {int(n) for n in _WORKER_READY.findall(self.log_text())}
+            if started != set(range(self.workers)):
                 return False
-            return self.http_port is None or _accepts(self.http_port)
+            return greets(self.direct_port) and (self.http_port is None or _accepts(self.http_port))
 
         wait_until(ready, f"node {self.name} to greet: {self.log}", START_TIMEOUT, poll=0.1)
 
