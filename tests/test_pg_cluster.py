@@ -351,35 +351,40 @@ def test_database_restart_under_load(cluster: Cluster) -> None:
 
 
 def test_kill_one_node_under_load(cluster: Cluster) -> None:
-    a, b = cluster.nodes
     total = 400
     items = [(f"relay {seq:04d}", seq) for seq in range(total)]
     sink = cluster.sink
 
-    def a_delivering() -> set[int]:
-        """What node a has begun to hand the sink and the sink has not taken yet."""
-        return sink.begun_by(a) - set(sink.seqs())
+    def delivering(node: Node) -> set[int]:
+        """What ``node`` has begun to hand the sink and the sink has not taken yet."""
+        return sink.begun_by(node) - set(sink.seqs())
 
     load = Load(
-        *cluster.front, items, rcpt=lambda seq: f"r{seq}@sink.test", clients=10, per_connection=10
-    ).start()
+        *cluster.front, items, rcpt=lambda seq: f"r{seq}@sink.test", clients=10,
+        per_connection=10, pause=0.01,
+    ).start()  # fmt: skip
     try:
+        # Mid-load, with deliveries in flight: kill the node making them (a
+        # scheduler takes whatever is due, so either node may hold them all).
         wait_until(
-            lambda: load.acknowledged() >= total // 3 and a_delivering(),
-            lambda: (
-                f"a third acknowledged and a delivery of node a in flight:"
-                f" {load.acknowledged()}, {sink.count()} at the sink"
-            ),
+            lambda: load.acknowledged() >= total // 4 and any(map(delivering, cluster.nodes)),
+            lambda: f"{load.acknowledged()} acknowledged and {sink.count()} at the sink",
             120,
         )
+        a, b = sorted(cluster.nodes, key=lambda node: -len(delivering(node)))
         a_pids = {str(pid) for pid in a.pids()}
         a.kill()
         killed_at = time.time()
+        sent_at_kill = len(load.outcomes)
         at_kill = queue_rows(cluster)
         begun_at_kill = sink.begun_by(a)
     finally:
         outcomes = load.wait()
-    print(f"\nkill -9 under load: {dict(Counter(o.code for o in outcomes))}")
+    assert sent_at_kill < total, "the load was over before the kill"
+    print(
+        f"\nkill -9 of node {a.name} after {sent_at_kill} of {total} messages:"
+        f" {dict(Counter(o.code for o in outcomes))}"
+    )
     assert {o.code for o in outcomes} <= {250, None}  # lost with the node, or acknowledged
     # Every acknowledged message has its entry; it leaves the store once delivered.
     ids = {queued_as(o.text): o.seq for o in outcomes if o.code == 250}
@@ -387,7 +392,7 @@ def test_kill_one_node_under_load(cluster: Cluster) -> None:
     missing = set(ids) - set(queue_rows(cluster))
     assert not missing, sorted(ids[q] for q in missing)[:10]
 
-    # Node b delivers everything, node a's entries too once their leases ran out.
+    # The other node delivers everything, the dead one's entries too once their leases ran out.
     def undelivered() -> Counter[str]:
         return Counter(e.state for e in queue_rows(cluster).values() if e.state != "delivered")
 
@@ -398,8 +403,8 @@ def test_kill_one_node_under_load(cluster: Cluster) -> None:
     assert not lost, sorted(lost)[:10]
     assert len(rows) == len(seen)  # each message stored once: one entry each, all delivered
 
-    # In flight at the kill: node a's deliveries the sink had begun (and the
-    # database did not call delivered), and the entries under a lease of a's.
+    # In flight at the kill: the dead node's deliveries the sink had begun (and the
+    # database did not call delivered), and the entries under its leases.
     def seq(queue_id: str, entry: Entry) -> int | None:
         return entry.seq if entry.seq is not None else ids.get(queue_id)
 
@@ -414,13 +419,13 @@ def test_kill_one_node_under_load(cluster: Cluster) -> None:
     duplicates = {s: n for s, n in seen.items() if n > 1}
     print(
         f"{len(rows)} relayed; in flight at the kill: {len(in_flight)} ({len(a_leases)} under"
-        f" node a's leases); duplicates at the sink: {len(duplicates)}"
+        f" node {a.name}'s leases); duplicates at the sink: {len(duplicates)}"
         f" ({sum(duplicates.values()) - len(duplicates)} extra copies)"
     )
     assert set(duplicates) <= in_flight, sorted(set(duplicates) - in_flight)
     assert len(duplicates) <= len(in_flight)
-    # What node a held was delivered by node b, once its lease had run out.
-    assert a_leases, "node a held no lease at the kill"
+    # What the dead node held was delivered by the other, once its lease had run out.
+    assert a_leases, f"node {a.name} held no lease at the kill"
     assert None not in a_leases, a_leases
     arrivals = sink.arrivals()
     for s, until in a_leases.items():
