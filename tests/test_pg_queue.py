@@ -1,16 +1,17 @@
 """The outbound queue on PostgreSQL, shared by several nodes.
 
-A real PostgreSQL (``pg_cluster``), a database of each test's own
-(``pg_url``). Messages and their queue rows are inserted with SQL as the
-store's writer inserts them (``_pg_rows`` and ``QueueItem.row``); each
+A real PostgreSQL (``pg_cluster``), one database for the module, emptied
+before each test. Messages and their queue rows are inserted with SQL as
+the store's writer inserts them (``_pg_rows`` and ``QueueItem.row``); each
 "node" is a :class:`PostgresQueue` of its own (its own pool and lease
 token), as each ``ehlo serve`` node has. The Queue contract is proven as
 for the SQLite store (tests/test_storage_queue.py), then what several nodes
 add: every entry taken once (``FOR UPDATE SKIP LOCKED``), leases that
 expire and pass to another node (whose late outcome is then refused),
 renewals that keep them, recovery that leaves live leases alone, one
-housekeeper at a time, ``NOTIFY`` waking a scheduler, and two schedulers
-relaying to one next hop, each message delivered once.
+housekeeper at a time, ``NOTIFY`` waking another node's scheduler through
+its store's listener, two schedulers relaying to one next hop, each
+message delivered once, and two servers doing the same from SMTP in.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -30,7 +32,7 @@ from ehlo.delivery import scheduler as scheduler_module
 from ehlo.delivery.routes import Routing
 from ehlo.delivery.scheduler import DeliverySettings, Scheduler
 from ehlo.dns import Resolver
-from ehlo.storage import Envelope, StoredMessage, StoreError
+from ehlo.storage import Envelope, StoreError
 from ehlo.storage._pg_conn import Database
 from ehlo.storage._pg_queue import PostgresQueue
 from ehlo.storage._pg_rows import INSERT_MESSAGE, message_values
@@ -509,79 +511,64 @@ def test_changes_that_make_entries_due_notify_the_other_nodes(db: Database, node
 # ------------------------------------------------------------ schedulers on one database
 
 
-class _Store(PostgresStore):
-    """The PostgreSQL store with the one read a scheduler needs: a message's bytes."""
-
-    def __init__(self, url: str, node: str, envelopes: dict[str, Envelope]) -> None:
-        super().__init__(url, node=node)
-        self.envelopes = envelopes
-
-    def read(self, queue_id: str) -> tuple[StoredMessage, bytes] | None:
-        with self.db.connection() as conn:
-            rows = conn.execute(
-                "SELECT data FROM chunks WHERE queue_id = %s ORDER BY seq", (queue_id,)
-            ).fetchall()
-        body = b"".join(bytes(row[0]) for row in rows)
-        return StoredMessage(self.envelopes[queue_id], len(body), "out"), body
-
-    def hint(self, topic: str) -> None:
-        """What the store's listener does when a NOTIFY arrives."""
-        for callback in self._listeners:
-            callback(topic)
-
-
 def _no_resolver() -> Resolver:
     raise AssertionError("next hops here are addresses: nothing to look up")
 
 
 @contextlib.asynccontextmanager
 async def schedulers(
-    pg_url: str, envelopes: dict[str, Envelope], *names: str, lease: float = 300.0
-) -> AsyncIterator[list[tuple[_Store, Scheduler]]]:
+    pg_url: str, *names: str, lease: float = 300.0
+) -> AsyncIterator[list[tuple[PostgresStore, Scheduler]]]:
+    """A started store (its listener hears NOTIFY) and a scheduler on it, per node."""
     settings = DeliverySettings(hostname="relay.test", routing=Routing(), lease=lease)
-    made = [
-        (store, Scheduler(store, settings, _no_resolver))
-        for store in (_Store(pg_url, name, envelopes) for name in names)
-    ]
+    made: list[tuple[PostgresStore, Scheduler]] = []
     try:
-        for _, scheduler in made:
+        for name in names:
+            store = PostgresStore(pg_url, node=name)
+            await store.start()
+            scheduler = Scheduler(store, settings, _no_resolver)
+            made.append((store, scheduler))
             await scheduler.start()
         yield made
     finally:
         for store, scheduler in made:
             await scheduler.stop(grace=5)
-            queue = store.queue
-            assert isinstance(queue, PostgresQueue)
-            queue.close()
-            store.db.close()
+            await store.close()
+
+
+def relayed(db: Database, recipient: str, port: int) -> str:
+    """One message to hand on to the next hop on ``port``; its queue id."""
+    envelope = make_envelope(
+        rcpt_to=[recipient], queue=[QueueItem(recipient, f"smtp:{SINK_IP}:{port}")]
+    )
+    return commit(db, envelope, BODY)
 
 
 async def test_two_schedulers_deliver_each_message_once(db: Database, pg_url: str) -> None:
     sink = await Hop().start()
-    envelopes: dict[str, Envelope] = {}
+
+    def queued(numbers: range) -> None:
+        for i in numbers:
+            relayed(db, f"u{i}@sink.test", sink.port)
+
     try:
-        async with schedulers(pg_url, envelopes, "a", "b") as pair:
-            for i in range(40):
-                envelope = make_envelope(
-                    rcpt_to=[f"u{i}@sink.test"],
-                    queue=[QueueItem(f"u{i}@sink.test", f"smtp:{SINK_IP}:{sink.port}")],
-                )
-                envelopes[envelope.queue_id] = envelope
-                commit(db, envelope, BODY)
+        queued(range(30))  # due when both start: both look at once
+        async with schedulers(pg_url, "a", "b") as pair:
+            queued(range(30, 60))  # and while they run
             queue = pair[0][0].queue
             for _ in range(600):
-                if queue.counts() == {"delivered": 40}:
+                if queue.counts() == {"delivered": 60}:
                     break
                 await asyncio.sleep(0.05)
-            assert queue.counts() == {"delivered": 40}
+            assert queue.counts() == {"delivered": 60}
             rcpts = [line for line in sink.lines if line.upper().startswith("RCPT")]
-            assert sorted(rcpts) == sorted(f"RCPT TO:<u{i}@sink.test>" for i in range(40))
-            assert len(sink.messages) == 40
+            assert sorted(rcpts) == sorted(f"RCPT TO:<u{i}@sink.test>" for i in range(60))
+            assert len(sink.messages) == 60
             with db.connection() as conn:
                 by_node = dict(
                     conn.execute("SELECT node, count(*) FROM attempts GROUP BY node").fetchall()
                 )
-            assert sum(by_node.values()) == 40
+            assert sum(by_node.values()) == 60
     finally:
         await sink.stop()
 
@@ -591,44 +578,20 @@ async def test_a_notify_wakes_the_scheduler_of_another_node(
 ) -> None:
     monkeypatch.setattr(scheduler_module, "POLL", 120.0)  # only the hint can wake it in time
     sink = await Hop().start()
-    envelopes: dict[str, Envelope] = {}
-    envelope = make_envelope(
-        rcpt_to=["u@sink.test"], queue=[QueueItem("u@sink.test", f"smtp:{SINK_IP}:{sink.port}")]
-    )
-    envelopes[envelope.queue_id] = envelope
-    commit(db, envelope, BODY)
-    other = nodes("cli")
-    assert other.hold([envelope.queue_id]) == 1
-    listener = await _listen(pg_url)
+    queue_id = relayed(db, "u@sink.test", sink.port)
+    other = nodes("cli")  # ``ehlo queue`` on another machine
+    assert other.hold([queue_id]) == 1
     try:
-        async with schedulers(pg_url, envelopes, "a") as [(store, _)]:
-            forward = asyncio.ensure_future(_forward(listener, store))
+        async with schedulers(pg_url, "a"):
             await asyncio.sleep(0.5)  # the scheduler's first turn found nothing due
-            assert other.release([envelope.queue_id], time.time()) == 1  # NOTIFY ehlo_queue
+            assert other.release([queue_id], time.time()) == 1  # NOTIFY ehlo_queue
             for _ in range(400):
                 if other.counts() == {"delivered": 1}:
                     break
                 await asyncio.sleep(0.05)
             assert other.counts() == {"delivered": 1}
-            forward.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await forward
     finally:
-        await listener.close()
         await sink.stop()
-
-
-async def _listen(url: str) -> Any:
-    import psycopg
-
-    conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-    await conn.execute(f"LISTEN {CHANNEL_QUEUE}")
-    return conn
-
-
-async def _forward(conn: Any, store: _Store) -> None:
-    async for _ in conn.notifies():
-        store.hint("queue")
 
 
 class _SlowReader:
@@ -661,28 +624,134 @@ async def test_a_slow_delivery_keeps_its_lease(
     caplog.set_level(logging.INFO, "ehlo.storage")
     sink = await _SlowHop().start()
     other = nodes("b", lease=60.0)
-    envelopes: dict[str, Envelope] = {}
-    envelope = make_envelope(
-        rcpt_to=["u@sink.test"], queue=[QueueItem("u@sink.test", f"smtp:{SINK_IP}:{sink.port}")]
-    )
-    envelopes[envelope.queue_id] = envelope
     try:
         # A lease of 2 s, renewed every third of it, outlives a delivery of 3.5 s.
-        async with schedulers(pg_url, envelopes, "a", lease=2.0):
-            commit(db, envelope, BODY)
+        async with schedulers(pg_url, "a", lease=2.0):
+            relayed(db, "u@sink.test", sink.port)
             for _ in range(600):
                 if other.counts() != {"queued": 1}:
                     break
                 await asyncio.sleep(0.02)
             assert other.counts() == {"delivering": 1}  # A took it
+            ends: list[float] = []
             for _ in range(600):
                 if other.counts() == {"delivered": 1}:
                     break
                 # Another node looking meanwhile finds nothing to take.
                 assert other.take(time.time() + 1, 10) == []
+                with db.connection() as conn:
+                    row = conn.execute(
+                        "SELECT lease_until, extract(epoch from clock_timestamp())::float8"
+                        " FROM queue WHERE state = 'delivering'"
+                    ).fetchone()
+                if row is not None:
+                    assert row[0] - row[1] <= 2.0  # delivery_lease's lease, not a default
+                    ends.append(row[0])
                 await asyncio.sleep(0.1)
             assert other.counts() == {"delivered": 1}
+        assert len(set(ends)) >= 3, "renewed while delivering"
         assert len(sink.messages) == 1
         assert events(caplog, "queue_lease_taken_over") == []
+    finally:
+        await sink.stop()
+
+
+# ------------------------------------------------------------ two servers on one database
+
+
+async def test_two_servers_relay_each_message_once(
+    db: Database, pg_url: str, tmp_path: Path
+) -> None:
+    from ehlo import Listen, Server
+    from ehlo.client import SMTPClient
+
+    from .helpers import make_config
+    from .test_delivery_e2e import TIMEOUTS
+
+    sink = await Hop().start()
+    servers: list[Server] = []
+    try:
+        for name, ip in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
+            config = make_config(
+                tmp_path / name,
+                listen=(Listen(ip, 0),),
+                hostname=f"mx.{name}.test",
+                store="postgresql",
+                database_url=pg_url,
+                tls=False,
+                mta_sts=False,
+                domains=("a.test",),
+                relay_networks=("127.0.0.1/32",),
+                relay_host=f"{SINK_IP}:{sink.port}",
+            )
+            server = Server(config)
+            await server.start()
+            servers.append(server)
+        for i in range(20):  # each server takes half of them
+            host, port = servers[i % 2].addresses[0]
+            async with SMTPClient(host, port, timeouts=TIMEOUTS, tls="off") as client:
+                await client.send_message("alice@a.test", [f"u{i}@sink.test"], BODY)
+        queue = servers[0].store.queue
+        assert queue is not None
+        for _ in range(600):
+            if queue.counts() == {"delivered": 20}:
+                break
+            await asyncio.sleep(0.05)
+        assert queue.counts() == {"delivered": 20}
+        rcpts = [line for line in sink.lines if line.upper().startswith("RCPT")]
+        assert sorted(rcpts) == sorted(f"RCPT TO:<u{i}@sink.test>" for i in range(20))
+        # Handed on, not kept: the messages and their bodies left with the last outcome.
+        assert scalar(db, "SELECT count(*) FROM messages") == 0
+        assert scalar(db, "SELECT count(*) FROM chunks") == 0
+    finally:
+        for server in servers:
+            await server.stop(timeout=1.0)
+        await sink.stop()
+    # Each store's close let its housekeeping lock go.
+    held = scalar(
+        db,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database ="
+        " (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    assert held == 0
+
+
+async def test_a_database_away_is_one_log_line_of_the_scheduler(
+    db: Database,
+    pg_url: str,
+    nodes: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(scheduler_module, "POLL", 0.05)
+    caplog.set_level(logging.INFO, "ehlo.delivery")
+    sink = await Hop().start()
+    failures: list[float] = []
+
+    def away(now: float, limit: int) -> list[Any]:
+        failures.append(now)
+        raise StoreError("postgresql: connection refused")
+
+    try:
+        async with schedulers(pg_url, "a") as [(store, _)]:
+            queue = store.queue
+            for outage in range(2):
+                monkeypatch.setattr(queue, "take", away)
+                failures.clear()
+                for _ in range(400):
+                    if len(failures) >= 5:
+                        break
+                    await asyncio.sleep(0.02)
+                assert len(failures) >= 5
+                # Every turn failed; the log says so once per outage.
+                assert len(events(caplog, "delivery_error")) == outage + 1
+                monkeypatch.undo()
+                monkeypatch.setattr(scheduler_module, "POLL", 0.05)
+                relayed(db, f"u{outage}@sink.test", sink.port)  # served once it is back
+                for _ in range(400):
+                    if len(sink.messages) == outage + 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert len(sink.messages) == outage + 1
     finally:
         await sink.stop()

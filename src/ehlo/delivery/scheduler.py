@@ -111,6 +111,9 @@ class Scheduler:
         # The loaded entries as taken (their leases are renewed while loaded).
         self._taken: dict[tuple[str, str], QueueEntry] = {}
         self._renewer: asyncio.Task[None] | None = None
+        # A turn failed and was logged: the failures after it are not (a
+        # database away fails every turn until it is back).
+        self._failing = False
         self._connections: dict[str, int] = defaultdict(int)
         self._active = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -233,9 +236,14 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the scheduler must outlive any one failure
-                log.error("delivery: %s", exc, extra={"event": "delivery_error", "error": str(exc)})
+                if not self._failing:
+                    log.error(
+                        "delivery: %s", exc, extra={"event": "delivery_error", "error": str(exc)}
+                    )
+                self._failing = True
                 await asyncio.sleep(POLL)
                 continue
+            self._failing = False
             wait = POLL  # a full window: woken when half of it is done
             if not full:
                 with contextlib.suppress(StoreError):
@@ -284,6 +292,7 @@ class Scheduler:
         """Renew the leases of the loaded entries every third of the lease, so that
         a slow delivery keeps them (a queue of one node holds them anyway)."""
         period = max(0.05, self.settings.lease / 3)
+        failed = False  # logged once until a renewal succeeds
         while True:
             await asyncio.sleep(period)
             self._taken = {k: e for k, e in self._taken.items() if k in self._loaded}
@@ -293,13 +302,16 @@ class Scheduler:
             try:
                 kept = await asyncio.to_thread(self.queue.renew, held)
             except StoreError as exc:
-                log.warning(
-                    "delivery: renewing %d leases failed: %s",
-                    len(held),
-                    exc,
-                    extra={"event": "queue_error", "error": str(exc)},
-                )
+                if not failed:
+                    log.warning(
+                        "delivery: renewing %d leases failed: %s",
+                        len(held),
+                        exc,
+                        extra={"event": "queue_error", "error": str(exc)},
+                    )
+                failed = True
                 continue
+            failed = False
             if kept < len(held):
                 # Loaded here but taken over by another node (this one could not
                 # renew in time): its outcome here will not be recorded.
@@ -651,6 +663,7 @@ class Scheduler:
             self._writer = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
+        failed = False  # logged once until the outcomes are written
         while self._updates or self._attempts or self._forget:
             updates, self._updates = self._updates, []
             attempts, self._attempts = self._attempts, []
@@ -658,15 +671,19 @@ class Scheduler:
             try:
                 await asyncio.to_thread(self._write_batch, updates, attempts, forget)
             except StoreError as exc:
-                log.error(
-                    "delivery: recording %d outcomes failed: %s",
-                    len(updates),
-                    exc,
-                    extra={"event": "queue_error", "error": str(exc)},
-                )
+                if not failed:
+                    log.error(
+                        "delivery: recording %d outcomes failed: %s",
+                        len(updates),
+                        exc,
+                        extra={"event": "queue_error", "error": str(exc)},
+                    )
+                failed = True
                 await asyncio.sleep(POLL)
                 self._updates[:0], self._attempts[:0] = updates, attempts
                 self._forget |= forget
+            else:
+                failed = False
 
     def _write_batch(
         self, updates: list[EntryUpdate], attempts: list[Attempt], forget: set[str]
