@@ -320,6 +320,7 @@ class UserStore:
         self._loaded = False
         # When the table was last read or tried (time.monotonic()).
         self._tried_at: float | None = None
+        self._malformed: set[str] = set()  # the table's rows skipped at the last read
         self._refresh_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -368,17 +369,20 @@ class UserStore:
         except Exception as exc:  # the table's own error, one line
             raise UserError(f"cannot read {self.where}: {_one_line(exc)}") from None
         users: dict[str, str] = {}
+        malformed: set[str] = set()
         for name, phc in rows.items():
             if is_valid_name(name) and _PHC.fullmatch(phc) is not None:
                 users[name] = phc
             else:
-                log.warning(
-                    "%s: user %r has no valid name:argon2id-phc-string, skipped",
-                    self.where,
-                    name,
-                    extra={"event": "users_table_malformed"},
-                )
-        self._users, self._loaded = users, True
+                malformed.add(name)
+        for name in sorted(malformed - self._malformed):  # said once, not at every read
+            log.warning(
+                "%s: user %r has no valid name and argon2id PHC string, skipped",
+                self.where,
+                name,
+                extra={"event": "users_table_malformed"},
+            )
+        self._users, self._loaded, self._malformed = users, True, malformed
 
     def _table_due(self) -> bool:
         """Whether a quiet reader should read the table now."""

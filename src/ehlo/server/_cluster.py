@@ -193,8 +193,10 @@ class Cluster:
         worker, self._worker = self._worker, None
         if worker is not None:
             if self._owns_store:
-                worker.submit(self.store.db.close)
+                worker.submit(self.store.db.close)  # after the call under way, if any
             worker.close()
+        elif self._owns_store:
+            self.store.db.close()  # never started: nothing else uses the connections
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
