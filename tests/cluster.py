@@ -4,7 +4,10 @@
   (SIGKILL of the group kills the supervisor and its workers at once, as a
   dead machine would), with two listeners: one with the PROXY protocol, for
   HAProxy in front, and a plain one, for a client that must reach this
-  very node. Its own data folder, configuration file and log file.
+  very node. Its own data folder, configuration file and log file. It
+  counts as started once every worker has logged its own "ready" line
+  (the nodes log at DEBUG for it): a worker still starting needs the
+  database, which a test may be about to take away.
 - :class:`Load`: many clients (threads, smtplib) sending tagged messages
   through one address, several messages per connection, from a chosen
   loopback source address; every message's outcome is kept (the code of
