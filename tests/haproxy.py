@@ -1,12 +1,13 @@
 """A real HAProxy (the Debian package) in the foreground on loopback, for tests.
 
 ``run_haproxy`` writes a TCP-mode configuration that relays one frontend on a
-free loopback port to one backend server with ``send-proxy`` (PROXY v1) or
-``send-proxy-v2``, checks it with ``haproxy -c``, runs ``haproxy -db`` (no
-daemon, no chroot, no user switch) and yields the frontend's address once it
-listens; on exit it terminates HAProxy (then kills it if it lingers). The
-configuration has its own ``resolvers default`` section on loopback, so that
-HAProxy does not open a socket to the machine's resolver (/etc/resolv.conf).
+free loopback port to one backend server (or several, taken in turn: round
+robin) with ``send-proxy`` (PROXY v1) or ``send-proxy-v2``, checks it with
+``haproxy -c``, runs ``haproxy -db`` (no daemon, no chroot, no user switch)
+and yields the frontend's address once it listens; on exit it terminates
+HAProxy (then kills it if it lingers). The configuration has its own
+``resolvers default`` section on loopback, so that HAProxy does not open a
+socket to the machine's resolver (/etc/resolv.conf).
 
 Readiness is seen in /proc/net/tcp{,6} (the frontend socket in LISTEN state),
 so no probe connection reaches the backend; where /proc is not available a
@@ -17,6 +18,9 @@ In TCP mode HAProxy connects to the backend as soon as it accepts a client,
 without waiting for client data (what SMTP, where the server speaks first,
 needs), and writes the PROXY header first on that connection. When the
 backend closes, HAProxy forwards what was sent and then closes the client.
+With several backends, a connection refused by one (a node that is down) is
+tried again on another (``option redispatch``), so that a client only sees
+the failure when no backend takes it.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ def run_haproxy(
     listen_host: str = "127.0.0.1",
     tls_passthrough: bool = False,
     proxy_v2_options: Sequence[str] = (),
+    more_backends: Sequence[tuple[str, int]] = (),
 ) -> Iterator[tuple[str, int]]:
     """Run HAProxy relaying a loopback frontend to ``backend``; yields the frontend (host, port).
 
@@ -88,7 +93,8 @@ def run_haproxy(
     ClientHello before connecting to the backend, then relay it untouched right
     behind the PROXY header, as in front of an implicit-TLS port (HAProxy does
     not terminate TLS). ``proxy_v2_options`` are HAProxy's ``proxy-v2-options``
-    (e.g. "crc32c", which adds a CRC32C TLV).
+    (e.g. "crc32c", which adds a CRC32C TLV). ``more_backends`` are servers
+    balanced with ``backend`` round robin, each connection to the next one.
     """
     if send_proxy not in ("v1", "v2"):
         raise ValueError(f"send_proxy: expected 'v1' or 'v2', got {send_proxy!r}")
@@ -102,7 +108,10 @@ def run_haproxy(
         for attempt in range(1, _BIND_ATTEMPTS + 1):
             port = free_port(listen_host)
             config.write_text(
-                _config(backend, send_proxy, listen_host, port, tls_passthrough, proxy_v2_options)
+                _config(
+                    (backend, *more_backends), send_proxy, listen_host, port, tls_passthrough,
+                    proxy_v2_options,
+                )
             )
             _check_config(exe, config)
             with log_path.open("wb") as log:
@@ -141,18 +150,25 @@ def _hostport(host: str, port: int) -> str:
 
 
 def _config(
-    backend: tuple[str, int],
+    backends: Sequence[tuple[str, int]],
     send_proxy: str,
     listen_host: str,
     port: int,
     tls_passthrough: bool,
     proxy_v2_options: Sequence[str],
 ) -> str:
-    server = f"server s1 {_hostport(*backend)} " + (
-        "send-proxy" if send_proxy == "v1" else "send-proxy-v2"
-    )
+    options = "send-proxy" if send_proxy == "v1" else "send-proxy-v2"
     if proxy_v2_options:
-        server += " proxy-v2-options " + ",".join(proxy_v2_options)
+        options += " proxy-v2-options " + ",".join(proxy_v2_options)
+    servers = "".join(
+        f"    server s{n} {_hostport(*backend)} {options}\n"
+        for n, backend in enumerate(backends, 1)
+    )
+    balance = ""
+    if len(backends) > 1:
+        # Each connection to the next server; one refused is tried again on
+        # another (a node that is down costs a retry, not a client).
+        balance = "    balance roundrobin\n    retries 1\n    option redispatch 1\n"
     inspect = ""
     if tls_passthrough:
         # Wait for a ClientHello (the first TLS record) before choosing the server.
@@ -182,7 +198,8 @@ def _config(
         f"{inspect}"
         "    default_backend be\n"
         "backend be\n"
-        f"    {server}\n"
+        f"{balance}"
+        f"{servers}"
     )
 
 
