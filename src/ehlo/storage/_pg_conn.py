@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -109,12 +110,24 @@ def one_line(exc: BaseException) -> str:
 
 
 class Outage:
-    """One log line when the database becomes unreachable, one when it is back."""
+    """One log line when the database becomes unreachable, one when it is back.
 
-    def __init__(self, url: str) -> None:
+    Per node, not per process: with ``marker`` (a file in the node's data
+    folder) the first of its processes to notice the outage logs it and
+    logs its end; the others note it quietly. A failure within ``MERGE``
+    seconds of the database coming back (a commit that waited through the
+    outage, a pool still reconnecting) continues the same outage, quietly.
+    """
+
+    MERGE = 10.0
+
+    def __init__(self, url: str, marker: Path | None = None) -> None:
         self.url = url
+        self.marker = marker
         self.since: float | None = None
         self.failures = 0
+        self._loud = False  # this process logged the outage under way
+        self._merge_until = 0.0
 
     @property
     def down(self) -> bool:
@@ -122,8 +135,12 @@ class Outage:
 
     def failed(self, exc: BaseException) -> None:
         self.failures += 1
-        if self.since is None:
-            self.since = time.monotonic()
+        if self.since is not None:
+            return
+        now = time.monotonic()
+        self.since = now
+        self._loud = now >= self._merge_until and self._claim()
+        if self._loud:
             log.error(
                 "postgresql: the database is unreachable: %s", one_line(exc),
                 extra={"event": "database_down", "error": one_line(exc)},
@@ -132,14 +149,64 @@ class Outage:
     def ok(self) -> None:
         if self.since is None:
             return
-        seconds = time.monotonic() - self.since
-        log.warning(
-            "postgresql: the database is back after %.1f s (%d operations failed)",
-            seconds, self.failures,
-            extra={"event": "database_up", "seconds": round(seconds, 1), "failed": self.failures},
-        )
+        now = time.monotonic()
+        seconds = now - self.since
+        if self._loud:
+            self._release()
+            log.warning(
+                "postgresql: the database is back after %.1f s (%d operations failed)",
+                seconds, self.failures,
+                extra={
+                    "event": "database_up", "seconds": round(seconds, 1), "failed": self.failures
+                },
+            )
         self.since = None
         self.failures = 0
+        self._loud = False
+        self._merge_until = now + self.MERGE
+
+    def _claim(self) -> bool:
+        """Whether this process is the node's first to notice (it then owns the marker)."""
+        if self.marker is None:
+            return True
+        for _ in range(2):
+            try:
+                fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                if _alive(self.marker):
+                    return False
+                with contextlib.suppress(OSError):
+                    self.marker.unlink()  # left by a process that died: taken over
+                continue
+            except OSError:
+                return True  # no marker to be had: log in this process
+            with contextlib.suppress(OSError):
+                os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return True
+        return False
+
+    def _release(self) -> None:
+        if self.marker is not None:
+            with contextlib.suppress(OSError):
+                self.marker.unlink()
+
+
+def _alive(marker: Path) -> bool:
+    """Whether the process named in ``marker`` still runs."""
+    try:
+        pid = int(marker.read_bytes().decode() or "0")
+    except (OSError, ValueError):
+        return True  # being written this instant: its writer is alive
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def quiet_pool_logs() -> None:

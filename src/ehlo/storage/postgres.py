@@ -102,6 +102,9 @@ class PostgresStore(Store):
         # Where bodies larger than one chunk wait for their commit (None: the
         # system's temporary folder).
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
+        if self.spool_dir is not None:
+            # The node's processes log an outage once between them (Outage).
+            self.db.outage.marker = self.spool_dir.parent / "database-down"
         self._committer: Committer | None = None
         self._listener: Listener | None = None
         self._orphans_due = 0.0  # when housekeeping next looks for orphaned bodies
