@@ -58,6 +58,7 @@ __all__ = [
     "check_password",
     "hash_password",
     "is_valid_name",
+    "read_users_file",
     "saslprep",
 ]
 
@@ -216,6 +217,21 @@ def _parse(text: str, path: Path) -> dict[str, str]:
             continue
         users[name] = phc
     return users
+
+
+def read_users_file(path: Path) -> dict[str, str]:
+    """The users of a users file (name -> PHC string), as a server reads them; {} if none.
+
+    Raises :class:`UserError` when the file exists but cannot be read.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return _parse(text, Path(path))
 
 
 def _line_name(raw: str) -> str | None:

@@ -8,7 +8,9 @@ HELO/EHLO name, exit 0 whatever the verdict), ``messages list/show``
 (:mod:`.messages`: what a store holds), ``queue list/show/retry/...``
 (:mod:`.queue`: the outbound queue), ``config defaults/check``
 (:mod:`.config`: every configuration key with its default and meaning, or
-the settings a file makes); ``users`` is registered by
+the settings a file makes), ``db status/migrate/import`` (:mod:`.db`: the
+PostgreSQL store's database, and a SQLite data folder copied into it);
+``users`` is registered by
 :mod:`ehlo.auth.cli`, ``send`` and ``probe`` by :mod:`ehlo.client.cli`.
 Every failure the user can cause reaches them as ONE line
 ``ehlo: error: ...`` on stderr, never a traceback:
@@ -38,6 +40,7 @@ from ..storage import StoreError, message_json
 from ._common import Failure, Parser, usage
 from .check_helo import add_check_helo_command
 from .config import add_config_command
+from .db import add_db_command
 from .messages import add_messages_command
 from .queue import add_queue_command
 from .serve import add_serve_command
@@ -47,7 +50,7 @@ __all__ = ["Failure", "build_parser", "main", "message_json"]
 PROG = "ehlo"
 
 # Commands that need neither the client nor the user database.
-_SERVER_COMMANDS = frozenset({"serve", "check-helo", "messages", "queue", "config"})
+_SERVER_COMMANDS = frozenset({"serve", "check-helo", "messages", "queue", "config", "db"})
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -69,6 +72,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_messages_command(commands)
     add_queue_command(commands)
     add_config_command(commands)
+    add_db_command(commands)
     if command is None or command in ("send", "probe"):
         from ..client.cli import add_client_commands
 
@@ -80,7 +84,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.set_defaults(
         func=lambda _args: usage(
             parser,
-            "choose a command: serve, check-helo, messages, queue, config, users, send, probe",
+            "choose a command: serve, check-helo, messages, queue, config, db, users, send,"
+            " probe",
         )
     )
     return parser

@@ -2,7 +2,9 @@
 
 The one-line usage error (:class:`Parser`), the runtime error that exits 1
 (:class:`Failure`), argument types, the greeting/DNS options of ``serve``
-and ``check-helo``, the store options, and printing text a client chose
+and ``check-helo``, the store options (``--store`` a kind or a
+``postgresql://`` URL: :func:`store_choice` makes it and ``--config`` the
+kind and database URL), and printing text a client chose
 (control characters escaped, never an encoding error).
 """
 
@@ -122,13 +124,67 @@ def greeting_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
     return overrides, labels
 
 
+# ``--store`` and ``--data`` as the configuration errors name them: a
+# ``--store postgresql://...`` sets both ``store`` and ``database_url``.
+STORE_LABELS = {"data_dir": "--data", "store": "--store", "database_url": "--store"}
+_PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+def store_kind(kinds: Sequence[str]) -> Callable[[str], str]:
+    """The ``--store`` type: one of ``kinds``, ``postgresql``, or a PostgreSQL URL.
+
+    A URL is checked later, by the configuration (a password in it is
+    refused there, in one line that does not repeat it).
+    """
+    names = (*kinds, "postgresql")
+
+    def check(text: str) -> str:
+        if text in names or text.lower().startswith(_PG_SCHEMES):
+            return text
+        shown = "a URL" if "://" in text else repr(text)  # never echo what may be a secret
+        raise argparse.ArgumentTypeError(
+            f"expected {', '.join(names)} or a postgresql:// URL, got {shown}"
+        )
+
+    return check
+
+
+def store_overrides(store: str | None) -> dict[str, Any]:
+    """The ``load_config`` overrides of ``--store``: a kind, or for a PostgreSQL
+    URL the kind ``postgresql`` and that ``database_url`` (labels: STORE_LABELS)."""
+    if store is None:
+        return {}
+    if store.lower().startswith(_PG_SCHEMES):
+        return {"store": "postgresql", "database_url": store}
+    return {"store": store}
+
+
+def store_choice(store: str | None, config: Path | None) -> tuple[str, str | None]:
+    """(kind, database_url) of ``--store`` and ``--config``: ``--store`` wins, then the
+    file's ``store`` and ``database_url``, then sqlite. ``database_url`` is None
+    unless the kind is postgresql. Raises ConfigError (one line, exit 2) for a
+    bad file, a URL holding a password, or postgresql without a database."""
+    from ..config import load_config
+
+    found = load_config(config, store_overrides(store), labels=STORE_LABELS)
+    kind: str = found.store
+    return kind, found.database_url if kind == "postgresql" else None
+
+
 def store_options(parser: argparse.ArgumentParser, *, kinds: Sequence[str]) -> None:
     parser.add_argument(
         "--data",
         metavar="DIR",
         help="data folder holding the store (default: ./ehlo-data)",
     )
-    parser.add_argument("--store", choices=kinds, help="storage backend (default: sqlite)")
+    parser.add_argument(
+        "--store",
+        type=store_kind(kinds),
+        metavar="|".join((*kinds, "postgresql://...")),
+        help=f"storage backend: {', '.join(kinds)}, or the PostgreSQL store's database"
+        " postgresql://USER@HOST/DB (no password: libpq reads ~/.pgpass, PGPASSFILE or"
+        " PGPASSWORD); postgresql alone takes database_url from --config (default: sqlite)",
+    )
     parser.add_argument("--config", metavar="FILE", type=Path, help="TOML configuration file")
 
 

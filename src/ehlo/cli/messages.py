@@ -3,6 +3,9 @@
 The store is named by ``--data``/``--store``/``--config``; without
 ``--store``, the kind the data folder records (its ``store`` file) is
 used, and an explicit ``--store`` of the other kind is a one-line error.
+``--store postgresql://USER@HOST/DB`` (or ``postgresql`` with the
+``database_url`` of ``--config``) reads the PostgreSQL store instead,
+without a data folder; a database out of reach is one line, exit 1.
 ``list`` streams, newest first: a page of ``--limit`` messages (20 by
 default, ``--all`` for every one), ``--before ID``/``--after ID`` for the
 next and previous pages, and filters (sender, recipient, subject, time,
@@ -32,7 +35,18 @@ from typing import TYPE_CHECKING, Any
 from ..config import load_config, read_config_file
 from ..storage import list_json, message_json
 from ..storage.base import TRANSCRIPT, transcript_json
-from ._common import Failure, Listing, Parser, count, safe, store_options, text_output, usage
+from ._common import (
+    STORE_LABELS,
+    Failure,
+    Listing,
+    Parser,
+    count,
+    safe,
+    store_options,
+    store_overrides,
+    text_output,
+    usage,
+)
 
 if TYPE_CHECKING:
     from ..storage import Query, Store, StoredMessage
@@ -170,8 +184,10 @@ def _open_store(args: argparse.Namespace) -> Store:
     """The store named by --data/--store/--config, for reading."""
     from ..storage import open_store, stored_kind
 
-    labels = {"data_dir": "--data", "store": "--store"}
-    config = load_config(args.config, {"data_dir": args.data, "store": args.store}, labels=labels)
+    overrides = {"data_dir": args.data, **store_overrides(args.store)}
+    config = load_config(args.config, overrides, labels=STORE_LABELS)
+    if config.store == "postgresql" and config.database_url:
+        return open_database_store(config.database_url)
     data = Path(config.data_dir)
     if not data.is_dir():
         raise Failure(f"data folder {data} does not exist (give it with --data DIR)")
@@ -185,6 +201,23 @@ def _open_store(args: argparse.Namespace) -> Store:
     if kind == "null":
         raise Failure("the null store keeps no messages (choose --store sqlite or maildir)")
     return open_store(kind, data)
+
+
+def open_database_store(url: str) -> Store:
+    """The PostgreSQL store at ``url``, for the commands (no data folder needed).
+
+    It connects once first, so that a database out of reach is one line
+    naming libpq's reason (not a wait for a pooled connection); its pool
+    is closed when the command ends.
+    """
+    import atexit
+
+    from ..storage.postgres import PostgresStore
+
+    store = PostgresStore(url)
+    store.db.connect().close()
+    atexit.register(store.db.close)
+    return store
 
 
 def _clip(text: str, width: int) -> str:

@@ -28,6 +28,7 @@ from ._common import (
     seconds,
     show_defaults,
     store_options,
+    store_overrides,
 )
 
 # Option -> config key, for error messages that name what the user typed.
@@ -35,6 +36,7 @@ _SERVE_LABELS = {
     "listen": "--listen",
     "data_dir": "--data",
     "store": "--store",
+    "database_url": "--store",
     "hostname": "--hostname",
     "domains": "--domain",
     "lmtp": "--lmtp",
@@ -227,7 +229,7 @@ def _serve_config(args: argparse.Namespace) -> ServerConfig:
     overrides: dict[str, Any] = {
         "listen": args.listen,
         "data_dir": args.data,
-        "store": args.store,
+        **store_overrides(args.store),
         "hostname": args.hostname,
         "domains": args.domains,
         "lmtp": args.lmtp,
