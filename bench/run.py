@@ -1852,6 +1852,8 @@ def throughput_phase(
                 servers[spec.key] = server
                 info["banner"] = server.wait_ready()
                 info["argv"] = server.argv
+                if len(server.argvs) > 1:
+                    info["node_argvs"] = server.argvs  # every node's command
                 say(f"{spec.label} on port {server.port} (pid {server.pid}): {info['banner']}")
             except ServerError as exc:
                 info.update(status="failed", error=str(exc))
