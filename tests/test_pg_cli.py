@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -523,3 +525,50 @@ def test_help_texts_name_the_postgresql_store(capsys: pytest.CaptureFixture[str]
         assert b"postgresql://USER@HOST/DB" in done.stdout, command
     top = cli(capsys, "--help")
     assert b"db" in top.stdout and b"PostgreSQL" in top.stdout
+
+
+async def _one_message(data: Path, size: int) -> str:
+    store = open_store("sqlite", data, writer="thread")
+    await store.start()
+    try:
+        env = _envelope(1)
+        writer = store.begin(env)
+        block = bytes(range(256)) * 256  # 64 KiB
+        for _ in range(size // len(block)):
+            writer.write(block)
+        await writer.commit()
+    finally:
+        await store.close()
+    return env.queue_id
+
+
+def test_a_large_body_is_streamed_not_held(pg_cluster: PgCluster, tmp_path: Path) -> None:
+    size = 48 * 1024 * 1024
+    data = tmp_path / "data"
+    queue_id = asyncio.run(_one_message(data, size))
+    db = Database(pg_cluster)
+    proc = subprocess.Popen(
+        ehlo_cmd("db", "import", str(data), "--store", db.url),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)  # the import's own peak RSS
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0, proc.stderr.read() if proc.stderr else b""
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    # The interpreter with ehlo and psycopg loaded is about 40 MiB; the body
+    # held whole once would add 48 MiB more.
+    assert usage.ru_maxrss * 1024 < size + 30 * 1024 * 1024, usage.ru_maxrss
+    rows = db.sql(
+        "SELECT count(*), sum(length(data)), max(length(data)), md5(string_agg(data, ''::bytea"
+        " ORDER BY seq)) FROM chunks WHERE queue_id = %s",
+        (queue_id,),
+    )
+    body = (data / "ehlo.sqlite3.bodies" / queue_id).read_bytes()
+    assert rows == [(size // CHUNK_SIZE, size, CHUNK_SIZE, hashlib.md5(body).hexdigest())]

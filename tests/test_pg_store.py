@@ -25,12 +25,19 @@ from typing import Any
 import psycopg
 import pytest
 
-from ehlo.storage import StoreError, open_store
+from ehlo.storage import Retention, StoreError, open_store
 from ehlo.storage._pg_schema import CHANNEL_MESSAGES, CHUNK_SIZE, LATEST
 from ehlo.storage.base import Envelope
 from ehlo.storage.postgres import PostgresStore
 
-from .helpers import BlockingClient, ThreadedServer, free_port, make_config, wait_until
+from .helpers import (
+    BlockingClient,
+    ThreadedServer,
+    async_wait_until,
+    free_port,
+    make_config,
+    wait_until,
+)
 from .pgserver import PgCluster
 
 LOCAL = "bob@local.test"
@@ -41,6 +48,7 @@ REMOTE = "carol@remote.test"
 class Node:
     srv: ThreadedServer
     url: str
+    data: Path
 
     @property
     def store(self) -> PostgresStore:
@@ -69,10 +77,11 @@ def node(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Ite
     if not pg_cluster.running:
         pg_cluster.start()
     url = pg_cluster.url(pg_cluster.create_database())
-    srv = ThreadedServer(_config(tmp_path_factory.mktemp("pgnode") / "data", url), delivery=False)
+    data = tmp_path_factory.mktemp("pgnode") / "data"
+    srv = ThreadedServer(_config(data, url), delivery=False)
     srv.start()
     try:
-        yield Node(srv, url)
+        yield Node(srv, url, data)
     finally:
         srv.stop()
 
@@ -294,6 +303,11 @@ def test_large_body_as_chunk_rows_never_held_whole(node: Node, size: int) -> Non
             skip = max(0, skip - len(data))
     assert digest.hexdigest() == sent_digest
     assert rows(node.url, "SELECT count(*) FROM staged") == [(0,)]
+    # Nothing of it counts as backlog (bytes not yet in the database) any more.
+    assert node.srv.call(lambda: node.store.backlog_bytes) == 0
+    # The body waited in an unnamed file of the node's private spool folder.
+    spool = node.data / "spool"
+    assert spool.stat().st_mode & 0o777 == 0o700 and list(spool.iterdir()) == []
 
 
 # ------------------------------------------------------------------------- outages
@@ -375,6 +389,67 @@ async def test_schema_at_start_two_stores_at_once(pg_url: str, tmp_path: Path) -
         ("B1",),
         ("B2",),
     ]
+
+
+async def test_batch_refusing_one_message_session_log_and_orphans(
+    pg_url: str, tmp_path: Path
+) -> None:
+    store = open_store("postgresql", tmp_path / "data", database_url=pg_url)
+    assert isinstance(store, PostgresStore)
+    await store.start()
+    try:
+        writer = store.begin(_envelope("C0"))
+        writer.write(b"first\r\n")
+        assert await writer.commit() == "C0"
+        # Handed over in one loop turn: one transaction; the id already
+        # stored fails alone, the others are stored.
+        commits = store.stats.commits
+        futures = []
+        for queue_id in ("C1", "C0", "C2"):
+            writer = store.begin(_envelope(queue_id))
+            writer.write(f"{queue_id}\r\n".encode())
+            futures.append(writer.start_commit())
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        assert outcomes[0] == "C1" and outcomes[2] == "C2"
+        assert isinstance(outcomes[1], StoreError) and "C0" in str(outcomes[1])
+        assert store.stats.commits == commits + 1
+        assert stored_body(pg_url, "C0") == b"first\r\n"
+
+        # The session log keeps the newest ``keep``, trimmed now and then.
+        for n in range(100):
+            store.log_session(
+                {"id": f"S{n}", "started_at": "t", "ended_at": "t", "client_ip": "192.0.2.1"},
+                keep=5,
+            )
+        await async_wait_until(
+            lambda: rows(pg_url, "SELECT count(*) FROM sessions") == [(5,)],
+            "the session log trimmed to 5",
+        )
+        kept = rows(pg_url, "SELECT id, node FROM sessions ORDER BY seq DESC")
+        assert kept == [(f"S{n}", store.node) for n in range(99, 94, -1)]
+
+        # A body staged by a node that died before its commit goes after an hour.
+        with psycopg.connect(pg_url) as conn:
+            for queue_id, age in (("OLD", "2 hours"), ("NEW", "1 minute")):
+                conn.execute(
+                    "INSERT INTO staged (queue_id, node, started_at)"
+                    " VALUES (%s, 'gone:1', now() - %s::interval)",
+                    (queue_id, age),
+                )
+                conn.execute(
+                    "INSERT INTO chunks (queue_id, seq, data) VALUES (%s, 0, 'x')", (queue_id,)
+                )
+        store._orphans_due = 0.0  # housekeeping looked at start; it looks again now
+        await asyncio.to_thread(store.prune, Retention())
+        assert rows(pg_url, "SELECT queue_id FROM staged") == [("NEW",)]
+        assert rows(pg_url, "SELECT DISTINCT queue_id FROM chunks ORDER BY 1") == [
+            ("C0",),
+            ("C1",),
+            ("C2",),
+            ("NEW",),
+        ]
+    finally:
+        await store.close()
 
 
 def test_unreachable_database_stops_the_start(tmp_path: Path) -> None:

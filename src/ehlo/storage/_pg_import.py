@@ -347,8 +347,9 @@ class _Import:
         ]
         if not rows:
             return
-        new = sorted(set(_returned(cur, _INSERT_QUEUE, rows)))
-        self.report.queue_entries += sum(1 for row in rows if row[0] in new)
+        returned = _returned(cur, _INSERT_QUEUE, rows)
+        self.report.queue_entries += len(returned)
+        new = sorted(set(returned))
         if not new or "attempts" not in self.tables:
             return
         marks = ", ".join("?" * len(new))

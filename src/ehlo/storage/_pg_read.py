@@ -125,12 +125,13 @@ def _body(conn: Any, queue_id: str, size: int) -> bytes:
     """
     if not size:
         return b""
-    pieces = [
-        data
-        for (data,) in conn.cursor(binary=True).stream(
-            "SELECT data FROM chunks WHERE queue_id = %s ORDER BY seq", (queue_id,)
-        )
-    ]
+    with conn.cursor(binary=True) as cursor:  # bytea as it is stored, not as hex text
+        pieces = [
+            data
+            for (data,) in cursor.stream(
+                "SELECT data FROM chunks WHERE queue_id = %s ORDER BY seq", (queue_id,)
+            )
+        ]
     found = sum(len(piece) for piece in pieces)
     if found != size:
         raise StoreError(f"message {queue_id}: body: {found} octets stored, expected {size}")
@@ -373,22 +374,26 @@ def _xmax(snapshot: str) -> int:
 
 
 def _newer_rows(conn: Any, mark: object | None, columns: str) -> tuple[list[Any], SnapshotMark]:
-    """The rows committed since ``mark`` (oldest first) and the mark of now."""
-    _one_snapshot(conn)
-    snapshot = str(conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0])
-    now = SnapshotMark(snapshot, _xmax(snapshot))
-    # A mark from another store, or from a database whose transactions went
-    # back (restored from a backup), counts as none.
-    if not isinstance(mark, SnapshotMark) or mark.xmax > now.xmax:
-        return [], now
+    """The rows committed since ``mark`` (oldest first) and the mark of now.
+
+    One statement: the snapshot it reads with is the snapshot it reports.
+    """
+    if not isinstance(mark, SnapshotMark):  # a mark from another store counts as none
+        snapshot = str(conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0])
+        return [], SnapshotMark(snapshot, _xmax(snapshot))
     rows = conn.execute(
-        f"SELECT {columns} FROM messages"
-        " WHERE xid >= pg_snapshot_xmin(%s::pg_snapshot)"
-        " AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)"
-        " ORDER BY seq",
+        f"SELECT pg_current_snapshot()::text, m.* FROM (SELECT 1) one"
+        f" LEFT JOIN LATERAL (SELECT seq, {columns} FROM messages"
+        "  WHERE xid >= pg_snapshot_xmin(%s::pg_snapshot)"
+        "  AND NOT pg_visible_in_snapshot(xid, %s::pg_snapshot)) m ON true"
+        " ORDER BY m.seq",
         (mark.snapshot, mark.snapshot),
     ).fetchall()
-    return rows, now
+    snapshot = str(rows[0][0])
+    now = SnapshotMark(snapshot, _xmax(snapshot))
+    if mark.xmax > now.xmax:  # the database went back (restored from a backup)
+        return [], now
+    return [row[2:] for row in rows if row[1] is not None], now
 
 
 def newer(conn: Any, mark: object | None) -> tuple[Sequence[StoredMessage], object]:
