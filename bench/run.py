@@ -10,8 +10,11 @@ Every server is started on a free loopback port, one after the other, and
 driven by Postfix's smtp-source; see bench/README.md for the workloads, the
 columns and how to read the ratios. Postfix (bench/postfix.py, a private
 instance that keeps every message in its queue) is the durable reference
-of W1 and W2. Standard library only (the W6 DNS server borrows
-tests/dnsserver.py, which needs dnspython from the project venv).
+of W1 and W2. The PostgreSQL rows (one node, and two nodes on one
+database) store into a throwaway PostgreSQL (bench/pgcluster.py, the tests'
+own) and measure its CPU apart from ehlo's. Standard library only (the W6
+DNS server borrows tests/dnsserver.py, which needs dnspython from the
+project venv).
 The table goes to stdout, progress to stderr, the whole result to
 bench/results/<UTC timestamp>.json and bench/results/latest.json.
 """
