@@ -459,8 +459,9 @@ def test_bench_runs_postgresql_rows_one_node_and_two(
                for key in ("ehlo-pg", "ehlo-pg-2n"))  # fmt: skip
     database = urllib.parse.urlsplit(pg_url).path.lstrip("/")
     assert int(pg_cluster.psql(database, "SELECT count(*) FROM messages")) == sent
+    # Stored by three processes at least (a node is host:pid): the one node and both of the two.
     nodes = pg_cluster.psql(database, "SELECT count(DISTINCT node) FROM messages")
-    assert int(nodes) >= 2
+    assert int(nodes) >= 3
     # The verdicts follow from the figures.
     by_name = {t["target"]: t for t in report["targets"]}
     name = "W2 postgresql two nodes >= 85% of one"
