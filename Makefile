@@ -94,15 +94,21 @@ fmt: setup
 # MESSAGES_ARGS=... to bench/messages.py (`ehlo messages` on a store of 100,000 messages),
 # RELAY_ARGS=... to bench/relay.py (R1 relaying against Postfix, R2 a queue at rest),
 # which `make bench-relay` runs alone, WEB_ARGS=... to bench/web.py (the HTTP API on
-# 100,000 messages: a page, a search, wait).
+# 100,000 messages: a page, a search, wait), PG_BODIES_ARGS=... to bench/pg_bodies.py
+# (bodies as chunk rows or large objects) and PG_DRIVER_ARGS=... to bench/pg_driver.py
+# (psycopg against asyncpg), both on a throwaway PostgreSQL.
 MESSAGES_ARGS ?=
 RELAY_ARGS ?=
 WEB_ARGS ?=
+PG_BODIES_ARGS ?=
+PG_DRIVER_ARGS ?=
 bench: setup
 	bash bench/setup.sh
 	$(BIN)/python bench/run.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 	$(BIN)/python bench/messages.py $(if $(QUICK),--quick) $(MESSAGES_ARGS)
 	$(BIN)/python bench/web.py $(if $(QUICK),--quick) $(WEB_ARGS)
+	$(BIN)/python bench/pg_bodies.py $(if $(QUICK),--quick) $(PG_BODIES_ARGS)
+	$(BIN)/python bench/pg_driver.py $(if $(QUICK),--quick) $(PG_DRIVER_ARGS)
 	$(BIN)/python bench/relay.py $(if $(QUICK),--quick) $(RELAY_ARGS)
 
 bench-relay: setup

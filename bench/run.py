@@ -10,8 +10,11 @@ Every server is started on a free loopback port, one after the other, and
 driven by Postfix's smtp-source; see bench/README.md for the workloads, the
 columns and how to read the ratios. Postfix (bench/postfix.py, a private
 instance that keeps every message in its queue) is the durable reference
-of W1 and W2. Standard library only (the W6 DNS server borrows
-tests/dnsserver.py, which needs dnspython from the project venv).
+of W1 and W2. The PostgreSQL rows (one node, and two nodes on one
+database) store into a throwaway PostgreSQL (bench/pgcluster.py, the tests'
+own) and measure its CPU apart from ehlo's. Standard library only (the W6
+DNS server borrows tests/dnsserver.py, which needs dnspython from the
+project venv).
 The table goes to stdout, progress to stderr, the whole result to
 bench/results/<UTC timestamp>.json and bench/results/latest.json.
 """
@@ -38,12 +41,15 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pgcluster as _pgcluster  # bench/pgcluster.py: the throwaway PostgreSQL
 import postfix as _postfix  # bench/postfix.py: the private Postfix instance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,11 +212,16 @@ def reset_hwm(pids: Sequence[int]) -> None:
             handle.write("5")
 
 
-class RSSSampler:
-    """Samples the RSS of a process tree every ``interval`` seconds in a thread."""
+def trees(roots: Sequence[int]) -> list[int]:
+    """The processes of several trees (several nodes of one row)."""
+    return [pid for root in roots for pid in tree_pids(root)]
 
-    def __init__(self, root: int, interval: float = 0.05) -> None:
-        self.root = root
+
+class RSSSampler:
+    """Samples the RSS of a process tree (or several) every ``interval`` seconds in a thread."""
+
+    def __init__(self, root: int | Sequence[int], interval: float = 0.05) -> None:
+        self.roots = [root] if isinstance(root, int) else list(root)
         self.interval = interval
         self.peak_total = 0
         self.peak_per_pid: dict[int, int] = {}
@@ -227,11 +238,11 @@ class RSSSampler:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        pids = tree_pids(self.root)
+        pids = trees(self.roots)
         refreshed = time.monotonic()
         while True:
             if time.monotonic() - refreshed > 1.0:
-                pids = tree_pids(self.root) or pids
+                pids = trees(self.roots) or pids
                 refreshed = time.monotonic()
             total = 0
             for pid in pids:
@@ -279,68 +290,125 @@ class ServerSpec:
     reaped_everywhere: bool = False
     # Asks the server to stop (before its process group gets SIGTERM): (data, process).
     stop: Callable[[Path, subprocess.Popen[bytes]], None] | None = None
+    # Processes started from argv, each on its own port and data folder; the
+    # clients of a run are split between them (two ehlo nodes on one database).
+    nodes: int = 1
+    # The pid of the database server the row stores into (PostgreSQL's
+    # postmaster): its tree's CPU is measured beside the server's.
+    database_pid: Callable[[], int | None] | None = None
+    # The arguments that serve /metrics on a given HTTP port (ehlo's commit
+    # latency), appended to argv's.
+    metrics_argv: Callable[[int], list[str]] | None = None
 
 
 class RunningServer:
-    """A started server: its process group, log file and port."""
+    """A started server: its process group, log file and port.
+
+    A spec of several ``nodes`` starts that many processes, each in its own
+    process group with its own port, data folder and log; ``port``,
+    ``proc``, ``data`` and ``log_path`` are the first node's, ``ports`` and
+    ``roots`` all of them.
+    """
 
     def __init__(self, spec: ServerSpec, workdir: Path, *, pin: bool, tag: str = "") -> None:
         self.spec = spec
-        self.port = free_port()
         name = spec.key + (f"-{tag}" if tag else "")
         self.data = workdir / name
         self.data.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"{name}.log"
+        self.ports: list[int] = []
+        self.http_ports: list[int] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.log_paths: list[Path] = []
+        self._logs: list[Any] = []
+        self.argvs: list[list[str]] = []
+        _LIVE.add(self)
         try:
-            argv = spec.argv(self.port, self.data)
+            for node in range(spec.nodes):
+                self._start_node(node, workdir, name, pin)
+        except ServerError:
+            self.stop()
+            raise
+        self.port = self.ports[0]
+        self.proc = self.procs[0]
+        self.argv = self.argvs[0]
+
+    def _start_node(self, node: int, workdir: Path, name: str, pin: bool) -> None:
+        spec = self.spec
+        port = free_port()
+        data = self.data if node == 0 else workdir / f"{name}-n{node + 1}"
+        data.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_path if node == 0 else workdir / f"{name}-n{node + 1}.log"
+        try:
+            argv = spec.argv(port, data)
+            if spec.metrics_argv is not None:
+                http = free_port()
+                argv += spec.metrics_argv(http)
+                self.http_ports.append(http)
         except RuntimeError as exc:  # e.g. a configuration its own check refused
             raise ServerError(str(exc)) from None
         if pin:
             argv = ["taskset", "-c", "0", *argv]
-        self.argv = argv
         env = {**os.environ, "PATH": SBIN_PATH, **spec.env}
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         try:
-            self.proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 argv,
                 cwd=spec.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=self._log,
+                stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as a whole
             )
         except OSError as exc:
-            self._log.close()
+            log.close()
             raise ServerError(f"cannot start {argv[0]}: {exc}") from None
-        _LIVE.add(self)
+        self.ports.append(port)
+        self.procs.append(proc)
+        self.log_paths.append(log_path)
+        self._logs.append(log)
+        self.argvs.append(argv)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def roots(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
     def log_tail(self, lines: int = 8) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
+        tails = []
+        for path in self.log_paths:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            tails.append("\n".join(text.strip().splitlines()[-lines:]))
+        return "\n".join(tail for tail in tails if tail)
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return bool(self.procs) and all(proc.poll() is None for proc in self.procs)
 
     def wait_ready(self, timeout: float = 30.0) -> str:
-        """Wait until the server answers with a 220 banner; return the banner."""
+        """Wait until every node answers with a 220 banner; return the (first) banner."""
+        banners = [self._wait_port(port, timeout) for port in self.ports]
+        return banners[0]
+
+    def _wait_port(self, port: int, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         last = "no answer"
         while time.monotonic() < deadline:
             if not self.alive():
+                codes = ", ".join(str(proc.returncode) for proc in self.procs
+                                  if proc.returncode is not None)  # fmt: skip
                 raise ServerError(
-                    f"exited with status {self.proc.returncode} before accepting: "
+                    f"exited with status {codes} before accepting: "
                     f"{self.log_tail(4) or '(no output)'}"
                 )
             try:
-                with socket.create_connection((HOST, self.port), timeout=2.0) as sock:
+                with socket.create_connection((HOST, port), timeout=2.0) as sock:
                     sock.settimeout(5.0)
                     reply = read_reply(sock)
                     if reply.startswith(b"220"):
@@ -352,29 +420,34 @@ class RunningServer:
             except (OSError, RunError) as exc:
                 last = str(exc)
             time.sleep(0.1)
-        raise ServerError(f"not accepting on {HOST}:{self.port} after {timeout:g}s ({last})")
+        raise ServerError(f"not accepting on {HOST}:{port} after {timeout:g}s ({last})")
 
     def stop(self) -> None:
-        """SIGTERM to the process group, SIGKILL after 10 s; always closes the log."""
+        """SIGTERM to each process group, SIGKILL after 10 s; always closes the logs."""
         try:
-            if self.alive() and self.spec.stop is not None:
-                self.spec.stop(self.data, self.proc)
-            if self.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(timeout=10)
-            else:
-                # The leader is gone; make sure no child of it is left either.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
+            for proc in self.procs:
+                self._stop_one(proc)
         finally:
-            self._log.close()
+            for log in self._logs:
+                log.close()
             _LIVE.discard(self)
+
+    def _stop_one(self, proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None and self.spec.stop is not None:
+            self.spec.stop(self.data, proc)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        else:
+            # The leader is gone; make sure no child of it is left either.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 _LIVE: set[RunningServer] = set()
@@ -539,29 +612,49 @@ class Run:
     peak_rss_process: int  # bytes, the largest single process
     other_cpu: float = 0.0  # CPU seconds used by the rest of the machine (noise)
     steal: float = 0.0  # CPU seconds the hypervisor took (noise)
+    database_cpu: float | None = None  # CPU seconds of the database's processes (PostgreSQL)
+    # ehlo_store_commit_seconds during the run: {upper bound: count} (cumulative, "+Inf" last)
+    commit_buckets: dict[str, float] | None = None
 
     def msg_s(self) -> float:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
 
 def smtp_source(
-    port: int, workload: Workload, messages: int, *, timeout: float, pin: bool
+    port: int | Sequence[int], workload: Workload, messages: int, *, timeout: float, pin: bool
 ) -> tuple[float, float]:
-    """Run smtp-source once; return (wall seconds, its CPU seconds)."""
-    argv = [shutil.which("smtp-source", path=SBIN_PATH) or "/usr/sbin/smtp-source"]
-    argv += [*workload.argv(messages), "-M", HELO_NAME, f"{HOST}:{port}"]
-    if pin:
-        argv = ["taskset", "-c", "1", *argv]
+    """Run smtp-source once; return (wall seconds, its CPU seconds).
+
+    With several ports (the nodes of one row) one smtp-source per port runs
+    at the same time, the sessions and messages split evenly between them;
+    the wall time is until the last one ends.
+    """
+    ports = [port] if isinstance(port, int) else list(port)
+    binary = shutil.which("smtp-source", path=SBIN_PATH) or "/usr/sbin/smtp-source"
+    share = dataclasses.replace(workload, sessions=max(1, workload.sessions // len(ports)))
+    counts = [messages // len(ports) + (1 if i < messages % len(ports) else 0)
+              for i in range(len(ports))]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    procs: list[subprocess.Popen[bytes]] = []
+    outputs: list[bytes] = []
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        for node_port, count in zip(ports, counts, strict=True):
+            argv = [binary, *share.argv(count), "-M", HELO_NAME, f"{HOST}:{node_port}"]
+            if pin:
+                argv = ["taskset", "-c", "1", *argv]
+            procs.append(subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            ))  # fmt: skip
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            output, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            outputs.append(output)
     except BaseException as exc:  # a timeout, or Ctrl-C / SIGTERM of the runner
-        proc.kill()
-        proc.communicate()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
         if not isinstance(exc, subprocess.TimeoutExpired):
             raise
         raise RunError(
@@ -569,41 +662,109 @@ def smtp_source(
         ) from None
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        text = output.decode(errors="replace").strip().splitlines()
-        raise RunError(
-            f"smtp-source exit {proc.returncode}: {' | '.join(text[-3:]) or '(no output)'}"
-        )
+    for proc, output in zip(procs, outputs, strict=True):
+        if proc.returncode != 0:
+            text = output.decode(errors="replace").strip().splitlines()
+            raise RunError(
+                f"smtp-source exit {proc.returncode}: {' | '.join(text[-3:]) or '(no output)'}"
+            )
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return seconds, cpu
+
+
+COMMIT_METRIC = "ehlo_store_commit_seconds_bucket"
+
+
+def commit_buckets(http_ports: Sequence[int]) -> dict[str, float] | None:
+    """``ehlo_store_commit_seconds``'s buckets from each node's /metrics, summed (None: none)."""
+    total: dict[str, float] = {}
+    for port in http_ports:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as answer:
+                text = answer.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            match = re.match(COMMIT_METRIC + r'\{le="([^"]+)"\} (\S+)', line)
+            if match:
+                total[match.group(1)] = total.get(match.group(1), 0.0) + float(match.group(2))
+    return total or None
+
+
+def bucket_delta(before: dict[str, float] | None,
+                 after: dict[str, float] | None) -> dict[str, float] | None:  # fmt: skip
+    if before is None or after is None:
+        return None
+    return {le: after[le] - before.get(le, 0.0) for le in after}
+
+
+def quantile(buckets: dict[str, float], q: float) -> float | None:
+    """The q-quantile of a cumulative histogram, interpolated within its bucket (seconds).
+
+    As Prometheus's histogram_quantile does: linear between the bucket's
+    lower and upper bounds; in the +Inf bucket, the largest finite bound.
+    """
+    bounds = sorted(((float(le), n) for le, n in buckets.items()), key=lambda b: b[0])
+    if not bounds or bounds[-1][1] <= 0:
+        return None
+    rank = q * bounds[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in bounds:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            inside = count - below
+            return lower + (upper - lower) * ((rank - below) / inside if inside else 0.0)
+        lower, below = upper, count
+    return lower
 
 
 def measure(
     server: RunningServer, workload: Workload, messages: int, *, timeout: float, pin: bool
 ) -> Run:
-    pids = tree_pids(server.pid)
-    if not pids:
+    roots = server.roots
+    pids = trees(roots)
+    if not all(tree_pids(root) for root in roots):
         raise RunError("the server is not running")
     reset_hwm(pids)
     tree = tree_cpu if server.spec.reaped_everywhere else cpu_seconds
-    cpu_before = tree(server.pid, pids)
+
+    def cpu(pid_sets: dict[int, list[int]]) -> float:
+        return sum(tree(root, found) for root, found in pid_sets.items())
+
+    by_root = {root: tree_pids(root) for root in roots}
+    cpu_before = cpu(by_root)
+    database = server.spec.database_pid() if server.spec.database_pid else None
+    db_pids = tree_pids(database) if database else []
+    db_before = tree_cpu(database, db_pids) if database else 0.0
+    commits_before = commit_buckets(server.http_ports) if server.http_ports else None
     system_before, steal_before = system_cpu()
     self_before = _self_cpu()
-    with RSSSampler(server.pid) as sampler:
-        seconds, client_cpu = smtp_source(server.port, workload, messages, timeout=timeout, pin=pin)
+    with RSSSampler(roots) as sampler:
+        seconds, client_cpu = smtp_source(server.ports, workload, messages, timeout=timeout,
+                                          pin=pin)  # fmt: skip
     system_after, steal_after = system_cpu()
     self_used = _self_cpu() - self_before
-    pids_after = tree_pids(server.pid)
-    if not pids_after:
+    after_by_root = {root: tree_pids(root) for root in roots}
+    pids_after = [pid for found in after_by_root.values() for pid in found]
+    if not all(after_by_root.values()):
         raise RunError(f"the server died during the run: {server.log_tail(3)}")
-    cpu_after = tree(server.pid, sorted(set(pids) | set(pids_after)))
+    cpu_after = cpu({root: sorted(set(by_root[root]) | set(after_by_root[root]))
+                     for root in roots})  # fmt: skip
+    database_cpu = None
+    if database:
+        db_after = tree_cpu(database, sorted(set(db_pids) | set(tree_pids(database))))
+        database_cpu = max(0.0, db_after - db_before)
+    commits = bucket_delta(commits_before, commit_buckets(server.http_ports)) \
+        if server.http_ports else None
     hwm = {pid: _status_kib(pid, "VmHWM") * 1024 for pid in pids_after}
     per_pid = {pid: max(sampler.peak_per_pid.get(pid, 0), hwm.get(pid, 0)) for pid in pids_after}
     peak_total = sampler.peak_total
     if len(pids_after) == 1:  # VmHWM is exact for one process
         peak_total = max(peak_total, hwm[pids_after[0]])
     server_cpu = max(0.0, cpu_after - cpu_before)
-    other = system_after - system_before - server_cpu - client_cpu - self_used
+    other = (system_after - system_before - server_cpu - client_cpu - self_used
+             - (database_cpu or 0.0))  # fmt: skip
     return Run(
         messages=messages,
         seconds=seconds,
@@ -613,6 +774,8 @@ def measure(
         peak_rss_process=max(per_pid.values(), default=0),
         other_cpu=max(0.0, other),
         steal=max(0.0, steal_after - steal_before),
+        database_cpu=database_cpu,
+        commit_buckets=commits,
     )
 
 
@@ -701,8 +864,34 @@ def summarize(
         "peak_rss_mib": max(r.peak_rss for r in runs) / MIB,
         "peak_rss_process_mib": max(r.peak_rss_process for r in runs) / MIB,
         "warmup": {"messages": warm.messages, "msg_s": warm.msg_s()},
+        **store_figures(runs),
         "runs": [dataclasses.asdict(r) | {"msg_s": r.msg_s()} for r in runs],
     }
+
+
+def store_figures(runs: list[Run]) -> dict[str, Any]:
+    """The database's CPU per 1,000 messages and the commit latency, where measured.
+
+    The commit latency's quantiles come from the ``ehlo_store_commit_seconds``
+    histogram of the runs together (every node's /metrics, before and after
+    each run): interpolated within the histogram's buckets, so indicative.
+    """
+    out: dict[str, Any] = {}
+    db = [r.database_cpu / r.messages * 1000 for r in runs if r.database_cpu is not None]
+    if db:
+        out["database_cpu_s_per_1k"] = statistics.median(db)
+    merged: dict[str, float] = {}
+    for run in runs:
+        for le, count in (run.commit_buckets or {}).items():
+            merged[le] = merged.get(le, 0.0) + count
+    if merged and merged.get("+Inf", 0.0) > 0:
+        p50, p90 = quantile(merged, 0.5), quantile(merged, 0.9)
+        out["commit_ms"] = {
+            "p50": p50 * 1000 if p50 is not None else None,
+            "p90": p90 * 1000 if p90 is not None else None,
+            "count": int(merged["+Inf"]),
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -793,8 +982,11 @@ def ehlo_features() -> dict[str, bool]:
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         text = ""
-    flags = ("helo-policy", "dns-server", "workers", "no-transcripts")
-    return {flag: f"--{flag}" in text for flag in flags}
+    flags = ("helo-policy", "dns-server", "workers", "no-transcripts", "http")
+    found = {flag: f"--{flag}" in text for flag in flags}
+    # `--store postgresql://...`; without it the URL goes in the config file.
+    found["store-url"] = "postgresql://" in text
+    return found
 
 
 def ehlo_spec(
@@ -809,20 +1001,31 @@ def ehlo_spec(
     log_level: str = "WARNING",
     workers: int | None = None,
     extra: tuple[str, ...] = (),
+    database: PgDatabase | None = None,
+    nodes: int = 1,
 ) -> ServerSpec:
     def argv(port: int, data: Path) -> list[str]:
         config = data.parent / f"{data.name}.toml"
         # ehlo limits connections per client IP (50), in total (1000) and per IP
         # per minute (300, loopback exempt): W4 holds 5,000 from 127.0.0.2-11.
-        config.write_text(
+        text = (
             f"max_connections = {opts.idle + 1000}\nmax_connections_per_ip = {opts.idle + 1000}\n"
             "max_connection_rate = 0\n"
         )
+        store_args = ["--store", store]
+        if database is not None:
+            url = database.url()
+            if features["store-url"]:
+                store_args = ["--store", url]
+            else:  # the keys `--store postgresql://...` sets
+                store_args = []
+                text += f'store = "postgresql"\ndatabase_url = {json.dumps(url)}\n'
+        config.write_text(text)
         cmd = [
             str(EHLO), "serve",
             "--listen", f"{HOST}:{port}",
             "--data", str(data),
-            "--store", store,
+            *store_args,
             "--config", str(config),
             "--no-tls",
             "--no-reverse-dns",
@@ -847,9 +1050,67 @@ def ehlo_spec(
             return "--ehlo-workers given but `ehlo serve` has no --workers"
         if greeting_dns is not None and not (features["helo-policy"] and features["dns-server"]):
             return "`ehlo serve` has no --helo-policy/--dns-server yet"
+        if database is not None:
+            return database.check()
         return None
 
-    return ServerSpec(key, label, "ehlo", workloads, argv, check=check)
+    def metrics_argv(http_port: int) -> list[str]:
+        return ["--http", f"{HOST}:{http_port}"]  # /metrics: the commit latency
+
+    return ServerSpec(key, label, "ehlo", workloads, argv, check=check, nodes=nodes,
+                      database_pid=database.postmaster if database is not None else None,
+                      metrics_argv=metrics_argv if features["http"] else None)  # fmt: skip
+
+
+class PgDatabase:
+    """A database of the run's PostgreSQL for one row (``bench/pgcluster.py``).
+
+    The cluster is started once for every PostgreSQL row, on first use; a
+    row's nodes share its database. ``--pg-url`` uses a database of yours
+    instead (every row then stores into it).
+    """
+
+    def __init__(self, holder: dict[str, Any], opts: argparse.Namespace) -> None:
+        self.holder = holder
+        self.opts = opts
+        self._url: str | None = None
+
+    def check(self) -> str | None:
+        if self.opts.pg_url:
+            return None
+        if _pgcluster.pg_bin() is None:
+            return "PostgreSQL is not installed (make test-deps)"
+        return None
+
+    def url(self) -> str:
+        if self._url is None:
+            if self.opts.pg_url:
+                self._url = str(self.opts.pg_url)
+            else:
+                cluster = self.holder["cluster"]
+                self._url = str(cluster.url(cluster.create_database()))
+        return self._url
+
+    def postmaster(self) -> int | None:
+        """The postmaster's pid (its tree is every PostgreSQL process), when it runs here.
+
+        The run's own PostgreSQL writes it in ``postmaster.pid``; a server of
+        ``--pg-url`` reached on a Unix socket has it in the socket's lock
+        file (``DIR/.s.PGSQL.PORT.lock``, first line).
+        """
+        cluster = self.holder.get("cluster")
+        if cluster is not None:
+            path = cluster.data / "postmaster.pid"
+        else:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.url()).query)
+            host, port = query.get("host", [""])[0], query.get("port", ["5432"])[0]
+            if not host.startswith("/"):
+                return None  # over TCP: perhaps another machine
+            path = Path(host) / f".s.PGSQL.{port}.lock"
+        try:
+            return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
 
 def reference_specs(opts: argparse.Namespace) -> list[ServerSpec]:
@@ -1111,6 +1372,21 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio_target(
         "W6 W1 greeting on >= 85% of off", "W1", "msg_s", "ehlo-sqlite", 0.85, base="ehlo-greeting"
     )
+    # Issue 19: the PostgreSQL store, one node against SQLite, two nodes against one.
+    ratio_target("W2 postgresql >= 70% of sqlite", "W2", "msg_s", "ehlo-sqlite", 0.7,
+                 base="ehlo-pg")  # fmt: skip
+    pg_rss = _median(results, "W3", "ehlo-pg", "peak_rss_process_mib")
+    out.append(
+        {
+            "target": "W3 postgresql peak RSS < 60 MiB per process",
+            "value": pg_rss,
+            "need": 60.0,
+            "pass": None if pg_rss is None else pg_rss < 60.0,
+            "figure": f"{pg_rss:.1f} MiB" if pg_rss is not None else "not measured",
+        }
+    )
+    ratio_target("W2 postgresql two nodes >= 85% of one", "W2", "msg_s", "ehlo-pg", 0.85,
+                 base="ehlo-pg-2n")  # fmt: skip
     # W6's figure comes from the ehlo-greeting server's W1 row.
     return out  # fmt: skip
 
@@ -1148,6 +1424,30 @@ def durable(results: dict[str, Any]) -> list[str]:
             f"  {workload}  ehlo sqlite {cells[0]:<34} Postfix {cells[1]:<34}"
             f" {speed}x the rate, {cpu_ratio}x less CPU per message"
         )
+    return lines
+
+
+STORE_ROWS = ("ehlo-sqlite", "ehlo-pg", "ehlo-pg-2n")
+
+
+def store_lines(results: dict[str, Any], labels: dict[str, str]) -> list[str]:
+    """SQLite and PostgreSQL side by side: rate, CPU of ehlo and of PostgreSQL, commit latency."""
+    lines: list[str] = []
+    for workload in ("W1", "W2", "W3"):
+        for key in STORE_ROWS:
+            entry = results.get(workload, {}).get(key)
+            if not entry or entry.get("status") != "ok":
+                continue
+            commit = entry.get("commit_ms") or {}
+            latency = (f"{_fmt(commit.get('p50'), '.1f')}/{_fmt(commit.get('p90'), '.1f')} ms"
+                       if commit else "-")  # fmt: skip
+            lines.append(
+                f"  {workload}  {labels.get(key, key):<26} {entry['msg_s']['median']:>8,.0f} msg/s"
+                f"  ehlo {entry['cpu_s_per_1k']:.3f}"
+                f"  postgres {_fmt(entry.get('database_cpu_s_per_1k'), '.3f'):>5} CPU s/1k"
+                f"  commit p50/p90 {latency:<16}"
+                f" peak RSS {entry['peak_rss_process_mib']:.1f} MiB/process"
+            )
     return lines
 
 
@@ -1236,6 +1536,11 @@ def render(report: dict[str, Any]) -> str:
     skipped = [s for s in report["servers"] if s.get("status") not in ("ok", None)]
     for s in skipped:
         lines.append(f"! {s['label']}: {s['status']}: {_one_line(s.get('error', ''))}")
+    store = store_lines(results, labels)
+    if store:
+        lines += ["", "stores, SQLite and PostgreSQL (medians; CPU of ehlo's processes and of"
+                  " PostgreSQL's apart; commit: end of data to commit, from ehlo's /metrics):"]
+        lines += store
     # Ratios
     lines += ["", "durable, ehlo's SQLite store / Postfix's queue (medians of this run):"]
     lines += durable(results)
@@ -1253,7 +1558,7 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "information (no target):"]
     for item in report.get("information", []):
         lines.append(f"  [info] {item['name']:<40} {item['figure']}")
-    lines += ["", "targets (issue 20):"]
+    lines += ["", "targets (issue 20; the PostgreSQL store: issue 19):"]
     for t in report["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
         lines.append(f"  [{verdict}] {t['target']:<42} {t['figure']}")
@@ -1288,8 +1593,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--servers",
-        default="ehlo-sqlite,ehlo-null,ehlo-sqlite-1w,ehlo-sqlite-notx,postfix,aiosmtpd,node,smtp-sink,"
-        "ehlo-greeting",
+        default="ehlo-sqlite,ehlo-null,ehlo-sqlite-1w,ehlo-sqlite-notx,ehlo-pg,ehlo-pg-2n,postfix,"
+        "aiosmtpd,node,smtp-sink,ehlo-greeting",
         help="comma-separated servers to run (default: all)",
     )
     parser.add_argument(
@@ -1342,6 +1647,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " all started, runs taken in turn)",
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the servers' data and logs")
+    parser.add_argument(
+        "--pg-url",
+        default=None,
+        metavar="URL",
+        help="the PostgreSQL rows store into this database (default: a throwaway PostgreSQL"
+        " started for the run, a database per row; its CPU is then measured too)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for the JSON results")
     opts = parser.parse_args(argv)
     if opts.idle is None:
@@ -1383,6 +1695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     null_wl = tuple(w for w in ("W1", "W2", "W3") if w in wanted or ("W5" in wanted and w != "W3"))
     dns_holder: dict[str, Any] = {}
+    pg_holder: dict[str, Any] = {}
     specs = [
         ehlo_spec("ehlo-sqlite", "ehlo sqlite", "sqlite", ehlo_wl, opts, features),
         ehlo_spec("ehlo-null", "ehlo null", "null", null_wl, opts, features),
@@ -1399,6 +1712,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ehlo_spec("ehlo-greeting", "ehlo sqlite+greeting", "sqlite",
                   ("W1",) if "W6" in wanted else (), opts, features,
                   greeting_dns=lambda: dns_holder["server"].nameserver),
+        # One node on PostgreSQL beside SQLite, and two nodes on one database
+        # (the clients split between them): the cost of coordination.
+        ehlo_spec("ehlo-pg", "ehlo postgresql", "postgresql",
+                  tuple(w for w in ("W1", "W2", "W3") if w in wanted), opts, features,
+                  database=PgDatabase(pg_holder, opts)),
+        ehlo_spec("ehlo-pg-2n", "ehlo postgresql, 2 nodes", "postgresql",
+                  tuple(w for w in ("W2",) if w in wanted), opts, features,
+                  database=PgDatabase(pg_holder, opts), nodes=2),
     ]  # fmt: skip
     specs = [s for s in specs if s.key in opts.server_list and s.workloads]
     workdir = Path(tempfile.mkdtemp(prefix="ehlo-bench-"))
@@ -1438,6 +1759,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             runnable.append(spec)
         with contextlib.ExitStack() as stack:
+            if not opts.pg_url and any(s.database_pid is not None for s in runnable):
+                try:
+                    say("starting a throwaway PostgreSQL (bench/pgcluster.py)")
+                    pg_holder["cluster"] = stack.enter_context(_pgcluster.cluster())
+                except Exception as exc:  # initdb/pg_ctl failed
+                    error = f"PostgreSQL: {_one_line(str(exc))[:300]}"
+                    say(f"PostgreSQL rows skipped: {error}")
+                    for spec in [s for s in runnable if s.database_pid is not None]:
+                        for info in report["servers"]:
+                            if info["key"] == spec.key:
+                                info.update(status="skipped", error=error)
+                        for wl in spec.workloads:
+                            results.setdefault(wl, {})[spec.key] = {"status": "skipped",
+                                                                    "error": error}  # fmt: skip
+                    runnable = [s for s in runnable if s.database_pid is None]
             dns_count: Callable[[], int] | None = None
             if any(s.key == "ehlo-greeting" for s in runnable):
                 try:
@@ -1519,6 +1855,8 @@ def throughput_phase(
                 servers[spec.key] = server
                 info["banner"] = server.wait_ready()
                 info["argv"] = server.argv
+                if len(server.argvs) > 1:
+                    info["node_argvs"] = server.argvs  # every node's command
                 say(f"{spec.label} on port {server.port} (pid {server.pid}): {info['banner']}")
             except ServerError as exc:
                 info.update(status="failed", error=str(exc))

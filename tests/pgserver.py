@@ -13,6 +13,9 @@ each test gets a database of its own (``pg_url``), created in a few tens
 of milliseconds from ``template0``. ``fsync`` stays on: the durability
 tests mean what they say. ``stop`` and ``start`` let a test take the
 database away and bring it back on the same socket and port.
+
+Standard library only (no test helper imported): ``bench/`` starts its
+throwaway PostgreSQL with this same class.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ import itertools
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
-
-from .helpers import free_port
 
 __all__ = ["PgCluster", "PgError", "pg_bin"]
 
@@ -47,6 +49,13 @@ def pg_bin() -> Path | None:
 
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)
     return Path(found[-1]).parent if found else None
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _as_owner() -> list[str]:

@@ -10,7 +10,10 @@ against like; and the same of
 ``bench/messages.py`` (``ehlo messages`` on a generated store) on a tiny store,
 and of ``bench/relay.py`` (R1 relaying through ehlo and a private Postfix to
 smtp-sink, R2 a queue at rest): its Postfix configuration passes ``postfix
-check``, smtp-sink's counters and the generated queue read back right.
+check``, smtp-sink's counters and the generated queue read back right; the
+PostgreSQL rows (one node and two nodes on one database, with PostgreSQL's
+CPU and the commit latency) and ``bench/pg_bodies.py`` and
+``bench/pg_driver.py`` on the session's throwaway PostgreSQL.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,6 +32,7 @@ from typing import Any
 import pytest
 
 from .helpers import require
+from .pgserver import PgCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 SBIN = "/usr/sbin:/sbin"
@@ -49,7 +54,11 @@ def test_bench_runs_ehlo_rows_and_writes_json(tmp_path: Path) -> None:
     argv = {server["key"]: server["argv"] for server in report["servers"]}
     # ehlo as shipped (workers per core) beside the row held to one worker.
     assert "--workers" not in argv["ehlo-sqlite"]
-    assert argv["ehlo-sqlite-1w"][-2:] == ["--workers", "1"]
+    one = argv["ehlo-sqlite-1w"]
+    assert one[one.index("--workers") + 1] == "1"
+    # Each ehlo row serves /metrics on a port of its own (the commit latency).
+    assert all("--http" in argv[key] for key in servers)
+    assert report["results"]["W1"]["ehlo-sqlite"]["commit_ms"]["p90"] > 0
     for key in servers:
         row = report["results"]["W1"][key]
         assert row["status"] == "ok", row
@@ -334,9 +343,11 @@ def test_targets_hold_like_against_like_and_judge_from_the_figures(
                "aiosmtpd": row(2000), "node": row(200), "ehlo-greeting": row(2400)},
         "W2": {"ehlo-sqlite": row(4900, 0.2), "ehlo-null": row(13000), "postfix": row(1000, 2.0),
                "aiosmtpd": row(3000), "node": row(10000), "ehlo-sqlite-notx": row(5000)},
-        "W3": {"ehlo-sqlite": row(100, peak_rss_process_mib=30.0), "node": row(30)},
+        "W3": {"ehlo-sqlite": row(100, peak_rss_process_mib=30.0), "node": row(30),
+               "ehlo-pg": row(90, peak_rss_process_mib=61.0)},
         "W4": {"ehlo-sqlite": {"status": "ok", "kib_per_conn": 6.5, "fresh_ms": {"median": 2.0}}},
     }  # fmt: skip
+    results["W2"] |= {"ehlo-pg": row(3500), "ehlo-pg-2n": row(2900)}
     verdicts = {t["target"]: (t["value"], t["pass"]) for t in bench_run.targets(results)}
     assert verdicts == {
         # ehlo's durable store against Postfix's queue: 3.0x passes, 4.9x is short of 5x.
@@ -352,6 +363,10 @@ def test_targets_hold_like_against_like_and_judge_from_the_figures(
         "W6 W1 greeting on >= 85% of off": (pytest.approx(0.8), False),
         # Transcripts recorded against none: 4,900 of 5,000 is 98%.
         "W2 transcripts on >= 90% of off": (pytest.approx(0.98), True),
+        # PostgreSQL: 3,500 of SQLite's 4,900 is 71%; two nodes 2,900 of one's 3,500, 83%.
+        "W2 postgresql >= 70% of sqlite": (pytest.approx(3500 / 4900), True),
+        "W3 postgresql peak RSS < 60 MiB per process": (61.0, False),
+        "W2 postgresql two nodes >= 85% of one": (pytest.approx(2900 / 3500), False),
     }
     # W5 is information, for W1 and W2.
     info = {item["name"]: item["value"] for item in bench_run.information(results)}
@@ -407,3 +422,117 @@ def test_bench_runs_postfix_durable_rows_and_stops_it(tmp_path: Path) -> None:
         assert "durable, ehlo's SQLite store / Postfix's queue" in result.stdout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.mark.external
+def test_bench_runs_postgresql_rows_one_node_and_two(
+    tmp_path: Path, pg_cluster: PgCluster, pg_url: str
+) -> None:
+    require(shutil.which("smtp-source", path=SBIN) is not None,
+            "smtp-source is missing (make test-deps)")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--runs", "1",
+         "--time-cap", "0.3", "--servers", "ehlo-pg,ehlo-pg-2n", "--workloads", "W2",
+         "--ehlo-workers", "1", "--pg-url", pg_url, "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    rows = report["results"]["W2"]
+    for key in ("ehlo-pg", "ehlo-pg-2n"):
+        assert rows[key]["status"] == "ok", rows[key]
+        # The commit latency from ehlo's /metrics: every message measured was committed.
+        commit = rows[key]["commit_ms"]
+        assert commit["count"] == rows[key]["messages_per_run"]
+        assert 0 < commit["p50"] <= commit["p90"]
+        # PostgreSQL's own CPU, found from the socket's lock file, apart from ehlo's.
+        assert rows[key]["database_cpu_s_per_1k"] > 0
+    # Two nodes: two processes on ports of their own, one database.
+    [two] = [server for server in report["servers"] if server["key"] == "ehlo-pg-2n"]
+    assert len(two["node_argvs"]) == 2 and two["node_argvs"][0] != two["node_argvs"][1]
+    assert {argv[argv.index("--store") + 1] for argv in two["node_argvs"]} == {pg_url}
+    # Both nodes of the two-node row stored into the one database: warm-ups and runs.
+    sent = sum(rows[key]["warmup"]["messages"] + rows[key]["messages_per_run"]
+               for key in ("ehlo-pg", "ehlo-pg-2n"))  # fmt: skip
+    database = urllib.parse.urlsplit(pg_url).path.lstrip("/")
+    assert int(pg_cluster.psql(database, "SELECT count(*) FROM messages")) == sent
+    # Stored by three processes at least (a node is host:pid): the one node and both of the two.
+    nodes = pg_cluster.psql(database, "SELECT count(DISTINCT node) FROM messages")
+    assert int(nodes) >= 3
+    # The verdicts follow from the figures.
+    by_name = {t["target"]: t for t in report["targets"]}
+    name = "W2 postgresql two nodes >= 85% of one"
+    ratio = rows["ehlo-pg-2n"]["msg_s"]["median"] / rows["ehlo-pg"]["msg_s"]["median"]
+    assert by_name[name]["value"] == pytest.approx(ratio)
+    assert by_name[name]["pass"] is (ratio >= 0.85)
+    assert f"[{'PASS' if ratio >= 0.85 else 'FAIL'}] {name}" in result.stdout
+    # No SQLite row in this run: that target has no verdict.
+    assert by_name["W2 postgresql >= 70% of sqlite"]["pass"] is None
+    assert "stores, SQLite and PostgreSQL" in result.stdout
+
+
+def test_pg_bodies_bench_stores_reads_and_deletes_both_ways(
+    tmp_path: Path, pg_cluster: PgCluster, pg_url: str
+) -> None:
+    # Tiny: the wiring, not the figures (those are for make bench).
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "pg_bodies.py"), "--quick", "--runs", "1",
+         "--counts", "4096=3,262144=2,10485760=1", "--database-url", pg_url,
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = tmp_path.glob("pg-bodies-*-quick.json")
+    assert (tmp_path / "pg-bodies-latest.json").read_text() == path.read_text()
+    report = json.loads(path.read_text())
+    rows = {(row["size"], row["way"]): row for row in report["results"]}
+    assert set(rows) == {(size, way) for size in (4096, 262144, 10485760)
+                         for way in ("chunks", "lo")}  # fmt: skip
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["write"]["mb_s"] > 0 and row["read"]["mb_s"] > 0
+        # Every body octet went through the WAL and onto the disk.
+        assert row["write"]["wal_per_body_octet"] >= 1.0
+        assert row["disk_per_body_octet"] >= 1.0
+    assert [c["value"] is not None for c in report["comparison"]] == [True] * 6
+    assert report["fsync"] == "on" and report["synchronous_commit"] == "on"
+    # Deleted both ways: no chunk row and no large object is left.
+    database = urllib.parse.urlsplit(pg_url).path.lstrip("/")
+    left = pg_cluster.psql(database, "SELECT (SELECT count(*) FROM chunks)"
+                           " + (SELECT count(*) FROM pg_largeobject_metadata)")  # fmt: skip
+    assert int(left) == 0
+    assert "chunk rows / large objects" in result.stdout
+
+
+def test_pg_driver_bench_inserts_each_batch_with_each_driver(
+    tmp_path: Path, pg_cluster: PgCluster, pg_url: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "pg_driver.py"), "--quick", "--messages", "20",
+         "--database-url", pg_url, "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    [path] = tmp_path.glob("pg-driver-*-quick.json")
+    report = json.loads(path.read_text())
+    results = report["results"]
+    assert set(results) == {"psycopg executemany", "psycopg copy", "asyncpg executemany",
+                            "asyncpg copy"}  # fmt: skip
+    for name, batches in results.items():
+        assert set(batches) == {"1", "10", "50"}, name
+        for row in batches.values():
+            if name.startswith("asyncpg") and report["asyncpg_note"]:
+                # asyncpg could not be installed: its rows say why instead.
+                assert row == {"status": "skipped", "error": report["asyncpg_note"]}
+                continue
+            assert row["status"] == "ok", (name, row)
+            assert row["msg_s"]["median"] > 0
+    # The last run's rows are in the store's tables: the store's own statement and values.
+    database = urllib.parse.urlsplit(pg_url).path.lstrip("/")
+    last = results["psycopg executemany"]["50"]["runs"][-1]["messages"]
+    assert int(pg_cluster.psql(database, "SELECT count(*) FROM messages")) == last
+    assert int(pg_cluster.psql(database, "SELECT count(*) FROM chunks")) == last
+    assert "asyncpg / psycopg" in result.stdout
