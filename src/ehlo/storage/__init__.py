@@ -95,7 +95,8 @@ def open_store(
             raise StoreError("the postgresql store needs a database URL (database_url)")
         from .postgres import PostgresStore
 
-        return PostgresStore(database_url, retention=retention)
+        # Only the node's own files: bodies waiting for their commit.
+        return PostgresStore(database_url, retention=retention, spool_dir=data_dir / "spool")
     held = stored_kind(data_dir)
     if held is not None and held != kind:
         raise StoreError(

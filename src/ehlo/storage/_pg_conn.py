@@ -38,6 +38,11 @@ CONNECT_TIMEOUT = 5
 STATEMENT_TIMEOUT_MS = 30_000
 # Seconds a caller waits for a pooled connection before giving up.
 POOL_TIMEOUT = 10.0
+# Seconds a pool keeps retrying one lost connection (1 s, then what is left)
+# before it gives up until the next caller asks: its delays double with each
+# attempt, so a longer chain would leave a node minutes behind a database
+# that is back. A caller that finds no connection starts a new chain at once.
+RECONNECT_TIMEOUT = 2.0
 
 
 def is_database_url(text: str) -> bool:
@@ -137,6 +142,12 @@ class Outage:
         self.failures = 0
 
 
+def quiet_pool_logs() -> None:
+    """psycopg_pool logs every failed connection attempt as a warning: during an
+    outage that is a line a second. :class:`Outage` logs it once instead."""
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+
 def _configure(conn: psycopg.Connection[Any]) -> None:
     conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
     conn.commit()
@@ -184,6 +195,7 @@ class Database:
             import psycopg_pool
 
             self._pid = os.getpid()
+            quiet_pool_logs()
             self._pool = psycopg_pool.ConnectionPool(
                 self.url,
                 kwargs=self.kwargs(),
@@ -192,6 +204,7 @@ class Database:
                 timeout=POOL_TIMEOUT,
                 configure=_configure,
                 check=psycopg_pool.ConnectionPool.check_connection,
+                reconnect_timeout=RECONNECT_TIMEOUT,
                 open=True,
                 name="ehlo-sync",
             )
