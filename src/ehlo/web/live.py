@@ -5,7 +5,10 @@ it asks :meth:`ehlo.storage.Store.newer` (a cheap question: SQLite answers
 from ``PRAGMA data_version`` and the search table's rowids) every
 :data:`FAST_POLL` seconds while a client listens or waits, every
 :data:`SLOW_POLL` otherwise, in a thread (the event loop never waits on the
-disk). Each new message becomes a ``message.new`` event with the next
+disk), and at once when the store hints that messages changed
+(:meth:`ehlo.storage.Store.add_listener`: PostgreSQL's ``NOTIFY`` from
+whichever node stored one; the polling stays, since a hint can be lost).
+Each new message becomes a ``message.new`` event with the next
 sequence number; ``message.deleted`` comes from the API's DELETE handlers,
 which call :meth:`LiveHub.deleted` (``hub(request.app).deleted(ids)``);
 ``queue.changed`` is published when the outbound queue's counts per state
@@ -102,6 +105,7 @@ class LiveHub:
         self._task: asyncio.Task[None] | None = None
         self._queue_counts: dict[str, int] | None = None
         self._queue_checked = 0.0
+        self._hinted = False
 
     # -- running
 
@@ -111,6 +115,11 @@ class LiveHub:
             return
         self.closed = False
         await self.sync()
+        if not self._hinted:
+            # A store that hears other processes' writes (PostgreSQL's NOTIFY)
+            # wakes the poll at once; the polling stays, since a hint can be lost.
+            self.store.add_listener(self._hint)
+            self._hinted = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ehlo-web-live")
 
     async def close(self) -> None:
@@ -122,6 +131,11 @@ class LiveHub:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    def _hint(self, topic: str) -> None:
+        """The store's hint that something changed: a new message is asked for now."""
+        if topic == "messages" and not self.closed:
+            self._wake.set()
 
     async def _run(self) -> None:
         while not self.closed:
