@@ -677,6 +677,7 @@ class ServerConfig:
             relay_login=login,
             own_addresses=frozenset(own_addresses),
             ssl_context=self.delivery_ssl_context(),
+            lease=self.delivery_lease,
         )
 
     def delivery_ssl_context(self) -> ssl.SSLContext:

@@ -36,6 +36,9 @@ class DeliverySettings:
     # local is a loop (RFC 5321 section 5.1).
     own_addresses: frozenset[tuple[str, int]] = frozenset()
     ssl_context: ssl.SSLContext | None = None  # the CAs "verify" trusts
+    # Seconds a node's claim on the entries it delivers lasts unless renewed
+    # (a queue several nodes share: ``delivery_lease``); renewed every third.
+    lease: float = 300.0
 
 
 @dataclasses.dataclass(slots=True)

@@ -1,13 +1,21 @@
 """The delivery scheduler: takes due queue entries and hands them on.
 
 One :class:`Scheduler` runs per data folder (``ehlo serve`` runs it in one
-process only), so no recipient is ever delivered by two processes at once.
-Its loop:
+process only), so no recipient is ever delivered by two processes at once;
+on a queue several nodes share (PostgreSQL), one runs per node and the
+queue's leases keep them apart: each entry is taken by one node, under a
+lease the scheduler renews every third of ``lease`` while it holds the
+entry, and housekeeping runs only on the node the queue names
+(``Queue.housekeeper``). Its loop:
 
 1. At start, entries a crash left ``delivering`` are queued again: a
    delivery in flight at a crash is made again (at least once, never lost).
-2. Due entries are read in windows (never the whole queue), marked
-   ``delivering`` and grouped by next hop. Each next hop gets up to
+   (A shared queue leaves a live lease alone: that delivery is another
+   node's; a dead node's entries are taken over once its leases expire.)
+2. Due entries are taken in windows (never the whole queue), marked
+   ``delivering`` (``Queue.take``) and grouped by next hop. The store's
+   hints (``Store.add_listener``: another node queued mail) wake the loop;
+   it polls as well, since a hint can be lost. Each next hop gets up to
    ``per_destination`` connections (``concurrency`` in all); a connection
    carries message after message for its next hop (RSET between refusals),
    each message with all its recipients there, and stays open briefly for
@@ -94,11 +102,18 @@ class Scheduler:
         self._rng = rng if rng is not None else random.Random()
         self._router: Router | None = None
         self._mtasts = mtasts
+        queue.set_lease(settings.lease)
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._ready: dict[str, deque[Job]] = defaultdict(deque)
         self._loaded: set[tuple[str, str]] = set()  # entries in memory
+        # The loaded entries as taken (their leases are renewed while loaded).
+        self._taken: dict[tuple[str, str], QueueEntry] = {}
+        self._renewer: asyncio.Task[None] | None = None
+        # A turn failed and was logged: the failures after it are not (a
+        # database away fails every turn until it is back).
+        self._failing = False
         self._connections: dict[str, int] = defaultdict(int)
         self._active = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -152,7 +167,15 @@ class Scheduler:
                 recovered,
                 extra={"event": "queue_recovered", "count": recovered},
             )
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="ehlo-delivery")
+        loop = asyncio.get_running_loop()
+        self.store.add_listener(self._hint)
+        self._task = loop.create_task(self._run(), name="ehlo-delivery")
+        self._renewer = loop.create_task(self._renewing(), name="ehlo-delivery-leases")
+
+    def _hint(self, topic: str) -> None:
+        """The store says another process changed the queue: look now."""
+        if topic == "queue" and not self._stopping:
+            self.wake()
 
     def wake(self) -> None:
         """Look at the queue now (new mail, a retry asked for)."""
@@ -161,7 +184,8 @@ class Scheduler:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking work; deliveries under way get ``grace`` seconds, then are cut.
 
-        A cut delivery stays ``delivering`` and is made again at the next start.
+        A cut delivery stays ``delivering`` and is made again at the next start
+        (on a shared queue, by whichever node takes it once its lease expired).
         """
         self._stopping = True
         self._wake.set()
@@ -180,6 +204,11 @@ class Scheduler:
             read.cancel()
         self._prefetched.clear()
         await self.drain()
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
         if self._mtasts is not None:
             with contextlib.suppress(Exception):
                 await self._mtasts.close()
@@ -207,9 +236,14 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the scheduler must outlive any one failure
-                log.error("delivery: %s", exc, extra={"event": "delivery_error", "error": str(exc)})
+                if not self._failing:
+                    log.error(
+                        "delivery: %s", exc, extra={"event": "delivery_error", "error": str(exc)}
+                    )
+                self._failing = True
                 await asyncio.sleep(POLL)
                 continue
+            self._failing = False
             wait = POLL  # a full window: woken when half of it is done
             if not full:
                 with contextlib.suppress(StoreError):
@@ -227,16 +261,16 @@ class Scheduler:
         now = self.clock()
         if now - self._housekept >= HOUSEKEEPING:
             self._housekept = now
-            await self._housekeeping(now)
+            if await asyncio.to_thread(self.queue.housekeeper):
+                await self._housekeeping(now)
         room = WINDOW - len(self._loaded)
         if room <= 0:
             self._full = True
             return True
-        due = await asyncio.to_thread(self.queue.due, now, room)
+        due = await asyncio.to_thread(self.queue.take, now, room)
         due = [e for e in due if e.key not in self._loaded]
         if not due:
             return False
-        await asyncio.to_thread(self.queue.claim, due)
         asked = [e for e in due if e.request == "bounce"]
         if asked:
             due = [e for e in due if e.request != "bounce"]
@@ -244,6 +278,7 @@ class Scheduler:
         jobs: dict[tuple[str, str], Job] = {}
         for entry in due:
             self._loaded.add(entry.key)
+            self._taken[entry.key] = entry
             job = jobs.get((entry.next_hop, entry.queue_id))
             if job is None:
                 job = jobs[(entry.next_hop, entry.queue_id)] = Job(entry.queue_id, [])
@@ -252,6 +287,40 @@ class Scheduler:
         self._dispatch()
         self._full = len(self._loaded) >= WINDOW
         return self._full
+
+    async def _renewing(self) -> None:
+        """Renew the leases of the loaded entries every third of the lease, so that
+        a slow delivery keeps them (a queue of one node holds them anyway)."""
+        period = max(0.05, self.settings.lease / 3)
+        failed = False  # logged once until a renewal succeeds
+        while True:
+            await asyncio.sleep(period)
+            self._taken = {k: e for k, e in self._taken.items() if k in self._loaded}
+            held = list(self._taken.values())
+            if not held:
+                continue
+            try:
+                kept = await asyncio.to_thread(self.queue.renew, held)
+            except StoreError as exc:
+                if not failed:
+                    log.warning(
+                        "delivery: renewing %d leases failed: %s",
+                        len(held),
+                        exc,
+                        extra={"event": "queue_error", "error": str(exc)},
+                    )
+                failed = True
+                continue
+            failed = False
+            if kept < len(held):
+                # Loaded here but taken over by another node (this one could not
+                # renew in time): its outcome here will not be recorded.
+                log.warning(
+                    "delivery: %d of %d leases lost to another node",
+                    len(held) - kept,
+                    len(held),
+                    extra={"event": "queue_lease_lost", "count": len(held) - kept},
+                )
 
     async def _bounce_asked(self, entries: Sequence[QueueEntry]) -> None:
         """``ehlo queue bounce``: these recipients fail now, with a notice to the sender."""
@@ -569,6 +638,7 @@ class Scheduler:
     # --- housekeeping ---------------------------------------------------------------
 
     async def _housekeeping(self, now: float) -> None:
+        """Expire the queue's history (on the node ``Queue.housekeeper`` names)."""
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self.queue.expire_history, now - HISTORY_SECONDS)
 
@@ -593,6 +663,7 @@ class Scheduler:
             self._writer = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
+        failed = False  # logged once until the outcomes are written
         while self._updates or self._attempts or self._forget:
             updates, self._updates = self._updates, []
             attempts, self._attempts = self._attempts, []
@@ -600,15 +671,19 @@ class Scheduler:
             try:
                 await asyncio.to_thread(self._write_batch, updates, attempts, forget)
             except StoreError as exc:
-                log.error(
-                    "delivery: recording %d outcomes failed: %s",
-                    len(updates),
-                    exc,
-                    extra={"event": "queue_error", "error": str(exc)},
-                )
+                if not failed:
+                    log.error(
+                        "delivery: recording %d outcomes failed: %s",
+                        len(updates),
+                        exc,
+                        extra={"event": "queue_error", "error": str(exc)},
+                    )
+                failed = True
                 await asyncio.sleep(POLL)
                 self._updates[:0], self._attempts[:0] = updates, attempts
                 self._forget |= forget
+            else:
+                failed = False
 
     def _write_batch(
         self, updates: list[EntryUpdate], attempts: list[Attempt], forget: set[str]

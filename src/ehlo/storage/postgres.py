@@ -190,6 +190,9 @@ class PostgresStore(Store):
             if listener is not None:
                 with contextlib.suppress(Exception):
                     await listener.close()
+            queue = self._queue
+            if queue is not None:  # its housekeeping lock's connection
+                await asyncio.to_thread(queue.close)
             await asyncio.to_thread(self.db.close)
 
     def begin(self, envelope: Envelope) -> MessageWriter:

@@ -194,6 +194,15 @@ class Queue(abc.ABC):
             self.claim(entries)
         return entries
 
+    def close(self) -> None:  # noqa: B027
+        """Release what the queue holds open beyond the store's own connections."""
+
+    def set_lease(self, seconds: float) -> None:  # noqa: B027
+        """How long this node's leases last from a take or a renewal (``delivery_lease``).
+
+        A queue of one node has no leases: this does nothing.
+        """
+
     def renew(self, entries: Sequence[QueueEntry]) -> int:
         """Extend this node's leases on entries it is delivering; how many it still holds.
 
