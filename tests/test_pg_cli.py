@@ -13,8 +13,11 @@ lock the test holds in the middle of its second batch, and run again.
 A 48 MiB body is imported by a process that stays far below the body's
 size. ``ehlo db status``/``migrate`` run on empty and current databases; a
 URL holding a password and a database out of reach are each one line.
+``ehlo messages list``/``show --raw`` and ``ehlo queue list`` answer from
+the imported database as from the SQLite folder, and ``ehlo serve --store
+postgresql://... --workers 2`` migrates a new database and stores there.
 Most commands run in this process (``ehlo.cli.main``); the import that is
-killed and the one that measures memory are subprocesses.
+killed, the one that measures memory, and ``serve`` are subprocesses.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from ehlo.storage.sqlite import _message
 
 from .helpers import free_port, wait_until
 from .pgserver import PgCluster
-from .test_cli import ehlo_cmd, one_line_error
+from .test_cli import HELO_MESSAGE, ehlo_cmd, one_line_error, serving
 from .test_queue_cli import fill
 
 psycopg = pytest.importorskip("psycopg")
@@ -527,6 +530,81 @@ def test_help_texts_name_the_postgresql_store(capsys: pytest.CaptureFixture[str]
         assert b"postgresql://USER@HOST/DB" in done.stdout, command
     top = cli(capsys, "--help")
     assert b"db" in top.stdout and b"PostgreSQL" in top.stdout
+
+
+# --------------------------------------------------------------------------
+# messages and queue, read from the database
+
+
+def test_messages_and_queue_read_the_imported_database_as_the_sqlite_folder(
+    source: Source,
+    imported: tuple[Database, subprocess.CompletedProcess[str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db, _done = imported
+    for command in (("messages", "list", "--jsonl", "--all"), ("messages", "list", "--to", "r9")):
+        mine = cli(capsys, *command, "--store", db.url)
+        theirs = cli(capsys, *command, "--data", str(source.data))
+        assert mine.returncode == theirs.returncode == 0, mine.stderr
+        assert (mine.stdout, mine.stderr) == (theirs.stdout, theirs.stderr)
+        assert len(mine.stdout.splitlines()) >= 20 and b"Traceback" not in mine.stderr
+    listed = json.loads(
+        cli(capsys, "messages", "list", "--json", "--all", "--store", db.url).stdout
+    )
+    assert sorted(item["id"] for item in listed) == source.ids
+
+    queued = cli(capsys, "queue", "list", "--json", "--all", "--store", db.url)
+    assert queued.returncode == 0, queued.stderr
+    was = json.loads(
+        cli(capsys, "queue", "list", "--json", "--all", "--data", str(source.data)).stdout
+    )
+    now = json.loads(queued.stdout)
+    assert len(now) == len(was) == 6
+    for entry, old in zip(now, was, strict=True):
+        if old["state"] == "delivering":  # queued again, due when it was due
+            assert (entry.pop("state"), old.pop("state")) == ("queued", "delivering")
+            assert entry.pop("next_attempt") is not None and old.pop("next_attempt") is None
+        assert entry == old
+
+    large = source.large[-1]  # the largest body, as the command prints it
+    raw = subprocess.run(
+        ehlo_cmd("messages", "show", large, "--raw", "--store", db.url),
+        capture_output=True, timeout=IMPORT_TIMEOUT,
+    )  # fmt: skip
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout == open_store("sqlite", source.data).raw(large)
+    assert len(raw.stdout) > 3 * CHUNK_SIZE
+
+
+def test_messages_list_on_an_empty_database(
+    pg_cluster: PgCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = Database(pg_cluster)
+    assert cli(capsys, "db", "migrate", "--store", db.url).returncode == 0
+    done = cli(capsys, "messages", "list", "--store", db.url)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"no messages\n", b"")
+    done = cli(capsys, "messages", "show", "nosuchid", "--store", db.url)
+    assert done.returncode == 1
+    assert one_line_error(done.stderr) == "ehlo: error: no message with id 'nosuchid'"
+
+
+def test_serve_with_workers_on_a_new_database(
+    pg_cluster: PgCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = Database(pg_cluster)  # empty: the supervisor migrates it once, before forking
+    with serving(tmp_path, "--store", db.url, "--workers", "2") as server:
+        for n in range(4):
+            with server.smtp() as client:
+                client.sendmail(f"a{n}@example.org", ["b@example.net"], HELO_MESSAGE)
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr()
+    assert db.one("SELECT count(*) FROM ehlo_schema") == LATEST
+    listed = cli(capsys, "messages", "list", "--json", "--store", db.url)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(m["mail_from"] for m in json.loads(listed.stdout)) == [
+        f"a{n}@example.org" for n in range(4)
+    ]
+    assert not (tmp_path / "data" / "ehlo.sqlite3").exists()  # nothing kept in the folder
 
 
 async def _one_message(data: Path, size: int) -> str:
