@@ -108,26 +108,15 @@ def _users_table(store: str | None, config: Path | None) -> UserTable | None:
     None when the users are in the data folder's file (``--store`` naming a
     file store, or a configuration whose store is not ``postgresql``).
     """
-    from ..storage._pg_conn import check_database_url, is_database_url
+    from ._common import store_choice, store_kind
 
-    url: str | None = None
     if store is not None:
-        if store in ("sqlite", "maildir", "null"):
-            return None  # the users file of the data folder
-        if not is_database_url(store):
-            raise ConfigError(
-                f"--store: expected a postgresql:// URL (or sqlite, maildir), got {store!r}"
-            )
-        try:
-            url = check_database_url(store)
-        except ValueError as exc:
+        try:  # never echo what may be a URL with a secret in it
+            store_kind(("sqlite", "maildir", "null"))(store)
+        except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"--store: {exc}") from None
-    elif config is not None:
-        settings = load_config(config)
-        if settings.store != "postgresql" or not settings.database_url:
-            return None
-        url = settings.database_url
-    if url is None:
+    kind, url = store_choice(store, config)
+    if kind != "postgresql" or url is None:
         return None
     from ..storage.postgres import PostgresStore
 
