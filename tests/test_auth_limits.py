@@ -405,9 +405,7 @@ def test_concurrent_wrong_logins_never_freeze_auth_or_shutdown(
             assert set(got) <= {535, 454} and 535 in got, (n, got, log.read_text()[-2000:])
             # Then the right one from a fresh address: in well under 5 s.
             began = time.monotonic()
-            code = await asyncio.wait_for(
-                _login(port, f"127.0.0.{30 + n}", user, right), 5.0
-            )
+            code = await asyncio.wait_for(_login(port, f"127.0.0.{30 + n}", user, right), 5.0)
             assert code == 235, (n, code)
             assert time.monotonic() - began < 5.0
         # SIGTERM with checks in progress: a batch is under way (one has answered).
