@@ -54,6 +54,13 @@ BOB_PHC = (
 )
 BOB_PW = "bob's pw"
 USERS = f"alice:{ALICE_PHC}\nbob:{BOB_PHC}\n"
+# And of CAROL_PW, for the third account of ``ehlo serve``.
+CAROL_PHC = (
+    "$argon2id$v=19$m=65536,t=3,p=4$krH8Vm7UBiUY+ztX7LMwqw"
+    "$wfnf6SNwEhw1+IIZYSbvpnYQYU3LwQ84nSCdAthnpPw"
+)
+CAROL_PW = "carol is right"
+SERVE_USERS = {"alice": "pw", "bob": BOB_PW, "carol": CAROL_PW}  # name: password
 
 
 def users_data(tmp_path: Path, name: str = "data0") -> Path:
@@ -348,18 +355,15 @@ async def _login(port: int, source: str, user: str, password: str) -> int:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
-    """``ehlo serve`` (defaults: one worker per core) with users added by ``ehlo users add``."""
+    """``ehlo serve`` (defaults: one worker per core) with three users (``SERVE_USERS``).
+
+    The users file is written with fixed PHC strings: no hashing to set up
+    (``ehlo users add`` has its own tests).
+    """
     assert EHLO.exists(), f"the ehlo console script is not installed at {EHLO}"
-    data = tmp_path / "serve-data"
-    for user in ("alice", "bob", "carol"):
-        done = subprocess.run(
-            [str(EHLO), "users", "add", user, "--data", str(data)],
-            input=f"{user} is right\n".encode(),
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+    data = users_data(tmp_path, "serve-data")
+    with (data / "users").open("a") as users:
+        users.write(f"carol:{CAROL_PHC}\n")
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
@@ -394,16 +398,14 @@ def test_concurrent_wrong_logins_never_freeze_auth_or_shutdown(
     proc, port, log = serve
 
     async def rounds() -> None:
-        for n, user in enumerate(("alice", "bob", "carol")):
+        for n, (user, right) in enumerate(SERVE_USERS.items()):
             # Eight wrong passwords at once, from eight addresses, over STARTTLS.
             wrong = [_login(port, f"127.0.0.{11 + i}", user, f"guess {n} {i}") for i in range(8)]
             got = await asyncio.wait_for(asyncio.gather(*wrong), 40.0)
             assert set(got) <= {535, 454} and 535 in got, (n, got, log.read_text()[-2000:])
             # Then the right one from a fresh address: in well under 5 s.
             began = time.monotonic()
-            code = await asyncio.wait_for(
-                _login(port, f"127.0.0.{30 + n}", user, f"{user} is right"), 5.0
-            )
+            code = await asyncio.wait_for(_login(port, f"127.0.0.{30 + n}", user, right), 5.0)
             assert code == 235, (n, code)
             assert time.monotonic() - began < 5.0
         # SIGTERM with checks in progress: a batch is under way (one has answered).

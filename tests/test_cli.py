@@ -232,6 +232,8 @@ def test_serve_stores_helo_and_ehlo_starttls_messages(tmp_path: Path, loop: str)
         assert shown.returncode == 0, shown.stderr
         assert_stored_as_sent(shown.stdout, sent)
         assert len(shown.stdout) == item["size"]
+    if loop != "default":
+        return  # how the commands below print a store does not depend on the loop that wrote it
 
     # show --json: the same object as list.
     shown = run("messages", "show", helo["id"], "--json", "--data", str(server.data))

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +35,16 @@ pytestmark = pytest.mark.timeout(120)
 FROM = ("--from", "alice@example.org", "--to", "bob@example.net")
 
 
+def to(rcpt: str) -> tuple[str, ...]:
+    """``--from`` and ``--to`` a recipient of the test's own on the module's server."""
+    return ("--from", "alice@example.org", "--to", rcpt)
+
+
+def stored_for(serve: Serve, rcpt: str) -> list[dict[str, Any]]:
+    """The messages ``serve`` stored for ``rcpt`` (``messages list --json``)."""
+    return [m for m in list_json(serve.process.data) if m["rcpt_to"] == [rcpt]]
+
+
 class Serve:
     """``ehlo serve`` with a STARTTLS port and an implicit-TLS port."""
 
@@ -45,11 +55,12 @@ class Serve:
         self.cert = process.data / "tls" / "cert.pem"
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
+    """One server for the module's tests: each sends to recipients of its own (``to``)."""
     tls_port = free_port()
     process = ServerProcess(
-        tmp_path,
+        tmp_path_factory.mktemp("serve"),
         "--hostname",
         "localhost",
         "--listen-tls",
@@ -93,7 +104,8 @@ def silent_listener() -> Iterator[int]:
 
 
 def test_send_with_defaults_to_ehlo_serve_encrypts_without_verifying(serve: Serve) -> None:
-    proc = run_cli("send", "--server", serve.plain, *FROM, "--transcript", "--timeout", "20")
+    rcpt = "defaults@example.net"
+    proc = run_cli("send", "--server", serve.plain, *to(rcpt), "--transcript", "--timeout", "20")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     out = proc.stdout
@@ -102,26 +114,27 @@ def test_send_with_defaults_to_ehlo_serve_encrypts_without_verifying(serve: Serv
         "=== TLS peer certificate: CN=localhost (not verified by the TLS policy;"
         " it would not verify: self-signed certificate)" in out
     )
-    assert f"delivered <bob@example.net> via {serve.plain}: 250 " in out
+    assert f"delivered <{rcpt}> via {serve.plain}: 250 " in out
     assert f"tls via {serve.plain}: TLSv1." in out
     assert "it would not verify: self-signed certificate" in out.splitlines()[-1]
-    [message] = list_json(serve.process.data)
-    assert message["rcpt_to"] == ["bob@example.net"]
+    [message] = stored_for(serve, rcpt)
+    assert message["rcpt_to"] == [rcpt]
     assert message["tls"] is not None and message["tls"]["version"].startswith("TLSv1.")
 
 
 @pytest.mark.parametrize("policy", ["verify", "required"])
 def test_send_verify_needs_a_trusted_certificate(serve: Serve, policy: str) -> None:
-    proc = run_cli("send", "--server", serve.plain, *FROM, "--tls", policy, "--timeout", "20")
+    rcpt = f"{policy}@example.net"
+    proc = run_cli("send", "--server", serve.plain, *to(rcpt), "--tls", policy, "--timeout", "20")
     assert proc.returncode == 4, proc.stderr
     assert "not trusted: self-signed certificate" in only_error_line(proc.stderr)
-    assert list_json(serve.process.data) == []
+    assert stored_for(serve, rcpt) == []
     # The server's own certificate as the trust anchor: it names 127.0.0.1.
     proc = run_cli(
         "send",
         "--server",
         serve.plain,
-        *FROM,
+        *to(rcpt),
         "--tls",
         policy,
         "--cafile",
@@ -134,7 +147,7 @@ def test_send_verify_needs_a_trusted_certificate(serve: Serve, policy: str) -> N
     assert "=== TLS peer certificate: CN=localhost (verified)" in proc.stdout
     assert f"tls via {serve.plain}: TLSv1." in proc.stdout
     assert proc.stdout.rstrip().endswith(": verified")
-    [message] = list_json(serve.process.data)
+    [message] = stored_for(serve, rcpt)
     assert message["tls"] is not None
 
 

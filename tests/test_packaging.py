@@ -205,19 +205,22 @@ def test_the_wheel_installs_into_a_fresh_venv_and_serves(
     runtime = metadata.get_all("Requires-Dist") or []
     assert not [r for r in runtime if "==" in r and "extra ==" not in r], runtime
 
-    # A fresh venv, the wheel and the pinned runtime dependencies only.
+    # A fresh venv, the wheel and the pinned runtime dependencies only. The
+    # venv gets no pip of its own (copying one in is most of a venv's making):
+    # this pip installs into it, inspects and checks it (pip --python).
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", venv)
+    _run(sys.executable, "-m", "venv", "--without-pip", venv)
     bin_dir = venv / "bin"
+    pip = (sys.executable, "-m", "pip", "--python", bin_dir / "python")
     _run(
-        bin_dir / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+        *pip, "install", "--quiet", "--disable-pip-version-check",
         "-c", CONSTRAINTS, wheels[0], timeout=PIP_TIMEOUT,
     )  # fmt: skip
-    frozen = _run(bin_dir / "python", "-m", "pip", "freeze").lower().splitlines()
+    frozen = _run(*pip, "freeze").lower().splitlines()
     names = {line.split("==")[0].split(" @ ")[0].strip() for line in frozen}
     assert "ehlo" in names
     assert not names & {"pytest", "mypy", "ruff", "hypothesis"}  # no test tools in a server
-    _run(bin_dir / "python", "-m", "pip", "check")
+    _run(*pip, "check")
     # The installed copy runs, not the project's source.
     where = _run(bin_dir / "python", "-c", "import ehlo; print(ehlo.__file__)", cwd=tmp_path)
     assert Path(where.strip()).is_relative_to(venv)
