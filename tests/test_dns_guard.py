@@ -107,7 +107,7 @@ _CONNECT_53 = re.compile(r"connect\(\d+, \{sa_family=AF_INET6?, sin6?_port=htons
 @pytest.mark.needs(haproxy_path() is not None, reason="haproxy is not installed")
 def test_haproxy_opens_no_socket_to_the_system_resolver(tmp_path: Path) -> None:
     config = tmp_path / "haproxy.cfg"
-    config.write_text(_config(("127.0.0.1", 2525), "v2", "127.0.0.1", 2526, False, ()))
+    config.write_text(_config([("127.0.0.1", 2525)], "v2", "127.0.0.1", 2526, False, ()))
     trace = tmp_path / "trace.txt"
     exe = haproxy_path()
     assert exe is not None
