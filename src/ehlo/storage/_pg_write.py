@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -93,6 +94,8 @@ COMMIT_TIMEOUT = 3.0
 OUTAGE_TIMEOUT = 2.0
 # The writer's pool: one connection for the committer, the others for staging.
 POOL_MIN = 1
+# Seconds a writer's connection may idle before it is checked again.
+IDLE_CHECK = 1.0
 POOL_MAX = 4
 # Large bodies copied into the database at once (each on its own connection).
 STAGING_MAX = 2
@@ -308,6 +311,7 @@ class Committer:
         self._staging: set[asyncio.Task[None]] = set()
         self._stage_slots = asyncio.Semaphore(STAGING_MAX)
         self._closing = False
+        self._used = 0.0  # when a batch last took a connection (monotonic)
         # Body octets handed over and not yet committed (or failed).
         self.backlog = 0
         self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -327,7 +331,7 @@ class Committer:
             max_size=POOL_MAX,
             timeout=COMMIT_TIMEOUT,
             configure=_configure,
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            check=self._check,
             reconnect_timeout=RECONNECT_TIMEOUT,
             open=False,
             name="ehlo-writer",
@@ -341,6 +345,16 @@ class Committer:
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name="ehlo-postgresql-committer"
         )
+
+    async def _check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Check a pooled connection before a batch, when it may be stale: after
+        an outage, or idle for a while (a round trip saved per busy batch)."""
+        import psycopg_pool
+
+        now = time.monotonic()
+        if self.db.outage.down or now - self._used > IDLE_CHECK:
+            await psycopg_pool.AsyncConnectionPool.check_connection(conn)
+        self._used = now
 
     def check_open(self) -> None:
         if self._pool is None or self._closing:
@@ -538,7 +552,10 @@ class Committer:
     ) -> None:
         """The batch in one transaction: rows, chunks, queue, staged, notices, COMMIT."""
         async with conn.transaction(), conn.cursor() as cur:
-            if batch:
+            if len(batch) == 1:  # a lone message: no pipeline to enter and leave
+                await self._write_one(cur, batch[0])
+                await self._notify(cur, batch[0].queue_id, bool(batch[0].queued))
+            elif batch:
                 await cur.executemany(INSERT_MESSAGE, [m.values for m in batch])
                 chunks = [(m.queue_id, 0, m.body) for m in batch if m.body is not None]
                 if chunks:
