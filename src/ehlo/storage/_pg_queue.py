@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ._pg_conn import Database
 from ._pg_schema import CHANNEL_MESSAGES, CHANNEL_QUEUE, LOCK_HOUSEKEEPING
 from .base import StoreError
-from .queue import QUEUE_COLUMNS, Attempt, EntryUpdate, Queue, QueueEntry
+from .queue import QUEUE_COLUMNS, Attempt, EntryUpdate, Queue, QueueEntry, _attempt, _entry
 
 if TYPE_CHECKING:
     import psycopg
@@ -46,28 +46,6 @@ _PENDING_SQL = "('queued', 'deferred', 'delivering', 'held')"
 # whatever collation the database has.
 _C = 'COLLATE "C"'
 _QUEUE_COLUMNS_Q = ", ".join(f"q.{name.strip()}" for name in QUEUE_COLUMNS.split(","))
-
-
-def _entry(row: Sequence[Any]) -> QueueEntry:
-    reply = None
-    if row[9]:
-        with contextlib.suppress(ValueError):
-            reply = json.loads(row[9])
-    return QueueEntry(
-        queue_id=row[0],
-        recipient=row[1],
-        next_hop=row[2],
-        state=row[3],
-        attempts=int(row[4]),
-        next_attempt=float(row[5]),
-        created=float(row[6]),
-        notify=row[7],
-        orcpt=row[8],
-        last_reply=reply,
-        updated=float(row[10]),
-        delay_notified=bool(row[11]),
-        request=row[12],
-    )
 
 
 def _keys(entries: Iterable[QueueEntry]) -> tuple[list[str], list[str]]:
@@ -419,14 +397,7 @@ class PostgresQueue(Queue):
                 " WHERE queue_id = %s ORDER BY at, ctid",
                 (queue_id,),
             ).fetchall()
-        found = []
-        for row in rows:
-            try:
-                results = json.loads(row[4])
-            except ValueError:
-                results = {}
-            found.append(Attempt(row[0], float(row[1]), row[2], row[3], results, row[5]))
-        return found
+        return [_attempt(row) for row in rows]
 
     def _update(
         self,

@@ -329,7 +329,17 @@ INSERT_QUEUE = f"INSERT INTO queue ({QUEUE_COLUMNS}) VALUES ({', '.join('?' * 13
 _PENDING_SQL = "('queued', 'deferred', 'delivering', 'held')"
 
 
-def _entry(row: tuple[Any, ...]) -> QueueEntry:
+def _attempt(row: Sequence[Any]) -> Attempt:
+    """An attempts row (queue_id, at, next_hop, host, results, transcript); PostgreSQL's too."""
+    try:
+        results = json.loads(row[4])
+    except ValueError:
+        results = {}
+    return Attempt(row[0], float(row[1]), row[2], row[3], results, row[5])
+
+
+def _entry(row: Sequence[Any]) -> QueueEntry:
+    """A queue row (the columns of QUEUE_COLUMNS, in order) as an entry; PostgreSQL's too."""
     reply = None
     if row[9]:
         with contextlib.suppress(ValueError):
@@ -596,14 +606,7 @@ class SQLiteQueue(Queue):
                 " WHERE queue_id = ? ORDER BY at, rowid",
                 (queue_id,),
             ).fetchall()
-        found = []
-        for row in rows:
-            try:
-                results = json.loads(row[4])
-            except ValueError:
-                results = {}
-            found.append(Attempt(row[0], float(row[1]), row[2], row[3], results, row[5]))
-        return found
+        return [_attempt(row) for row in rows]
 
     def _update(self, sql: str, ids: Sequence[str] | None, params: tuple[Any, ...] = ()) -> int:
         if ids is not None and not ids:
