@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._spool import CHUNK_SIZE as CHUNK_SIZE  # the chunk rows' size
 from .base import StoreError
 
 # Advisory lock keys (pg_advisory_lock's bigint): one per purpose, chosen
@@ -30,9 +31,9 @@ CHANNEL_MESSAGES = "ehlo_messages"  # payload: the queue id (or "" for a delete)
 CHANNEL_QUEUE = "ehlo_queue"  # payload: "" (entries became due or changed)
 CHANNEL_USERS = "ehlo_users"  # payload: ""
 
-# Bodies are kept as rows of at most this many octets (bytea, stored
-# uncompressed out of line): neither side ever holds a large message whole.
-CHUNK_SIZE = 256 * 1024
+# Bodies are kept as rows of at most CHUNK_SIZE octets (bytea, stored
+# uncompressed out of line): neither side ever holds a large message whole;
+# a body of one chunk is what the writer keeps in memory (``_spool``).
 
 _V1 = """
 CREATE TABLE messages (

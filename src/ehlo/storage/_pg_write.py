@@ -79,8 +79,8 @@ from ._pg_conn import (
 )
 from ._pg_rows import INSERT_MESSAGE, message_values
 from ._pg_schema import CHANNEL_MESSAGES, CHANNEL_QUEUE, CHUNK_SIZE
-from ._query import AttachmentSniffer, has_attachment
-from .base import Envelope, HeaderSniffer, MessageWriter, StoreError, StoreStats, StoreUnavailable
+from ._spool import SpoolingWriter
+from .base import Envelope, StoreError, StoreStats, StoreUnavailable
 
 if TYPE_CHECKING:
     import psycopg
@@ -103,8 +103,6 @@ STAGING_MAX = 2
 BATCH_MAX_OPS = 1000
 # The session log is trimmed after this many inserts by this node.
 TRIM_EVERY = 100
-# A body file is written in pieces of at least this size (or a network read).
-_FILE_WRITE_SIZE = 64 * 1024
 # Staged rows older than this are a dead node's: housekeeping removes them.
 ORPHAN_AGE_SECONDS = 3600
 
@@ -148,82 +146,22 @@ class _Message:
     staged: bool = False  # its chunks are in the database already, under a staged row
 
 
-class PostgresWriter(MessageWriter):
+class PostgresWriter(SpoolingWriter):
     """One message being streamed into a PostgreSQL store."""
 
-    __slots__ = (
-        "_attach",
-        "_buffer",
-        "_committer",
-        "_envelope",
-        "_file",
-        "_head",
-        "_size",
-        "_spool_dir",
-        "_state",
-    )
+    __slots__ = ("_committer", "_file", "_spool_dir")
 
     def __init__(self, committer: Committer, envelope: Envelope, spool_dir: Path | None) -> None:
+        super().__init__(envelope)
         self._committer = committer
-        self._envelope = envelope
         self._spool_dir = spool_dir
-        self._buffer = bytearray()
-        self._head = HeaderSniffer()
-        self._size = 0
-        self._file: IO[bytes] | None = None  # once the body outgrew CHUNK_SIZE
-        self._attach: AttachmentSniffer | None = None
-        self._state = "open"  # "open", then "done" once committed or aborted
+        self._file: IO[bytes] | None = None  # the body file (the committer reads it)
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
-        if not data:
-            return
-        self._size += len(data)
-        if not self._head.done:
-            self._head.feed(data)
-        buffer = self._buffer
-        if self._file is not None:
-            if not buffer and len(data) >= _FILE_WRITE_SIZE:
-                self._append(data)
-                return
-            buffer += data
-            if len(buffer) >= _FILE_WRITE_SIZE:
-                self._append(buffer)
-                buffer.clear()
-            return
-        if len(buffer) + len(data) <= CHUNK_SIZE:
-            buffer += data
-            return
-        self._spill()
-        self._append(data)
-
-    def _spill(self) -> None:
-        """The body outgrew one chunk: continue it in an unnamed file of the spool folder."""
-        try:
-            # Closed by abort, or by the committer once the body is in the database.
-            self._file = tempfile.TemporaryFile(dir=self._spool_dir, buffering=0)  # noqa: SIM115
-        except OSError as exc:
-            raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
-        buffer, self._buffer = self._buffer, bytearray()
-        self._append(buffer)
-
-    def _append(self, data: bytes | bytearray) -> None:
-        file = self._file
-        assert file is not None
-        if self._attach is None:
-            self._attach = AttachmentSniffer()
-        self._attach.feed(data)
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(file.fileno(), view) :]
-        except OSError as exc:
-            raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
+    def _open_spool(self) -> int:
+        """An unnamed file in the spool folder: a crash leaves nothing behind."""
+        # Closed by abort, or by the committer once the body is in the database.
+        self._file = tempfile.TemporaryFile(dir=self._spool_dir, buffering=0)  # noqa: SIM115
+        return self._file.fileno()
 
     async def commit(self) -> str:
         return await self.start_commit()
@@ -237,19 +175,14 @@ class PostgresWriter(MessageWriter):
         body: bytearray | None = None
         if self._file is not None:
             try:
-                if self._buffer:
-                    self._append(self._buffer)
-                    self._buffer = bytearray()
+                self._flush()
             except StoreError:
                 self.abort()
                 raise
         elif self._buffer:
             body, self._buffer = self._buffer, bytearray()
         subject = _text(self._head.subject())
-        if self._attach is not None:
-            attachments = self._attach.found
-        else:
-            attachments = body is not None and has_attachment(body, self._head.head)
+        attachments = self._attachments(body)
         chunks = -(-self._size // CHUNK_SIZE)
         try:
             values = message_values(
@@ -264,7 +197,7 @@ class PostgresWriter(MessageWriter):
             self.abort()
             raise StoreError(f"message {env.queue_id}: {exc}") from exc
         queued_at = env.received_at.timestamp()
-        spool, self._file = self._file, None
+        spool, self._file, self._fd = self._file, None, None
         self._state = "done"
         # From here the committer owns the body (and closes its file).
         return committer.put(
@@ -284,7 +217,7 @@ class PostgresWriter(MessageWriter):
             return
         self._state = "done"
         self._buffer = bytearray()
-        file, self._file = self._file, None
+        file, self._file, self._fd = self._file, None, None
         if file is not None:
             with contextlib.suppress(OSError):
                 file.close()

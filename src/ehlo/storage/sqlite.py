@@ -87,7 +87,8 @@ from typing import Any
 
 from ._backend import WriterBackend
 from ._overview import TOP_NAMES, Overview
-from ._query import AttachmentSniffer, Query, Retention, body_text, has_attachment
+from ._query import Query, Retention, body_text
+from ._spool import CHUNK_SIZE, SpoolingWriter
 from ._sqlite_db import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -106,9 +107,7 @@ from .base import (
     DELETE_BATCH,
     SESSION_LOG_MAX,
     Envelope,
-    HeaderSniffer,
     JSONText,
-    MessageWriter,
     NoSuchMessage,
     Store,
     StoredMessage,
@@ -122,11 +121,6 @@ from .queue import SQLiteQueue
 
 __all__ = ["CHUNK_SIZE", "SQLiteStore", "SQLiteWriter", "body_dir", "spooled_body"]
 
-# Body bytes gathered before a chunk is handed to the writer; a larger body
-# is written to a file of its own.
-CHUNK_SIZE = 256 * 1024
-# A body file is written in pieces of at least this size (or a network read).
-_FILE_WRITE_SIZE = 64 * 1024
 
 
 def _utc_text(moment: _dt.datetime) -> str:
@@ -160,82 +154,22 @@ def _dumps_extra(extra: dict[str, Any]) -> str:
 # --- the public classes -----------------------------------------------------------
 
 
-class SQLiteWriter(MessageWriter):
+class SQLiteWriter(SpoolingWriter):
     """One message being streamed into an :class:`SQLiteStore`."""
 
-    __slots__ = (
-        "_attach", "_buffer", "_envelope", "_fd", "_head", "_size", "_state", "_store"
-    )
+    __slots__ = ("_store",)
 
     def __init__(self, store: SQLiteStore, envelope: Envelope) -> None:
+        super().__init__(envelope)
         self._store = store
-        self._envelope = envelope
-        self._buffer = bytearray()
-        self._head = HeaderSniffer()
-        self._size = 0
-        self._fd: int | None = None  # the body file, once the body outgrew CHUNK_SIZE
-        # Looks for an attachment in what goes to the body file (a body of
-        # one chunk is looked at once, at commit).
-        self._attach: AttachmentSniffer | None = None
-        self._state = "open"  # "open", then "done" once committed or aborted
 
-    @property
-    def size(self) -> int:
-        """Bytes written so far."""
-        return self._size
-
-    def write(self, data: bytes) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"message {self._envelope.queue_id} is no longer open")
-        if not data:
-            return
-        self._size += len(data)
-        head = self._head
-        if not head.done:
-            head.feed(data)
-        buffer = self._buffer
-        if self._fd is not None:
-            if not buffer and len(data) >= _FILE_WRITE_SIZE:
-                self._append(data)  # a network read or more: no copy on the way
-                return
-            buffer += data
-            if len(buffer) >= _FILE_WRITE_SIZE:
-                self._append(buffer)
-                buffer.clear()
-            return
-        if len(buffer) + len(data) <= CHUNK_SIZE:
-            buffer += data  # the common case: network-sized pieces
-            return
-        self._spill()
-        self._append(data)
-
-    def _spill(self) -> None:
-        """The body outgrew one chunk: continue it in a file of its own."""
-        queue_id = self._envelope.queue_id
-        try:
-            self._fd = os.open(
-                self._store._spooled(queue_id),
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
-                0o600,
-            )
-        except OSError as exc:
-            raise StoreError(f"message {queue_id}: body file: {exc}") from exc
-        buffer, self._buffer = self._buffer, bytearray()
-        self._append(buffer)
-
-    def _append(self, data: bytes | bytearray) -> None:
-        """Write to the body file (the page cache; the writer syncs it at commit)."""
-        fd = self._fd
-        assert fd is not None
-        if self._attach is None:
-            self._attach = AttachmentSniffer()
-        self._attach.feed(data)
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError as exc:
-            raise StoreError(f"message {self._envelope.queue_id}: body file: {exc}") from exc
+    def _open_spool(self) -> int:
+        """The body file, named by the queue id: the writer links it at commit."""
+        return os.open(
+            self._store._spooled(self._envelope.queue_id),
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+            0o600,
+        )
 
     async def commit(self) -> str:
         return await self.start_commit()
@@ -249,9 +183,7 @@ class SQLiteWriter(MessageWriter):
         if self._fd is not None:
             spool = self._store._spool_name
             try:
-                if self._buffer:
-                    self._append(self._buffer)
-                    self._buffer.clear()
+                self._flush()
             except StoreError:
                 self.abort()
                 raise
@@ -269,10 +201,7 @@ class SQLiteWriter(MessageWriter):
         received_at = _utc_text(env.received_at)
         queued_at = env.received_at.timestamp()
         subject = self._head.subject()
-        if self._attach is not None:
-            attachments = self._attach.found
-        else:
-            attachments = body is not None and has_attachment(body, self._head.head)
+        attachments = self._attachments(body)
         row = (
             env.queue_id,
             received_at,
