@@ -589,7 +589,7 @@ def _no_signal_pending(pid: int) -> bool:
     """No signal waits for delivery to ``pid`` (or it is gone)."""
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, it was read
         return True
     fields = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
     return int(fields["SigPnd"], 16) == 0 and int(fields["ShdPnd"], 16) == 0
